@@ -1,0 +1,258 @@
+"""Reading PyTorch-side checkpoints tensor by tensor, and writing/reading our Flax checkpoints.
+
+Shared by the DiT and VAE converters. Reading streams: one tensor is materialised at a time from a
+memory-mapped safetensors file, so converting holds about one copy of the weights on the host.
+Our checkpoint is a folder: `params/` (orbax) + `config.json`, written to a temporary sibling and
+renamed into place, so a failed conversion leaves nothing behind.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+
+class ConversionError(Exception):
+    """A checkpoint that cannot be converted; the message says why in one line per problem."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading PyTorch-side files.
+
+
+def safetensors_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a file path or a folder (sharded with an index, or plain)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        with open(indexes[0]) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise ConversionError(f"{indexes[0]} names missing shards: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{path}: no .safetensors files")
+    return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (key, array) one tensor at a time; bf16/fp8 come back as ml_dtypes arrays."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(f"{file}: not a readable safetensors file ({e})") from e
+        with handle as f:
+            for key in f.keys():
+                try:
+                    yield key, f.get_tensor(key)
+                except (SafetensorError, OSError) as e:
+                    raise ConversionError(f"{file}: tensor {key!r} unreadable ({e})") from e
+
+
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape from the headers alone (nothing is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(f"{file}: not a readable safetensors file ({e})") from e
+    return shapes
+
+
+def torch_to_numpy(tensor) -> np.ndarray:
+    """A CPU torch tensor as numpy, keeping bf16 (via ml_dtypes) instead of upcasting."""
+    import ml_dtypes
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def iter_torch_file(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (key, array) from a `.pth`/`.pt`/`.bin` state dict (memory-mapped, weights only)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ConversionError(
+            f"{path}: reading PyTorch .pth files needs torch (pip install torch); "
+            "or convert the file to safetensors first") from e
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt or truncated files
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping):
+        raise ConversionError(f"{path}: expected a state dict, found {type(state).__name__}")
+    for key in list(state.keys()):
+        yield key, torch_to_numpy(state[key])
+
+
+def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Streams tensors from safetensors (file or folder) or a torch file."""
+    path = Path(path)
+    if path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return iter_torch_file(path)
+    return iter_safetensors(safetensors_files(path))
+
+
+def check_keys(found: set[str], expected: set[str], what: str) -> None:
+    """Raises one ConversionError listing every missing and unexpected key."""
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        lines = [f"{what}: keys do not match the expected layout"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected))
+        raise ConversionError("\n".join(lines))
+
+
+def check_shapes(mismatches: list[tuple[str, tuple, tuple]], what: str) -> None:
+    """Raises one ConversionError listing (key, found shape, expected shape) mismatches."""
+    if mismatches:
+        lines = [f"{what}: {len(mismatches)} tensor shapes do not match the config"]
+        lines += [f"  {k}: found {tuple(a)}, expected {tuple(b)}" for k, a, b in mismatches]
+        raise ConversionError("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch <-> Flax tensor layouts.
+
+
+def linear_to_flax(w: np.ndarray) -> np.ndarray:
+    """nn.Linear weight (out, in) -> Dense kernel (in, out)."""
+    return np.ascontiguousarray(w.T)
+
+
+def conv_to_flax(w: np.ndarray) -> np.ndarray:
+    """Conv weight (O, I, *spatial) -> (*spatial, I, O)."""
+    nd = w.ndim - 2
+    return np.ascontiguousarray(np.transpose(w, (*range(2, 2 + nd), 1, 0)))
+
+
+def conv_from_flax(w: np.ndarray) -> np.ndarray:
+    """(*spatial, I, O) -> (O, I, *spatial)."""
+    nd = w.ndim - 2
+    return np.ascontiguousarray(np.transpose(w, (nd + 1, nd, *range(nd))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Our checkpoints: orbax params + config.json, written atomically.
+
+
+def _orbax():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def save_flax_checkpoint(dst: str | os.PathLike, params: Any, config: Mapping[str, Any],
+                         overwrite: bool = False) -> Path:
+    """Writes `dst/params` (orbax) and `dst/config.json`; `dst` appears only when complete."""
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} already exists (pass overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        ocp = _orbax()
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params)
+            ckptr.wait_until_finished()
+        with open(tmp / "config.json", "w") as f:
+            json.dump(dict(config), f, indent=2, sort_keys=True)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def load_flax_checkpoint(path: str | os.PathLike, target: Any = None) -> tuple[dict, Any]:
+    """Reads (config dict, params). `target` (abstract arrays with shardings) restores sharded."""
+    path = Path(path).absolute()
+    if not (path / "config.json").is_file() or not (path / "params").is_dir():
+        raise ConversionError(f"{path}: not a converted checkpoint (needs config.json and params/)")
+    with open(path / "config.json") as f:
+        config = json.load(f)
+    ocp = _orbax()
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / "params", target)
+    return config, params
+
+
+def flatten(params: Mapping) -> dict[str, Any]:
+    """{'a': {'b': x}} -> {'a/b': x}."""
+    return traverse_util.flatten_dict(params, sep="/")
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                             config: Mapping[str, Any], weights_name: str,
+                             max_shard_bytes: int = 5 * 2**30) -> Path:
+    """A diffusers-style folder: config.json + one or several safetensors (with an index)."""
+    from safetensors.numpy import save_file
+
+    dst = Path(dst).absolute()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        shards, current, size = [], {}, 0
+        for key in sorted(tensors):
+            arr = np.ascontiguousarray(tensors[key])
+            if current and size + arr.nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[key], size = arr, size + arr.nbytes
+        shards.append(current)
+        stem = weights_name.removesuffix(".safetensors")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / weights_name))
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name))
+                weight_map.update({k: name for k in shard})
+            total = sum(a.nbytes for a in tensors.values())
+            with open(tmp / f"{weights_name}.index.json", "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(tmp / "config.json", "w") as f:
+            json.dump(dict(config), f, indent=2, sort_keys=True)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

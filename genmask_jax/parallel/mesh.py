@@ -1,0 +1,43 @@
+"""Device mesh over (data, fsdp, tensor) built from config data."""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType
+
+from genmask_jax.parallel.sharding import MESH_AXES
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fills at most one -1 entry so that the product equals `num_devices`."""
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh shape {shape} does not divide {num_devices} devices")
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
+                         f"have {num_devices}")
+    return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MESH_AXES,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A mesh with Auto axis types (Linen logical sharding needs Auto, not Explicit).
+
+    Args:
+      shape: size per axis; one -1 takes the remaining devices.
+      devices: defaults to all devices of all processes (`jax.devices()`).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(shape, len(devices))
+    axis_types = (AxisType.Auto,) * len(axis_names)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, tuple(axis_names), axis_types=axis_types)
+    device_array = np.asarray(devices).reshape(shape)
+    return jax.sharding.Mesh(device_array, tuple(axis_names), axis_types=axis_types)

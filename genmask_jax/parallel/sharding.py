@@ -1,0 +1,73 @@
+"""Logical axis names and their default mapping onto the (data, fsdp, tensor) mesh.
+
+Every parameter is annotated with logical names (`nn.with_logical_partitioning`); key activations are
+pinned with `nn.with_logical_constraint`. The mapping to mesh axes is data: experiment configs carry
+`config.sharding.logical_axis_rules` (a tuple of (logical, mesh axes) pairs) and pass it to
+`nn.logical_axis_rules` / `nn.logical_to_mesh_sharding`.
+
+Parameter names
+  embed        the DiT's model width D                       -> fsdp
+  heads        flattened attention heads x head_dim outputs  -> tensor
+  mlp          feed-forward hidden width                     -> tensor
+  text_embed   instruction-encoder width (4096 / 3584)       -> fsdp
+  freq         sinusoidal timestep features                  -> replicated
+  modulation   the 6 (or 2) AdaLN vectors                    -> replicated
+  patch        flattened patch features p_t*p_h*p_w*C        -> replicated
+  norm         norm scales and biases                        -> replicated
+  layers       the stacked-block axis of nn.scan             -> replicated
+  conv_*       VAE conv kernels (t, h, w, in, out)           -> replicated (the VAE is small and frozen)
+Activation names
+  activation_batch -> (data, fsdp); activation_heads / activation_mlp -> tensor; others replicated.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: LogicalRules = (
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("text_embed", "fsdp"),
+    ("freq", None),
+    ("modulation", None),
+    ("patch", None),
+    ("norm", None),
+    ("layers", None),
+    ("conv_t", None),
+    ("conv_h", None),
+    ("conv_w", None),
+    ("conv_in", None),
+    ("conv_out", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_text", None),
+    ("activation_channels", None),
+)
+
+
+def rules_from_config(rules: Sequence[Sequence] | None) -> LogicalRules:
+    """Turns config data (lists, as ConfigDict/JSON store them) back into a rules tuple."""
+    if rules is None:
+        return DEFAULT_RULES
+    out = []
+    for name, axes in rules:
+        if isinstance(axes, list | tuple):
+            axes = tuple(axes)
+        out.append((name, axes))
+    return tuple(out)
+
+
+def logical_sharding(tree, mesh: jax.sharding.Mesh, rules: LogicalRules):
+    """NamedShardings for a pytree of `nn.Partitioned` leaves (e.g. an eval_shape'd init)."""
+    specs = nn.get_partition_spec(tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One-machine entry point: sets up .venv (once per requirements change) and runs a job.
+#   bash launch/local.sh demo [flags]   the built-in demo on synthetic data, tiny model, CPU
+#   bash launch/local.sh test [pytest args]
+#   bash launch/local.sh python -m genmask_jax.<module> [flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${GENMASK_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+setup() {  # $1: requirements file
+  local req="$1" stamp="$VENV/.installed-$(basename "$1")"
+  local want
+  want="$(cat requirements.txt "$req" | sha256sum | cut -d' ' -f1)"
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "[setup] creating $VENV with $($PYTHON --version)"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    echo "[setup] installing $req into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -r "$req"
+    "$VENV/bin/python" -m pip install -q --no-deps -e .
+    echo "$want" > "$stamp"
+  fi
+}
+
+cmd="${1:-demo}"; shift || true
+case "$cmd" in
+  demo)
+    setup requirements.txt
+    exec "$VENV/bin/python" -m genmask_jax.demo "$@" ;;
+  test)
+    setup requirements-test.txt
+    exec "$VENV/bin/python" -m pytest "$@" ;;
+  python)
+    setup requirements.txt
+    exec "$VENV/bin/python" "$@" ;;
+  *)
+    echo "usage: bash launch/local.sh {demo|test|python} [args]" >&2; exit 2 ;;
+esac

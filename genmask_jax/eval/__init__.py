@@ -1,1 +1,1 @@
-"""eval."""
+"""Segmentation metrics and the batch evaluation job."""

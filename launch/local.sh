@@ -10,8 +10,8 @@ VENV="${GENMASK_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
 setup() {  # $1: requirements file
-  local req="$1" stamp="$VENV/.installed-$(basename "$1")"
-  local want
+  local req="$1" stamp want
+  stamp="$VENV/.installed-$(basename "$1")"
   want="$(cat requirements.txt "$req" | sha256sum | cut -d' ' -f1)"
   if [[ ! -x "$VENV/bin/python" ]]; then
     echo "[setup] creating $VENV with $($PYTHON --version)"

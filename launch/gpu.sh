@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Runs a GenMask-JAX command on GPUs with jax[cuda]: one process per node, owning all its GPUs.
+#
+# One node:
+#   bash launch/gpu.sh -- python -m genmask_jax.train --config=configs/genmask.py --workdir=runs/x
+# Several nodes (run the same line on every node, or under SLURM: `srun --ntasks-per-node=1 bash
+# launch/gpu.sh -- ...`, which fills the three flags from SLURM_* variables):
+#   bash launch/gpu.sh --coordinator node0:12355 --num-processes 4 --process-id $RANK -- python -m ...
+# Flags: --cuda 12|13 (the jax extra, default 12), --venv DIR (default .venv-cuda), --no-install,
+#        --dry-run (print the set-up and the command instead of running them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CUDA=12 VENV=".venv-cuda" INSTALL=1 DRY=0 COORD="" NPROC="" PID=""
+PORT="${GENMASK_COORDINATOR_PORT:-12355}"
+
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --cuda) CUDA="$2"; shift 2 ;;
+    --venv) VENV="$2"; shift 2 ;;
+    --no-install) INSTALL=0; shift ;;
+    --coordinator) COORD="$2"; shift 2 ;;
+    --num-processes) NPROC="$2"; shift 2 ;;
+    --process-id) PID="$2"; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) usage 0 ;;
+    --) shift; break ;;
+    *) echo "gpu.sh: unknown flag $1" >&2; usage ;;
+  esac
+done
+CMD=("$@")
+[[ ${#CMD[@]} -gt 0 ]] || { echo "gpu.sh: give the command to run after --" >&2; exit 2; }
+[[ "$CUDA" == 12 || "$CUDA" == 13 ]] || { echo "gpu.sh: --cuda must be 12 or 13" >&2; exit 2; }
+
+# Under SLURM with several tasks, the first node of the allocation coordinates.
+if [[ -z "$COORD" && -n "${SLURM_NTASKS:-}" && "${SLURM_NTASKS}" -gt 1 ]]; then
+  first="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n1)"
+  COORD="$first:$PORT" NPROC="$SLURM_NTASKS" PID="$SLURM_PROCID"
+fi
+if [[ -n "$COORD" || -n "$NPROC" || -n "$PID" ]]; then
+  [[ -n "$COORD" && -n "$NPROC" && -n "$PID" ]] || {
+    echo "gpu.sh: multi-node needs --coordinator, --num-processes and --process-id together" >&2; exit 2; }
+  export GENMASK_DISTRIBUTED=1 GENMASK_COORDINATOR_ADDRESS="$COORD" \
+    GENMASK_NUM_PROCESSES="$NPROC" GENMASK_PROCESS_ID="$PID"
+fi
+export PYTHONUNBUFFERED=1
+# Let XLA use most of the GPU memory but leave room for cuDNN workspaces.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
+
+run() { if [[ $DRY -eq 1 ]]; then printf '+'; printf ' %q' "$@"; printf '\n'; else "$@"; fi; }
+
+if [[ $INSTALL -eq 1 ]]; then
+  [[ -x "$VENV/bin/python" ]] || run python3 -m venv "$VENV"
+  run "$VENV/bin/pip" install -q "jax[cuda$CUDA]>=0.10.2,<0.11" -r requirements.txt
+  run "$VENV/bin/pip" install -q --no-deps -e .
+fi
+if [[ $DRY -eq 1 ]]; then
+  env | grep -E '^GENMASK_' | sort | sed 's/^/+ export /' || true
+fi
+if [[ "${CMD[0]}" == python || "${CMD[0]}" == python3 ]]; then CMD[0]="$VENV/bin/python"; fi
+run "${CMD[@]}"

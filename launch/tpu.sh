@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Runs a GenMask-JAX command on every worker of a Cloud TPU VM slice.
+#
+#   bash launch/tpu.sh --name genmask-v5e64 --zone us-west4-a --accelerator v5litepod-64 \
+#       [--version v2-alpha-tpuv5-lite] [--project P] [--spot] [--create] [--delete] [--dry-run] \
+#       -- python -m genmask_jax.train --config=configs/genmask.py:variant=paper --workdir=gs://bucket/run1
+#
+# Steps: create the slice if --create and it does not exist; copy the code (git HEAD plus the working
+# tree's changes) to every worker; make a venv there with jax[tpu] and requirements.txt; run the
+# command on all workers at once with JAX's distributed runtime on (jax.distributed.initialize() finds
+# the coordinator on TPU by itself); stream every worker's output; delete the slice if --delete.
+# --dry-run prints each gcloud command instead of running it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NAME="" ZONE="" ACCEL="" VERSION="" PROJECT="" SPOT=0 CREATE=0 DELETE=0 DRY=0
+JAX_TPU_SPEC="${JAX_TPU_SPEC:-jax[tpu]>=0.10.2,<0.11}"
+REMOTE_DIR="${REMOTE_DIR:-genmask_jax_run}"
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name) NAME="$2"; shift 2 ;;
+    --zone) ZONE="$2"; shift 2 ;;
+    --accelerator) ACCEL="$2"; shift 2 ;;
+    --version) VERSION="$2"; shift 2 ;;
+    --project) PROJECT="$2"; shift 2 ;;
+    --spot) SPOT=1; shift ;;
+    --create) CREATE=1; shift ;;
+    --delete) DELETE=1; shift ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) usage 0 ;;
+    --) shift; break ;;
+    *) echo "tpu.sh: unknown flag $1" >&2; usage ;;
+  esac
+done
+CMD=("$@")
+
+[[ -n "$NAME" && -n "$ZONE" ]] || { echo "tpu.sh: --name and --zone are required" >&2; exit 2; }
+[[ ${#CMD[@]} -gt 0 || $CREATE -eq 1 || $DELETE -eq 1 ]] || {
+  echo "tpu.sh: nothing to do (give a command after --, or --create / --delete)" >&2; exit 2; }
+
+if [[ -z "$VERSION" ]]; then
+  case "$ACCEL" in
+    v5litepod-*|v5e-*) VERSION="v2-alpha-tpuv5-lite" ;;
+    v5p-*) VERSION="v2-alpha-tpuv5" ;;
+    v6e-*) VERSION="v2-alpha-tpuv6e" ;;
+    *) VERSION="tpu-ubuntu2204-base" ;;
+  esac
+fi
+
+GC=(gcloud compute tpus tpu-vm)
+LOC=(--zone "$ZONE")
+[[ -n "$PROJECT" ]] && LOC+=(--project "$PROJECT")
+
+run() {  # prints in dry-run mode, runs otherwise
+  if [[ $DRY -eq 1 ]]; then printf '+'; printf ' %q' "$@"; printf '\n'; else "$@"; fi
+}
+
+if [[ $CREATE -eq 1 ]]; then
+  [[ -n "$ACCEL" ]] || { echo "tpu.sh: --create needs --accelerator" >&2; exit 2; }
+  if [[ $DRY -eq 1 ]] || ! "${GC[@]}" describe "$NAME" "${LOC[@]}" >/dev/null 2>&1; then
+    extra=(); [[ $SPOT -eq 1 ]] && extra+=(--spot)
+    run "${GC[@]}" create "$NAME" "${LOC[@]}" --accelerator-type "$ACCEL" --version "$VERSION" "${extra[@]}"
+  else
+    echo "[tpu.sh] reusing existing slice $NAME"
+  fi
+fi
+
+if [[ ${#CMD[@]} -gt 0 ]]; then
+  bundle="$(mktemp -d)/genmask_jax.tar.gz"
+  if [[ $DRY -eq 1 ]]; then
+    echo "+ tar -czf $bundle (git ls-files: tracked and untracked-not-ignored files)"
+  else
+    git ls-files -z --cached --others --exclude-standard | tar -czf "$bundle" --null -T -
+  fi
+  run "${GC[@]}" scp "$bundle" "$NAME:~/genmask_jax.tar.gz" "${LOC[@]}" --worker=all
+  quoted="$(printf ' %q' "${CMD[@]}")"
+  remote="set -e; mkdir -p ~/$REMOTE_DIR && tar -xzf ~/genmask_jax.tar.gz -C ~/$REMOTE_DIR; cd ~/$REMOTE_DIR; \
+[ -x .venv/bin/python ] || python3 -m venv .venv; \
+.venv/bin/pip install -q --upgrade pip; \
+.venv/bin/pip install -q '$JAX_TPU_SPEC' -r requirements.txt && .venv/bin/pip install -q --no-deps -e .; \
+source .venv/bin/activate; export GENMASK_DISTRIBUTED=1 PYTHONUNBUFFERED=1;$quoted"
+  run "${GC[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command "$remote"
+fi
+
+if [[ $DELETE -eq 1 ]]; then
+  run "${GC[@]}" delete "$NAME" "${LOC[@]}" --quiet
+fi

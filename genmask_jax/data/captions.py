@@ -1,0 +1,155 @@
+"""Image-caption pairs for the generation task.
+
+`CaptionFiles(path)`: either a folder of images each with a same-stem `.txt` caption (searched
+recursively, sorted), or a JSONL file with one `{"image": path relative to the file, "caption": text}`
+per line (`file_name` / `text` are accepted as key aliases). `TfdsCaptions(name)`: a locally prepared
+TFDS data set read with `tfds.data_source` (array_record); the image feature may be encoded bytes or a
+decoded uint8 array, the caption a string or a list of strings (the first is used); nested features
+are addressed with "/" (`captions/text`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+
+from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def load_image(path_or_bytes) -> np.ndarray:
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    with Image.open(source) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1).tolist()
+    if isinstance(value, list | tuple):
+        if not value:
+            raise BadExample("no_caption", "empty caption list")
+        return _text(value[0])
+    return str(value)
+
+
+class CaptionFiles:
+    """Random-access caption pairs from a folder or a JSONL file (task `gen`)."""
+
+    def __init__(self, path: str, split: str = "train"):
+        if not path:
+            raise ValueError("data.captions.path is empty: set it to a caption folder or JSONL file")
+        self.path, self.split = path, split
+        self.skips = SkipLog(f"captions/{os.path.basename(path.rstrip('/'))}")
+        self.items: list[tuple[str, str]] = []  # (image path, caption or caption-file path)
+        if os.path.isdir(path):
+            self._scan_folder(path)
+        elif os.path.isfile(path):
+            self._read_jsonl(path)
+        else:
+            raise FileNotFoundError(f"caption source {path!r} is neither a folder nor a JSONL file")
+        log.info("captions %s: %d pairs; %s", path, len(self.items), self.skips.summary())
+
+    def _scan_folder(self, root: str) -> None:
+        for folder, _, files in sorted(os.walk(root)):
+            for name in sorted(files):
+                stem, ext = os.path.splitext(name)
+                if ext.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                caption = os.path.join(folder, stem + ".txt")
+                if os.path.exists(caption):
+                    self.items.append((os.path.join(folder, name), caption))
+                else:
+                    self.skips.add(
+                        os.path.relpath(os.path.join(folder, name), root), "no_caption: no .txt beside it"
+                    )
+
+    def _read_jsonl(self, path: str) -> None:
+        base = os.path.dirname(os.path.abspath(path))
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    image = record.get("image", record.get("file_name"))
+                    caption = _text(record.get("caption", record.get("text")))
+                    if not image or not caption.strip():
+                        raise BadExample("bad_record", "missing image or caption")
+                except Exception as e:  # noqa: BLE001  (a bad line is a logged skip)
+                    self.skips.add(f"{path}:{line_number}", skip_reason(e))
+                    continue
+                self.items.append((os.path.join(base, image), caption))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def example_id(self, index: int) -> str:
+        return f"caption-{os.path.relpath(self.items[index][0], os.path.dirname(self.path.rstrip('/')))}"
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, caption = self.items[index]
+        if caption.endswith(".txt") and os.path.exists(caption):
+            with open(caption, encoding="utf-8") as f:
+                caption = f.read().strip()
+        if not caption:
+            raise BadExample("no_caption", "empty caption")
+        return {"id": self.example_id(index), "image": load_image(image_path), "text": caption}
+
+
+def _feature(record: dict, key: str):
+    value = record
+    for part in key.split("/"):
+        value = value[part]
+    return value
+
+
+class TfdsCaptions:
+    """A locally prepared TFDS image-caption set, read with `tfds.data_source` (no TensorFlow)."""
+
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        data_dir: str | None = None,
+        image_key: str = "image",
+        caption_key: str = "caption",
+    ):
+        import tensorflow_datasets as tfds
+
+        if not name:
+            raise ValueError("data.captions.tfds_name is empty")
+        self.name, self.split, self.image_key, self.caption_key = name, split, image_key, caption_key
+        try:
+            self.records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"cannot open TFDS {name!r} split {split!r} in {data_dir!r} ({type(e).__name__}: {e}); "
+                "it must be prepared locally in array_record format"
+            ) from e
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def example_id(self, index: int) -> str:
+        return f"{self.name}-{self.split}-{index}"
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        image = _feature(record, self.image_key)
+        image = load_image(image) if isinstance(image, bytes) else np.asarray(image, np.uint8)
+        return {
+            "id": self.example_id(index),
+            "image": image,
+            "text": _text(_feature(record, self.caption_key)),
+        }

@@ -1,0 +1,466 @@
+"""Grain pipelines: the stratified seg/gen training mix and the deterministic evaluation iterator.
+
+Training (`make_train_iterator`): one grain `MapDataset` per task,
+`range(len(source)) -> shuffle(seed) -> repeat() -> slice(process_index::process_count) -> load`, where
+`load` reads, fits to the model resolution and attaches the instruction-encoder context (the `toy`
+encoder in-process, or the embedding cache by example id). The two tasks are interleaved at fixed
+positions (`_StratifiedMix`): in every per-process batch the first `Bs` elements are segmentation and
+the next `Bg` generation, so every global batch holds exactly `process_count * Bs` and
+`process_count * Bg` of each, whatever the ratio (`Bg = 0` allowed). Elements are decoded by
+`data.num_threads` threads with a `data.prefetch_buffer_size` buffer, then batched into
+`{"seg": {...}, "gen": {...}}` (docs/interfaces: batches).
+
+The returned object is a grain `DatasetIterator`: `get_state()` / `set_state(state)` give a small JSON-able
+dict, and grain's orbax handler saves it (`grain.checkpoint.CheckpointSave(iterator)` /
+`CheckpointRestore(iterator)` under an item name in the `CheckpointManager`). Restoring it, in any
+process, continues with exactly the batches that would have followed.
+
+Bad examples (unreadable file, empty mask, ...) are logged with their id, counted in
+`iterator_skips(...)`, summarised at each epoch boundary, and replaced deterministically by the next
+readable example of the same source (so batch shapes, task counts and resumption stay exact).
+
+Evaluation (`make_eval_iterator`): every example of the split exactly once across processes, in a
+fixed order: batch `s` of process `p` holds the global slots `(s * P + p) * B + j`; slots past the end
+are padding (`valid` False, `index` -1, a copy of example 0). `iter_with_meta()` also yields per
+example host metadata (id, text, geometry, and the target at the original size for LISA-style metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+from ml_collections import ConfigDict
+
+from genmask_jax.data import preprocess
+from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
+from genmask_jax.data.sources import make_task_source
+
+log = logging.getLogger(__name__)
+
+
+def default_data_config() -> ConfigDict:
+    """The data config with every field documented; experiments override fields, not the structure."""
+    c = ConfigDict()
+    c.resolution = (64, 64)  # (H, W) model input; images are fitted to it.
+    c.fit = "pad"  # "pad": resize keeping aspect, pad with 0 (mid grey); "crop": resize and centre-crop.
+    c.seg_sources = "shapes"  # comma-separated segmentation sources: shapes, reasonseg, refcoco.
+    c.gen_sources = (
+        "shapes"  # comma-separated generation sources: shapes, captions, tfds_captions ("" = none).
+    )
+    c.train_split = "train"  # split the training iterator reads from every source.
+    c.shuffle = True  # reshuffle every epoch (seeded); False reads sources in order (debugging).
+    c.num_threads = 4  # decode/fit threads per process.
+    c.prefetch_buffer_size = 32  # elements (not batches) read ahead per process.
+    c.max_consecutive_skips = 64  # a source that fails this many times in a row is an error, not a skip.
+
+    c.shapes = ConfigDict()  # the synthetic referring-shapes source (genmask_jax/data/shapes.py)
+    c.shapes.seed = 0  # scene seed; splits use disjoint random streams.
+    c.shapes.train_size = 100_000  # examples per split (scenes are generated on the fly).
+    c.shapes.val_size = 1_000
+    c.shapes.test_size = 1_000
+    c.shapes.min_shapes = 2
+    c.shapes.max_shapes = 5
+    c.shapes.expression_kinds = "attribute,position,relation"  # a subset makes the demo easier to learn.
+    c.shapes.render_resolution = ()  # (H, W) to render at; () = `resolution` (no resampling).
+
+    c.reasonseg = ConfigDict()  # ReasonSeg in LISA's layout (genmask_jax/data/reasonseg.py)
+    c.reasonseg.root = ""  # folder holding train/ val/ test/ with *.jpg + *.json.
+    c.reasonseg.eval_all_texts = False  # evaluation: False = text[0] per image (LISA), True = every text.
+    c.reasonseg.use_templates = True  # wrap short phrases / long sentences in LISA-style query templates.
+
+    c.refcoco = ConfigDict()  # RefCOCO family prepared by genmask_jax.data.prepare (or big_vision's).
+    c.refcoco.name = (
+        "refcoco_unc"  # refcoco_unc | refcocoplus_unc | refcocog_umd | refcocog_google | ref_coco_bv/...
+    )
+    c.refcoco.data_dir = ""  # the TFDS data_dir given to `prepare --out`.
+
+    c.captions = ConfigDict()  # caption pairs for generation (genmask_jax/data/captions.py)
+    c.captions.path = ""  # a folder of image + same-stem .txt files, or a JSONL with {"image", "caption"}.
+    c.captions.tfds_name = ""  # a locally prepared TFDS image-caption set, e.g. "coco_captions".
+    c.captions.tfds_data_dir = ""  # its data_dir ("" = TFDS default).
+    c.captions.tfds_split = "train"
+    c.captions.image_key = "image"  # feature holding the image (encoded bytes or uint8 array).
+    c.captions.caption_key = "caption"  # feature holding the caption(s); lists use their first entry.
+
+    c.encoder = ConfigDict()  # the instruction encoder (genmask_jax/encoders)
+    c.encoder.name = "toy"  # "toy" (in-process, download-free) | "qwen2_5_vl" (use cache_dir at scale).
+    c.encoder.context_length = 32  # L: contexts are padded / truncated (with a warning) to this length.
+    c.encoder.dim = 64  # D for `toy`; Qwen2.5-VL-7B gives 3584.
+    c.encoder.seed = 0  # `toy` word-embedding seed.
+    c.encoder.model_path = ""  # Qwen2.5-VL local folder or hub id.
+    c.encoder.dtype = "bfloat16"  # torch dtype for the VLM ("float32" on CPU tests).
+    c.encoder.rewrite_reasoning = False  # two-stage: VLM rewrites long queries to a short description first.
+    c.encoder.rewrite_max_new_tokens = 32
+    c.encoder.cache_dir = ""  # embedding cache written by `python -m genmask_jax.encoders.precompute`;
+    # when set, contexts are read from it by example id and no encoder runs in the pipeline.
+    return c
+
+
+def context_shape(data_config) -> tuple[int, int]:
+    """(L, D) of the contexts the pipelines will produce, without building the encoder: D is the DiT's
+    `text_dim` (toy: `encoder.dim`; cache: its meta.json; Qwen2.5-VL: the model config's hidden size)."""
+    e = data_config.encoder
+    if e.cache_dir:
+        import json
+        import os
+
+        with open(os.path.join(e.cache_dir, "meta.json")) as f:
+            return e.context_length, int(json.load(f)["dim"])
+    if e.name == "toy":
+        return e.context_length, e.dim
+    from transformers import AutoConfig
+
+    return e.context_length, int(AutoConfig.from_pretrained(e.model_path).text_config.hidden_size)
+
+
+def _task_seed(seed: int, task: str) -> int:
+    return int(np.random.SeedSequence([seed, {"seg": 0, "gen": 1}[task]]).generate_state(1)[0])
+
+
+class _ContextProvider:
+    """(example id, image or None, text) -> (context (L, D), mask (L,)) from the encoder or the cache."""
+
+    def __init__(self, encoder_config):
+        self.config = encoder_config
+        self._lock = threading.Lock()
+        if encoder_config.cache_dir:
+            from genmask_jax.encoders.cache import EmbeddingCache
+
+            self.cache = EmbeddingCache(
+                encoder_config.cache_dir, context_length=encoder_config.context_length
+            )
+            self.encoder = None
+        else:
+            from genmask_jax.encoders import make_encoder
+
+            self.cache = None
+            self.encoder = make_encoder(encoder_config)
+        self.context_length = encoder_config.context_length
+
+    @property
+    def dim(self) -> int:
+        return self.cache.dim if self.cache is not None else self.encoder.dim
+
+    def __call__(self, example_id: str, image: np.ndarray | None, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """`image` is None for generation: the caption alone conditions the image to be generated."""
+        if self.cache is not None:
+            return self.cache.lookup(example_id)
+        if self.encoder.name == "toy":
+            context, mask = self.encoder.encode(None, [text])
+        else:
+            with self._lock:  # one VLM call at a time; use the cache for real throughput
+                context, mask = self.encoder.encode([image], [text])
+        return context[0], mask[0]
+
+
+class _Loader:
+    """Reads example `index` of a source and turns it into model inputs, skipping bad examples."""
+
+    def __init__(
+        self,
+        source,
+        task: str,
+        data_config,
+        contexts: _ContextProvider,
+        skips: SkipLog,
+        evaluation: bool = False,
+    ):
+        self.source, self.task, self.contexts, self.skips = source, task, contexts, skips
+        self.resolution = tuple(data_config.resolution)
+        self.fit = data_config.fit
+        self.max_skips = data_config.max_consecutive_skips
+        self.evaluation = evaluation
+
+    def _example_id(self, index: int) -> str:
+        try:
+            return self.source.example_id(index)
+        except Exception:  # noqa: BLE001  (the id is only for the log line)
+            return f"<index {index}>"
+
+    def convert(self, raw: dict) -> tuple[dict, dict]:
+        image = raw["image"]
+        if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or min(image.shape[:2]) == 0:
+            raise BadExample("bad_image", f"shape {getattr(image, 'shape', None)}")
+        fitted, geometry = preprocess.fit_image(image, self.resolution, self.fit)
+        context, context_mask = self.contexts(raw["id"], image if self.task == "seg" else None, raw["text"])
+        out = {
+            "image": fitted,
+            "context": context.astype(np.float32),
+            "context_mask": context_mask.astype(bool),
+        }
+        meta = {"id": raw["id"], "text": raw["text"], "geometry": geometry.to_dict()}
+        if self.task == "seg":
+            mask = np.asarray(raw["mask"])
+            if mask.shape != image.shape[:2]:
+                raise BadExample("bad_mask", f"mask {mask.shape} vs image {image.shape[:2]}")
+            if not self.evaluation and not mask.any():
+                raise BadExample("empty_mask", "no foreground pixel")
+            out["mask"] = preprocess.fit_mask(mask > 0, geometry).astype(np.float32)
+            ignore = raw.get("ignore")
+            ignore = np.zeros(mask.shape, bool) if ignore is None else np.asarray(ignore, bool)
+            if self.evaluation:
+                out["ignore"] = preprocess.fit_mask(ignore, geometry, fill=True)
+                meta["mask"], meta["ignore"] = mask > 0, ignore
+        return out, meta
+
+    def load(self, index: int) -> tuple[dict, dict]:
+        """Example `index`, or the next readable one (logged, counted) when it is bad."""
+        n = len(self.source)
+        for attempt in range(self.max_skips):
+            k = (index + attempt) % n
+            try:
+                return self.convert(self.source[k])
+            except Exception as e:  # noqa: BLE001  (any failure of one example becomes a logged skip)
+                self.skips.add(self._example_id(k), skip_reason(e))
+                if self.evaluation:
+                    raise
+        raise RuntimeError(
+            f"{self.skips.name}: {self.max_skips} consecutive unreadable examples from "
+            f"index {index}; {self.skips.summary()}"
+        )
+
+
+class _StratifiedMix(grain.MapDataset):
+    """Element `i` of step `s = i // (Bs + Bg)`: position `j = i % (Bs + Bg)` < Bs is segmentation
+    element `s * Bs + j`, otherwise generation element `s * Bg + j - Bs`."""
+
+    def __init__(
+        self, seg: grain.MapDataset | None, gen: grain.MapDataset | None, batch_seg: int, batch_gen: int
+    ):
+        super().__init__([p for p in (seg, gen) if p is not None])
+        self._seg, self._gen, self._bs, self._bg = seg, gen, batch_seg, batch_gen
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        step, j = divmod(index, self._bs + self._bg)
+        if j < self._bs:
+            return self._seg[step * self._bs + j]
+        return self._gen[step * self._bg + j - self._bs]
+
+    def __str__(self) -> str:
+        return f"_StratifiedMix(seg={self._bs}, gen={self._bg})"
+
+
+def _stack(elements: list[dict], keys_shapes: dict) -> dict:
+    if not elements:
+        return {k: np.zeros((0,) + shape, dtype) for k, (shape, dtype) in keys_shapes.items()}
+    return {k: np.stack([e[k] for e in elements]) for k in keys_shapes}
+
+
+def _feature_shapes(task: str, resolution, context_length: int, dim: int, evaluation: bool = False) -> dict:
+    h, w = resolution
+    shapes = {
+        "image": ((h, w, 3), np.float32),
+        "context": ((context_length, dim), np.float32),
+        "context_mask": ((context_length,), np.bool_),
+    }
+    if task == "seg":
+        shapes["mask"] = ((h, w), np.float32)
+        if evaluation:
+            shapes["ignore"] = ((h, w), np.bool_)
+    return shapes
+
+
+def iterator_skips(iterator) -> dict[str, SkipLog]:
+    """The per-task `SkipLog`s of a training iterator made by `make_train_iterator`."""
+    return getattr(iterator, "skip_logs", {})
+
+
+def split_global_batch(global_seg: int, global_gen: int, process_count: int | None = None) -> tuple[int, int]:
+    """Per-process (batch_seg, batch_gen) for global task counts; each must divide by the process count."""
+    if process_count is None:
+        import jax
+
+        process_count = jax.process_count()
+    if global_seg % process_count or global_gen % process_count:
+        raise ValueError(
+            f"global task counts seg={global_seg}, gen={global_gen} must be divisible by the "
+            f"{process_count} processes so every global batch has exactly these counts"
+        )
+    return global_seg // process_count, global_gen // process_count
+
+
+def _process_index_count(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _task_dataset(
+    source,
+    task: str,
+    seed: int,
+    shuffle: bool,
+    process_index: int,
+    process_count: int,
+    loader: _Loader,
+    skips: SkipLog,
+) -> grain.MapDataset:
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"the {task} source is empty")
+    ds = grain.MapDataset.range(n)
+    if shuffle:
+        ds = ds.shuffle(seed=_task_seed(seed, task))
+    ds = ds.repeat()[process_index::process_count]
+
+    def load(local_index: int, source_index: int) -> dict:
+        skips.log_epoch_summary(task, (local_index * process_count + process_index) // n)
+        return loader.load(int(source_index))[0]
+
+    return ds.map_with_index(load)
+
+
+def make_train_iterator(
+    data_config,
+    batch_seg: int,
+    batch_gen: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+):
+    """The training iterator: per-process batches `{"seg": ..., "gen": ...}` of exactly `batch_seg` and
+    `batch_gen` examples. These are PER-PROCESS counts: the global batch holds `process_count` times
+    each (`split_global_batch` converts global counts). The skip logs are `iterator.skip_logs`.
+
+    Returns a grain `DatasetIterator` (`next(it)`, `it.get_state()`, `it.set_state(state)`); checkpoint it
+    with `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`. Each sub-batch has the keys
+    of `_feature_shapes`; a task with batch size 0 has arrays with leading dimension 0.
+    """
+    if batch_seg < 0 or batch_gen < 0 or batch_seg + batch_gen == 0:
+        raise ValueError(f"need non-negative batch sizes, not both 0: seg {batch_seg}, gen {batch_gen}")
+    process_index, process_count = _process_index_count(process_index, process_count)
+    contexts = _ContextProvider(data_config.encoder)
+    skip_logs, datasets = {}, {}
+    for task, count, names in (
+        ("seg", batch_seg, data_config.seg_sources),
+        ("gen", batch_gen, data_config.gen_sources),
+    ):
+        if count == 0:
+            continue
+        source = make_task_source(names, data_config.train_split, data_config, task)
+        if source is None:
+            raise ValueError(f"batch_{task}={count} but data.{task}_sources is empty")
+        skip_logs[task] = SkipLog(f"train/{task}")
+        loader = _Loader(source, task, data_config, contexts, skip_logs[task])
+        datasets[task] = _task_dataset(
+            source, task, seed, data_config.shuffle, process_index, process_count, loader, skip_logs[task]
+        )
+    mix = _StratifiedMix(datasets.get("seg"), datasets.get("gen"), batch_seg, batch_gen)
+    shapes = {
+        task: _feature_shapes(task, data_config.resolution, data_config.encoder.context_length, contexts.dim)
+        for task in ("seg", "gen")
+    }
+
+    def batch_fn(elements):
+        return {
+            "seg": _stack(list(elements[:batch_seg]), shapes["seg"]),
+            "gen": _stack(list(elements[batch_seg:]), shapes["gen"]),
+        }
+
+    read = grain.ReadOptions(
+        num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch_buffer_size
+    )
+    iterator = iter(mix.to_iter_dataset(read).batch(batch_seg + batch_gen, batch_fn=batch_fn))
+    iterator.skip_logs = skip_logs
+    return iterator
+
+
+class EvalIterator:
+    """Deterministic evaluation batches of one split; see the module docstring for the order.
+
+    `len(it)` batches per process (equal on every process); `for batch in it` gives the batch dicts;
+    `it.iter_with_meta()` gives `(batch, metas)` with one host dict per row (`None` for padding):
+    id, text, geometry (for `preprocess.unfit_mask`), and `mask` / `ignore` at the original size.
+    """
+
+    def __init__(
+        self,
+        data_config,
+        split: str,
+        batch_size: int,
+        source_names: str | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        self.process_index, self.process_count = _process_index_count(process_index, process_count)
+        self.batch_size, self.split = batch_size, split
+        self.source = make_task_source(source_names or data_config.seg_sources, split, data_config, "seg")
+        self.num_examples = len(self.source)
+        per_step = batch_size * self.process_count
+        self.num_batches = -(-self.num_examples // per_step)
+        self.skips = SkipLog(f"eval/{split}")
+        self.contexts = _ContextProvider(data_config.encoder)
+        self.loader = _Loader(self.source, "seg", data_config, self.contexts, self.skips, evaluation=True)
+        self.shapes = _feature_shapes(
+            "seg",
+            data_config.resolution,
+            data_config.encoder.context_length,
+            self.contexts.dim,
+            evaluation=True,
+        )
+        self.read = grain.ReadOptions(
+            num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch_buffer_size
+        )
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def global_index(self, step: int, row: int) -> int:
+        return (step * self.process_count + self.process_index) * self.batch_size + row
+
+    def _element(self, slot: int) -> tuple[dict, dict | None]:
+        step, row = divmod(slot, self.batch_size)
+        index = self.global_index(step, row)
+        valid = index < self.num_examples
+        try:
+            out, meta = self.loader.load(index if valid else 0)
+        except Exception:  # noqa: BLE001  (already logged and counted by the loader)
+            out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.shapes.items()}
+            out["ignore"] = np.ones_like(out["ignore"])
+            out.update(valid=False, index=np.int64(index))
+            return out, None
+        out.update(valid=valid, index=np.int64(index if valid else -1))
+        return out, (meta if valid else None)
+
+    def _batch(self, elements):
+        batch = {k: np.stack([e[0][k] for e in elements]) for k in list(self.shapes) + ["valid", "index"]}
+        batch["valid"] = batch["valid"].astype(bool)
+        batch["index"] = batch["index"].astype(np.int64)
+        return batch, [e[1] for e in elements]
+
+    def iter_with_meta(self) -> Iterator[tuple[dict, list]]:
+        ds = grain.MapDataset.range(self.num_batches * self.batch_size).map(self._element)
+        ds = ds.to_iter_dataset(self.read).batch(self.batch_size, batch_fn=self._batch)
+        yield from ds
+        log.info("evaluation %s: %d examples, %s", self.split, self.num_examples, self.skips.summary())
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch, _ in self.iter_with_meta():
+            yield batch
+
+
+def make_eval_iterator(
+    data_config,
+    split: str,
+    batch_size: int,
+    source_names: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalIterator:
+    """Evaluation over `split` of the segmentation sources (`source_names`, default `data.seg_sources`)."""
+    return EvalIterator(data_config, split, batch_size, source_names, process_index, process_count)

@@ -1,0 +1,78 @@
+"""Prepares data sets from what users download, without TensorFlow.
+
+  python -m genmask_jax.data.prepare refcoco --refer-dir REFER --coco-images COCO/train2014 --out DATA_DIR \
+      [--configs refcoco_unc,refcocoplus_unc,refcocog_umd,refcocog_google]
+
+writes `DATA_DIR/ref_coco_seg/<config>/1.0.0/*.array_record-*` (read with `tfds.data_source` or
+`data.refcoco.{name,data_dir}`), checks each split's expression count against the published counts
+and exits with status 1 when one differs (unless --no-count-check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("genmask_jax.data.prepare")
+
+
+def prepare_refcoco(refer_dir: str, coco_images: str, out: str, config: str) -> dict:
+    """Prepares one config.
+
+    Returns {"counts": {split: n}, "skips": summary line, "report": [lines], "ok": counts match}.
+    """
+    import tensorflow_datasets as tfds
+
+    from genmask_jax.data.refcoco import RefCocoSeg, check_published_counts
+
+    builder = RefCocoSeg(
+        config=config, data_dir=out, file_format="array_record", refer_dir=refer_dir, coco_images=coco_images
+    )
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_runner=None))
+    counts = {name: split.num_examples for name, split in builder.info.splits.items()}
+    report = check_published_counts(config, counts)
+    summary = builder.skips.summary()
+    log.info("%s", summary)
+    ok = not any(line.startswith("MISMATCH") for line in report)
+    for line in report:
+        (log.info if not line.startswith("MISMATCH") else log.error)("%s", line)
+    if not ok:
+        banner = "=" * 100
+        log.error(
+            "%s\n%s: prepared expression counts differ from the published ones (see above); %s\n%s",
+            banner,
+            config,
+            summary,
+            banner,
+        )
+    return {"counts": counts, "skips": summary, "report": report, "ok": ok}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m genmask_jax.data.prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    ref = sub.add_parser("refcoco", help="RefCOCO / RefCOCO+ / RefCOCOg from the REFER files and COCO images")
+    ref.add_argument("--refer-dir", required=True, help="folder holding refcoco/, refcoco+/, refcocog/")
+    ref.add_argument("--coco-images", required=True, help="COCO train2014/ image folder")
+    ref.add_argument("--out", required=True, help="TFDS data_dir to write to")
+    ref.add_argument("--configs", default="refcoco_unc,refcocoplus_unc,refcocog_umd,refcocog_google")
+    ref.add_argument(
+        "--no-count-check", action="store_true", help="do not fail on a published-count mismatch"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    all_ok = True
+    for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        result = prepare_refcoco(args.refer_dir, args.coco_images, args.out, config)
+        all_ok &= result["ok"]
+        print("\n".join(result["report"] + [result["skips"]]))
+    return 0 if all_ok or args.no_count_check else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

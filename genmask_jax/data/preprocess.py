@@ -1,0 +1,134 @@
+"""Fitting images and masks to the model resolution, and mapping predictions back exactly.
+
+Two modes: `"pad"` resizes so the whole image fits (aspect kept) and pads the rest; `"crop"` resizes so
+the image covers the output (aspect kept) and crops the centre. Both are described by a `Geometry`:
+`output[y, x] = resized[y - top, x - left]` where `resized` is the original image scaled to
+`(resized_h, resized_w)`; `top, left >= 0` for padding and `<= 0` for cropping. `unfit_mask` inverts
+it: a prediction at the model resolution goes back onto the original image's pixel grid.
+No flips here: referring expressions use "left" and "right".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+FIT_MODES = ("pad", "crop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    original_h: int
+    original_w: int
+    output_h: int
+    output_w: int
+    resized_h: int
+    resized_w: int
+    top: int
+    left: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def content_box(self) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1) of the output pixels that show the image (the rest is padding)."""
+        y0, x0 = max(self.top, 0), max(self.left, 0)
+        y1 = min(self.top + self.resized_h, self.output_h)
+        x1 = min(self.left + self.resized_w, self.output_w)
+        return y0, x0, y1, x1
+
+
+def compute_geometry(original_hw: tuple[int, int], output_hw: tuple[int, int], mode: str = "pad") -> Geometry:
+    if mode not in FIT_MODES:
+        raise ValueError(f"fit mode must be one of {FIT_MODES}, got {mode!r}")
+    (h, w), (oh, ow) = original_hw, output_hw
+    if min(h, w, oh, ow) <= 0:
+        raise ValueError(f"empty image or output size: {original_hw} -> {output_hw}")
+    pick = min if mode == "pad" else max
+    scale = pick(oh / h, ow / w)
+    rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
+    if mode == "pad":
+        rh, rw = min(rh, oh), min(rw, ow)
+    else:
+        rh, rw = max(rh, oh), max(rw, ow)
+    return Geometry(h, w, oh, ow, rh, rw, top=(oh - rh) // 2, left=(ow - rw) // 2)
+
+
+def _resize(array: np.ndarray, hw: tuple[int, int], resample: int) -> np.ndarray:
+    if array.shape[:2] == tuple(hw):
+        return array
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if array.ndim == 2 and array.dtype not in (np.uint8, np.float32):
+        array = array.astype(np.float32)
+    out = np.asarray(Image.fromarray(array).resize((hw[1], hw[0]), resample=resample))
+    return out
+
+
+def _place(resized: np.ndarray, geometry: Geometry, fill) -> np.ndarray:
+    """Puts `resized` onto the output canvas (pads or crops) following `geometry`."""
+    g = geometry
+    out = np.full((g.output_h, g.output_w) + resized.shape[2:], fill, dtype=resized.dtype)
+    y0, x0, y1, x1 = g.content_box
+    out[y0:y1, x0:x1] = resized[y0 - g.top : y1 - g.top, x0 - g.left : x1 - g.left]
+    return out
+
+
+def fit_image(
+    image: np.ndarray, output_hw: tuple[int, int], mode: str = "pad"
+) -> tuple[np.ndarray, Geometry]:
+    """uint8 `(H, W, 3)` -> float32 `(oh, ow, 3)` in [-1, 1] (padding 0), and its `Geometry`."""
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    image = image[..., :3]
+    geometry = compute_geometry(image.shape[:2], output_hw, mode)
+    size = (geometry.resized_h, geometry.resized_w)
+    resized = _resize(np.ascontiguousarray(image, np.uint8), size, Image.BILINEAR)
+    out = np.zeros((geometry.output_h, geometry.output_w, 3), np.float32)
+    y0, x0, y1, x1 = geometry.content_box
+    window = resized[y0 - geometry.top : y1 - geometry.top, x0 - geometry.left : x1 - geometry.left]
+    np.multiply(window, np.float32(1 / 127.5), out=out[y0:y1, x0:x1], dtype=np.float32)
+    out[y0:y1, x0:x1] -= 1.0
+    return out, geometry
+
+
+def fit_mask(mask: np.ndarray, geometry: Geometry, fill: int | bool = 0) -> np.ndarray:
+    """`(H, W)` mask -> `(oh, ow)` with nearest interpolation, same dtype; padding gets `fill`."""
+    dtype = mask.dtype
+    resized = _resize(
+        np.ascontiguousarray(mask).astype(np.uint8), (geometry.resized_h, geometry.resized_w), Image.NEAREST
+    )
+    return _place(resized, geometry, int(fill)).astype(dtype)
+
+
+def padding_mask(geometry: Geometry) -> np.ndarray:
+    """bool `(oh, ow)`, True on output pixels that are padding (not part of the image)."""
+    return ~_place(np.ones((geometry.resized_h, geometry.resized_w), bool), geometry, False)
+
+
+def unfit_mask(
+    prediction: np.ndarray, geometry: Geometry | dict, interpolation: str | None = None
+) -> np.ndarray:
+    """Maps a prediction `(oh, ow)` at the model resolution back to the original `(H, W)`.
+
+    Bool/integer predictions use nearest interpolation, float ones (probabilities, logits) bilinear,
+    unless `interpolation` ("nearest" | "bilinear") says otherwise. Parts of the original image that a
+    centre crop cut away get 0 (False).
+    """
+    g = Geometry(**geometry) if isinstance(geometry, dict) else geometry
+    if prediction.shape[:2] != (g.output_h, g.output_w):
+        raise ValueError(
+            f"prediction {prediction.shape} does not match the output size {(g.output_h, g.output_w)}"
+        )
+    is_float = np.issubdtype(prediction.dtype, np.floating)
+    interpolation = interpolation or ("bilinear" if is_float else "nearest")
+    resample = Image.BILINEAR if interpolation == "bilinear" else Image.NEAREST
+    work = prediction.astype(np.float32) if is_float else prediction.astype(np.uint8)
+    canvas = np.zeros((g.resized_h, g.resized_w) + work.shape[2:], work.dtype)
+    y0, x0, y1, x1 = g.content_box
+    canvas[y0 - g.top : y1 - g.top, x0 - g.left : x1 - g.left] = work[y0:y1, x0:x1]
+    out = _resize(canvas, (g.original_h, g.original_w), resample)
+    return out.astype(prediction.dtype)

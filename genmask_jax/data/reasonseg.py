@@ -1,0 +1,133 @@
+"""ReasonSeg in LISA's layout: `root/{train,val,test}/NAME.jpg` with `NAME.json` beside it.
+
+The JSON holds `text` (a list of queries), `is_sentence` (long reasoning sentence vs short phrase) and
+`shapes` (labelme polygons: `label`, `points` [[x, y], ...]). As in LISA's `get_mask_from_json`: shapes
+labelled `flag` are skipped; the others are painted largest first (so smaller shapes win where they
+overlap), label containing `ignore` paints the ignore region (excluded from I and U), any other label
+paints the target. Points are truncated to integers and each polygon is filled with its outline, as
+cv2's `polylines` + `fillPoly` do (we rasterise with PIL; boundary pixels can differ from cv2's by
+at most the outline's one-pixel width).
+
+Training uses every text of an image (one example each); evaluation uses `text[0]` (LISA's protocol)
+unless `all_texts`. With `use_templates`, queries are wrapped in LISA's first question template.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
+
+log = logging.getLogger(__name__)
+
+SHORT_TEMPLATE = "What is {query} in this image? Please output segmentation mask."
+LONG_TEMPLATE = "{query} Please output segmentation mask."
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def query_text(text: str, is_sentence: bool, use_templates: bool = True) -> str:
+    text = text.strip()
+    if not use_templates:
+        return text
+    return (LONG_TEMPLATE if is_sentence else SHORT_TEMPLATE).format(query=text)
+
+
+def read_annotation(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError:  # some LISA files are cp1252, LISA reads them the same way
+        with open(path, encoding="cp1252") as f:
+            return json.load(f)
+
+
+def _fill(points, height: int, width: int) -> np.ndarray:
+    canvas = Image.new("L", (width, height), 0)
+    xy = [(int(x), int(y)) for x, y in points]
+    if len(xy) >= 2:
+        ImageDraw.Draw(canvas).polygon(xy, fill=1, outline=1)
+    elif xy:
+        ImageDraw.Draw(canvas).point(xy, fill=1)
+    return np.asarray(canvas, bool)
+
+
+def rasterise_shapes(shapes: list[dict], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """LISA's mask from labelme shapes: target uint8 `(H, W)` in {0, 1} and ignore bool `(H, W)`."""
+    filled = []
+    for shape in shapes:
+        label = str(shape.get("label", ""))
+        if label.lower() == "flag":
+            continue
+        points = np.asarray(shape.get("points", []), np.float64).reshape(-1, 2)
+        if len(points) == 0:
+            raise BadExample("bad_polygon", f"shape {label!r} has no points")
+        inside = (points[:, 0] >= 0) & (points[:, 0] < width) & (points[:, 1] >= 0) & (points[:, 1] < height)
+        if not inside.any():
+            raise BadExample(
+                "polygon_outside_image", f"shape {label!r} lies outside the {width}x{height} image"
+            )
+        region = _fill(points, height, width)
+        filled.append((int(region.sum()), "ignore" in label.lower(), region))
+    label_map = np.zeros((height, width), np.uint8)
+    for _, is_ignore, region in sorted(filled, key=lambda f: -f[0]):  # largest first; stable on ties
+        label_map[region] = 255 if is_ignore else 1
+    return (label_map == 1).astype(np.uint8), label_map == 255
+
+
+class ReasonSeg:
+    """Random-access ReasonSeg source (`task` seg)."""
+
+    def __init__(self, root: str, split: str, all_texts: bool = True, use_templates: bool = True):
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"ReasonSeg split folder {folder!r} not found (expected LISA's layout)")
+        self.root, self.split, self.use_templates = root, split, use_templates
+        self.skips = SkipLog(f"reasonseg/{split}")
+        self.items: list[
+            tuple[str, str, int, str, bool]
+        ] = []  # (image path, json path, text index, text, long)
+        for name in sorted(os.listdir(folder)):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                continue
+            image_path, json_path = os.path.join(folder, name), os.path.join(folder, stem + ".json")
+            try:
+                annotation = read_annotation(json_path)
+                texts = [t for t in annotation["text"] if str(t).strip()]
+                if not texts:
+                    raise BadExample("no_text", "empty text list")
+            except Exception as e:  # noqa: BLE001  (a bad annotation file is a logged skip)
+                self.skips.add(f"reasonseg-{split}-{stem}", skip_reason(e))
+                continue
+            is_sentence = bool(annotation.get("is_sentence", False))
+            for k, text in enumerate(texts if all_texts else texts[:1]):
+                self.items.append((image_path, json_path, k, str(text), is_sentence))
+        log.info("ReasonSeg %s: %d examples; %s", split, len(self.items), self.skips.summary())
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def example_id(self, index: int) -> str:
+        image_path, _, k, _, _ = self.items[index]
+        return f"reasonseg-{self.split}-{os.path.splitext(os.path.basename(image_path))[0]}-{k}"
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, json_path, _, text, is_sentence = self.items[index]
+        with Image.open(image_path) as im:
+            image = np.asarray(im.convert("RGB"))
+        annotation = read_annotation(json_path)
+        mask, ignore = rasterise_shapes(annotation.get("shapes", []), *image.shape[:2])
+        return {
+            "id": self.example_id(index),
+            "image": image,
+            "mask": mask,
+            "ignore": ignore,
+            "text": query_text(text, is_sentence, self.use_templates),
+            "query": text,
+            "is_sentence": is_sentence,
+        }

@@ -1,0 +1,58 @@
+"""The instruction-encoder interface shared by every encoder.
+
+An encoder turns images and texts into the DiT's cross-attention context:
+`encode(images, texts) -> (context float32 (B, L, D), mask bool (B, L))` with a fixed `L`
+(`context_length`): shorter sequences are padded with zeros (mask False), longer ones truncated with a
+warning. `images` is a sequence of uint8 `(H, W, 3)` arrays (or None entries / None for text-only
+encoders such as `toy`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class InstructionEncoder(Protocol):
+    name: str
+    context_length: int
+    dim: int
+
+    def encode(
+        self, images: Sequence[np.ndarray | None] | None, texts: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class TruncationWarner:
+    """Logs truncations: the first few with their text, then every 1000th, with a running count."""
+
+    def __init__(self, name: str, first: int = 5):
+        self.name, self.first, self.count = name, first, 0
+
+    def __call__(self, length: int, limit: int, text: str) -> None:
+        self.count += 1
+        if self.count <= self.first or self.count % 1000 == 0:
+            log.warning(
+                "%s: %d tokens truncated to context_length=%d (%d truncations so far): %.80r",
+                self.name,
+                length,
+                limit,
+                self.count,
+                text,
+            )
+
+
+def pad_or_truncate(states: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(T, D)` -> `(length, D)` zero-padded or cut, and its bool mask `(length,)`."""
+    n = min(states.shape[0], length)
+    out = np.zeros((length, states.shape[1]), np.float32)
+    out[:n] = states[:n]
+    mask = np.zeros((length,), bool)
+    mask[:n] = True
+    return out, mask

@@ -1,0 +1,95 @@
+"""Caption pairs for generation: folder, JSONL and a locally prepared TFDS set, all made here."""
+
+import io
+import json
+import logging
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genmask_jax.data.captions import CaptionFiles, TfdsCaptions
+from genmask_jax.data.pipeline import default_data_config, make_train_iterator
+
+
+def _jpeg(path, value, size=(20, 12)):
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "pairs"
+    (root / "sub").mkdir(parents=True)
+    _jpeg(root / "a.jpg", 10)
+    (root / "a.txt").write_text("a dark picture\n")
+    _jpeg(root / "sub" / "b.png", 200)
+    (root / "sub" / "b.txt").write_text("a bright picture")
+    _jpeg(root / "lonely.jpg", 50)  # no caption
+    return root
+
+
+def test_folder_pairs(folder, caplog):
+    with caplog.at_level(logging.WARNING):
+        pairs = CaptionFiles(str(folder))
+    assert len(pairs) == 2 and "lonely.jpg" in caplog.text
+    first = pairs[0]
+    assert first["text"] == "a dark picture" and first["image"].shape == (12, 20, 3)
+    assert first["id"] == "caption-pairs/a.jpg"
+
+
+def test_jsonl_pairs(folder, caplog):
+    jsonl = folder / "pairs.jsonl"
+    lines = [
+        json.dumps({"image": "a.jpg", "caption": "first"}),
+        "{not json",
+        json.dumps({"file_name": "sub/b.png", "text": ["second", "other"]}),
+    ]
+    jsonl.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        pairs = CaptionFiles(str(jsonl))
+    assert [pairs[i]["text"] for i in range(len(pairs))] == ["first", "second"]
+    assert "pairs.jsonl:2" in caplog.text
+
+
+def test_tfds_captions_without_tensorflow(tmp_path):
+    import tensorflow_datasets as tfds
+
+    class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        url_infos = None
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+                        "captions": {"text": tfds.features.Sequence(tfds.features.Text())},
+                    }
+                ),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(3):
+                buffer = io.BytesIO()
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(buffer, "PNG")
+                yield i, {"image": buffer.getvalue(), "captions": {"text": [f"caption {i}", "alt"]}}
+
+    TinyCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    source = TfdsCaptions("tiny_captions", data_dir=str(tmp_path), caption_key="captions/text")
+    texts = sorted(source[i]["text"] for i in range(len(source)))
+    assert texts == ["caption 0", "caption 1", "caption 2"]
+    assert source[0]["image"].shape == (8, 8, 3)
+    assert "tensorflow" not in sys.modules
+
+
+def test_mixed_with_shapes(folder):
+    c = default_data_config()
+    c.resolution, c.num_threads = (16, 16), 1
+    c.gen_sources, c.captions.path = "captions", str(folder)
+    batch = next(make_train_iterator(c, 1, 3, seed=0, process_index=0, process_count=1))
+    assert batch["seg"]["image"].shape[0] == 1 and batch["gen"]["image"].shape == (3, 16, 16, 3)

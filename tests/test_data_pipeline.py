@@ -1,0 +1,203 @@
+"""Grain pipelines: exact task counts, exact resumption in a new process, disjoint processes, skips,
+deterministic evaluation covering every example once."""
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from genmask_jax.data import pipeline
+from genmask_jax.data.pipeline import default_data_config, make_eval_iterator, make_train_iterator
+
+
+def small_config(train_size=1000, val_size=10):
+    c = default_data_config()
+    c.resolution = (16, 16)
+    c.num_threads = 2
+    c.prefetch_buffer_size = 4
+    c.shapes.train_size, c.shapes.val_size = train_size, val_size
+    c.encoder.context_length, c.encoder.dim = 8, 8
+    return c
+
+
+def digest(array):
+    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("batch_seg,batch_gen", [(2, 2), (3, 1), (2, 0), (0, 2)])
+def test_every_batch_has_exact_task_counts(batch_seg, batch_gen):
+    it = make_train_iterator(small_config(), batch_seg, batch_gen, seed=0, process_index=0, process_count=1)
+    for _ in range(3):
+        batch = next(it)
+        assert batch["seg"]["image"].shape == (batch_seg, 16, 16, 3)
+        assert batch["seg"]["mask"].shape == (batch_seg, 16, 16)
+        assert batch["seg"]["context"].shape == (batch_seg, 8, 8)
+        assert batch["seg"]["context_mask"].shape == (batch_seg, 8)
+        assert batch["gen"]["image"].shape == (batch_gen, 16, 16, 3)
+        assert batch["gen"]["context"].shape == (batch_gen, 8, 8)
+        assert "mask" not in batch["gen"]
+        for sub in batch.values():
+            assert sub["image"].dtype == np.float32 and sub["context_mask"].dtype == np.bool_
+            assert np.all(np.abs(sub["image"]) <= 1)
+        if batch_seg:
+            assert set(np.unique(batch["seg"]["mask"])) <= {0.0, 1.0}
+            assert batch["seg"]["mask"].sum(axis=(1, 2)).min() > 0
+
+
+_RESUME_SCRIPT = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+from tests.test_data_pipeline import small_config
+from genmask_jax.data.pipeline import make_train_iterator
+it = make_train_iterator(small_config(), 3, 2, seed=7, process_index=0, process_count=1)
+it.set_state(json.loads({state!r}))
+batches = [next(it) for _ in range(3)]
+flat = {{f"{{i}}/{{t}}/{{k}}": v for i, b in enumerate(batches) for t, s in b.items() for k, v in s.items()}}
+np.savez({out!r}, **flat)
+"""
+
+
+def test_state_restores_exactly_in_a_new_process(tmp_path):
+    it = make_train_iterator(small_config(), 3, 2, seed=7, process_index=0, process_count=1)
+    for _ in range(4):
+        next(it)
+    state = json.dumps(it.get_state())
+    expected = [next(it) for _ in range(3)]
+    out = tmp_path / "resumed.npz"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = _RESUME_SCRIPT.format(root=root, state=state, out=str(out))
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=root, timeout=300)
+    resumed = np.load(out)
+    for i, batch in enumerate(expected):
+        for task, sub in batch.items():
+            for key, value in sub.items():
+                np.testing.assert_array_equal(resumed[f"{i}/{task}/{key}"], value)
+
+
+def test_grain_checkpoint_handler_round_trip(tmp_path):
+    import grain
+
+    it = make_train_iterator(small_config(), 2, 1, seed=1, process_index=0, process_count=1)
+    next(it)
+    grain.checkpoint.CheckpointHandler().save(tmp_path, item=it)
+    expected = next(it)
+    fresh = make_train_iterator(small_config(), 2, 1, seed=1, process_index=0, process_count=1)
+    grain.checkpoint.CheckpointHandler().restore(tmp_path, item=fresh)
+    np.testing.assert_array_equal(next(fresh)["seg"]["image"], expected["seg"]["image"])
+
+
+def _seg_digests(process_index, process_count, steps, batch_seg=4):
+    it = make_train_iterator(
+        small_config(train_size=24),
+        batch_seg,
+        1,
+        seed=3,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return [[digest(x) for x in next(it)["seg"]["image"]] for _ in range(steps)]
+
+
+@pytest.mark.multidevice
+def test_processes_see_disjoint_examples_and_epochs_reshuffle():
+    # 24 examples, 2 processes x 4 per step: one epoch is 3 steps.
+    p0, p1 = _seg_digests(0, 2, 6), _seg_digests(1, 2, 6)
+    epoch0 = [d for step in p0[:3] + p1[:3] for d in step]
+    epoch1 = [d for step in p0[3:] + p1[3:] for d in step]
+    assert len(set(epoch0)) == 24 and set(epoch0) == set(epoch1)
+    assert not {d for s in p0[:3] for d in s} & {d for s in p1[:3] for d in s}
+    assert epoch0 != epoch1  # a new permutation each epoch
+
+
+class _FlakySource:
+    """Examples 1 (unreadable) and 2 (empty mask) are bad."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __len__(self):
+        return 6
+
+    def example_id(self, i):
+        return f"flaky-{self.task}-{i}"
+
+    def __getitem__(self, i):
+        if i == 1:
+            raise OSError("cannot identify image file")
+        mask = np.zeros((10, 12), np.uint8)
+        if i != 2:
+            mask[2:5, 3:7] = 1
+        return {
+            "id": self.example_id(i),
+            "image": np.full((10, 12, 3), 20 * i, np.uint8),
+            "mask": mask,
+            "text": f"thing {i}",
+        }
+
+
+def test_bad_examples_are_logged_counted_and_replaced(monkeypatch, caplog):
+    monkeypatch.setattr(pipeline, "make_task_source", lambda names, split, cfg, task: _FlakySource(task))
+    c = small_config()
+    c.shuffle = False
+    it = make_train_iterator(c, 6, 0, seed=0, process_index=0, process_count=1)
+    with caplog.at_level(logging.INFO):
+        first = next(it)
+        next(it)
+    assert first["seg"]["image"].shape[0] == 6
+    # 1 and 2 are replaced by 3 (the next readable example), deterministically.
+    np.testing.assert_array_equal(first["seg"]["image"][1], first["seg"]["image"][3])
+    np.testing.assert_array_equal(first["seg"]["image"][2], first["seg"]["image"][3])
+    skips = pipeline.iterator_skips(it)["seg"]
+    assert skips.counts["OSError"] >= 2 and skips.counts["empty_mask"] >= 2
+    assert "flaky-seg-1" in caplog.text and "flaky-seg-2" in caplog.text
+    assert "end of seg epoch 0" in caplog.text
+
+
+@pytest.mark.multidevice
+def test_eval_covers_every_example_once_across_processes():
+    c = small_config(val_size=11)
+    seen, lengths = [], set()
+    for p in range(3):
+        ev = make_eval_iterator(c, "val", 2, process_index=p, process_count=3)
+        lengths.add(len(ev))
+        for batch, metas in ev.iter_with_meta():
+            assert batch["image"].shape == (2, 16, 16, 3) and batch["ignore"].dtype == np.bool_
+            assert batch["valid"].dtype == np.bool_ and batch["index"].dtype == np.int64
+            for row in range(2):
+                if batch["valid"][row]:
+                    seen.append(int(batch["index"][row]))
+                    assert metas[row]["id"] == f"shapes-0-val-{batch['index'][row]}"
+                    assert metas[row]["mask"].shape == (16, 16)
+                else:
+                    assert batch["index"][row] == -1 and metas[row] is None
+    assert lengths == {2}  # ceil(11 / (2 * 3)) batches on every process
+    assert sorted(seen) == list(range(11))
+    again = [b["index"].tolist() for b in make_eval_iterator(c, "val", 2, process_index=1, process_count=3)]
+    assert again == [[2, 3], [8, 9]]
+
+
+def test_split_global_batch():
+    assert pipeline.split_global_batch(512, 512, 4) == (128, 128)
+    assert pipeline.split_global_batch(8, 0, 2) == (4, 0)
+    with pytest.raises(ValueError, match="divisible"):
+        pipeline.split_global_batch(6, 6, 4)
+
+
+def test_several_sources_are_concatenated():
+    from genmask_jax.data.sources import ConcatSource, make_task_source
+
+    c = small_config(val_size=4)
+    c.shapes.test_size = 3
+    joined = ConcatSource(
+        [make_task_source("shapes", "val", c, "seg"), make_task_source("shapes", "test", c, "seg")]
+    )
+    assert len(joined) == 7
+    assert joined.example_id(3) == "shapes-0-val-3" and joined[4]["id"] == "shapes-0-test-0"
+    with pytest.raises(IndexError):
+        joined[7]

@@ -1,0 +1,81 @@
+"""ReasonSeg (LISA layout) on a fake folder made here: ignore and flag shapes, largest-first painting."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genmask_jax.data.pipeline import default_data_config, make_eval_iterator, make_train_iterator
+from genmask_jax.data.reasonseg import LONG_TEMPLATE, SHORT_TEMPLATE, ReasonSeg, rasterise_shapes
+
+
+def _write(folder, stem, shapes, texts, is_sentence, size=(40, 30)):
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), 90, np.uint8)).save(folder / f"{stem}.jpg")
+    (folder / f"{stem}.json").write_text(
+        json.dumps({"text": texts, "is_sentence": is_sentence, "shapes": shapes})
+    )
+
+
+def _rect(label, x0, y0, x1, y1):
+    return {"label": label, "points": [[x0, y0], [x1, y0], [x1, y1], [x0, y1]], "shape_type": "polygon"}
+
+
+@pytest.fixture
+def reasonseg_root(tmp_path):
+    shapes = [
+        _rect("target", 2, 2, 20, 20),
+        _rect("ignore", 5, 5, 10, 10),  # smaller: painted after the target, wins inside it
+        _rect("flag", 0, 0, 39, 29),  # skipped
+    ]
+    _write(tmp_path / "train", "a", shapes, ["the cup", "a mug"], False)
+    _write(tmp_path / "train", "b", [_rect("target", 25, 5, 35, 25)], ["what holds coffee?"], True)
+    _write(tmp_path / "train", "c", [_rect("target", 100, 100, 120, 120)], ["off the image"], False)
+    _write(tmp_path / "val", "a", shapes, ["first text", "second text"], False)
+    (tmp_path / "val" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "val" / "broken.json").write_text("{")
+    return tmp_path
+
+
+def test_rasterise_largest_first_with_ignore_and_flag():
+    mask, ignore = rasterise_shapes(
+        [_rect("target", 2, 2, 20, 20), _rect("ignore", 5, 5, 10, 10), _rect("flag", 0, 0, 39, 29)], 30, 40
+    )
+    assert mask.dtype == np.uint8 and ignore.dtype == np.bool_
+    assert ignore[5:11, 5:11].all() and ignore.sum() == 36  # PIL fills the outline too: 6 x 6 pixels
+    assert mask[2:21, 2:21].sum() == 19 * 19 - 36 and mask[0, 0] == 0 and mask[25, 30] == 0
+    # painting order is by area, not file order: the small target inside a large ignore stays target
+    mask, ignore = rasterise_shapes([_rect("target", 5, 5, 10, 10), _rect("ignore", 2, 2, 20, 20)], 30, 40)
+    assert mask.sum() == 36 and not ignore[5:11, 5:11].any()
+
+
+def test_source_texts_templates_and_skips(reasonseg_root, caplog):
+    train = ReasonSeg(str(reasonseg_root), "train")
+    assert len(train) == 4  # a: 2 texts, b: 1, c: 1
+    first = train[0]
+    assert first["text"] == SHORT_TEMPLATE.format(query="the cup") and first["id"] == "reasonseg-train-a-0"
+    assert train[2]["text"] == LONG_TEMPLATE.format(query="what holds coffee?")
+    assert first["image"].shape == (30, 40, 3) and first["ignore"].any()
+    with caplog.at_level(logging.WARNING):
+        val = ReasonSeg(str(reasonseg_root), "val", all_texts=False)
+    assert len(val) == 1 and val[0]["query"] == "first text"
+    assert "reasonseg-val-broken" in caplog.text and val.skips.total == 1
+    assert len(ReasonSeg(str(reasonseg_root), "val", all_texts=True)) == 2
+
+
+def test_through_the_pipelines(reasonseg_root, caplog):
+    c = default_data_config()
+    c.resolution, c.num_threads, c.shuffle = (16, 16), 1, False
+    c.seg_sources, c.gen_sources = "reasonseg", ""
+    c.reasonseg.root = str(reasonseg_root)
+    with caplog.at_level(logging.WARNING):
+        batch = next(make_train_iterator(c, 4, 0, seed=0, process_index=0, process_count=1))
+    assert batch["seg"]["mask"].shape == (4, 16, 16)
+    assert "reasonseg-train-c-0 (polygon_outside_image" in caplog.text
+    ev = make_eval_iterator(c, "val", 2, process_index=0, process_count=1)
+    ((out, metas),) = list(ev.iter_with_meta())
+    assert out["valid"].tolist() == [True, False]
+    assert metas[0]["mask"].shape == (30, 40) and metas[0]["ignore"].sum() == 36
+    assert out["ignore"][0].any()  # ignore region and the padding rows

@@ -1,0 +1,103 @@
+"""Synthetic referring shapes: determinism, any resolution, disjoint splits, unambiguous expressions."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from genmask_jax.data import shapes as S
+
+
+def _digest(example):
+    return hashlib.sha1(example["image"].tobytes() + example["text"].encode()).hexdigest()
+
+
+def test_deterministic_and_any_resolution():
+    a, b = S.SyntheticShapes("train", 32, seed=3), S.SyntheticShapes("train", 32, seed=3)
+    for i in range(5):
+        ea, eb = a[i], b[i]
+        np.testing.assert_array_equal(ea["image"], eb["image"])
+        np.testing.assert_array_equal(ea["mask"], eb["mask"])
+        assert ea["text"] == eb["text"] and ea["id"] == eb["id"]
+    big = S.SyntheticShapes("train", (48, 80), seed=3)[0]
+    assert big["image"].shape == (48, 80, 3) and big["mask"].shape == (48, 80)
+    assert big["text"] == a[0]["text"]  # the scene does not depend on the resolution
+
+
+def test_examples_are_well_formed():
+    ds = S.SyntheticShapes("val", 32, num_examples=60)
+    kinds = set()
+    for i in range(len(ds)):
+        e = ds[i]
+        scene = ds.scene(i)
+        assert 2 <= len(scene.shapes) <= 5
+        assert e["image"].dtype == np.uint8 and e["mask"].dtype == np.uint8
+        assert set(np.unique(e["mask"])) <= {0, 1}
+        assert e["mask"].sum() >= 20  # a small shape at 32x32 covers well over 20 pixels
+        assert e["text"].startswith("the ") and e["caption"].endswith("background")
+        kinds.add(e["expression_kind"])
+    assert kinds == {"attribute", "position", "relation"}
+    gen = S.SyntheticShapes("val", 32, num_examples=60, task="gen")
+    assert gen[0]["text"] == ds[0]["caption"] and gen.example_id(0) != ds.example_id(0)
+
+
+def test_splits_are_disjoint():
+    digests = {
+        split: {_digest(S.SyntheticShapes(split, 16)[i]) for i in range(150)}
+        for split in ("train", "val", "test")
+    }
+    assert not digests["train"] & digests["val"]
+    assert not digests["train"] & digests["test"]
+    assert not digests["val"] & digests["test"]
+
+
+def _referents(scene, expression):
+    """Independent check: which shapes does an expression describe, by brute force over its words."""
+    shapes = scene.shapes
+    words = expression.split()[1:]
+
+    def parse(ws):
+        size = ws[0] if ws and ws[0] in S.SIZES else None
+        ws = ws[1:] if size else ws
+        colour = ws[0] if ws and ws[0] in S.COLOURS else None
+        ws = ws[1:] if colour else ws
+        kind = None if ws[0] == "shape" else ws[0]
+        return size, colour, kind, ws[1:]
+
+    position = words[0] if words[0] in S._POSITION_WORDS else None
+    if position:
+        words = words[1:]
+    size, colour, kind, rest = parse(words)
+    group = [i for i, s in enumerate(shapes) if S._matches(s, kind, colour, size)]
+    if position:
+        axis, sign = S._POSITION_WORDS[position]
+        return [max(group, key=lambda i: sign * (shapes[i].cx, shapes[i].cy)[axis])]
+    if not rest:
+        return group
+    rel = " ".join(rest[:2]) if rest[0] in ("left", "right") else rest[0]
+    rest = rest[2:] if rest[0] in ("left", "right") else rest[1:]
+    _, a_colour, a_kind, _ = parse(rest[1:])
+    anchors = [i for i, s in enumerate(shapes) if S._matches(s, a_kind, a_colour, None)]
+    assert len(anchors) == 1
+    axis, sign = S._RELATIONS[rel]
+    return [
+        i
+        for i in group
+        if i != anchors[0]
+        and S._relation_strength(shapes[i], shapes[anchors[0]], axis, sign) >= S.RELATION_MARGIN / 3
+    ]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_expressions_pick_exactly_the_target(split):
+    ds = S.SyntheticShapes(split, 32, seed=1)
+    for i in range(200):
+        scene = ds.scene(i)
+        assert _referents(scene, scene.expression) == [scene.target], (i, scene.expression)
+
+
+def test_expression_kinds_subset():
+    ds = S.SyntheticShapes("train", 16, expression_kinds="attribute")
+    assert {ds[i]["expression_kind"] for i in range(30)} == {"attribute"}
+    with pytest.raises(ValueError):
+        S.SyntheticShapes("train", 16, expression_kinds="colourful")

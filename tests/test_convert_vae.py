@@ -1,0 +1,162 @@
+"""WAN VAE converter: diffusers folder / original .pth / original safetensors -> Flax, export, bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from convert import checkpoint_io as io
+from convert import wan_vae
+from convert.checkpoint_io import ConversionError
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A tiny random diffusers AutoencoderKLWan saved as a pipeline folder (`root/vae/`)."""
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16)
+    root = tmp_path_factory.mktemp("pipeline")
+    model.save_pretrained(root / "vae")
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    return root, state
+
+
+def _original_state(state: dict, num_res_blocks: int = 2) -> dict:
+    return {wan_vae.original_key(k, num_res_blocks): v for k, v in state.items()}
+
+
+def _assert_trees_equal(a, b):
+    flat_a, flat_b = io.flatten(a), io.flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+        np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]), err_msg=k)
+
+
+def test_diffusers_folder(reference):
+    root, state = reference
+    config, params = wan_vae.load(root)  # the pipeline folder resolves to vae/
+    assert (config.base_dim, config.z_dim, config.dim_mult, config.num_res_blocks) == (8, 16, (1, 2, 4, 4), 2)
+    assert config.temporal_downsample == (False, True, True)
+    flat = io.flatten(params["params"])
+    assert len(flat) == len(state)
+    np.testing.assert_array_equal(flat["encoder/conv_in/kernel"],
+                                  state["encoder.conv_in.weight"].transpose(2, 3, 4, 1, 0))
+    np.testing.assert_array_equal(flat["decoder/mid_block/attentions_0/norm/gamma"],
+                                  state["decoder.mid_block.attentions.0.norm.gamma"].reshape(-1))
+
+
+def test_export_round_trip_is_exact(reference, tmp_path):
+    root, state = reference
+    config, params = wan_vae.load(root / "vae")
+    out = wan_vae.export_diffusers(params, config, tmp_path / "vae")
+    exported = dict(io.iter_checkpoint(out))
+    assert exported.keys() == state.keys()
+    for k, v in state.items():
+        assert exported[k].dtype == v.dtype and exported[k].shape == v.shape, k
+        np.testing.assert_array_equal(exported[k], v, err_msg=k)
+    reloaded = diffusers.AutoencoderKLWan.from_pretrained(out)  # diffusers accepts the folder
+    assert reloaded.config.base_dim == 8 and list(reloaded.config.latents_std) == list(config.latents_std)
+
+
+def test_original_names_match_diffusers_converter(reference):
+    """Our original<->diffusers renaming is the inverse of diffusers' own convert_wan_vae_to_diffusers."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    _, state = reference
+    original = _original_state(state)
+    assert "encoder.conv1.weight" in original and "decoder.upsamples.4.shortcut.weight" in original
+    back = convert_wan_vae_to_diffusers(dict(original))
+    assert back.keys() == state.keys()
+    for k in state:
+        assert back[k] is state[k] or np.array_equal(back[k], state[k]), k
+
+
+def test_original_pth_and_bf16_safetensors(reference, tmp_path):
+    from safetensors.flax import save_file
+
+    root, state = reference
+    config, params = wan_vae.load(root)
+    original = _original_state(state)
+    pth = tmp_path / "Wan2.1_VAE.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in original.items()}, pth)
+    pth_config, pth_params = wan_vae.load(pth)
+    assert pth_config == config  # the structure is inferred from shapes; z_dim 16 gets WAN's statistics
+    _assert_trees_equal(pth_params, params)
+
+    import jax.numpy as jnp
+
+    single = tmp_path / "wan_2.1_vae.safetensors"  # ComfyUI: original names, bf16, here with a prefix
+    save_file({f"first_stage_model.{k}": jnp.asarray(v, jnp.bfloat16) for k, v in original.items()},
+              str(single))
+    bf16_config, bf16_params = wan_vae.load(single, layout="original")
+    assert bf16_config == config
+    rounded = {k: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32) for k, v in io.flatten(params).items()}
+    _assert_trees_equal(bf16_params, io.unflatten(rounded))
+
+
+def test_cli_writes_a_loadable_checkpoint(reference, tmp_path, capsys):
+    root, _ = reference
+    dst = tmp_path / "ours"
+    assert wan_vae.main([str(root / "vae"), str(dst)]) == 0
+    config, params = wan_vae.load(dst)
+    ref_config, ref_params = wan_vae.load(root)
+    assert config == ref_config
+    _assert_trees_equal(params, ref_params)
+    assert wan_vae.main([str(root / "vae"), str(dst)]) == 1  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
+def _copy_with(src_folder, dst_folder, tensors=None, config_update=None):
+    shutil.copytree(src_folder, dst_folder)
+    if tensors is not None:
+        from safetensors.numpy import save_file
+
+        for f in dst_folder.glob("*.safetensors"):
+            f.unlink()
+        save_file(tensors, str(dst_folder / wan_vae.WEIGHTS_NAME))
+    if config_update:
+        path = dst_folder / "config.json"
+        config = json.loads(path.read_text())
+        config.update(config_update)
+        path.write_text(json.dumps(config))
+    return dst_folder
+
+
+def test_bad_inputs_raise_one_clear_error(reference, tmp_path):
+    root, state = reference
+    cases = {}
+    broken = dict(state)
+    del broken["decoder.conv_out.bias"]
+    broken["decoder.extra.weight"] = np.zeros(3, np.float32)
+    cases["keys"] = (_copy_with(root / "vae", tmp_path / "keys", broken),
+                     ["missing (1): decoder.conv_out.bias", "unexpected (1): decoder.extra.weight"])
+    reshaped = dict(state)
+    reshaped["encoder.conv_in.bias"] = np.zeros(5, np.float32)
+    cases["shapes"] = (_copy_with(root / "vae", tmp_path / "shapes", reshaped),
+                       ["encoder.conv_in.bias: found (5,), expected (8,)"])
+    cases["wan2.2"] = (_copy_with(root / "vae", tmp_path / "wan22", config_update={"is_residual": True}),
+                       ["not a WAN 2.1 VAE config", "is_residual=True"])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    cases["garbage"] = (garbage, ["not a readable safetensors file"])
+    cases["absent"] = (tmp_path / "nowhere", ["no such file or folder"])
+    from safetensors.numpy import save_file
+
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"foo.weight": np.zeros(2, np.float32)}, str(unknown))
+    cases["layout"] = (unknown, ["unknown checkpoint layout"])
+    for name, (src, fragments) in cases.items():
+        with pytest.raises(ConversionError) as info:
+            wan_vae.load(src)
+        for fragment in fragments:
+            assert fragment in str(info.value), (name, str(info.value))
+    dst = tmp_path / "never"
+    assert wan_vae.main([str(cases["shapes"][0]), str(dst)]) == 1
+    assert not dst.exists() and not list(tmp_path.glob(".never*"))
+    with pytest.raises(ConversionError, match="layout"):
+        wan_vae.load(root, layout="comfy")

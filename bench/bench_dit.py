@@ -1,0 +1,120 @@
+"""WanDiT (jax.jit) vs diffusers WanTransformer3DModel (eager PyTorch) on CPU, fp32.
+
+    python -m bench.bench_dit [--reps 5] [--only jax|torch] [--attention xla] [--remat none]
+        [--xla-flags "--xla_cpu_..."] [--single-thread]
+
+Mid-size config: 4 blocks, dim 512, 8 heads, ffn 2048, text_dim 4096; batch 2 of 2 latent frames of
+32x32 (2 x 16 x 16 = 512 tokens), 64 text tokens. Forward, and forward+backward of `mean(out^2)`
+with respect to all parameters. Prints the median over --reps timed runs after one warm-up (compile).
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+CONFIG = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, dim=512, ffn_dim=2048,
+              freq_dim=256, text_dim=4096, num_heads=8, num_layers=4)
+BATCH, FRAMES, HEIGHT, WIDTH, TEXT_LEN = 2, 2, 32, 32, 64
+
+
+def make_inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((BATCH, FRAMES, HEIGHT, WIDTH, CONFIG["in_channels"])).astype(np.float32)
+    ctx = rng.standard_normal((BATCH, TEXT_LEN, CONFIG["text_dim"])).astype(np.float32)
+    t = np.array([900.0, 150.0], np.float32)
+    return x, t, ctx
+
+
+def timed(fn, reps: int) -> tuple[float, float]:
+    """Medians (wall ms, process CPU ms) of `fn()` over `reps` runs after one warm-up run.
+
+    CPU time is reported because on a shared machine wall time mostly measures the other tenants.
+    """
+    fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append((time.perf_counter() - start) * 1e3)
+        cpu.append((time.process_time() - start_cpu) * 1e3)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def bench_jax(reps: int, attention: str, remat: str) -> dict[str, tuple[float, float]]:
+    import jax
+    import jax.numpy as jnp
+
+    from genmask_jax.models.dit import DiTConfig, WanDiT, init_params
+
+    config = DiTConfig(**CONFIG, attention=attention, remat_policy=remat)
+    params = jax.device_put(init_params(config, jax.random.key(0)))
+    x, t, ctx = (jnp.asarray(a) for a in make_inputs())
+    model = WanDiT(config)
+    forward = jax.jit(lambda p: model.apply({"params": p}, x, t, ctx))
+    loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, ctx) ** 2)
+    forward_backward = jax.jit(jax.value_and_grad(loss))
+    return {"fwd": timed(lambda: jax.block_until_ready(forward(params)), reps),
+            "fwd+bwd": timed(lambda: jax.block_until_ready(forward_backward(params)), reps)}
+
+
+def bench_torch(reps: int) -> dict[str, tuple[float, float]]:
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    kwargs = dict(CONFIG)
+    kwargs["num_attention_heads"] = kwargs.pop("num_heads")
+    kwargs["attention_head_dim"] = kwargs.pop("dim") // kwargs["num_attention_heads"]
+    model = WanTransformer3DModel(**kwargs).eval()
+    x, t, ctx = make_inputs()
+    x = torch.from_numpy(np.moveaxis(x, -1, 1)).contiguous()
+    t, ctx = torch.from_numpy(t), torch.from_numpy(ctx)
+
+    def forward():
+        with torch.no_grad():
+            model(x, t, ctx)
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        (model(x, t, ctx).sample ** 2).mean().backward()
+
+    return {"fwd": timed(forward, reps), "fwd+bwd": timed(forward_backward, reps)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--only", choices=["jax", "torch"], default=None)
+    parser.add_argument("--attention", default="xla")
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts")
+    parser.add_argument("--single-thread", action="store_true",
+                        help="one intra-op thread in both frameworks (run under `taskset -c 0`)")
+    args = parser.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    flags = args.xla_flags
+    if args.single_thread:
+        flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        import torch
+
+        torch.set_num_threads(1)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+    results = {}
+    if args.only != "torch":
+        results["jax"] = bench_jax(args.reps, args.attention, args.remat)
+    if args.only != "jax":
+        results["torch"] = bench_torch(args.reps)
+    print(f"load average {os.getloadavg()[0]:.1f}; wall / process-CPU medians over {args.reps} runs")
+    for name, times in results.items():
+        print(f"{name:6s} " + "  ".join(f"{k} {w:7.1f} ms / {c:7.1f} cpu-ms" for k, (w, c) in times.items()))
+    if len(results) == 2:
+        jax_t, torch_t = results["jax"], results["torch"]
+        print("ratio  " + "  ".join(f"{k} {jax_t[k][0] / torch_t[k][0]:.2f}x wall / "
+                                    f"{jax_t[k][1] / torch_t[k][1]:.2f}x cpu" for k in jax_t))
+
+
+if __name__ == "__main__":
+    main()

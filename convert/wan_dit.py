@@ -1,0 +1,398 @@
+"""WAN 2.1 DiT checkpoints (diffusers or original Wan-AI layout) <-> our Flax checkpoints.
+
+    python -m convert.wan_dit SRC DST [--layout auto|diffusers|original] [--scan-layers]
+        [--num-heads N] [--param-dtype float32] [--text-dim N --reinit-text-embedding] [--overwrite]
+
+SRC is a diffusers `transformer/` folder (or the pipeline folder above it), an original-layout folder,
+or a single `.safetensors` / `.pth` file (keys optionally prefixed `model.diffusion_model.`). The config
+is inferred from the tensor shapes; the head count comes from a `config.json` next to the weights,
+`--num-heads`, or head_dim 128 (true of every released WAN 2.1 model). DST gets `params/` (orbax) and
+`config.json`, written atomically after every check passed. `export_diffusers` writes our params back
+as a diffusers folder, bit-exactly.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert import checkpoint_io as io
+from convert.checkpoint_io import ConversionError
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+PREFIX = "model.diffusion_model."
+IMAGE_BRANCH = ("img_emb", "k_img", "v_img", "norm_k_img", "image_embedder", "add_k_proj", "add_v_proj",
+                "norm_added_k", "norm_added_q")
+_BLOCK = re.compile(r"^blocks_(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: our Flax paths ('blocks_3/attn1/to_out/kernel') -> diffusers keys -> original keys.
+
+
+def diffusers_key(path: str) -> str:
+    """Our unscanned Flax parameter path -> the diffusers state-dict key."""
+    *mods, leaf = path.split("/")
+    if leaf != "scale_shift_table":
+        leaf = "bias" if leaf == "bias" else "weight"
+    out = []
+    for i, mod in enumerate(mods):
+        block = _BLOCK.match(mod)
+        if block:
+            out += ["blocks", block.group(1)]
+        elif mod == "to_out":
+            out += ["to_out", "0"]
+        elif mods[i - 1:i] == ["ffn"]:
+            out += {"proj_in": ["net", "0", "proj"], "proj_out": ["net", "2"]}[mod]
+        else:
+            out.append(mod)
+    return ".".join([*out, leaf])
+
+
+_ORIGINAL_RENAMES = (
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."),
+    (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."), (".to_out.0.", ".o."),
+    (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."),
+    (".norm2.", ".norm3."),  # the cross-attention norm is norm3 in the original code
+)
+
+
+def original_key(key: str) -> str:
+    """diffusers key -> original Wan-AI key."""
+    if key == "scale_shift_table":
+        return "head.modulation"
+    if key.startswith("proj_out."):
+        return "head.head." + key.removeprefix("proj_out.")
+    if key.startswith("blocks.") and key.endswith(".scale_shift_table"):
+        return key.removesuffix("scale_shift_table") + "modulation"
+    for old, new in _ORIGINAL_RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def to_flax(path: str, w: np.ndarray) -> np.ndarray:
+    """A PyTorch tensor -> the layout of our parameter at `path`."""
+    if path == "patch_embedding/kernel":
+        return io.conv_to_flax(w)
+    if path.endswith("/kernel"):
+        return io.linear_to_flax(w)
+    return w
+
+
+def from_flax(path: str, w: np.ndarray) -> np.ndarray:
+    if path == "patch_embedding/kernel":
+        return io.conv_from_flax(w)
+    if path.endswith("/kernel"):
+        return np.ascontiguousarray(w.T)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the source.
+
+
+@dataclasses.dataclass
+class Source:
+    """A located checkpoint: where its tensors are, their shapes, layout and any config.json."""
+
+    path: Path
+    layout: str
+    shapes: dict[str, tuple[int, ...]]  # keys without PREFIX
+    prefixed: bool
+    json_config: dict[str, Any]
+
+
+def _weights_location(path: Path) -> Path:
+    """A diffusers pipeline folder -> its transformer/ folder; anything else unchanged."""
+    if path.is_dir() and not (path / "config.json").exists() and (path / "transformer").is_dir():
+        return path / "transformer"
+    return path
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return {k: tuple(v.shape) for k, v in io.iter_torch_file(path)}
+    return io.safetensors_shapes(io.safetensors_files(path))
+
+
+def _json_config(path: Path) -> dict[str, Any]:
+    candidate = (path if path.is_dir() else path.parent) / "config.json"
+    if not candidate.is_file():
+        return {}
+    try:
+        with open(candidate) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{candidate}: unreadable config.json ({e})") from e
+
+
+def detect_layout(keys: set[str]) -> str:
+    if "condition_embedder.time_proj.weight" in keys or "scale_shift_table" in keys:
+        return "diffusers"
+    if "head.modulation" in keys or "time_projection.1.weight" in keys:
+        return "original"
+    sample = ", ".join(sorted(keys)[:5])
+    raise ConversionError(f"unknown checkpoint layout: neither diffusers WanTransformer3DModel nor "
+                          f"original Wan-AI DiT keys (found {len(keys)} keys, e.g. {sample})")
+
+
+def open_source(path: str | Path, layout: str = "auto") -> Source:
+    """Finds the tensors, reads their shapes (headers only for safetensors) and the layout."""
+    if layout not in ("auto", "diffusers", "original"):
+        raise ConversionError(f"unknown --layout {layout!r}: use auto, diffusers or original")
+    path = _weights_location(Path(path))
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    raw = _tensor_shapes(path)
+    prefixed = any(k.startswith(PREFIX) for k in raw)
+    shapes = {k.removeprefix(PREFIX): v for k, v in raw.items()}
+    image = sorted(k for k in shapes if any(f".{p}." in f".{k}" for p in IMAGE_BRANCH))
+    json_config = _json_config(path)
+    if image or json_config.get("image_dim") or json_config.get("added_kv_proj_dim"):
+        shown = ", ".join(image[:4]) or "config.json image_dim / added_kv_proj_dim"
+        raise ConversionError(f"{path}: this is an image-to-video (I2V) checkpoint ({shown}, ...); "
+                              "its image branch is not supported, convert a text-to-video DiT")
+    if layout == "auto":
+        layout = detect_layout(set(shapes))
+    return Source(path, layout, shapes, prefixed, json_config)
+
+
+def _source_key(key: str, layout: str) -> str:
+    return key if layout == "diffusers" else original_key(key)
+
+
+def infer_config(source: Source, num_heads: int | None = None, **overrides):
+    """DiTConfig from the tensor shapes (plus config.json for the head count and eps)."""
+    from genmask_jax.models.dit import DiTConfig
+
+    k = lambda diffusers_name: _source_key(diffusers_name, source.layout)
+    shapes = source.shapes
+    needed = [k("patch_embedding.weight"), k("condition_embedder.text_embedder.linear_1.weight"),
+              k("condition_embedder.time_embedder.linear_1.weight"), k("blocks.0.ffn.net.0.proj.weight"),
+              k("proj_out.weight")]
+    missing = [n for n in needed if n not in shapes]
+    if missing:
+        raise ConversionError(f"{source.path}: cannot infer the config, missing keys: {', '.join(missing)}")
+    dim, in_channels, *patch = shapes[k("patch_embedding.weight")]
+    cfg_json = source.json_config
+    if num_heads is None:
+        num_heads = cfg_json.get("num_attention_heads") or cfg_json.get("num_heads")
+    if num_heads is None:
+        if dim % 128:
+            raise ConversionError(f"{source.path}: dim {dim} is not a multiple of 128; pass --num-heads")
+        num_heads = dim // 128
+    blocks = {int(m.group(1)) for key in shapes if (m := re.match(r"blocks\.(\d+)\.", key))}
+    fields = dict(
+        patch_size=tuple(patch), in_channels=in_channels,
+        out_channels=shapes[k("proj_out.weight")][0] // math.prod(patch),
+        dim=dim, ffn_dim=shapes[k("blocks.0.ffn.net.0.proj.weight")][0],
+        freq_dim=shapes[k("condition_embedder.time_embedder.linear_1.weight")][1],
+        text_dim=shapes[k("condition_embedder.text_embedder.linear_1.weight")][1],
+        num_heads=int(num_heads), num_layers=max(blocks) + 1 if blocks else 0,
+        eps=float(cfg_json.get("eps", 1e-6)))
+    fields.update(overrides)
+    try:
+        return DiTConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f"{source.path}: inferred an invalid config ({e})") from e
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Our unscanned parameter path -> shape, for `config` (nothing is allocated)."""
+    import jax
+
+    from genmask_jax.models.dit import init_params
+
+    unscanned = dataclasses.replace(config, scan_layers=False, remat_policy="none")
+    shapes = jax.eval_shape(lambda: init_params(unscanned, jax.random.key(0)))
+    return {p: tuple(s.shape) for p, s in io.flatten(shapes).items()}
+
+
+def _torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(from_flax(path, np.empty(shape, np.uint8)).shape)
+
+
+def _stack_path(path: str) -> tuple[str, int | None]:
+    """'blocks_3/attn1/...' -> ('blocks/attn1/...', 3); other paths unchanged with None."""
+    head, _, rest = path.partition("/")
+    block = _BLOCK.match(head)
+    return (f"blocks/{rest}", int(block.group(1))) if block else (path, None)
+
+
+def convert(source: Source, config, skip: set[str] = frozenset()) -> dict:
+    """Streams the tensors of `source` into our (nested) params, stacked if config.scan_layers.
+
+    skip: our parameter paths to leave out (e.g. a re-initialised text embedder).
+    """
+    flax_shapes = expected_shapes(config)
+    by_source = {_source_key(diffusers_key(p), source.layout): p for p in flax_shapes}
+    io.check_keys(set(source.shapes), set(by_source), f"{source.path} ({source.layout} layout)")
+    io.check_shapes([(key, source.shapes[key], _torch_shape(p, flax_shapes[p]))
+                     for key, p in sorted(by_source.items())
+                     if tuple(source.shapes[key]) != _torch_shape(p, flax_shapes[p])],
+                    f"{source.path}")
+    dtype = np.dtype(config.param_dtype)
+    flat: dict[str, np.ndarray] = {}
+    for key, value in io.iter_checkpoint(source.path):
+        path = by_source[key.removeprefix(PREFIX)]
+        if path in skip:
+            continue
+        value = to_flax(path, np.asarray(value)).astype(dtype)
+        if not config.scan_layers:
+            flat[path] = value
+            continue
+        stacked, layer = _stack_path(path)
+        if layer is None:
+            flat[stacked] = value
+        else:
+            if stacked not in flat:
+                flat[stacked] = np.empty((config.num_layers, *value.shape), dtype)
+            flat[stacked][layer] = value
+    return io.unflatten(flat)
+
+
+def reinit_text_embedder(params: dict, config, seed: int = 0) -> dict:
+    """Fresh random text-embedding MLP (`text_dim -> dim -> dim`) in `params`, as WanDiT.init makes it."""
+    import jax
+
+    from genmask_jax.models.dit import init_params
+
+    fresh = init_params(dataclasses.replace(config, scan_layers=False, remat_policy="none",
+                                            num_layers=0), jax.random.key(seed))
+    params = dict(params)
+    embedder = dict(params.get("condition_embedder", {}))
+    text = fresh["condition_embedder"]["text_embedder"]
+    embedder["text_embedder"] = jax.tree.map(lambda a: np.asarray(a, config.param_dtype), text)
+    params["condition_embedder"] = embedder
+    return params
+
+
+def convert_checkpoint(src: str | Path, layout: str = "auto", num_heads: int | None = None,
+                       scan_layers: bool = False, param_dtype: str = "float32",
+                       text_dim: int | None = None, reinit_text_embedding: bool = False,
+                       seed: int = 0, **config_overrides):
+    """(DiTConfig, params) from a PyTorch-side checkpoint; raises ConversionError on bad input."""
+    source = open_source(src, layout)
+    config = infer_config(source, num_heads, scan_layers=scan_layers, param_dtype=param_dtype,
+                          **config_overrides)
+    skip: set[str] = set()
+    if text_dim is not None and text_dim != config.text_dim and not reinit_text_embedding:
+        raise ConversionError(f"--text-dim {text_dim} differs from the checkpoint's {config.text_dim}: "
+                              "pass --reinit-text-embedding to train a new text embedder")
+    if reinit_text_embedding:
+        skip = {p for p in expected_shapes(config) if p.startswith("condition_embedder/text_embedder/")}
+        source_config = config
+        config = dataclasses.replace(config, text_dim=text_dim or config.text_dim)
+        params = convert(source, source_config, skip)
+        return config, reinit_text_embedder(params, config, seed)
+    return config, convert(source, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our checkpoints.
+
+
+def save(dst: str | Path, config, params, overwrite: bool = False) -> Path:
+    return io.save_flax_checkpoint(dst, params, config.to_dict(), overwrite=overwrite)
+
+
+def load(path: str | Path, target: Any = None, **convert_kwargs):
+    """(DiTConfig, params) from our converted checkpoint, or converted on the fly from PyTorch files.
+
+    target: abstract params with shardings, to restore an orbax checkpoint directly sharded.
+    """
+    from genmask_jax.models.dit import DiTConfig
+
+    path = Path(path)
+    if (path / "params").is_dir() and (path / "config.json").is_file():
+        config_dict, params = io.load_flax_checkpoint(path, target)
+        return DiTConfig.from_dict(config_dict), params
+    return convert_checkpoint(path, **convert_kwargs)
+
+
+def diffusers_config(config) -> dict[str, Any]:
+    """config.json of the equivalent diffusers WanTransformer3DModel."""
+    return {
+        "_class_name": "WanTransformer3DModel", "patch_size": list(config.patch_size),
+        "num_attention_heads": config.num_heads, "attention_head_dim": config.head_dim,
+        "in_channels": config.in_channels, "out_channels": config.out_channels,
+        "text_dim": config.text_dim, "freq_dim": config.freq_dim, "ffn_dim": config.ffn_dim,
+        "num_layers": config.num_layers, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
+        "eps": config.eps, "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+        "pos_embed_seq_len": None,
+    }
+
+
+def unstack(params: dict, config) -> dict[str, np.ndarray]:
+    """Flat unscanned {path: array} from params (stacked or not), as numpy."""
+    flat = {}
+    for path, value in io.flatten(params).items():
+        value = np.asarray(value)
+        head, _, rest = path.partition("/")
+        if config.scan_layers and head == "blocks":
+            for i in range(value.shape[0]):
+                flat[f"blocks_{i}/{rest}"] = value[i]
+        else:
+            flat[path] = value
+    return flat
+
+
+def export_diffusers(params: dict, config, dst: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Writes params as a diffusers `transformer/` folder (config.json + safetensors), exactly."""
+    flat = unstack(params, config)
+    expected = expected_shapes(config)
+    io.check_keys(set(flat), set(expected), "params")
+    io.check_shapes([(p, v.shape, expected[p]) for p, v in flat.items() if v.shape != expected[p]],
+                    "params")
+    tensors = {diffusers_key(p): from_flax(p, v) for p, v in flat.items()}
+    return io.write_safetensors_folder(dst, tensors, diffusers_config(config), WEIGHTS_NAME,
+                                       max_shard_bytes=max_shard_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("src", help="diffusers transformer/ folder, original folder or single file")
+    parser.add_argument("dst", help="output folder (params/ + config.json)")
+    parser.add_argument("--layout", default="auto", help="auto | diffusers | original")
+    parser.add_argument("--num-heads", type=int, default=None)
+    parser.add_argument("--scan-layers", action="store_true", help="stack the blocks for nn.scan")
+    parser.add_argument("--param-dtype", default="float32")
+    parser.add_argument("--text-dim", type=int, default=None)
+    parser.add_argument("--reinit-text-embedding", action="store_true",
+                        help="fresh random text embedder of --text-dim inputs (e.g. 3584 for Qwen2.5-VL)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if Path(args.dst).exists() and not args.overwrite:
+            raise ConversionError(f"{args.dst} already exists (pass --overwrite to replace it)")
+        config, params = convert_checkpoint(
+            args.src, layout=args.layout, num_heads=args.num_heads, scan_layers=args.scan_layers,
+            param_dtype=args.param_dtype, text_dim=args.text_dim,
+            reinit_text_embedding=args.reinit_text_embedding, seed=args.seed)
+        dst = save(args.dst, config, params, overwrite=args.overwrite)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    count = sum(np.size(v) for v in io.flatten(params).values())
+    print(f"wrote {dst}: {count:,} parameters, config {json.dumps(config.to_dict())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Multi-head attention with a choice of kernel: XLA, cuDNN (GPU) or Pallas splash attention (TPU).
+
+All take `(B, T, N, d)` queries and `(B, S, N, d)` keys/values and an optional key mask `(B, S)` (True =
+attend) and return `(B, T, N, d)` in the query dtype. Softmax scale is `1 / sqrt(d)`.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    implementation: str = "xla",
+    spec: jax.sharding.PartitionSpec | None = None,
+) -> jax.Array:
+    """Softmax attention; `implementation` is one of IMPLEMENTATIONS.
+
+    spec: the mesh partitioning of q/k/v `(batch, length, heads, head_dim)`. Splash is a Pallas
+    kernel that XLA cannot partition, so under a mesh it runs per shard (shard_map) over batch and
+    heads; the sequence axes must not be sharded. XLA and cuDNN are partitioned by the compiler.
+    """
+    if implementation == "splash":
+        mesh = jax.sharding.get_abstract_mesh()
+        if spec is None or mesh.empty or mesh.size == 1:
+            return splash_attention(q, k, v, mask)
+        return _sharded_splash(q, k, v, mask, spec)
+    if implementation not in ("xla", "cudnn"):
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}"
+        )
+    if implementation == "cudnn":
+        if mask is not None:
+            mask = mask[:, None, None, :].astype(bool)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    return xla_attention(q, k, v, mask)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Plain softmax attention, softmax in float32.
+
+    Same math as `jax.nn.dot_product_attention(implementation="xla")`; written out because on
+    XLA:CPU this form runs about 1.5x (forward) and 1.4x (gradient) faster.
+    """
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    logits = jnp.einsum("btnd,bsnd->bnts", q * scale, k).astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnd->btnd", probs, v)
+
+
+def _block_size(length: int, max_block: int) -> int:
+    """The splash tile: `max_block`, or the length rounded up to a multiple of 128 (TPU lanes)."""
+    return min(max_block, -(-length // 128) * 128)
+
+
+def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+    pad = -x.shape[axis] % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def _sharded_splash(q, k, v, mask, spec):
+    from jax.sharding import PartitionSpec as P
+
+    batch, length, heads, head_dim = (tuple(spec) + (None,) * 4)[:4]
+    if length is not None:
+        raise ValueError(f"splash attention cannot shard the sequence axis (spec {spec})")
+    qkv_spec = P(batch, None, heads, None)
+    if mask is None:
+        fn = lambda q, k, v: splash_attention(q, k, v)
+        args, in_specs = (q, k, v), (qkv_spec,) * 3
+    else:
+        fn = splash_attention
+        args, in_specs = (q, k, v, mask), (qkv_spec,) * 3 + (P(batch, None),)
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=qkv_spec, check_vma=False)(*args)
+
+
+@functools.cache
+def _splash_kernel(num_heads: int, q_len: int, kv_len: int, block_q: int, block_kv: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    blocks = splash.BlockSizes(
+        block_q=block_q,
+        block_kv=block_kv,
+        block_kv_compute=block_kv,
+        block_q_dkv=block_q,
+        block_kv_dkv=block_kv,
+        block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q,
+        block_kv_dq=block_kv,
+    )
+    full = splash.MultiHeadMask([splash.FullMask((q_len, kv_len)) for _ in range(num_heads)])
+    return splash.make_splash_mha(
+        full, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    max_block: int = 512,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Pallas splash attention (TPU; `interpret=True`, the default off TPU, runs it anywhere, slowly).
+
+    Sequences are zero-padded to a multiple of the tile; padded and masked keys are excluded through
+    segment ids (query segment 1, kept keys 1, dropped keys 0), padded query rows are cut off.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    b, t, n, d = q.shape
+    s = k.shape[1]
+    block_q, block_kv = _block_size(t, max_block), _block_size(s, max_block)
+    keep = jnp.ones((b, s), jnp.int32) if mask is None else mask.astype(jnp.int32)
+    q = _pad_to(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), 1, block_q)
+    k, v, keep = _pad_to(k, 1, block_kv), _pad_to(v, 1, block_kv), _pad_to(keep, 1, block_kv)
+    kernel = _splash_kernel(n, q.shape[1], k.shape[1], block_q, block_kv, interpret)
+    q_segments = jnp.ones((b, q.shape[1]), jnp.int32)
+
+    def one(q, k, v, q_seg, kv_seg):
+        heads_first = lambda x: jnp.swapaxes(x, 0, 1)
+        out = kernel(
+            heads_first(q), heads_first(k), heads_first(v), segment_ids=splash.SegmentIds(q=q_seg, kv=kv_seg)
+        )
+        return heads_first(out)
+
+    out = jax.vmap(one)(q, k, v, q_segments, keep)
+    return out[:, :t].astype(np.dtype(q.dtype))

@@ -1,0 +1,374 @@
+"""The WAN 2.1 diffusion transformer (diffusers `WanTransformer3DModel`, text-to-video) in Flax Linen.
+
+Parameter names follow diffusers so that conversion is a rename plus a layout change:
+  patch_embedding/{kernel (p_t, p_h, p_w, C_in, D), bias}
+  condition_embedder/{time_embedder/linear_1, time_embedder/linear_2, time_proj,
+                      text_embedder/linear_1, text_embedder/linear_2}
+  blocks_{i}/ (or blocks/ with a leading layer axis when config.scan_layers)
+      attn1/{to_q, to_k, to_v, to_out, norm_q, norm_k}, attn2/{...}, norm2/{scale, bias},
+      ffn/{proj_in, proj_out}, scale_shift_table (1, 6, D)
+  proj_out, scale_shift_table (1, 2, D)
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from genmask_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
+from genmask_jax.models.layers import LayerNorm, RMSNorm, dense, gelu_tanh, layer_norm, timestep_embedding
+from genmask_jax.models.rope import apply_rope, rope_angles
+
+BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096),
+    "14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096),
+    "tiny": dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """WAN 2.1 DiT hyper-parameters (defaults: the 1.3B text-to-video model)."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_channels: int = 16
+    out_channels: int = 16
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    text_dim: int = 4096
+    num_heads: int = 12
+    num_layers: int = 30
+    eps: float = 1e-6
+    rope_theta: float = 1e4
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    attention: str = "xla"
+    use_context_mask: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of num_heads {self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"head_dim {self.head_dim} must be even and >= 6 for the 3D RoPE")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention {self.attention!r} not in {IMPLEMENTATIONS}")
+        if self.remat_policy != "none" and not hasattr(jax.checkpoint_policies, self.remat_policy):
+            raise ValueError(f"remat_policy {self.remat_policy!r} is not in jax.checkpoint_policies")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def patch_features(self) -> int:
+        return math.prod(self.patch_size) * self.out_channels
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides) -> "DiTConfig":
+        if name not in VARIANTS:
+            raise ValueError(f"unknown DiT variant {name!r}; choose one of {sorted(VARIANTS)}")
+        return cls(**{**VARIANTS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown DiTConfig fields: {unknown}")
+        return cls(**d)
+
+
+def _dtypes(config: DiTConfig) -> tuple[jnp.dtype, jnp.dtype]:
+    return jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+
+
+class PatchEmbedding(nn.Module):
+    """Conv3d with stride = kernel = patch, as one matmul over flattened patches.
+
+    `(B, F, H, W, C)` -> `(B, F/p_t * H/p_h * W/p_w, D)` tokens in (f, h, w) order.
+    """
+
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dtype, param_dtype = _dtypes(cfg)
+        pt, ph, pw = cfg.patch_size
+        b, f, h, w, c = x.shape
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4),
+                ("conv_t", "conv_h", "conv_w", "conv_in", "embed"),
+            ),
+            (pt, ph, pw, c, cfg.dim),
+            param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            (cfg.dim,),
+            param_dtype,
+        )
+        x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, pt * ph * pw * c)
+        y = jnp.dot(x.astype(dtype), kernel.reshape(-1, cfg.dim).astype(dtype)) + bias.astype(dtype)
+        return y.reshape(b, -1, cfg.dim)
+
+
+class Mlp(nn.Module):
+    """`linear_2(activation(linear_1(x)))`; axes = (in, hidden, out) logical names."""
+
+    features: int
+    axes: tuple[str, str, str]
+    activation: Any
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a_in, a_hidden, a_out = self.axes
+        h = dense(self.features, (a_in, a_hidden), self.dtype, self.param_dtype, "linear_1")(x)
+        return dense(self.features, (a_hidden, a_out), self.dtype, self.param_dtype, "linear_2")(
+            self.activation(h)
+        )
+
+
+class ConditionEmbedder(nn.Module):
+    """Timestep and text embeddings.
+
+    t `(B, Lt)` (Lt = 1 for one timestep per example, or per token) -> temb `(B, Lt, D)` and
+    proj `(B, Lt, 6, D)`, both float32; context `(B, S, text_dim)` -> `(B, S, D)`.
+    """
+
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, t: jax.Array, context: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        cfg = self.config
+        dtype, param_dtype = _dtypes(cfg)
+        f32 = jnp.float32
+        sinusoid = timestep_embedding(t, cfg.freq_dim)
+        # diffusers keeps the time embedder in float32 (`_keep_in_fp32_modules`).
+        temb = Mlp(cfg.dim, ("freq", "mlp", "embed"), nn.silu, f32, param_dtype, name="time_embedder")(
+            sinusoid
+        )
+        proj = dense(6 * cfg.dim, ("embed", "mlp"), dtype, param_dtype, "time_proj")(
+            nn.silu(temb).astype(dtype)
+        )
+        proj = proj.astype(f32).reshape(*proj.shape[:-1], 6, cfg.dim)
+        ctx = Mlp(
+            cfg.dim, ("text_embed", "mlp", "embed"), gelu_tanh, dtype, param_dtype, name="text_embedder"
+        )(context.astype(dtype))
+        return temb, proj, ctx
+
+
+class Attention(nn.Module):
+    """Self- (context None, with RoPE) or cross-attention with q/k RMSNorm over the full width."""
+
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        rope: tuple[jax.Array, jax.Array] | None = None,
+        context_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        cfg = self.config
+        dtype, param_dtype = _dtypes(cfg)
+        b, length, _ = x.shape
+        source = x if context is None else context
+        q = dense(cfg.dim, ("embed", "heads"), dtype, param_dtype, "to_q")(x)
+        k = dense(cfg.dim, ("embed", "heads"), dtype, param_dtype, "to_k")(source)
+        v = dense(cfg.dim, ("embed", "heads"), dtype, param_dtype, "to_v")(source)
+        q = RMSNorm(cfg.eps, dtype, param_dtype, "heads", name="norm_q")(q)
+        k = RMSNorm(cfg.eps, dtype, param_dtype, "heads", name="norm_k")(k)
+        split = lambda y: y.reshape(b, y.shape[1], cfg.num_heads, cfg.head_dim)
+        q, k, v = split(q), split(k), split(v)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        heads = (BATCH, LENGTH, "activation_heads", "activation_kv")
+        q = nn.with_logical_constraint(q, heads)
+        k = nn.with_logical_constraint(k, heads)
+        v = nn.with_logical_constraint(v, heads)
+        out = dot_product_attention(q, k, v, context_mask, cfg.attention, spec=nn.logical_to_mesh_axes(heads))
+        out = out.reshape(b, length, cfg.dim)
+        return dense(cfg.dim, ("heads", "embed"), dtype, param_dtype, "to_out")(out)
+
+
+class FeedForward(nn.Module):
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dtype, param_dtype = _dtypes(cfg)
+        h = dense(cfg.ffn_dim, ("embed", "mlp"), dtype, param_dtype, "proj_in")(x)
+        h = nn.with_logical_constraint(gelu_tanh(h), (BATCH, LENGTH, "activation_mlp"))
+        return dense(cfg.dim, ("mlp", "embed"), dtype, param_dtype, "proj_out")(h)
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
+    """`LN(x) * (1 + scale) + shift` in float32, cast to `dtype`."""
+    return (layer_norm(x, eps) * (1 + scale) + shift).astype(dtype)
+
+
+class Block(nn.Module):
+    """One WAN block: modulated self-attention, cross-attention, modulated gelu-tanh FFN.
+
+    x `(B, L, D)`; context `(B, S, D)`; proj `(B, Lt, 6, D)` float32 with Lt in {1, L}.
+    """
+
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, x, context, proj, rope, context_mask):
+        cfg = self.config
+        dtype, param_dtype = _dtypes(cfg)
+        f32 = jnp.float32
+        table = self.param(
+            "scale_shift_table",
+            nn.with_logical_partitioning(
+                lambda key, shape, dt: jax.random.normal(key, shape, dt) / math.sqrt(cfg.dim),
+                (None, "modulation", "embed"),
+            ),
+            (1, 6, cfg.dim),
+            param_dtype,
+        )
+        mod = table.astype(f32)[None] + proj
+        shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
+
+        h = _modulate(x, shift, scale, cfg.eps, dtype)
+        h = Attention(cfg, name="attn1")(h, rope=rope)
+        x = (x.astype(f32) + h.astype(f32) * gate).astype(dtype)
+
+        h = LayerNorm(cfg.eps, dtype, param_dtype, name="norm2")(x)
+        mask = context_mask if cfg.use_context_mask else None
+        x = x + Attention(cfg, name="attn2")(h, context=context, context_mask=mask)
+
+        h = _modulate(x, c_shift, c_scale, cfg.eps, dtype)
+        h = FeedForward(cfg, name="ffn")(h)
+        x = (x.astype(f32) + h.astype(f32) * c_gate).astype(dtype)
+        return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+
+
+class ScannedBlock(Block):
+    """`Block` in the (carry, out) form nn.scan expects."""
+
+    def __call__(self, x, context, proj, rope, context_mask):
+        return super().__call__(x, context, proj, rope, context_mask), None
+
+
+def _remat(module_cls, config: DiTConfig):
+    if config.remat_policy == "none":
+        return module_cls
+    policy = getattr(jax.checkpoint_policies, config.remat_policy)
+    return nn.remat(module_cls, policy=policy, prevent_cse=not config.scan_layers)
+
+
+class WanDiT(nn.Module):
+    """WAN 2.1 DiT. See `__call__`."""
+
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, t: jax.Array, context: jax.Array, context_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Velocity prediction.
+
+        Args:
+          x: latents `(B, F, H, W, C_in)`, channels last.
+          t: timesteps on the 0..1000 scale, `(B,)` or per token `(B, F/p_t * H/p_h * W/p_w)`.
+          context: text states `(B, S, text_dim)`.
+          context_mask: `(B, S)` bool, True = real token; used only when config.use_context_mask.
+        Returns:
+          `(B, F, H, W, C_out)` float32.
+        """
+        cfg = self.config
+        dtype, param_dtype = _dtypes(cfg)
+        b, f, h, w, _ = x.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (f // pt, h // ph, w // pw)
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent size {(f, h, w)} is not a multiple of the patch {cfg.patch_size}")
+        length = math.prod(grid)
+        t = jnp.asarray(t)
+        if t.ndim == 1:
+            t = t[:, None]
+        elif t.shape != (b, length):
+            raise ValueError(f"per-token timesteps must be (B, {length}) = {(b, length)}, got {t.shape}")
+
+        cos, sin = rope_angles(grid, cfg.head_dim, cfg.rope_theta)
+        rope = (jnp.asarray(cos), jnp.asarray(sin))
+        tokens = PatchEmbedding(cfg, name="patch_embedding")(x)
+        tokens = nn.with_logical_constraint(tokens, (BATCH, LENGTH, EMBED))
+        temb, proj, ctx = ConditionEmbedder(cfg, name="condition_embedder")(t, context)
+        ctx = nn.with_logical_constraint(ctx, (BATCH, "activation_text", EMBED))
+        mask = context_mask if cfg.use_context_mask else None
+
+        if cfg.scan_layers:
+            blocks = nn.scan(
+                _remat(ScannedBlock, cfg),
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 4,
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            tokens, _ = blocks(cfg, name="blocks")(tokens, ctx, proj, rope, mask)
+        else:
+            block_cls = _remat(Block, cfg)
+            for i in range(cfg.num_layers):
+                tokens = block_cls(cfg, name=f"blocks_{i}")(tokens, ctx, proj, rope, mask)
+
+        table = self.param(
+            "scale_shift_table",
+            nn.with_logical_partitioning(
+                lambda key, shape, dt: jax.random.normal(key, shape, dt) / math.sqrt(cfg.dim),
+                (None, "modulation", "embed"),
+            ),
+            (1, 2, cfg.dim),
+            param_dtype,
+        )
+        mod = table.astype(jnp.float32)[None] + temb[:, :, None]
+        out = _modulate(tokens, mod[:, :, 0], mod[:, :, 1], cfg.eps, dtype)
+        out = dense(cfg.patch_features, ("embed", "patch"), dtype, param_dtype, "proj_out")(out)
+        return unpatchify(out.astype(jnp.float32), grid, cfg.patch_size)
+
+
+def unpatchify(tokens: jax.Array, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> jax.Array:
+    """`(B, F'*H'*W', p_t*p_h*p_w*C)` (channel fastest) -> `(B, F'p_t, H'p_h, W'p_w, C)`."""
+    b = tokens.shape[0]
+    (f, h, w), (pt, ph, pw) = grid, patch
+    x = tokens.reshape(b, f, h, w, pt, ph, pw, -1)
+    return x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f * pt, h * ph, w * pw, -1)
+
+
+def init_params(config: DiTConfig, rng: jax.Array, latent_shape=(1, 1, 4, 4), text_len: int = 8):
+    """Unboxed random parameters (the Partitioned metadata removed) for `config`.
+
+    latent_shape: (B, F, H, W) of the dummy input; parameter shapes do not depend on it.
+    """
+    b, f, h, w = latent_shape
+    x = jnp.zeros((b, f, h, w, config.in_channels), jnp.float32)
+    ctx = jnp.zeros((b, text_len, config.text_dim), jnp.float32)
+    variables = WanDiT(config).init(rng, x, jnp.zeros((b,), jnp.float32), ctx)
+    return nn.meta.unbox(variables["params"])

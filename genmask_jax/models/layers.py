@@ -1,0 +1,118 @@
+"""Small layers shared by the models: logically partitioned Dense, fp32 norms, timestep sinusoids."""
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Axes = Sequence[str | None]
+
+
+class Dense(nn.Module):
+    """`x @ kernel + bias` over the last axis; kernel `(in, out)` and bias `(out,)` as in nn.Dense.
+
+    The leading axes are flattened to one before the matmul: with XLA:CPU the weight gradient of a
+    dot that contracts several token axes (B, L) gets a transposing copy fused with the whole
+    elementwise backward producing the cotangent, which runs ~20x slower than the matmul itself.
+    """
+
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                   self.axes),
+                            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                   (self.axes[-1],)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y.reshape(*x.shape[:-1], self.features)
+
+
+def dense(features: int, axes: Axes, dtype, param_dtype, name: str, use_bias: bool = True) -> Dense:
+    """A Dense whose kernel (in, out) and bias (out,) carry logical axis names `axes` = (in, out)."""
+    return Dense(features, tuple(axes), use_bias, dtype, param_dtype, name=name)
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis without affine parameters, in float32 (returns float32)."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class LayerNorm(nn.Module):
+    """Affine LayerNorm computed in float32 (diffusers' FP32LayerNorm); returns `dtype`."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            (features,),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis_name,)),
+            (features,),
+            self.param_dtype,
+        )
+        y = layer_norm(x, self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learned scale, computed in float32; returns `dtype`."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal features `[cos(t f_i), sin(t f_i)]`, `f_i = max_period^(-i / (dim/2))`, float32.
+
+    t: any shape, WAN's 0..1000 scale. Returns `t.shape + (dim,)`. Follows diffusers' float32 recipe
+    (exponent and angles in float32, the original WAN code uses float64): the exponent is formed in
+    float32 and exponentiated once, correctly rounded, on the host.
+    """
+    half = dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    args = t.astype(jnp.float32)[..., None] * jnp.asarray(freqs)
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)

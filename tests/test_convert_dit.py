@@ -1,0 +1,277 @@
+"""convert.wan_dit: both PyTorch layouts, the exact export round trip, and every bad input."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from convert import checkpoint_io as io
+from convert import wan_dit
+from convert.checkpoint_io import ConversionError
+from genmask_jax.models.dit import WanDiT
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_dit import ATOL, RTOL, TINY, inputs, per_token_timesteps, tiny_diffusers_model, torch_forward  # noqa: E402, I001
+
+DIM, FFN, TEXT, FREQ, LAYERS = 64, 128, TINY["text_dim"], TINY["freq_dim"], TINY["num_layers"]
+
+
+def original_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
+    """A random tiny T2V state dict with the original Wan-AI names (from its WanModel code, by hand)."""
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "patch_embedding.weight": (DIM, 16, 1, 2, 2), "patch_embedding.bias": (DIM,),
+        "text_embedding.0.weight": (DIM, TEXT), "text_embedding.0.bias": (DIM,),
+        "text_embedding.2.weight": (DIM, DIM), "text_embedding.2.bias": (DIM,),
+        "time_embedding.0.weight": (DIM, FREQ), "time_embedding.0.bias": (DIM,),
+        "time_embedding.2.weight": (DIM, DIM), "time_embedding.2.bias": (DIM,),
+        "time_projection.1.weight": (6 * DIM, DIM), "time_projection.1.bias": (6 * DIM,),
+        "head.head.weight": (4 * 16, DIM), "head.head.bias": (4 * 16,), "head.modulation": (1, 2, DIM),
+    }
+    for i in range(LAYERS):
+        for attn in ("self_attn", "cross_attn"):
+            for proj in "qkvo":
+                shapes[f"blocks.{i}.{attn}.{proj}.weight"] = (DIM, DIM)
+                shapes[f"blocks.{i}.{attn}.{proj}.bias"] = (DIM,)
+            shapes[f"blocks.{i}.{attn}.norm_q.weight"] = (DIM,)
+            shapes[f"blocks.{i}.{attn}.norm_k.weight"] = (DIM,)
+        shapes.update({
+            f"blocks.{i}.norm3.weight": (DIM,), f"blocks.{i}.norm3.bias": (DIM,),
+            f"blocks.{i}.ffn.0.weight": (FFN, DIM), f"blocks.{i}.ffn.0.bias": (FFN,),
+            f"blocks.{i}.ffn.2.weight": (DIM, FFN), f"blocks.{i}.ffn.2.bias": (DIM,),
+            f"blocks.{i}.modulation": (1, 6, DIM)})
+    out = {}
+    for key, shape in shapes.items():
+        if "norm" in key and key.endswith("weight"):
+            value = 1 + 0.2 * rng.standard_normal(shape)
+        elif len(shape) >= 2 and "modulation" not in key:
+            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+        else:
+            value = 0.2 * rng.standard_normal(shape)
+        out[key] = value.astype(np.float32)
+    return out
+
+
+def save_torch(state: dict[str, np.ndarray], path: Path) -> Path:
+    torch = pytest.importorskip("torch")
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    return path
+
+
+def save_safetensors(state: dict[str, np.ndarray], path: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    save_file(state, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(tmp_path_factory):
+    model = tiny_diffusers_model(seed=1)
+    path = tmp_path_factory.mktemp("diffusers") / "transformer"
+    model.save_pretrained(path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def original_reference():
+    """The diffusers model loaded through diffusers' own original->diffusers key conversion."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    state = original_state_dict()
+    prefixed = {wan_dit.PREFIX + k: torch.from_numpy(v) for k, v in state.items()}
+    model = diffusers.WanTransformer3DModel(**TINY).eval()
+    model.load_state_dict(convert_wan_transformer_to_diffusers(prefixed), strict=True)
+    return state, model
+
+
+def assert_same_outputs(model, config, params):
+    shape = (1, 2, 8, 12)
+    x, ctx = inputs(*shape, seed=5)
+    t = per_token_timesteps(*shape, 800.0)
+    expected = torch_forward(model, x, t, ctx)
+    out = jax.jit(WanDiT(config).apply)({"params": params}, x, t, ctx)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=ATOL, rtol=RTOL)  # see test_dit.ATOL
+
+
+def listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading both layouts.
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("form", ["safetensors_prefixed_with_config_json", "pth_plain"])
+def test_original_layout_matches_diffusers_conversion(original_reference, tmp_path, form):
+    state, model = original_reference
+    if form == "pth_plain":
+        src = save_torch(state, tmp_path / "wan.pth")
+        config, params = wan_dit.load(src, num_heads=2)
+    else:
+        folder = tmp_path / "Wan2.1-T2V-tiny"
+        folder.mkdir()
+        save_safetensors({wan_dit.PREFIX + k: v for k, v in state.items()},
+                         folder / "diffusion_pytorch_model.safetensors")
+        with open(folder / "config.json", "w") as f:
+            json.dump({"_class_name": "WanModel", "dim": DIM, "num_heads": 2, "eps": 1e-6}, f)
+        config, params = wan_dit.load(folder)
+    assert (config.dim, config.num_heads, config.num_layers, config.text_dim) == (DIM, 2, LAYERS, TEXT)
+    assert_same_outputs(model, config, params)
+
+
+@pytest.mark.torch
+def test_bf16_original_file_converts_to_fp32(original_reference, tmp_path):
+    import ml_dtypes
+
+    state, _ = original_reference
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}
+    config, params = wan_dit.load(save_safetensors(bf16, tmp_path / "wan_bf16.safetensors"),
+                                  num_heads=2, scan_layers=True)
+    kernel = params["blocks"]["attn1"]["to_q"]["kernel"]
+    assert kernel.dtype == np.float32
+    np.testing.assert_array_equal(kernel[1], bf16["blocks.1.self_attn.q.weight"].astype(np.float32).T)
+
+
+@pytest.mark.torch
+def test_diffusers_pipeline_folder_and_cli(diffusers_folder, tmp_path):
+    model, path = diffusers_folder
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "transformer").symlink_to(path)
+    dst = tmp_path / "converted"
+    assert wan_dit.main([str(pipeline), str(dst), "--scan-layers"]) == 0
+    assert listing(dst) == {"params", "config.json"}
+    config, params = wan_dit.load(dst)
+    assert config.scan_layers and config.num_heads == 2
+    assert_same_outputs(model, config, params)
+
+
+def test_reinit_text_embedding(diffusers_folder):
+    _, path = diffusers_folder
+    config, params = wan_dit.load(path)
+    new_config, new_params = wan_dit.load(path, text_dim=48, reinit_text_embedding=True)
+    assert new_config.text_dim == 48
+    assert new_params["condition_embedder"]["text_embedder"]["linear_1"]["kernel"].shape == (48, DIM)
+    flat, new_flat = io.flatten(params), io.flatten(new_params)
+    assert set(flat) == set(new_flat)
+    for key in flat:
+        if "text_embedder" not in key:
+            np.testing.assert_array_equal(flat[key], new_flat[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+def test_export_round_trip_is_exact(diffusers_folder, tmp_path, scan):
+    model, path = diffusers_folder
+    config, params = wan_dit.load(path, scan_layers=scan)
+    out = wan_dit.export_diffusers(params, config, tmp_path / "exported", max_shard_bytes=200_000)
+    assert (out / f"{wan_dit.WEIGHTS_NAME}.index.json").exists()  # sharded, with an index
+    source = dict(io.iter_checkpoint(path))
+    exported = dict(io.iter_checkpoint(out))
+    assert set(source) == set(exported)
+    for key, value in source.items():
+        assert exported[key].dtype == value.dtype
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    with open(path / "config.json") as f:
+        original_config = json.load(f)
+    with open(out / "config.json") as f:
+        exported_config = json.load(f)
+    for key, value in exported_config.items():
+        if not key.startswith("_"):
+            assert original_config[key] == value, key
+
+    import diffusers
+    reloaded = diffusers.WanTransformer3DModel.from_pretrained(out).eval()
+    x, ctx = inputs(1, 1, 8, 8)
+    t = np.array([300.0], np.float32)
+    np.testing.assert_array_equal(torch_forward(reloaded, x, t, ctx), torch_forward(model, x, t, ctx))
+    again, again_params = wan_dit.load(out, scan_layers=scan)
+    assert again == config
+    jax.tree.map(np.testing.assert_array_equal, again_params, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear error, nothing written.
+
+
+def _broken(tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
+    """A bad source and the phrases its error message must contain."""
+    state = original_state_dict()
+    src = tmp_path / "bad.safetensors"
+    if kind == "missing_path":
+        return tmp_path / "nope", ["no such file"]
+    if kind == "unknown_layout":
+        save_safetensors({"encoder.weight": np.zeros((2, 2), np.float32)}, src)
+        return src, ["unknown checkpoint layout"]
+    if kind == "truncated_safetensors":
+        save_safetensors(state, src)
+        src.write_bytes(src.read_bytes()[:-1000])
+        return src, ["not a readable safetensors"]
+    if kind == "truncated_pth":
+        pth = save_torch(state, tmp_path / "bad.pth")
+        pth.write_bytes(pth.read_bytes()[: pth.stat().st_size // 2])
+        return pth, ["not a readable PyTorch checkpoint"]
+    if kind == "missing_and_unexpected_keys":
+        del state["blocks.1.ffn.2.bias"], state["blocks.0.self_attn.norm_k.weight"]
+        state["blocks.0.extra.weight"] = np.zeros(3, np.float32)
+        save_safetensors(state, src)
+        return src, ["missing (2)", "blocks.1.ffn.2.bias", "blocks.0.self_attn.norm_k.weight",
+                     "unexpected (1)", "blocks.0.extra.weight"]
+    if kind == "shape_mismatch":
+        state["blocks.1.self_attn.q.weight"] = np.zeros((DIM, DIM + 1), np.float32)
+        state["head.modulation"] = np.zeros((1, 3, DIM), np.float32)
+        save_safetensors(state, src)
+        return src, ["2 tensor shapes", f"blocks.1.self_attn.q.weight: found ({DIM}, {DIM + 1}), "
+                     f"expected ({DIM}, {DIM})", f"head.modulation: found (1, 3, {DIM})"]
+    if kind == "i2v":
+        state["blocks.0.cross_attn.k_img.weight"] = np.zeros((DIM, DIM), np.float32)
+        state["img_emb.proj.0.weight"] = np.zeros((1280,), np.float32)
+        save_safetensors(state, src)
+        return src, ["image-to-video", "not supported"]
+    raise ValueError(kind)
+
+
+BAD = ["missing_path", "unknown_layout", "truncated_safetensors", "truncated_pth",
+       "missing_and_unexpected_keys", "shape_mismatch", "i2v"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, capsys, kind):
+    if kind == "truncated_pth":
+        pytest.importorskip("torch")
+    src, phrases = _broken(tmp_path, kind)
+    out_parent = tmp_path / "out"
+    out_parent.mkdir()
+    assert wan_dit.main([str(src), str(out_parent / "dst"), "--num-heads", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for phrase in phrases:
+        assert phrase in err, (phrase, err)
+    assert listing(out_parent) == set()
+
+
+def test_bad_options(tmp_path):
+    src = save_safetensors(original_state_dict(), tmp_path / "wan.safetensors")
+    with pytest.raises(ConversionError, match="unknown --layout"):
+        wan_dit.load(src, layout="comfy")
+    with pytest.raises(ConversionError, match="missing"):
+        wan_dit.load(src, layout="diffusers", num_heads=2)
+    with pytest.raises(ConversionError, match="--reinit-text-embedding"):
+        wan_dit.load(src, num_heads=2, text_dim=3584)
+    with pytest.raises(ConversionError, match="--num-heads"):
+        wan_dit.load(src)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert wan_dit.main([str(src), str(existing), "--num-heads", "2"]) == 1
+    assert listing(existing) == set()

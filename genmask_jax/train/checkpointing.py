@@ -1,0 +1,150 @@
+"""Checkpoints: one orbax CheckpointManager for the train state, the data iterator and the config.
+
+Layout: `<directory>/<step>/{state, data, config}`; `state` holds step, params, opt_state and (if any)
+ema_params; `data` the grain iterator's state, one JSON per process; `config` the experiment config.
+Saves are asynchronous (the device->host copy happens in `save`, the writing in the background) with a
+keep-N policy. Restores take an abstract target carrying shardings, so a checkpoint written on one mesh
+restores onto any other.
+
+Resume order (`restore_or_init` in loop.py): the workdir's latest checkpoint, then `config.resume`
+(an explicit checkpoint), then converted WAN weights (`config.init_from`), then scratch.
+"""
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+STATE, DATA, CONFIG = "state", "data", "config"
+
+
+def _checkpointable(iterator) -> bool:
+    """grain iterators (and anything with get_state / set_state) are saved with the state."""
+    return hasattr(iterator, "get_state") and hasattr(iterator, "set_state")
+
+
+def _drop_none(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in tree.items() if v is not None}
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` with the three items above."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        keep: int | None = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only
+        )
+        handlers = {
+            STATE: ocp.StandardCheckpointHandler(),
+            DATA: grain.checkpoint.CheckpointHandler(),
+            CONFIG: ocp.JsonCheckpointHandler(),
+        }
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        trainable: Mapping[str, Any],
+        data_iterator=None,
+        config: ml_collections.ConfigDict | Mapping | None = None,
+        force: bool = True,
+    ) -> bool:
+        """Saves `trainable` (TrainState.trainable()), the iterator state and the config at `step`."""
+        items = {STATE: ocp.args.StandardSave(_drop_none(trainable))}
+        if _checkpointable(data_iterator):
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            as_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+            items[CONFIG] = ocp.args.JsonSave(_jsonable(as_dict))
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(
+        self, step: int | None, abstract_trainable: Mapping[str, Any], data_iterator=None
+    ) -> dict[str, Any]:
+        """Restores the state (onto the shardings carried by `abstract_trainable`) and, if given and
+        saved, the data iterator in place. Returns the restored trainable dict (None entries kept)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items = {STATE: ocp.args.StandardRestore(_drop_none(abstract_trainable))}
+        saved = set(self.item_names(step))
+        if _checkpointable(data_iterator) and DATA in saved:
+            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        elif data_iterator is not None:
+            log.warning(
+                "checkpoint %s/%d has no data iterator state; the data restarts", self.directory, step
+            )
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = dict(restored[STATE])
+        return {k: state.get(k) for k in abstract_trainable}
+
+    def restore_config(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+    def item_names(self, step: int) -> list[str]:
+        path = self.directory / str(step)
+        return [p.name for p in path.iterdir()] if path.exists() else []
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def locate(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
+    """An explicit checkpoint given as a manager directory (-> its latest step) or a step folder."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if re.fullmatch(r"\d+", path.name) and (path / STATE).exists():
+        return path.parent, int(path.name)
+    return path, None
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def tree_equal_report(a, b) -> list[str]:
+    """Paths where two pytrees differ (structure, shape or value); used by tests and debugging."""
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    if tree_a != tree_b:
+        return [f"structure differs: {tree_a} vs {tree_b}"]
+    out = []
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        x, y = np.asarray(jax.device_get(x)), np.asarray(jax.device_get(y))
+        if x.shape != y.shape or not np.array_equal(x, y):
+            out.append(jax.tree_util.keystr(path))
+    return out

@@ -1,0 +1,296 @@
+"""The training loop: `train(config, workdir)`.
+
+Builds the mesh, the model and the sharded state, resumes (workdir -> `config.resume` -> converted
+weights `config.init_from` -> scratch), then runs the jitted step, logging metrics to
+`<workdir>/metrics.jsonl` and saving checkpoints to `<workdir>/checkpoints`. A non-finite loss stops
+training with FloatingPointError before anything is saved, so the last checkpoint stays the last good one.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from genmask_jax.models.dit import DiTConfig, WanDiT
+from genmask_jax.models.genmask import TASKS, GenMask
+from genmask_jax.models.vae import VAEConfig, WanVAE
+from genmask_jax.parallel import multihost
+from genmask_jax.parallel.mesh import make_mesh
+from genmask_jax.parallel.sharding import rules_from_config
+from genmask_jax.train import checkpointing
+from genmask_jax.train.state import (
+    TrainState,
+    abstract_train_state,
+    attach_frozen,
+    create_train_state,
+    make_optimizer,
+    make_schedule,
+)
+from genmask_jax.train.step import batch_sharding, make_train_step
+
+log = logging.getLogger(__name__)
+
+# Parameters re-initialised when converted weights come from a different text encoder width.
+TEXT_EMBEDDER = ("condition_embedder", "text_embedder")
+# DiTConfig fields that must agree between converted weights and the experiment.
+ARCHITECTURE_FIELDS = (
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "dim",
+    "ffn_dim",
+    "freq_dim",
+    "num_heads",
+    "num_layers",
+    "scan_layers",
+)
+
+
+def build_model(config: ml_collections.ConfigDict) -> GenMask:
+    model_cfg = config.model
+    vae = VAEConfig.from_dict(dict(model_cfg.vae)) if model_cfg.get("vae") else None
+    timesteps = {task: dict(law) for task, law in model_cfg.timesteps.items()}
+    return GenMask(DiTConfig.from_dict(dict(model_cfg.dit)), vae, timesteps, float(model_cfg.text_dropout))
+
+
+def dit_initializer(model: GenMask, text_len: int = 8):
+    """rng -> boxed DiT params (shapes do not depend on the dummy input)."""
+    cfg = model.dit
+    x = jnp.zeros((1, 1, 2 * cfg.patch_size[1], 2 * cfg.patch_size[2], cfg.in_channels), jnp.float32)
+    ctx = jnp.zeros((1, text_len, cfg.text_dim), jnp.float32)
+    return lambda rng: WanDiT(cfg).init(rng, x, jnp.zeros((1,), jnp.float32), ctx)["params"]
+
+
+def abstract_frozen(model: GenMask) -> dict:
+    """{"vae": abstract boxed VAE variables} (shapes and logical axes only), or {}."""
+    if model.vae is None:
+        return {}
+    factor = model.vae.spatial_factor
+    x = jax.ShapeDtypeStruct((1, 1, factor, factor, 3), jnp.float32)
+    return {"vae": jax.eval_shape(lambda r, x: WanVAE(model.vae).init(r, x), jax.random.key(0), x)}
+
+
+def random_frozen(abstract: Any, seed: int) -> Any:
+    """Random frozen parameters drawn on the host with the VAE's init laws (lecun-normal kernels over
+    all but the output axis, zero biases, unit norm gains). For tests and smoke runs: real runs load
+    `config.vae_from`. (Host numpy, because compiling the VAE's jitted init takes tens of seconds.)"""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        leaf = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+        name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
+        if name == "kernel":
+            fan_in = math.prod(leaf.shape[:-1])
+            return (rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(leaf.dtype)
+        if name in ("gamma", "scale"):
+            return np.ones(leaf.shape, leaf.dtype)
+        return np.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def global_batch(local: Mapping[str, Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh, rules) -> dict:
+    """Per-process numpy sub-batches -> global arrays split over the batch axes; empty tasks dropped."""
+    sharding = batch_sharding(mesh, rules)
+    out = {}
+    for task in TASKS:
+        sub = local.get(task)
+        if sub is None or next(iter(sub.values())).shape[0] == 0:
+            continue
+        out[task] = {
+            k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in sub.items()
+        }
+    return out
+
+
+def merge_converted_params(fresh, loaded, fresh_cfg: DiTConfig, loaded_cfg: DiTConfig):
+    """Converted WAN weights with the text-embedding MLP taken from `fresh` when text_dim differs."""
+    for name in ARCHITECTURE_FIELDS:
+        if getattr(fresh_cfg, name) != getattr(loaded_cfg, name):
+            raise ValueError(
+                f"converted DiT has {name}={getattr(loaded_cfg, name)!r}, the experiment "
+                f"{getattr(fresh_cfg, name)!r}"
+            )
+    loaded = dict(loaded)
+    if loaded_cfg.text_dim != fresh_cfg.text_dim:
+        log.info(
+            "text_dim %d -> %d: re-initialising %s",
+            loaded_cfg.text_dim,
+            fresh_cfg.text_dim,
+            "/".join(TEXT_EMBEDDER),
+        )
+        embedder = dict(loaded[TEXT_EMBEDDER[0]])
+        embedder[TEXT_EMBEDDER[1]] = fresh[TEXT_EMBEDDER[0]][TEXT_EMBEDDER[1]]
+        loaded[TEXT_EMBEDDER[0]] = embedder
+    fresh_shapes = jax.tree.map(lambda x: tuple(x.shape), fresh)
+    loaded_shapes = jax.tree.map(lambda x: tuple(np.shape(x)), loaded)
+    if fresh_shapes != loaded_shapes:
+        raise ValueError(
+            "converted DiT parameters do not match the model: "
+            f"{checkpointing.tree_equal_report(fresh_shapes, loaded_shapes)[:5]}"
+        )
+    return jax.tree.map(
+        lambda f, x: jnp.asarray(x, f.dtype) if not isinstance(x, jax.Array) else x, fresh, loaded
+    )
+
+
+def restore_or_init(
+    config, state: TrainState, shardings: TrainState, checkpointer, data_iterator, model: GenMask
+) -> tuple[TrainState, str]:
+    """Applies the resume order; returns the state and a word saying where it came from."""
+    abstract = abstract_train_state(shardings, state).trainable()
+    if checkpointer.latest_step() is not None:
+        restored = checkpointer.restore(None, abstract, data_iterator)
+        return state.replace(**restored), f"workdir step {int(restored['step'])}"
+    if config.get("resume"):
+        directory, step = checkpointing.locate(config.resume)
+        explicit = checkpointing.Checkpointer(directory, keep=None, async_save=False, read_only=True)
+        restored = explicit.restore(step, abstract, data_iterator)
+        explicit.close()
+        return state.replace(**restored), f"checkpoint {config.resume}"
+    if config.get("init_from"):
+        from convert import wan_dit
+
+        loaded_cfg, loaded = wan_dit.load(config.init_from)
+        params = merge_converted_params(state.params, loaded, model.dit, loaded_cfg)
+        params = jax.device_put(params, shardings.params)
+        ema = jax.device_put(params, shardings.ema_params) if state.ema_params is not None else None
+        return state.replace(params=params, ema_params=ema), f"converted weights {config.init_from}"
+    return state, "scratch"
+
+
+def load_frozen(config, model: GenMask, state: TrainState, shardings: TrainState) -> TrainState:
+    """The frozen VAE from `config.vae_from` (converted weights), else random (with a warning)."""
+    if model.vae is None:
+        return state
+    if config.get("vae_from"):
+        from convert import wan_vae
+
+        vae_cfg, variables = wan_vae.load(config.vae_from)
+        if vae_cfg != model.vae:
+            log.warning("config.vae_from has config %s, the experiment %s", vae_cfg, model.vae)
+    else:
+        log.warning("no config.vae_from: the frozen VAE is randomly initialised")
+        variables = random_frozen(abstract_frozen(model), config.seed)["vae"]
+    return attach_frozen(state, shardings, {"vae": variables})
+
+
+class MetricsWriter:
+    """JSON lines on process 0: one {"step": s, name: value, ...} per logged step."""
+
+    def __init__(self, workdir: epath.Path):
+        self.path = workdir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    path = epath.Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _per_process(count: int) -> int:
+    if count % jax.process_count():
+        raise ValueError(f"batch {count} is not divisible by {jax.process_count()} processes")
+    return count // jax.process_count()
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    data_iterator: Iterator | None = None,
+    stop_at_step: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[TrainState, list[dict]]:
+    """Trains until `config.total_steps` (or `stop_at_step`); returns the final state and the metrics
+    logged by this call (every step when `config.log_every` is 1).
+
+    data_iterator: per-process batches (interfaces.md); default `data.pipeline.make_train_iterator`.
+        To be checkpointed it needs grain's `get_state()` / `set_state()`.
+    """
+    multihost.maybe_initialize(config.get("distributed"))
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh or make_mesh(tuple(config.mesh.shape))
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    model = build_model(config)
+    opt_cfg = {**config.optimizer.to_dict(), "total_steps": config.total_steps}
+    tx = make_optimizer(opt_cfg)
+    base_rng = jax.random.key(config.seed)
+    state, shardings = create_train_state(
+        dit_initializer(model),
+        tx,
+        jax.random.fold_in(base_rng, 0),
+        mesh,
+        rules,
+        use_ema=config.ema_decay > 0,
+        abstract_frozen=abstract_frozen(model),
+    )
+    state = load_frozen(config, model, state, shardings)
+
+    if data_iterator is None:
+        from genmask_jax.data.pipeline import make_train_iterator
+
+        data_iterator = make_train_iterator(
+            config.data, _per_process(config.batch.seg), _per_process(config.batch.gen), config.seed
+        )
+    checkpointer = checkpointing.Checkpointer(
+        workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    state, origin = restore_or_init(config, state, shardings, checkpointer, data_iterator, model)
+    start = int(state.step)
+    log.info("starting at step %d from %s", start, origin)
+
+    step_fn = make_train_step(
+        model,
+        tx,
+        shardings,
+        mesh,
+        rules,
+        microbatches=config.microbatches,
+        ema_decay=config.ema_decay,
+        schedule=make_schedule(opt_cfg),
+    )
+    step_rng = jax.random.fold_in(base_rng, 1)
+    writer = MetricsWriter(workdir)
+    history, last_saved = [], checkpointer.latest_step()
+    end = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
+    tick = time.perf_counter()
+    for step in range(start, end):
+        batch = global_batch(next(data_iterator), mesh, rules)
+        state, metrics = step_fn(state, batch, step_rng)
+        done = step + 1
+        save = done % config.checkpoint.every_steps == 0 or done == end
+        if save or done % config.log_every == 0 or done == start + 1:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(values["loss"]):
+                checkpointer.wait()
+                raise FloatingPointError(
+                    f"non-finite loss {values['loss']} at step {done} (metrics {values}); stopping. "
+                    f"The last good checkpoint is step {last_saved} in {checkpointer.directory}."
+                )
+            now = time.perf_counter()
+            values["steps_per_s"] = (done - start) / (now - tick) if done > start + 1 else 0.0
+            writer.write(done, values)
+            history.append({"step": done, **values})
+            log.info("step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        if save:
+            checkpointer.save(done, state.trainable(), data_iterator, config)
+            last_saved = done
+    checkpointer.wait()
+    checkpointer.close()
+    return state, history

@@ -1,0 +1,180 @@
+"""Train state, optimizer and sharded initialisation.
+
+`TrainState` holds what training changes (step, DiT params, optimizer state, optional EMA) and the frozen
+parameters (the VAE) that the step only reads; `frozen` is outside the optimizer and outside checkpoints
+(it is rebuilt from its own source on restore).
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from genmask_jax.parallel.sharding import LogicalRules
+
+NO_DECAY_NAMES = ("bias", "scale", "scale_shift_table")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any = None
+    frozen: Any = flax.struct.field(default_factory=dict)
+
+    def trainable(self) -> dict[str, Any]:
+        """The part that checkpoints save (everything but `frozen`)."""
+        return {
+            "step": self.step,
+            "params": self.params,
+            "opt_state": self.opt_state,
+            "ema_params": self.ema_params,
+        }
+
+
+def make_schedule(cfg: Mapping) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then constant or cosine down to
+    `lr * end_lr_factor` at `total_steps`."""
+    lr, warmup = float(cfg["lr"]), int(cfg.get("warmup_steps", 0))
+    kind = cfg.get("schedule", "constant")
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        decay_steps = max(int(cfg["total_steps"]) - warmup, 1)
+        after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(cfg.get("end_lr_factor", 0.0)))
+    else:
+        raise ValueError(f"unknown schedule {kind!r}; use 'constant' or 'cosine'")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def weight_decay_mask(params) -> dict:
+    """True for matrices and conv kernels; biases, norm scales and modulation tables are not decayed.
+
+    Works on plain arrays and on `nn.Partitioned` boxes (for sharding derivation under eval_shape).
+    """
+
+    def decide(path, leaf):
+        value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+        return path[-1] not in NO_DECAY_NAMES and len(value.shape) >= 2
+
+    return traverse_util.path_aware_map(decide, flax.core.unfreeze(params))
+
+
+def make_optimizer(cfg: Mapping) -> optax.GradientTransformation:
+    """AdamW with warmup + constant/cosine schedule, global-norm clipping and a weight-decay mask.
+
+    cfg: lr, warmup_steps, schedule, total_steps, end_lr_factor, b1, b2, eps, weight_decay, grad_clip.
+    """
+    adamw = optax.adamw(
+        make_schedule(cfg),
+        b1=float(cfg.get("b1", 0.9)),
+        b2=float(cfg.get("b2", 0.999)),
+        eps=float(cfg.get("eps", 1e-8)),
+        weight_decay=float(cfg.get("weight_decay", 0.0)),
+        mask=weight_decay_mask,
+    )
+    clip = float(cfg.get("grad_clip", 0.0))
+    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+
+
+def ema_update(ema, params, decay: float):
+    """ema <- decay * ema + (1 - decay) * params, in the EMA's dtype."""
+    return jax.tree.map(
+        lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params
+    )
+
+
+def _replicated_spec(_):
+    return jax.sharding.PartitionSpec()
+
+
+def state_shardings(
+    boxed_params,
+    boxed_frozen,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rules: LogicalRules,
+    use_ema: bool,
+) -> TrainState:
+    """NamedShardings of a TrainState from abstract *boxed* (nn.Partitioned) parameter trees.
+
+    Optimizer-state leaves shaped like parameters take the parameter's sharding (FSDP of Adam's moments);
+    counters are replicated.
+    """
+    param_specs = nn.get_partition_spec(boxed_params)
+    frozen_specs = nn.get_partition_spec(boxed_frozen)
+    opt_state = jax.eval_shape(lambda p: tx.init(nn.meta.unbox(p)), boxed_params)
+    opt_specs = optax.tree_utils.tree_map_params(
+        tx,
+        lambda _, spec: spec,
+        opt_state,
+        param_specs,
+        transform_non_params=_replicated_spec,
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+    )
+    specs = TrainState(
+        step=jax.sharding.PartitionSpec(),
+        params=param_specs,
+        opt_state=opt_specs,
+        ema_params=param_specs if use_ema else None,
+        frozen=frozen_specs,
+    )
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def create_train_state(
+    init_params: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    mesh: jax.sharding.Mesh,
+    rules: LogicalRules,
+    use_ema: bool = False,
+    abstract_frozen: Any = None,
+) -> tuple[TrainState, TrainState]:
+    """Initialises a TrainState directly in its sharded layout.
+
+    The trees are first traced with `jax.eval_shape` (no memory) to read their logical axis names, then
+    built by a jitted init with `out_shardings`, so the full model never sits on one device.
+
+    Args:
+      init_params: rng -> boxed (nn.Partitioned) DiT params.
+      abstract_frozen: abstract boxed frozen params (e.g. {"vae": ...}); only their shardings are made
+        here, the values are attached with `attach_frozen` (they come from converted weights).
+    Returns:
+      (state with `frozen` = {}, shardings), `shardings` a TrainState of NamedShardings.
+    """
+    abstract_frozen = {} if abstract_frozen is None else abstract_frozen
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed_params = jax.eval_shape(init_params, rng)
+        shardings = state_shardings(boxed_params, abstract_frozen, tx, mesh, rules, use_ema)
+
+        def init(rng):
+            params = nn.meta.unbox(init_params(rng))
+            return TrainState(
+                step=jnp.zeros((), jnp.int32),
+                params=params,
+                opt_state=tx.init(params),
+                ema_params=params if use_ema else None,
+                frozen={},
+            )
+
+        state = jax.jit(init, out_shardings=shardings.replace(frozen={}))(rng)
+    return state, shardings
+
+
+def attach_frozen(state: TrainState, shardings: TrainState, frozen: Any) -> TrainState:
+    """Puts host (or device) frozen parameters into `state` with their shardings."""
+    return state.replace(frozen=jax.device_put(frozen, shardings.frozen))
+
+
+def abstract_train_state(shardings: TrainState, state: TrainState) -> TrainState:
+    """ShapeDtypeStructs carrying `shardings` (a restore target)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -1,0 +1,159 @@
+"""GenMask task assembly: frame layout, per-token timesteps, mask-frame-only loss, text dropout."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from train_helpers import make_batch, random_vae, tiny_model
+
+from genmask_jax.diffusion import flow
+from genmask_jax.models.genmask import GenMask, drop_text, null_text
+from genmask_jax.train import loop
+
+
+class EchoDiT(GenMask):
+    """A stand-in DiT returning its input plus the mean of its (masked) context: the losses become
+    closed-form functions of the assembled inputs."""
+
+    def apply_dit(self, dit_params, x, t, context, context_mask):
+        ctx = jnp.sum(context * context_mask[..., None], axis=(1, 2))
+        return x + ctx[:, None, None, None, None]
+
+
+def latent_batch(seed, n, hw=4, z=16, text_dim=32):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    sub = {"image_latent": f(n, 1, hw, hw, z), "context": f(n, 8, text_dim),
+           "context_mask": jnp.ones((n, 8), bool)}
+    return {"seg": {**sub, "mask_latent": f(n, 1, hw, hw, z)}, "gen": dict(sub)}
+
+
+def test_segmentation_inputs_layout():
+    model = tiny_model()
+    b = latent_batch(0, 3)["seg"]
+    noise = jnp.ones_like(b["mask_latent"])
+    t = jnp.array([0.9, 0.5, 1.0])
+    x, t_tokens, target = model.segmentation_inputs(b["image_latent"], b["mask_latent"], t, noise)
+    assert x.shape == (3, 2, 4, 4, 16) and t_tokens.shape == (3, 2 * 2 * 2)
+    np.testing.assert_array_equal(x[:, :1], b["image_latent"])  # clean image frame first
+    np.testing.assert_allclose(x[:, 1:], flow.add_noise(b["mask_latent"], noise, t), atol=1e-6)
+    np.testing.assert_array_equal(t_tokens[:, :4], 0.0)  # image tokens at t = 0
+    np.testing.assert_allclose(t_tokens[:, 4:], np.repeat(1000 * np.asarray(t)[:, None], 4, 1), rtol=1e-6)
+    np.testing.assert_array_equal(target, noise - b["mask_latent"])
+
+
+def test_segmentation_loss_is_on_the_mask_frame_only():
+    model = EchoDiT(tiny_model().dit, None)
+    batch = latent_batch(1, 2)
+    draws = model.draw(jax.random.key(0), batch)
+    seg = batch["seg"]
+    loss = model.segmentation_loss(None, None, seg, draws["seg"])
+    t, noise = draws["seg"]["t"], draws["seg"]["noise"]
+    ctx = jnp.sum(seg["context"], axis=(1, 2))[:, None, None, None, None]
+    v_mask = flow.add_noise(seg["mask_latent"], noise, t) + ctx
+    expected = jnp.mean((v_mask - (noise - seg["mask_latent"])) ** 2, axis=(1, 2, 3, 4))
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_text_dropout_applies_to_generation_only():
+    model = EchoDiT(tiny_model().dit, None, text_dropout=1.0)
+    batch = latent_batch(2, 4)
+    draws = model.draw(jax.random.key(0), batch)
+    assert "drop_text" not in draws["seg"] and bool(jnp.all(draws["gen"]["drop_text"]))
+    # Generation with every context dropped equals generation with a zero context...
+    zero_ctx = {**batch["gen"], "context": jnp.zeros_like(batch["gen"]["context"])}
+    kept = {**draws["gen"], "drop_text": jnp.zeros(4, bool)}
+    np.testing.assert_allclose(model.generation_loss(None, None, batch["gen"], draws["gen"]),
+                               model.generation_loss(None, None, zero_ctx, kept), rtol=1e-6)
+    # ...while segmentation still sees its context (the loss changes with it).
+    seg_zero = {**batch["seg"], "context": jnp.zeros_like(batch["seg"]["context"])}
+    assert not np.allclose(model.segmentation_loss(None, None, batch["seg"], draws["seg"]),
+                           model.segmentation_loss(None, None, seg_zero, draws["seg"]))
+
+
+def test_drop_text_and_null_text():
+    ctx, mask = jnp.ones((3, 4, 2)), jnp.ones((3, 4), bool)
+    c, m = drop_text(ctx, mask, jnp.array([True, False, True]))
+    np.testing.assert_array_equal(c[0], 0.0) and np.testing.assert_array_equal(c[1], 1.0)
+    np.testing.assert_array_equal(m, [[False] * 4, [True] * 4, [False] * 4])
+    nc, nm = null_text(ctx, mask)
+    assert not bool(jnp.any(nc)) and not bool(jnp.any(nm))
+
+
+def test_draws_follow_the_task_laws():
+    model = tiny_model()
+    batch = latent_batch(3, 2000, hw=2)
+    draws = model.draw(jax.random.key(1), batch)
+    t_seg, t_gen = np.asarray(draws["seg"]["t"]), np.asarray(draws["gen"]["t"])
+    # a = 0.05: 90% of segmentation times above 0.85; logit-normal(0, 1): only ~26%.
+    # Binomial std at n = 2000 is 0.007 and 0.01: the bounds are > 4 sigma away.
+    assert np.mean(t_seg > 0.85) > 0.86 and np.mean(t_gen > 0.85) < 0.35
+    gen_only = model.draw(jax.random.key(1), {"gen": batch["gen"]})
+    assert set(gen_only) == {"gen"}
+    drop_rate = float(jnp.mean(draws["gen"]["drop_text"]))
+    assert abs(drop_rate - model.text_dropout) < 0.03  # 4 sigma at n = 2000, p = 0.1
+
+
+def test_vae_latents_in_the_step_equal_precomputed_latents():
+    model = tiny_model()
+    vae = random_vae(model)
+    batch = jax.tree.map(jnp.asarray, make_batch(0, 2, 2))
+    image_latent = model.encode(vae, batch["seg"]["image"])
+    assert image_latent.shape == (2, 1, 4, 4, 16)
+    pre = {"seg": {**batch["seg"], "image_latent": image_latent,
+                   "mask_latent": model.mask_latents(vae, batch["seg"])},
+           "gen": {**batch["gen"], "image_latent": model.encode(vae, batch["gen"]["image"])}}
+    for task in ("seg", "gen"):
+        for key in ("image", "mask"):
+            pre[task].pop(key, None)
+    dit = jax.jit(loop.dit_initializer(model))(jax.random.key(0))
+    dit = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, dit,
+                       is_leaf=lambda x: hasattr(x, "value"))
+    draws = model.draw(jax.random.key(2), batch)
+    from_pixels = model.per_example_losses(dit, vae, batch, draws)
+    from_latents = model.per_example_losses(dit, None, pre, draws)
+    for task in ("seg", "gen"):
+        np.testing.assert_allclose(from_pixels[task], from_latents[task], rtol=1e-5)  # same graph
+
+
+def test_segment_and_generate_shapes():
+    model = tiny_model()
+    vae = random_vae(model)
+    dit = loop.nn.meta.unbox(jax.jit(loop.dit_initializer(model))(jax.random.key(0)))
+    batch = make_batch(1, 2, 0)["seg"]
+    mask, score = jax.jit(model.segment)(dit, vae, batch["image"], batch["context"], batch["context_mask"],
+                                         jax.random.key(0))
+    assert mask.shape == (2, 32, 32) and mask.dtype == bool and score.shape == (2, 32, 32)
+    latents = model.generate_latents(dit, batch["context"], batch["context_mask"], jax.random.key(0),
+                                     (4, 4), num_steps=2, guidance_scale=3.0)
+    assert latents.shape == (2, 1, 4, 4, 16) and bool(jnp.all(jnp.isfinite(latents)))
+
+
+def test_generation_cfg_calls_conditional_and_null_context():
+    seen = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Spy(GenMask):
+        def apply_dit(self, dit_params, x, t, context, context_mask):
+            seen.append(context.shape)
+            count = jnp.sum(context_mask, axis=1).astype(jnp.float32)
+            return jnp.zeros_like(x) + count[:, None, None, None, None]
+
+    model = Spy(tiny_model().dit, None)
+    ctx, mask = jnp.ones((2, 8, 32)), jnp.ones((2, 8), bool)
+    latents = model.generate_latents(None, ctx, mask, jax.random.key(0), (4, 4), num_steps=1,
+                                     guidance_scale=2.0)
+    # One batch of 2B (conditional + null); v = v_null + 2 (v_cond - v_null) = 0 + 2 * 8; one Euler step
+    # from t = 1 to 0 gives noise - 16.
+    assert seen == [(4, 8, 32)]
+    noise = jax.random.normal(jax.random.key(0), latents.shape)
+    np.testing.assert_allclose(latents, noise - 16.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [{"law": "nope"}])
+def test_bad_timestep_config_fails(bad):
+    model = dataclasses.replace(tiny_model(), timesteps={"segmentation": bad, "generation": bad})
+    with pytest.raises(ValueError):
+        model.draw(jax.random.key(0), latent_batch(0, 2))

@@ -1,0 +1,106 @@
+"""Checkpoints: optimizer state restored leaf by leaf, restore onto another mesh, the resume order."""
+
+import jax
+import numpy as np
+import pytest
+from test_train_step import max_abs_diff, run, setup
+from train_helpers import make_batch, mesh_of, tiny_config, tiny_model
+
+from convert import wan_dit
+from genmask_jax.models.dit import init_params
+from genmask_jax.train import checkpointing, loop
+from genmask_jax.train.state import abstract_train_state
+
+
+def leaves_equal(a, b) -> list[str]:
+    return checkpointing.tree_equal_report(jax.device_get(a), jax.device_get(b))
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_accumulated_state_restores_exactly_onto_another_mesh(tmp_path):
+    trained, _ = run(mesh_of((1, 1, 1)), [make_batch(i, 8, 8) for i in range(2)], microbatches=4)
+    ckpt = checkpointing.Checkpointer(tmp_path, keep=2, async_save=True)
+    ckpt.save(2, trained.trainable(), config=tiny_config())
+    ckpt.wait()
+
+    mesh = mesh_of((2, 2, 2))
+    fresh, shardings, _, _ = setup(mesh)
+    # A restore that silently kept the fresh optimizer state would be caught: it differs from the saved.
+    assert leaves_equal(fresh.opt_state, trained.opt_state)
+    restored = ckpt.restore(None, abstract_train_state(shardings, fresh).trainable())
+    assert leaves_equal(restored["opt_state"], trained.opt_state) == []
+    assert leaves_equal(restored["params"], trained.params) == []
+    assert int(restored["step"]) == 2 and restored["ema_params"] is None
+    kernel = restored["params"]["blocks_0"]["ffn"]["proj_in"]["kernel"]
+    assert kernel.sharding == shardings.params["blocks_0"]["ffn"]["proj_in"]["kernel"]
+    mu = restored["opt_state"][1][0].mu["blocks_0"]["ffn"]["proj_in"]["kernel"]
+    assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert ckpt.restore_config()["model"]["dit"]["dim"] == 64
+    ckpt.close()
+
+
+def state_for_resume(config, mesh):
+    model = loop.build_model(config)
+    state, shardings, _, _ = setup(mesh)
+    return model, state, shardings
+
+
+def bump(state, value):
+    return state.replace(step=state.step + value, params=jax.tree.map(lambda x: x + value, state.params))
+
+
+def test_resume_order_workdir_then_explicit_then_converted_then_scratch(tmp_path):
+    mesh = mesh_of((1, 1, 1))
+    config = tiny_config()
+    model, state, shardings = state_for_resume(config, mesh)
+    workdir = checkpointing.Checkpointer(tmp_path / "work", async_save=False)
+
+    # 4. scratch
+    out, origin = loop.restore_or_init(config, state, shardings, workdir, None, model)
+    assert origin == "scratch" and leaves_equal(out.params, state.params) == []
+
+    # 3. converted WAN weights with another text width: the text embedder is re-initialised.
+    converted_cfg = model.dit.__class__.from_dict({**model.dit.to_dict(), "text_dim": 16})
+    converted = jax.tree.map(np.asarray, init_params(converted_cfg, jax.random.key(5)))
+    wan_dit.save(tmp_path / "converted", converted_cfg, converted)
+    config.init_from = str(tmp_path / "converted")
+    out, origin = loop.restore_or_init(config, state, shardings, workdir, None, model)
+    assert origin.startswith("converted")
+    text = ("condition_embedder", "text_embedder")
+    assert leaves_equal(out.params[text[0]][text[1]], state.params[text[0]][text[1]]) == []
+    assert leaves_equal(out.params["blocks_1"], converted["blocks_1"]) == []
+    assert leaves_equal(out.params[text[0]]["time_proj"], converted[text[0]]["time_proj"]) == []
+    assert int(out.step) == 0
+
+    # 2. an explicit checkpoint beats converted weights (step folder or manager folder).
+    other = checkpointing.Checkpointer(tmp_path / "other", async_save=False)
+    other.save(5, bump(state, 5).trainable())
+    other.close()
+    for path in (tmp_path / "other", tmp_path / "other" / "5"):
+        config.resume = str(path)
+        out, origin = loop.restore_or_init(config, state, shardings, workdir, None, model)
+        assert origin.startswith("checkpoint") and int(out.step) == 5
+
+    # 1. the workdir's latest beats everything.
+    workdir.save(7, bump(state, 7).trainable())
+    out, origin = loop.restore_or_init(config, state, shardings, workdir, None, model)
+    assert origin == "workdir step 7" and int(out.step) == 7
+    assert max_abs_diff(out.params, bump(state, 7).params) == 0
+    workdir.close()
+
+
+def test_converted_weights_with_other_architecture_fail():
+    model = tiny_model()
+    fresh = jax.eval_shape(lambda: init_params(model.dit, jax.random.key(0)))
+    other = model.dit.__class__.from_dict({**model.dit.to_dict(), "num_layers": 3})
+    with pytest.raises(ValueError, match="num_layers"):
+        loop.merge_converted_params(fresh, {}, model.dit, other)
+
+
+def test_locate_explicit_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        checkpointing.locate(tmp_path / "missing")
+    (tmp_path / "run" / "12" / "state").mkdir(parents=True)
+    assert checkpointing.locate(tmp_path / "run" / "12") == (tmp_path / "run", 12)
+    assert checkpointing.locate(tmp_path / "run") == (tmp_path / "run", None)

@@ -1,0 +1,148 @@
+"""The sharded train step: mesh invariance, microbatch accumulation, task ratios, optimizer pieces."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from train_helpers import make_batch, mesh_of, random_vae, tiny_config, tiny_model
+
+from genmask_jax.parallel.sharding import rules_from_config
+from genmask_jax.train import loop
+from genmask_jax.train.state import (
+    attach_frozen,
+    create_train_state,
+    ema_update,
+    make_optimizer,
+    make_schedule,
+    weight_decay_mask,
+)
+from genmask_jax.train.step import make_train_step, split_microbatches
+
+
+def setup(mesh, microbatches=1, ema_decay=0.0, **overrides):
+    config = tiny_config(microbatches=microbatches, ema_decay=ema_decay, **overrides)
+    model = tiny_model(config)
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    opt_cfg = {**config.optimizer.to_dict(), "total_steps": config.total_steps}
+    tx = make_optimizer(opt_cfg)
+    state, shardings = create_train_state(loop.dit_initializer(model), tx, jax.random.key(0), mesh, rules,
+                                          use_ema=ema_decay > 0, abstract_frozen=loop.abstract_frozen(model))
+    state = attach_frozen(state, shardings, {"vae": random_vae(model)})
+    step = make_train_step(model, tx, shardings, mesh, rules, microbatches, ema_decay, make_schedule(opt_cfg))
+    return state, shardings, step, rules
+
+
+def run(mesh, batches, **kwargs):
+    state, _, step, rules = setup(mesh, **kwargs)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, loop.global_batch(batch, mesh, rules), jax.random.key(7))
+        losses.append(jax.device_get(metrics))
+    return jax.device_get(state), losses
+
+
+def max_abs_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_2x2x2_mesh_matches_one_device():
+    batches = [make_batch(i, 8, 8) for i in range(3)]
+    one, losses_one = run(mesh_of((1, 1, 1)), batches)
+    mesh = mesh_of((2, 2, 2))
+    state, _, step, rules = setup(mesh)
+    kernel = state.params["blocks_0"]["ffn"]["proj_in"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")  # FSDP x tensor parallel
+    mu = state.opt_state[1][0].mu["blocks_0"]["ffn"]["proj_in"]["kernel"]
+    assert mu.sharding.spec == kernel.sharding.spec  # Adam moments sharded like the parameters
+    sharded_losses = []
+    for batch in batches:
+        state, metrics = step(state, loop.global_batch(batch, mesh, rules), jax.random.key(7))
+        sharded_losses.append(jax.device_get(metrics))
+    # Only the reduction order differs between the layouts (fp32): measured loss gaps 1.0e-7 relative and
+    # parameter gaps 2.4e-7 absolute after 3 AdamW steps at lr 1e-3; the bounds leave >= 40x margin.
+    for a, b in zip(losses_one, sharded_losses):
+        for name in ("loss", "loss_seg", "loss_gen", "grad_norm"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, err_msg=name)
+    assert max_abs_diff(one.params, jax.device_get(state.params)) < 1e-5
+    assert int(state.step) == 3
+
+
+@pytest.mark.slow
+def test_four_microbatches_equal_one_shot():
+    mesh = mesh_of((1, 1, 1))
+    batches = [make_batch(i, 8, 8) for i in range(2)]
+    one, losses_one = run(mesh, batches)
+    four, losses_four = run(mesh, batches, microbatches=4)
+    # Same examples, same noise and timesteps (drawn for the global batch); only the gradient summation
+    # order differs: measured gaps 1.8e-7 (loss, relative), 2.6e-7 (params, absolute) and 1.4e-9 (Adam
+    # moments) after 2 steps; the bounds leave >= 40x margin.
+    for a, b in zip(losses_one, losses_four):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+    assert max_abs_diff(one.params, four.params) < 1e-5
+    assert max_abs_diff(one.opt_state, four.opt_state) < 1e-5
+
+
+def test_microbatches_keep_the_task_ratio_and_stride():
+    tree = {"seg": jnp.arange(8), "gen": jnp.arange(4) + 100}
+    split = split_microbatches(tree, 4)
+    assert split["seg"].shape == (4, 2) and split["gen"].shape == (4, 1)
+    np.testing.assert_array_equal(split["seg"][1], [1, 5])
+    with pytest.raises(ValueError, match="does not split"):
+        split_microbatches({"seg": jnp.arange(6)}, 4)
+
+
+def test_segmentation_only_batches():
+    """The "without generation data" ablation: 1:0, with gen absent or empty."""
+    mesh = mesh_of((1, 1, 1))
+    full = make_batch(0, 4, 0)
+    absent = {"seg": full["seg"]}
+    state, _, step, rules = setup(mesh, ema_decay=0.5)
+    for batch in (full, absent):
+        state, metrics = step(state, loop.global_batch(batch, mesh, rules), jax.random.key(0))
+        metrics = jax.device_get(metrics)
+        assert "loss_gen" not in metrics and metrics["loss"] == pytest.approx(metrics["loss_seg"])
+    # EMA (decay 0.5) moved after the second step (the first has lr 0 under warmup) but lags the params.
+    assert 0 < max_abs_diff(state.ema_params, state.params)
+
+
+def test_schedule_warmup_constant_and_cosine():
+    constant = make_schedule({"lr": 1.0, "warmup_steps": 4})
+    assert [float(constant(s)) for s in (0, 2, 4, 100)] == [0.0, 0.5, 1.0, 1.0]
+    cosine = make_schedule({"lr": 1.0, "warmup_steps": 2, "schedule": "cosine", "total_steps": 12,
+                            "end_lr_factor": 0.1})
+    assert float(cosine(2)) == pytest.approx(1.0) and float(cosine(7)) == pytest.approx(0.55)
+    assert float(cosine(12)) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        make_schedule({"lr": 1.0, "schedule": "linear"})
+
+
+def test_weight_decay_mask_and_clipping():
+    model = tiny_model()
+    params = loop.nn.meta.unbox(jax.eval_shape(loop.dit_initializer(model), jax.random.key(0)))
+    mask = weight_decay_mask(params)
+    assert mask["blocks_0"]["attn1"]["to_q"]["kernel"] and mask["patch_embedding"]["kernel"]
+    assert not mask["blocks_0"]["attn1"]["to_q"]["bias"]
+    assert not mask["blocks_0"]["scale_shift_table"] and not mask["scale_shift_table"]
+    assert not mask["blocks_0"]["norm2"]["scale"]
+    # Decay only moves masked leaves (zero gradient, lr 1, weight decay 0.5).
+    tx = make_optimizer({"lr": 1.0, "weight_decay": 0.5, "grad_clip": 1.0})
+    p = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+    np.testing.assert_allclose(updates["dense"]["kernel"], -0.5)
+    np.testing.assert_allclose(updates["dense"]["bias"], 0.0)
+    # Clipping: a gradient of global norm 10 is scaled to norm 1 before Adam (which normalises anyway,
+    # so check the clip transform itself).
+    clip = optax.clip_by_global_norm(1.0)
+    g = {"a": jnp.full((4,), 5.0)}
+    clipped, _ = clip.update(g, clip.init(g))
+    assert float(optax.global_norm(clipped)) == pytest.approx(1.0)
+
+
+def test_ema_update():
+    out = ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 0.9)
+    np.testing.assert_allclose(out["w"], 0.1)

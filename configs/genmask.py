@@ -76,7 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.data = default_data_config()
     config.data.resolution = (512, 512)
-    config.data.seg_sources = "refcoco"
+    config.data.seg_sources = "refcoco,reasonseg"
+    config.data.refcoco.name = "refcoco_unc,refcocoplus_unc,refcocog_umd"
     config.data.gen_sources = "captions"
     config.data.encoder.name = "qwen2_5_vl"
     config.data.encoder.dim = 3584

@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 
 from genmask_jax.data import prepare, refcoco
 from genmask_jax.data.pipeline import default_data_config, make_eval_iterator
+from genmask_jax.data.sources import make_source
 
 SIZES = {1: (30, 40), 2: (32, 32), 3: (20, 20)}  # image id -> (height, width); image 3 is missing on disk
 
@@ -196,3 +197,11 @@ def test_cli_reports_count_mismatch(refer, tmp_path, caplog):
 def test_published_counts_check_passes_on_equal_counts():
     lines = refcoco.check_published_counts("refcocog_umd", {"train": 80_512, "val": 4_896, "test": 9_602})
     assert all(line.startswith("OK") for line in lines)
+
+
+def test_several_prepared_configs_train_as_one_source(prepared):
+    out, _ = prepared
+    c = default_data_config()
+    c.refcoco.name, c.refcoco.data_dir = "refcoco_unc, refcoco_unc", str(out)
+    union = make_source("refcoco", "val", c, "seg")
+    assert len(union) == 2 * len(refcoco.RefCocoSource("refcoco_unc", "val", data_dir=str(out)))

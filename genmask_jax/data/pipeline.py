@@ -49,9 +49,7 @@ def default_data_config() -> ConfigDict:
     c.resolution = (64, 64)  # (H, W) model input; images are fitted to it.
     c.fit = "pad"  # "pad": resize keeping aspect, pad with 0 (mid grey); "crop": resize and centre-crop.
     c.seg_sources = "shapes"  # comma-separated segmentation sources: shapes, reasonseg, refcoco.
-    c.gen_sources = (
-        "shapes"  # comma-separated generation sources: shapes, captions, tfds_captions ("" = none).
-    )
+    c.gen_sources = "shapes"  # comma-separated generation sources: shapes, captions, tfds_captions.
     c.train_split = "train"  # split the training iterator reads from every source.
     c.shuffle = True  # reshuffle every epoch (seeded); False reads sources in order (debugging).
     c.num_threads = 4  # decode/fit threads per process.
@@ -74,9 +72,9 @@ def default_data_config() -> ConfigDict:
     c.reasonseg.use_templates = True  # wrap short phrases / long sentences in LISA-style query templates.
 
     c.refcoco = ConfigDict()  # RefCOCO family prepared by genmask_jax.data.prepare (or big_vision's).
-    c.refcoco.name = (
-        "refcoco_unc"  # refcoco_unc | refcocoplus_unc | refcocog_umd | refcocog_google | ref_coco_bv/...
-    )
+    # refcoco_unc | refcocoplus_unc | refcocog_umd | refcocog_google | ref_coco_bv/...; a comma-separated
+    # list trains on their union.
+    c.refcoco.name = "refcoco_unc"
     c.refcoco.data_dir = ""  # the TFDS data_dir given to `prepare --out`.
 
     c.captions = ConfigDict()  # caption pairs for generation (genmask_jax/data/captions.py)

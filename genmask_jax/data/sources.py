@@ -87,7 +87,9 @@ def make_source(name: str, split: str, data_config, task: str):
         from genmask_jax.data.refcoco import RefCocoSource
 
         c = data_config.refcoco
-        return RefCocoSource(c.name, split, data_dir=c.data_dir)
+        # Several prepared configs (e.g. "refcoco_unc,refcocoplus_unc,refcocog_umd") train as one source.
+        parts = [RefCocoSource(n, split, data_dir=c.data_dir) for n in parse_names(c.name)]
+        return parts[0] if len(parts) == 1 else ConcatSource(parts)
     if name == "captions":
         from genmask_jax.data.captions import CaptionFiles
 

@@ -29,6 +29,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     config.total_steps = 8000
     config.log_every = 50
+    config.eval_every = 500  # quick evaluation of a fixed `val` batch (train/hooks.py); 0 = never.
+    config.sample_every = 500  # generated sample images; 0 = never.
+    config.quick_eval = ml_collections.ConfigDict(
+        {"num_examples": 8, "split": "val", "gen_steps": 20, "guidance_scale": 5.0}
+    )
 
     # Global example counts per task and step; gen = 0 is the "without generation data" ablation.
     config.batch = ml_collections.ConfigDict({"seg": 512, "gen": 512})
@@ -105,6 +110,9 @@ def _shrink(config, dit: str, resolution: int, batch: int, steps: int) -> None:
     config.mesh.shape = (-1, 1, 1)
     config.total_steps = steps
     config.log_every = 5
+    config.eval_every = config.sample_every = 10
+    config.quick_eval.num_examples = 4
+    config.quick_eval.gen_steps = 4
     config.optimizer.lr = 1e-3
     config.optimizer.warmup_steps = 2
     config.checkpoint.every_steps = 10

@@ -28,6 +28,7 @@ from genmask_jax.parallel import multihost
 from genmask_jax.parallel.mesh import make_mesh
 from genmask_jax.parallel.sharding import rules_from_config
 from genmask_jax.train import checkpointing
+from genmask_jax.train.hooks import TrainHooks
 from genmask_jax.train.state import (
     TrainState,
     abstract_train_state,
@@ -267,6 +268,7 @@ def train(
     )
     step_rng = jax.random.fold_in(base_rng, 1)
     writer = MetricsWriter(workdir)
+    hooks = TrainHooks(config, model, workdir, mesh, rules, start_step=start)
     history, last_saved = [], checkpointer.latest_step()
     end = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
     tick = time.perf_counter()
@@ -279,6 +281,7 @@ def train(
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not math.isfinite(values["loss"]):
                 checkpointer.wait()
+                hooks.close()
                 raise FloatingPointError(
                     f"non-finite loss {values['loss']} at step {done} (metrics {values}); stopping. "
                     f"The last good checkpoint is step {last_saved} in {checkpointer.directory}."
@@ -287,10 +290,16 @@ def train(
             values["steps_per_s"] = (done - start) / (now - tick) if done > start + 1 else 0.0
             writer.write(done, values)
             history.append({"step": done, **values})
-            log.info("step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+            hooks.log(done, values)
         if save:
             checkpointer.save(done, state.trainable(), data_iterator, config)
             last_saved = done
+        if hooks.after_step(done, state):  # quick eval / samples when due; True on SIGTERM
+            if last_saved != done:
+                checkpointer.save(done, state.trainable(), data_iterator, config)
+            log.warning("stop requested (SIGTERM): saved step %d in %s", done, checkpointer.directory)
+            break
+    hooks.close()
     checkpointer.wait()
     checkpointer.close()
     return state, history

@@ -1,0 +1,167 @@
+"""Loading a trained GenMask checkpoint for inference.
+
+A checkpoint is named by a training workdir (`<workdir>/checkpoints/<step>`, latest step), a checkpoint
+manager directory (latest step) or one step folder. Only the DiT parameters (EMA if the run kept them)
+are read (orbax partial restore: no optimizer state), directly into their shardings on a mesh of this
+process's devices. The frozen VAE comes from `config.vae_from`, else it is the run's random VAE
+(drawn from `config.seed` exactly as training drew it). The experiment config is the one saved with
+the checkpoint unless one is given.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from genmask_jax.models.genmask import GenMask
+from genmask_jax.parallel.mesh import make_mesh
+from genmask_jax.parallel.sharding import LogicalRules, logical_sharding, rules_from_config
+from genmask_jax.train import loop
+
+log = logging.getLogger(__name__)
+
+STATE, CONFIG = "state", "config"
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint path that names no usable checkpoint (the message says why, in one line)."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """Everything inference needs: the task model, its parameters on `mesh`, and where they came from."""
+
+    config: ml_collections.ConfigDict
+    model: GenMask
+    dit_params: Any
+    vae_params: Any
+    mesh: jax.sharding.Mesh
+    rules: LogicalRules
+    step: int
+    directory: epath.Path  # the checkpoint manager directory
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return tuple(int(x) for x in self.config.data.resolution)
+
+
+def resolve(path: str | os.PathLike) -> tuple[epath.Path, int]:
+    """(manager directory, step) for a workdir, a manager directory or a step folder."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if re.fullmatch(r"\d+", path.name) and (path / STATE).exists():
+        return path.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = sorted(
+        int(p.name) for p in path.iterdir() if re.fullmatch(r"\d+", p.name) and (p / STATE).exists()
+    )
+    if not steps:
+        raise CheckpointError(f"no checkpoint steps (folders <step>/{STATE}) in {path}")
+    return path, steps[-1]
+
+
+def _manager(directory: epath.Path, item: str, handler) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    return ocp.CheckpointManager(directory, options=options, item_handlers={item: handler})
+
+
+def saved_config(directory: epath.Path, step: int) -> ml_collections.ConfigDict:
+    """The experiment config saved with checkpoint `step`."""
+    if not (directory / str(step) / CONFIG).exists():
+        raise CheckpointError(f"checkpoint {directory}/{step} has no saved config; pass --config")
+    with _manager(directory, CONFIG, ocp.JsonCheckpointHandler()) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+    return ml_collections.ConfigDict(restored[CONFIG])
+
+
+def inference_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """A mesh over this process's devices: the experiment's mesh shape if it fits them, else all of
+    them on the fsdp axis (each process runs inference on its own examples)."""
+    devices = jax.local_devices()
+    try:
+        return make_mesh(tuple(config.mesh.shape), devices=devices)
+    except ValueError:
+        return make_mesh((1, -1, 1), devices=devices)
+
+
+def _saved_has(directory: epath.Path, step: int, key: str) -> bool:
+    with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:
+        tree = manager.item_metadata(step)[STATE]
+    tree = getattr(tree, "tree", tree)
+    return isinstance(tree, dict) and tree.get(key) is not None
+
+
+def restore_dit_params(
+    directory: epath.Path, step: int, model: GenMask, mesh, rules: LogicalRules, use_ema: bool = True
+) -> tuple[Any, str]:
+    """DiT parameters of checkpoint `step`, sharded by their logical axes; ("ema_params" | "params")."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(loop.dit_initializer(model), jax.random.key(0))
+        shardings = logical_sharding(boxed, mesh, rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
+    )
+    key = "ema_params" if use_ema and _saved_has(directory, step, "ema_params") else "params"
+    item = {key: abstract}
+    args = ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+    )
+    with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+    return restored[STATE][key], key
+
+
+def load_vae(config, model: GenMask, mesh, rules: LogicalRules) -> Any:
+    """The frozen VAE variables on `mesh`: converted weights (`config.vae_from`) or the run's random VAE."""
+    if model.vae is None:
+        return None
+    abstract = loop.abstract_frozen(model)["vae"]
+    if config.get("vae_from"):
+        from convert import wan_vae
+
+        vae_cfg, variables = wan_vae.load(config.vae_from)
+        if vae_cfg != model.vae:
+            log.warning("config.vae_from has config %s, the experiment %s", vae_cfg, model.vae)
+    else:
+        log.warning("no config.vae_from: using the run's randomly initialised VAE (seed %d)", config.seed)
+        variables = loop.random_frozen(loop.abstract_frozen(model), config.seed)["vae"]
+    return jax.device_put(variables, logical_sharding(abstract, mesh, rules))
+
+
+def load(
+    path: str | os.PathLike,
+    config: ml_collections.ConfigDict | None = None,
+    use_ema: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+) -> LoadedModel:
+    """Loads checkpoint `path` (workdir, manager directory or step folder) for inference.
+
+    Args:
+      config: the experiment config; None uses the one saved with the checkpoint.
+      use_ema: take the EMA parameters when the checkpoint has them.
+      mesh: defaults to `inference_mesh(config)` (this process's devices).
+    """
+    directory, step = resolve(path)
+    config = config if config is not None else saved_config(directory, step)
+    model = loop.build_model(config)
+    mesh = mesh or inference_mesh(config)
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    try:
+        dit_params, key = restore_dit_params(directory, step, model, mesh, rules, use_ema)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint {directory}/{step} does not match the config's model ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]})"
+        ) from e
+    log.info("loaded %s of %s/%d", key, directory, step)
+    vae_params = load_vae(config, model, mesh, rules)
+    return LoadedModel(config, model, dit_params, vae_params, mesh, rules, step, directory)

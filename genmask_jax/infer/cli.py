@@ -1,0 +1,114 @@
+"""What every command-line entry point shares: the `--config` flag, flag parsing that turns bad input
+into one clear line, logging to stdout, and the errors that count as the user's (not the code's).
+
+Bad input (a misspelt config field, a missing file or checkpoint, an unreadable image, an empty
+prompt) ends the command with `<prog>: error: <one line>` on stderr and exit status 2 (flags) or 1
+(inputs), no traceback. Anything else is a bug and keeps its traceback.
+"""
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from genmask_jax.infer.checkpoint import CheckpointError
+
+FLAGS = flags.FLAGS
+
+
+class InputError(ValueError):
+    """Bad user input, reported as one line."""
+
+
+USER_ERRORS = (InputError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+def define_config_flag():
+    """`--config=configs/<exp>.py[:args]` with `--config.a.b=value` overrides; unknown fields fail."""
+    return config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Experiment config file, e.g. configs/genmask.py or configs/genmask.py:variant=paper; override "
+        "fields with --config.field=value (unknown fields are rejected). Inference commands default to "
+        "the config saved with the checkpoint.",
+        lock_config=True,
+    )
+
+
+def one_line(error: BaseException) -> str:
+    """A flag/config error as one readable line (the last meaningful line of its message)."""
+    text = str(error)
+    if isinstance(error, KeyError | AttributeError):
+        text = text.replace("\\n", "\n").replace("\\'", "'").strip("'\"")
+        lines = [s.strip().strip("'\"") for s in text.splitlines() if s.strip()]
+        if lines:
+            hint = f" ({lines[-1]})" if len(lines) > 1 else ""
+            return f"unknown config field {lines[0]!r}{hint}"
+    lines = [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("Pass --help")]
+    return lines[-1] if lines else type(error).__name__
+
+
+_PROG = {"name": ""}
+
+
+def fail(message: str, status: int = 1) -> None:
+    prog = _PROG["name"] or os.path.basename(sys.argv[0])
+    message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        rest = FLAGS(argv)
+        if "config" in FLAGS and FLAGS["config"].present:
+            FLAGS["config"].value.keys()  # loads the file now, so its errors are parse errors
+    except Exception as e:  # noqa: BLE001  (any parse failure is the user's: report it in one line)
+        fail(one_line(e), status=2)
+    if len(rest) > 1:
+        fail(f"unexpected arguments {rest[1:]}; every input is a --flag", status=2)
+    return rest
+
+
+def setup_logging() -> None:
+    """INFO logs of this package on stdout, with time stamps; absl's own handler left quiet."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s] %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, absl_logging.ABSLHandler)] + [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("genmask_jax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only and partial-restore notices
+
+
+def run(main: Callable[[], None], prog: str = "") -> None:
+    """`app.run` with one-line reporting of bad input; `main` takes no arguments (flags are parsed).
+
+    prog: the name in error lines, e.g. "genmask_jax.train" (default: the script's file name).
+    """
+    _PROG["name"] = prog
+
+    def wrapped(argv):
+        del argv
+        setup_logging()
+        try:
+            main()
+        except USER_ERRORS as e:
+            fail(str(e) if not isinstance(e, OSError) or not e.filename else _os_error(e))
+
+    app.run(wrapped, flags_parser=_parse_flags)
+
+
+def _os_error(error: OSError) -> str:
+    return f"{error.strerror or type(error).__name__}: {error.filename}"
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise InputError(message)

@@ -1,0 +1,165 @@
+"""Referring segmentation with a trained GenMask: images + instructions -> masks at the original size.
+
+Single-step by default (DESIGN.md 1: start at t = 1 from noise, one DiT call, x0 = eps - v, VAE-decode,
+mean of RGB > 0); `num_steps > 1` integrates the same velocity field with Euler steps instead. Each
+example's noise is drawn from `fold_in(key(seed), index)`, so a prediction does not depend on the batch
+it was computed in, the batch size or the number of devices.
+"""
+
+from collections.abc import Sequence
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from genmask_jax.data import preprocess
+from genmask_jax.diffusion import flow
+from genmask_jax.encoders import make_encoder
+from genmask_jax.infer.checkpoint import LoadedModel
+from genmask_jax.models import mask_codec
+from genmask_jax.models.genmask import GenMask
+from genmask_jax.train.step import batch_axes
+
+
+def example_noise(key: jax.Array, index: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Per-example standard normal noise `(B, *shape)` from `fold_in(key, index[b])`."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index.astype(jnp.int32))
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+def segment_mask_latents(
+    model: GenMask,
+    dit_params,
+    image_latent: jax.Array,
+    context: jax.Array,
+    context_mask: jax.Array,
+    noise: jax.Array,
+    num_steps: int = 1,
+    shift: float = 1.0,
+) -> jax.Array:
+    """Mask latents `(B, 1, h, w, z)`: one step (x0 = eps - v at t = 1) or Euler over `num_steps`."""
+    if num_steps == 1:
+        return model.predict_mask_latents(dit_params, image_latent, context, context_mask, noise)
+    return euler_mask_latents(model, dit_params, image_latent, context, context_mask, noise, num_steps, shift)
+
+
+def euler_mask_latents(
+    model: GenMask,
+    dit_params,
+    image_latent: jax.Array,
+    context: jax.Array,
+    context_mask: jax.Array,
+    noise: jax.Array,
+    num_steps: int,
+    shift: float = 1.0,
+) -> jax.Array:
+    """Euler integration of the segmentation velocity from t = 1 to 0, the image frame clean (t = 0)."""
+
+    def velocity(x, t):
+        # segmentation_inputs noises its mask argument with its noise argument; with both = x,
+        # (1 - t) x + t x = x, so this is the two-frame input at the current state x.
+        inputs, t_tokens, _ = model.segmentation_inputs(image_latent, x, t, x)
+        return model.apply_dit(dit_params, inputs, t_tokens, context, context_mask)[:, 1:]
+
+    return flow.euler_sample(velocity, noise, num_steps, shift)
+
+
+def predict_masks(
+    model: GenMask,
+    dit_params,
+    vae_params,
+    image: jax.Array,
+    context: jax.Array,
+    context_mask: jax.Array,
+    index: jax.Array,
+    key: jax.Array,
+    num_steps: int = 1,
+    shift: float = 1.0,
+) -> jax.Array:
+    """Image `(B, H, W, 3)` in [-1, 1] + instruction states `(B, L, D)` -> bool masks `(B, H, W)`."""
+    image_latent = model.encode(vae_params, image)
+    noise = example_noise(key, index, image_latent.shape[1:])
+    latents = segment_mask_latents(
+        model, dit_params, image_latent, context, context_mask, noise, num_steps, shift
+    )
+    return mask_codec.rgb_to_mask(model.decode(vae_params, latents))
+
+
+def pad_rows(tree: dict, multiple: int) -> tuple[dict, int]:
+    """Pads every `(B, ...)` leaf with copies of row 0 to a multiple of `multiple`; returns (tree, B)."""
+    n = len(next(iter(tree.values())))
+    extra = -n % multiple
+    if extra == 0:
+        return tree, n
+    return {k: np.concatenate([v, np.repeat(v[:1], extra, axis=0)]) for k, v in tree.items()}, n
+
+
+class Segmenter:
+    """`segmenter(images, prompts) -> masks` and `segmenter.predict(batch)` for model-resolution batches.
+
+    Args:
+      loaded: `infer.checkpoint.load(...)`.
+      num_steps: 1 = the paper's single-step inference.
+      seed: noise seed; example `i` of a call (or `batch["index"][i]`) gets `fold_in(key(seed), i)`.
+      shift: schedule shift for `num_steps > 1`.
+      encoder: the instruction encoder; default `make_encoder(config.data.encoder)`, built on first use.
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, num_steps: int = 1, seed: int = 0, shift: float = 1.0, encoder=None
+    ):
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self.loaded, self.num_steps, self._encoder = loaded, num_steps, encoder
+        self.key = jax.random.key(seed)
+        axes = batch_axes(loaded.rules)
+        self.sharding = NamedSharding(loaded.mesh, PartitionSpec(axes))
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        self.batch_multiple = int(np.prod([loaded.mesh.shape[a] for a in names]))
+        self._fn = jax.jit(partial(predict_masks, loaded.model, num_steps=num_steps, shift=shift))
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = make_encoder(self.loaded.config.data.encoder)
+        return self._encoder
+
+    def predict(self, batch: dict) -> jax.Array:
+        """bool masks `(B, H, W)` at the model resolution for a batch with "image", "context",
+        "context_mask" and "index" (the noise index of each row). Returns without waiting for the
+        device (`np.asarray` of the result waits)."""
+        inputs = {k: np.asarray(batch[k]) for k in ("image", "context", "context_mask")}
+        inputs["index"] = np.asarray(batch["index"], np.int32)
+        inputs, n = pad_rows(inputs, self.batch_multiple)
+        inputs = jax.device_put(inputs, self.sharding)
+        loaded = self.loaded
+        with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(loaded.rules):
+            masks = self._fn(
+                loaded.dit_params,
+                loaded.vae_params,
+                inputs["image"],
+                inputs["context"],
+                inputs["context_mask"],
+                inputs["index"],
+                self.key,
+            )
+        return masks[:n] if masks.shape[0] != n else masks
+
+    def __call__(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[np.ndarray]:
+        """uint8 `(H, W, 3)` images and one prompt each -> bool masks `(H, W)` at each image's size."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        config = self.loaded.config
+        fitted = [preprocess.fit_image(im, self.loaded.resolution, config.data.fit) for im in images]
+        context, context_mask = self.encoder.encode(list(images), list(prompts))
+        batch = {
+            "image": np.stack([f[0] for f in fitted]),
+            "context": context,
+            "context_mask": context_mask,
+            "index": np.arange(len(images)),
+        }
+        masks = np.asarray(self.predict(batch))
+        return [preprocess.unfit_mask(m, g) for m, (_, g) in zip(masks, fitted)]

@@ -1,0 +1,72 @@
+"""Referring segmentation of image files with a trained checkpoint.
+
+    python -m genmask_jax.segment --checkpoint=WORKDIR --image=a.jpg --prompt="the red circle" \
+        --out=mask.png --overlay=overlay.png
+    python -m genmask_jax.segment --checkpoint=WORKDIR --image=a.jpg --image=b.jpg \
+        --prompt="the dog" --out=masks/{i}.png
+
+Images and prompts pair up one to one, or one of them is shared by all the others. With several
+outputs, --out/--overlay get the output number: `{i}` in the name, else `_<i>` before the extension.
+Masks are written at each image's original size (PNG, foreground 255).
+"""
+
+from absl import flags
+
+from genmask_jax.infer import cli
+
+_CONFIG = cli.define_config_flag()
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints folder or step folder.")
+_IMAGE = flags.DEFINE_multi_string("image", None, "Input image (repeat for several).")
+_PROMPT = flags.DEFINE_multi_string(
+    "prompt", None, "Referring expression / instruction (repeat for several)."
+)
+_OUT = flags.DEFINE_string("out", None, "Output mask PNG (a pattern when there are several).")
+_OVERLAY = flags.DEFINE_string("overlay", None, "Optional image + mask overlay PNG.")
+_STEPS = flags.DEFINE_integer("steps", 1, "Denoising steps (1 = the paper's single-step inference).")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
+_EMA = flags.DEFINE_bool("ema", True, "Use the EMA parameters when the checkpoint has them.")
+flags.mark_flags_as_required(["checkpoint", "image", "prompt", "out"])
+
+
+def pair_inputs(images: list, prompts: list) -> list[tuple]:
+    """One-to-one pairs, or the single image / prompt shared by all of the other side."""
+    if len(images) == len(prompts):
+        return list(zip(images, prompts))
+    if len(images) == 1:
+        return [(images[0], p) for p in prompts]
+    if len(prompts) == 1:
+        return [(i, prompts[0]) for i in images]
+    raise cli.InputError(
+        f"{len(images)} images and {len(prompts)} prompts: give as many of each, or one of either"
+    )
+
+
+def main() -> None:
+    from genmask_jax.infer import checkpoint, images
+    from genmask_jax.infer.segmenter import Segmenter
+
+    prompts = [p.strip() for p in _PROMPT.value]
+    for i, p in enumerate(prompts):
+        cli.require(
+            bool(p), f"prompt {i + 1} is empty; give the expression to segment, e.g. --prompt='the red car'"
+        )
+    cli.require(_STEPS.value >= 1, f"--steps must be >= 1, got {_STEPS.value}")
+    pairs = pair_inputs(list(_IMAGE.value), prompts)
+    pixels = {path: images.read_image(path) for path in dict.fromkeys(_IMAGE.value)}
+    checkpoint.resolve(_CHECKPOINT.value)
+    loaded = checkpoint.load(_CHECKPOINT.value, _CONFIG.value, use_ema=_EMA.value)
+    segmenter = Segmenter(loaded, num_steps=_STEPS.value, seed=_SEED.value)
+    masks = segmenter([pixels[path] for path, _ in pairs], [p for _, p in pairs])
+    for i, ((path, prompt), mask) in enumerate(zip(pairs, masks)):
+        out = images.numbered(_OUT.value, i, len(pairs))
+        images.write_mask(mask, out)
+        line = f"{path} {prompt!r}: {mask.mean():.1%} of the image -> {out}"
+        if _OVERLAY.value:
+            overlay = images.numbered(_OVERLAY.value, i, len(pairs))
+            images.write_image(images.overlay(pixels[path], mask), overlay)
+            line += f", {overlay}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main, prog="genmask_jax.segment")

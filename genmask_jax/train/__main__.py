@@ -1,0 +1,28 @@
+"""`python -m genmask_jax.train --config=configs/genmask.py[:args] --workdir=DIR [--config.field=value]`.
+
+Trains (or resumes from DIR) with `train.loop.train`; logs go to stdout, metrics to DIR/metrics.jsonl
+and TensorBoard (DIR/tensorboard), checkpoints to DIR/checkpoints.
+"""
+
+from absl import flags
+
+from genmask_jax.infer import cli
+
+_CONFIG = cli.define_config_flag()
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, metrics and samples go (resumes from it)."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main() -> None:
+    from genmask_jax.train import loop
+
+    state, _ = loop.train(_CONFIG.value, _WORKDIR.value)
+    step, total = int(state.step), int(_CONFIG.value.total_steps)
+    status = "finished" if step >= total else f"stopped early (of {total})"
+    print(f"training {status} at step {step}; checkpoints in {_WORKDIR.value}/checkpoints", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main, prog="genmask_jax.train")

@@ -1,0 +1,368 @@
+"""Training hooks that `train.loop` calls in a few lines: logging, quick evaluation with samples, and
+preemption.
+
+    hooks = TrainHooks(config, model, workdir, mesh, rules, start_step=start)
+    for step in ...:
+        ...
+        hooks.log(done, metrics)                  # when metrics are fetched
+        if hooks.after_step(done, state):         # quick eval / samples when due; True on SIGTERM
+            save a checkpoint at `done` (unless just saved) and break
+    hooks.close()
+
+- `MetricsLogger`: loss per task, lr, norms, steps/s, examples/s and ETA to stdout (the `logging`
+  module) and to TensorBoard (tensorboardX, `<workdir>/tensorboard`), process 0 only.
+- `QuickEval`: every `config.eval_every` steps segments a fixed small batch of the `val` split
+  (gIoU / cIoU at the model resolution, a panel image | prediction | ground truth per example); every
+  `config.sample_every` steps generates images for fixed captions. Panels go to TensorBoard and to
+  `<workdir>/samples/step_<N>_{segmentation,generation}.png`.
+- `Preemption`: SIGTERM sets a flag (single process); with several processes JAX's preemption sync
+  point makes every process stop at the same step. The loop then saves and returns.
+"""
+
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+TASK_BATCH_KEYS = ("seg", "gen")
+
+
+class MetricsLogger:
+    """Scalars to stdout and TensorBoard; rates measured between successive calls."""
+
+    def __init__(
+        self,
+        workdir: str | epath.Path,
+        total_steps: int,
+        examples_per_step: int,
+        start_step: int = 0,
+        enabled: bool | None = None,
+    ):
+        self.total_steps, self.examples_per_step = total_steps, examples_per_step
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.writer = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+        self._last = (start_step, None)
+
+    def rates(self, step: int) -> dict[str, float]:
+        """steps/s, examples/s and ETA (s) since the previous call (none on the first call)."""
+        now = time.perf_counter()
+        last_step, last_time = self._last
+        self._last = (step, now)
+        if last_time is None or step <= last_step:
+            return {}
+        steps_per_s = (step - last_step) / (now - last_time)
+        return {
+            "steps_per_s": steps_per_s,
+            "examples_per_s": steps_per_s * self.examples_per_step,
+            "eta_s": (self.total_steps - step) / steps_per_s,
+        }
+
+    def pause(self, seconds: float) -> None:
+        """Leaves `seconds` (spent outside training, e.g. in a quick evaluation) out of the rates."""
+        last_step, last_time = self._last
+        if last_time is not None:
+            self._last = (last_step, last_time + seconds)
+
+    def __call__(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> dict[str, float]:
+        values = {k: float(v) for k, v in metrics.items() if k != "steps_per_s"}
+        if prefix == "train":
+            values.update(self.rates(step))
+        if not self.enabled:
+            return values
+        text = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()) if k != "eta_s")
+        eta = f" eta {format_seconds(values['eta_s'])}" if "eta_s" in values else ""
+        log.info("[%s] step %d/%d: %s%s", prefix, step, self.total_steps, text, eta)
+        for key, value in values.items():
+            if math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        self.writer.flush()
+        return values
+
+    def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """uint8 `(H, W, 3)` to TensorBoard."""
+        if self.enabled:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+class Preemption:
+    """Stop requests: SIGTERM (single process) or JAX's preemption sync point (several processes)."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.requested = False
+        self._previous = {}
+        self.multiprocess = jax.process_count() > 1
+        # With several processes JAX's own notifier owns SIGTERM; a Python handler would replace it.
+        if not self.multiprocess and threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        log.warning("received signal %d: saving a checkpoint after this step, then stopping", signum)
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if self.multiprocess:
+            from jax.experimental import multihost_utils
+
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # no preemption sync manager (distributed runtime without it)
+                return self.requested
+        return self.requested
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _batch_multiple(mesh, rules) -> tuple[NamedSharding, int]:
+    from genmask_jax.train.step import batch_axes
+
+    axes = batch_axes(rules)
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return NamedSharding(mesh, PartitionSpec(axes)), int(np.prod([mesh.shape[a] for a in names]))
+
+
+def inference_params(state) -> Any:
+    """The EMA parameters when the run keeps them, else the live ones."""
+    return state.ema_params if state.ema_params is not None else state.params
+
+
+def _global_array(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array that every process holds in full."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _host(array: jax.Array) -> np.ndarray:
+    """A replicated global array's value on this host."""
+    return np.asarray(array.addressable_data(0))
+
+
+class QuickEval:
+    """A fixed small segmentation batch and fixed generation prompts, evaluated on the live state.
+
+    Every process reads the same examples (the first `num_examples` of `split`), so the inputs are
+    global arrays built from host copies; outputs come back replicated.
+    """
+
+    def __init__(
+        self,
+        config,
+        model,
+        mesh,
+        rules,
+        workdir: str | epath.Path,
+        logger: MetricsLogger,
+        num_examples: int = 8,
+        split: str = "val",
+        gen_steps: int = 20,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+    ):
+        self.config, self.model, self.mesh, self.rules = config, model, mesh, rules
+        self.samples = epath.Path(workdir) / "samples"
+        self.logger, self.split, self.seed = logger, split, seed
+        self.gen_steps, self.guidance_scale = gen_steps, guidance_scale
+        self.sharding, multiple = _batch_multiple(mesh, rules)
+        self.num_examples = -(-num_examples // multiple) * multiple
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self._seg_batch = self._gen_inputs = None
+        self._segment = self._generate = None
+
+    # Inputs, built on first use and kept (the same examples at every evaluation).
+
+    def segmentation_batch(self) -> dict:
+        if self._seg_batch is None:
+            from genmask_jax.data.pipeline import make_eval_iterator
+
+            iterator = make_eval_iterator(
+                self.config.data, self.split, self.num_examples, process_index=0, process_count=1
+            )
+            batch, _ = next(iter(iterator.iter_with_meta()))
+            self._seg_batch = batch
+        return self._seg_batch
+
+    def generation_inputs(self) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+        """(prompts, context, context mask) of the first `num_examples` generation-source captions of
+        `split`, or None when there is no generation data to draw prompts from."""
+        if self._gen_inputs is None:
+            self._gen_inputs = self._load_generation_inputs() or ()
+        return self._gen_inputs or None
+
+    def _load_generation_inputs(self):
+        from genmask_jax.data.sources import make_task_source
+
+        data = self.config.data
+        try:
+            source = make_task_source(data.gen_sources, self.split, data, "gen")
+            if source is None:
+                return None
+            examples = [source[i] for i in range(min(self.num_examples, len(source)))]
+            if len(examples) < self.num_examples:
+                return None
+            if data.encoder.cache_dir:
+                from genmask_jax.encoders.cache import EmbeddingCache
+
+                cache = EmbeddingCache(data.encoder.cache_dir, context_length=data.encoder.context_length)
+                pairs = [cache.lookup(e["id"]) for e in examples]
+                context, mask = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+            else:
+                from genmask_jax.encoders import make_encoder
+
+                context, mask = make_encoder(data.encoder).encode(None, [e["text"] for e in examples])
+        except Exception as e:  # noqa: BLE001  (samples are optional: say why and go on training)
+            log.warning("no generation samples: %s: %s", type(e).__name__, e)
+            return None
+        return [e["text"] for e in examples], context.astype(np.float32), mask.astype(bool)
+
+    # Compiled functions.
+
+    def _segment_fn(self):
+        if self._segment is None:
+            from genmask_jax.infer.segmenter import predict_masks
+
+            def fn(params, vae, image, context, context_mask, index):
+                return predict_masks(
+                    self.model, params, vae, image, context, context_mask, index, jax.random.key(self.seed)
+                )
+
+            self._segment = jax.jit(fn, out_shardings=self.replicated)
+        return self._segment
+
+    def _generate_fn(self):
+        if self._generate is None:
+
+            def fn(params, vae, context, context_mask):
+                return self.model.generate(
+                    params,
+                    vae,
+                    context,
+                    context_mask,
+                    jax.random.key(self.seed),
+                    tuple(self.config.data.resolution),
+                    num_steps=self.gen_steps,
+                    guidance_scale=self.guidance_scale,
+                )
+
+            self._generate = jax.jit(fn, out_shardings=self.replicated)
+        return self._generate
+
+    # Evaluations.
+
+    def segmentation(self, step: int, state) -> dict[str, float]:
+        """gIoU / cIoU of the fixed batch at the model resolution; writes the panel."""
+        import flax.linen as nn
+
+        from genmask_jax.eval.metrics import segmentation_metrics
+        from genmask_jax.infer.images import panel, to_uint8, write_image
+
+        batch = self.segmentation_batch()
+        inputs = [
+            _global_array(np.asarray(batch[k]), self.sharding) for k in ("image", "context", "context_mask")
+        ]
+        index = _global_array(np.arange(self.num_examples, dtype=np.int32), self.sharding)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            masks = _host(
+                self._segment_fn()(inference_params(state), state.frozen.get("vae"), *inputs, index)
+            )
+        valid = np.asarray(batch["valid"], bool)
+        gt = np.asarray(batch["mask"]) > 0.5
+        metrics = segmentation_metrics(masks[valid], gt[valid], np.asarray(batch["ignore"])[valid])
+        values = {"giou": metrics["giou"], "ciou": metrics["ciou"]}
+        self.logger(step, values, prefix="quick_eval")
+        if self.logger.enabled:
+            images = to_uint8(batch["image"])
+            grid = panel([[im, m, g] for im, m, g in zip(images[valid], masks[valid], gt[valid])])
+            self.logger.image(step, "quick_eval/image_prediction_truth", grid)
+            write_image(grid, self.samples / f"step_{step:07d}_segmentation.png")
+        return values
+
+    def generation(self, step: int, state) -> None:
+        """Images for the fixed captions; writes the panel."""
+        import flax.linen as nn
+
+        from genmask_jax.infer.images import panel, to_uint8, write_image
+
+        inputs = self.generation_inputs()
+        if inputs is None:
+            return
+        prompts, context, mask = inputs
+        args = [_global_array(context, self.sharding), _global_array(mask, self.sharding)]
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            rgb = _host(self._generate_fn()(inference_params(state), state.frozen.get("vae"), *args))
+        if self.logger.enabled:
+            grid = panel([list(to_uint8(rgb))])
+            self.logger.image(step, "samples/generation", grid)
+            write_image(grid, self.samples / f"step_{step:07d}_generation.png")
+            (self.samples / f"step_{step:07d}_generation.txt").write_text("\n".join(prompts) + "\n")
+
+
+class TrainHooks:
+    """Everything the loop calls: `log`, `after_step` (True = stop now), `close`.
+
+    Config fields read (all optional): `log_every` (the loop's), `eval_every` and `sample_every`
+    (0 = never), `quick_eval.{num_examples, split, gen_steps, guidance_scale}`.
+    """
+
+    def __init__(
+        self, config, model, workdir, mesh, rules, start_step: int = 0, install_signals: bool = True
+    ):
+        self.config = config
+        batch = config.get("batch", {})
+        examples = sum(int(batch.get(k, 0)) for k in TASK_BATCH_KEYS)
+        self.logger = MetricsLogger(workdir, int(config.total_steps), examples, start_step)
+        self.eval_every = int(config.get("eval_every", 0) or 0)
+        self.sample_every = int(config.get("sample_every", 0) or 0)
+        quick = dict(config.get("quick_eval", None) or {})
+        self.quick_eval = None
+        if self.eval_every or self.sample_every:
+            self.quick_eval = QuickEval(config, model, mesh, rules, workdir, self.logger, **quick)
+        self.preemption = Preemption() if install_signals else None
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> dict[str, float]:
+        return self.logger(step, metrics)
+
+    def after_step(self, step: int, state: Any) -> bool:
+        """Runs the periodic evaluations that are due at `step`; True if training must stop now."""
+        start = time.perf_counter()
+        try:
+            if self.eval_every and step % self.eval_every == 0:
+                self.quick_eval.segmentation(step, state)
+            if self.sample_every and step % self.sample_every == 0:
+                self.quick_eval.generation(step, state)
+        except Exception:  # noqa: BLE001  (a failing sample must not kill a long run; it is logged)
+            log.exception("quick evaluation at step %d failed; training continues", step)
+        self.logger.pause(time.perf_counter() - start)
+        return self.preemption is not None and self.preemption.should_stop(step)
+
+    def close(self) -> None:
+        if self.preemption is not None:
+            self.preemption.close()
+        self.logger.close()

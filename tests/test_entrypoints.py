@@ -1,0 +1,326 @@
+"""The command-line entry points, run as a user runs them (subprocesses).
+
+- bad input through every entry point: one `<prog>: error: ...` line, non-zero exit, no traceback,
+  nothing written;
+- end to end on the built-in synthetic data with the tiny config (slow): train 3 steps, evaluate,
+  segment an image, generate an image; the training hooks (TensorBoard, samples, SIGTERM).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Two simulated devices: the batch is really sharded, and compiling stays cheap on a 2-core machine.
+ENV = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "PYTHONPATH": REPO,
+}
+TINY = ["--config=configs/genmask.py"]
+
+
+def cli(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(image).save(root / "image.png")
+    (root / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (root / "empty_dir").mkdir()
+    return root
+
+
+BAD_INPUT = [
+    ("genmask_jax.train", [*TINY, "--config.sedd=1", "--workdir={root}/w"], "unknown config field 'sedd'"),
+    ("genmask_jax.train", ["--config=configs/missing.py", "--workdir={root}/w"], "configs/missing.py"),
+    ("genmask_jax.evaluate", ["--checkpoint={root}/nothing", "--split=synthetic:test"], "does not exist"),
+    (
+        "genmask_jax.evaluate",
+        [*TINY, "--config.data.shapes.tset_size=3", "--checkpoint={root}", "--split=synthetic:test"],
+        "tset_size",
+    ),
+    ("genmask_jax.evaluate", ["--checkpoint={root}", "--split=refcoco_unc:test"], "has splits"),
+    ("genmask_jax.segment", ["--checkpoint={root}/nothing", "--image={root}/image.png"], "does not exist"),
+    ("genmask_jax.segment", ["--checkpoint={root}", "--image={root}/broken.jpg"], "cannot read image"),
+    (
+        "genmask_jax.segment",
+        ["--checkpoint={root}", "--image={root}/image.png", "--prompt="],
+        "prompt 1 is empty",
+    ),
+    ("genmask_jax.segment", [*TINY, "--config.modle.seed=1", "--checkpoint={root}"], "modle"),
+    ("genmask_jax.generate", ["--checkpoint={root}/nothing", "--prompt=a"], "does not exist"),
+    ("genmask_jax.generate", ["--checkpoint={root}/empty_dir", "--prompt=a"], "no checkpoint steps"),
+    ("genmask_jax.generate", ["--checkpoint={root}", "--prompt=   "], "prompt 1 is empty"),
+]
+
+
+@pytest.mark.parametrize("module,args,message", BAD_INPUT, ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_input_is_one_line(files, module, args, message):
+    args = [a.format(root=files) for a in args]
+    out = files / "out.png"
+    if module == "genmask_jax.segment":
+        args += [f"--out={out}"] + ([] if any(a.startswith("--prompt") for a in args) else ["--prompt=x"])
+        args += [] if any(a.startswith("--image") for a in args) else [f"--image={files}/image.png"]
+    if module == "genmask_jax.generate":
+        args += [f"--out={out}"]
+    result = cli(module, *args, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith(f"{module}: error: ") and message in lines[-1], result.stderr
+    assert sum("error" in line for line in lines) == 1
+    assert not out.exists() and not (files / "w").exists()
+
+
+def test_segment_pairs_images_and_prompts():
+    from genmask_jax.infer import cli as cli_lib
+    from genmask_jax.segment import pair_inputs
+
+    assert pair_inputs(["a"], ["x", "y"]) == [("a", "x"), ("a", "y")]
+    assert pair_inputs(["a", "b"], ["x"]) == [("a", "x"), ("b", "x")]
+    assert pair_inputs(["a", "b"], ["x", "y"]) == [("a", "x"), ("b", "y")]
+    with pytest.raises(cli_lib.InputError):
+        pair_inputs(["a", "b"], ["x", "y", "z"])
+
+
+def test_numbered_outputs():
+    from genmask_jax.infer.images import numbered
+
+    assert numbered("m.png", 0, 1) == "m.png"
+    assert numbered("m.png", 2, 3) == "m_2.png"
+    assert numbered("out/{i}.png", 1, 3) == "out/1.png"
+
+
+def test_preemption_flag_on_sigterm():
+    from genmask_jax.train.hooks import Preemption
+
+    preemption = Preemption()
+    try:
+        assert not preemption.should_stop(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+        assert preemption.should_stop(2)
+    finally:
+        preemption.close()
+    assert signal.getsignal(signal.SIGTERM) is not preemption._handle
+
+
+def test_metrics_logger_writes_tensorboard(tmp_path):
+    from genmask_jax.train.hooks import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, total_steps=10, examples_per_step=8, enabled=True)
+    assert "steps_per_s" not in logger(1, {"loss": 1.0, "lr": 0.1})
+    values = logger(3, {"loss": 0.5, "loss_seg": 0.4, "loss_gen": 0.6})
+    assert values["examples_per_s"] == pytest.approx(8 * values["steps_per_s"])
+    assert values["eta_s"] == pytest.approx(7 / values["steps_per_s"])
+    logger.image(3, "samples/x", np.zeros((4, 6, 3), np.uint8))
+    logger.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for 3 steps through the CLI."""
+    workdir = tmp_path_factory.mktemp("run")
+    result = cli(
+        "genmask_jax.train",
+        *TINY,
+        f"--workdir={workdir}",
+        "--config.total_steps=3",
+        "--config.checkpoint.every_steps=3",
+        "--config.log_every=1",
+        "--config.data.shapes.test_size=6",
+    )
+    assert_ok(result)
+    assert "Traceback" not in result.stderr
+    return workdir
+
+
+@pytest.mark.slow
+def test_end_to_end(trained, files, tmp_path):
+    assert (trained / "checkpoints" / "3" / "state").exists()
+    logged = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in logged)
+
+    result = cli(
+        "genmask_jax.evaluate", f"--checkpoint={trained}", "--split=synthetic:test", "--batch_size=4"
+    )
+    assert_ok(result)
+    out = trained / "eval" / "step_3"
+    metrics = json.loads((out / "metrics.json").read_text())["synthetic:test"]
+    assert metrics["num_samples"] == 6 and 0.0 <= metrics["giou"] <= 1.0
+    assert "synthetic:test: gIoU" in result.stdout
+    assert len(list((out / "synthetic-test" / "masks").glob("*.png"))) == 6
+
+    result = cli("genmask_jax.evaluate", f"--checkpoint={trained}", "--split=synthetic:test,reasonseg:val")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("genmask_jax.evaluate: error: ReasonSeg")
+
+    rle = tmp_path / "rle"
+    result = cli(
+        "genmask_jax.evaluate",
+        *TINY,
+        "--config.data.shapes.test_size=6",
+        f"--checkpoint={trained}/checkpoints/3",
+        "--split=synthetic:test",
+        f"--out={rle}",
+        "--format=rle",
+    )
+    assert_ok(result)
+    again = json.loads((rle / "metrics.json").read_text())["synthetic:test"]
+    assert again == metrics  # the noise of an example depends on its index only, not on the batching
+    assert len(json.loads((rle / "synthetic-test" / "predictions.json").read_text())) == 6
+
+    mask_out, overlay_out = tmp_path / "mask.png", tmp_path / "overlay.png"
+    result = cli(
+        "genmask_jax.segment",
+        f"--checkpoint={trained}",
+        f"--image={files}/image.png",
+        "--prompt=the red circle",
+        "--prompt=the small blue star",
+        f"--out={mask_out}",
+        f"--overlay={overlay_out}",
+    )
+    assert_ok(result)
+    for i in range(2):
+        assert np.asarray(Image.open(tmp_path / f"mask_{i}.png")).shape == (40, 56)
+        assert np.asarray(Image.open(tmp_path / f"overlay_{i}.png")).shape == (40, 56, 3)
+
+    image_out = tmp_path / "generated.png"
+    result = cli(
+        "genmask_jax.generate",
+        f"--checkpoint={trained}",
+        "--prompt=a red circle on a gray background",
+        f"--out={image_out}",
+        "--steps=2",
+        "--cfg=3",
+        "--seed=1",
+    )
+    assert_ok(result)
+    assert np.asarray(Image.open(image_out)).shape == (32, 32, 3)
+
+
+def test_segmentation_sampler_internals():
+    """One Euler step is the paper's single step; an example's noise depends on its index only."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from configs.genmask import get_config
+    from genmask_jax.infer.segmenter import euler_mask_latents, example_noise
+    from genmask_jax.train import loop
+
+    model = loop.build_model(get_config())
+    params = jax.jit(lambda key: nn.meta.unbox(loop.dit_initializer(model)(key)))(jax.random.key(0))
+    keys = jax.random.split(jax.random.key(1), 3)
+    image_latent = jax.random.normal(keys[0], (2, 1, 4, 4, model.z_dim))
+    context = jax.random.normal(keys[1], (2, 8, model.dit.text_dim))
+    context_mask = jnp.ones((2, 8), bool)
+    noise = example_noise(keys[2], jnp.array([7, 3]), image_latent.shape[1:])
+    np.testing.assert_array_equal(noise[1:], example_noise(keys[2], jnp.array([3]), image_latent.shape[1:]))
+
+    args = (params, image_latent, context, context_mask, noise)
+    single = jax.jit(model.predict_mask_latents)(*args)
+    euler = jax.jit(lambda *a: euler_mask_latents(model, *a, num_steps=1))(*args)
+    # Both compute noise - v(noise, t=1) with the same float32 ops; only op order may differ.
+    np.testing.assert_allclose(euler, single, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_quick_eval_hooks_write_samples(tmp_path):
+    """The periodic quick evaluation on a live tiny state: metrics, TensorBoard and PNG panels."""
+    import jax
+
+    from configs.genmask import get_config
+    from genmask_jax.parallel.mesh import make_mesh
+    from genmask_jax.parallel.sharding import rules_from_config
+    from genmask_jax.train import loop
+    from genmask_jax.train.hooks import TrainHooks
+    from genmask_jax.train.state import create_train_state, make_optimizer
+
+    config = get_config()
+    config.eval_every, config.sample_every = 2, 4
+    config.quick_eval = {"num_examples": 3, "gen_steps": 2}
+    model = loop.build_model(config)
+    mesh = make_mesh((-1, 1, 1), devices=jax.devices()[:2])
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    tx = make_optimizer({**config.optimizer.to_dict(), "total_steps": config.total_steps})
+    state, shardings = create_train_state(
+        loop.dit_initializer(model),
+        tx,
+        jax.random.key(0),
+        mesh,
+        rules,
+        abstract_frozen=loop.abstract_frozen(model),
+    )
+    state = loop.load_frozen(config, model, state, shardings)
+    hooks = TrainHooks(config, model, tmp_path, mesh, rules)
+    try:
+        assert hooks.quick_eval.num_examples == 4  # rounded up to the 2 batch shards
+        assert not hooks.after_step(2, state)
+        assert not hooks.after_step(4, state)
+    finally:
+        hooks.close()
+    samples = tmp_path / "samples"
+    assert (samples / "step_0000002_segmentation.png").exists()
+    assert not (samples / "step_0000002_generation.png").exists()
+    grid = np.asarray(Image.open(samples / "step_0000004_segmentation.png"))
+    assert grid.shape == (4 * 32 + 3 * 2, 3 * 32 + 2 * 2, 3)  # image | prediction | truth, one row each
+    assert np.asarray(Image.open(samples / "step_0000004_generation.png")).shape == (32, 4 * 32 + 3 * 2, 3)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_restart_continues(tmp_path):
+    workdir = tmp_path / "run"
+    args = [*TINY, f"--workdir={workdir}", "--config.log_every=1", "--config.checkpoint.every_steps=1000"]
+    args += ["--config.eval_every=2", "--config.sample_every=0", "--config.quick_eval.num_examples=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genmask_jax.train", *args, "--config.total_steps=1000"],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 400
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and proc.poll() is None:
+        assert time.time() < deadline, "training did not log 3 steps in time"
+        time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped early" in output and "Traceback" not in output
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and 3 <= steps[0] < 1000
+    assert (workdir / "samples" / "step_0000002_segmentation.png").exists()
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+    result = cli("genmask_jax.train", *args, f"--config.total_steps={steps[0] + 1}")
+    assert_ok(result)
+    assert f"starting at step {steps[0]} from workdir" in result.stdout
+    assert f"training finished at step {steps[0] + 1}" in result.stdout

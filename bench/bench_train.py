@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs.genmask import get_config  # noqa: E402
-from genmask_jax.models import mask_codec  # noqa: E402
+from genmask_jax.models import build, mask_codec  # noqa: E402
 from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
 from genmask_jax.parallel.sharding import rules_from_config  # noqa: E402
 from genmask_jax.train import loop  # noqa: E402
@@ -52,14 +52,14 @@ def main(argv=None):
 
     config = get_config(args.config)
     config.microbatches = args.microbatches
-    model = loop.build_model(config)
+    model = build.build_model(config)
     mesh = make_mesh(tuple(config.mesh.shape))
     rules = rules_from_config(config.sharding.logical_axis_rules)
     opt_cfg = {**config.optimizer.to_dict(), "total_steps": config.total_steps}
     tx = make_optimizer(opt_cfg)
-    state, shardings = create_train_state(loop.dit_initializer(model), tx, jax.random.key(0), mesh, rules,
-                                          abstract_frozen=loop.abstract_frozen(model))
-    vae = loop.random_frozen(loop.abstract_frozen(model), 0)["vae"]
+    state, shardings = create_train_state(build.dit_initializer(model), tx, jax.random.key(0), mesh, rules,
+                                          abstract_frozen=build.abstract_frozen(model))
+    vae = build.random_frozen(build.abstract_frozen(model), 0)["vae"]
     state = attach_frozen(state, shardings, {"vae": vae})
     step = make_train_step(model, tx, shardings, mesh, rules, args.microbatches, 0.0, make_schedule(opt_cfg))
 

@@ -231,10 +231,10 @@ def test_segmentation_sampler_internals():
 
     from configs.genmask import get_config
     from genmask_jax.infer.segmenter import euler_mask_latents, example_noise
-    from genmask_jax.train import loop
+    from genmask_jax.models import build
 
-    model = loop.build_model(get_config())
-    params = jax.jit(lambda key: nn.meta.unbox(loop.dit_initializer(model)(key)))(jax.random.key(0))
+    model = build.build_model(get_config())
+    params = jax.jit(lambda key: nn.meta.unbox(build.dit_initializer(model)(key)))(jax.random.key(0))
     keys = jax.random.split(jax.random.key(1), 3)
     image_latent = jax.random.normal(keys[0], (2, 1, 4, 4, model.z_dim))
     context = jax.random.normal(keys[1], (2, 8, model.dit.text_dim))
@@ -255,6 +255,7 @@ def test_quick_eval_hooks_write_samples(tmp_path):
     import jax
 
     from configs.genmask import get_config
+    from genmask_jax.models import build
     from genmask_jax.parallel.mesh import make_mesh
     from genmask_jax.parallel.sharding import rules_from_config
     from genmask_jax.train import loop
@@ -264,17 +265,17 @@ def test_quick_eval_hooks_write_samples(tmp_path):
     config = get_config()
     config.eval_every, config.sample_every = 2, 4
     config.quick_eval = {"num_examples": 3, "gen_steps": 2}
-    model = loop.build_model(config)
+    model = build.build_model(config)
     mesh = make_mesh((-1, 1, 1), devices=jax.devices()[:2])
     rules = rules_from_config(config.sharding.logical_axis_rules)
     tx = make_optimizer({**config.optimizer.to_dict(), "total_steps": config.total_steps})
     state, shardings = create_train_state(
-        loop.dit_initializer(model),
+        build.dit_initializer(model),
         tx,
         jax.random.key(0),
         mesh,
         rules,
-        abstract_frozen=loop.abstract_frozen(model),
+        abstract_frozen=build.abstract_frozen(model),
     )
     state = loop.load_frozen(config, model, state, shardings)
     hooks = TrainHooks(config, model, tmp_path, mesh, rules)

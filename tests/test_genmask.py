@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,8 @@ import pytest
 from train_helpers import make_batch, random_vae, tiny_model
 
 from genmask_jax.diffusion import flow
+from genmask_jax.models import build
 from genmask_jax.models.genmask import GenMask, drop_text, null_text
-from genmask_jax.train import loop
 
 
 class EchoDiT(GenMask):
@@ -108,7 +109,7 @@ def test_vae_latents_in_the_step_equal_precomputed_latents():
     for task in ("seg", "gen"):
         for key in ("image", "mask"):
             pre[task].pop(key, None)
-    dit = jax.jit(loop.dit_initializer(model))(jax.random.key(0))
+    dit = jax.jit(build.dit_initializer(model))(jax.random.key(0))
     dit = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, dit,
                        is_leaf=lambda x: hasattr(x, "value"))
     draws = model.draw(jax.random.key(2), batch)
@@ -121,7 +122,7 @@ def test_vae_latents_in_the_step_equal_precomputed_latents():
 def test_segment_and_generate_shapes():
     model = tiny_model()
     vae = random_vae(model)
-    dit = loop.nn.meta.unbox(jax.jit(loop.dit_initializer(model))(jax.random.key(0)))
+    dit = nn.meta.unbox(jax.jit(build.dit_initializer(model))(jax.random.key(0)))
     batch = make_batch(1, 2, 0)["seg"]
     mask, score = jax.jit(model.segment)(dit, vae, batch["image"], batch["context"], batch["context_mask"],
                                          jax.random.key(0))

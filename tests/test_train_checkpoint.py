@@ -7,6 +7,7 @@ from test_train_step import max_abs_diff, run, setup
 from train_helpers import make_batch, mesh_of, tiny_config, tiny_model
 
 from convert import wan_dit
+from genmask_jax.models import build
 from genmask_jax.models.dit import init_params
 from genmask_jax.train import checkpointing, loop
 from genmask_jax.train.state import abstract_train_state
@@ -41,7 +42,7 @@ def test_accumulated_state_restores_exactly_onto_another_mesh(tmp_path):
 
 
 def state_for_resume(config, mesh):
-    model = loop.build_model(config)
+    model = build.build_model(config)
     state, shardings, _, _ = setup(mesh)
     return model, state, shardings
 

@@ -1,5 +1,6 @@
 """The sharded train step: mesh invariance, microbatch accumulation, task ratios, optimizer pieces."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,7 @@ import optax
 import pytest
 from train_helpers import make_batch, mesh_of, random_vae, tiny_config, tiny_model
 
+from genmask_jax.models import build
 from genmask_jax.parallel.sharding import rules_from_config
 from genmask_jax.train import loop
 from genmask_jax.train.state import (
@@ -26,8 +28,8 @@ def setup(mesh, microbatches=1, ema_decay=0.0, **overrides):
     rules = rules_from_config(config.sharding.logical_axis_rules)
     opt_cfg = {**config.optimizer.to_dict(), "total_steps": config.total_steps}
     tx = make_optimizer(opt_cfg)
-    state, shardings = create_train_state(loop.dit_initializer(model), tx, jax.random.key(0), mesh, rules,
-                                          use_ema=ema_decay > 0, abstract_frozen=loop.abstract_frozen(model))
+    state, shardings = create_train_state(build.dit_initializer(model), tx, jax.random.key(0), mesh, rules,
+                                          use_ema=ema_decay > 0, abstract_frozen=build.abstract_frozen(model))
     state = attach_frozen(state, shardings, {"vae": random_vae(model)})
     step = make_train_step(model, tx, shardings, mesh, rules, microbatches, ema_decay, make_schedule(opt_cfg))
     return state, shardings, step, rules
@@ -123,7 +125,7 @@ def test_schedule_warmup_constant_and_cosine():
 
 def test_weight_decay_mask_and_clipping():
     model = tiny_model()
-    params = loop.nn.meta.unbox(jax.eval_shape(loop.dit_initializer(model), jax.random.key(0)))
+    params = nn.meta.unbox(jax.eval_shape(build.dit_initializer(model), jax.random.key(0)))
     mask = weight_decay_mask(params)
     assert mask["blocks_0"]["attn1"]["to_q"]["kernel"] and mask["patch_embedding"]["kernel"]
     assert not mask["blocks_0"]["attn1"]["to_q"]["bias"]

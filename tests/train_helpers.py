@@ -5,9 +5,9 @@ import jax
 import numpy as np
 
 from configs.genmask import get_config
+from genmask_jax.models import build
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.parallel.mesh import make_mesh
-from genmask_jax.train import loop
 
 RESOLUTION = 32
 TEXT_LEN = 8
@@ -28,11 +28,11 @@ def tiny_config(**overrides):
 
 
 def tiny_model(config=None) -> GenMask:
-    return loop.build_model(config or tiny_config())
+    return build.build_model(config or tiny_config())
 
 
 def random_vae(model: GenMask, seed: int = 0):
-    return loop.random_frozen(loop.abstract_frozen(model), seed)["vae"]
+    return build.random_frozen(build.abstract_frozen(model), seed)["vae"]
 
 
 def rectangle_masks(rng: np.random.Generator, n: int, size: int = RESOLUTION) -> np.ndarray:

@@ -20,10 +20,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from genmask_jax.models import build
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.parallel.mesh import make_mesh
 from genmask_jax.parallel.sharding import LogicalRules, logical_sharding, rules_from_config
-from genmask_jax.train import loop
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def restore_dit_params(
 ) -> tuple[Any, str]:
     """DiT parameters of checkpoint `step`, sharded by their logical axes; ("ema_params" | "params")."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(loop.dit_initializer(model), jax.random.key(0))
+        boxed = jax.eval_shape(build.dit_initializer(model), jax.random.key(0))
         shardings = logical_sharding(boxed, mesh, rules)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
@@ -124,7 +124,7 @@ def load_vae(config, model: GenMask, mesh, rules: LogicalRules) -> Any:
     """The frozen VAE variables on `mesh`: converted weights (`config.vae_from`) or the run's random VAE."""
     if model.vae is None:
         return None
-    abstract = loop.abstract_frozen(model)["vae"]
+    abstract = build.abstract_frozen(model)["vae"]
     if config.get("vae_from"):
         from convert import wan_vae
 
@@ -133,7 +133,7 @@ def load_vae(config, model: GenMask, mesh, rules: LogicalRules) -> Any:
             log.warning("config.vae_from has config %s, the experiment %s", vae_cfg, model.vae)
     else:
         log.warning("no config.vae_from: using the run's randomly initialised VAE (seed %d)", config.seed)
-        variables = loop.random_frozen(loop.abstract_frozen(model), config.seed)["vae"]
+        variables = build.random_frozen(build.abstract_frozen(model), config.seed)["vae"]
     return jax.device_put(variables, logical_sharding(abstract, mesh, rules))
 
 
@@ -152,7 +152,7 @@ def load(
     """
     directory, step = resolve(path)
     config = config if config is not None else saved_config(directory, step)
-    model = loop.build_model(config)
+    model = build.build_model(config)
     mesh = mesh or inference_mesh(config)
     rules = rules_from_config(config.sharding.logical_axis_rules)
     try:

@@ -21,7 +21,7 @@ from genmask_jax.encoders import make_encoder
 from genmask_jax.infer.checkpoint import LoadedModel
 from genmask_jax.models import mask_codec
 from genmask_jax.models.genmask import GenMask
-from genmask_jax.train.step import batch_axes
+from genmask_jax.parallel.sharding import batch_axes
 
 
 def example_noise(key: jax.Array, index: jax.Array, shape: tuple[int, ...]) -> jax.Array:

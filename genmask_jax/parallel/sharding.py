@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -71,3 +72,13 @@ def logical_sharding(tree, mesh: jax.sharding.Mesh, rules: LogicalRules):
     """NamedShardings for a pytree of `nn.Partitioned` leaves (e.g. an eval_shape'd init)."""
     specs = nn.get_partition_spec(tree)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_axes(rules: LogicalRules) -> tuple[str, ...] | str | None:
+    """Mesh axes of the batch dimension (the `activation_batch` rule)."""
+    return dict(rules).get("activation_batch", ("data", "fsdp"))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: LogicalRules) -> NamedSharding:
+    """Every batch leaf is split over its leading (example) axis."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(rules)))

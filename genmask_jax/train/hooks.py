@@ -143,7 +143,7 @@ class Preemption:
 
 
 def _batch_multiple(mesh, rules) -> tuple[NamedSharding, int]:
-    from genmask_jax.train.step import batch_axes
+    from genmask_jax.parallel.sharding import batch_axes
 
     axes = batch_axes(rules)
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())

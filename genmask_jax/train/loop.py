@@ -12,21 +12,19 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 
-from genmask_jax.models.dit import DiTConfig, WanDiT
+from genmask_jax.models.build import abstract_frozen, build_model, dit_initializer, random_frozen
+from genmask_jax.models.dit import DiTConfig
 from genmask_jax.models.genmask import TASKS, GenMask
-from genmask_jax.models.vae import VAEConfig, WanVAE
 from genmask_jax.parallel import multihost
 from genmask_jax.parallel.mesh import make_mesh
-from genmask_jax.parallel.sharding import rules_from_config
+from genmask_jax.parallel.sharding import batch_sharding, rules_from_config
 from genmask_jax.train import checkpointing
 from genmask_jax.train.hooks import TrainHooks
 from genmask_jax.train.state import (
@@ -37,7 +35,7 @@ from genmask_jax.train.state import (
     make_optimizer,
     make_schedule,
 )
-from genmask_jax.train.step import batch_sharding, make_train_step
+from genmask_jax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -55,49 +53,6 @@ ARCHITECTURE_FIELDS = (
     "num_layers",
     "scan_layers",
 )
-
-
-def build_model(config: ml_collections.ConfigDict) -> GenMask:
-    model_cfg = config.model
-    vae = VAEConfig.from_dict(dict(model_cfg.vae)) if model_cfg.get("vae") else None
-    timesteps = {task: dict(law) for task, law in model_cfg.timesteps.items()}
-    return GenMask(DiTConfig.from_dict(dict(model_cfg.dit)), vae, timesteps, float(model_cfg.text_dropout))
-
-
-def dit_initializer(model: GenMask, text_len: int = 8):
-    """rng -> boxed DiT params (shapes do not depend on the dummy input)."""
-    cfg = model.dit
-    x = jnp.zeros((1, 1, 2 * cfg.patch_size[1], 2 * cfg.patch_size[2], cfg.in_channels), jnp.float32)
-    ctx = jnp.zeros((1, text_len, cfg.text_dim), jnp.float32)
-    return lambda rng: WanDiT(cfg).init(rng, x, jnp.zeros((1,), jnp.float32), ctx)["params"]
-
-
-def abstract_frozen(model: GenMask) -> dict:
-    """{"vae": abstract boxed VAE variables} (shapes and logical axes only), or {}."""
-    if model.vae is None:
-        return {}
-    factor = model.vae.spatial_factor
-    x = jax.ShapeDtypeStruct((1, 1, factor, factor, 3), jnp.float32)
-    return {"vae": jax.eval_shape(lambda r, x: WanVAE(model.vae).init(r, x), jax.random.key(0), x)}
-
-
-def random_frozen(abstract: Any, seed: int) -> Any:
-    """Random frozen parameters drawn on the host with the VAE's init laws (lecun-normal kernels over
-    all but the output axis, zero biases, unit norm gains). For tests and smoke runs: real runs load
-    `config.vae_from`. (Host numpy, because compiling the VAE's jitted init takes tens of seconds.)"""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        leaf = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
-        name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
-        if name == "kernel":
-            fan_in = math.prod(leaf.shape[:-1])
-            return (rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(leaf.dtype)
-        if name in ("gamma", "scale"):
-            return np.ones(leaf.shape, leaf.dtype)
-        return np.zeros(leaf.shape, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def global_batch(local: Mapping[str, Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh, rules) -> dict:

@@ -16,18 +16,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from genmask_jax.models.genmask import GenMask, present_tasks
-from genmask_jax.parallel.sharding import LogicalRules
+from genmask_jax.parallel.sharding import LogicalRules, batch_sharding
 from genmask_jax.train.state import TrainState, ema_update
-
-
-def batch_axes(rules: LogicalRules) -> tuple[str, ...] | str | None:
-    """Mesh axes of the batch dimension (the `activation_batch` rule)."""
-    return dict(rules).get("activation_batch", ("data", "fsdp"))
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, rules: LogicalRules) -> NamedSharding:
-    """Every batch leaf is split over its leading (example) axis."""
-    return NamedSharding(mesh, PartitionSpec(batch_axes(rules)))
 
 
 def split_microbatches(tree, k: int):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
@@ -441,10 +441,13 @@ class EvalIterator:
         batch["index"] = batch["index"].astype(np.int64)
         return batch, [e[1] for e in elements]
 
-    def iter_with_meta(self) -> Iterator[tuple[dict, list]]:
-        ds = grain.MapDataset.range(self.num_batches * self.batch_size).map(self._element)
-        ds = ds.to_iter_dataset(self.read).batch(self.batch_size, batch_fn=self._batch)
-        yield from ds
+    def iter_with_meta(self, steps: Sequence[int] | None = None) -> Iterator[tuple[dict, list]]:
+        """`(batch, metas)` for every batch step of this process, or only `steps` (the others are not
+        read at all, so a resumed evaluation skips finished batches for free)."""
+        b = self.batch_size
+        steps = range(self.num_batches) if steps is None else steps
+        ds = grain.MapDataset.source([s * b + r for s in steps for r in range(b)]).map(self._element)
+        yield from ds.to_iter_dataset(self.read).batch(b, batch_fn=self._batch)
         log.info("evaluation %s: %d examples, %s", self.split, self.num_examples, self.skips.summary())
 
     def __iter__(self) -> Iterator[dict]:

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -194,16 +194,6 @@ def _batch_indices(iterator, step: int) -> list[int]:
     return [i for i in rows if i < iterator.num_examples]
 
 
-def _batches(iterator, steps: list[int]) -> Iterator[tuple[dict, list]]:
-    """`(batch, metas)` of the given batch steps only (the others are not read at all)."""
-    import grain
-
-    b = iterator.batch_size
-    slots = [s * b + r for s in steps for r in range(b)]
-    ds = grain.MapDataset.source(slots).map(iterator._element)
-    yield from ds.to_iter_dataset(iterator.read).batch(b, batch_fn=iterator._batch)
-
-
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -309,7 +299,7 @@ def evaluate_split(
         bar.update(1)
 
     pending = None
-    for batch, metas in _batches(iterator, todo):
+    for batch, metas in iterator.iter_with_meta(todo):
         masks = predict(batch)
         if pending is not None:
             finish(*pending)

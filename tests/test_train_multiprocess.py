@@ -92,6 +92,7 @@ def test_distributed_args_from_config_then_environment():
                                              "process_id": 0}
     assert distributed_args({}, {}) == {}
     assert maybe_initialize({"mode": "off"}, env) is False
+    assert maybe_initialize({"mode": "off"}, {"GENMASK_DISTRIBUTED": "1"}) is False  # the config wins
     assert maybe_initialize({"mode": "auto"}, {}) is False  # nothing asks for it: single process
     with pytest.raises(ValueError, match="mode"):
         maybe_initialize({"mode": "maybe"}, {})

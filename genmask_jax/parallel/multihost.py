@@ -6,7 +6,8 @@ GENMASK_COORDINATOR_ADDRESS, GENMASK_NUM_PROCESSES, GENMASK_PROCESS_ID, and then
 auto-detection (TPU pod slices, SLURM, Open MPI, ...), which needs no arguments at all.
 
 "auto" initialises when an address or a process count > 1 is known, or when JAX detects a cluster;
-"on" always initialises; "off" never does (single process).
+"on" always initialises (GENMASK_DISTRIBUTED=1, set by the launchers, turns "auto" into "on");
+"off" never does (single process).
 """
 
 import logging
@@ -53,6 +54,8 @@ def maybe_initialize(config: Mapping | None, environ: Mapping[str, str] = os.env
     mode = config.get("mode", "auto")
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"distributed.mode must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "auto" and environ.get(f"{ENV_PREFIX}DISTRIBUTED") == "1":
+        mode = "on"  # set by launch/tpu.sh and launch/gpu.sh on multi-process runs
     if mode == "off":
         return False
     if jax.distributed.is_initialized():

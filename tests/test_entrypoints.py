@@ -222,6 +222,20 @@ def test_end_to_end(trained, files, tmp_path):
     assert_ok(result)
     assert np.asarray(Image.open(image_out)).shape == (32, 32, 3)
 
+    import jax
+
+    from convert import wan_dit
+    from genmask_jax.infer import checkpoint
+
+    result = cli("convert.export", str(trained), str(tmp_path / "exported"))
+    assert_ok(result)
+    config, params = wan_dit.load(tmp_path / "exported" / "transformer")
+    loaded = checkpoint.load(trained)
+    assert config == loaded.model.dit
+    np.testing.assert_array_equal(  # the export is exact: compare every tensor bit for bit
+        np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)]),
+        np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(loaded.dit_params)]))
+
 
 def test_segmentation_sampler_internals():
     """One Euler step is the paper's single step; an example's noise depends on its index only."""

@@ -1,0 +1,59 @@
+"""A trained GenMask checkpoint -> diffusers folders, so PyTorch users can load what was trained here.
+
+    python -m convert.export CHECKPOINT DST [--no-ema] [--overwrite]
+
+CHECKPOINT is a training workdir, its checkpoints/ folder or one step folder. DST gets `transformer/`
+(the DiT, with its text embedder of the instruction encoder's width) and, when the run used converted
+VAE weights (`config.vae_from`), `vae/`; both load with diffusers' `from_pretrained`.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from convert import wan_dit, wan_vae
+from convert.checkpoint_io import ConversionError
+
+
+def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
+                      overwrite: bool = False) -> Path:
+    """Writes DST/transformer (and DST/vae when the run loaded converted VAE weights); returns DST."""
+    from genmask_jax.infer import checkpoint as ckpt
+
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} already exists (pass --overwrite to replace it)")
+    loaded = ckpt.load(checkpoint, use_ema=use_ema, mesh=None)
+    to_host = lambda tree: jax.tree.map(np.asarray, jax.device_get(tree))  # noqa: E731
+    if dst.exists():
+        shutil.rmtree(dst)
+    wan_dit.export_diffusers(to_host(loaded.dit_params), loaded.model.dit, dst / "transformer")
+    if loaded.config.get("vae_from"):
+        wan_vae.export_diffusers(to_host(loaded.vae_params), loaded.model.vae, dst / "vae")
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("checkpoint", help="training workdir, checkpoints/ folder or step folder")
+    parser.add_argument("dst", help="output folder (transformer/ and vae/)")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw parameters, not the EMA")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    from genmask_jax.infer.checkpoint import CheckpointError
+
+    try:
+        dst = export_checkpoint(args.checkpoint, args.dst, use_ema=not args.no_ema, overwrite=args.overwrite)
+    except (ConversionError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {dst}: {', '.join(sorted(p.name for p in dst.iterdir()))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

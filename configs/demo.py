@@ -1,0 +1,96 @@
+"""The built-in demo (`python -m genmask_jax.demo`): GenMask learning to segment on a 2-core CPU.
+
+configs/genmask.py's tiny variant with the demo's sizes: 64x64 synthetic referring shapes (8x8x16
+latents from the shipped toy WAN VAE, genmask_jax/assets/toy_vae), a 4-layer width-128 WAN DiT,
+segmentation and caption->image generation mixed 1:1, a = 0.05 for segmentation.
+
+    get_config()                 the demo (about 1,000 CPU-seconds: 10-16 minutes on 2 CPU cores)
+    get_config("variant=smoke")  the same pipeline drastically reduced (tests)
+"""
+
+import json
+import os
+
+import ml_collections
+
+from configs import genmask
+from configs.common import parse_arg
+from genmask_jax.models.dit import DiTConfig
+from genmask_jax.models.vae import VAEConfig
+
+TOY_VAE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "genmask_jax", "assets", "toy_vae"
+)
+
+
+def toy_vae_config(path: str = TOY_VAE) -> VAEConfig:
+    """The shipped toy VAE's config (its latent statistics included), or the tiny variant if absent."""
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            return VAEConfig.from_dict(json.load(f))
+    return VAEConfig.from_variant("tiny")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = parse_arg(arg, variant="demo")
+    config = genmask.get_config("variant=tiny")
+    config.model.dit = DiTConfig.from_variant(
+        "tiny", dim=128, ffn_dim=256, num_heads=4, num_layers=4, text_dim=64, scan_layers=True
+    ).to_dict()
+    config.model.vae = toy_vae_config().to_dict()
+    config.vae_from = TOY_VAE
+    config.model.timesteps.segmentation.a = 0.05
+    config.model.text_dropout = 0.1
+
+    config.data.resolution = (64, 64)
+    config.data.shapes.expression_kinds = "attribute"
+    config.data.shapes.max_shapes = 4
+    config.data.shapes.test_size = 500
+    config.data.encoder.dim = config.model.dit["text_dim"]
+    config.data.encoder.context_length = 32  # the longest captions fit.
+
+    config.batch.seg = config.batch.gen = 32
+    config.total_steps = 2500
+    config.log_every = 50
+    config.optimizer.lr = 1.5e-3
+    config.optimizer.warmup_steps = 50
+    config.optimizer.schedule = "cosine"
+    config.optimizer.end_lr_factor = 0.05
+    config.optimizer.weight_decay = 0.0
+    config.checkpoint.every_steps = 500
+    # The demo evaluates after training (below); its training batches carry latents, not pixels.
+    config.eval_every = config.sample_every = 0
+    config.checkpoint.keep = 1
+
+    config.demo = ml_collections.ConfigDict()
+    config.demo.num_train_scenes = 6000  # rendered and VAE-encoded once, then sampled for both tasks.
+    config.demo.eval_split = "test"
+    config.demo.eval_batch_size = 50
+    config.demo.num_grid = 16  # test examples drawn in the report's grid.
+    config.demo.num_generated = 8
+    config.demo.generation_steps = 20
+    config.demo.guidance_scale = 3.0
+    config.demo.generation_shift = 1.0
+    # Pretrains the toy VAE here when `vae_from` has no checkpoint (slow; the shipped one is normal).
+    config.demo.vae_pretrain_steps = 400
+
+    if arg.variant == "smoke":
+        config.model.dit = DiTConfig.from_variant("tiny", text_dim=32).to_dict()
+        config.data.encoder.dim = 32
+        config.data.resolution = (32, 32)
+        config.data.shapes.test_size = 8
+        config.batch.seg = config.batch.gen = 8  # divisible by the 8 simulated test devices.
+        config.total_steps = 4
+        config.log_every = 2
+        config.optimizer.warmup_steps = 1
+        config.checkpoint.every_steps = 4
+        config.demo.num_train_scenes = 16
+        config.demo.eval_batch_size = 8
+        config.demo.num_grid = 4
+        config.demo.num_generated = 2
+        config.demo.generation_steps = 2
+        config.demo.vae_pretrain_steps = 2
+    elif arg.variant != "demo":
+        raise ValueError(f"unknown variant {arg.variant!r}; use 'demo' or 'smoke'")
+    return config

@@ -1,0 +1,44 @@
+"""The built-in demo: GenMask trained and evaluated on synthetic referring shapes, on CPU.
+
+    python -m genmask_jax.demo [--workdir runs/demo] [--config configs/demo.py[:variant=smoke]]
+                               [--config.total_steps 1000 ...]
+
+Loads the shipped toy WAN VAE, trains a tiny WAN DiT on segmentation (mask generation) mixed 1:1
+with caption->image generation, evaluates single-step segmentation on the held-out test split and
+writes a report (metrics.json, report.md, segmentation_grid.png, generated.png) to the workdir.
+"""
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from genmask_jax.experiments import pipeline
+
+_DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"
+)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "The demo config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the checkpoints and the report go.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def main(argv) -> None:
+    del argv
+    logging.getLogger().setLevel(logging.WARNING)
+    report = pipeline.run_demo(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+    seg, base = report["segmentation"], report["baselines"]
+    print(
+        f"held-out {report['eval_split']}: gIoU {seg['giou']:.4f} cIoU {seg['ciou']:.4f} (single step); "
+        f"empty mask gIoU {base['empty_mask']['giou']:.4f}, "
+        f"all shapes {base['all_shapes_mask']['giou']:.4f}; "
+        f"{report['timing']['total_s']:.0f} s"
+    )
+    print(f"report: {os.path.join(_WORKDIR.value, 'report.md')}")
+
+
+if __name__ == "__main__":
+    app.run(main)

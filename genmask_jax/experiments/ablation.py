@@ -1,0 +1,163 @@
+"""Findings 2-5 at small scale: the demo's setting, shorter, one variable changed at a time.
+
+    python -m genmask_jax.experiments.ablation --study timestep_law   # a = 0.05 / 0.1 / 0.5, logit-normal
+    python -m genmask_jax.experiments.ablation --study steps          # single step vs 4 and 16 Euler steps
+    python -m genmask_jax.experiments.ablation --study mixing         # seg:gen 1:1 vs 1:0
+    python -m genmask_jax.experiments.ablation --study shortcut       # with / without the image frame
+
+Every variant trains from scratch on the same latent pool (same VAE, scenes and seeds) with the same
+number of steps and segmentation examples per step, then is evaluated on the held-out split by
+single-step inference (the `steps` study evaluates one model with several step counts). Results go
+to `<out>/<study>.json` and `<out>/<study>.png`.
+"""
+
+import argparse
+import json
+import os
+import time
+
+from configs import demo as demo_config
+from genmask_jax.eval.inprocess import evaluate_segmentation
+from genmask_jax.experiments import pipeline
+from genmask_jax.train.latent_data import build_latent_pool
+
+STUDIES = {
+    "timestep_law": {
+        "a=0.05": {"segmentation": {"law": "heavy_tailed", "a": 0.05}},
+        "a=0.1": {"segmentation": {"law": "heavy_tailed", "a": 0.1}},
+        "a=0.5": {"segmentation": {"law": "heavy_tailed", "a": 0.5}},
+        "logit-normal": {"segmentation": {"law": "logit_normal", "mean": 0.0, "std": 1.0}},
+    },
+    "mixing": {"seg:gen 1:1": {"gen_ratio": 1.0}, "seg:gen 1:0": {"gen_ratio": 0.0}},
+    "shortcut": {"with image frame": {"image_frame": True}, "without image frame": {"image_frame": False}},
+    "steps": {"1 step": {"num_steps": 1}, "4 steps": {"num_steps": 4}, "16 steps": {"num_steps": 16}},
+}
+
+
+def variant_config(base, variant: dict, steps: int, seed: int):
+    config = base.copy_and_resolve_references()
+    config.total_steps = steps
+    config.seed = seed
+    config.checkpoint.every_steps = steps
+    if "segmentation" in variant:
+        config.model.timesteps.segmentation = dict(variant["segmentation"])
+    if "gen_ratio" in variant:
+        config.batch.gen = int(round(config.batch.seg * variant["gen_ratio"]))
+    return config
+
+
+def run_study(
+    study: str, steps: int, seeds: list[int], num_scenes: int, test_size: int, out: str, trained_run: str = ""
+) -> dict:
+    """`trained_run` (the `steps` study only): a demo workdir whose final checkpoint is evaluated
+    instead of training a model here (its config must be the demo's default)."""
+    base = demo_config.get_config()
+    base.data.shapes.test_size = test_size
+    vae_config, vae_params = pipeline.load_toy_vae(base, out)
+    trained = {}
+    if trained_run:
+        if study != "steps":
+            raise ValueError("--trained_run only applies to --study steps")
+        steps, num_scenes = int(base.total_steps), int(base.demo.num_train_scenes)
+        small = build_latent_pool(base.data, 8, vae_config, vae_params, progress=False)
+        params, _ = pipeline.train_dit(base, os.path.join(trained_run, "train"), small, progress=False)
+        trained = {seed: (base, params) for seed in seeds}
+        pool = small
+    else:
+        pool = build_latent_pool(base.data, num_scenes, vae_config, vae_params)
+    results = {}
+    for name, variant in STUDIES[study].items():
+        for seed in seeds:
+            start = time.perf_counter()
+            key = seed if study == "steps" else (name, seed)
+            if key not in trained:
+                config = variant_config(base, variant, steps, seed)
+                workdir = os.path.join(
+                    out, "runs", study, f"{name}-seed{seed}".replace(" ", "_").replace(":", "")
+                )
+                params, _ = pipeline.train_dit(
+                    config, workdir, pool, image_frame=variant.get("image_frame", True)
+                )
+                trained[key] = (config, params)
+            config, params = trained[key]
+            model = pipeline.genmask_model(config, vae_config)
+            result = evaluate_segmentation(
+                model,
+                params,
+                vae_params,
+                config.data,
+                "test",
+                int(config.demo.eval_batch_size),
+                num_steps=variant.get("num_steps", 1),
+                seed=seed,
+                keep=0,
+                image_frame=variant.get("image_frame", True),
+            )
+            results.setdefault(name, []).append(
+                {
+                    "seed": seed,
+                    **{k: result.metrics[k] for k in ("giou", "ciou")},
+                    "per_kind": result.per_kind,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            print(name, seed, results[name][-1], flush=True)
+    return {
+        "study": study,
+        "steps": steps,
+        "seeds": seeds,
+        "num_train_scenes": num_scenes,
+        "test_size": test_size,
+        "results": results,
+    }
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(summary["results"])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for k, metric in enumerate(("giou", "ciou")):
+        values = [[r[metric] for r in summary["results"][n]] for n in names]
+        x = np.arange(len(names)) + (k - 0.5) * 0.35
+        ax.bar(
+            x,
+            [np.mean(v) for v in values],
+            0.35,
+            label=metric,
+            yerr=[np.std(v) if len(v) > 1 else 0 for v in values],
+        )
+    ax.set_xticks(np.arange(len(names)), names, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{summary['study']} ({summary['steps']} steps, held-out synthetic test)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--study", choices=sorted(STUDIES), required=True)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--num_train_scenes", type=int, default=4000)
+    parser.add_argument("--test_size", type=int, default=300)
+    parser.add_argument("--out", default="docs/findings")
+    parser.add_argument("--trained_run", default="", help="steps study: evaluate this demo workdir's model")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    summary = run_study(
+        args.study, args.steps, seeds, args.num_train_scenes, args.test_size, args.out, args.trained_run
+    )
+    with open(os.path.join(args.out, f"{args.study}.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot(summary, os.path.join(args.out, f"{args.study}.png"))
+
+
+if __name__ == "__main__":
+    main()

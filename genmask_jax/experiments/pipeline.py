@@ -1,0 +1,202 @@
+"""The small synthetic GenMask run behind the demo and the experiments, as separate steps.
+
+    vae_config, vae_params = load_toy_vae(config, workdir)
+    pool = build_latent_pool(config.data, config.demo.num_train_scenes, vae_config, vae_params)
+    dit_params, history = train_dit(config, workdir, pool)
+    model = genmask_model(config, vae_config)
+    result = evaluate_segmentation(model, dit_params, vae_params, config.data, ...)
+
+`run_demo(config, workdir)` chains them, generates a few images and writes the report.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from genmask_jax.encoders import make_encoder
+from genmask_jax.eval import report as report_lib
+from genmask_jax.eval.inprocess import evaluate_segmentation
+from genmask_jax.models.genmask import GenMask
+from genmask_jax.models.vae import VAEConfig
+from genmask_jax.train import loop, vae_pretrain
+from genmask_jax.train.latent_data import LatentBatches, LatentPool, build_latent_pool, shapes_source
+
+log = logging.getLogger(__name__)
+
+
+def load_toy_vae(
+    config: ml_collections.ConfigDict, workdir: str, progress: bool = True
+) -> tuple[VAEConfig, dict]:
+    """The frozen toy VAE from `config.vae_from`; if that holds no checkpoint, pretrains one into
+    `<workdir>/toy_vae` (`config.demo.vae_pretrain_steps` steps) or reuses the one found there."""
+    path = config.vae_from
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        return vae_pretrain.load(path)
+    local = os.path.join(workdir, "toy_vae")
+    if not os.path.isfile(os.path.join(local, "config.json")):
+        log.warning("no toy VAE at %r: pretraining one into %s", path, local)
+        cfg = vae_pretrain.PretrainConfig(
+            resolution=int(config.data.resolution[0]),
+            steps=int(config.demo.vae_pretrain_steps),
+            pool_size=min(4096, 64 * int(config.demo.vae_pretrain_steps)),
+        )
+        vae_config, params, history, iou = vae_pretrain.pretrain(cfg, progress=progress)
+        vae_pretrain.save(local, vae_config, params, extra={"val_mask_iou": iou, "history": history})
+    return vae_pretrain.load(local)
+
+
+def genmask_model(config: ml_collections.ConfigDict, vae_config: VAEConfig | None) -> GenMask:
+    """The GenMask task assembly of `config` around the given (loaded) VAE."""
+    model = loop.build_model(_without_vae(config))
+    return dataclasses.replace(model, vae=vae_config)
+
+
+def _without_vae(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy whose model has no VAE: training batches carry precomputed latents."""
+    out = config.copy_and_resolve_references()
+    out.model.vae = None
+    return out
+
+
+class _Progress:
+    """A tqdm bar advanced once per batch, showing the last logged losses from metrics.jsonl."""
+
+    def __init__(self, total: int, metrics_path: str, enabled: bool, every: int):
+        self.bar = tqdm(total=total, desc="train GenMask DiT", disable=not enabled, mininterval=1.0)
+        self.metrics_path, self.every, self.count = metrics_path, every, 0
+
+    def __call__(self):
+        self.bar.update(1)
+        self.count += 1
+        if self.count % self.every == 0 and os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                lines = f.read().splitlines()
+            if lines:
+                last = json.loads(lines[-1])
+                self.bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss_seg", "loss_gen") if k in last})
+
+    def close(self):
+        self.bar.close()
+
+
+def train_dit(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    pool: LatentPool,
+    progress: bool = True,
+    image_frame: bool = True,
+) -> tuple[dict, list[dict]]:
+    """Trains the GenMask DiT on the latent pool with `train.loop.train` (checkpoints and
+    metrics.jsonl in `workdir`); returns (DiT params (EMA ones if configured), logged metrics)."""
+    train_config = _without_vae(config)
+    bar = _Progress(config.total_steps, os.path.join(workdir, "metrics.jsonl"), progress, config.log_every)
+    batches = LatentBatches(pool, config.batch.seg, config.batch.gen, config.seed, bar, image_frame)
+    try:
+        state, history = loop.train(train_config, workdir, data_iterator=batches)
+    finally:
+        bar.close()
+    params = state.ema_params if state.ema_params is not None else state.params
+    return jax.device_get(params), history
+
+
+def generate_images(
+    model: GenMask, dit_params, vae_params, config: ml_collections.ConfigDict, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Text-to-image for the captions of the first test scenes: (generated uint8 `(N, H, W, 3)`,
+    the scenes' own images, captions)."""
+    n = int(config.demo.num_generated)
+    source = shapes_source(config.data, config.demo.eval_split, task="gen")
+    examples = [source[i] for i in range(n)]
+    captions = [e["caption"] for e in examples]
+    context, context_mask = make_encoder(config.data.encoder).encode(None, captions)
+    generate = jax.jit(
+        functools.partial(
+            model.generate,
+            image_hw=tuple(config.data.resolution),
+            num_steps=int(config.demo.generation_steps),
+            guidance_scale=float(config.demo.guidance_scale),
+            shift=float(config.demo.generation_shift),
+        )
+    )
+    images = generate(
+        dit_params, vae_params, jnp.asarray(context), jnp.asarray(context_mask), jax.random.key(seed)
+    )
+    generated = np.clip((np.asarray(images) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return generated, np.stack([e["image"] for e in examples]), captions
+
+
+def run_demo(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
+    """VAE -> latent pool -> DiT training -> held-out evaluation -> generation -> report; returns the
+    report dict (also written to `<workdir>/metrics.json`)."""
+    os.makedirs(workdir, exist_ok=True)
+    timing, start, cpu_start = {}, time.perf_counter(), time.process_time()
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timing[name] = now - since
+        return now
+
+    tick = start
+    vae_config, vae_params = load_toy_vae(config, workdir, progress)
+    tick = lap("vae_s", tick)
+    pool = build_latent_pool(
+        config.data, int(config.demo.num_train_scenes), vae_config, vae_params, progress=progress
+    )
+    tick = lap("data_s", tick)
+    dit_params, history = train_dit(config, os.path.join(workdir, "train"), pool, progress)
+    tick = lap("train_s", tick)
+    model = genmask_model(config, vae_config)
+    result = evaluate_segmentation(
+        model,
+        dit_params,
+        vae_params,
+        config.data,
+        config.demo.eval_split,
+        int(config.demo.eval_batch_size),
+        seed=config.seed,
+        keep=int(config.demo.num_grid),
+        progress=progress,
+    )
+    tick = lap("eval_s", tick)
+    generated = (
+        generate_images(model, dit_params, vae_params, config, seed=config.seed)
+        if config.demo.num_generated
+        else None
+    )
+    tick = lap("generate_s", tick)
+    timing["total_s"] = tick - start
+    # CPU seconds of all threads: with the machine shared, wall time overstates what the run needs.
+    timing["process_cpu_s"] = time.process_time() - cpu_start
+    report = {
+        "segmentation": result.metrics,
+        "per_expression_kind": result.per_kind,
+        "baselines": result.baselines,
+        "eval_split": config.demo.eval_split,
+        "expression_kinds": config.data.shapes.expression_kinds,
+        "resolution": list(config.data.resolution),
+        "train": {"steps": int(config.total_steps), "history": history},
+        "timing": timing,
+        "devices": [str(d) for d in jax.devices()],
+        "config": config.to_dict(),
+    }
+    report["paths"] = report_lib.write_report(workdir, _jsonable(report), result.examples, generated)
+    return report
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    return value

@@ -1,0 +1,176 @@
+"""A fixed pool of synthetic scenes encoded once by the frozen VAE, and a training iterator over it.
+
+For CPU runs (the demo, the small experiments) the frozen VAE dominates a train step, and the same
+scenes are seen many times: so each scene is rendered, its texts encoded (referring expression for
+segmentation, caption for generation) and its image and target mask VAE-encoded once. Batches then
+carry `image_latent` / `mask_latent` (normalised VAE means, `(B, 1, h, w, z)`), which
+`models.genmask.GenMask` uses instead of encoding, so the train step needs no VAE at all.
+
+`LatentBatches` yields the interfaces.md batch layout (with latents in place of pixels); batch `s`
+is a pure function of `(seed, s)`, and `get_state` / `set_state` let the train loop's checkpoints
+save and resume it.
+"""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from genmask_jax.data.shapes import SyntheticShapes
+from genmask_jax.encoders import make_encoder
+from genmask_jax.models import mask_codec
+from genmask_jax.models import vae as vae_lib
+
+
+@dataclasses.dataclass
+class LatentPool:
+    """N scenes; latents `(N, 1, h, w, z)`, contexts `(N, L, D)` float32 with masks `(N, L)` bool."""
+
+    image_latent: np.ndarray
+    mask_latent: np.ndarray
+    seg_context: np.ndarray
+    seg_context_mask: np.ndarray
+    gen_context: np.ndarray
+    gen_context_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.image_latent)
+
+
+def shapes_source(
+    data_config, split: str, num_examples: int | None = None, task: str = "seg"
+) -> SyntheticShapes:
+    """The synthetic referring-shapes split that `data_config` describes."""
+    s = data_config.shapes
+    resolution = tuple(s.render_resolution) or tuple(data_config.resolution)
+    if num_examples is None:
+        num_examples = {"train": s.train_size, "val": s.val_size, "test": s.test_size}[split]
+    return SyntheticShapes(
+        split,
+        resolution,
+        seed=s.seed,
+        num_examples=num_examples,
+        min_shapes=s.min_shapes,
+        max_shapes=s.max_shapes,
+        task=task,
+        expression_kinds=s.expression_kinds,
+    )
+
+
+def make_encode_fn(vae_config: vae_lib.VAEConfig):
+    """jitted `(vae_params, rgb (B, H, W, 3)) -> normalised latents (B, 1, H/8, W/8, z)`."""
+
+    @jax.jit
+    def encode(params, rgb):
+        mean, _ = vae_lib.WanVAE(vae_config).apply(params, rgb[:, None], method="encode")
+        return vae_lib.normalize_latents(mean, vae_config)
+
+    return encode
+
+
+def _encode_all(encode, params, rgb: np.ndarray, batch_size: int) -> np.ndarray:
+    pad = -len(rgb) % batch_size
+    if pad:
+        rgb = np.concatenate([rgb, np.zeros((pad, *rgb.shape[1:]), rgb.dtype)])
+    out = [np.asarray(encode(params, rgb[i : i + batch_size])) for i in range(0, len(rgb), batch_size)]
+    return np.concatenate(out)[: len(rgb) - pad]
+
+
+def build_latent_pool(
+    data_config,
+    num_scenes: int,
+    vae_config: vae_lib.VAEConfig,
+    vae_params,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> LatentPool:
+    """Renders `num_scenes` training scenes, encodes their texts and VAE-encodes images and masks."""
+    source = shapes_source(data_config, data_config.train_split, num_scenes)
+    encoder = make_encoder(data_config.encoder)
+    h, w = source.resolution
+    images = np.empty((num_scenes, h, w, 3), np.float32)
+    masks = np.empty((num_scenes, h, w), np.float32)
+    expressions, captions = [], []
+    for i in tqdm(range(num_scenes), desc="render scenes", disable=not progress, mininterval=1.0):
+        example = source[i]
+        images[i] = example["image"].astype(np.float32) / 127.5 - 1.0
+        masks[i] = example["mask"]
+        expressions.append(example["expression"])
+        captions.append(example["caption"])
+    seg_context, seg_mask = encoder.encode(None, expressions)
+    gen_context, gen_mask = encoder.encode(None, captions)
+    encode = make_encode_fn(vae_config)
+    latents = []
+    for rgb in (images, np.asarray(mask_codec.mask_to_rgb(masks))):
+        chunks = []
+        for start in tqdm(
+            range(0, num_scenes, 16 * batch_size), desc="VAE-encode", disable=not progress, mininterval=1.0
+        ):
+            chunks.append(_encode_all(encode, vae_params, rgb[start : start + 16 * batch_size], batch_size))
+        latents.append(np.concatenate(chunks))
+    return LatentPool(latents[0], latents[1], seg_context, seg_mask, gen_context, gen_mask)
+
+
+class LatentBatches:
+    """Endless `{"seg": {...}, "gen": {...}}` batches drawn from a `LatentPool`.
+
+    Segmentation and generation examples are drawn independently (the same scene may appear in both,
+    once with its referring expression, once with its caption). `on_batch` is called after every
+    batch (the demo's progress bar). `image_frame=False` zeroes the segmentation image latents (the
+    "no VAE shortcut" ablation).
+    """
+
+    def __init__(
+        self,
+        pool: LatentPool,
+        batch_seg: int,
+        batch_gen: int,
+        seed: int = 0,
+        on_batch=None,
+        image_frame: bool = True,
+    ):
+        self.pool, self.batch_seg, self.batch_gen, self.seed = pool, batch_seg, batch_gen, seed
+        self.image_frame = image_frame
+        self.step = 0
+        self.on_batch = on_batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rng = np.random.default_rng([self.seed, self.step])
+        seg = rng.choice(len(self.pool), self.batch_seg, replace=False)
+        gen = rng.choice(len(self.pool), self.batch_gen, replace=False)
+        p = self.pool
+        batch = {
+            "seg": {
+                "image_latent": p.image_latent[seg]
+                if self.image_frame
+                else np.zeros_like(p.image_latent[seg]),
+                "mask_latent": p.mask_latent[seg],
+                "context": p.seg_context[seg],
+                "context_mask": p.seg_context_mask[seg],
+            }
+        }
+        if self.batch_gen:
+            batch["gen"] = {
+                "image_latent": p.image_latent[gen],
+                "context": p.gen_context[gen],
+                "context_mask": p.gen_context_mask[gen],
+            }
+        self.step += 1
+        if self.on_batch is not None:
+            self.on_batch()
+        return batch
+
+    def get_state(self) -> bytes:
+        return json.dumps({"step": self.step, "seed": self.seed}).encode()
+
+    def start_prefetch(self) -> None:
+        """Called by grain's checkpoint handler after a restore; nothing is read ahead here."""
+
+    def set_state(self, state) -> None:
+        state = json.loads(state) if isinstance(state, (bytes, str)) else state
+        self.step, self.seed = int(state["step"]), int(state["seed"])

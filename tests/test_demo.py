@@ -1,0 +1,80 @@
+"""The built-in demo: its config, the latent-pool iterator, the baselines, and one drastically reduced
+end-to-end run that writes the report (the shipped toy VAE, a 2-layer width-64 DiT, 4 steps)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import demo as demo_config
+from genmask_jax.eval.inprocess import all_shapes_mask
+from genmask_jax.experiments import pipeline
+from genmask_jax.train.latent_data import LatentBatches, LatentPool, shapes_source
+
+
+def test_demo_config_is_consistent():
+    for variant in ("demo", "smoke"):
+        config = demo_config.get_config(f"variant={variant}")
+        assert config.data.encoder.dim == config.model.dit["text_dim"]
+        assert config.model.timesteps.segmentation.to_dict() == {"law": "heavy_tailed", "a": 0.05}
+        assert config.batch.seg == config.batch.gen  # the 1:1 task mix
+        assert config.data.resolution[0] % 16 == 0  # VAE x8, then the DiT's 2x2 patches
+
+
+def _pool(n=6, L=4, D=8):
+    rng = np.random.default_rng(0)
+    lat = lambda: rng.standard_normal((n, 1, 2, 2, 16)).astype(np.float32)
+    ctx = lambda: rng.standard_normal((n, L, D)).astype(np.float32)
+    return LatentPool(lat(), lat(), ctx(), np.ones((n, L), bool), ctx(), np.ones((n, L), bool))
+
+
+def test_latent_batches_layout_and_resume():
+    calls = []
+    it = LatentBatches(_pool(), batch_seg=2, batch_gen=3, seed=1, on_batch=lambda: calls.append(1))
+    first = next(it)
+    assert set(first) == {"seg", "gen"}
+    assert first["seg"]["mask_latent"].shape == (2, 1, 2, 2, 16)
+    assert first["gen"]["context"].shape == (3, 4, 8) and "mask_latent" not in first["gen"]
+    state = it.get_state()
+    expected = next(it)
+    resumed = LatentBatches(_pool(), 2, 3, seed=0)
+    resumed.set_state(state)
+    again = next(resumed)
+    np.testing.assert_array_equal(again["seg"]["image_latent"], expected["seg"]["image_latent"])
+    assert len(calls) == 2
+    assert "gen" not in next(LatentBatches(_pool(), 2, 0))
+
+
+def test_all_shapes_mask_covers_the_target():
+    source = shapes_source(demo_config.get_config("variant=smoke").data, "test", 4)
+    for i in range(4):
+        example = source[i]
+        union = all_shapes_mask(source.scene(i), *example["mask"].shape)
+        target = example["mask"] > 0
+        # Both masks are PIL renders of the same polygons, so the target lies inside the union exactly.
+        assert np.all(union[target]) and union.sum() > target.sum()
+
+
+def test_demo_smoke_end_to_end(tmp_path):
+    config = demo_config.get_config("variant=smoke")
+    report = pipeline.run_demo(config, str(tmp_path), progress=False)
+    for name in ("metrics.json", "report.md", "segmentation_grid.png", "generated.png"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["segmentation"]["num_samples"] == config.data.shapes.test_size
+    assert 0.0 <= saved["segmentation"]["giou"] <= 1.0
+    # Every test target is non-empty, so the empty mask scores exactly 0.
+    assert saved["baselines"]["empty_mask"]["giou"] == 0.0
+    assert saved["baselines"]["all_shapes_mask"]["giou"] > 0.0
+    assert len(report["train"]["history"]) >= 1
+
+
+@pytest.mark.slow
+def test_vae_pretrain_runs(tmp_path):
+    from genmask_jax.train import vae_pretrain
+
+    cfg = vae_pretrain.PretrainConfig(resolution=32, crop=16, pool_size=8, batch_size=4, steps=2)
+    config, params, history, iou = vae_pretrain.pretrain(cfg, progress=False)
+    vae_pretrain.save(str(tmp_path / "vae"), config, params)
+    loaded_config, loaded = vae_pretrain.load(str(tmp_path / "vae"))
+    assert loaded_config == config and 0.0 <= iou <= 1.0

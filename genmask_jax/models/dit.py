@@ -172,6 +172,10 @@ class ConditionEmbedder(nn.Module):
             nn.silu(temb).astype(dtype)
         )
         proj = proj.astype(f32).reshape(*proj.shape[:-1], 6, cfg.dim)
+        # Per-token timesteps make these (B, L, ...) tensors as large as the activations: pin them to
+        # the batch sharding, or XLA may materialise them for the global batch on every device.
+        temb = nn.with_logical_constraint(temb, (BATCH, LENGTH, EMBED))
+        proj = nn.with_logical_constraint(proj, (BATCH, LENGTH, None, EMBED))
         ctx = Mlp(
             cfg.dim, ("text_embed", "mlp", "embed"), gelu_tanh, dtype, param_dtype, name="text_embedder"
         )(context.astype(dtype))

@@ -1,0 +1,710 @@
+"""Ahead-of-time compilation of the GenMask train and evaluation steps for a named TPU slice, without a TPU.
+
+    python -m genmask_jax.aot --config=configs/genmask.py:variant=paper --topology=v5e:8x8 \
+        --config.microbatches=4
+    python -m genmask_jax.aot --config=configs/genmask.py:variant=paper --topology=v5p:2x4x4 \
+        --config.mesh.shape="(1,8,4)" --remat=dots_with_no_batch_dims_saveable --skip_eval
+    python -m genmask_jax.aot --config=configs/genmask.py:variant=paper --topology=v5e:16x16 --sweep \
+        --meshes=1x256x1,1x64x4 --remat=nothing_saveable --microbatches=1,2,4
+
+libtpu (`requirements-tpu.txt`) compiles for `--topology` on any machine. Every input is abstract
+(`jax.ShapeDtypeStruct` with its sharding; the state comes from `jax.eval_shape`), so no weight or batch is
+ever allocated. The train step is the one `train` runs (`train.step.make_train_step`: both task
+sub-batches, the frozen VAE encode, AdamW); the evaluation step is single-step segmentation
+(`GenMask.segment`: VAE encode, one DiT call, VAE decode). Prints per device the compiler's memory
+figures against the chip's HBM, the FLOPs per step (counted from the step's jaxpr, see `count_flops`),
+the FLOP-bound step time and the MFU it implies; exits 1 when a step does not fit, 2 when libtpu is
+missing. A compile of the real 1.3B step for a 64-256 chip slice costs 5-8 CPU-minutes (a refusal for
+lack of HBM comes sooner), so `--sweep` takes a few chosen points, not a grid.
+"""
+
+import copy
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+# Before jax is imported: compile on the host CPU client (there is no TPU here), and let several processes
+# (tests, other jobs) load libtpu at once instead of failing on its lockfile.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from jax.extend import core as jax_core  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from genmask_jax.models.dit import DiTConfig  # noqa: E402
+from genmask_jax.models.genmask import GenMask  # noqa: E402
+from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
+from genmask_jax.parallel.sharding import rules_from_config  # noqa: E402
+from genmask_jax.train import loop  # noqa: E402
+from genmask_jax.train.state import TrainState, make_optimizer, make_schedule, state_shardings  # noqa: E402
+from genmask_jax.train.step import batch_sharding, make_train_step  # noqa: E402
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Per-chip figures from Google Cloud's TPU system-architecture pages."""
+
+    name: str
+    hbm_bytes: int
+    peak_bf16_flops: float
+    hbm_bytes_per_s: float
+
+
+CHIPS = {
+    # https://cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 275 TFLOP/s bf16, 1,228 GB/s (2 TensorCores).
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1228e9),
+    # https://cloud.google.com/tpu/docs/v5e: 16 GiB HBM2, 197 TFLOP/s bf16, 819 GB/s.
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9),
+    # https://cloud.google.com/tpu/docs/v5p: 95 GiB HBM2e, 459 TFLOP/s bf16, 2,765 GB/s.
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9),
+    # https://cloud.google.com/tpu/docs/v6e: 32 GiB HBM, 918 TFLOP/s bf16, 1,640 GB/s.
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9),
+}
+CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "none")
+
+
+class LibtpuMissing(RuntimeError):
+    """libtpu is not installed or cannot describe the topology."""
+
+
+def chip_of(topology: str) -> Chip:
+    """`"v5e:8x8"` -> the v5e chip figures."""
+    kind = re.split(r"[:=_]", topology, maxsplit=1)[0].lower()
+    kind = CHIP_ALIASES.get(kind, kind)
+    if kind not in CHIPS:
+        raise ValueError(f"unknown TPU generation in {topology!r}; known: {sorted(CHIPS)}")
+    return CHIPS[kind]
+
+
+def libtpu_problem() -> str | None:
+    """One line saying why topologies cannot be compiled for here, or None."""
+    if importlib.util.find_spec("libtpu") is None:
+        return (
+            "libtpu is not installed (pip install -r requirements-tpu.txt); cannot compile for a TPU topology"
+        )
+    return None
+
+
+def topology_devices(topology: str) -> list:
+    """The devices of a TPU slice, e.g. `"v5e:8x8"` (64 chips) or `"v5p:2x4x4"` (32 chips)."""
+    problem = libtpu_problem()
+    if problem:
+        raise LibtpuMissing(problem)
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as e:  # libtpu reports bad names and load failures as runtime errors.
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LibtpuMissing(f"libtpu cannot describe topology {topology!r}: {message}") from e
+
+
+def devices_per_chip(devices: Sequence) -> int:
+    """TPU v4 slices show one device per TensorCore (2 per chip); v5e/v5p/v6e one per chip."""
+    return len({getattr(d, "core_on_chip", 0) for d in devices})
+
+
+# Abstract inputs.
+
+
+def with_overrides(
+    config: ml_collections.ConfigDict,
+    mesh_shape=None,
+    remat: str | None = None,
+    microbatches: int | None = None,
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with another mesh shape, DiT remat policy or microbatch count; scan_layers on
+    (one compiled block instead of num_layers keeps compiles short)."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        if mesh_shape is not None:
+            config.mesh.shape = tuple(mesh_shape)
+        config.model.dit.scan_layers = True
+        if remat is not None:
+            config.model.dit.remat_policy = remat
+        if microbatches is not None:
+            config.microbatches = int(microbatches)
+    return config
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_state(model: GenMask, tx, mesh, rules, use_ema: bool) -> tuple[TrainState, TrainState]:
+    """(TrainState of sharded ShapeDtypeStructs, TrainState of NamedShardings); nothing is allocated.
+
+    Mirrors `train.state.create_train_state` + `load_frozen` (same shardings via `state_shardings`).
+    """
+    init, rng = loop.dit_initializer(model), jax.random.key(0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed_params = jax.eval_shape(init, rng)
+    # Outside the TPU mesh: these run small concrete ops, which cannot execute on a topology's devices.
+    boxed_frozen = loop.abstract_frozen(model)
+    shardings = state_shardings(boxed_params, boxed_frozen, tx, mesh, rules, use_ema)
+    params = nn.meta.unbox(boxed_params)
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+        ema_params=params if use_ema else None,
+        frozen=nn.meta.unbox(boxed_frozen),
+    )
+    return _abstract(state, shardings), shardings
+
+
+def abstract_train_batch(config, sharding) -> dict:
+    """The global train batch of interfaces.md as sharded ShapeDtypeStructs; empty tasks are left out."""
+    h, w = config.data.resolution
+    length, dim = config.data.encoder.context_length, config.data.encoder.dim
+    batch = {}
+    for task in ("seg", "gen"):
+        n = int(config.batch[task])
+        if n == 0:
+            continue
+        sub = {
+            "image": ((n, h, w, 3), jnp.float32),
+            "context": ((n, length, dim), jnp.float32),
+            "context_mask": ((n, length), jnp.bool_),
+        }
+        if task == "seg":
+            sub["mask"] = ((n, h, w), jnp.float32)
+        batch[task] = {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in sub.items()}
+    return batch
+
+
+def abstract_key(sharding):
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding)
+
+
+def eval_batch_size(config) -> int:
+    return int(config.get("eval_batch_size", config.batch.seg))
+
+
+# Compilation.
+
+
+@dataclasses.dataclass
+class Figures:
+    """What the compiler says about one step, per device.
+
+    `out_of_memory` holds the compiler's message when it refused the program for the device's HBM; then
+    `temp_bytes` is the requirement it names and the other sizes are 0 (it gives no analysis).
+    """
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    xla_flops: float  # XLA's cost analysis per device; it counts a loop body once, whatever its trip count
+    compile_s: float
+    out_of_memory: str | None = None
+    flops: float = 0.0  # per step on the whole slice, counted from the step's jaxpr (see `count_flops`)
+    state_bytes: int = 0  # params + optimizer state (+ EMA), summed over the whole slice
+    state_bytes_per_device: int = 0  # the same, as laid out by the shardings on one device
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak HBM of the step: live arguments + outputs not aliased to (donated) arguments + scratch."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+
+def figures_of(compiled, compile_s: float) -> Figures:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return Figures(
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        code_bytes=int(mem.generated_code_size_in_bytes),
+        xla_flops=float(cost.get("flops", 0.0)),
+        compile_s=compile_s,
+    )
+
+
+_SIZE = re.compile(r"\(([0-9.]+)([KMGT]?)\)")
+_SCALE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def out_of_memory_figures(message: str, compile_s: float) -> Figures:
+    """Figures from the TPU compiler's RESOURCE_EXHAUSTED message, e.g. "... the total memory required for
+    HLO temporaries (22.53G) exceeds available HBM (15.75G)": the first size is the requirement."""
+    line = next((x for x in message.splitlines() if "RESOURCE_EXHAUSTED" in x), message.splitlines()[0])
+    sizes = [float(v) * _SCALE[u] for v, u in _SIZE.findall(line)]
+    required = int(sizes[0]) if sizes else 0
+    return Figures(0, 0, 0, required, 0, 0.0, compile_s, out_of_memory=line.strip())
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text and ("HBM" in text or "memory" in text)
+
+
+def count_flops(jaxpr) -> float:
+    """FLOPs (2 per multiply-add) of every matmul and convolution a jaxpr executes.
+
+    Scan bodies count `length` times and remat recomputation is included (it is explicit in the jaxpr of
+    a gradient); a cond counts its costliest branch, a while loop's body once. Elementwise work is left
+    out. XLA's own cost analysis is no substitute here: it counts a loop body (the scanned DiT blocks,
+    the microbatches) once.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            total += _dot_flops(eqn)
+        elif name == "conv_general_dilated":
+            total += _conv_flops(eqn)
+        inner = [count_flops(j) for j in _sub_jaxprs(eqn.params)]
+        if inner:
+            if name == "cond":
+                total += max(inner)
+            elif name == "scan":
+                total += eqn.params["length"] * sum(inner)
+            else:
+                total += sum(inner)
+    return total
+
+
+def _sub_jaxprs(params):
+    for value in params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(item, jax_core.Jaxpr | jax_core.ClosedJaxpr):
+                yield item
+
+
+def _dot_flops(eqn) -> float:
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
+
+
+def _conv_flops(eqn) -> float:
+    rhs = eqn.invars[1].aval
+    rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, *spatial)
+    taps = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * taps
+
+
+def _nbytes(x) -> int:
+    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
+def _device_nbytes(x) -> int:
+    return math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+
+def state_bytes(state: TrainState) -> tuple[int, int]:
+    """(bytes of params + optimizer state + EMA on the whole slice, bytes of it on one device)."""
+    leaves = jax.tree.leaves((state.params, state.opt_state, state.ema_params))
+    return sum(map(_nbytes, leaves)), sum(map(_device_nbytes, leaves))
+
+
+@dataclasses.dataclass
+class Program:
+    """A jitted step with its mesh, logical rules and abstract arguments, ready to trace or compile."""
+
+    jitted: Any
+    mesh: jax.sharding.Mesh
+    rules: Any
+    args: tuple
+    state: TrainState | None = None
+
+    def trace(self):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jitted.trace(*self.args)
+
+
+def train_step_program(config, devices) -> Program:
+    """The train step exactly as `train.loop.train` builds it, on abstract state and batch."""
+    mesh = make_mesh(tuple(config.mesh.shape), devices=devices)
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    model = loop.build_model(config)
+    opt_cfg = {**config.optimizer.to_dict(), "total_steps": config.total_steps}
+    tx = make_optimizer(opt_cfg)
+    state, shardings = abstract_state(model, tx, mesh, rules, use_ema=config.ema_decay > 0)
+    step_fn = make_train_step(
+        model,
+        tx,
+        shardings,
+        mesh,
+        rules,
+        microbatches=config.microbatches,
+        ema_decay=config.ema_decay,
+        schedule=make_schedule(opt_cfg),
+    )
+    batch = abstract_train_batch(config, batch_sharding(mesh, rules))
+    key = abstract_key(NamedSharding(mesh, PartitionSpec()))
+    return Program(step_fn.jitted, mesh, rules, (state, batch, key), state)
+
+
+def eval_step_program(config, devices) -> Program:
+    """Single-step segmentation (`GenMask.segment`) on an evaluation batch, params in their train layout."""
+    mesh = make_mesh(tuple(config.mesh.shape), devices=devices)
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    model = loop.build_model(config)
+    tx = make_optimizer({**config.optimizer.to_dict(), "total_steps": config.total_steps})
+    state, shardings = abstract_state(model, tx, mesh, rules, use_ema=False)
+    data = batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    n, (h, w) = eval_batch_size(config), config.data.resolution
+    length, dim = config.data.encoder.context_length, config.data.encoder.dim
+    image = jax.ShapeDtypeStruct((n, h, w, 3), jnp.float32, sharding=data)
+    context = jax.ShapeDtypeStruct((n, length, dim), jnp.float32, sharding=data)
+    context_mask = jax.ShapeDtypeStruct((n, length), jnp.bool_, sharding=data)
+
+    def predict(params, frozen, image, context, context_mask, rng):
+        return model.segment(params, frozen.get("vae"), image, context, context_mask, rng)
+
+    jitted = jax.jit(
+        predict,
+        in_shardings=(shardings.params, shardings.frozen, data, data, data, replicated),
+        out_shardings=(data, data),
+    )
+    args = (state.params, state.frozen, image, context, context_mask, abstract_key(replicated))
+    return Program(jitted, mesh, rules, args)
+
+
+def compile_program(program: Program) -> Figures:
+    """Traces (for the FLOP count), lowers and compiles; an out-of-HBM refusal becomes Figures too."""
+    tick = time.perf_counter()
+    traced = program.trace()
+    flops = count_flops(traced.jaxpr)
+    try:
+        with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
+            compiled = traced.lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+        if not _is_out_of_memory(e):
+            raise
+        figures = out_of_memory_figures(str(e), time.perf_counter() - tick)
+    else:
+        figures = figures_of(compiled, time.perf_counter() - tick)
+    figures.flops = flops
+    if program.state is not None:
+        figures.state_bytes, figures.state_bytes_per_device = state_bytes(program.state)
+    return figures
+
+
+# Useful work, for the MFU bound.
+
+
+def dit_forward_flops(
+    cfg: DiTConfig, frames: int, latent_hw: tuple[int, int], text_len: int, per_token_time: bool
+) -> float:
+    """Matmul and attention FLOPs (2 per multiply-add) of one DiT forward on one example.
+
+    Counts every dense layer, the patch embedding, self- and cross-attention scores and values;
+    elementwise work (norms, RoPE, softmax) is left out, as in the usual 6ND accounting.
+    """
+    _, ph, pw = cfg.patch_size
+    d, f = cfg.dim, cfg.ffn_dim
+    s = frames * (latent_hw[0] // ph) * (latent_hw[1] // pw)
+    block = (
+        2 * s * 4 * d * d  # self-attention q, k, v, out
+        + 2 * s * 2 * d * d  # cross-attention q, out
+        + 2 * text_len * 2 * d * d  # cross-attention k, v
+        + 2 * s * 2 * d * f  # feed-forward
+        + 2 * 2 * s * s * d  # self-attention scores and values
+        + 2 * 2 * s * text_len * d  # cross-attention scores and values
+    )
+    time_tokens = s if per_token_time else 1
+    embeddings = (
+        2 * s * math.prod(cfg.patch_size) * cfg.in_channels * d
+        + 2 * text_len * (cfg.text_dim * d + d * d)
+        + 2 * time_tokens * (cfg.freq_dim * d + d * d + 6 * d * d)
+        + 2 * s * d * cfg.patch_features
+    )
+    return float(cfg.num_layers * block + embeddings)
+
+
+def model_flops_per_step(config) -> float:
+    """DiT training FLOPs per step: 3 x forward (forward + backward) over both tasks' examples.
+
+    The frozen VAE encode and remat recomputation are not counted: they are overhead the MFU shows.
+    """
+    cfg = DiTConfig.from_dict(dict(config.model.dit))
+    h, w = config.data.resolution
+    latent = (h // 8, w // 8)
+    length = config.data.encoder.context_length
+    seg = dit_forward_flops(cfg, 2, latent, length, per_token_time=True)
+    gen = dit_forward_flops(cfg, 1, latent, length, per_token_time=False)
+    return 3.0 * (int(config.batch.seg) * seg + int(config.batch.gen) * gen)
+
+
+# Reports.
+
+
+@dataclasses.dataclass
+class Analysis:
+    topology: str
+    mesh_shape: tuple[int, ...]
+    remat: str
+    microbatches: int
+    chip: Chip
+    num_devices: int
+    devices_per_chip: int
+    train: Figures
+    eval: Figures | None
+    model_flops: float
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.chip.hbm_bytes // self.devices_per_chip
+
+    @property
+    def peak_flops(self) -> float:
+        return self.chip.peak_bf16_flops / self.devices_per_chip
+
+    @property
+    def fits(self) -> bool:
+        steps = [self.train] + ([self.eval] if self.eval is not None else [])
+        return all(f.out_of_memory is None and f.total_bytes <= self.capacity_bytes for f in steps)
+
+    @property
+    def step_time_s(self) -> float:
+        """FLOP-bound train step time: the step's FLOPs spread evenly over the devices at peak bf16 rate."""
+        return self.train.flops / (self.num_devices * self.peak_flops) if self.train.flops else math.inf
+
+    @property
+    def mfu(self) -> float:
+        """MFU if the step ran at the FLOP bound: useful DiT FLOPs / (devices x peak x step time), i.e. the
+        share of executed FLOPs that are the DiT's forward + backward (the rest: VAE encode, remat)."""
+        return self.model_flops / self.train.flops if self.train.flops else 0.0
+
+
+def analyse(config, topology: str, with_eval: bool = True) -> Analysis:
+    devices = topology_devices(topology)
+    train = compile_program(train_step_program(config, devices))
+    evaluation = compile_program(eval_step_program(config, devices)) if with_eval else None
+    return Analysis(
+        topology=topology,
+        mesh_shape=tuple(make_mesh(tuple(config.mesh.shape), devices=devices).devices.shape),
+        remat=config.model.dit.remat_policy,
+        microbatches=int(config.microbatches),
+        chip=chip_of(topology),
+        num_devices=len(devices),
+        devices_per_chip=devices_per_chip(devices),
+        train=train,
+        eval=evaluation,
+        model_flops=model_flops_per_step(config),
+    )
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:8.3f} GiB"
+
+
+def _figure_lines(name: str, f: Figures, a: Analysis, unit: str) -> list[str]:
+    flops = (
+        f"  FLOPs per step {f.flops:.4g} ({f.flops / a.num_devices:.4g} per {unit}; XLA cost analysis, "
+        f"loop bodies once: {f.xla_flops:.4g} per {unit})"
+    )
+    if f.out_of_memory is not None:
+        return [
+            f"{name} (compiled in {f.compile_s:.1f} s): the compiler ran out of HBM: {f.out_of_memory}",
+            flops,
+        ]
+    lines = [
+        f"{name} (compiled in {f.compile_s:.1f} s), per {unit}:",
+        f"  arguments      {_gib(f.argument_bytes)}",
+        f"  outputs        {_gib(f.output_bytes)}  (aliased to donated arguments: {_gib(f.alias_bytes)})",
+        f"  temporaries    {_gib(f.temp_bytes)}",
+        f"  generated code {_gib(f.code_bytes)}",
+        f"  total          {_gib(f.total_bytes)} of {_gib(a.capacity_bytes)} "
+        f"({100 * f.total_bytes / a.capacity_bytes:.0f}%)",
+        flops,
+    ]
+    if f.state_bytes:
+        ratio = f.state_bytes / max(f.state_bytes_per_device, 1)
+        lines.append(
+            f"  params + optimizer state: {_gib(f.state_bytes)} on the slice, "
+            f"{_gib(f.state_bytes_per_device)} per {unit} (= total / {ratio:.1f})"
+        )
+    return lines
+
+
+def format_report(a: Analysis) -> str:
+    unit = "TensorCore" if a.devices_per_chip > 1 else "chip"
+    lines = [
+        f"topology {a.topology}: {a.num_devices} x {a.chip.name} {unit}s, mesh (data, fsdp, tensor) = "
+        f"{a.mesh_shape}, remat {a.remat}, microbatches {a.microbatches}",
+        f"per {unit}: HBM {_gib(a.capacity_bytes)}, peak {a.peak_flops / 1e12:.1f} TFLOP/s bf16",
+    ]
+    lines += _figure_lines("train step", a.train, a, unit)
+    if a.eval is not None:
+        lines += _figure_lines("eval step", a.eval, a, unit)
+    if a.train.flops:
+        lines.append(
+            f"train step bound: {a.step_time_s * 1e3:.1f} ms at peak bf16 FLOP/s; useful DiT FLOPs "
+            f"{a.model_flops:.4g} per step -> MFU <= {100 * a.mfu:.1f}%"
+        )
+    lines.append(f"verdict: {'fits' if a.fits else 'does not fit'}")
+    return "\n".join(lines)
+
+
+def sweep_meshes(num_devices: int, config) -> list[tuple[int, int, int]]:
+    """A few (data, fsdp, tensor) splits worth comparing: pure FSDP, FSDP x 2/4-way tensor, and
+    2-way data x FSDP; only those whose batch axes divide every sub-batch."""
+    candidates = [
+        (1, num_devices, 1),
+        (1, num_devices // 2, 2),
+        (1, num_devices // 4, 4),
+        (2, num_devices // 2, 1),
+    ]
+    points = []
+    for shape in candidates:
+        if math.prod(shape) == num_devices and min(shape) >= 1 and shape not in points:
+            if _microbatches_ok(config, shape, 1):
+                points.append(shape)
+    return points
+
+
+def _microbatches_ok(config, shape: Sequence[int], k: int) -> bool:
+    """Every sub-batch splits into k microbatches that each split evenly over the batch axes."""
+    sizes = [int(config.batch[t]) for t in ("seg", "gen") if int(config.batch[t])]
+    return all(n % k == 0 and (n // k) % (shape[0] * shape[1]) == 0 for n in sizes)
+
+
+def sweep(
+    config,
+    topology: str,
+    meshes: Sequence[Sequence[int]] | None = None,
+    remats: Sequence[str] = REMAT_POLICIES[:3],
+    microbatches: Sequence[int] = (1, 2, 4, 8),
+    log=print,
+) -> list[Analysis]:
+    """Train-step analyses over mesh splits x remat policies, each at the fewest microbatches (gradient
+    accumulation) of `microbatches` that fits; fitting points first, fastest FLOP bound first."""
+    devices = topology_devices(topology)
+    meshes = [tuple(m) for m in meshes] if meshes else sweep_meshes(len(devices), config)
+    results = []
+    for shape in meshes:
+        for remat in remats:
+            a = None
+            for k in sorted(microbatches):
+                if not _microbatches_ok(config, shape, k):
+                    continue
+                point = with_overrides(config, shape, remat, k)
+                try:
+                    a = analyse(point, topology, with_eval=False)
+                except ValueError as e:  # a width the split does not divide: a log line, not a crash.
+                    log(f"  mesh {shape} remat {remat} microbatches {k}: skipped: {str(e).splitlines()[0]}")
+                    break
+                state = "fits" if a.fits else "does not fit"
+                log(
+                    f"  mesh {a.mesh_shape} remat {remat} microbatches {k}: {state}, "
+                    f"{a.train.total_bytes / GiB:.2f} GiB, {a.step_time_s * 1e3:.1f} ms bound "
+                    f"({a.train.compile_s:.0f} s compile)"
+                )
+                if a.fits:
+                    break
+            if a is not None:
+                results.append(a)
+    return sorted(results, key=lambda a: (not a.fits, a.step_time_s, a.train.total_bytes))
+
+
+def format_sweep(results: Sequence[Analysis]) -> str:
+    header = (
+        f"{'rank':>4}  {'mesh (d,f,t)':<14} {'remat':<33} {'mb':>3} {'args GiB':>9} {'temp GiB':>9} "
+        f"{'total GiB':>9} {'HBM GiB':>8} {'fits':>5} {'PFLOP/step':>10} {'bound ms':>9} {'MFU<=':>6}"
+    )
+    rows = [header]
+    for i, a in enumerate(results, 1):
+        t = a.train
+        rows.append(
+            f"{i:>4}  {str(a.mesh_shape):<14} {a.remat:<33} {a.microbatches:>3} "
+            f"{t.argument_bytes / GiB:>9.3f} "
+            f"{t.temp_bytes / GiB:>9.3f} {t.total_bytes / GiB:>9.3f} {a.capacity_bytes / GiB:>8.1f} "
+            f"{'yes' if a.fits else 'no':>5} {t.flops / 1e15:>10.2f} "
+            f"{a.step_time_s * 1e3:>9.1f} {100 * a.mfu:>5.1f}%"
+        )
+    return "\n".join(rows)
+
+
+def _ints(text: str, sep: str = ",") -> list[int]:
+    return [int(x) for x in text.split(sep) if x]
+
+
+def main(argv) -> int:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    problem = libtpu_problem()
+    if problem:
+        print(problem)
+        return 2
+    try:
+        if f.sweep:
+            remats = f.remat.split(",") if f.remat else REMAT_POLICIES[:3]
+            meshes = [tuple(_ints(m, "x")) for m in f.meshes.split(",")] if f.meshes else None
+            print(f"sweep on {f.topology}:", flush=True)
+            results = sweep(
+                f.config,
+                f.topology,
+                meshes,
+                remats,
+                _ints(f.microbatches),
+                log=lambda line: print(line, flush=True),
+            )
+            print(format_sweep(results))
+            return 0 if results and results[0].fits else 1
+        a = analyse(with_overrides(f.config, remat=f.remat or None), f.topology, with_eval=not f.skip_eval)
+    except LibtpuMissing as e:
+        print(e)
+        return 2
+    print(format_report(a))
+    return 0 if a.fits else 1
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "experiment config, e.g. configs/genmask.py:variant=paper", lock_config=True
+    )
+    flags.DEFINE_string(
+        "topology", "v5e:8x8", "TPU topology libtpu knows, e.g. v5e:16x16, v5p:2x4x4, v6e:8x8"
+    )
+    flags.DEFINE_bool("sweep", False, "try mesh splits x remat policies and print a ranked table")
+    flags.DEFINE_string(
+        "remat",
+        "",
+        "DiT remat policy (a jax.checkpoint_policies name or 'none'); with --sweep a comma-separated list",
+    )
+    flags.DEFINE_string(
+        "meshes", "", "with --sweep: comma-separated data x fsdp x tensor splits, e.g. 1x64x1,1x16x4"
+    )
+    flags.DEFINE_string(
+        "microbatches",
+        "1,2,4,8",
+        "with --sweep: gradient-accumulation counts to try, the fewest that fits is kept",
+    )
+    flags.DEFINE_bool("skip_eval", False, "compile only the train step")
+    flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The runtime and the tests get separate environments: the tests add torch, diffusers and libtpu
+# (for compiling TPU programs on this machine), which a CPU/GPU run should not load.
 VENV="${GENMASK_VENV:-.venv}"
+TEST_VENV="${GENMASK_TEST_VENV:-.venv-test}"
 PYTHON="${PYTHON:-python3}"
 
 setup() {  # $1: requirements file
@@ -32,6 +35,7 @@ case "$cmd" in
     setup requirements.txt
     exec "$VENV/bin/python" -m genmask_jax.demo "$@" ;;
   test)
+    VENV="$TEST_VENV"
     setup requirements-test.txt
     exec "$VENV/bin/python" -m pytest "$@" ;;
   python)

@@ -9,8 +9,9 @@ renamed into place, so a failed conversion leaves nothing behind.
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -256,3 +257,23 @@ def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.nd
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def convert_and_save(dst: str | os.PathLike, overwrite: bool, convert: Callable[[], tuple[Any, Any]],
+                     save: Callable[..., Path]) -> int:
+    """The converter CLIs' common tail: refuse an existing DST, convert, save, say so in one line.
+
+    `convert()` returns (config with `to_dict()`, params); `save(dst, config, params, overwrite=...)`
+    writes them. Returns the exit status; a ConversionError becomes one `error:` line on stderr.
+    """
+    try:
+        if Path(dst).exists() and not overwrite:
+            raise ConversionError(f"{dst} already exists (pass --overwrite to replace it)")
+        config, params = convert()
+        out = save(dst, config, params, overwrite=overwrite)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    count = sum(np.size(v) for v in flatten(params).values())
+    print(f"wrote {out}: {count:,} parameters, config {json.dumps(config.to_dict())}")
+    return 0

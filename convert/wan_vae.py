@@ -309,18 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", default="auto", help="auto | diffusers | original")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        if Path(args.dst).exists() and not args.overwrite:
-            raise ConversionError(f"{args.dst} already exists (pass --overwrite to replace it)")
-        config, params = convert_checkpoint(args.src, layout=args.layout)
-        dst = save(args.dst, config, params, overwrite=args.overwrite)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    count = sum(np.size(v) for v in io.flatten(params).values())
-    print(f"wrote {dst}: {count:,} parameters, config {json.dumps(config.to_dict())}")
-    return 0
-
+    return io.convert_and_save(
+        args.dst, args.overwrite, lambda: convert_checkpoint(args.src, layout=args.layout), save)
 
 if __name__ == "__main__":
     sys.exit(main())

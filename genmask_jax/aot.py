@@ -9,7 +9,7 @@
 
 libtpu (`requirements-tpu.txt`) compiles for `--topology` on any machine. Every input is abstract
 (`jax.ShapeDtypeStruct` with its sharding; the state comes from `jax.eval_shape`), so no weight or batch is
-ever allocated. The train step is the one `train` runs (`train.step.make_train_step`: both task
+ever allocated. The train step is the one `train` runs (`train.step.make_configured_train_step`: both task
 sub-batches, the frozen VAE encode, AdamW); the evaluation step is single-step segmentation
 (`GenMask.segment`: VAE encode, one DiT call, VAE decode). Prints per device the compiler's memory
 figures against the chip's HBM, the FLOPs per step (counted from the step's jaxpr, see `count_flops`),
@@ -46,8 +46,8 @@ from genmask_jax.models.genmask import GenMask  # noqa: E402
 from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
 from genmask_jax.parallel.sharding import rules_from_config  # noqa: E402
 from genmask_jax.train import loop  # noqa: E402
-from genmask_jax.train.state import TrainState, make_optimizer, make_schedule, state_shardings  # noqa: E402
-from genmask_jax.train.step import batch_sharding, make_train_step  # noqa: E402
+from genmask_jax.train.state import TrainState, make_optimizer, state_shardings  # noqa: E402
+from genmask_jax.train.step import batch_sharding, make_configured_train_step, optimizer_config  # noqa: E402
 
 GiB = 1 << 30
 
@@ -338,19 +338,9 @@ def train_step_program(config, devices) -> Program:
     mesh = make_mesh(tuple(config.mesh.shape), devices=devices)
     rules = rules_from_config(config.sharding.logical_axis_rules)
     model = loop.build_model(config)
-    opt_cfg = {**config.optimizer.to_dict(), "total_steps": config.total_steps}
-    tx = make_optimizer(opt_cfg)
+    tx = make_optimizer(optimizer_config(config))
     state, shardings = abstract_state(model, tx, mesh, rules, use_ema=config.ema_decay > 0)
-    step_fn = make_train_step(
-        model,
-        tx,
-        shardings,
-        mesh,
-        rules,
-        microbatches=config.microbatches,
-        ema_decay=config.ema_decay,
-        schedule=make_schedule(opt_cfg),
-    )
+    step_fn = make_configured_train_step(config, model, tx, shardings, mesh, rules)
     batch = abstract_train_batch(config, batch_sharding(mesh, rules))
     key = abstract_key(NamedSharding(mesh, PartitionSpec()))
     return Program(step_fn.jitted, mesh, rules, (state, batch, key), state)
@@ -361,7 +351,7 @@ def eval_step_program(config, devices) -> Program:
     mesh = make_mesh(tuple(config.mesh.shape), devices=devices)
     rules = rules_from_config(config.sharding.logical_axis_rules)
     model = loop.build_model(config)
-    tx = make_optimizer({**config.optimizer.to_dict(), "total_steps": config.total_steps})
+    tx = make_optimizer(optimizer_config(config))
     state, shardings = abstract_state(model, tx, mesh, rules, use_ema=False)
     data = batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -33,9 +33,8 @@ from genmask_jax.train.state import (
     attach_frozen,
     create_train_state,
     make_optimizer,
-    make_schedule,
 )
-from genmask_jax.train.step import make_train_step
+from genmask_jax.train.step import make_configured_train_step, optimizer_config
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +183,7 @@ def train(
     mesh = mesh or make_mesh(tuple(config.mesh.shape))
     rules = rules_from_config(config.sharding.logical_axis_rules)
     model = build_model(config)
-    opt_cfg = {**config.optimizer.to_dict(), "total_steps": config.total_steps}
-    tx = make_optimizer(opt_cfg)
+    tx = make_optimizer(optimizer_config(config))
     base_rng = jax.random.key(config.seed)
     state, shardings = create_train_state(
         dit_initializer(model),
@@ -211,16 +209,7 @@ def train(
     start = int(state.step)
     log.info("starting at step %d from %s", start, origin)
 
-    step_fn = make_train_step(
-        model,
-        tx,
-        shardings,
-        mesh,
-        rules,
-        microbatches=config.microbatches,
-        ema_decay=config.ema_decay,
-        schedule=make_schedule(opt_cfg),
-    )
+    step_fn = make_configured_train_step(config, model, tx, shardings, mesh, rules)
     step_rng = jax.random.fold_in(base_rng, 1)
     writer = MetricsWriter(workdir)
     hooks = TrainHooks(config, model, workdir, mesh, rules, start_step=start)

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from genmask_jax.models.genmask import GenMask, present_tasks
 from genmask_jax.parallel.sharding import LogicalRules, batch_sharding
-from genmask_jax.train.state import TrainState, ema_update
+from genmask_jax.train.state import TrainState, ema_update, make_schedule
 
 
 def split_microbatches(tree, k: int):
@@ -153,3 +153,16 @@ def make_train_step(
 
     step_fn.jitted = jitted
     return step_fn
+
+
+def make_configured_train_step(config, model: GenMask, tx: optax.GradientTransformation, shardings,
+                               mesh: jax.sharding.Mesh, rules: LogicalRules):
+    """`make_train_step` with the experiment config's accumulation, EMA and learning-rate schedule:
+    the one step that `train.loop.train` runs and `genmask_jax.aot` compiles."""
+    return make_train_step(model, tx, shardings, mesh, rules, microbatches=config.microbatches,
+                           ema_decay=config.ema_decay, schedule=make_schedule(optimizer_config(config)))
+
+
+def optimizer_config(config) -> dict:
+    """`config.optimizer` plus the run length that the schedule needs."""
+    return {**config.optimizer.to_dict(), "total_steps": config.total_steps}

@@ -115,6 +115,37 @@ def test_processes_see_disjoint_examples_and_epochs_reshuffle():
     assert epoch0 != epoch1  # a new permutation each epoch
 
 
+def _global_batches(process_count, steps, skip=0, state_from=None):
+    """Per global step, the sorted digests of its seg and gen images over all processes; with
+    `state_from=(state, count)` every process resumes from a state saved by `count` processes."""
+    per = {}
+    for p in range(process_count):
+        it = make_train_iterator(small_config(train_size=24), 4 // process_count, 4 // process_count,
+                                 seed=5, process_index=p, process_count=process_count)
+        if state_from is not None:
+            it.set_state(pipeline.state_for_process_count(*state_from, it))
+        for _ in range(skip):
+            next(it)
+        per[p] = [next(it) for _ in range(steps)]
+    return [
+        {task: sorted(digest(x) for p in per for x in per[p][s][task]["image"]) for task in ("seg", "gen")}
+        for s in range(steps)
+    ], it.get_state()
+
+
+@pytest.mark.parametrize("saved,resumed", [(2, 1), (1, 4), (4, 2)])
+def test_resume_with_another_process_count_keeps_global_batches(saved, resumed):
+    # Global batch 4 seg + 4 gen; 24 examples per task, so step 7 is in the third epoch.
+    reference, _ = _global_batches(1, 10)
+    before, state = _global_batches(saved, 7)
+    assert before == reference[:7]
+    after, _ = _global_batches(resumed, 3, state_from=(state, saved))
+    assert after == reference[7:]
+    with pytest.raises(ValueError, match="step boundary"):
+        pipeline.state_for_process_count({"next_index": 3}, 1, make_train_iterator(
+            small_config(), 2, 2, seed=0, process_index=0, process_count=1))
+
+
 class _FlakySource:
     """Examples 1 (unreadable) and 2 (empty mask) are bad."""
 

@@ -44,11 +44,22 @@ def test_rasterise_largest_first_with_ignore_and_flag():
         [_rect("target", 2, 2, 20, 20), _rect("ignore", 5, 5, 10, 10), _rect("flag", 0, 0, 39, 29)], 30, 40
     )
     assert mask.dtype == np.uint8 and ignore.dtype == np.bool_
-    assert ignore[5:11, 5:11].all() and ignore.sum() == 36  # PIL fills the outline too: 6 x 6 pixels
+    assert ignore[5:11, 5:11].all() and ignore.sum() == 36  # outline painted too: 6 x 6 pixels
     assert mask[2:21, 2:21].sum() == 19 * 19 - 36 and mask[0, 0] == 0 and mask[25, 30] == 0
     # painting order is by area, not file order: the small target inside a large ignore stays target
     mask, ignore = rasterise_shapes([_rect("target", 5, 5, 10, 10), _rect("ignore", 2, 2, 20, 20)], 30, 40)
     assert mask.sum() == 36 and not ignore[5:11, 5:11].any()
+    # equal areas: LISA's argsort(areas)[::-1] paints the later shape first, so the earlier one wins
+    mask, ignore = rasterise_shapes([_rect("target", 2, 2, 12, 12), _rect("ignore", 7, 7, 17, 17)], 30, 40)
+    assert mask[7:13, 7:13].all() and not ignore[7:13, 7:13].any() and ignore[14, 14]
+
+
+def test_rasterise_truncates_float_points_like_lisa():
+    # x 2.9 -> 2 and 12.99 -> 12 (int32 truncation, not rounding); the outline pixels are included.
+    tri = {"label": "target", "points": [[2.9, 1.2], [12.99, 1.7], [2.5, 9.9]]}
+    mask, _ = rasterise_shapes([tri], 12, 16)
+    assert mask[1, 2] == 1 and mask[1, 12] == 1 and mask[9, 2] == 1
+    assert mask[1, 13] == 0 and mask[10, 2] == 0 and mask[0].sum() == 0 and mask[:, :2].sum() == 0
 
 
 def test_source_texts_templates_and_skips(reasonseg_root, caplog):

@@ -105,3 +105,29 @@ def test_locate_explicit_checkpoints(tmp_path):
     (tmp_path / "run" / "12" / "state").mkdir(parents=True)
     assert checkpointing.locate(tmp_path / "run" / "12") == (tmp_path / "run", 12)
     assert checkpointing.locate(tmp_path / "run") == (tmp_path / "run", None)
+
+
+def test_data_state_saved_by_another_process_count_resumes_by_step(tmp_path):
+    import json
+
+    from genmask_jax.data.pipeline import default_data_config, make_train_iterator
+
+    data = default_data_config()
+    data.resolution, data.num_threads = (16, 16), 1
+    data.encoder.context_length, data.encoder.dim = 8, 8
+    trainable = {"step": np.asarray(3, np.int32), "params": {"w": np.ones(3, np.float32)}}
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    it = make_train_iterator(data, 2, 2, seed=1, process_index=0, process_count=1)
+    reference = [next(it) for _ in range(5)]
+    ckpt.save(3, trainable, data_iterator=it)
+    # As if two processes (1 seg + 1 gen each: the same global batch) had saved it after 3 steps.
+    folder = tmp_path / "3" / checkpointing.DATA
+    for f in folder.glob("process_*.json"):
+        f.unlink()
+    for p in range(2):
+        (folder / f"process_{p}-of-2.json").write_text(json.dumps({"next_index": 3 * 2}))
+    fresh = make_train_iterator(data, 2, 2, seed=1, process_index=0, process_count=1)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+    ckpt.restore(3, abstract, data_iterator=fresh)
+    np.testing.assert_array_equal(next(fresh)["seg"]["image"], reference[3]["seg"]["image"])
+    ckpt.close()

@@ -13,7 +13,8 @@ the next `Bg` generation, so every global batch holds exactly `process_count * B
 The returned object is a grain `DatasetIterator`: `get_state()` / `set_state(state)` give a small JSON-able
 dict, and grain's orbax handler saves it (`grain.checkpoint.CheckpointSave(iterator)` /
 `CheckpointRestore(iterator)` under an item name in the `CheckpointManager`). Restoring it, in any
-process, continues with exactly the batches that would have followed.
+process, continues with exactly the batches that would have followed; with another process count
+(same global batch), `state_for_process_count` gives every global batch the same examples as before.
 
 Bad examples (unreadable file, empty mask, ...) are logged with their id, counted in
 `iterator_skips(...)`, summarised at each epoch boundary, and replaced deterministically by the next
@@ -375,7 +376,28 @@ def make_train_iterator(
     )
     iterator = iter(mix.to_iter_dataset(read).batch(batch_seg + batch_gen, batch_fn=batch_fn))
     iterator.skip_logs = skip_logs
+    iterator.elements_per_step, iterator.process_count = batch_seg + batch_gen, process_count
     return iterator
+
+
+def state_for_process_count(saved_state: dict, saved_process_count: int, iterator) -> dict:
+    """The state that resumes `iterator` (made for this run's process count, same global batch) where a
+    run with `saved_process_count` processes stopped; `saved_state` is any one of that run's states.
+
+    Global batch `s` holds the contiguous chunk `[s * N, (s + 1) * N)` of each task's shuffled stream
+    (N = that task's global count) whatever the process count, since process `p` takes stream
+    positions `p, p + P, ...`; so the step count is all that carries over."""
+    per_step = iterator.elements_per_step * iterator.process_count
+    if per_step % saved_process_count:
+        raise ValueError(
+            f"the global batch ({per_step} examples) does not split over the saved run's "
+            f"{saved_process_count} processes: was the batch size changed?"
+        )
+    saved_per_step = per_step // saved_process_count
+    steps, rest = divmod(int(saved_state["next_index"]), saved_per_step)
+    if rest:
+        raise ValueError(f"saved data state {saved_state} is not at a step boundary of {saved_per_step}")
+    return {**saved_state, "next_index": steps * iterator.elements_per_step}
 
 
 class EvalIterator:

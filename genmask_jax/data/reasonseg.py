@@ -4,9 +4,9 @@ The JSON holds `text` (a list of queries), `is_sentence` (long reasoning sentenc
 `shapes` (labelme polygons: `label`, `points` [[x, y], ...]). As in LISA's `get_mask_from_json`: shapes
 labelled `flag` are skipped; the others are painted largest first (so smaller shapes win where they
 overlap), label containing `ignore` paints the ignore region (excluded from I and U), any other label
-paints the target. Points are truncated to integers and each polygon is filled with its outline, as
-cv2's `polylines` + `fillPoly` do (we rasterise with PIL; boundary pixels can differ from cv2's by
-at most the outline's one-pixel width).
+paints the target. Points are truncated to int32 and each polygon is drawn with cv2's `polylines`
+(one-pixel outline) then `fillPoly`, and ties in area keep LISA's `argsort(areas)[::-1]` order, so
+masks equal LISA's pixel for pixel.
 
 Training uses every text of an image (one example each); evaluation uses `text[0]` (LISA's protocol)
 unless `all_texts`. With `use_templates`, queries are wrapped in LISA's first question template.
@@ -18,8 +18,9 @@ import json
 import logging
 import os
 
+import cv2
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
 
@@ -46,19 +47,15 @@ def read_annotation(path: str) -> dict:
             return json.load(f)
 
 
-def _fill(points, height: int, width: int) -> np.ndarray:
-    canvas = Image.new("L", (width, height), 0)
-    xy = [(int(x), int(y)) for x, y in points]
-    if len(xy) >= 2:
-        ImageDraw.Draw(canvas).polygon(xy, fill=1, outline=1)
-    elif xy:
-        ImageDraw.Draw(canvas).point(xy, fill=1)
-    return np.asarray(canvas, bool)
+def _paint(canvas: np.ndarray, points: np.ndarray, value: int) -> None:
+    polygon = np.asarray([points], np.int32)  # float -> int32 truncates, as LISA's np.array(..., int32)
+    cv2.polylines(canvas, polygon, True, value, 1)
+    cv2.fillPoly(canvas, polygon, value)
 
 
 def rasterise_shapes(shapes: list[dict], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """LISA's mask from labelme shapes: target uint8 `(H, W)` in {0, 1} and ignore bool `(H, W)`."""
-    filled = []
+    kept, areas = [], []
     for shape in shapes:
         label = str(shape.get("label", ""))
         if label.lower() == "flag":
@@ -71,11 +68,14 @@ def rasterise_shapes(shapes: list[dict], height: int, width: int) -> tuple[np.nd
             raise BadExample(
                 "polygon_outside_image", f"shape {label!r} lies outside the {width}x{height} image"
             )
-        region = _fill(points, height, width)
-        filled.append((int(region.sum()), "ignore" in label.lower(), region))
+        region = np.zeros((height, width), np.uint8)
+        _paint(region, points, 1)
+        kept.append((label, points))
+        areas.append(int(region.sum()))
     label_map = np.zeros((height, width), np.uint8)
-    for _, is_ignore, region in sorted(filled, key=lambda f: -f[0]):  # largest first; stable on ties
-        label_map[region] = 255 if is_ignore else 1
+    for i in np.argsort(areas)[::-1]:  # largest first, smaller shapes painted over larger ones
+        label, points = kept[i]
+        _paint(label_map, points, 255 if "ignore" in label.lower() else 1)
     return (label_map == 1).astype(np.uint8), label_map == 255
 
 

@@ -1,7 +1,8 @@
 """Checkpoints: one orbax CheckpointManager for the train state, the data iterator and the config.
 
 Layout: `<directory>/<step>/{state, data, config}`; `state` holds step, params, opt_state and (if any)
-ema_params; `data` the grain iterator's state, one JSON per process; `config` the experiment config.
+ema_params; `data` the grain iterator's state, one JSON per process (a run with another process count
+resumes it by step); `config` the experiment config.
 Saves are asynchronous (the device->host copy happens in `save`, the writing in the background) with a
 keep-N policy. Restores take an abstract target carrying shardings, so a checkpoint written on one mesh
 restores onto any other.
@@ -10,6 +11,7 @@ Resume order (`restore_or_init` in loop.py): the workdir's latest checkpoint, th
 (an explicit checkpoint), then converted WAN weights (`config.init_from`), then scratch.
 """
 
+import json
 import logging
 import os
 import re
@@ -22,6 +24,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from genmask_jax.data.pipeline import state_for_process_count
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +95,23 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         items = {STATE: ocp.args.StandardRestore(_drop_none(abstract_trainable))}
         saved = set(self.item_names(step))
+        data_dir, other_count = self.directory / str(step) / DATA, None
         if _checkpointable(data_iterator) and DATA in saved:
-            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+            other_count = _saved_process_count(data_dir)
+            if other_count is None:
+                items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         elif data_iterator is not None:
             log.warning(
                 "checkpoint %s/%d has no data iterator state; the data restarts", self.directory, step
             )
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if other_count is not None:
+            saved_state = json.loads((data_dir / f"process_0-of-{other_count}.json").read_text())
+            log.warning(
+                "checkpoint %s/%d was saved by %d processes, this run has %d: resuming the data by step",
+                self.directory, step, other_count, jax.process_count(),
+            )
+            data_iterator.set_state(state_for_process_count(saved_state, other_count, data_iterator))
         state = dict(restored[STATE])
         return {k: state.get(k) for k in abstract_trainable}
 
@@ -114,6 +128,18 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _saved_process_count(data_dir: epath.Path) -> int | None:
+    """None when the data state was saved by this run's process count (grain restores it as is), else
+    the saved run's count; raises when it cannot be resumed by step (not our training iterator)."""
+    count = jax.process_count()
+    if (data_dir / f"process_{jax.process_index()}-of-{count}.json").exists():
+        return None
+    counts = {int(m.group(1)) for p in data_dir.iterdir() if (m := re.search(r"-of-(\d+)\.json$", p.name))}
+    if len(counts) != 1:
+        raise FileNotFoundError(f"no data iterator state for {count} processes in {data_dir}")
+    return counts.pop()
 
 
 def locate(path: str | os.PathLike) -> tuple[epath.Path, int | None]:

@@ -1,0 +1,171 @@
+"""Reading big_vision's prepared `ref_coco_bv` (the `<split>_flat` splits) without TensorFlow.
+
+The fake is written here by a builder with big_vision's feature structure (`objects` sequence with a
+PNG `mask` Image and nested `refs`; one object with one ref per flat record), prepared to
+array_record without TensorFlow, then read in a fresh process that has no such builder class, as a
+user with only the prepared files would.
+"""
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+from tensorflow_datasets.core.features import feature as feature_lib
+
+IMAGES = {7: (24, 32), 8: (20, 20)}  # image id -> (height, width)
+# (image id, ann id, sentence id, sentence, box rows, box cols): one flat record each.
+FLAT = {
+    "validation": [(7, 70, 700, "left block", (2, 10), (1, 9)), (8, 80, 800, "the bar", (5, 8), (0, 20))],
+    "train": [(7, 71, 710, "right block", (4, 20), (20, 30))],
+}
+
+
+def _mask(image_id, rows, cols):
+    h, w = IMAGES[image_id]
+    m = np.zeros((h, w), bool)
+    m[slice(*rows), slice(*cols)] = True
+    return m
+
+
+def _png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class RefCocoBv(tfds.core.GeneratorBasedBuilder):
+    """A fake with big_vision's `ref_coco_bv` structure; registered as `ref_coco_bv` in this process."""
+
+    VERSION = tfds.core.Version("1.4.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="refcoco_unc")]
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def url_infos(cls):
+        return None
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Scalar(np.int32),
+                    "image": tfds.features.Image(encoding_format="jpeg"),
+                    "height": tfds.features.Scalar(np.int32),
+                    "width": tfds.features.Scalar(np.int32),
+                    "file_name": tfds.features.Text(),
+                    "objects": tfds.features.Sequence(
+                        {
+                            "id": tfds.features.Scalar(np.int64),
+                            "area": tfds.features.Scalar(np.float32),
+                            "bbox": tfds.features.BBoxFeature(),
+                            "mask": tfds.features.Image(encoding_format="png"),
+                            "category": tfds.features.ClassLabel(names=["thing", "other"]),
+                            "iscrowd": tfds.features.Scalar(np.bool_),
+                            "refs": tfds.features.Sequence(
+                                {"id": tfds.features.Scalar(np.int32), "sentence": tfds.features.Text()}
+                            ),
+                        }
+                    ),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {f"{split}_flat": self._generate_examples(rows) for split, rows in FLAT.items()}
+
+    def _generate_examples(self, rows):
+        for image_id, ann_id, sent_id, sentence, box_rows, box_cols in rows:
+            h, w = IMAGES[image_id]
+            rng = np.random.default_rng(image_id)
+            jpeg = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(jpeg, format="JPEG")
+            mask = _mask(image_id, box_rows, box_cols)
+            bbox = tfds.features.BBox(
+                box_rows[0] / h, box_cols[0] / w, box_rows[1] / h, box_cols[1] / w
+            )
+            yield sent_id, {
+                "id": image_id,
+                "image": jpeg.getvalue(),
+                "height": h,
+                "width": w,
+                "file_name": f"{image_id:012d}.jpg",
+                "objects": [
+                    {
+                        "id": ann_id,
+                        "area": float(mask.sum()),
+                        "bbox": bbox,
+                        "mask": _png(mask),
+                        "category": "thing",
+                        "iscrowd": False,
+                        "refs": [{"id": sent_id, "sentence": sentence}],
+                    }
+                ],
+            }
+
+
+@pytest.fixture(scope="module")
+def bv_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bv")
+    builder = RefCocoBv(config="refcoco_unc", data_dir=str(out), file_format="array_record")
+    # TFDS's writer reads the deprecated `TensorInfo.dtype` (a TensorFlow dtype) for nested sequences
+    # (`objects/refs`); big_vision prepares with TensorFlow installed. Here, only to write the fake,
+    # it gets the NumPy dtype, which is what the written proto holds either way.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(feature_lib.TensorInfo, "dtype", property(lambda self: self.np_dtype))
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_runner=None))
+    assert "tensorflow" not in sys.modules
+    return out
+
+
+def test_reads_big_vision_flat_splits_in_a_fresh_process(bv_dir):
+    # A new interpreter: no `RefCocoBv` class is registered there, only the prepared files exist.
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        import numpy as np
+        from genmask_jax.data.refcoco import RefCocoSource
+        out = {{}}
+        for split in ("val", "train"):
+            source = RefCocoSource("ref_coco_bv/refcoco_unc", split, data_dir={str(bv_dir)!r})
+            rows = []
+            for i in range(len(source)):
+                e = source[i]
+                assert e["id"] == source.example_id(i)
+                rows.append([e["id"], e["text"], list(e["image"].shape), np.argwhere(e["mask"]).tolist(),
+                             str(e["mask"].dtype)])
+            out[split] = sorted(rows)
+        out["tensorflow"] = "tensorflow" in sys.modules
+        print(json.dumps(out))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["tensorflow"] is False
+    for split, tfds_split in (("val", "validation"), ("train", "train")):
+        expected = sorted(
+            [
+                f"ref_coco_bv/refcoco_unc-{split}-{sent_id}",
+                sentence,
+                [*IMAGES[image_id], 3],
+                np.argwhere(_mask(image_id, rows, cols)).tolist(),
+                "uint8",
+            ]
+            for image_id, _, sent_id, sentence, rows, cols in FLAT[tfds_split]
+        )
+        assert got[split] == expected
+
+
+def test_big_vision_missing_split_names_the_prepare_command(bv_dir):
+    from genmask_jax.data.refcoco import RefCocoSource
+
+    with pytest.raises(FileNotFoundError, match="testA_flat"):
+        RefCocoSource("ref_coco_bv/refcoco_unc", "testA", data_dir=str(bv_dir))

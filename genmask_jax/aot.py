@@ -397,9 +397,10 @@ def compile_program(program: Program) -> Figures:
 
 
 def dit_forward_flops(
-    cfg: DiTConfig, frames: int, latent_hw: tuple[int, int], text_len: int, per_token_time: bool
+    cfg: DiTConfig, frames: int, latent_hw: tuple[int, int], text_len: int, time_rows: int = 1
 ) -> float:
-    """Matmul and attention FLOPs (2 per multiply-add) of one DiT forward on one example.
+    """Matmul and attention FLOPs (2 per multiply-add) of one DiT forward on one example; the time
+    embedding runs on `time_rows` timesteps (1 per example, or one per frame).
 
     Counts every dense layer, the patch embedding, self- and cross-attention scores and values;
     elementwise work (norms, RoPE, softmax) is left out, as in the usual 6ND accounting.
@@ -415,11 +416,10 @@ def dit_forward_flops(
         + 2 * 2 * s * s * d  # self-attention scores and values
         + 2 * 2 * s * text_len * d  # cross-attention scores and values
     )
-    time_tokens = s if per_token_time else 1
     embeddings = (
         2 * s * math.prod(cfg.patch_size) * cfg.in_channels * d
         + 2 * text_len * (cfg.text_dim * d + d * d)
-        + 2 * time_tokens * (cfg.freq_dim * d + d * d + 6 * d * d)
+        + 2 * time_rows * (cfg.freq_dim * d + d * d + 6 * d * d)
         + 2 * s * d * cfg.patch_features
     )
     return float(cfg.num_layers * block + embeddings)
@@ -434,8 +434,8 @@ def model_flops_per_step(config) -> float:
     h, w = config.data.resolution
     latent = (h // 8, w // 8)
     length = config.data.encoder.context_length
-    seg = dit_forward_flops(cfg, 2, latent, length, per_token_time=True)
-    gen = dit_forward_flops(cfg, 1, latent, length, per_token_time=False)
+    seg = dit_forward_flops(cfg, 2, latent, length, time_rows=2)  # per-frame timesteps
+    gen = dit_forward_flops(cfg, 1, latent, length)
     return 3.0 * (int(config.batch.seg) * seg + int(config.batch.gen) * gen)
 
 

@@ -101,6 +101,25 @@ def test_matches_diffusers(reference, converted, case, scan):
     np.testing.assert_allclose(np.asarray(out), expected, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+def test_per_frame_timesteps_equal_per_token(converted, scan):
+    # Per frame is the per-token case above (checked against diffusers) with each frame's value
+    # repeated over its tokens; only the time embedding runs on fewer rows, so fp32 rounding is all
+    # that may differ.
+    config, params = converted[scan]
+    x, ctx = inputs(2, 2, 8, 12)
+    per_frame = np.array([[0.0, 700.0], [250.0, 999.0]], np.float32)
+    per_token = np.repeat(per_frame, 4 * 6, axis=1)
+    apply = jax.jit(WanDiT(config).apply)
+    np.testing.assert_allclose(
+        np.asarray(apply({"params": params}, x, per_frame, ctx)),
+        np.asarray(apply({"params": params}, x, per_token, ctx)),
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="per frame"):
+        apply({"params": params}, x, per_frame[:, :1].repeat(3, 1), ctx)
+
+
 def test_scanned_params_are_stacked(converted):
     config, params = converted[True]
     assert "blocks" in params and "blocks_0" not in params

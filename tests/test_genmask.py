@@ -36,12 +36,12 @@ def test_segmentation_inputs_layout():
     b = latent_batch(0, 3)["seg"]
     noise = jnp.ones_like(b["mask_latent"])
     t = jnp.array([0.9, 0.5, 1.0])
-    x, t_tokens, target = model.segmentation_inputs(b["image_latent"], b["mask_latent"], t, noise)
-    assert x.shape == (3, 2, 4, 4, 16) and t_tokens.shape == (3, 2 * 2 * 2)
+    x, t_frames, target = model.segmentation_inputs(b["image_latent"], b["mask_latent"], t, noise)
+    assert x.shape == (3, 2, 4, 4, 16) and t_frames.shape == (3, 2)  # the DiT repeats them per token
     np.testing.assert_array_equal(x[:, :1], b["image_latent"])  # clean image frame first
     np.testing.assert_allclose(x[:, 1:], flow.add_noise(b["mask_latent"], noise, t), atol=1e-6)
-    np.testing.assert_array_equal(t_tokens[:, :4], 0.0)  # image tokens at t = 0
-    np.testing.assert_allclose(t_tokens[:, 4:], np.repeat(1000 * np.asarray(t)[:, None], 4, 1), rtol=1e-6)
+    np.testing.assert_array_equal(t_frames[:, 0], 0.0)  # image frame at t = 0
+    np.testing.assert_allclose(t_frames[:, 1], 1000 * np.asarray(t), rtol=1e-6)
     np.testing.assert_array_equal(target, noise - b["mask_latent"])
 
 

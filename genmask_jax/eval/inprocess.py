@@ -47,9 +47,9 @@ def segment_euler(model: GenMask, dit_params, image_latent, context, context_mas
 
     def body(x, i):
         t = jnp.full(x.shape[:1], ts[i])
-        _, t_tokens, _ = model.segmentation_inputs(image_latent, x, t, noise)
+        _, t_frames, _ = model.segmentation_inputs(image_latent, x, t, noise)
         inputs = jnp.concatenate([image_latent, x], axis=1)
-        v = model.apply_dit(dit_params, inputs, t_tokens, context, context_mask)[:, 1:]
+        v = model.apply_dit(dit_params, inputs, t_frames, context, context_mask)[:, 1:]
         return x + (ts[i + 1] - ts[i]) * v, None
 
     x, _ = jax.lax.scan(body, x, jnp.arange(num_steps))

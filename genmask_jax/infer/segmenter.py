@@ -61,8 +61,8 @@ def euler_mask_latents(
     def velocity(x, t):
         # segmentation_inputs noises its mask argument with its noise argument; with both = x,
         # (1 - t) x + t x = x, so this is the two-frame input at the current state x.
-        inputs, t_tokens, _ = model.segmentation_inputs(image_latent, x, t, x)
-        return model.apply_dit(dit_params, inputs, t_tokens, context, context_mask)[:, 1:]
+        inputs, t_frames, _ = model.segmentation_inputs(image_latent, x, t, x)
+        return model.apply_dit(dit_params, inputs, t_frames, context, context_mask)[:, 1:]
 
     return flow.euler_sample(velocity, noise, num_steps, shift)
 

@@ -300,7 +300,9 @@ class WanDiT(nn.Module):
 
         Args:
           x: latents `(B, F, H, W, C_in)`, channels last.
-          t: timesteps on the 0..1000 scale, `(B,)` or per token `(B, F/p_t * H/p_h * W/p_w)`.
+          t: timesteps on the 0..1000 scale: `(B,)`, per token `(B, F/p_t * H/p_h * W/p_w)`, or per
+            latent frame `(B, F/p_t)` (the same as per token with each frame's value repeated over its
+            tokens, but the time embedding MLP and projection run once per frame, not per token).
           context: text states `(B, S, text_dim)`.
           context_mask: `(B, S)` bool, True = real token; used only when config.use_context_mask.
         Returns:
@@ -315,16 +317,24 @@ class WanDiT(nn.Module):
             raise ValueError(f"latent size {(f, h, w)} is not a multiple of the patch {cfg.patch_size}")
         length = math.prod(grid)
         t = jnp.asarray(t)
+        per_frame = t.ndim == 2 and t.shape == (b, grid[0]) and grid[0] != length
         if t.ndim == 1:
             t = t[:, None]
-        elif t.shape != (b, length):
-            raise ValueError(f"per-token timesteps must be (B, {length}) = {(b, length)}, got {t.shape}")
+        elif t.shape != (b, length) and not per_frame:
+            raise ValueError(
+                f"timesteps must be (B,), per token (B, {length}) or per frame (B, {grid[0]}) with "
+                f"B = {b}, got {t.shape}"
+            )
 
         cos, sin = rope_angles(grid, cfg.head_dim, cfg.rope_theta)
         rope = (jnp.asarray(cos), jnp.asarray(sin))
         tokens = PatchEmbedding(cfg, name="patch_embedding")(x)
         tokens = nn.with_logical_constraint(tokens, (BATCH, LENGTH, EMBED))
         temb, proj, ctx = ConditionEmbedder(cfg, name="condition_embedder")(t, context)
+        if per_frame:  # (B, F', ...) -> (B, L, ...): token order is frame-major.
+            temb, proj = (jnp.repeat(y, length // grid[0], axis=1) for y in (temb, proj))
+            temb = nn.with_logical_constraint(temb, (BATCH, LENGTH, EMBED))
+            proj = nn.with_logical_constraint(proj, (BATCH, LENGTH, None, EMBED))
         ctx = nn.with_logical_constraint(ctx, (BATCH, "activation_text", EMBED))
         mask = context_mask if cfg.use_context_mask else None
 

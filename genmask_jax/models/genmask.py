@@ -125,30 +125,22 @@ class GenMask:
     def segmentation_inputs(
         self, image_latent: jax.Array, mask_latent: jax.Array, t: jax.Array, noise: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """DiT input `(B, 2, h, w, z)`, per-token timesteps `(B, 2 * h/2 * w/2)` on 0..1000 and the
+        """DiT input `(B, 2, h, w, z)`, per-frame timesteps `(B, 2)` on 0..1000 (0 for the clean image
+        frame, `1000 t` for the mask frame; the DiT gives every token its frame's value) and the
         velocity target `(B, 1, h, w, z)`."""
-        _, _, h, w, _ = mask_latent.shape
-        _, ph, pw = self.dit.patch_size
-        tokens = (h // ph) * (w // pw)
         x = jnp.concatenate([image_latent, flow.add_noise(mask_latent, noise, t)], axis=1)
-        t_tokens = jnp.concatenate(
-            [
-                jnp.zeros((t.shape[0], tokens), jnp.float32),
-                jnp.repeat(flow.TIMESTEP_SCALE * t[:, None], tokens, axis=1),
-            ],
-            axis=1,
-        )
-        return x, t_tokens, flow.velocity_target(mask_latent, noise)
+        t_frames = jnp.stack([jnp.zeros_like(t, jnp.float32), flow.TIMESTEP_SCALE * t.astype(jnp.float32)], 1)
+        return x, t_frames, flow.velocity_target(mask_latent, noise)
 
     def segmentation_loss(self, dit_params, vae_params, sub, draws) -> jax.Array:
         """Per-example velocity MSE on the mask frame, float32 `(Bs,)`."""
-        x, t_tokens, target = self.segmentation_inputs(
+        x, t_frames, target = self.segmentation_inputs(
             self.image_latents(vae_params, sub),
             self.mask_latents(vae_params, sub),
             draws["t"],
             draws["noise"],
         )
-        v = self.apply_dit(dit_params, x, t_tokens, sub["context"], sub["context_mask"])[:, 1:]
+        v = self.apply_dit(dit_params, x, t_frames, sub["context"], sub["context_mask"])[:, 1:]
         return jnp.mean(jnp.square(v - target), axis=(1, 2, 3, 4))
 
     def generation_loss(self, dit_params, vae_params, sub, draws) -> jax.Array:
@@ -180,8 +172,8 @@ class GenMask:
     ) -> jax.Array:
         """Single-step segmentation in latent space: x0 = eps - v at t = 1, `(B, 1, h, w, z)`."""
         ones = jnp.ones(noise.shape[:1], jnp.float32)
-        x, t_tokens, _ = self.segmentation_inputs(image_latent, jnp.zeros_like(noise), ones, noise)
-        v = self.apply_dit(dit_params, x, t_tokens, context, context_mask)[:, 1:]
+        x, t_frames, _ = self.segmentation_inputs(image_latent, jnp.zeros_like(noise), ones, noise)
+        v = self.apply_dit(dit_params, x, t_frames, context, context_mask)[:, 1:]
         return flow.single_step_x0(noise, v)
 
     def segment(

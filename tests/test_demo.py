@@ -78,3 +78,18 @@ def test_vae_pretrain_runs(tmp_path):
     vae_pretrain.save(str(tmp_path / "vae"), config, params)
     loaded_config, loaded = vae_pretrain.load(str(tmp_path / "vae"))
     assert loaded_config == config and 0.0 <= iou <= 1.0
+
+
+def test_ablation_trains_the_shared_base_model_once():
+    from configs import demo
+    from genmask_jax.experiments import ablation
+
+    base = demo.get_config()
+    keys = {
+        (study, name): ablation.variant_key(base, variant)
+        for study, variants in ablation.STUDIES.items()
+        for name, variant in variants.items()
+    }
+    shared = {keys["timestep_law", "a=0.05"], keys["mixing", "seg:gen 1:1"], keys["shortcut", "with image frame"]}
+    assert len(shared) == 1 and {keys["steps", n] for n in ("1 step", "4 steps", "16 steps")} == shared
+    assert len(set(keys.values())) == 6  # the base, a = 0.1, a = 0.5, logit-normal, 1:0, no image frame

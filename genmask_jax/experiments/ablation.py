@@ -4,10 +4,12 @@
     python -m genmask_jax.experiments.ablation --study steps          # single step vs 4 and 16 Euler steps
     python -m genmask_jax.experiments.ablation --study mixing         # seg:gen 1:1 vs 1:0
     python -m genmask_jax.experiments.ablation --study shortcut       # with / without the image frame
+    python -m genmask_jax.experiments.ablation --study all            # each distinct model trained once
 
 Every variant trains from scratch on the same latent pool (same VAE, scenes and seeds) with the same
 number of steps and segmentation examples per step, then is evaluated on the held-out split by
-single-step inference (the `steps` study evaluates one model with several step counts). Results go
+single-step inference (the `steps` study evaluates one model with several step counts). The base
+model (a = 0.05, seg:gen 1:1, with the image frame) appears in three studies and is trained once. Results go
 to `<out>/<study>.json` and `<out>/<study>.png`.
 """
 
@@ -46,70 +48,96 @@ def variant_config(base, variant: dict, steps: int, seed: int):
     return config
 
 
-def run_study(
-    study: str, steps: int, seeds: list[int], num_scenes: int, test_size: int, out: str, trained_run: str = ""
-) -> dict:
-    """`trained_run` (the `steps` study only): a demo workdir whose final checkpoint is evaluated
+def variant_key(base, variant: dict) -> str:
+    """Variants that train the same model share one key (unset fields take `base`'s values)."""
+    train = {k: v for k, v in variant.items() if k != "num_steps"}
+    defaults = {
+        "segmentation": dict(base.model.timesteps.segmentation),
+        "gen_ratio": int(base.batch.gen) / int(base.batch.seg),
+        "image_frame": True,
+    }
+    return json.dumps({**defaults, **train}, sort_keys=True)
+
+
+def run_studies(
+    studies: list[str],
+    steps: int,
+    seeds: list[int],
+    num_scenes: int,
+    test_size: int,
+    out: str,
+    trained_run: str = "",
+    log=print,
+) -> dict[str, dict]:
+    """Trains each distinct variant of `studies` once per seed (a = 0.05 with 1:1 and the image frame
+    is the same model in three studies) and evaluates it; returns {study: summary}.
+
+    `trained_run` (the `steps` study only): a demo workdir whose final checkpoint is evaluated
     instead of training a model here (its config must be the demo's default)."""
     base = demo_config.get_config()
     base.data.shapes.test_size = test_size
     vae_config, vae_params = pipeline.load_toy_vae(base, out)
-    trained = {}
+    trained: dict = {}
     if trained_run:
-        if study != "steps":
+        if studies != ["steps"]:
             raise ValueError("--trained_run only applies to --study steps")
         steps, num_scenes = int(base.total_steps), int(base.demo.num_train_scenes)
         small = build_latent_pool(base.data, 8, vae_config, vae_params, progress=False)
         params, _ = pipeline.train_dit(base, os.path.join(trained_run, "train"), small, progress=False)
-        trained = {seed: (base, params) for seed in seeds}
+        trained = {(variant_key(base, {}), seed): (base, params, 0.0) for seed in seeds}
         pool = small
     else:
         pool = build_latent_pool(base.data, num_scenes, vae_config, vae_params)
-    results = {}
-    for name, variant in STUDIES[study].items():
-        for seed in seeds:
-            start = time.perf_counter()
-            key = seed if study == "steps" else (name, seed)
-            if key not in trained:
-                config = variant_config(base, variant, steps, seed)
-                workdir = os.path.join(
-                    out, "runs", study, f"{name}-seed{seed}".replace(" ", "_").replace(":", "")
+    summaries = {}
+    for study in studies:
+        results = {}
+        for name, variant in STUDIES[study].items():
+            for seed in seeds:
+                key = (variant_key(base, variant), seed)
+                if key not in trained:
+                    start = time.perf_counter()
+                    config = variant_config(base, variant, steps, seed)
+                    workdir = os.path.join(
+                        out, "runs", study, f"{name}-seed{seed}".replace(" ", "_").replace(":", "")
+                    )
+                    params, _ = pipeline.train_dit(
+                        config, workdir, pool, image_frame=variant.get("image_frame", True)
+                    )
+                    trained[key] = (config, params, time.perf_counter() - start)
+                config, params, train_s = trained[key]
+                start = time.perf_counter()
+                model = pipeline.genmask_model(config, vae_config)
+                result = evaluate_segmentation(
+                    model,
+                    params,
+                    vae_params,
+                    config.data,
+                    "test",
+                    int(config.demo.eval_batch_size),
+                    num_steps=variant.get("num_steps", 1),
+                    seed=seed,
+                    keep=0,
+                    image_frame=variant.get("image_frame", True),
                 )
-                params, _ = pipeline.train_dit(
-                    config, workdir, pool, image_frame=variant.get("image_frame", True)
+                results.setdefault(name, []).append(
+                    {
+                        "seed": seed,
+                        **{k: result.metrics[k] for k in ("giou", "ciou")},
+                        "per_kind": result.per_kind,
+                        "train_s": train_s,
+                        "eval_s": time.perf_counter() - start,
+                    }
                 )
-                trained[key] = (config, params)
-            config, params = trained[key]
-            model = pipeline.genmask_model(config, vae_config)
-            result = evaluate_segmentation(
-                model,
-                params,
-                vae_params,
-                config.data,
-                "test",
-                int(config.demo.eval_batch_size),
-                num_steps=variant.get("num_steps", 1),
-                seed=seed,
-                keep=0,
-                image_frame=variant.get("image_frame", True),
-            )
-            results.setdefault(name, []).append(
-                {
-                    "seed": seed,
-                    **{k: result.metrics[k] for k in ("giou", "ciou")},
-                    "per_kind": result.per_kind,
-                    "seconds": time.perf_counter() - start,
-                }
-            )
-            print(name, seed, results[name][-1], flush=True)
-    return {
-        "study": study,
-        "steps": steps,
-        "seeds": seeds,
-        "num_train_scenes": num_scenes,
-        "test_size": test_size,
-        "results": results,
-    }
+                log(study, name, seed, results[name][-1])
+        summaries[study] = {
+            "study": study,
+            "steps": steps,
+            "seeds": seeds,
+            "num_train_scenes": num_scenes,
+            "test_size": test_size,
+            "results": results,
+        }
+    return summaries
 
 
 def plot(summary: dict, path: str) -> None:
@@ -141,22 +169,34 @@ def plot(summary: dict, path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--study", choices=sorted(STUDIES), required=True)
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--study", required=True, help=f"comma-separated, of {sorted(STUDIES)}, or 'all'")
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--num_train_scenes", type=int, default=4000)
+    parser.add_argument("--num_train_scenes", type=int, default=6000)
     parser.add_argument("--test_size", type=int, default=300)
     parser.add_argument("--out", default="docs/findings")
     parser.add_argument("--trained_run", default="", help="steps study: evaluate this demo workdir's model")
     args = parser.parse_args(argv)
+    studies = sorted(STUDIES) if args.study == "all" else args.study.split(",")
+    unknown = set(studies) - set(STUDIES)
+    if unknown:
+        parser.error(f"unknown studies {sorted(unknown)}; choose from {sorted(STUDIES)} or 'all'")
     os.makedirs(args.out, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    summary = run_study(
-        args.study, args.steps, seeds, args.num_train_scenes, args.test_size, args.out, args.trained_run
+    summaries = run_studies(
+        studies,
+        args.steps,
+        seeds,
+        args.num_train_scenes,
+        args.test_size,
+        args.out,
+        args.trained_run,
+        log=lambda *a: print(*a, flush=True),
     )
-    with open(os.path.join(args.out, f"{args.study}.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    plot(summary, os.path.join(args.out, f"{args.study}.png"))
+    for study, summary in summaries.items():
+        with open(os.path.join(args.out, f"{study}.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        plot(summary, os.path.join(args.out, f"{study}.png"))
 
 
 if __name__ == "__main__":

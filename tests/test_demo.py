@@ -3,12 +3,15 @@ end-to-end run that writes the report (the shipped toy VAE, a 2-layer width-64 D
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import demo as demo_config
 from genmask_jax.eval.inprocess import all_shapes_mask
 from genmask_jax.experiments import pipeline
+from genmask_jax.models.vae import init_params as init_vae_params
 from genmask_jax.train.latent_data import LatentBatches, LatentPool, shapes_source
 
 
@@ -90,6 +93,27 @@ def test_ablation_trains_the_shared_base_model_once():
         for study, variants in ablation.STUDIES.items()
         for name, variant in variants.items()
     }
-    shared = {keys["timestep_law", "a=0.05"], keys["mixing", "seg:gen 1:1"], keys["shortcut", "with image frame"]}
+    shared = {
+        keys["timestep_law", "a=0.05"], keys["mixing", "seg:gen 1:1"], keys["shortcut", "with image frame"]
+    }
     assert len(shared) == 1 and {keys["steps", n] for n in ("1 step", "4 steps", "16 steps")} == shared
     assert len(set(keys.values())) == 6  # the base, a = 0.1, a = 0.5, logit-normal, 1:0, no image frame
+
+
+def test_vae_pretrain_loss_decodes_the_mean_without_sampling():
+    from genmask_jax.train import vae_pretrain
+
+    cfg = vae_pretrain.PretrainConfig(resolution=16)
+    config = vae_pretrain.vae_config(cfg)
+    params = init_vae_params(config, jax.random.key(0))
+    rgb = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    weights = jnp.ones((2,))
+
+    def losses(sample):
+        fn = jax.jit(lambda key: vae_pretrain.vae_loss(params, rgb, weights, key, config, 1e-4, sample)[0])
+        return float(fn(jax.random.key(0))), float(fn(jax.random.key(1)))
+
+    mean_a, mean_b = losses(False)
+    assert mean_a == mean_b  # the posterior mean: no noise drawn
+    sample_a, sample_b = losses(True)
+    assert sample_a != sample_b

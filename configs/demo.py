@@ -51,9 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.encoder.context_length = 32  # the longest captions fit.
 
     config.batch.seg = config.batch.gen = 32
-    config.total_steps = 2500
+    config.total_steps = 3500
     config.log_every = 50
-    config.optimizer.lr = 1.5e-3
+    config.optimizer.lr = 3e-3
     config.optimizer.warmup_steps = 50
     config.optimizer.schedule = "cosine"
     config.optimizer.end_lr_factor = 0.05

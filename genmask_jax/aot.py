@@ -582,7 +582,8 @@ def sweep(
     log=print,
 ) -> list[Analysis]:
     """Train-step analyses over mesh splits x remat policies, each at the fewest microbatches (gradient
-    accumulation) of `microbatches` that fits; fitting points first, fastest FLOP bound first."""
+    accumulation) of `microbatches` that fits; fitting points first, fastest FLOP bound first, then
+    fewest microbatches."""
     devices = topology_devices(topology)
     meshes = [tuple(m) for m in meshes] if meshes else sweep_meshes(len(devices), config)
     results = []
@@ -608,7 +609,9 @@ def sweep(
                     break
             if a is not None:
                 results.append(a)
-    return sorted(results, key=lambda a: (not a.fits, a.step_time_s, a.train.total_bytes))
+    # Equal FLOP bounds: fewer microbatches first (each adds a pass over the parameters and a gradient
+    # reduction the FLOP bound does not see), then the smaller footprint.
+    return sorted(results, key=lambda a: (not a.fits, a.step_time_s, a.microbatches, a.train.total_bytes))
 
 
 def format_sweep(results: Sequence[Analysis]) -> str:

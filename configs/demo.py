@@ -4,7 +4,7 @@ configs/genmask.py's tiny variant with the demo's sizes: 64x64 synthetic referri
 latents from the shipped toy WAN VAE, genmask_jax/assets/toy_vae), a 4-layer width-128 WAN DiT,
 segmentation and caption->image generation mixed 1:1, a = 0.05 for segmentation.
 
-    get_config()                 the demo (about 1,000 CPU-seconds: 10-16 minutes on 2 CPU cores)
+    get_config()                 the demo (about 1,100 CPU-seconds: 11 minutes on 2 idle CPU cores)
     get_config("variant=smoke")  the same pipeline drastically reduced (tests)
 """
 

@@ -131,3 +131,14 @@ def test_data_state_saved_by_another_process_count_resumes_by_step(tmp_path):
     ckpt.restore(3, abstract, data_iterator=fresh)
     np.testing.assert_array_equal(next(fresh)["seg"]["image"], reference[3]["seg"]["image"])
     ckpt.close()
+
+
+def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainable = {"step": np.asarray(1, np.int32), "params": {"w": np.arange(3, dtype=np.float32)}}
+    ckpt = checkpointing.Checkpointer("runs/relative", async_save=False)
+    ckpt.save(1, trainable)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+    np.testing.assert_array_equal(ckpt.restore(1, abstract)["params"]["w"], trainable["params"]["w"])
+    assert (tmp_path / "runs" / "relative" / "1").is_dir()
+    ckpt.close()

@@ -51,7 +51,9 @@ class Checkpointer:
         async_save: bool = True,
         read_only: bool = False,
     ):
-        self.directory = epath.Path(directory)
+        # orbax needs absolute paths; a relative workdir (the demo's `runs/demo`) is taken from the cwd.
+        directory = os.fspath(directory)
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only
         )

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from genmask_jax.data import preprocess
 from genmask_jax.data.pipeline import make_eval_iterator
 from genmask_jax.eval.metrics import MetricsAccumulator
+from genmask_jax.infer.segmenter import segment_mask_latents
 from genmask_jax.models import mask_codec
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.train.latent_data import shapes_source
@@ -40,22 +41,6 @@ def all_shapes_mask(scene, height: int, width: int) -> np.ndarray:
     return np.asarray(canvas) > 0
 
 
-def segment_euler(model: GenMask, dit_params, image_latent, context, context_mask, noise, num_steps: int):
-    """Segmentation latents `(B, 1, h, w, z)` by `num_steps` Euler steps from t = 1 to 0 (1 = single step)."""
-    ts = jnp.linspace(1.0, 0.0, num_steps + 1)
-    x = noise
-
-    def body(x, i):
-        t = jnp.full(x.shape[:1], ts[i])
-        _, t_frames, _ = model.segmentation_inputs(image_latent, x, t, noise)
-        inputs = jnp.concatenate([image_latent, x], axis=1)
-        v = model.apply_dit(dit_params, inputs, t_frames, context, context_mask)[:, 1:]
-        return x + (ts[i + 1] - ts[i]) * v, None
-
-    x, _ = jax.lax.scan(body, x, jnp.arange(num_steps))
-    return x
-
-
 def make_predict_fn(model: GenMask, num_steps: int = 1, image_frame: bool = True):
     """jitted `(dit_params, vae_params, image, context, context_mask, rng) -> (pred bool, vae ceiling
     bool, given the true mask)`, all `(B, H, W)`."""
@@ -66,10 +51,9 @@ def make_predict_fn(model: GenMask, num_steps: int = 1, image_frame: bool = True
         if not image_frame:
             image_latent = jnp.zeros_like(image_latent)
         noise = jax.random.normal(rng, image_latent.shape, jnp.float32)
-        if num_steps == 1:
-            latents = model.predict_mask_latents(dit_params, image_latent, context, context_mask, noise)
-        else:
-            latents = segment_euler(model, dit_params, image_latent, context, context_mask, noise, num_steps)
+        latents = segment_mask_latents(
+            model, dit_params, image_latent, context, context_mask, noise, num_steps
+        )
         pred = mask_codec.rgb_to_mask(model.decode(vae_params, latents))
         mask_latent = model.encode(vae_params, mask_codec.mask_to_rgb(mask))
         ceiling = mask_codec.rgb_to_mask(model.decode(vae_params, mask_latent))

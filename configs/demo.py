@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.encoder.dim = config.model.dit["text_dim"]
     config.data.encoder.context_length = 32  # the longest captions fit.
 
-    # On CPU an example costs less in a batch of 16 than of 32 (activations stay in cache), and
+    # On CPU an example costs less in a batch of 16 than of 32 (measured; probably cache), and
     # 5,000 steps of 16 reach the gIoU of 3,500 steps of 32 (BENCHMARKS.md, built-in demo).
     config.batch.seg = config.batch.gen = 16
     config.total_steps = 4000

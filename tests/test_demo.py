@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
+from genmask_jax import demo
 from genmask_jax.eval.inprocess import all_shapes_mask
 from genmask_jax.experiments import pipeline
 from genmask_jax.models.vae import init_params as init_vae_params
-from genmask_jax.train.latent_data import LatentBatches, LatentPool, shapes_source
+from genmask_jax.train.latent_data import LatentBatches, LatentPool, shapes_source, trim_to_longest
 
 
 def test_demo_config_is_consistent():
@@ -46,6 +47,22 @@ def test_latent_batches_layout_and_resume():
     np.testing.assert_array_equal(again["seg"]["image_latent"], expected["seg"]["image_latent"])
     assert len(calls) == 2
     assert "gen" not in next(LatentBatches(_pool(), 2, 0))
+
+
+def test_trim_to_longest_keeps_every_real_token():
+    mask = np.zeros((3, 8), bool)
+    mask[0, :2], mask[1, :5], mask[2, :3] = True, True, True
+    context = np.random.default_rng(0).standard_normal((3, 8, 4)).astype(np.float32)
+    trimmed, trimmed_mask = trim_to_longest(context, mask)
+    assert trimmed.shape == (3, 5, 4) and trimmed_mask.sum() == mask.sum()
+    np.testing.assert_array_equal(trimmed, context[:, :5])
+    assert trim_to_longest(context, np.zeros_like(mask))[0].shape == (3, 1, 4)
+
+
+def test_cpu_device_flags_divide_both_batches():
+    count = lambda *args: int(demo.cpu_device_flags(*args).split()[0].split("=")[1])
+    assert [count(16, 16, 2), count(16, 16, 12), count(16, 0, 3), count(16, 16, 1)] == [2, 8, 2, 1]
+    assert "--xla_cpu_multi_thread_eigen=false" in demo.cpu_device_flags(16, 16, 2)
 
 
 def test_all_shapes_mask_covers_the_target():

@@ -205,6 +205,9 @@ def test_context_mask_ignores_padding():
     a = apply({"params": params}, x, np.array([3.0]), ctx, mask)
     b = apply({"params": params}, x, np.array([3.0]), padded, mask)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # Cutting the padding off (the latent pool's trim_padding) is the same model too.
+    c = apply({"params": params}, x, np.array([3.0]), ctx[:, :5], mask[:, :5])
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,17 +77,18 @@ def run_studies(
     base = demo_config.get_config()
     base.data.shapes.test_size = test_size
     vae_config, vae_params = pipeline.load_toy_vae(base, out)
+    trim = bool(base.model.dit.get("use_context_mask", False))
     trained: dict = {}
     if trained_run:
         if studies != ["steps"]:
             raise ValueError("--trained_run only applies to --study steps")
         steps, num_scenes = int(base.total_steps), int(base.demo.num_train_scenes)
-        small = build_latent_pool(base.data, 8, vae_config, vae_params, progress=False)
+        small = build_latent_pool(base.data, 8, vae_config, vae_params, progress=False, trim_padding=trim)
         params, _ = pipeline.train_dit(base, os.path.join(trained_run, "train"), small, progress=False)
         trained = {(variant_key(base, {}), seed): (base, params, 0.0) for seed in seeds}
         pool = small
     else:
-        pool = build_latent_pool(base.data, num_scenes, vae_config, vae_params)
+        pool = build_latent_pool(base.data, num_scenes, vae_config, vae_params, trim_padding=trim)
     summaries = {}
     for study in studies:
         results = {}

@@ -149,7 +149,12 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
     vae_config, vae_params = load_toy_vae(config, workdir, progress)
     tick = lap("vae_s", tick)
     pool = build_latent_pool(
-        config.data, int(config.demo.num_train_scenes), vae_config, vae_params, progress=progress
+        config.data,
+        int(config.demo.num_train_scenes),
+        vae_config,
+        vae_params,
+        progress=progress,
+        trim_padding=bool(config.model.dit.get("use_context_mask", False)),
     )
     tick = lap("data_s", tick)
     dit_params, history = train_dit(config, os.path.join(workdir, "train"), pool, progress)

@@ -78,6 +78,13 @@ def _encode_all(encode, params, rgb: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out)[: len(rgb) - pad]
 
 
+def trim_to_longest(context: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(N, L, D)`, `(N, L)` -> `(N, L', D)`, `(N, L')` with L' the last real position + 1 over all N."""
+    real = np.flatnonzero(mask.any(axis=0))
+    length = int(real[-1]) + 1 if real.size else 1
+    return context[:, :length], mask[:, :length]
+
+
 def build_latent_pool(
     data_config,
     num_scenes: int,
@@ -85,8 +92,13 @@ def build_latent_pool(
     vae_params,
     batch_size: int = 64,
     progress: bool = True,
+    trim_padding: bool = False,
 ) -> LatentPool:
-    """Renders `num_scenes` training scenes, encodes their texts and VAE-encodes images and masks."""
+    """Renders `num_scenes` training scenes, encodes their texts and VAE-encodes images and masks.
+
+    `trim_padding` cuts each task's contexts to the longest real length in the pool: only for a DiT
+    with `use_context_mask`, to which padded keys are invisible, so the cut changes cost, not output.
+    """
     source = shapes_source(data_config, data_config.train_split, num_scenes)
     encoder = make_encoder(data_config.encoder)
     h, w = source.resolution
@@ -101,6 +113,9 @@ def build_latent_pool(
         captions.append(example["caption"])
     seg_context, seg_mask = encoder.encode(None, expressions)
     gen_context, gen_mask = encoder.encode(None, captions)
+    if trim_padding:
+        seg_context, seg_mask = trim_to_longest(seg_context, seg_mask)
+        gen_context, gen_mask = trim_to_longest(gen_context, gen_mask)
     encode = make_encode_fn(vae_config)
     latents = []
     for rgb in (images, np.asarray(mask_codec.mask_to_rgb(masks))):

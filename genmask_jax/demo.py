@@ -15,6 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from genmask_jax.experiments import pipeline
+from genmask_jax.parallel import mesh
 
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"
@@ -26,23 +27,13 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the checkpoints an
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
-def cpu_device_flags(batch_seg: int, batch_gen: int, cores: int) -> str:
-    """XLA_FLAGS that make each core a single-threaded CPU device (as many as divide both batches).
-
-    The demo's DiT is small: split data-parallel over one device per core, a step runs faster than
-    on one device whose ops are spread over all cores (BENCHMARKS.md, built-in demo).
-    """
-    count = max(d for d in range(1, max(cores, 1) + 1) if batch_seg % d == 0 and batch_gen % d == 0)
-    return f"--xla_force_host_platform_device_count={count} --xla_cpu_multi_thread_eigen=false"
-
-
 def main(argv) -> None:
     del argv
     logging.getLogger().setLevel(logging.WARNING)
     config = _CONFIG.value
     if "XLA_FLAGS" not in os.environ:  # read when jax first starts its backends, i.e. below
         cores = len(os.sched_getaffinity(0))
-        os.environ["XLA_FLAGS"] = cpu_device_flags(config.batch.seg, config.batch.gen, cores)
+        os.environ["XLA_FLAGS"] = mesh.cpu_device_flags(config.batch.seg, config.batch.gen, cores)
     report = pipeline.run_demo(config, _WORKDIR.value, progress=_PROGRESS.value)
     seg, base = report["segmentation"], report["baselines"]
     print(

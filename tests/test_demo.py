@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from genmask_jax import demo
 from genmask_jax.eval.inprocess import all_shapes_mask
 from genmask_jax.experiments import pipeline
 from genmask_jax.models.vae import init_params as init_vae_params
+from genmask_jax.parallel.mesh import cpu_device_flags
 from genmask_jax.train.latent_data import LatentBatches, LatentPool, shapes_source, trim_to_longest
 
 
@@ -60,9 +60,9 @@ def test_trim_to_longest_keeps_every_real_token():
 
 
 def test_cpu_device_flags_divide_both_batches():
-    count = lambda *args: int(demo.cpu_device_flags(*args).split()[0].split("=")[1])
+    count = lambda *args: int(cpu_device_flags(*args).split()[0].split("=")[1])
     assert [count(16, 16, 2), count(16, 16, 12), count(16, 0, 3), count(16, 16, 1)] == [2, 8, 2, 1]
-    assert "--xla_cpu_multi_thread_eigen=false" in demo.cpu_device_flags(16, 16, 2)
+    assert "--xla_cpu_multi_thread_eigen=false" in cpu_device_flags(16, 16, 2)
 
 
 def test_all_shapes_mask_covers_the_target():

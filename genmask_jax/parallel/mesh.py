@@ -41,3 +41,14 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
         return jax.make_mesh(shape, tuple(axis_names), axis_types=axis_types)
     device_array = np.asarray(devices).reshape(shape)
     return jax.sharding.Mesh(device_array, tuple(axis_names), axis_types=axis_types)
+
+
+def cpu_device_flags(batch_seg: int, batch_gen: int, cores: int) -> str:
+    """XLA_FLAGS that make each core a single-threaded CPU device (as many as divide both batches).
+
+    For a small model (the demo's DiT) a data-parallel step over one device per core runs faster than
+    on one device whose ops are spread over all cores (measured on 2 cores: BENCHMARKS.md, built-in
+    demo). Takes effect only if in `XLA_FLAGS` before jax starts its backends.
+    """
+    count = max(d for d in range(1, max(cores, 1) + 1) if batch_seg % d == 0 and batch_gen % d == 0)
+    return f"--xla_force_host_platform_device_count={count} --xla_cpu_multi_thread_eigen=false"

@@ -21,7 +21,6 @@ import time
 from configs import demo as demo_config
 from genmask_jax.eval.inprocess import evaluate_segmentation
 from genmask_jax.experiments import pipeline
-from genmask_jax.train.latent_data import build_latent_pool
 
 STUDIES = {
     "timestep_law": {
@@ -77,18 +76,17 @@ def run_studies(
     base = demo_config.get_config()
     base.data.shapes.test_size = test_size
     vae_config, vae_params = pipeline.load_toy_vae(base, out)
-    trim = bool(base.model.dit.get("use_context_mask", False))
     trained: dict = {}
     if trained_run:
         if studies != ["steps"]:
             raise ValueError("--trained_run only applies to --study steps")
         steps, num_scenes = int(base.total_steps), int(base.demo.num_train_scenes)
-        small = build_latent_pool(base.data, 8, vae_config, vae_params, progress=False, trim_padding=trim)
+        small = pipeline.latent_pool(base, 8, vae_config, vae_params, progress=False)
         params, _ = pipeline.train_dit(base, os.path.join(trained_run, "train"), small, progress=False)
         trained = {(variant_key(base, {}), seed): (base, params, 0.0) for seed in seeds}
         pool = small
     else:
-        pool = build_latent_pool(base.data, num_scenes, vae_config, vae_params, trim_padding=trim)
+        pool = pipeline.latent_pool(base, num_scenes, vae_config, vae_params)
     summaries = {}
     for study in studies:
         results = {}

@@ -1,7 +1,7 @@
 """The small synthetic GenMask run behind the demo and the experiments, as separate steps.
 
     vae_config, vae_params = load_toy_vae(config, workdir)
-    pool = build_latent_pool(config.data, config.demo.num_train_scenes, vae_config, vae_params)
+    pool = latent_pool(config, config.demo.num_train_scenes, vae_config, vae_params)
     dit_params, history = train_dit(config, workdir, pool)
     model = genmask_model(config, vae_config)
     result = evaluate_segmentation(model, dit_params, vae_params, config.data, ...)
@@ -52,6 +52,20 @@ def load_toy_vae(
         vae_config, params, history, iou = vae_pretrain.pretrain(cfg, progress=progress)
         vae_pretrain.save(local, vae_config, params, extra={"val_mask_iou": iou, "history": history})
     return vae_pretrain.load(local)
+
+
+def latent_pool(
+    config: ml_collections.ConfigDict,
+    num_scenes: int,
+    vae_config: VAEConfig,
+    vae_params,
+    progress: bool = True,
+) -> LatentPool:
+    """`build_latent_pool` of `config.data`; contexts cut to their real length if the DiT masks padding."""
+    trim = bool(config.model.dit.get("use_context_mask", False))
+    return build_latent_pool(
+        config.data, num_scenes, vae_config, vae_params, progress=progress, trim_padding=trim
+    )
 
 
 def genmask_model(config: ml_collections.ConfigDict, vae_config: VAEConfig | None) -> GenMask:
@@ -148,14 +162,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
     tick = start
     vae_config, vae_params = load_toy_vae(config, workdir, progress)
     tick = lap("vae_s", tick)
-    pool = build_latent_pool(
-        config.data,
-        int(config.demo.num_train_scenes),
-        vae_config,
-        vae_params,
-        progress=progress,
-        trim_padding=bool(config.model.dit.get("use_context_mask", False)),
-    )
+    pool = latent_pool(config, int(config.demo.num_train_scenes), vae_config, vae_params, progress)
     tick = lap("data_s", tick)
     dit_params, history = train_dit(config, os.path.join(workdir, "train"), pool, progress)
     tick = lap("train_s", tick)

@@ -1,11 +1,15 @@
 """WanDiT (jax.jit) vs diffusers WanTransformer3DModel (eager PyTorch) on CPU, fp32.
 
     python -m bench.bench_dit [--reps 5] [--only jax|torch] [--attention xla] [--remat none]
-        [--xla-flags "--xla_cpu_..."] [--single-thread]
+        [--xla-flags "--xla_cpu_..."] [--single-thread] [--devices N]
 
 Mid-size config: 4 blocks, dim 512, 8 heads, ffn 2048, text_dim 4096; batch 2 of 2 latent frames of
 32x32 (2 x 16 x 16 = 512 tokens), 64 text tokens. Forward, and forward+backward of `mean(out^2)`
 with respect to all parameters. Prints the median over --reps timed runs after one warm-up (compile).
+
+`--devices N` runs JAX on N single-threaded CPU devices (one per core) with the batch split over a
+`data` mesh axis and the parameters replicated: data parallelism across cores instead of
+multi-threaded ops on one device. PyTorch keeps its default intra-op threads.
 """
 
 import argparse
@@ -43,21 +47,24 @@ def timed(fn, reps: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def bench_jax(reps: int, attention: str, remat: str) -> dict[str, tuple[float, float]]:
+def bench_jax(reps: int, attention: str, remat: str, devices: int = 1) -> dict[str, tuple[float, float]]:
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from genmask_jax.models.dit import DiTConfig, WanDiT, init_params
 
     config = DiTConfig(**CONFIG, attention=attention, remat_policy=remat)
-    params = jax.device_put(init_params(config, jax.random.key(0)))
-    x, t, ctx = (jnp.asarray(a) for a in make_inputs())
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    params = jax.device_put(init_params(config, jax.random.key(0)), replicated)
+    x, t, ctx = (jax.device_put(a, split) for a in make_inputs())
     model = WanDiT(config)
-    forward = jax.jit(lambda p: model.apply({"params": p}, x, t, ctx))
-    loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, ctx) ** 2)
+    forward = jax.jit(lambda p, *inputs: model.apply({"params": p}, *inputs))
+    loss = lambda p, *inputs: jnp.mean(model.apply({"params": p}, *inputs) ** 2)
     forward_backward = jax.jit(jax.value_and_grad(loss))
-    return {"fwd": timed(lambda: jax.block_until_ready(forward(params)), reps),
-            "fwd+bwd": timed(lambda: jax.block_until_ready(forward_backward(params)), reps)}
+    return {"fwd": timed(lambda: jax.block_until_ready(forward(params, x, t, ctx)), reps),
+            "fwd+bwd": timed(lambda: jax.block_until_ready(forward_backward(params, x, t, ctx)), reps)}
 
 
 def bench_torch(reps: int) -> dict[str, tuple[float, float]]:
@@ -93,9 +100,15 @@ def main():
     parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts")
     parser.add_argument("--single-thread", action="store_true",
                         help="one intra-op thread in both frameworks (run under `taskset -c 0`)")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="JAX on this many single-threaded CPU devices, batch split over them")
     args = parser.parse_args()
+    if BATCH % args.devices:
+        parser.error(f"--devices must divide the batch ({BATCH})")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flags = args.xla_flags
+    if args.devices > 1:
+        flags += f" --xla_force_host_platform_device_count={args.devices} --xla_cpu_multi_thread_eigen=false"
     if args.single_thread:
         flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         import torch
@@ -104,7 +117,7 @@ def main():
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
     results = {}
     if args.only != "torch":
-        results["jax"] = bench_jax(args.reps, args.attention, args.remat)
+        results["jax"] = bench_jax(args.reps, args.attention, args.remat, args.devices)
     if args.only != "jax":
         results["torch"] = bench_torch(args.reps)
     print(f"load average {os.getloadavg()[0]:.1f}; wall / process-CPU medians over {args.reps} runs")

@@ -47,15 +47,16 @@ def timed(fn, reps: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def bench_jax(reps: int, attention: str, remat: str, devices: int = 1) -> dict[str, tuple[float, float]]:
+def bench_jax(reps: int, attention: str, remat: str, devices: int) -> dict[str, tuple[float, float]]:
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
     from genmask_jax.models.dit import DiTConfig, WanDiT, init_params
+    from genmask_jax.parallel.mesh import make_mesh
 
     config = DiTConfig(**CONFIG, attention=attention, remat_policy=remat)
-    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = make_mesh((devices, 1, 1))
     replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
     params = jax.device_put(init_params(config, jax.random.key(0)), replicated)
     x, t, ctx = (jax.device_put(a, split) for a in make_inputs())
@@ -108,7 +109,9 @@ def main():
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flags = args.xla_flags
     if args.devices > 1:
-        flags += f" --xla_force_host_platform_device_count={args.devices} --xla_cpu_multi_thread_eigen=false"
+        from genmask_jax.parallel.mesh import cpu_device_flags  # imports jax; backends start later
+
+        flags += " " + cpu_device_flags(BATCH, BATCH, args.devices)
     if args.single_thread:
         flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         import torch

@@ -112,6 +112,40 @@ def test_segmentation_only_batches():
     assert 0 < max_abs_diff(state.ema_params, state.params)
 
 
+@pytest.mark.multidevice
+def test_muon_state_is_sharded_like_the_params_and_trains():
+    """Muon (train/muon.py) on the 2-D kernels, AdamW on the rest, under FSDP x tensor sharding."""
+    mesh = mesh_of((1, 2, 2))
+    state, _, step, rules = setup(mesh, **{"optimizer.name": "muon", "optimizer.muon_lr": 0.02})
+    kernel = state.params["blocks_0"]["ffn"]["proj_in"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    leaves = jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+
+    def state_leaves(*names):
+        return [v for p, v in leaves if tuple(getattr(k, "key", None) for k in p[-len(names):]) == names]
+
+    # Muon's momentum of a kernel (one leaf) and Adam's two moments of a bias take their parameter's
+    # sharding.
+    (momentum,) = state_leaves("blocks_0", "ffn", "proj_in", "kernel")
+    assert momentum.shape == kernel.shape and momentum.sharding.spec == kernel.sharding.spec
+    bias = state.params["blocks_0"]["ffn"]["proj_in"]["bias"]
+    moments = state_leaves("blocks_0", "ffn", "proj_in", "bias")
+    assert len(moments) == 2 and all(m.sharding.spec == bias.sharding.spec for m in moments)
+    before = jax.device_get(state.params)
+    losses = []
+    for i in range(3):
+        state, metrics = step(state, loop.global_batch(make_batch(i, 8, 8), mesh, rules), jax.random.key(7))
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses))
+    moved = jax.device_get(state.params)
+    # The first step has lr 0 (warmup); after that every kernel, Muon's and Adam's, has moved.
+    assert max_abs_diff(before["blocks_0"]["ffn"]["proj_in"]["kernel"],
+                        moved["blocks_0"]["ffn"]["proj_in"]["kernel"]) > 0
+    assert max_abs_diff(before["patch_embedding"], moved["patch_embedding"]) > 0
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer({"name": "sgd", "lr": 1.0})
+
+
 def test_schedule_warmup_constant_and_cosine():
     constant = make_schedule({"lr": 1.0, "warmup_steps": 4})
     assert [float(constant(s)) for s in (0, 2, 4, 100)] == [0.0, 0.5, 1.0, 1.0]

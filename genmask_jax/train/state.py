@@ -16,6 +16,7 @@ import optax
 from flax import traverse_util
 
 from genmask_jax.parallel.sharding import LogicalRules
+from genmask_jax.train import muon
 
 NO_DECAY_NAMES = ("bias", "scale", "scale_shift_table")
 
@@ -58,31 +59,50 @@ def make_schedule(cfg: Mapping) -> optax.Schedule:
 def weight_decay_mask(params) -> dict:
     """True for matrices and conv kernels; biases, norm scales and modulation tables are not decayed.
 
-    Works on plain arrays and on `nn.Partitioned` boxes (for sharding derivation under eval_shape).
+    Works on plain arrays, on `nn.Partitioned` boxes (for sharding derivation under eval_shape) and on
+    the masked trees of Muon's partitions.
     """
 
     def decide(path, leaf):
         value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+        if not hasattr(value, "shape"):  # optax's MaskedNode: a leaf another optimizer partition owns
+            return False
         return path[-1] not in NO_DECAY_NAMES and len(value.shape) >= 2
 
     return traverse_util.path_aware_map(decide, flax.core.unfreeze(params))
 
 
 def make_optimizer(cfg: Mapping) -> optax.GradientTransformation:
-    """AdamW with warmup + constant/cosine schedule, global-norm clipping and a weight-decay mask.
+    """AdamW or Muon with warmup + constant/cosine schedule, global-norm clipping and a weight-decay mask.
 
-    cfg: lr, warmup_steps, schedule, total_steps, end_lr_factor, b1, b2, eps, weight_decay, grad_clip.
+    cfg: name ("adamw" | "muon"), lr, warmup_steps, schedule, total_steps, end_lr_factor, b1, b2, eps,
+    weight_decay, grad_clip; for Muon also muon_lr (its matrices' rate, same schedule shape) and
+    muon_beta, muon_ns_steps (Newton-Schulz iterations). Muon (train/muon.py) orthogonalises the momentum
+    of every 2-D kernel; the other parameters (conv kernels, biases, norm scales, modulation tables)
+    take AdamW at `lr`.
     """
-    adamw = optax.adamw(
-        make_schedule(cfg),
-        b1=float(cfg.get("b1", 0.9)),
-        b2=float(cfg.get("b2", 0.999)),
-        eps=float(cfg.get("eps", 1e-8)),
-        weight_decay=float(cfg.get("weight_decay", 0.0)),
-        mask=weight_decay_mask,
-    )
+    name = cfg.get("name", "adamw")
+    schedule = make_schedule(cfg)
+    b1, b2, eps = float(cfg.get("b1", 0.9)), float(cfg.get("b2", 0.999)), float(cfg.get("eps", 1e-8))
+    weight_decay = float(cfg.get("weight_decay", 0.0))
+    if name == "adamw":
+        tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
+    elif name == "muon":
+        tx = muon.muon(
+            make_schedule({**dict(cfg), "lr": float(cfg["muon_lr"])}),
+            adam_learning_rate=schedule,
+            beta=float(cfg.get("muon_beta", 0.95)),
+            ns_steps=int(cfg.get("muon_ns_steps", 5)),
+            adam_b1=b1,
+            adam_b2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            weight_decay_mask=weight_decay_mask,
+        )
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; use 'adamw' or 'muon'")
     clip = float(cfg.get("grad_clip", 0.0))
-    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 
 
 def ema_update(ema, params, decay: float):
@@ -92,8 +112,33 @@ def ema_update(ema, params, decay: float):
     )
 
 
-def _replicated_spec(_):
-    return jax.sharding.PartitionSpec()
+def _opt_state_specs(opt_state, boxed_params, param_specs):
+    """PartitionSpecs of an abstract optimizer state: a leaf whose dict-key path ends with a parameter's
+    path and whose shape is that parameter's takes its spec; counters and the rest are replicated.
+
+    Matching by path works for states that embed the parameter tree whole (Adam's moments) and for
+    partitioned ones whose trees hold optax MaskedNodes where another partition owns the leaf (Muon).
+    """
+    params = {
+        tuple(k.key for k in path): (leaf.value.shape, spec)
+        for (path, leaf), spec in zip(
+            jax.tree_util.tree_flatten_with_path(
+                boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+            )[0],
+            jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+        )
+    }
+    longest = max((len(k) for k in params), default=0)
+
+    def spec_of(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for n in range(min(longest, len(keys)), 0, -1):
+            shape_spec = params.get(keys[-n:])
+            if shape_spec is not None and shape_spec[0] == leaf.shape:
+                return shape_spec[1]
+        return jax.sharding.PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec_of, opt_state)
 
 
 def state_shardings(
@@ -106,20 +151,13 @@ def state_shardings(
 ) -> TrainState:
     """NamedShardings of a TrainState from abstract *boxed* (nn.Partitioned) parameter trees.
 
-    Optimizer-state leaves shaped like parameters take the parameter's sharding (FSDP of Adam's moments);
-    counters are replicated.
+    Optimizer-state leaves shaped like parameters take the parameter's sharding (FSDP of Adam's moments
+    and Muon's momentum); counters are replicated.
     """
     param_specs = nn.get_partition_spec(boxed_params)
     frozen_specs = nn.get_partition_spec(boxed_frozen)
     opt_state = jax.eval_shape(lambda p: tx.init(nn.meta.unbox(p)), boxed_params)
-    opt_specs = optax.tree_utils.tree_map_params(
-        tx,
-        lambda _, spec: spec,
-        opt_state,
-        param_specs,
-        transform_non_params=_replicated_spec,
-        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
-    )
+    opt_specs = _opt_state_specs(opt_state, boxed_params, param_specs)
     specs = TrainState(
         step=jax.sharding.PartitionSpec(),
         params=param_specs,

@@ -128,11 +128,10 @@ def _opt_state_specs(opt_state, boxed_params, param_specs):
             jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
         )
     }
-    longest = max((len(k) for k in params), default=0)
 
     def spec_of(path, leaf):
         keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-        for n in range(min(longest, len(keys)), 0, -1):
+        for n in range(len(keys), 0, -1):
             shape_spec = params.get(keys[-n:])
             if shape_spec is not None and shape_spec[0] == leaf.shape:
                 return shape_spec[1]

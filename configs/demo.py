@@ -9,7 +9,6 @@ segmentation.
     get_config("variant=smoke")  the same pipeline drastically reduced (tests)
 """
 
-import json
 import os
 
 import ml_collections
@@ -26,10 +25,10 @@ TOY_VAE = os.path.join(
 
 def toy_vae_config(path: str = TOY_VAE) -> VAEConfig:
     """The shipped toy VAE's config (its latent statistics included), or the tiny variant if absent."""
-    config_file = os.path.join(path, "config.json")
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            return VAEConfig.from_dict(json.load(f))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from genmask_jax.train.vae_pretrain import load_config  # lazily: it pulls in optax and PIL
+
+        return load_config(path)
     return VAEConfig.from_variant("tiny")
 
 
@@ -70,7 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.end_lr_factor = 0.05
     config.optimizer.weight_decay = 0.0
     config.checkpoint.every_steps = 500
-    # The demo evaluates after training (below); its training batches carry latents, not pixels.
+    # The demo evaluates after training (below). `--config.eval_every=N --config.sample_every=N` add
+    # the loop's quick evaluation and samples every N steps (TensorBoard and <workdir>/train/samples).
     config.eval_every = config.sample_every = 0
     config.checkpoint.keep = 1
 

@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.muon_lr = 0.02  # Muon only: the rate of its 2-D kernels.
     config.optimizer.muon_beta = 0.95
     config.optimizer.muon_ns_steps = 5
+    config.optimizer.muon_conv_kernels = False  # Muon also on conv kernels (the patch embedding)
     config.optimizer.warmup_steps = 250
     config.optimizer.schedule = "constant"  # "constant" | "cosine"
     config.optimizer.end_lr_factor = 0.0  # cosine floor as a fraction of lr.

@@ -199,7 +199,7 @@ def save_flax_checkpoint(dst: str | os.PathLike, params: Any, config: Mapping[st
 def load_flax_checkpoint(path: str | os.PathLike, target: Any = None) -> tuple[dict, Any]:
     """Reads (config dict, params). `target` (abstract arrays with shardings) restores sharded."""
     path = Path(path).absolute()
-    if not (path / "config.json").is_file() or not (path / "params").is_dir():
+    if not is_flax_checkpoint(path):
         raise ConversionError(f"{path}: not a converted checkpoint (needs config.json and params/)")
     with open(path / "config.json") as f:
         config = json.load(f)
@@ -207,6 +207,19 @@ def load_flax_checkpoint(path: str | os.PathLike, target: Any = None) -> tuple[d
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params", target)
     return config, params
+
+
+def is_flax_checkpoint(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and (path / "params").is_dir()
+
+
+def saved_params_metadata(path: str | os.PathLike) -> Any:
+    """The params tree of our checkpoint at `path` with orbax ArrayMetadata leaves (shape, dtype), read
+    without loading any array."""
+    ocp = _orbax()
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.metadata(Path(path).absolute() / "params").item_metadata.tree
 
 
 def flatten(params: Mapping) -> dict[str, Any]:

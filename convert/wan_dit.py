@@ -315,7 +315,7 @@ def load(path: str | Path, target: Any = None, **convert_kwargs):
     from genmask_jax.models.dit import DiTConfig
 
     path = Path(path)
-    if (path / "params").is_dir() and (path / "config.json").is_file():
+    if io.is_flax_checkpoint(path):
         config_dict, params = io.load_flax_checkpoint(path, target)
         return DiTConfig.from_dict(config_dict), params
     return convert_checkpoint(path, **convert_kwargs)

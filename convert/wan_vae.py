@@ -267,7 +267,7 @@ def load(path: str | Path, layout: str = "auto", target: Any = None):
     """(VAEConfig, {"params": ...}) from our converted checkpoint or, converted on the fly, from a
     diffusers folder / original file. target: abstract params with shardings for an orbax restore."""
     path = Path(path)
-    if (path / "params").is_dir() and (path / "config.json").is_file():
+    if io.is_flax_checkpoint(path):
         config_dict, params = io.load_flax_checkpoint(path, target)
         return _vae().VAEConfig.from_dict(config_dict), params
     return convert_checkpoint(path, layout)

@@ -77,9 +77,15 @@ def test_all_shapes_mask_covers_the_target():
 
 def test_demo_smoke_end_to_end(tmp_path):
     config = demo_config.get_config("variant=smoke")
+    # The loop's quick evaluation at the last step: it needs the frozen VAE that training on latents
+    # does not, so this checks that the demo's train state carries it.
+    config.eval_every = config.sample_every = config.total_steps
     report = pipeline.run_demo(config, str(tmp_path), progress=False)
     for name in ("metrics.json", "report.md", "segmentation_grid.png", "generated.png"):
         assert (tmp_path / name).is_file(), name
+    step = f"step_{config.total_steps:07d}"
+    for name in (f"{step}_segmentation.png", f"{step}_generation.png"):
+        assert (tmp_path / "train" / "samples" / name).is_file(), name
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["segmentation"]["num_samples"] == config.data.shapes.test_size
     assert 0.0 <= saved["segmentation"]["giou"] <= 1.0

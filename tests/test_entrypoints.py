@@ -95,6 +95,20 @@ def test_bad_input_is_one_line(files, module, args, message):
     assert not out.exists() and not (files / "w").exists()
 
 
+def test_checkpoint_of_a_run_on_precomputed_latents_needs_a_vae(tmp_path):
+    from configs.genmask import get_config
+    from genmask_jax.infer import checkpoint
+    from genmask_jax.train import checkpointing
+
+    config = get_config("variant=tiny")
+    config.model.vae = None  # as a run on precomputed latents without the VAE in its state
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, {"step": np.asarray(1, np.int32), "params": {"w": np.ones(2, np.float32)}}, config=config)
+    ckpt.close()
+    with pytest.raises(checkpoint.CheckpointError, match="has no VAE"):
+        checkpoint.load(tmp_path)
+
+
 def test_segment_pairs_images_and_prompts():
     from genmask_jax.infer import cli as cli_lib
     from genmask_jax.segment import pair_inputs

@@ -43,6 +43,28 @@ def test_matches_optax_muon():
             np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def test_conv_kernels_as_patch_matrices_match_optax_muon():
+    ours = run(muon.muon(0.02, adam_learning_rate=0.005, ns_steps=5, conv_kernels=True))
+    matrix = optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+    dims = {
+        "a": {"kernel": matrix, "bias": None},
+        "b": {"kernel": matrix},
+        "wide": {"kernel": matrix},
+        "tall": {"kernel": matrix},
+        # (1, 2, 2, 4) reduced, 8 out: the (16, 8) matrix of the patch matmul.
+        "conv": {"kernel": optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2, 3), output_axis=4)},
+    }
+    reference = run(
+        optax.contrib.muon(0.02, adam_learning_rate=0.005, ns_steps=5, muon_weight_dimension_numbers=dims)
+    )
+    for a, b in zip(ours, reference):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(x, y, atol=1e-6)  # tolerance as in test_matches_optax_muon
+    # and the conv kernel really moved under Muon: AdamW's first update is lr * sign(g) everywhere.
+    adam_like = np.abs(np.asarray(ours[0]["conv"]["kernel"])) / 0.005
+    assert not np.allclose(adam_like, 1.0, atol=1e-3)
+
+
 def test_newton_schulz_orthogonalises():
     x = jax.random.normal(jax.random.key(0), (3, 16, 32))
     o = muon.newton_schulz(x, steps=10)

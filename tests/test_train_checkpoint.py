@@ -91,6 +91,28 @@ def test_resume_order_workdir_then_explicit_then_converted_then_scratch(tmp_path
     workdir.close()
 
 
+@pytest.mark.multidevice
+def test_converted_weights_restore_straight_into_the_parameter_shardings(tmp_path):
+    mesh = mesh_of((2, 2, 2))
+    config = tiny_config()
+    model, state, shardings = state_for_resume(config, mesh)
+    converted = jax.tree.map(np.asarray, init_params(model.dit, jax.random.key(5)))
+    wan_dit.save(tmp_path / "converted", model.dit, converted)
+    kernel = lambda tree: tree["blocks_0"]["ffn"]["proj_in"]["kernel"]
+    target = loop.converted_target(tmp_path / "converted", state.params, shardings.params, mesh)
+    # Each host then reads only its shards: the kernel's target is split over fsdp and tensor.
+    assert kernel(target).sharding == kernel(shardings.params)
+    assert kernel(target).sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert loop.converted_target(tmp_path, state.params, shardings.params, mesh) is None  # not ours
+
+    config.init_from = str(tmp_path / "converted")
+    workdir = checkpointing.Checkpointer(tmp_path / "work", async_save=False)
+    out, origin = loop.restore_or_init(config, state, shardings, workdir, None, model)
+    assert origin.startswith("converted") and leaves_equal(out.params, converted) == []
+    assert kernel(out.params).sharding == kernel(shardings.params)
+    workdir.close()
+
+
 def test_converted_weights_with_other_architecture_fail():
     model = tiny_model()
     fresh = jax.eval_shape(lambda: init_params(model.dit, jax.random.key(0)))

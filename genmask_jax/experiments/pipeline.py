@@ -33,14 +33,12 @@ from genmask_jax.train.latent_data import LatentBatches, LatentPool, build_laten
 log = logging.getLogger(__name__)
 
 
-def load_toy_vae(
-    config: ml_collections.ConfigDict, workdir: str, progress: bool = True
-) -> tuple[VAEConfig, dict]:
-    """The frozen toy VAE from `config.vae_from`; if that holds no checkpoint, pretrains one into
-    `<workdir>/toy_vae` (`config.demo.vae_pretrain_steps` steps) or reuses the one found there."""
+def toy_vae_dir(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> str:
+    """The folder of the frozen toy VAE: `config.vae_from` if it holds a checkpoint, else
+    `<workdir>/toy_vae`, pretrained there (`config.demo.vae_pretrain_steps` steps) unless found."""
     path = config.vae_from
     if path and os.path.isfile(os.path.join(path, "config.json")):
-        return vae_pretrain.load(path)
+        return path
     local = os.path.join(workdir, "toy_vae")
     if not os.path.isfile(os.path.join(local, "config.json")):
         log.warning("no toy VAE at %r: pretraining one into %s", path, local)
@@ -51,7 +49,14 @@ def load_toy_vae(
         )
         vae_config, params, history, iou = vae_pretrain.pretrain(cfg, progress=progress)
         vae_pretrain.save(local, vae_config, params, extra={"val_mask_iou": iou, "history": history})
-    return vae_pretrain.load(local)
+    return local
+
+
+def load_toy_vae(
+    config: ml_collections.ConfigDict, workdir: str, progress: bool = True
+) -> tuple[VAEConfig, dict]:
+    """(VAEConfig, params) of the frozen toy VAE in `toy_vae_dir(config, workdir)`."""
+    return vae_pretrain.load(toy_vae_dir(config, workdir, progress))
 
 
 def latent_pool(
@@ -108,10 +113,20 @@ def train_dit(
     pool: LatentPool,
     progress: bool = True,
     image_frame: bool = True,
+    vae_dir: str | None = None,
 ) -> tuple[dict, list[dict]]:
     """Trains the GenMask DiT on the latent pool with `train.loop.train` (checkpoints and
-    metrics.jsonl in `workdir`); returns (DiT params (EMA ones if configured), logged metrics)."""
-    train_config = _without_vae(config)
+    metrics.jsonl in `workdir`); returns (DiT params (EMA ones if configured), logged metrics).
+
+    vae_dir: the frozen VAE's folder. The batches carry latents either way; with the VAE in the train
+    state the loop's quick evaluation (`eval_every`, `sample_every`) can encode and decode pixels.
+    """
+    if vae_dir is None:
+        train_config = _without_vae(config)
+    else:
+        train_config = config.copy_and_resolve_references()
+        train_config.vae_from = vae_dir
+        train_config.model.vae = vae_pretrain.load_config(vae_dir).to_dict()
     bar = _Progress(config.total_steps, os.path.join(workdir, "metrics.jsonl"), progress, config.log_every)
     batches = LatentBatches(pool, config.batch.seg, config.batch.gen, config.seed, bar, image_frame)
     try:
@@ -160,11 +175,14 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
         return now
 
     tick = start
-    vae_config, vae_params = load_toy_vae(config, workdir, progress)
+    vae_dir = toy_vae_dir(config, workdir, progress)
+    vae_config, vae_params = vae_pretrain.load(vae_dir)
     tick = lap("vae_s", tick)
     pool = latent_pool(config, int(config.demo.num_train_scenes), vae_config, vae_params, progress)
     tick = lap("data_s", tick)
-    dit_params, history = train_dit(config, os.path.join(workdir, "train"), pool, progress)
+    dit_params, history = train_dit(
+        config, os.path.join(workdir, "train"), pool, progress, vae_dir=vae_dir
+    )
     tick = lap("train_s", tick)
     model = genmask_model(config, vae_config)
     result = evaluate_segmentation(

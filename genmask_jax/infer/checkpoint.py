@@ -153,6 +153,11 @@ def load(
     directory, step = resolve(path)
     config = config if config is not None else saved_config(directory, step)
     model = build.build_model(config)
+    if model.vae is None:  # pixels in and out need one
+        raise CheckpointError(
+            f"checkpoint {directory}/{step}: its config has no VAE (model.vae) (trained on precomputed "
+            "latents?); pass --config=<the experiment's config> with config.vae_from"
+        )
     mesh = mesh or inference_mesh(config)
     rules = rules_from_config(config.sharding.logical_axis_rules)
     try:

@@ -79,9 +79,9 @@ class DiTConfig:
         return cls(**{**VARIANTS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
+        # Tuples stay tuples: ml_collections can override a tuple field from the command line
+        # (`--config.model.dit.patch_size='(1, 1, 1)'`), not a list one.
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DiTConfig":

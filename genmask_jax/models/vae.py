@@ -104,7 +104,7 @@ class VAEConfig:
         return cls(**{**variants[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return dataclasses.asdict(self)  # tuples kept, as in DiTConfig.to_dict
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "VAEConfig":

@@ -10,9 +10,9 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -99,6 +99,28 @@ def merge_converted_params(fresh, loaded, fresh_cfg: DiTConfig, loaded_cfg: DiTC
     )
 
 
+def converted_target(path, fresh, shardings, mesh: jax.sharding.Mesh):
+    """Abstract arrays that restore the converted checkpoint at `path` straight into the parameters'
+    shardings (each host reads only its shards, in the parameters' dtype), or None when `path` holds
+    PyTorch files (converted on the fly, on the host). A leaf the model lacks, or whose saved shape
+    differs (a text embedder of another width), is read replicated: `merge_converted_params` decides."""
+    from convert import checkpoint_io
+
+    if not checkpoint_io.is_flax_checkpoint(path):
+        return None
+    fresh_leaves = {jax.tree_util.keystr(k): (x, s) for (k, x), s in zip(
+        jax.tree_util.tree_leaves_with_path(fresh), jax.tree.leaves(shardings))}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def leaf(key_path, saved):
+        x, sharding = fresh_leaves.get(jax.tree_util.keystr(key_path), (None, None))
+        if x is None or tuple(x.shape) != tuple(saved.shape):
+            return jax.ShapeDtypeStruct(tuple(saved.shape), saved.dtype, sharding=replicated)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, checkpoint_io.saved_params_metadata(path))
+
+
 def restore_or_init(
     config, state: TrainState, shardings: TrainState, checkpointer, data_iterator, model: GenMask
 ) -> tuple[TrainState, str]:
@@ -116,7 +138,8 @@ def restore_or_init(
     if config.get("init_from"):
         from convert import wan_dit
 
-        loaded_cfg, loaded = wan_dit.load(config.init_from)
+        target = converted_target(config.init_from, state.params, shardings.params, shardings.step.mesh)
+        loaded_cfg, loaded = wan_dit.load(config.init_from, target=target)
         params = merge_converted_params(state.params, loaded, model.dit, loaded_cfg)
         params = jax.device_put(params, shardings.params)
         ema = jax.device_put(params, shardings.ema_params) if state.ema_params is not None else None
@@ -137,6 +160,9 @@ def load_frozen(config, model: GenMask, state: TrainState, shardings: TrainState
     else:
         log.warning("no config.vae_from: the frozen VAE is randomly initialised")
         variables = random_frozen(abstract_frozen(model), config.seed)["vae"]
+    # Stored weights may be narrower (the toy VAE keeps bfloat16): run the VAE in its param_dtype.
+    dtypes = jax.tree.map(lambda leaf: leaf.dtype, nn.meta.unbox(abstract_frozen(model)["vae"]))
+    variables = jax.tree.map(lambda x, dtype: np.asarray(x, dtype), variables, dtypes)
     return attach_frozen(state, shardings, {"vae": variables})
 
 
@@ -215,7 +241,6 @@ def train(
     hooks = TrainHooks(config, model, workdir, mesh, rules, start_step=start)
     history, last_saved = [], checkpointer.latest_step()
     end = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
-    tick = time.perf_counter()
     for step in range(start, end):
         batch = global_batch(next(data_iterator), mesh, rules)
         state, metrics = step_fn(state, batch, step_rng)
@@ -230,11 +255,10 @@ def train(
                     f"non-finite loss {values['loss']} at step {done} (metrics {values}); stopping. "
                     f"The last good checkpoint is step {last_saved} in {checkpointer.directory}."
                 )
-            now = time.perf_counter()
-            values["steps_per_s"] = (done - start) / (now - tick) if done > start + 1 else 0.0
+            # steps/s, examples/s and ETA over the steps since the previous log (none at the first).
+            values = hooks.log(done, values)
             writer.write(done, values)
             history.append({"step": done, **values})
-            hooks.log(done, values)
         if save:
             checkpointer.save(done, state.trainable(), data_iterator, config)
             last_saved = done

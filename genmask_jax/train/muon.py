@@ -10,8 +10,8 @@ iterations are batched matmuls.
 The arithmetic is `optax.contrib.muon`'s defaults (tests/test_muon.py checks it): Nesterov momentum with
 bias correction, Frobenius normalisation, the quintic Newton-Schulz iteration with Jordan's coefficients
 (3.4445, -4.7750, 2.0315) (modded-nanogpt, 2024), updates scaled by sqrt(max(1, fan_out / fan_in)).
-Non-2-D parameters (conv kernels, biases, norm scales, modulation tables) take AdamW with Nesterov
-momentum, as in `optax.contrib.muon`.
+Non-2-D parameters (biases, norm scales, modulation tables, and conv kernels unless `conv_kernels`
+makes them patch matrices) take AdamW with Nesterov momentum, as in `optax.contrib.muon`.
 """
 
 from collections import defaultdict
@@ -70,17 +70,19 @@ def scale_by_stacked_muon(
             optax.tree.bias_correction(updates, beta, count),
         )
         leaves, treedef = jax.tree.flatten(mu_hat)
+        # A conv kernel (..., C_in, C_out) is the matrix (prod(...) * C_in, C_out) of its patch matmul.
+        matrices = [leaf.reshape(-1, leaf.shape[-1]) for leaf in leaves]
         groups = defaultdict(list)
-        for i, leaf in enumerate(leaves):
-            if leaf.ndim != 2:
-                raise ValueError(f"Muon takes 2-D kernels only, got shape {leaf.shape}")
-            groups[(leaf.shape, leaf.dtype)].append(i)
+        for i, (leaf, matrix) in enumerate(zip(leaves, matrices)):
+            if leaf.ndim < 2:
+                raise ValueError(f"Muon takes kernels of 2 or more axes, got shape {leaf.shape}")
+            groups[(matrix.shape, matrix.dtype)].append(i)
         out = list(leaves)
         for ((fan_in, fan_out), _), index in groups.items():
-            stack = _split_over_devices(jnp.stack([leaves[i] for i in index]))
+            stack = _split_over_devices(jnp.stack([matrices[i] for i in index]))
             orthogonal = newton_schulz(stack, ns_steps, eps) * max(1.0, fan_out / fan_in) ** 0.5
             for j, i in enumerate(index):
-                out[i] = orthogonal[j]
+                out[i] = orthogonal[j].reshape(leaves[i].shape)
         return jax.tree.unflatten(treedef, out), StackedMuonState(count, mu)
 
     return optax.GradientTransformation(init, update)
@@ -96,8 +98,10 @@ def muon(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     weight_decay_mask: Callable | None = None,
+    conv_kernels: bool = False,
 ) -> optax.GradientTransformation:
-    """Stacked Muon on every 2-D kernel, Nesterov AdamW (`adam_learning_rate`) on the others; decoupled
+    """Stacked Muon on every 2-D kernel (and, with `conv_kernels`, every higher-rank parameter named
+    "kernel", as its patch matrix), Nesterov AdamW (`adam_learning_rate`) on the others; decoupled
     weight decay (scaled by each side's learning rate) where `weight_decay_mask` says."""
     matrices = optax.chain(
         scale_by_stacked_muon(beta, ns_steps, eps),
@@ -110,5 +114,14 @@ def muon(
     )
     return optax.partition(
         {"muon": matrices, "adam": others},
-        lambda params: jax.tree.map(lambda p: "muon" if p.ndim == 2 else "adam", params),
+        lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, p: "muon" if _is_matrix(path, p, conv_kernels) else "adam", params
+        ),
     )
+
+
+def _is_matrix(path, param, conv_kernels: bool) -> bool:
+    if param.ndim == 2:
+        return True
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return conv_kernels and param.ndim > 2 and bool(names) and names[-1] == "kernel"

@@ -77,9 +77,9 @@ def make_optimizer(cfg: Mapping) -> optax.GradientTransformation:
 
     cfg: name ("adamw" | "muon"), lr, warmup_steps, schedule, total_steps, end_lr_factor, b1, b2, eps,
     weight_decay, grad_clip; for Muon also muon_lr (its matrices' rate, same schedule shape) and
-    muon_beta, muon_ns_steps (Newton-Schulz iterations). Muon (train/muon.py) orthogonalises the momentum
-    of every 2-D kernel; the other parameters (conv kernels, biases, norm scales, modulation tables)
-    take AdamW at `lr`.
+    muon_beta, muon_ns_steps (Newton-Schulz iterations), muon_conv_kernels. Muon (train/muon.py)
+    orthogonalises the momentum of every 2-D kernel (and of conv kernels with muon_conv_kernels); the
+    other parameters (biases, norm scales, modulation tables) take AdamW at `lr`.
     """
     name = cfg.get("name", "adamw")
     schedule = make_schedule(cfg)
@@ -98,6 +98,7 @@ def make_optimizer(cfg: Mapping) -> optax.GradientTransformation:
             eps=eps,
             weight_decay=weight_decay,
             weight_decay_mask=weight_decay_mask,
+            conv_kernels=bool(cfg.get("muon_conv_kernels", False)),
         )
     else:
         raise ValueError(f"unknown optimizer {name!r}; use 'adamw' or 'muon'")

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import time
 
 import jax
@@ -197,6 +198,12 @@ def save(
     if extra:
         with open(f"{out}/pretrain.json", "w") as f:
             json.dump(extra, f, indent=2)
+
+
+def load_config(path: str) -> VAEConfig:
+    """The VAEConfig of a folder written by `save` (its latent statistics included)."""
+    with open(os.path.join(path, "config.json")) as f:
+        return VAEConfig.from_dict(json.load(f))
 
 
 def load(path: str) -> tuple[VAEConfig, dict]:

@@ -133,8 +133,8 @@ def load_vae(config, model: GenMask, mesh, rules: LogicalRules) -> Any:
             log.warning("config.vae_from has config %s, the experiment %s", vae_cfg, model.vae)
     else:
         log.warning("no config.vae_from: using the run's randomly initialised VAE (seed %d)", config.seed)
-        variables = build.random_frozen(build.abstract_frozen(model), config.seed)["vae"]
-    return jax.device_put(variables, logical_sharding(abstract, mesh, rules))
+        variables = build.random_frozen({"vae": abstract}, config.seed)["vae"]
+    return jax.device_put(build.cast_like(variables, abstract), logical_sharding(abstract, mesh, rules))
 
 
 def load(

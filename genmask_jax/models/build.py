@@ -41,6 +41,12 @@ def abstract_frozen(model: GenMask) -> dict:
     return {"vae": jax.eval_shape(lambda r, x: WanVAE(model.vae).init(r, x), jax.random.key(0), x)}
 
 
+def cast_like(variables: Any, abstract: Any) -> Any:
+    """Host `variables` in the dtypes of `abstract` (boxed or not): stored weights may be narrower than
+    the model's param_dtype (the toy VAE keeps bfloat16)."""
+    return jax.tree.map(lambda x, a: np.asarray(x, a.dtype), variables, nn.meta.unbox(abstract))
+
+
 def random_frozen(abstract: Any, seed: int) -> Any:
     """Random frozen parameters drawn on the host with the VAE's init laws (lecun-normal kernels over
     all but the output axis, zero biases, unit norm gains). For tests and smoke runs: real runs load

@@ -12,14 +12,19 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 
-from genmask_jax.models.build import abstract_frozen, build_model, dit_initializer, random_frozen
+from genmask_jax.models.build import (
+    abstract_frozen,
+    build_model,
+    cast_like,
+    dit_initializer,
+    random_frozen,
+)
 from genmask_jax.models.dit import DiTConfig
 from genmask_jax.models.genmask import TASKS, GenMask
 from genmask_jax.parallel import multihost
@@ -151,6 +156,7 @@ def load_frozen(config, model: GenMask, state: TrainState, shardings: TrainState
     """The frozen VAE from `config.vae_from` (converted weights), else random (with a warning)."""
     if model.vae is None:
         return state
+    abstract = abstract_frozen(model)
     if config.get("vae_from"):
         from convert import wan_vae
 
@@ -159,11 +165,8 @@ def load_frozen(config, model: GenMask, state: TrainState, shardings: TrainState
             log.warning("config.vae_from has config %s, the experiment %s", vae_cfg, model.vae)
     else:
         log.warning("no config.vae_from: the frozen VAE is randomly initialised")
-        variables = random_frozen(abstract_frozen(model), config.seed)["vae"]
-    # Stored weights may be narrower (the toy VAE keeps bfloat16): run the VAE in its param_dtype.
-    dtypes = jax.tree.map(lambda leaf: leaf.dtype, nn.meta.unbox(abstract_frozen(model)["vae"]))
-    variables = jax.tree.map(lambda x, dtype: np.asarray(x, dtype), variables, dtypes)
-    return attach_frozen(state, shardings, {"vae": variables})
+        variables = random_frozen(abstract, config.seed)["vae"]
+    return attach_frozen(state, shardings, {"vae": cast_like(variables, abstract["vae"])})
 
 
 class MetricsWriter:

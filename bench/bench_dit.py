@@ -5,7 +5,8 @@
 
 Mid-size config: 4 blocks, dim 512, 8 heads, ffn 2048, text_dim 4096; batch 2 of 2 latent frames of
 32x32 (2 x 16 x 16 = 512 tokens), 64 text tokens. Forward, and forward+backward of `mean(out^2)`
-with respect to all parameters. Prints the median over --reps timed runs after one warm-up (compile).
+with respect to all parameters. Prints the median over --reps rounds after one warm-up (compile); each round
+runs every measured function once, JAX and PyTorch in turn, so drift in the machine's speed hits both.
 
 `--devices N` runs JAX on N single-threaded CPU devices (one per core) with the batch split over a
 `data` mesh axis and the parameters replicated: data parallelism across cores instead of
@@ -32,22 +33,27 @@ def make_inputs(seed: int = 0):
     return x, t, ctx
 
 
-def timed(fn, reps: int) -> tuple[float, float]:
-    """Medians (wall ms, process CPU ms) of `fn()` over `reps` runs after one warm-up run.
+def timed(fns: dict, reps: int) -> dict[str, tuple[float, float]]:
+    """Medians (wall ms, process CPU ms) of each `fns[name]()` over `reps` rounds after one warm-up.
 
-    CPU time is reported because on a shared machine wall time mostly measures the other tenants.
+    The functions take turns within each round, so a machine whose speed drifts between runs (a VM)
+    slows every side alike. CPU time is reported because on a shared machine wall time mostly
+    measures the other tenants.
     """
-    fn()
-    wall, cpu = [], []
-    for _ in range(reps):
-        start, start_cpu = time.perf_counter(), time.process_time()
+    for fn in fns.values():
         fn()
-        wall.append((time.perf_counter() - start) * 1e3)
-        cpu.append((time.process_time() - start_cpu) * 1e3)
-    return statistics.median(wall), statistics.median(cpu)
+    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            time.sleep(0.2)  # lets the other framework's worker threads stop spinning before the clock starts
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append((time.perf_counter() - start) * 1e3)
+            cpu[name].append((time.process_time() - start_cpu) * 1e3)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
-def bench_jax(reps: int, attention: str, remat: str, devices: int) -> dict[str, tuple[float, float]]:
+def bench_jax(attention: str, remat: str, devices: int) -> dict:
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
@@ -64,11 +70,11 @@ def bench_jax(reps: int, attention: str, remat: str, devices: int) -> dict[str, 
     forward = jax.jit(lambda p, *inputs: model.apply({"params": p}, *inputs))
     loss = lambda p, *inputs: jnp.mean(model.apply({"params": p}, *inputs) ** 2)
     forward_backward = jax.jit(jax.value_and_grad(loss))
-    return {"fwd": timed(lambda: jax.block_until_ready(forward(params, x, t, ctx)), reps),
-            "fwd+bwd": timed(lambda: jax.block_until_ready(forward_backward(params, x, t, ctx)), reps)}
+    return {"fwd": lambda: jax.block_until_ready(forward(params, x, t, ctx)),
+            "fwd+bwd": lambda: jax.block_until_ready(forward_backward(params, x, t, ctx))}
 
 
-def bench_torch(reps: int) -> dict[str, tuple[float, float]]:
+def bench_torch() -> dict:
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -89,7 +95,7 @@ def bench_torch(reps: int) -> dict[str, tuple[float, float]]:
         model.zero_grad(set_to_none=True)
         (model(x, t, ctx).sample ** 2).mean().backward()
 
-    return {"fwd": timed(forward, reps), "fwd+bwd": timed(forward_backward, reps)}
+    return {"fwd": forward, "fwd+bwd": forward_backward}
 
 
 def main():
@@ -118,11 +124,14 @@ def main():
 
         torch.set_num_threads(1)
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
-    results = {}
+    fns = {}
     if args.only != "torch":
-        results["jax"] = bench_jax(args.reps, args.attention, args.remat, args.devices)
+        fns.update({("jax", k): fn for k, fn in bench_jax(args.attention, args.remat, args.devices).items()})
     if args.only != "jax":
-        results["torch"] = bench_torch(args.reps)
+        fns.update({("torch", k): fn for k, fn in bench_torch().items()})
+    results = {}
+    for (name, kind), times in timed(fns, args.reps).items():
+        results.setdefault(name, {})[kind] = times
     print(f"load average {os.getloadavg()[0]:.1f}; wall / process-CPU medians over {args.reps} runs")
     for name, times in results.items():
         print(f"{name:6s} " + "  ".join(f"{k} {w:7.1f} ms / {c:7.1f} cpu-ms" for k, (w, c) in times.items()))

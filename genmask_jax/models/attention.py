@@ -78,7 +78,7 @@ def _attention_fwd(q, k, v, mask):
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # W, (B, N, T, S)
     inv_sum = jnp.transpose(1.0 / jnp.sum(weights, axis=-1, keepdims=True), (0, 2, 1, 3))  # 1/l, (B, T, N, 1)
     out = jnp.einsum("bnts,bsnd->btnd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = (out * inv_sum).astype(q.dtype)
+    out = (out * inv_sum).astype(v.dtype)  # the primal's output dtype
     return out, (q, k, v, mask, weights, inv_sum, out)
 
 

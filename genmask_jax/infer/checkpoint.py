@@ -124,17 +124,8 @@ def load_vae(config, model: GenMask, mesh, rules: LogicalRules) -> Any:
     """The frozen VAE variables on `mesh`: converted weights (`config.vae_from`) or the run's random VAE."""
     if model.vae is None:
         return None
-    abstract = build.abstract_frozen(model)["vae"]
-    if config.get("vae_from"):
-        from convert import wan_vae
-
-        vae_cfg, variables = wan_vae.load(config.vae_from)
-        if vae_cfg != model.vae:
-            log.warning("config.vae_from has config %s, the experiment %s", vae_cfg, model.vae)
-    else:
-        log.warning("no config.vae_from: using the run's randomly initialised VAE (seed %d)", config.seed)
-        variables = build.random_frozen({"vae": abstract}, config.seed)["vae"]
-    return jax.device_put(build.cast_like(variables, abstract), logical_sharding(abstract, mesh, rules))
+    variables, abstract = build.frozen_vae(config, model)
+    return jax.device_put(variables, logical_sharding(abstract, mesh, rules))
 
 
 def load(

@@ -3,6 +3,7 @@
 Shared by training, evaluation, inference and the ahead-of-time compiler, so none of them imports another.
 """
 
+import logging
 import math
 from typing import Any
 
@@ -14,6 +15,8 @@ import numpy as np
 from genmask_jax.models.dit import DiTConfig, WanDiT
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.models.vae import VAEConfig, WanVAE
+
+log = logging.getLogger(__name__)
 
 
 def build_model(config) -> GenMask:
@@ -64,3 +67,19 @@ def random_frozen(abstract: Any, seed: int) -> Any:
         return np.zeros(leaf.shape, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def frozen_vae(config, model: GenMask) -> tuple[Any, Any]:
+    """(host VAE variables in the model's dtypes, their boxed abstract): the converted weights of
+    `config.vae_from`, else random ones from `config.seed` (with a warning). `model.vae` must be set."""
+    abstract = abstract_frozen(model)["vae"]
+    if config.get("vae_from"):
+        from convert import wan_vae  # lazily: the converter pulls in safetensors and the file readers
+
+        vae_cfg, variables = wan_vae.load(config.vae_from)
+        if vae_cfg != model.vae:
+            log.warning("config.vae_from has config %s, the experiment %s", vae_cfg, model.vae)
+    else:
+        log.warning("no config.vae_from: the frozen VAE is randomly initialised (seed %d)", config.seed)
+        variables = random_frozen({"vae": abstract}, config.seed)["vae"]
+    return cast_like(variables, abstract), abstract

@@ -18,13 +18,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from genmask_jax.models.build import (
-    abstract_frozen,
-    build_model,
-    cast_like,
-    dit_initializer,
-    random_frozen,
-)
+from genmask_jax.models.build import abstract_frozen, build_model, dit_initializer, frozen_vae
 from genmask_jax.models.dit import DiTConfig
 from genmask_jax.models.genmask import TASKS, GenMask
 from genmask_jax.parallel import multihost
@@ -156,17 +150,8 @@ def load_frozen(config, model: GenMask, state: TrainState, shardings: TrainState
     """The frozen VAE from `config.vae_from` (converted weights), else random (with a warning)."""
     if model.vae is None:
         return state
-    abstract = abstract_frozen(model)
-    if config.get("vae_from"):
-        from convert import wan_vae
-
-        vae_cfg, variables = wan_vae.load(config.vae_from)
-        if vae_cfg != model.vae:
-            log.warning("config.vae_from has config %s, the experiment %s", vae_cfg, model.vae)
-    else:
-        log.warning("no config.vae_from: the frozen VAE is randomly initialised")
-        variables = random_frozen(abstract, config.seed)["vae"]
-    return attach_frozen(state, shardings, {"vae": cast_like(variables, abstract["vae"])})
+    variables, _ = frozen_vae(config, model)
+    return attach_frozen(state, shardings, {"vae": variables})
 
 
 class MetricsWriter:

@@ -5,7 +5,7 @@ latents from the shipped toy WAN VAE, genmask_jax/assets/toy_vae), a 4-layer wid
 segmentation and caption->image generation mixed 1:1 (16 + 16 examples per step), a = 0.05 for
 segmentation.
 
-    get_config()                 the demo (about 1,300 CPU-seconds: 10-13 minutes on 2 CPU cores)
+    get_config()                 the demo (about 1,100 CPU-seconds: 11-13 minutes on 2 CPU cores)
     get_config("variant=smoke")  the same pipeline drastically reduced (tests)
 """
 
@@ -56,7 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # On CPU an example costs less in a batch of 16 than of 32 (measured; probably cache), and
     # 5,000 steps of 16 reach the gIoU of 3,500 steps of 32 (BENCHMARKS.md, built-in demo).
     config.batch.seg = config.batch.gen = 16
-    config.total_steps = 3500
+    # 5,000 Muon steps: 3,500 before the DiT's backward stopped recomputing the residual cotangent in
+    # every fusion (layers.materialize_cotangent), in the same wall time; gIoU 0.76 vs 0.735, and
+    # 7,000 steps reach 0.81 but take 18 minutes (BENCHMARKS.md, built-in demo).
+    config.total_steps = 5000
     config.log_every = 50
     # Muon on the 2-D kernels (train/muon.py), 3 Newton-Schulz iterations: 3,000 steps reach gIoU 0.73
     # where 4,000 AdamW steps reach 0.69, for about 20% more time per step (BENCHMARKS.md).

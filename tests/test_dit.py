@@ -12,6 +12,7 @@ import pytest
 from convert import wan_dit
 from genmask_jax.models.attention import dot_product_attention
 from genmask_jax.models.dit import DiTConfig, WanDiT, init_params
+from genmask_jax.models.layers import materialize_cotangent
 from genmask_jax.parallel.mesh import make_mesh
 from genmask_jax.parallel.sharding import DEFAULT_RULES, logical_sharding
 
@@ -223,6 +224,23 @@ def test_xla_attention_gradient_bfloat16():
         # gradient's largest entry, so 5% leaves an 8x margin.
         scale = float(jnp.max(jnp.abs(w)))
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=0.05 * scale)
+
+
+def test_materialize_cotangent_is_identity_and_cpu_only():
+    """Value and gradient pass through unchanged; the conditional that keeps XLA:CPU from fusing the
+    residual cotangent's whole sum into every consumer is in the CPU program only."""
+    x = jax.random.normal(jax.random.key(6), (2, 8, 16))
+    w = jax.random.normal(jax.random.key(7), x.shape)
+    loss = lambda fn, x: jnp.sum(w * jnp.sin(fn(x)))
+    np.testing.assert_array_equal(np.asarray(materialize_cotangent(x)), np.asarray(x))
+    got = jax.jit(jax.grad(functools.partial(loss, materialize_cotangent)))(x)
+    want = jax.jit(jax.grad(functools.partial(loss, lambda y: y)))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # the same ops: exactly equal
+
+    grad = jax.jit(jax.grad(functools.partial(loss, materialize_cotangent)))
+    assert "conditional(" in grad.lower(x).compile().as_text()
+    tpu = grad.trace(x).lower(lowering_platforms=("tpu",)).as_text()
+    assert "optimization_barrier" not in tpu  # the platform switch picked the identity branch
 
 
 def test_splash_model_matches_xla(converted):

@@ -19,7 +19,15 @@ import jax
 import jax.numpy as jnp
 
 from genmask_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
-from genmask_jax.models.layers import LayerNorm, RMSNorm, dense, gelu_tanh, layer_norm, timestep_embedding
+from genmask_jax.models.layers import (
+    LayerNorm,
+    RMSNorm,
+    dense,
+    gelu_tanh,
+    layer_norm,
+    materialize_cotangent,
+    timestep_embedding,
+)
 from genmask_jax.models.rope import apply_rope, rope_angles
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
@@ -256,6 +264,9 @@ class Block(nn.Module):
             (1, 6, cfg.dim),
             param_dtype,
         )
+        # One cotangent buffer per residual add (layers.materialize_cotangent: XLA:CPU otherwise
+        # recomputes the sum over all later blocks inside each fusion of the backward).
+        x = materialize_cotangent(x)
         mod = table.astype(f32)[None] + proj
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
 
@@ -263,10 +274,12 @@ class Block(nn.Module):
         h = Attention(cfg, name="attn1")(h, rope=rope)
         x = (x.astype(f32) + h.astype(f32) * gate).astype(dtype)
 
+        x = materialize_cotangent(x)
         h = LayerNorm(cfg.eps, dtype, param_dtype, name="norm2")(x)
         mask = context_mask if cfg.use_context_mask else None
         x = x + Attention(cfg, name="attn2")(h, context=context, context_mask=mask)
 
+        x = materialize_cotangent(x)
         h = _modulate(x, c_shift, c_scale, cfg.eps, dtype)
         h = FeedForward(cfg, name="ffn")(h)
         x = (x.astype(f32) + h.astype(f32) * c_gate).astype(dtype)

@@ -44,6 +44,39 @@ def dense(features: int, axes: Axes, dtype, param_dtype, name: str, use_bias: bo
     return Dense(features, tuple(axes), use_bias, dtype, param_dtype, name=name)
 
 
+@jax.custom_vjp
+def materialize_cotangent(x: jax.Array) -> jax.Array:
+    """Identity whose cotangent is computed once into a buffer before it flows on (XLA:CPU only).
+
+    The residual stream's cotangent is a sum over every later sub-layer. XLA:CPU fuses that sum into
+    each of its consumers and recomputes it there, so the lower blocks' backward fusions each read
+    dozens of `(B, L, D)` buffers (at 4 blocks, up to 127 operands and 100 multiply-adds per
+    element; BENCHMARKS.md). XLA:CPU drops optimization barriers before fusion, so the boundary is a
+    conditional, which fusion cannot cross. Its predicate is a constant behind an optimization
+    barrier (not folded away before the barrier is dropped, and replicated, so no collective under
+    sharding) and its branches differ in form, y and -(-y), which are equal in value (signed zeros
+    and NaNs included), so that neither is merged away. Other platforms, chosen at lowering (AOT
+    compiles for TPU from a CPU host included), get the plain identity.
+    """
+    return x
+
+
+def _materialize_fwd(x):
+    return x, None
+
+
+def _cpu_materialize(g):
+    keep = jax.lax.optimization_barrier(jnp.ones((), bool))
+    return jax.lax.cond(keep, lambda y: y, lambda y: jnp.negative(-y), g)
+
+
+def _materialize_bwd(_, g):
+    return (jax.lax.platform_dependent(g, cpu=_cpu_materialize, default=lambda y: y),)
+
+
+materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis without affine parameters, in float32 (returns float32)."""
     x = x.astype(jnp.float32)

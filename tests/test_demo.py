@@ -11,9 +11,18 @@ import pytest
 from configs import demo as demo_config
 from genmask_jax.eval.inprocess import all_shapes_mask
 from genmask_jax.experiments import pipeline
+from genmask_jax.models import mask_codec
+from genmask_jax.models.vae import VAEConfig
 from genmask_jax.models.vae import init_params as init_vae_params
 from genmask_jax.parallel.mesh import cpu_device_flags
-from genmask_jax.train.latent_data import LatentBatches, LatentPool, shapes_source, trim_to_longest
+from genmask_jax.train.latent_data import (
+    LatentBatches,
+    LatentPool,
+    build_latent_pool,
+    make_encode_fn,
+    shapes_source,
+    trim_to_longest,
+)
 
 
 def test_demo_config_is_consistent():
@@ -47,6 +56,25 @@ def test_latent_batches_layout_and_resume():
     np.testing.assert_array_equal(again["seg"]["image_latent"], expected["seg"]["image_latent"])
     assert len(calls) == 2
     assert "gen" not in next(LatentBatches(_pool(), 2, 0))
+
+
+def test_latent_pool_is_the_same_in_chunks_and_over_devices():
+    """Rendering on a worker thread in chunks and encoding batches dealt over the devices (8 simulated
+    in the test run) must give each scene's own encode: one scene at a time on one device."""
+    data = demo_config.get_config("variant=smoke").data
+    vae_config = VAEConfig.from_variant("tiny")
+    params = init_vae_params(vae_config, jax.random.key(0))
+    pool = build_latent_pool(data, 7, vae_config, params, batch_size=2, progress=False, chunk=3)
+    encode = make_encode_fn(vae_config)
+    source = shapes_source(data, data.train_split, 7)
+    for i in (0, 4, 6):
+        example = source[i]
+        image = example["image"][None].astype(np.float32) / 127.5 - 1.0
+        mask = np.asarray(mask_codec.mask_to_rgb(example["mask"][None].astype(np.float32)))
+        # Batches of 2 vs 1: XLA may block the convolutions differently, so not bit-equal.
+        np.testing.assert_allclose(pool.image_latent[i], encode(params, image)[0], atol=1e-5)
+        np.testing.assert_allclose(pool.mask_latent[i], encode(params, mask)[0], atol=1e-5)
+    assert pool.seg_context.shape[0] == pool.gen_context_mask.shape[0] == len(pool) == 7
 
 
 def test_trim_to_longest_keeps_every_real_token():

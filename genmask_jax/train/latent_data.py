@@ -13,6 +13,7 @@ save and resume it.
 
 import dataclasses
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -70,12 +71,20 @@ def make_encode_fn(vae_config: vae_lib.VAEConfig):
     return encode
 
 
-def _encode_all(encode, params, rgb: np.ndarray, batch_size: int) -> np.ndarray:
+def _encode_all(encode, params, rgb: np.ndarray, batch_size: int, devices=None) -> np.ndarray:
+    """`encode` over `rgb` in batches of `batch_size`, dealt round-robin to `devices` (each with its own
+    copy of `params`; default: wherever `params` live). All batches are dispatched before any is read."""
     pad = -len(rgb) % batch_size
     if pad:
         rgb = np.concatenate([rgb, np.zeros((pad, *rgb.shape[1:]), rgb.dtype)])
-    out = [np.asarray(encode(params, rgb[i : i + batch_size])) for i in range(0, len(rgb), batch_size)]
-    return np.concatenate(out)[: len(rgb) - pad]
+    devices = list(devices) if devices else [None]
+    copies = [params if d is None else jax.device_put(params, d) for d in devices]
+    out = []
+    for k, i in enumerate(range(0, len(rgb), batch_size)):
+        d = k % len(devices)
+        x = rgb[i : i + batch_size]
+        out.append(encode(copies[d], x if devices[d] is None else jax.device_put(x, devices[d])))
+    return np.concatenate([np.asarray(o) for o in out])[: len(rgb) - pad]
 
 
 def trim_to_longest(context: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +92,14 @@ def trim_to_longest(context: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, 
     real = np.flatnonzero(mask.any(axis=0))
     length = int(real[-1]) + 1 if real.size else 1
     return context[:, :length], mask[:, :length]
+
+
+def _render(source: SyntheticShapes, lo: int, hi: int):
+    """Scenes `lo..hi-1`: images `(n, H, W, 3)` in [-1, 1], masks `(n, H, W)`, expressions, captions."""
+    examples = [source[i] for i in range(lo, hi)]
+    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+    masks = np.stack([e["mask"] for e in examples]).astype(np.float32)
+    return images, masks, [e["expression"] for e in examples], [e["caption"] for e in examples]
 
 
 def build_latent_pool(
@@ -93,39 +110,43 @@ def build_latent_pool(
     batch_size: int = 64,
     progress: bool = True,
     trim_padding: bool = False,
+    chunk: int = 1024,
 ) -> LatentPool:
     """Renders `num_scenes` training scenes, encodes their texts and VAE-encodes images and masks.
 
+    Chunks of `chunk` scenes are rendered on a worker thread while the previous chunk is VAE-encoded
+    in batches dealt over this process's devices: the encode runs in XLA's threads outside the GIL, so
+    on a 2-core machine rendering and encoding overlap.
     `trim_padding` cuts each task's contexts to the longest real length in the pool: only for a DiT
     with `use_context_mask`, to which padded keys are invisible, so the cut changes cost, not output.
     """
     source = shapes_source(data_config, data_config.train_split, num_scenes)
+    encode = make_encode_fn(vae_config)
+    devices = jax.local_devices()
+    bounds = [(lo, min(lo + chunk, num_scenes)) for lo in range(0, num_scenes, chunk)]
+    image_latents, mask_latents, expressions, captions = [], [], [], []
+    bar = tqdm(total=num_scenes, desc="render + VAE-encode scenes", disable=not progress, mininterval=1.0)
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending = worker.submit(_render, source, *bounds[0]) if bounds else None
+        for k, (lo, hi) in enumerate(bounds):
+            images, masks, exprs, caps = pending.result()
+            if k + 1 < len(bounds):
+                pending = worker.submit(_render, source, *bounds[k + 1])
+            image_latents.append(_encode_all(encode, vae_params, images, batch_size, devices))
+            mask_rgb = np.asarray(mask_codec.mask_to_rgb(masks))
+            mask_latents.append(_encode_all(encode, vae_params, mask_rgb, batch_size, devices))
+            expressions += exprs
+            captions += caps
+            bar.update(hi - lo)
+    bar.close()
     encoder = make_encoder(data_config.encoder)
-    h, w = source.resolution
-    images = np.empty((num_scenes, h, w, 3), np.float32)
-    masks = np.empty((num_scenes, h, w), np.float32)
-    expressions, captions = [], []
-    for i in tqdm(range(num_scenes), desc="render scenes", disable=not progress, mininterval=1.0):
-        example = source[i]
-        images[i] = example["image"].astype(np.float32) / 127.5 - 1.0
-        masks[i] = example["mask"]
-        expressions.append(example["expression"])
-        captions.append(example["caption"])
     seg_context, seg_mask = encoder.encode(None, expressions)
     gen_context, gen_mask = encoder.encode(None, captions)
     if trim_padding:
         seg_context, seg_mask = trim_to_longest(seg_context, seg_mask)
         gen_context, gen_mask = trim_to_longest(gen_context, gen_mask)
-    encode = make_encode_fn(vae_config)
-    latents = []
-    for rgb in (images, np.asarray(mask_codec.mask_to_rgb(masks))):
-        chunks = []
-        for start in tqdm(
-            range(0, num_scenes, 16 * batch_size), desc="VAE-encode", disable=not progress, mininterval=1.0
-        ):
-            chunks.append(_encode_all(encode, vae_params, rgb[start : start + 16 * batch_size], batch_size))
-        latents.append(np.concatenate(chunks))
-    return LatentPool(latents[0], latents[1], seg_context, seg_mask, gen_context, gen_mask)
+    image_latent, mask_latent = np.concatenate(image_latents), np.concatenate(mask_latents)
+    return LatentPool(image_latent, mask_latent, seg_context, seg_mask, gen_context, gen_mask)
 
 
 class LatentBatches:

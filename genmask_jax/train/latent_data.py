@@ -71,19 +71,16 @@ def make_encode_fn(vae_config: vae_lib.VAEConfig):
     return encode
 
 
-def _encode_all(encode, params, rgb: np.ndarray, batch_size: int, devices=None) -> np.ndarray:
-    """`encode` over `rgb` in batches of `batch_size`, dealt round-robin to `devices` (each with its own
-    copy of `params`; default: wherever `params` live). All batches are dispatched before any is read."""
+def _encode_all(encode, params, rgb: np.ndarray, batch_size: int) -> np.ndarray:
+    """`encode` over `rgb` in batches of `batch_size`, all dispatched before any is read. `params` may
+    be a list of copies committed to different devices: the batches are dealt to them round-robin (jit
+    runs each where its copy lives)."""
     pad = -len(rgb) % batch_size
     if pad:
         rgb = np.concatenate([rgb, np.zeros((pad, *rgb.shape[1:]), rgb.dtype)])
-    devices = list(devices) if devices else [None]
-    copies = [params if d is None else jax.device_put(params, d) for d in devices]
-    out = []
-    for k, i in enumerate(range(0, len(rgb), batch_size)):
-        d = k % len(devices)
-        x = rgb[i : i + batch_size]
-        out.append(encode(copies[d], x if devices[d] is None else jax.device_put(x, devices[d])))
+    copies = params if isinstance(params, list) else [params]
+    starts = range(0, len(rgb), batch_size)
+    out = [encode(copies[k % len(copies)], rgb[i : i + batch_size]) for k, i in enumerate(starts)]
     return np.concatenate([np.asarray(o) for o in out])[: len(rgb) - pad]
 
 
@@ -122,7 +119,7 @@ def build_latent_pool(
     """
     source = shapes_source(data_config, data_config.train_split, num_scenes)
     encode = make_encode_fn(vae_config)
-    devices = jax.local_devices()
+    copies = [jax.device_put(vae_params, d) for d in jax.local_devices()]
     bounds = [(lo, min(lo + chunk, num_scenes)) for lo in range(0, num_scenes, chunk)]
     image_latents, mask_latents, expressions, captions = [], [], [], []
     bar = tqdm(total=num_scenes, desc="render + VAE-encode scenes", disable=not progress, mininterval=1.0)
@@ -132,9 +129,9 @@ def build_latent_pool(
             images, masks, exprs, caps = pending.result()
             if k + 1 < len(bounds):
                 pending = worker.submit(_render, source, *bounds[k + 1])
-            image_latents.append(_encode_all(encode, vae_params, images, batch_size, devices))
+            image_latents.append(_encode_all(encode, copies, images, batch_size))
             mask_rgb = np.asarray(mask_codec.mask_to_rgb(masks))
-            mask_latents.append(_encode_all(encode, vae_params, mask_rgb, batch_size, devices))
+            mask_latents.append(_encode_all(encode, copies, mask_rgb, batch_size))
             expressions += exprs
             captions += caps
             bar.update(hi - lo)

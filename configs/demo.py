@@ -5,7 +5,7 @@ latents from the shipped toy WAN VAE, genmask_jax/assets/toy_vae), a 4-layer wid
 segmentation and caption->image generation mixed 1:1 (16 + 16 examples per step), a = 0.05 for
 segmentation.
 
-    get_config()                 the demo (about 1,400 CPU-seconds: 11-13 minutes on 2 CPU cores)
+    get_config()                 the demo (1,400-1,700 CPU-seconds: 11-16 minutes on 2 CPU cores)
     get_config("variant=smoke")  the same pipeline drastically reduced (tests)
 """
 

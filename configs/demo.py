@@ -1,11 +1,13 @@
 """The built-in demo (`python -m genmask_jax.demo`): GenMask learning to segment on a 2-core CPU.
 
 configs/genmask.py's tiny variant with the demo's sizes: 64x64 synthetic referring shapes (8x8x16
-latents from the shipped toy WAN VAE, genmask_jax/assets/toy_vae), a 4-layer width-128 WAN DiT,
-segmentation and caption->image generation mixed 1:1 (16 + 16 examples per step), a = 0.05 for
-segmentation.
+latents from the shipped toy WAN VAE, genmask_jax/assets/toy_vae), a 4-layer WAN DiT with one token
+per latent pixel (patch (1, 1, 1), width 64), segmentation and caption->image generation mixed 1:1
+(16 + 16 examples per step), a = 0.05 for segmentation.
 
-    get_config()                 the demo (1,400-1,700 CPU-seconds: 11-16 minutes on 2 CPU cores)
+    get_config()                 the demo (800-900 CPU-seconds on a 2-core Zen 4 VM)
+    get_config("dit=coarse")     the previous demo DiT: patch (1, 2, 2), width 128, 5,000 steps
+                                 (docs/REPRODUCTION.md's ablations were run with it)
     get_config("variant=smoke")  the same pipeline drastically reduced (tests)
 """
 
@@ -33,11 +35,27 @@ def toy_vae_config(path: str = TOY_VAE) -> VAEConfig:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = parse_arg(arg, variant="demo")
+    arg = parse_arg(arg, variant="demo", dit="fine")
     config = genmask.get_config("variant=tiny")
+    if arg.dit == "fine":
+        # One token per latent pixel: a small shape covers about 2x2 latent pixels, and telling a small
+        # star from a small circle inside one 2x2 patch token is what the coarse DiT learned last. At
+        # width 64 a step costs 1.6x the coarse one on two CPU devices (126 vs 80 ms), and 3,200 steps
+        # score gIoU 0.81-0.83 over three seeds where 5,000 coarse steps scored 0.73-0.80 (BENCHMARKS.md,
+        # built-in demo).
+        dit = dict(patch_size=(1, 1, 1), dim=64, ffn_dim=128)
+        config.total_steps = 3200
+        # One CPU device on every core: 101 ms a step against 121 ms on one single-threaded device per
+        # core (the coarse DiT took the same time either way).
+        device_per_core = False
+    elif arg.dit == "coarse":
+        dit = dict(patch_size=(1, 2, 2), dim=128, ffn_dim=256)
+        config.total_steps = 5000
+        device_per_core = True
+    else:
+        raise ValueError(f"unknown dit {arg.dit!r}; use 'fine' or 'coarse'")
     config.model.dit = DiTConfig.from_variant(
-        "tiny", dim=128, ffn_dim=256, num_heads=4, num_layers=4, text_dim=64, scan_layers=False,
-        use_context_mask=True,
+        "tiny", **dit, num_heads=4, num_layers=4, text_dim=64, scan_layers=False, use_context_mask=True,
     ).to_dict()  # unrolled: at 4 layers the scan's per-layer slicing costs more than it saves on CPU.
     # With padded keys masked the latent pool cuts the contexts to their real length (5 of 32 tokens
     # for an expression): same model, fewer text matmuls.
@@ -54,15 +72,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.encoder.context_length = 32  # the longest captions fit.
 
     # On CPU an example costs less in a batch of 16 than of 32 (measured; probably cache), and
-    # 5,000 steps of 16 reach the gIoU of 3,500 steps of 32 (BENCHMARKS.md, built-in demo).
+    # 5,000 steps of 16 reach the gIoU of 3,500 steps of 32 (coarse DiT; BENCHMARKS.md, built-in demo).
     config.batch.seg = config.batch.gen = 16
-    # 5,000 Muon steps: 3,500 before the DiT's backward stopped recomputing the residual cotangent in
-    # every fusion (layers.materialize_cotangent), in the same wall time; gIoU 0.76 vs 0.735, and
-    # 7,000 steps reach 0.81 but take 18 minutes (BENCHMARKS.md, built-in demo).
-    config.total_steps = 5000
     config.log_every = 50
     # Muon on the 2-D kernels (train/muon.py), 3 Newton-Schulz iterations: 3,000 steps reach gIoU 0.73
-    # where 4,000 AdamW steps reach 0.69, for about 20% more time per step (BENCHMARKS.md).
+    # where 4,000 AdamW steps reach 0.69, for about 20% more time per step (coarse DiT; BENCHMARKS.md).
     config.optimizer.name = "muon"
     config.optimizer.muon_lr = 0.02
     config.optimizer.muon_ns_steps = 3
@@ -78,6 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.keep = 1
 
     config.demo = ml_collections.ConfigDict()
+    # `python -m genmask_jax.demo` makes each core a single-threaded CPU device (mesh.cpu_device_flags,
+    # the batch split over them) when True and XLA_FLAGS is unset; else jax's one CPU device.
+    config.demo.device_per_core = device_per_core
     # Rendered and VAE-encoded once (about 5 ms a scene), then sampled for both tasks. With 6,000 the
     # 5,000-step model scored gIoU 0.87 on its training scenes and 0.79 on the test split; with 18,000,
     # 0.82 and 0.80 (BENCHMARKS.md, built-in demo).
@@ -93,7 +110,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.demo.vae_pretrain_steps = 400
 
     if arg.variant == "smoke":
-        config.model.dit = DiTConfig.from_variant("tiny", text_dim=32).to_dict()
+        config.model.dit = DiTConfig.from_variant(
+            "tiny", text_dim=32, patch_size=config.model.dit["patch_size"]
+        ).to_dict()
         config.data.encoder.dim = 32
         config.data.resolution = (32, 32)
         config.data.shapes.test_size = 8

@@ -31,7 +31,8 @@ def main(argv) -> None:
     del argv
     logging.getLogger().setLevel(logging.WARNING)
     config = _CONFIG.value
-    if "XLA_FLAGS" not in os.environ:  # read when jax first starts its backends, i.e. below
+    # Read when jax first starts its backends, i.e. below; flags of the user's own take precedence.
+    if config.demo.device_per_core and "XLA_FLAGS" not in os.environ:
         cores = len(os.sched_getaffinity(0))
         os.environ["XLA_FLAGS"] = mesh.cpu_device_flags(config.batch.seg, config.batch.gen, cores)
     report = pipeline.run_demo(config, _WORKDIR.value, progress=_PROGRESS.value)

@@ -26,12 +26,18 @@ from genmask_jax.train.latent_data import (
 
 
 def test_demo_config_is_consistent():
-    for variant in ("demo", "smoke"):
-        config = demo_config.get_config(f"variant={variant}")
+    for arg in ("variant=demo", "variant=demo,dit=coarse", "variant=smoke", "variant=smoke,dit=coarse"):
+        config = demo_config.get_config(arg)
         assert config.data.encoder.dim == config.model.dit["text_dim"]
         assert config.model.timesteps.segmentation.to_dict() == {"law": "heavy_tailed", "a": 0.05}
         assert config.batch.seg == config.batch.gen  # the 1:1 task mix
-        assert config.data.resolution[0] % 16 == 0  # VAE x8, then the DiT's 2x2 patches
+        _, patch_h, patch_w = config.model.dit["patch_size"]
+        height, width = config.data.resolution
+        assert height % (8 * patch_h) == 0 and width % (8 * patch_w) == 0  # VAE x8, then the patches
+    assert demo_config.get_config().model.dit["patch_size"] == (1, 1, 1)
+    assert demo_config.get_config("dit=coarse").model.dit["patch_size"] == (1, 2, 2)
+    with pytest.raises(ValueError, match="unknown dit"):
+        demo_config.get_config("dit=medium")
 
 
 def _pool(n=6, L=4, D=8):

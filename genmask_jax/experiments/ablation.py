@@ -68,14 +68,16 @@ def run_studies(
     trained_run: str = "",
     log=print,
     optimizer: str = "",
+    dit: str = "fine",
 ) -> dict[str, dict]:
     """Trains each distinct variant of `studies` once per seed (a = 0.05 with 1:1 and the image frame
     is the same model in three studies) and evaluates it; returns {study: summary}.
 
     `trained_run` (the `steps` study only): a demo workdir whose final checkpoint is evaluated
     instead of training a model here (its config must be the demo's default). `optimizer` ("adamw" |
-    "muon") replaces the demo's optimizer for every variant."""
-    base = demo_config.get_config()
+    "muon") replaces the demo's optimizer for every variant; `dit` is the demo config's DiT ("fine" |
+    "coarse", configs/demo.py)."""
+    base = demo_config.get_config(f"dit={dit}")
     if optimizer:
         base.optimizer.name = optimizer
     base.data.shapes.test_size = test_size
@@ -180,6 +182,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="docs/findings")
     parser.add_argument("--trained_run", default="", help="steps study: evaluate this demo workdir's model")
     parser.add_argument("--optimizer", default="", choices=["", "adamw", "muon"], help="default: the demo's")
+    parser.add_argument("--dit", default="fine", choices=["fine", "coarse"], help="the demo config's DiT")
     args = parser.parse_args(argv)
     studies = sorted(STUDIES) if args.study == "all" else args.study.split(",")
     unknown = set(studies) - set(STUDIES)
@@ -197,6 +200,7 @@ def main(argv=None) -> None:
         args.trained_run,
         log=lambda *a: print(*a, flush=True),
         optimizer=args.optimizer,
+        dit=args.dit,
     )
     for study, summary in summaries.items():
         with open(os.path.join(args.out, f"{study}.json"), "w") as f:

@@ -109,6 +109,15 @@ def test_checkpoint_of_a_run_on_precomputed_latents_needs_a_vae(tmp_path):
         checkpoint.load(tmp_path)
 
 
+def test_relative_checkpoint_paths_are_made_absolute(tmp_path, monkeypatch):
+    from genmask_jax.infer import checkpoint
+
+    (tmp_path / "run" / "checkpoints" / "7" / checkpoint.STATE).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # orbax restores only absolute paths; `runs/demo/train` is relative
+    directory, step = checkpoint.resolve("run")
+    assert step == 7 and str(directory) == str(tmp_path / "run" / "checkpoints")
+
+
 def test_segment_pairs_images_and_prompts():
     from genmask_jax.infer import cli as cli_lib
     from genmask_jax.segment import pair_inputs

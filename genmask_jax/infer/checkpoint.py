@@ -53,8 +53,9 @@ class LoadedModel:
 
 
 def resolve(path: str | os.PathLike) -> tuple[epath.Path, int]:
-    """(manager directory, step) for a workdir, a manager directory or a step folder."""
-    path = epath.Path(path)
+    """(manager directory, step) for a workdir, a manager directory or a step folder; a local path is
+    made absolute (orbax restores only absolute paths; the demo's `runs/demo/train` is relative)."""
+    path = epath.Path(path if "://" in str(path) else os.path.abspath(path))
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if re.fullmatch(r"\d+", path.name) and (path / STATE).exists():

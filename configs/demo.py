@@ -5,7 +5,7 @@ latents from the shipped toy WAN VAE, genmask_jax/assets/toy_vae), a 4-layer WAN
 per latent pixel (patch (1, 1, 1), width 64), segmentation and caption->image generation mixed 1:1
 (16 + 16 examples per step), a = 0.05 for segmentation.
 
-    get_config()                 the demo (800-900 CPU-seconds on a 2-core Zen 4 VM)
+    get_config()                 the demo (about 790 CPU-seconds: 7.5 minutes on a 2-core Zen 4 VM)
     get_config("dit=coarse")     the previous demo DiT: patch (1, 2, 2), width 128, 5,000 steps
                                  (docs/REPRODUCTION.md's ablations were run with it)
     get_config("variant=smoke")  the same pipeline drastically reduced (tests)

@@ -95,9 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # `python -m genmask_jax.demo` makes each core a single-threaded CPU device (mesh.cpu_device_flags,
     # the batch split over them) when True and XLA_FLAGS is unset; else jax's one CPU device.
     config.demo.device_per_core = device_per_core
-    # Rendered and VAE-encoded once (about 5 ms a scene), then sampled for both tasks. With 6,000 the
-    # 5,000-step model scored gIoU 0.87 on its training scenes and 0.79 on the test split; with 18,000,
-    # 0.82 and 0.80 (BENCHMARKS.md, built-in demo).
+    # Rendered and VAE-encoded once (about 4-5 ms a scene), then sampled for both tasks. With 6,000 the
+    # coarse DiT's 5,000-step model scored gIoU 0.87 on its training scenes and 0.79 on the test split;
+    # with 18,000, 0.82 and 0.80 (BENCHMARKS.md, built-in demo).
     config.demo.num_train_scenes = 18000
     config.demo.eval_split = "test"
     config.demo.eval_batch_size = 50

@@ -1,7 +1,7 @@
 """WanDiT (jax.jit) vs diffusers WanTransformer3DModel (eager PyTorch) on CPU, fp32.
 
     python -m bench.bench_dit [--reps 5] [--only jax|torch] [--attention xla] [--remat none]
-        [--xla-flags "--xla_cpu_..."] [--single-thread] [--devices N]
+        [--xla-flags "--xla_cpu_..."] [--single-thread] [--devices N] [--default-malloc]
 
 Mid-size config: 4 blocks, dim 512, 8 heads, ffn 2048, text_dim 4096; batch 2 of 2 latent frames of
 32x32 (2 x 16 x 16 = 512 tokens), 64 text tokens. Forward, and forward+backward of `mean(out^2)`
@@ -11,6 +11,10 @@ runs every measured function once, JAX and PyTorch in turn, so drift in the mach
 `--devices N` runs JAX on N single-threaded CPU devices (one per core) with the batch split over a
 `data` mesh axis and the parameters replicated: data parallelism across cores instead of
 multi-threaded ops on one device. PyTorch keeps its default intra-op threads.
+
+The process first calls `parallel.host.reuse_freed_memory` (as the CPU command-line entry points do),
+so that glibc keeps XLA:CPU's per-step temporary block instead of unmapping it and faulting it in
+again every step; both frameworks share the process and its allocator. `--default-malloc` skips it.
 """
 
 import argparse
@@ -109,7 +113,13 @@ def main():
                         help="one intra-op thread in both frameworks (run under `taskset -c 0`)")
     parser.add_argument("--devices", type=int, default=1,
                         help="JAX on this many single-threaded CPU devices, batch split over them")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default allocator settings (see above)")
     args = parser.parse_args()
+    if not args.default_malloc:
+        from genmask_jax.parallel import host
+
+        host.reuse_freed_memory()
     if BATCH % args.devices:
         parser.error(f"--devices must divide the batch ({BATCH})")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -132,7 +142,9 @@ def main():
     results = {}
     for (name, kind), times in timed(fns, args.reps).items():
         results.setdefault(name, {})[kind] = times
-    print(f"load average {os.getloadavg()[0]:.1f}; wall / process-CPU medians over {args.reps} runs")
+    malloc = "glibc defaults" if args.default_malloc else "freed memory reused"
+    print(f"load average {os.getloadavg()[0]:.1f}; {malloc}; "
+          f"wall / process-CPU medians over {args.reps} runs")
     for name, times in results.items():
         print(f"{name:6s} " + "  ".join(f"{k} {w:7.1f} ms / {c:7.1f} cpu-ms" for k, (w, c) in times.items()))
     if len(results) == 2:

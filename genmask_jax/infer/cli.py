@@ -15,6 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from genmask_jax.infer.checkpoint import CheckpointError
+from genmask_jax.parallel import host
 
 FLAGS = flags.FLAGS
 
@@ -97,6 +98,8 @@ def run(main: Callable[[], None], prog: str = "") -> None:
     def wrapped(argv):
         del argv
         setup_logging()
+        if host.cpu_only():  # before jax starts its backends (and their threads)
+            host.reuse_freed_memory()
         try:
             main()
         except USER_ERRORS as e:

@@ -4,7 +4,6 @@ All take `(B, T, N, d)` queries and `(B, S, N, d)` keys/values and an optional k
 attend) and return `(B, T, N, d)` in the query dtype. Softmax scale is `1 / sqrt(d)`.
 """
 
-import functools
 import math
 
 import jax
@@ -133,8 +132,12 @@ def _sharded_splash(q, k, v, mask, spec):
     return jax.shard_map(fn, in_specs=in_specs, out_specs=qkv_spec, check_vma=False)(*args)
 
 
-@functools.cache
 def _splash_kernel(num_heads: int, q_len: int, kv_len: int, block_q: int, block_kv: int, interpret: bool):
+    """The splash kernel for a full (unmasked) multi-head mask; built per call (10-15 ms).
+
+    Not cached: the kernel holds its mask-info arrays, and one built while nn.scan traces its body
+    holds that trace's tracers, which leak into the next trace that reuses it.
+    """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     blocks = splash.BlockSizes(

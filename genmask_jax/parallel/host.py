@@ -28,8 +28,9 @@ def reuse_freed_memory() -> bool:
     from a fresh mmap when the allocating thread has an arena of its own, and unmaps it on free, so
     every step faults in every page again and the kernel zeroes it: about 100,000 page faults per
     step there. With one arena, no mmap and a 2 GiB trim threshold the block comes from the heap and
-    stays there, with no page faults after the first step: 10-18% off that forward+backward on a
-    2-core machine (BENCHMARKS.md). The price is that the process keeps its peak heap.
+    stays there: after the heap has grown by a few blocks over the first steps, a step faults in
+    nothing, and that forward+backward takes 6-18% less on a 2-core machine (BENCHMARKS.md). The
+    price is that the process keeps its peak heap.
 
     Affects only threads that have not allocated yet: call it before jax starts its backends. Returns
     whether the settings were applied (False off glibc).

@@ -1,13 +1,14 @@
 """WanDiT forward+backward in bf16 on one accelerator: step time, tokens/s, MFU; diffusers on the same card.
 
     python -m bench.bench_dit_gpu [--variant 1.3b] [--frames 2] [--height 64] [--width 64] [--text-len 512]
-        [--batches 1,2,4,8,16,32] [--reps 10] [--attention cudnn] [--remat none] [--peak-tflops X]
-        [--no-torch] [--json PATH]
+        [--batches 1,2,4,8,16,32] [--reps 10] [--attention cudnn] [--remat none] [--unrolled]
+        [--peak-tflops X] [--no-torch] [--json PATH]
 
 Defaults are the issue's setting: the 1.3B DiT with bf16 parameters and compute, 2 latent frames of 32 x 32
 patches (latent 2 x 64 x 64, 2,048 tokens), 512 text tokens; the gradient of `mean(out^2)` with respect to all
-parameters. Batches are tried in the order given until one does not fit (out of memory). Each measured
-step is the median of `--reps` after a warm-up (compile).
+parameters. The blocks are scanned as in configs/genmask.py (`--unrolled` unrolls them; slower to compile).
+Batches are tried in the order given until one does not fit (out of memory). Each measured step is the
+median of `--reps` after a warm-up (compile).
 
 MFU = model FLOPs / (step time x peak bf16 FLOP/s of the card). Model FLOPs are those of every matmul
 in the forward+backward, attention's included, counted from the jaxpr of the same model with XLA
@@ -16,7 +17,9 @@ attention (`genmask_jax.flops.count_flops`; a cuDNN attention call is opaque to 
 
 diffusers' `WanTransformer3DModel` runs with the same config in bf16 (the modules it keeps in float32 stay
 there, as `from_pretrained(torch_dtype=torch.bfloat16)` leaves them; PyTorch eager, SDPA attention) on
-the first CUDA device (the CPU when there is none, for a smoke run), at the batches JAX fitted.
+the first CUDA device (the CPU when there is none, for a smoke run), over the same batches, first: it
+frees the card before JAX starts its sweep, and JAX does not preallocate (`XLA_PYTHON_CLIENT_PREALLOCATE`
+is false unless set), so neither framework's memory pool shrinks the other's largest batch.
 Needs jax with a GPU/TPU backend and, for the comparison, torch and diffusers; not the training stack.
 """
 
@@ -24,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 
@@ -157,11 +161,13 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--attention", default=None, help="default: cudnn on GPU, splash on TPU, else xla")
     parser.add_argument("--remat", default="none", help="a jax.checkpoint_policies name, or none")
+    parser.add_argument("--unrolled", action="store_true", help="unrolled blocks instead of nn.scan")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax starts its backends
 
     import jax
 
@@ -170,20 +176,27 @@ def main(argv=None):
     device = jax.devices()[0]
     attention = args.attention or {"gpu": "cudnn", "tpu": "splash"}.get(device.platform, "xla")
     config = DiTConfig.from_variant(args.variant, dtype=args.dtype, param_dtype=args.dtype,
-                                    attention=attention, remat_policy=args.remat)
+                                    attention=attention, remat_policy=args.remat,
+                                    scan_layers=not args.unrolled)
     shape = (args.frames, args.height, args.width, args.text_len)
     tokens = args.frames * args.height * args.width // math.prod(config.patch_size)
     peak = args.peak_tflops or peak_tflops(device.device_kind)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"{device.device_kind}: {args.variant} DiT, {args.dtype}, {tokens} tokens + {args.text_len} text "
-          f"tokens per example, attention {attention}, remat {args.remat}; peak {peak} TFLOP/s", flush=True)
+          f"tokens per example, attention {attention}, remat {args.remat}, "
+          f"{'unrolled' if args.unrolled else 'scanned'} blocks; peak {peak} TFLOP/s", flush=True)
 
-    runs, flops = jax_runs(config, shape, batches, args.reps)
     results = {"device": device.device_kind, "variant": args.variant, "dtype": args.dtype, "tokens": tokens,
-               "text_len": args.text_len, "attention": attention, "remat": args.remat, "peak_tflops": peak,
-               "flops_per_example": flops, "jax": runs}
-    if not args.no_torch and runs:
-        results["torch"], results["torch_device"] = torch_runs(config, shape, [b for b, _ in runs], args.reps)
+               "text_len": args.text_len, "attention": attention, "remat": args.remat,
+               "scan_layers": not args.unrolled, "peak_tflops": peak}
+    if not args.no_torch:
+        results["torch"], results["torch_device"] = torch_runs(config, shape, batches, args.reps)
+        import torch
+
+        if torch.cuda.is_available():  # the model and its activations died with torch_runs' frame
+            torch.cuda.empty_cache()
+    results["jax"], results["flops_per_example"] = jax_runs(config, shape, batches, args.reps)
+    flops = results["flops_per_example"]
 
     print(f"forward+backward: {flops / 1e9:,.1f} GFLOP per example (matmuls, attention included)")
     print("| framework | batch | step | tokens/s | MFU |\n|---|---|---|---|---|")

@@ -40,7 +40,14 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from genmask_jax.flops import count_flops  # noqa: E402,F401  (re-exported: aot.count_flops)
+from genmask_jax.flops import (  # noqa: E402,F401  (count_flops re-exported: aot.count_flops)
+    CHIP_ALIASES,
+    CHIPS,
+    Chip,
+    GiB,
+    count_flops,
+    devices_per_chip,
+)
 from genmask_jax.models.dit import DiTConfig  # noqa: E402
 from genmask_jax.models.genmask import GenMask  # noqa: E402
 from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
@@ -49,30 +56,6 @@ from genmask_jax.train import loop  # noqa: E402
 from genmask_jax.train.state import TrainState, make_optimizer, state_shardings  # noqa: E402
 from genmask_jax.train.step import batch_sharding, make_configured_train_step, optimizer_config  # noqa: E402
 
-GiB = 1 << 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """Per-chip figures from Google Cloud's TPU system-architecture pages."""
-
-    name: str
-    hbm_bytes: int
-    peak_bf16_flops: float
-    hbm_bytes_per_s: float
-
-
-CHIPS = {
-    # https://cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 275 TFLOP/s bf16, 1,228 GB/s (2 TensorCores).
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1228e9),
-    # https://cloud.google.com/tpu/docs/v5e: 16 GiB HBM2, 197 TFLOP/s bf16, 819 GB/s.
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9),
-    # https://cloud.google.com/tpu/docs/v5p: 95 GiB HBM2e, 459 TFLOP/s bf16, 2,765 GB/s.
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9),
-    # https://cloud.google.com/tpu/docs/v6e: 32 GiB HBM, 918 TFLOP/s bf16, 1,640 GB/s.
-    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9),
-}
-CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
 REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "none")
 
 
@@ -110,11 +93,6 @@ def topology_devices(topology: str) -> list:
     except Exception as e:  # libtpu reports bad names and load failures as runtime errors.
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LibtpuMissing(f"libtpu cannot describe topology {topology!r}: {message}") from e
-
-
-def devices_per_chip(devices: Sequence) -> int:
-    """TPU v4 slices show one device per TensorCore (2 per chip); v5e/v5p/v6e one per chip."""
-    return len({getattr(d, "core_on_chip", 0) for d in devices})
 
 
 # Abstract inputs.

@@ -1,8 +1,41 @@
-"""FLOPs of the matmuls and convolutions in a jaxpr; needs jax alone (no training stack)."""
+"""FLOPs of the matmuls and convolutions in a jaxpr, and the TPU chips' peak figures; needs jax alone (no
+training stack)."""
 
+import dataclasses
 import math
+from collections.abc import Sequence
 
 from jax.extend import core as jax_core
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Per-chip figures from Google Cloud's TPU system-architecture pages."""
+
+    name: str
+    hbm_bytes: int
+    peak_bf16_flops: float
+    hbm_bytes_per_s: float
+
+
+CHIPS = {
+    # https://cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 275 TFLOP/s bf16, 1,228 GB/s (2 TensorCores).
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1228e9),
+    # https://cloud.google.com/tpu/docs/v5e: 16 GiB HBM2, 197 TFLOP/s bf16, 819 GB/s.
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9),
+    # https://cloud.google.com/tpu/docs/v5p: 95 GiB HBM2e, 459 TFLOP/s bf16, 2,765 GB/s.
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9),
+    # https://cloud.google.com/tpu/docs/v6e: 32 GiB HBM, 918 TFLOP/s bf16, 1,640 GB/s.
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9),
+}
+CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v6lite": "v6e"}
+
+
+def devices_per_chip(devices: Sequence) -> int:
+    """TPU v4 slices show one device per TensorCore (2 per chip); v5e/v5p/v6e one per chip."""
+    return len({getattr(d, "core_on_chip", 0) for d in devices})
 
 
 def count_flops(jaxpr) -> float:

@@ -1,6 +1,7 @@
 """FLOPs of the matmuls and convolutions in a jaxpr, and the TPU chips' peak figures; needs jax alone (no
 training stack)."""
 
+import collections
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -46,23 +47,27 @@ def count_flops(jaxpr) -> float:
     out. XLA's own cost analysis is no substitute here: it counts a loop body (the scanned DiT blocks,
     the microbatches) once.
     """
+    return float(sum(flops_by_source(jaxpr).values()))
+
+
+def flops_by_source(jaxpr, prefix: str = "") -> collections.Counter:
+    """`count_flops` split by the name stack of each matmul or convolution: the module path that made it,
+    e.g. "WanDiT/blocks_0/ffn/proj_in", or "transpose(jvp(WanDiT))/..." for a gradient's."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    total = 0.0
+    totals = collections.Counter()
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
+        name, source = eqn.primitive.name, "/".join(filter(None, (prefix, str(eqn.source_info.name_stack))))
         if name == "dot_general":
-            total += _dot_flops(eqn)
+            totals[source] += _dot_flops(eqn)
         elif name == "conv_general_dilated":
-            total += _conv_flops(eqn)
-        inner = [count_flops(j) for j in _sub_jaxprs(eqn.params)]
-        if inner:
-            if name == "cond":
-                total += max(inner)
-            elif name == "scan":
-                total += eqn.params["length"] * sum(inner)
-            else:
-                total += sum(inner)
-    return total
+            totals[source] += _conv_flops(eqn)
+        inner = [flops_by_source(j, source) for j in _sub_jaxprs(eqn.params)]
+        if inner and name == "cond":
+            inner = [max(inner, key=lambda counts: sum(counts.values()))]
+        for counts in inner:
+            repeat = eqn.params["length"] if name == "scan" else 1
+            totals.update({key: repeat * value for key, value in counts.items()})
+    return totals
 
 
 def _sub_jaxprs(params):

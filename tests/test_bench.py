@@ -13,6 +13,8 @@ from bench import bench_dit_gpu  # noqa: E402
 
 @pytest.mark.torch
 def test_bench_dit_gpu_runs_both_frameworks(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
     out = tmp_path / "results.json"
     results = bench_dit_gpu.main(["--variant", "tiny", "--height", "8", "--width", "8", "--text-len", "16",
                                   "--batches", "1,2", "--reps", "1", "--json", str(out)])
@@ -28,3 +30,17 @@ def test_peak_table_prefers_the_most_specific_name():
     assert bench_dit_gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench_dit_gpu.peak_tflops("TPU v5p") == 459.0
     assert bench_dit_gpu.peak_tflops("cpu") is None
+
+
+def test_profile_names_the_model_parts():
+    from bench import profile_dit
+
+    results = profile_dit.main(["--tiny", "--steps", "1"])
+    assert results["wall_ms"] > 0
+    assert {"feed-forward dots", "self-attention projections", "self-attention cores (QK^T, softmax, PV)",
+            "cross-attention cores", profile_dit.ELEMENTWISE} <= set(results["categories"])
+    assert results["gflop"]["feed-forward dots"] > 0 and not results["gflop"].get(profile_dit.ELEMENTWISE)
+    assert profile_dit.category("dot.3", "transpose(jvp(WanDiT))/blocks_1/ffn/proj_in/transpose") == (
+        "backward: feed-forward dots")
+    elementwise = profile_dit.category("add_bitcast_fusion.2", "WanDiT/blocks_0/attn1/to_q/add")
+    assert elementwise == profile_dit.ELEMENTWISE

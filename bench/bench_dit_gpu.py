@@ -28,10 +28,10 @@ import dataclasses
 import json
 import math
 import os
-import statistics
-import time
 
 import numpy as np
+
+from bench.timing import median_ms
 
 # Dense bf16 peak per GPU, from NVIDIA's data sheets (no sparsity). TPUs: genmask_jax.flops.CHIPS.
 GPU_PEAK_BF16_TFLOPS = {
@@ -65,16 +65,6 @@ def make_inputs(batch: int, frames: int, height: int, width: int, text_len: int,
     t = rng.uniform(0.0, 1000.0, (batch,)).astype(np.float32)
     ctx = rng.standard_normal((batch, text_len, config.text_dim), np.float32)
     return x, t, ctx
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def is_out_of_memory(error: Exception) -> bool:

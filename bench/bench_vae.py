@@ -1,6 +1,6 @@
 """WAN 2.1 VAE image encode + decode: JAX (jit) vs diffusers' AutoencoderKLWan, same random weights.
 
-    python bench/bench_vae.py [--sizes 256,512] [--reps 3] [--batch 1] [--dtype float32] [--no-torch]
+    python -m bench.bench_vae [--sizes 256,512] [--reps 3] [--batch 1] [--dtype float32] [--no-torch]
 
 Real config (base_dim 96); both sides get the weights of one randomly initialised diffusers model.
 Times are the median of `--reps` runs after one warm-up (JAX compile excluded), encode (posterior
@@ -8,25 +8,18 @@ mean) and decode separately, in seconds per batch. Run by hand; nothing here is 
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.timing import median_ms
 from convert import wan_vae
 from genmask_jax.models.vae import VAEConfig, WanVAE
 
 
 def _median_seconds(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_ms(fn, reps) / 1e3
 
 
 def bench_jax(params, config: VAEConfig, x: np.ndarray, reps: int) -> tuple[float, float]:

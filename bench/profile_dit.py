@@ -19,11 +19,11 @@ import gzip
 import json
 import os
 import re
-import statistics
 import tempfile
-import time
 
 import numpy as np
+
+from bench.timing import median_ms
 
 # (pattern on the op's source, category); the first match wins. Ops that are neither YNNPACK fusions nor
 # dots (XLA's loop fusions and copies) go to "element-wise and copies" whatever their source.
@@ -126,12 +126,7 @@ def main(argv=None):
 
     fn, fn_args, hlo, flops = build(args.tiny, args.step)
     run = lambda: jax.block_until_ready(fn(*fn_args))
-    run()
-    wall = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        run()
-        wall.append((time.perf_counter() - start) * 1e3)
+    wall_ms = median_ms(run, args.steps)
     sources = op_sources(hlo)
     op_ms = {name: ms for name, ms in traced_op_ms(run, args.steps).items() if name in sources}
     by_category, gflop = collections.Counter(), collections.Counter()
@@ -139,7 +134,7 @@ def main(argv=None):
         by_category[category(name, sources[name])] += ms
     for source, count in flops.items():
         gflop[matmul_category(source)] += count / 1e9
-    print(f"{args.step}: {statistics.median(wall):.1f} ms wall per step (median of {args.steps}, untraced); "
+    print(f"{args.step}: {wall_ms:.1f} ms wall per step (median of {args.steps}, untraced); "
           f"op durations under the trace add up to {sum(op_ms.values()):.1f} ms per step")
     print("| category | ms per step | matmul GFLOP | GFLOP/s |\n|---|---|---|---|")
     for label, ms in by_category.most_common():
@@ -149,7 +144,7 @@ def main(argv=None):
     print("\n| op | ms per step | source |\n|---|---|---|")
     for name, ms in sorted(op_ms.items(), key=lambda item: -item[1])[:args.top]:
         print(f"| {name} | {ms:.2f} | {sources[name].removeprefix('jit(<lambda>)/')} |")
-    return {"wall_ms": statistics.median(wall), "categories": dict(by_category), "gflop": dict(gflop),
+    return {"wall_ms": wall_ms, "categories": dict(by_category), "gflop": dict(gflop),
             "ops": op_ms}
 
 

@@ -64,8 +64,8 @@ def flops_by_source(jaxpr, prefix: str = "") -> collections.Counter:
         inner = [flops_by_source(j, source) for j in _sub_jaxprs(eqn.params)]
         if inner and name == "cond":
             inner = [max(inner, key=lambda counts: sum(counts.values()))]
+        repeat = eqn.params["length"] if name == "scan" else 1
         for counts in inner:
-            repeat = eqn.params["length"] if name == "scan" else 1
             totals.update({key: repeat * value for key, value in counts.items()})
     return totals
 

@@ -6,6 +6,7 @@ Our checkpoint is a folder: `params/` (orbax) + `config.json`, written to a temp
 renamed into place, so a failed conversion leaves nothing behind.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -172,19 +173,16 @@ def _orbax():
     return ocp
 
 
-def save_flax_checkpoint(dst: str | os.PathLike, params: Any, config: Mapping[str, Any],
-                         overwrite: bool = False) -> Path:
-    """Writes `dst/params` (orbax) and `dst/config.json`; `dst` appears only when complete."""
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst} already exists (pass overwrite to replace it)")
+@contextlib.contextmanager
+def _atomic_folder(dst: Path, config: Mapping[str, Any]) -> Iterator[Path]:
+    """Yields an empty sibling of `dst` to fill; on success adds `config.json` and renames it to `dst`.
+
+    On any error the sibling is removed and an existing `dst` is left as it was.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        ocp = _orbax()
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "params", params)
-            ckptr.wait_until_finished()
+        yield tmp
         with open(tmp / "config.json", "w") as f:
             json.dump(dict(config), f, indent=2, sort_keys=True)
         if dst.exists():
@@ -193,6 +191,17 @@ def save_flax_checkpoint(dst: str | os.PathLike, params: Any, config: Mapping[st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_flax_checkpoint(dst: str | os.PathLike, params: Any, config: Mapping[str, Any],
+                         overwrite: bool = False) -> Path:
+    """Writes `dst/params` (orbax) and `dst/config.json`; `dst` appears only when complete."""
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} already exists (pass overwrite to replace it)")
+    with _atomic_folder(dst, config) as tmp, _orbax().StandardCheckpointer() as ckptr:
+        ckptr.save(tmp / "params", params)
+        ckptr.wait_until_finished()
     return dst
 
 
@@ -238,9 +247,7 @@ def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.nd
     from safetensors.numpy import save_file
 
     dst = Path(dst).absolute()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with _atomic_folder(dst, config) as tmp:
         shards, current, size = [], {}, 0
         for key in sorted(tensors):
             arr = np.ascontiguousarray(tensors[key])
@@ -261,14 +268,6 @@ def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.nd
             total = sum(a.nbytes for a in tensors.values())
             with open(tmp / f"{weights_name}.index.json", "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(tmp / "config.json", "w") as f:
-            json.dump(dict(config), f, indent=2, sort_keys=True)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

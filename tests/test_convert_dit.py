@@ -206,6 +206,22 @@ def test_export_round_trip_is_exact(diffusers_folder, tmp_path, scan):
     jax.tree.map(np.testing.assert_array_equal, again_params, params)
 
 
+@pytest.mark.parametrize("writer", ["safetensors", "orbax"])
+def test_failed_write_leaves_the_old_folder_and_no_temporary(tmp_path, writer):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "old").write_text("kept")
+    unwritable = {"w": np.array([object()])}  # neither safetensors nor orbax can store an object array
+    with pytest.raises(Exception):  # noqa: B017  (whichever error the library raises)
+        if writer == "safetensors":
+            io.write_safetensors_folder(dst, unwritable, {"a": 1}, "m.safetensors")
+        else:
+            io.save_flax_checkpoint(dst, unwritable, {"a": 1}, overwrite=True)
+    assert listing(tmp_path) == {"dst"} and listing(dst) == {"old"}
+    io.write_safetensors_folder(dst, {"w": np.ones(3, np.float32)}, {"a": 1}, "m.safetensors")
+    assert listing(tmp_path) == {"dst"} and listing(dst) == {"config.json", "m.safetensors"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one clear error, nothing written.
 

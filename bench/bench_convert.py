@@ -4,9 +4,10 @@
         [--scan-layers] [--workdir DIR] [--json FILE]
 
 Writes a random checkpoint of the variant's shapes: one `.safetensors` file with the original Wan-AI
-names, or a diffusers `transformer/` folder in 5 GiB shards. Then runs `python -m convert.wan_dit` on
-it in a child process, and `convert.wan_dit.load` on the result in another, and reads each child's
-/proc/PID/status every 10 ms:
+names, or a diffusers `transformer/` folder in 2 GiB shards. Then runs `python -m convert.wan_dit` on
+it in a child process, `convert.wan_dit.load` on the result in another, and that load followed by
+`export_diffusers` (back to a diffusers folder) in a third; reads each child's /proc/PID/status
+every 10 ms:
 - RssAnon, memory the child allocated (the params, plus the interpreter, jax and orbax);
 - RssFile, pages of memory-mapped files (the source tensors as they are read, and shared libraries).
   The kernel can drop them under pressure, so they are not memory the conversion needs.
@@ -87,13 +88,17 @@ def child_peaks(cmd: list[str]) -> dict[str, float]:
             "hwm_gib": peak["VmHWM"] / 2**20, "said": (out.strip().splitlines() or [""])[-1][:160]}
 
 
-def convert_and_load(src: Path, dst: Path, num_heads: int, scan_layers: bool) -> dict[str, dict]:
-    """Peaks of the converter CLI writing `dst`, then of `convert.wan_dit.load(dst)` in a new process."""
+def convert_load_export(src: Path, dst: Path, num_heads: int, scan_layers: bool) -> dict[str, dict]:
+    """Peaks of the converter CLI writing `dst`; of `convert.wan_dit.load(dst)` in a new process; and of
+    loading it and exporting it back to a diffusers folder in a third."""
     cmd = [sys.executable, "-m", "convert.wan_dit", str(src), str(dst), "--overwrite",
            "--num-heads", str(num_heads)] + (["--scan-layers"] if scan_layers else [])
     load = ("import sys, jax; from convert import wan_dit; c, p = wan_dit.load(sys.argv[1]); "
             "print(type(jax.tree.leaves(p)[0]).__name__)")
-    return {"convert": child_peaks(cmd), "load": child_peaks([sys.executable, "-c", load, str(dst)])}
+    export = ("import sys; from convert import wan_dit; c, p = wan_dit.load(sys.argv[1]); "
+              "print(wan_dit.export_diffusers(p, c, sys.argv[2]))")
+    return {"convert": child_peaks(cmd), "load": child_peaks([sys.executable, "-c", load, str(dst)]),
+            "load+export": child_peaks([sys.executable, "-c", export, str(dst), str(dst) + "-exported"])}
 
 
 def main() -> None:
@@ -112,7 +117,7 @@ def main() -> None:
         for variant in ("tiny", args.variant):
             config = DiTConfig.from_variant(variant)
             src, size = write_checkpoint(config, args.layout, args.dtype, root / f"{variant}-src")
-            runs = convert_and_load(src, root / f"{variant}-dst", config.num_heads, args.scan_layers)
+            runs = convert_load_export(src, root / f"{variant}-dst", config.num_heads, args.scan_layers)
             results[variant] = {"weights_gib": size / GiB, **runs}
             for what, r in runs.items():
                 print(f"{variant} {what}: weights {size / GiB:.2f} GiB ({args.dtype}, {args.layout}), "
@@ -120,6 +125,7 @@ def main() -> None:
                       f"{r['file_gib']:.2f} GiB, VmHWM {r['hwm_gib']:.2f} GiB ({r['said'][:60]})", flush=True)
             shutil.rmtree(root / f"{variant}-src")
             shutil.rmtree(root / f"{variant}-dst")
+            shutil.rmtree(root / f"{variant}-dst-exported")
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)

@@ -184,7 +184,7 @@ def _host_array_checkpointer():
 
     orbax's defaults would hold two more: its numpy handler copies every array before writing, and
     the OCDBT driver buffers the written data until the end. The 1.3B DiT (5.3 GiB) then peaked at
-    14 GiB; without both, 5.7 GiB (BENCHMARKS.md). Any orbax reader restores the result.
+    14 GiB; without both, 5.6-5.8 GiB (BENCHMARKS.md). Any orbax reader restores the result.
     """
     import jax
 
@@ -283,32 +283,42 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
+def _keep(key: str, array: np.ndarray) -> np.ndarray:
+    return array
+
+
 def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                              config: Mapping[str, Any], weights_name: str,
-                             max_shard_bytes: int = 5 * 2**30) -> Path:
-    """A diffusers-style folder: config.json + one or several safetensors (with an index)."""
+                             max_shard_bytes: int = 2 * 2**30,
+                             layout: Callable[[str, np.ndarray], np.ndarray] = _keep) -> Path:
+    """A diffusers-style folder: config.json + one or several safetensors (with an index).
+
+    `layout(key, array)` gives a tensor its stored layout (a transpose, say; same byte size) when its
+    shard is written, so one shard of laid-out copies exists at a time: the writer needs about
+    `max_shard_bytes` on top of `tensors`, not a second copy of them.
+    """
     from safetensors.numpy import save_file
 
     dst = Path(dst).absolute()
+    shards, size = [[]], 0
+    for key in sorted(tensors):
+        if shards[-1] and size + tensors[key].nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += tensors[key].nbytes
+    stem = weights_name.removesuffix(".safetensors")
+    names = [weights_name] if len(shards) == 1 else [
+        f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     with _atomic_folder(dst, config) as tmp:
-        shards, current, size = [], {}, 0
-        for key in sorted(tensors):
-            arr = np.ascontiguousarray(tensors[key])
-            if current and size + arr.nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[key], size = arr, size + arr.nbytes
-        shards.append(current)
-        stem = weights_name.removesuffix(".safetensors")
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / weights_name))
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name))
-                weight_map.update({k: name for k in shard})
-            total = sum(a.nbytes for a in tensors.values())
+        total = 0
+        for keys, name in zip(shards, names):
+            shard = {k: np.ascontiguousarray(layout(k, tensors[k])) for k in keys}
+            save_file(shard, str(tmp / name))
+            total += sum(a.nbytes for a in shard.values())
+            del shard
+        if len(shards) > 1:
+            weight_map = {k: name for keys, name in zip(shards, names) for k in keys}
             with open(tmp / f"{weights_name}.index.json", "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return dst

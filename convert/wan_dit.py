@@ -348,16 +348,21 @@ def unstack(params: dict, config) -> dict[str, np.ndarray]:
     return flat
 
 
-def export_diffusers(params: dict, config, dst: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Writes params as a diffusers `transformer/` folder (config.json + safetensors), exactly."""
+def export_diffusers(params: dict, config, dst: str | Path, max_shard_bytes: int = 2 * 2**30) -> Path:
+    """Writes params as a diffusers `transformer/` folder (config.json + safetensors), exactly.
+
+    Tensors take the PyTorch layout shard by shard: about `max_shard_bytes` of host memory on top of
+    the params (BENCHMARKS.md).
+    """
     flat = unstack(params, config)
     expected = expected_shapes(config)
     io.check_keys(set(flat), set(expected), "params")
     io.check_shapes([(p, v.shape, expected[p]) for p, v in flat.items() if v.shape != expected[p]],
                     "params")
-    tensors = {diffusers_key(p): from_flax(p, v) for p, v in flat.items()}
-    return io.write_safetensors_folder(dst, tensors, diffusers_config(config), WEIGHTS_NAME,
-                                       max_shard_bytes=max_shard_bytes)
+    paths = {diffusers_key(p): p for p in flat}
+    return io.write_safetensors_folder(dst, {k: flat[p] for k, p in paths.items()}, diffusers_config(config),
+                                       WEIGHTS_NAME, max_shard_bytes=max_shard_bytes,
+                                       layout=lambda key, value: from_flax(paths[key], value))
 
 
 # ---------------------------------------------------------------------------------------------

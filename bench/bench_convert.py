@@ -1,13 +1,13 @@
 """Host memory and wall time of converting a full-size WAN DiT checkpoint (random weights).
 
-    python -m bench.bench_convert [--variant 1.3b] [--layout original|diffusers] [--dtype float32]
-        [--scan-layers] [--workdir DIR] [--json FILE]
+    python -m bench.bench_convert [--variant 1.3b] [--layout original|original-pth|diffusers]
+        [--dtype float32] [--scan-layers] [--workdir DIR] [--json FILE]
 
-Writes a random checkpoint of the variant's shapes: one `.safetensors` file with the original Wan-AI
-names, or a diffusers `transformer/` folder in 2 GiB shards. Then runs `python -m convert.wan_dit` on
-it in a child process, `convert.wan_dit.load` on the result in another, and that load followed by
-`export_diffusers` (back to a diffusers folder) in a third; reads each child's /proc/PID/status
-every 10 ms:
+Writes a random checkpoint of the variant's shapes: one `.safetensors` file (a torch `.pth` for
+original-pth) with the original Wan-AI names, or a diffusers `transformer/` folder in 2 GiB shards.
+Then runs `python -m convert.wan_dit` on it in a child process, `convert.wan_dit.load` on the result
+in another, and that load followed by `export_diffusers` (back to a diffusers folder) in a third;
+reads each child's /proc/PID/status every 10 ms:
 - RssAnon, memory the child allocated (the params, plus the interpreter, jax and orbax);
 - RssFile, pages of memory-mapped files (the source tensors as they are read, and shared libraries).
   The kernel can drop them under pressure, so they are not memory the conversion needs.
@@ -51,6 +51,13 @@ def write_checkpoint(config: DiTConfig, layout: str, dtype: str, dst: Path) -> t
         return io.write_safetensors_folder(dst, tensors, wan_dit.diffusers_config(config),
                                            wan_dit.WEIGHTS_NAME), size
     dst.mkdir(parents=True)
+    if layout == "original-pth":
+        import torch
+
+        as_torch = lambda a: (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)  # noqa: E731
+                              if a.dtype.name == "bfloat16" else torch.from_numpy(a))
+        torch.save({k: as_torch(v) for k, v in tensors.items()}, dst / "model.pth")
+        return dst / "model.pth", size
     save_file(tensors, str(dst / "model.safetensors"))
     return dst / "model.safetensors", size
 
@@ -104,7 +111,7 @@ def convert_load_export(src: Path, dst: Path, num_heads: int, scan_layers: bool)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--variant", default="1.3b")
-    parser.add_argument("--layout", default="original", choices=("original", "diffusers"))
+    parser.add_argument("--layout", default="original", choices=("original", "original-pth", "diffusers"))
     parser.add_argument("--dtype", default="float32", help="dtype of the written source tensors")
     parser.add_argument("--scan-layers", action="store_true")
     parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")

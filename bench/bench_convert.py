@@ -33,6 +33,7 @@ from convert import wan_dit
 from genmask_jax.models.dit import DiTConfig
 
 GiB = 2**30
+REPO = Path(__file__).resolve().parents[1]  # the children import convert/ from here
 
 
 def write_checkpoint(config: DiTConfig, layout: str, dtype: str, dst: Path) -> tuple[Path, int]:
@@ -71,7 +72,7 @@ def _status_kib(pid: int) -> dict[str, int]:
 def child_peaks(cmd: list[str]) -> dict[str, float]:
     """Runs `cmd`; its wall seconds, peak RssAnon / RssFile and VmHWM in GiB, and its last output line."""
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     peak = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
 
     def sample():
@@ -108,7 +109,7 @@ def convert_load_export(src: Path, dst: Path, num_heads: int, scan_layers: bool)
             "load+export": child_peaks([sys.executable, "-c", export, str(dst), str(dst) + "-exported"])}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--variant", default="1.3b")
     parser.add_argument("--layout", default="original", choices=("original", "original-pth", "diffusers"))
@@ -116,12 +117,12 @@ def main() -> None:
     parser.add_argument("--scan-layers", action="store_true")
     parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the figures here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert-"))
     results = {}
     try:
-        for variant in ("tiny", args.variant):
+        for variant in dict.fromkeys(("tiny", args.variant)):
             config = DiTConfig.from_variant(variant)
             src, size = write_checkpoint(config, args.layout, args.dtype, root / f"{variant}-src")
             runs = convert_load_export(src, root / f"{variant}-dst", config.num_heads, args.scan_layers)
@@ -139,6 +140,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "cpus": os.cpu_count(), "results": results}, f, indent=2)
+    return results
 
 
 if __name__ == "__main__":

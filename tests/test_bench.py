@@ -1,4 +1,4 @@
-"""The GPU benchmark script, end to end on CPU at the tiny size (its figures are taken by hand on a GPU)."""
+"""The benchmark scripts, end to end on CPU at the tiny size (their figures are taken by hand)."""
 
 import json
 import os
@@ -44,3 +44,19 @@ def test_profile_names_the_model_parts():
         "backward: feed-forward dots")
     elementwise = profile_dit.category("add_bitcast_fusion.2", "WanDiT/blocks_0/attn1/to_q/add")
     assert elementwise == profile_dit.ELEMENTWISE
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_bench_convert_measures_convert_load_and_export(tmp_path, layout):
+    from bench import bench_convert
+
+    out = tmp_path / "results.json"
+    args = ["--variant", "tiny", "--layout", layout, "--scan-layers", "--json", str(out)]
+    results = bench_convert.main(args)
+    runs = results["tiny"]
+    assert set(runs) == {"weights_gib", "convert", "load", "load+export"}
+    assert runs["convert"]["said"].startswith("wrote ") and runs["load"]["said"] == "ndarray"
+    for step in ("convert", "load", "load+export"):
+        assert runs[step]["anon_gib"] > 0 and runs[step]["seconds"] > 0, step
+    assert json.loads(out.read_text())["results"]["tiny"]["weights_gib"] == runs["weights_gib"]

@@ -283,42 +283,42 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
-def _keep(key: str, array: np.ndarray) -> np.ndarray:
+def _as_is(key: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
 def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                              config: Mapping[str, Any], weights_name: str,
-                             max_shard_bytes: int = 2 * 2**30,
-                             layout: Callable[[str, np.ndarray], np.ndarray] = _keep) -> Path:
+                             max_shard_bytes: int = 2 * 2**30, name: Callable[[str], str] = str,
+                             layout: Callable[[str, np.ndarray], np.ndarray] = _as_is) -> Path:
     """A diffusers-style folder: config.json + one or several safetensors (with an index).
 
-    `layout(key, array)` gives a tensor its stored layout (a transpose, say; same byte size) when its
-    shard is written, so one shard of laid-out copies exists at a time: the writer needs about
-    `max_shard_bytes` on top of `tensors`, not a second copy of them.
+    Each tensor is stored under `name(key)` in `layout(key, array)` (a transpose, say; same byte size),
+    made when its shard is written: one shard of laid-out copies exists at a time, so the writer needs
+    about `max_shard_bytes` on top of `tensors`, not a second copy of them.
     """
     from safetensors.numpy import save_file
 
     dst = Path(dst).absolute()
     shards, size = [[]], 0
-    for key in sorted(tensors):
+    for key in sorted(tensors, key=name):
         if shards[-1] and size + tensors[key].nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(key)
         size += tensors[key].nbytes
     stem = weights_name.removesuffix(".safetensors")
-    names = [weights_name] if len(shards) == 1 else [
+    files = [weights_name] if len(shards) == 1 else [
         f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     with _atomic_folder(dst, config) as tmp:
         total = 0
-        for keys, name in zip(shards, names):
-            shard = {k: np.ascontiguousarray(layout(k, tensors[k])) for k in keys}
-            save_file(shard, str(tmp / name))
+        for keys, file in zip(shards, files):
+            shard = {name(k): np.ascontiguousarray(layout(k, tensors[k])) for k in keys}
+            save_file(shard, str(tmp / file))
             total += sum(a.nbytes for a in shard.values())
-            del shard
+            del shard  # before the next shard is built
         if len(shards) > 1:
-            weight_map = {k: name for keys, name in zip(shards, names) for k in keys}
+            weight_map = {name(k): file for keys, file in zip(shards, files) for k in keys}
             with open(tmp / f"{weights_name}.index.json", "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return dst

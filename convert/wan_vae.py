@@ -294,9 +294,8 @@ def export_diffusers(params: dict, config, dst: str | Path) -> Path:
     io.check_keys(set(flat), set(expected), "params")
     io.check_shapes([(p, v.shape, expected[p]) for p, v in flat.items() if v.shape != expected[p]],
                     "params")
-    paths = {diffusers_key(p): p for p in flat}
-    return io.write_safetensors_folder(dst, {k: flat[p] for k, p in paths.items()}, diffusers_config(config),
-                                       WEIGHTS_NAME, layout=lambda key, value: from_flax(paths[key], value))
+    return io.write_safetensors_folder(dst, flat, diffusers_config(config), WEIGHTS_NAME, name=diffusers_key,
+                                       layout=from_flax)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from genmask_jax.models.layers import (
     dense,
     gelu_tanh,
     layer_norm,
+    logical_param,
     materialize_cotangent,
     timestep_embedding,
 )
@@ -104,6 +105,13 @@ def _dtypes(config: DiTConfig) -> tuple[jnp.dtype, jnp.dtype]:
     return jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
 
 
+def _scale_shift_table(module: nn.Module, rows: int, dim: int, param_dtype) -> jax.Array:
+    """WAN's learned modulation offsets `(1, rows, dim)`, initialised as `randn / sqrt(dim)`."""
+    init = lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / math.sqrt(dim)
+    axes = (None, "modulation", "embed")
+    return logical_param(module, "scale_shift_table", init, (1, rows, dim), axes, param_dtype)
+
+
 class PatchEmbedding(nn.Module):
     """Conv3d with stride = kernel = patch, as one matmul over flattened patches.
 
@@ -118,21 +126,15 @@ class PatchEmbedding(nn.Module):
         dtype, param_dtype = _dtypes(cfg)
         pt, ph, pw = cfg.patch_size
         b, f, h, w, c = x.shape
-        kernel = self.param(
+        kernel = logical_param(
+            self,
             "kernel",
-            nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4),
-                ("conv_t", "conv_h", "conv_w", "conv_in", "embed"),
-            ),
+            nn.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4),
             (pt, ph, pw, c, cfg.dim),
+            ("conv_t", "conv_h", "conv_w", "conv_in", "embed"),
             param_dtype,
         )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            (cfg.dim,),
-            param_dtype,
-        )
+        bias = logical_param(self, "bias", nn.initializers.zeros_init(), (cfg.dim,), ("embed",), param_dtype)
         x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
         x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, pt * ph * pw * c)
         y = jnp.dot(x.astype(dtype), kernel.reshape(-1, cfg.dim).astype(dtype)) + bias.astype(dtype)
@@ -255,15 +257,7 @@ class Block(nn.Module):
         cfg = self.config
         dtype, param_dtype = _dtypes(cfg)
         f32 = jnp.float32
-        table = self.param(
-            "scale_shift_table",
-            nn.with_logical_partitioning(
-                lambda key, shape, dt: jax.random.normal(key, shape, dt) / math.sqrt(cfg.dim),
-                (None, "modulation", "embed"),
-            ),
-            (1, 6, cfg.dim),
-            param_dtype,
-        )
+        table = _scale_shift_table(self, 6, cfg.dim, param_dtype)
         # One cotangent buffer per residual add (layers.materialize_cotangent: XLA:CPU otherwise
         # recomputes the sum over all later blocks inside each fusion of the backward).
         x = materialize_cotangent(x)
@@ -366,15 +360,7 @@ class WanDiT(nn.Module):
             for i in range(cfg.num_layers):
                 tokens = block_cls(cfg, name=f"blocks_{i}")(tokens, ctx, proj, rope, mask)
 
-        table = self.param(
-            "scale_shift_table",
-            nn.with_logical_partitioning(
-                lambda key, shape, dt: jax.random.normal(key, shape, dt) / math.sqrt(cfg.dim),
-                (None, "modulation", "embed"),
-            ),
-            (1, 2, cfg.dim),
-            param_dtype,
-        )
+        table = _scale_shift_table(self, 2, cfg.dim, param_dtype)
         mod = table.astype(jnp.float32)[None] + temb[:, :, None]
         out = _modulate(tokens, mod[:, :, 0], mod[:, :, 1], cfg.eps, dtype)
         out = dense(cfg.patch_features, ("embed", "patch"), dtype, param_dtype, "proj_out")(out)

@@ -11,6 +11,11 @@ import numpy as np
 Axes = Sequence[str | None]
 
 
+def logical_param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: Axes, dtype) -> jax.Array:
+    """`module.param(name, ...)` of `shape` and `dtype` whose axes carry the logical names `axes`."""
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, dtype)
+
+
 class Dense(nn.Module):
     """`x @ kernel + bias` over the last axis; kernel `(in, out)` and bias `(out,)` as in nn.Dense.
 
@@ -27,14 +32,12 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                                   self.axes),
-                            (x.shape[-1], self.features), self.param_dtype)
+        kernel = logical_param(self, "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                               self.axes, self.param_dtype)
         y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                                   (self.axes[-1],)),
-                              (self.features,), self.param_dtype)
+            bias = logical_param(self, "bias", nn.initializers.zeros_init(), (self.features,), self.axes[-1:],
+                                 self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y.reshape(*x.shape[:-1], self.features)
 
@@ -95,19 +98,9 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
-            (features,),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis_name,)),
-            (features,),
-            self.param_dtype,
-        )
+        shape, axes = (x.shape[-1],), (self.axis_name,)
+        scale = logical_param(self, "scale", nn.initializers.ones_init(), shape, axes, self.param_dtype)
+        bias = logical_param(self, "bias", nn.initializers.zeros_init(), shape, axes, self.param_dtype)
         y = layer_norm(x, self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
@@ -122,11 +115,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
-            (x.shape[-1],),
-            self.param_dtype,
+        scale = logical_param(
+            self, "scale", nn.initializers.ones_init(), (x.shape[-1],), (self.axis_name,), self.param_dtype
         )
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)

@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genmask_jax.models.layers import logical_param
+
 Cache = Any  # a pytree of per-conv histories `(B, P, H, W, C)`, mirroring the module tree
 
 WAN21_LATENTS_MEAN = (
@@ -141,15 +143,11 @@ def denormalize_latents(z: jax.Array, config: VAEConfig) -> jax.Array:
 # Layers.
 
 
-def _param(module: nn.Module, name: str, init, shape, axes, dtype):
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
 def _conv_params(module: nn.Module, kernel_shape: tuple[int, ...], axes):
-    kernel = _param(module, "kernel", nn.initializers.lecun_normal(), kernel_shape, axes, module.param_dtype)
-    bias = _param(
-        module, "bias", nn.initializers.zeros_init(), (kernel_shape[-1],), ("conv_out",), module.param_dtype
-    )
+    dtype = module.param_dtype
+    kernel = logical_param(module, "kernel", nn.initializers.lecun_normal(), kernel_shape, axes, dtype)
+    zeros = nn.initializers.zeros_init()
+    bias = logical_param(module, "bias", zeros, (kernel_shape[-1],), ("conv_out",), dtype)
     return kernel.astype(module.dtype), bias.astype(module.dtype)
 
 
@@ -251,7 +249,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        gamma = _param(self, "gamma", nn.initializers.ones_init(), (c,), ("norm",), self.param_dtype)
+        gamma = logical_param(self, "gamma", nn.initializers.ones_init(), (c,), ("norm",), self.param_dtype)
         x = x.astype(jnp.float32)
         inv_norm = jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-24))
         return (x * inv_norm * (c**0.5 * gamma.astype(jnp.float32))).astype(self.dtype)

@@ -12,9 +12,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
-
 from convert import wan_dit, wan_vae
 from convert.checkpoint_io import ConversionError
 
@@ -23,17 +20,23 @@ def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
                       overwrite: bool = False) -> Path:
     """Writes DST/transformer (and DST/vae when the run loaded converted VAE weights); returns DST."""
     from genmask_jax.infer import checkpoint as ckpt
+    from genmask_jax.models import build
 
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists (pass --overwrite to replace it)")
-    loaded = ckpt.load(checkpoint, use_ema=use_ema, mesh=None)
-    to_host = lambda tree: jax.tree.map(np.asarray, jax.device_get(tree))  # noqa: E731
+    directory, step = ckpt.resolve(checkpoint)
+    config = ckpt.saved_config(directory, step)
+    model = build.build_model(config)
+    # Host arrays only: no device holds the run's weights, and nothing else is read.
+    dit_params, _ = ckpt.restore_dit_params(directory, step, model, None, None, use_ema)
     if dst.exists():
         shutil.rmtree(dst)
-    wan_dit.export_diffusers(to_host(loaded.dit_params), loaded.model.dit, dst / "transformer")
-    if loaded.config.get("vae_from"):
-        wan_vae.export_diffusers(to_host(loaded.vae_params), loaded.model.vae, dst / "vae")
+    wan_dit.export_diffusers(dit_params, model.dit, dst / "transformer")
+    del dit_params
+    if config.get("vae_from") and model.vae is not None:
+        vae_params, _ = build.frozen_vae(config, model)
+        wan_vae.export_diffusers(vae_params, model.vae, dst / "vae")
     return dst
 
 

@@ -260,6 +260,58 @@ def test_end_to_end(trained, files, tmp_path):
         np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(loaded.dit_params)]))
 
 
+def _flat(tree) -> np.ndarray:
+    import jax
+
+    return np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(tree)])
+
+
+def test_export_of_a_run_reads_host_arrays_and_writes_its_converted_vae(tmp_path):
+    """convert.export restores the chosen DiT params (EMA or raw) as host numpy, writes them exactly, and
+    writes the run's converted VAE (config.vae_from) exactly; a run with no VAE exports its DiT alone."""
+    import flax.linen as nn
+    import jax
+
+    from configs.genmask import get_config
+    from convert import export, wan_dit, wan_vae
+    from genmask_jax.infer import checkpoint
+    from genmask_jax.models import build
+    from genmask_jax.train.checkpointing import Checkpointer
+
+    config = get_config()
+    model = build.build_model(config)
+    vae = build.random_frozen(build.abstract_frozen(model)["vae"], seed=3)
+    wan_vae.save(tmp_path / "vae", model.vae, vae)
+    config.vae_from = str(tmp_path / "vae")
+    params = jax.jit(lambda key: nn.meta.unbox(build.dit_initializer(model)(key)))(jax.random.key(0))
+    ema = jax.tree.map(lambda x: 0.5 * x + 1.0, params)
+    checkpointer = Checkpointer(tmp_path / "run", async_save=False)
+    checkpointer.save(7, {"params": params, "ema_params": ema}, config=config)
+    checkpointer.close()
+
+    restored, key = checkpoint.restore_dit_params(tmp_path / "run", 7, model, None, None)
+    assert key == "ema_params" and all(type(x) is np.ndarray for x in jax.tree.leaves(restored))
+
+    for use_ema, expected in ((True, ema), (False, params)):
+        out = export.export_checkpoint(tmp_path / "run", tmp_path / "out", use_ema=use_ema, overwrite=True)
+        assert sorted(p.name for p in out.iterdir()) == ["transformer", "vae"]
+        dit_config, exported = wan_dit.load(out / "transformer")
+        assert dit_config == model.dit
+        np.testing.assert_array_equal(_flat(exported), _flat(expected))
+        vae_config, exported_vae = wan_vae.load(out / "vae")
+        assert vae_config == model.vae
+        np.testing.assert_array_equal(_flat(exported_vae), _flat(vae))
+
+    config.model.vae = None
+    config.vae_from = ""
+    checkpointer = Checkpointer(tmp_path / "latent_run", async_save=False)
+    checkpointer.save(1, {"params": params}, config=config)
+    checkpointer.close()
+    out = export.export_checkpoint(tmp_path / "latent_run", tmp_path / "latent_out")
+    assert [p.name for p in out.iterdir()] == ["transformer"]
+    np.testing.assert_array_equal(_flat(wan_dit.load(out / "transformer")[1]), _flat(params))
+
+
 def test_segmentation_sampler_internals():
     """One Euler step is the paper's single step; an example's noise depends on its index only."""
     import flax.linen as nn

@@ -3,9 +3,10 @@
 A checkpoint is named by a training workdir (`<workdir>/checkpoints/<step>`, latest step), a checkpoint
 manager directory (latest step) or one step folder. Only the DiT parameters (EMA if the run kept them)
 are read (orbax partial restore: no optimizer state), directly into their shardings on a mesh of this
-process's devices. The frozen VAE comes from `config.vae_from`, else it is the run's random VAE
-(drawn from `config.seed` exactly as training drew it). The experiment config is the one saved with
-the checkpoint unless one is given.
+process's devices, or as host numpy arrays (`restore_dit_params(mesh=None)`, for `convert.export`).
+The frozen VAE comes from `config.vae_from`, else it is the run's random VAE (drawn from `config.seed`
+exactly as training drew it). The experiment config is the one saved with the checkpoint unless one
+is given.
 """
 
 import dataclasses
@@ -17,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -102,22 +104,40 @@ def _saved_has(directory: epath.Path, step: int, key: str) -> bool:
 
 
 def restore_dit_params(
-    directory: epath.Path, step: int, model: GenMask, mesh, rules: LogicalRules, use_ema: bool = True
+    directory: epath.Path,
+    step: int,
+    model: GenMask,
+    mesh: jax.sharding.Mesh | None,
+    rules: LogicalRules | None,
+    use_ema: bool = True,
 ) -> tuple[Any, str]:
-    """DiT parameters of checkpoint `step`, sharded by their logical axes; ("ema_params" | "params")."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(build.dit_initializer(model), jax.random.key(0))
-        shardings = logical_sharding(boxed, mesh, rules)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
-    )
+    """DiT parameters of checkpoint `step` and their key ("ema_params" | "params").
+
+    On `mesh`, sharded by their logical axes under `rules`; with `mesh=None`, as host numpy arrays
+    (exporting needs no device: a run's weights need not fit one).
+    """
+    if mesh is None:
+        abstract = nn.meta.unbox(jax.eval_shape(build.dit_initializer(model), jax.random.key(0)))
+        host = lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)  # noqa: E731
+        restore_args = jax.tree.map(host, abstract)
+    else:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            boxed = jax.eval_shape(build.dit_initializer(model), jax.random.key(0))
+            shardings = logical_sharding(boxed, mesh, rules)
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
+        )
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     key = "ema_params" if use_ema and _saved_has(directory, step, "ema_params") else "params"
-    item = {key: abstract}
-    args = ocp.args.PyTreeRestore(
-        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
-    )
-    with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+    args = ocp.args.PyTreeRestore({key: abstract}, restore_args={key: restore_args}, partial_restore=True)
+    try:
+        with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:
+            restored = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint {directory}/{step} does not match the config's model ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]})"
+        ) from e
     return restored[STATE][key], key
 
 
@@ -152,13 +172,7 @@ def load(
         )
     mesh = mesh or inference_mesh(config)
     rules = rules_from_config(config.sharding.logical_axis_rules)
-    try:
-        dit_params, key = restore_dit_params(directory, step, model, mesh, rules, use_ema)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(
-            f"checkpoint {directory}/{step} does not match the config's model ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300]})"
-        ) from e
+    dit_params, key = restore_dit_params(directory, step, model, mesh, rules, use_ema)
     log.info("loaded %s of %s/%d", key, directory, step)
     vae_params = load_vae(config, model, mesh, rules)
     return LoadedModel(config, model, dit_params, vae_params, mesh, rules, step, directory)

@@ -1,7 +1,7 @@
 """Host memory and wall time of converting a full-size WAN DiT checkpoint (random weights).
 
     python -m bench.bench_convert [--variant 1.3b] [--layout original|original-pth|diffusers]
-        [--dtype float32] [--scan-layers] [--workdir DIR] [--json FILE]
+        [--dtype float32] [--scan-layers] [--run] [--workdir DIR] [--json FILE]
 
 Writes a random checkpoint of the variant's shapes: one `.safetensors` file (a torch `.pth` for
 original-pth) with the original Wan-AI names, or a diffusers `transformer/` folder in 2 GiB shards.
@@ -11,6 +11,10 @@ reads each child's /proc/PID/status every 10 ms:
 - RssAnon, memory the child allocated (the params, plus the interpreter, jax and orbax);
 - RssFile, pages of memory-mapped files (the source tensors as they are read, and shared libraries).
   The kernel can drop them under pressure, so they are not memory the conversion needs.
+`--run` also writes a training run's checkpoint of the variant (the paper's config with this DiT: random
+params and an EMA copy, fp32) and measures `python -m convert.export` on it, which reads one of the two
+(the EMA) into the run's shardings, builds the frozen VAE (random: WAN 2.1's for a full-size variant)
+and writes the DiT as a diffusers folder.
 Each peak is printed beside the size of the weights. The same is run on the tiny variant, whose
 anonymous peak is the cost of the imports alone. Run by hand; nothing here is asserted.
 """
@@ -109,12 +113,53 @@ def convert_load_export(src: Path, dst: Path, num_heads: int, scan_layers: bool)
             "load+export": child_peaks([sys.executable, "-c", export, str(dst), str(dst) + "-exported"])}
 
 
+# Run in a child, so that the bench process stays small: a paper-config run of DiT variant argv[1]
+# (scanned when argv[2] == "1") with random fp32 params and an EMA copy, saved as training saves it.
+_WRITE_RUN = """
+import sys
+import flax.linen as nn
+import jax
+import numpy as np
+from configs.genmask import get_config
+from genmask_jax.models import build
+from genmask_jax.models.dit import DiTConfig
+from genmask_jax.models.vae import VAEConfig
+from genmask_jax.train.checkpointing import Checkpointer
+
+variant, scan, dst = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+config = get_config("variant=paper")
+config.model.dit = DiTConfig.from_variant(variant, scan_layers=scan).to_dict()
+config.model.vae = VAEConfig.from_variant("tiny" if variant == "tiny" else "wan2.1").to_dict()
+abstract = jax.eval_shape(build.dit_initializer(build.build_model(config)), jax.random.key(0))
+rng = np.random.default_rng(0)
+params = jax.tree.map(lambda x: rng.standard_normal(x.shape, np.float32) * 0.02, nn.unbox(abstract))
+checkpointer = Checkpointer(dst, async_save=False)
+checkpointer.save(100, {"params": params, "ema_params": params}, config=config)
+checkpointer.manager.close()
+print(sum(x.nbytes for x in jax.tree.leaves(params)))
+"""
+
+
+def export_run(variant: str, root: Path, scan_layers: bool) -> dict:
+    """Peak of `python -m convert.export` on a run checkpoint of DiT `variant` (written first)."""
+    run = root / f"{variant}-run"
+    subprocess.run([sys.executable, "-c", _WRITE_RUN, variant, str(int(scan_layers)), str(run)],
+                   check=True, cwd=REPO, capture_output=True)
+    try:
+        exported = root / f"{variant}-run-exported"
+        return child_peaks([sys.executable, "-m", "convert.export", str(run), str(exported)])
+    finally:
+        shutil.rmtree(run)
+        shutil.rmtree(root / f"{variant}-run-exported", ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--variant", default="1.3b")
     parser.add_argument("--layout", default="original", choices=("original", "original-pth", "diffusers"))
     parser.add_argument("--dtype", default="float32", help="dtype of the written source tensors")
     parser.add_argument("--scan-layers", action="store_true")
+    parser.add_argument("--run", action="store_true", help="also export a training run (convert.export)")
     parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -126,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
             config = DiTConfig.from_variant(variant)
             src, size = write_checkpoint(config, args.layout, args.dtype, root / f"{variant}-src")
             runs = convert_load_export(src, root / f"{variant}-dst", config.num_heads, args.scan_layers)
+            if args.run:
+                runs["run export"] = export_run(variant, root, args.scan_layers)
             results[variant] = {"weights_gib": size / GiB, **runs}
             for what, r in runs.items():
                 print(f"{variant} {what}: weights {size / GiB:.2f} GiB ({args.dtype}, {args.layout}), "

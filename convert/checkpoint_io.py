@@ -179,6 +179,14 @@ def _orbax():
 SAVE_CHUNK_BYTES = 64 * 2**20
 
 
+def chunked_save_args(tree: Any) -> Any:
+    """orbax SaveArgs for every leaf of `tree`: stored in chunks of at most SAVE_CHUNK_BYTES."""
+    import jax
+
+    ocp = _orbax()
+    return jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=SAVE_CHUNK_BYTES), tree)
+
+
 def _host_array_checkpointer():
     """A synchronous orbax checkpointer for trees of numpy arrays that adds little to their one copy.
 
@@ -237,12 +245,11 @@ def save_flax_checkpoint(dst: str | os.PathLike, params: Any, config: Mapping[st
 
     ocp = _orbax()
     host = jax.tree.map(np.asarray, params)  # no copy for numpy or single-device CPU arrays
-    chunks = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=SAVE_CHUNK_BYTES), host)
     quiet = _NoOcdbtMergeNotice()
     logging.getLogger("absl").addFilter(quiet)
     try:
         with _atomic_folder(dst, config) as tmp, _host_array_checkpointer() as ckptr:
-            ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(host, save_args=chunks))
+            ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(host, save_args=chunked_save_args(host)))
     finally:
         logging.getLogger("absl").removeFilter(quiet)
     return dst

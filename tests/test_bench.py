@@ -52,11 +52,12 @@ def test_bench_convert_measures_convert_load_and_export(tmp_path, layout):
     from bench import bench_convert
 
     out = tmp_path / "results.json"
-    args = ["--variant", "tiny", "--layout", layout, "--scan-layers", "--json", str(out)]
+    args = ["--variant", "tiny", "--layout", layout, "--scan-layers", "--run", "--json", str(out)]
     results = bench_convert.main(args)
     runs = results["tiny"]
-    assert set(runs) == {"weights_gib", "convert", "load", "load+export"}
+    assert set(runs) == {"weights_gib", "convert", "load", "load+export", "run export"}
     assert runs["convert"]["said"].startswith("wrote ") and runs["load"]["said"] == "ndarray"
-    for step in ("convert", "load", "load+export"):
+    assert runs["run export"]["said"].endswith("transformer")
+    for step in ("convert", "load", "load+export", "run export"):
         assert runs[step]["anon_gib"] > 0 and runs[step]["seconds"] > 0, step
     assert json.loads(out.read_text())["results"]["tiny"]["weights_gib"] == runs["weights_gib"]

@@ -78,8 +78,15 @@ class Checkpointer:
         config: ml_collections.ConfigDict | Mapping | None = None,
         force: bool = True,
     ) -> bool:
-        """Saves `trainable` (TrainState.trainable()), the iterator state and the config at `step`."""
-        items = {STATE: ocp.args.StandardSave(_drop_none(trainable))}
+        """Saves `trainable` (TrainState.trainable()), the iterator state and the config at `step`.
+
+        Arrays are stored in chunks of at most 64 MiB, as converted weights are: a reader then holds one
+        chunk-sized buffer per array in flight, not a whole stacked (scanned) array (BENCHMARKS.md).
+        """
+        from convert.checkpoint_io import chunked_save_args
+
+        state = _drop_none(trainable)
+        items = {STATE: ocp.args.StandardSave(state, save_args=chunked_save_args(state))}
         if _checkpointable(data_iterator):
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:

@@ -109,6 +109,40 @@ def test_checkpoint_of_a_run_on_precomputed_latents_needs_a_vae(tmp_path):
         checkpoint.load(tmp_path)
 
 
+def test_export_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    import flax.linen as nn
+    import jax
+
+    from configs.genmask import get_config
+    from convert import export
+    from genmask_jax.models import build
+    from genmask_jax.train import checkpointing
+
+    config = get_config("variant=tiny")
+    ckpt = checkpointing.Checkpointer(tmp_path / "run", async_save=False)
+    ckpt.save(1, {"step": np.asarray(1, np.int32), "params": {"w": np.ones(2, np.float32)}}, config=config)
+    ckpt.close()
+    model = build.build_model(config)
+    params = nn.meta.unbox(jax.eval_shape(build.dit_initializer(model), jax.random.key(0)))
+    config.model.dit["ffn_dim"] *= 2  # the saved feed-forward kernels are half as wide as this config's
+    ckpt = checkpointing.Checkpointer(tmp_path / "wider", async_save=False)
+    ckpt.save(1, {"params": jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params)}, config=config)
+    ckpt.close()
+    (tmp_path / "taken").mkdir()
+    wider = "6 saved vs expected shapes (blocks_0/ffn/proj_in/bias (128,) vs (256,)"
+    cases = [
+        ([str(tmp_path / "nothing"), str(tmp_path / "out")], "does not exist"),
+        ([str(tmp_path / "run"), str(tmp_path / "out")], "does not match the config's model: 69 missing"),
+        ([str(tmp_path / "wider"), str(tmp_path / "out")], wider),
+        ([str(tmp_path / "run"), str(tmp_path / "taken")], "already exists"),
+    ]
+    for args, message in cases:
+        assert export.main(args) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "out").exists() and not any((tmp_path / "taken").iterdir())
+
+
 def test_relative_checkpoint_paths_are_made_absolute(tmp_path, monkeypatch):
     from genmask_jax.infer import checkpoint
 

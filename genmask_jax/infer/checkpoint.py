@@ -96,11 +96,32 @@ def inference_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
         return make_mesh((1, -1, 1), devices=devices)
 
 
-def _saved_has(directory: epath.Path, step: int, key: str) -> bool:
+def _saved_state(directory: epath.Path, step: int) -> dict:
+    """The train state of checkpoint `step` as a tree of array metadata (shapes; no array is read)."""
     with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:
         tree = manager.item_metadata(step)[STATE]
     tree = getattr(tree, "tree", tree)
-    return isinstance(tree, dict) and tree.get(key) is not None
+    return tree if isinstance(tree, dict) else {}
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape) for path, x in flat}
+
+
+def _check_saved_params(saved: Any, abstract: Any, where: str) -> None:
+    """Raises one CheckpointError line naming missing and unexpected parameters and shape mismatches:
+    orbax's partial restore would hand back a parameter it did not find as its abstract target."""
+    found, expected = _shapes(saved), _shapes(abstract)
+    listed = lambda names: ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")  # noqa: E731
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    mismatched = [f"{k} {found[k]} vs {expected[k]}" for k in sorted(found.keys() & expected.keys())
+                  if found[k] != expected[k]]
+    problems = [f"{len(names)} {what} ({listed(names)})" for what, names in
+                (("missing", missing), ("unexpected", unexpected), ("saved vs expected shapes", mismatched))
+                if names]
+    if problems:
+        raise CheckpointError(f"{where} does not match the config's model: {'; '.join(problems)}")
 
 
 def restore_dit_params(
@@ -128,7 +149,9 @@ def restore_dit_params(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
         )
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-    key = "ema_params" if use_ema and _saved_has(directory, step, "ema_params") else "params"
+    saved = _saved_state(directory, step)
+    key = "ema_params" if use_ema and saved.get("ema_params") is not None else "params"
+    _check_saved_params(saved.get(key) or {}, abstract, f"checkpoint {directory}/{step} ({key})")
     args = ocp.args.PyTreeRestore({key: abstract}, restore_args={key: restore_args}, partial_restore=True)
     try:
         with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:

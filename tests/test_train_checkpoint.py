@@ -164,3 +164,25 @@ def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
     np.testing.assert_array_equal(ckpt.restore(1, abstract)["params"]["w"], trainable["params"]["w"])
     assert (tmp_path / "runs" / "relative" / "1").is_dir()
     ckpt.close()
+
+
+def test_resuming_with_another_model_names_the_parameters(tmp_path):
+    """A run resumed after its model changed fails in one line that names what differs (orbax's own
+    message gives a shape mismatch without the parameter's name)."""
+    from genmask_jax.infer.checkpoint import CheckpointError
+
+    ema = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    trainable = {"step": np.asarray(1, np.int32), "params": ema, "ema_params": ema}
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, trainable)
+    as_abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    wider = as_abstract({**trainable, "params": {"w": ema["w"], "b": np.zeros(4, np.float32)}})
+    with pytest.raises(CheckpointError, match=r"/1 \(params\) does not match the config's model: "
+                                              r"1 saved vs expected shapes \(b \(3,\) vs \(4,\)\)$"):
+        ckpt.restore(1, wider)
+    renamed = as_abstract({**trainable, "ema_params": {"w": ema["w"], "bias": ema["b"]}})
+    with pytest.raises(CheckpointError, match=r"\(ema_params\) .*: 1 missing \(bias\); 1 unexpected \(b\)$"):
+        ckpt.restore(1, renamed)
+    restored = ckpt.restore(1, as_abstract(trainable))
+    np.testing.assert_array_equal(restored["ema_params"]["w"], ema["w"])
+    ckpt.close()

@@ -109,9 +109,11 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape) for path, x in flat}
 
 
-def _check_saved_params(saved: Any, abstract: Any, where: str) -> None:
-    """Raises one CheckpointError line naming missing and unexpected parameters and shape mismatches:
-    orbax's partial restore would hand back a parameter it did not find as its abstract target."""
+def check_saved_params(saved: Any, abstract: Any, where: str) -> None:
+    """Raises one CheckpointError line naming missing and unexpected parameters and shape mismatches
+    between `saved` (a checkpoint's metadata tree) and `abstract` (anything with shapes). orbax's partial
+    restore would hand back a parameter it did not find as its abstract target, and its full restore
+    reports a shape mismatch without the parameter's name."""
     found, expected = _shapes(saved), _shapes(abstract)
     listed = lambda names: ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")  # noqa: E731
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
@@ -151,7 +153,7 @@ def restore_dit_params(
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     saved = _saved_state(directory, step)
     key = "ema_params" if use_ema and saved.get("ema_params") is not None else "params"
-    _check_saved_params(saved.get(key) or {}, abstract, f"checkpoint {directory}/{step} ({key})")
+    check_saved_params(saved.get(key) or {}, abstract, f"checkpoint {directory}/{step} ({key})")
     args = ocp.args.PyTreeRestore({key: abstract}, restore_args={key: restore_args}, partial_restore=True)
     try:
         with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:

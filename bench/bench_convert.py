@@ -13,8 +13,7 @@ reads each child's /proc/PID/status every 10 ms:
   The kernel can drop them under pressure, so they are not memory the conversion needs.
 `--run` also writes a training run's checkpoint of the variant (the paper's config with this DiT: random
 params and an EMA copy, fp32) and measures `python -m convert.export` on it, which reads one of the two
-(the EMA) into the run's shardings, builds the frozen VAE (random: WAN 2.1's for a full-size variant)
-and writes the DiT as a diffusers folder.
+(the EMA) as host arrays and writes the DiT as a diffusers folder (the run has no converted VAE to write).
 Each peak is printed beside the size of the weights. The same is run on the tiny variant, whose
 anonymous peak is the cost of the imports alone. Run by hand; nothing here is asserted.
 """
@@ -123,19 +122,17 @@ import numpy as np
 from configs.genmask import get_config
 from genmask_jax.models import build
 from genmask_jax.models.dit import DiTConfig
-from genmask_jax.models.vae import VAEConfig
 from genmask_jax.train.checkpointing import Checkpointer
 
 variant, scan, dst = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 config = get_config("variant=paper")
 config.model.dit = DiTConfig.from_variant(variant, scan_layers=scan).to_dict()
-config.model.vae = VAEConfig.from_variant("tiny" if variant == "tiny" else "wan2.1").to_dict()
 abstract = jax.eval_shape(build.dit_initializer(build.build_model(config)), jax.random.key(0))
 rng = np.random.default_rng(0)
 params = jax.tree.map(lambda x: rng.standard_normal(x.shape, np.float32) * 0.02, nn.unbox(abstract))
 checkpointer = Checkpointer(dst, async_save=False)
 checkpointer.save(100, {"params": params, "ema_params": params}, config=config)
-checkpointer.manager.close()
+checkpointer.close()
 print(sum(x.nbytes for x in jax.tree.leaves(params)))
 """
 

@@ -96,10 +96,9 @@ def inference_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
         return make_mesh((1, -1, 1), devices=devices)
 
 
-def _saved_state(directory: epath.Path, step: int) -> dict:
+def state_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
     """The train state of checkpoint `step` as a tree of array metadata (shapes; no array is read)."""
-    with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:
-        tree = manager.item_metadata(step)[STATE]
+    tree = manager.item_metadata(step)[STATE]
     tree = getattr(tree, "tree", tree)
     return tree if isinstance(tree, dict) else {}
 
@@ -151,7 +150,8 @@ def restore_dit_params(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
         )
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-    saved = _saved_state(directory, step)
+    with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:
+        saved = state_metadata(manager, step)
     key = "ema_params" if use_ema and saved.get("ema_params") is not None else "params"
     check_saved_params(saved.get(key) or {}, abstract, f"checkpoint {directory}/{step} ({key})")
     args = ocp.args.PyTreeRestore({key: abstract}, restore_args={key: restore_args}, partial_restore=True)

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from genmask_jax.data.pipeline import state_for_process_count
-from genmask_jax.infer.checkpoint import check_saved_params
+from genmask_jax.infer.checkpoint import check_saved_params, state_metadata
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,11 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        saved_state = self.manager.item_metadata(step)[STATE]
-        saved_state = getattr(saved_state, "tree", saved_state) or {}
+        saved_tree = state_metadata(self.manager, step)
         for key in ("params", "ema_params"):  # plain dicts; a changed model shows here first
-            if abstract_trainable.get(key) is not None and saved_state.get(key) is not None:
+            if abstract_trainable.get(key) is not None and saved_tree.get(key) is not None:
                 where = f"checkpoint {self.directory}/{step} ({key})"
-                check_saved_params(saved_state[key], abstract_trainable[key], where)
+                check_saved_params(saved_tree[key], abstract_trainable[key], where)
         items = {STATE: ocp.args.StandardRestore(_drop_none(abstract_trainable))}
         saved = set(self.item_names(step))
         data_dir, other_count = self.directory / str(step) / DATA, None

@@ -51,8 +51,12 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
+# safetensors' numpy reader looks fp8 up as `numpy.float8_*`, which numpy does not have.
+_FP8_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, array) one tensor at a time; bf16/fp8 come back as ml_dtypes arrays."""
+    """Yields (key, array) one tensor at a time; bf16 and fp8 come back as ml_dtypes arrays."""
     from safetensors import SafetensorError, safe_open
 
     for file in files:
@@ -61,11 +65,36 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
         except (SafetensorError, OSError) as e:
             raise ConversionError(f"{file}: not a readable safetensors file ({e})") from e
         with handle as f:
+            header = None
             for key in f.keys():
                 try:
-                    yield key, f.get_tensor(key)
-                except (SafetensorError, OSError) as e:
+                    dtype = f.get_slice(key).get_dtype()
+                    if dtype not in _FP8_DTYPES:
+                        yield key, f.get_tensor(key)
+                        continue
+                    header = header or _safetensors_header(file)
+                    yield key, _read_fp8(file, header, key)
+                except (SafetensorError, OSError, ValueError, KeyError) as e:
                     raise ConversionError(f"{file}: tensor {key!r} unreadable ({e})") from e
+
+
+def _safetensors_header(file: Path) -> tuple[int, dict]:
+    """(offset of the data, the JSON header) of a safetensors file: an 8-byte little-endian header
+    length, then the header, which gives each tensor's dtype, shape and data_offsets in the data."""
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return 8 + length, json.loads(f.read(length))
+
+
+def _read_fp8(file: Path, header: tuple[int, dict], key: str) -> np.ndarray:
+    """One fp8 tensor, memory-mapped, as an ml_dtypes array."""
+    import ml_dtypes
+
+    start, entries = header
+    entry = entries[key]
+    begin, end = entry["data_offsets"]
+    data = np.memmap(file, np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
+    return data.view(getattr(ml_dtypes, _FP8_DTYPES[entry["dtype"]])).reshape(entry["shape"])
 
 
 def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
@@ -84,13 +113,16 @@ def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 def torch_to_numpy(tensor) -> np.ndarray:
-    """A CPU torch tensor as numpy, keeping bf16 (via ml_dtypes) instead of upcasting."""
+    """A CPU torch tensor as numpy, keeping bf16 and fp8 (via ml_dtypes) instead of upcasting."""
     import ml_dtypes
     import torch
 
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    fp8 = {torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn, torch.float8_e5m2: ml_dtypes.float8_e5m2}
+    if tensor.dtype in fp8:
+        return tensor.view(torch.uint8).numpy().view(fp8[tensor.dtype])
     return tensor.numpy()
 
 

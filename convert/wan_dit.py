@@ -4,7 +4,8 @@
         [--num-heads N] [--param-dtype float32] [--text-dim N --reinit-text-embedding] [--overwrite]
 
 SRC is a diffusers `transformer/` folder (or the pipeline folder above it), an original-layout folder,
-or a single `.safetensors` / `.pth` file (keys optionally prefixed `model.diffusion_model.`). The config
+or a single `.safetensors` / `.pth` file (keys optionally prefixed `model.diffusion_model.`), in fp32,
+bf16 or plain fp8 (upcast to --param-dtype; scaled-fp8 repackagings are refused). The config
 is inferred from the tensor shapes; the head count comes from a `config.json` next to the weights,
 `--num-heads`, or head_dim 128 (true of every released WAN 2.1 model). DST gets `params/` (orbax) and
 `config.json`, written atomically after every check passed. `export_diffusers` writes our params back
@@ -29,6 +30,8 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PREFIX = "model.diffusion_model."
 IMAGE_BRANCH = ("img_emb", "k_img", "v_img", "norm_k_img", "image_embedder", "add_k_proj", "add_v_proj",
                 "norm_added_k", "norm_added_q")
+# Scaled-fp8 repackagings (ComfyUI) store each weight divided by a scale kept under one of these keys.
+SCALE_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant")
 _BLOCK = re.compile(r"^blocks_(\d+)$")
 
 
@@ -163,6 +166,11 @@ def open_source(path: str | Path, layout: str = "auto") -> Source:
         shown = ", ".join(image[:4]) or "config.json image_dim / added_kv_proj_dim"
         raise ConversionError(f"{path}: this is an image-to-video (I2V) checkpoint ({shown}, ...); "
                               "its image branch is not supported, convert a text-to-video DiT")
+    scales = sorted(k for k in shapes if k == "scaled_fp8" or k.endswith(SCALE_SUFFIXES))
+    if scales:
+        raise ConversionError(f"{path}: this is a scaled-fp8 checkpoint ({', '.join(scales[:3])}, ...): its "
+                              "weights only make sense times their scales, which this converter does not "
+                              "apply; convert the fp32, bf16 or plain fp8 release")
     if layout == "auto":
         layout = detect_layout(set(shapes))
     return Source(path, layout, shapes, prefixed, json_config)

@@ -129,16 +129,28 @@ def test_original_layout_matches_diffusers_conversion(original_reference, tmp_pa
 
 
 @pytest.mark.torch
-def test_bf16_original_file_converts_to_fp32(original_reference, tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_low_precision_original_file_converts_to_fp32(original_reference, tmp_path, dtype, suffix):
+    """Community single files (ComfyUI's repackaging): original names, bf16 or fp8 weights, bf16 rest."""
     import ml_dtypes
+    import torch
 
     state, _ = original_reference
-    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}
-    config, params = wan_dit.load(save_safetensors(bf16, tmp_path / "wan_bf16.safetensors"),
-                                  num_heads=2, scan_layers=True)
+    low = {k: v.astype(getattr(ml_dtypes, dtype) if v.ndim >= 2 else ml_dtypes.bfloat16)
+           for k, v in state.items()}
+    src = tmp_path / f"wan_{dtype}{suffix}"
+    if suffix == ".pth":
+        torch.save({k: torch.from_numpy(v.astype(np.float32)).to(getattr(torch, v.dtype.name))
+                    for k, v in low.items()}, src)  # exact: every value is representable
+    else:
+        save_safetensors(low, src)
+    config, params = wan_dit.load(src, num_heads=2, scan_layers=True)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype(np.float32)}
     kernel = params["blocks"]["attn1"]["to_q"]["kernel"]
-    assert kernel.dtype == np.float32
-    np.testing.assert_array_equal(kernel[1], bf16["blocks.1.self_attn.q.weight"].astype(np.float32).T)
+    np.testing.assert_array_equal(kernel[1], low["blocks.1.self_attn.q.weight"].astype(np.float32).T)
+    np.testing.assert_array_equal(params["scale_shift_table"],
+                                  low["head.modulation"].astype(np.float32))
 
 
 @pytest.mark.torch
@@ -330,11 +342,19 @@ def _broken(tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
         state["img_emb.proj.0.weight"] = np.zeros((1280,), np.float32)
         save_safetensors(state, src)
         return src, ["image-to-video", "not supported"]
+    if kind == "scaled_fp8":
+        import ml_dtypes
+
+        state = {k: v.astype(ml_dtypes.float8_e4m3fn) for k, v in state.items()}
+        state["scaled_fp8"] = np.zeros((0,), ml_dtypes.float8_e4m3fn)
+        state["blocks.0.ffn.0.scale_weight"] = np.ones((1,), np.float32)
+        save_safetensors(state, src)
+        return src, ["scaled-fp8", "blocks.0.ffn.0.scale_weight", "not apply"]
     raise ValueError(kind)
 
 
 BAD = ["missing_path", "unknown_layout", "truncated_safetensors", "truncated_pth",
-       "missing_and_unexpected_keys", "shape_mismatch", "i2v"]
+       "missing_and_unexpected_keys", "shape_mismatch", "i2v", "scaled_fp8"]
 
 
 @pytest.mark.parametrize("kind", BAD)

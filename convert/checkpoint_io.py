@@ -48,7 +48,21 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"{path}: no .safetensors files")
+    _check_no_repeated_keys(files)
     return files
+
+
+def _check_no_repeated_keys(files: list[Path]) -> None:
+    """Files of one folder without an index must hold disjoint tensors: two copies of the weights
+    (a diffusers folder with `*.fp16.safetensors` variants beside the fp32 files) would be read twice,
+    the last one silently winning."""
+    owner: dict[str, Path] = {}
+    for file in files:
+        for key in safetensors_shapes([file]):
+            if key in owner:
+                raise ConversionError(f"{file.parent}: {owner[key].name} and {file.name} both hold {key!r} "
+                                      "(two copies of the weights?); point SRC at one file")
+            owner[key] = file
 
 
 # safetensors' numpy reader looks fp8 up as `numpy.float8_*`, which numpy does not have.

@@ -350,11 +350,20 @@ def _broken(tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
         state["blocks.0.ffn.0.scale_weight"] = np.ones((1,), np.float32)
         save_safetensors(state, src)
         return src, ["scaled-fp8", "blocks.0.ffn.0.scale_weight", "not apply"]
+    if kind == "two_copies":  # a diffusers-style folder holding an fp16 variant beside the weights
+        folder = tmp_path / "transformer"
+        folder.mkdir()
+        save_safetensors(state, folder / "diffusion_pytorch_model.safetensors")
+        save_safetensors({k: v.astype(np.float16) for k, v in state.items()},
+                         folder / "diffusion_pytorch_model.fp16.safetensors")
+        return folder, ["diffusion_pytorch_model.fp16.safetensors and diffusion_pytorch_model.safetensors",
+                        "point SRC at one file"]
     raise ValueError(kind)
 
 
 BAD = ["missing_path", "unknown_layout", "truncated_safetensors", "truncated_pth",
-       "missing_and_unexpected_keys", "shape_mismatch", "i2v", "scaled_fp8"]
+       "missing_and_unexpected_keys", "shape_mismatch", "i2v", "scaled_fp8",
+       "two_copies"]
 
 
 @pytest.mark.parametrize("kind", BAD)

@@ -129,15 +129,15 @@ def test_original_layout_matches_diffusers_conversion(original_reference, tmp_pa
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"])
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_low_precision_original_file_converts_to_fp32(original_reference, tmp_path, dtype, suffix):
-    """Community single files (ComfyUI's repackaging): original names, bf16 or fp8 weights, bf16 rest."""
+    """Community single files (ComfyUI's repackaging): original names, fp16/bf16/fp8 weights, bf16 rest."""
     import ml_dtypes
     import torch
 
     state, _ = original_reference
-    low = {k: v.astype(getattr(ml_dtypes, dtype) if v.ndim >= 2 else ml_dtypes.bfloat16)
+    low = {k: v.astype(np.dtype(getattr(ml_dtypes, dtype, dtype)) if v.ndim >= 2 else ml_dtypes.bfloat16)
            for k, v in state.items()}
     src = tmp_path / f"wan_{dtype}{suffix}"
     if suffix == ".pth":

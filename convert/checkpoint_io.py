@@ -131,12 +131,14 @@ def torch_to_numpy(tensor) -> np.ndarray:
     import ml_dtypes
     import torch
 
+    # torch dtype -> (an integer type of its width, which numpy takes, and the ml_dtypes type to view as)
+    views = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+             torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+             torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2)}
     tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    fp8 = {torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn, torch.float8_e5m2: ml_dtypes.float8_e5m2}
-    if tensor.dtype in fp8:
-        return tensor.view(torch.uint8).numpy().view(fp8[tensor.dtype])
+    if tensor.dtype in views:
+        bits, dtype = views[tensor.dtype]
+        return tensor.view(bits).numpy().view(dtype)
     return tensor.numpy()
 
 

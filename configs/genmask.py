@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 500
     config.checkpoint.keep = 3
     config.checkpoint.async_save = True
-    config.resume = ""  # an explicit checkpoint step folder (or manager dir) if the workdir has none.
+    config.resume = ""  # if the workdir has none: a run's workdir, its checkpoints/ or one step folder.
     config.init_from = ""  # converted WAN DiT weights (`python -m convert.wan_dit`); "" = random init.
     config.vae_from = ""  # converted WAN VAE weights (`python -m convert.wan_vae`); "" = random init.
 

@@ -7,6 +7,7 @@ from test_train_step import max_abs_diff, run, setup
 from train_helpers import make_batch, mesh_of, tiny_config, tiny_model
 
 from convert import wan_dit
+from genmask_jax.infer.checkpoint import CheckpointError
 from genmask_jax.models import build
 from genmask_jax.models.dit import init_params
 from genmask_jax.train import checkpointing, loop
@@ -74,14 +75,19 @@ def test_resume_order_workdir_then_explicit_then_converted_then_scratch(tmp_path
     assert leaves_equal(out.params[text[0]]["time_proj"], converted[text[0]]["time_proj"]) == []
     assert int(out.step) == 0
 
-    # 2. an explicit checkpoint beats converted weights (step folder or manager folder).
-    other = checkpointing.Checkpointer(tmp_path / "other", async_save=False)
+    # 2. an explicit checkpoint beats converted weights: a run's workdir, its manager folder or one step.
+    run = tmp_path / "other"
+    other = checkpointing.Checkpointer(run / "checkpoints", async_save=False)
     other.save(5, bump(state, 5).trainable())
     other.close()
-    for path in (tmp_path / "other", tmp_path / "other" / "5"):
+    for path in (run, run / "checkpoints", run / "checkpoints" / "5"):
         config.resume = str(path)
         out, origin = loop.restore_or_init(config, state, shardings, workdir, None, model)
         assert origin.startswith("checkpoint") and int(out.step) == 5
+    config.resume = str(tmp_path / "converted")  # no steps: one line, not a silent fall-through
+    with pytest.raises(CheckpointError, match="no checkpoint steps"):
+        loop.restore_or_init(config, state, shardings, workdir, None, model)
+    config.resume = str(run)
 
     # 1. the workdir's latest beats everything.
     workdir.save(7, bump(state, 7).trainable())
@@ -119,14 +125,6 @@ def test_converted_weights_with_other_architecture_fail():
     other = model.dit.__class__.from_dict({**model.dit.to_dict(), "num_layers": 3})
     with pytest.raises(ValueError, match="num_layers"):
         loop.merge_converted_params(fresh, {}, model.dit, other)
-
-
-def test_locate_explicit_checkpoints(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        checkpointing.locate(tmp_path / "missing")
-    (tmp_path / "run" / "12" / "state").mkdir(parents=True)
-    assert checkpointing.locate(tmp_path / "run" / "12") == (tmp_path / "run", 12)
-    assert checkpointing.locate(tmp_path / "run") == (tmp_path / "run", None)
 
 
 def test_data_state_saved_by_another_process_count_resumes_by_step(tmp_path):
@@ -169,8 +167,6 @@ def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
 def test_resuming_with_another_model_names_the_parameters(tmp_path):
     """A run resumed after its model changed fails in one line that names what differs (orbax's own
     message gives a shape mismatch without the parameter's name)."""
-    from genmask_jax.infer.checkpoint import CheckpointError
-
     ema = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
     trainable = {"step": np.asarray(1, np.int32), "params": ema, "ema_params": ema}
     ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)

@@ -157,16 +157,6 @@ def _saved_process_count(data_dir: epath.Path) -> int | None:
     return counts.pop()
 
 
-def locate(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
-    """An explicit checkpoint given as a manager directory (-> its latest step) or a step folder."""
-    path = epath.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if re.fullmatch(r"\d+", path.name) and (path / STATE).exists():
-        return path.parent, int(path.name)
-    return path, None
-
-
 def _jsonable(value):
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from genmask_jax.infer.checkpoint import resolve as resolve_checkpoint
 from genmask_jax.models.build import abstract_frozen, build_model, dit_initializer, frozen_vae
 from genmask_jax.models.dit import DiTConfig
 from genmask_jax.models.genmask import TASKS, GenMask
@@ -129,7 +130,7 @@ def restore_or_init(
         restored = checkpointer.restore(None, abstract, data_iterator)
         return state.replace(**restored), f"workdir step {int(restored['step'])}"
     if config.get("resume"):
-        directory, step = checkpointing.locate(config.resume)
+        directory, step = resolve_checkpoint(config.resume)
         explicit = checkpointing.Checkpointer(directory, keep=None, async_save=False, read_only=True)
         restored = explicit.restore(step, abstract, data_iterator)
         explicit.close()

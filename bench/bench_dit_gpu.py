@@ -13,7 +13,7 @@ median of `--reps` after a warm-up (compile).
 MFU = model FLOPs / (step time x peak bf16 FLOP/s of the card). Model FLOPs are those of every matmul
 in the forward+backward, attention's included, counted from the jaxpr of the same model with XLA
 attention (`genmask_jax.flops.count_flops`; a cuDNN attention call is opaque to it). The peak comes from
-`--peak-tflops`, the vendor's dense bf16 figure for the GPUs below, or the TPU chip's figure.
+`--peak-tflops`, else `genmask_jax.flops.peak_bf16_flops` (vendors' dense bf16 figures).
 
 diffusers' `WanTransformer3DModel` runs with the same config in bf16 (the modules it keeps in float32 stay
 there, as `from_pretrained(torch_dtype=torch.bfloat16)` leaves them; PyTorch eager, SDPA attention) on
@@ -32,31 +32,6 @@ import os
 import numpy as np
 
 from bench.timing import median_ms
-
-# Dense bf16 peak per GPU, from NVIDIA's data sheets (no sparsity). TPUs: genmask_jax.flops.CHIPS.
-GPU_PEAK_BF16_TFLOPS = {
-    "H100 PCIe": 756.0,
-    "H100": 989.4,  # SXM
-    "H200": 989.4,
-    "A100": 312.0,
-    "L4": 121.0,
-}
-
-
-def peak_tflops(device_kind: str, devices_per_chip: int = 1) -> float | None:
-    """Peak bf16 TFLOP/s of one device of `device_kind` ("NVIDIA H100 80GB HBM3", "TPU v5 lite"), or None.
-
-    GPUs: the table's figure for the longest name contained in `device_kind`. TPUs: the chip's figure
-    (genmask_jax.flops.CHIPS) over the devices it shows (`genmask_jax.flops.devices_per_chip`).
-    """
-    from genmask_jax.flops import CHIP_ALIASES, CHIPS
-
-    if device_kind.startswith("TPU"):
-        generation = "".join(device_kind.lower().split()[1:])  # "TPU v5 lite" -> "v5lite"
-        chip = CHIPS.get(CHIP_ALIASES.get(generation, generation))
-        return chip.peak_bf16_flops / 1e12 / devices_per_chip if chip else None
-    hits = [name for name in GPU_PEAK_BF16_TFLOPS if name in device_kind]
-    return GPU_PEAK_BF16_TFLOPS[max(hits, key=len)] if hits else None
 
 
 def make_inputs(batch: int, frames: int, height: int, width: int, text_len: int, config, seed: int = 0):
@@ -166,7 +141,7 @@ def main(argv=None):
 
     import jax
 
-    from genmask_jax.flops import devices_per_chip
+    from genmask_jax.flops import devices_per_chip, peak_bf16_flops
     from genmask_jax.models.dit import DiTConfig
 
     device = jax.devices()[0]
@@ -176,7 +151,8 @@ def main(argv=None):
                                     scan_layers=not args.unrolled)
     shape = (args.frames, args.height, args.width, args.text_len)
     tokens = args.frames * args.height * args.width // math.prod(config.patch_size)
-    peak = args.peak_tflops or peak_tflops(device.device_kind, devices_per_chip(jax.devices()))
+    known = peak_bf16_flops(device.device_kind, devices_per_chip(jax.devices()))
+    peak = args.peak_tflops or (known / 1e12 if known else None)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"{device.device_kind}: {args.variant} DiT, {args.dtype}, {tokens} tokens + {args.text_len} text "
           f"tokens per example, attention {attention}, remat {args.remat}, "

@@ -47,8 +47,8 @@ from genmask_jax.flops import (  # noqa: E402,F401  (count_flops re-exported: ao
     GiB,
     count_flops,
     devices_per_chip,
+    train_step_model_flops,
 )
-from genmask_jax.models.dit import DiTConfig  # noqa: E402
 from genmask_jax.models.genmask import GenMask  # noqa: E402
 from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
 from genmask_jax.parallel.sharding import rules_from_config  # noqa: E402
@@ -327,47 +327,9 @@ def compile_program(program: Program) -> Figures:
 # Useful work, for the MFU bound.
 
 
-def dit_forward_flops(
-    cfg: DiTConfig, frames: int, latent_hw: tuple[int, int], text_len: int, time_rows: int = 1
-) -> float:
-    """Matmul and attention FLOPs (2 per multiply-add) of one DiT forward on one example; the time
-    embedding runs on `time_rows` timesteps (1 per example, or one per frame).
-
-    Counts every dense layer, the patch embedding, self- and cross-attention scores and values;
-    elementwise work (norms, RoPE, softmax) is left out, as in the usual 6ND accounting.
-    """
-    _, ph, pw = cfg.patch_size
-    d, f = cfg.dim, cfg.ffn_dim
-    s = frames * (latent_hw[0] // ph) * (latent_hw[1] // pw)
-    block = (
-        2 * s * 4 * d * d  # self-attention q, k, v, out
-        + 2 * s * 2 * d * d  # cross-attention q, out
-        + 2 * text_len * 2 * d * d  # cross-attention k, v
-        + 2 * s * 2 * d * f  # feed-forward
-        + 2 * 2 * s * s * d  # self-attention scores and values
-        + 2 * 2 * s * text_len * d  # cross-attention scores and values
-    )
-    embeddings = (
-        2 * s * math.prod(cfg.patch_size) * cfg.in_channels * d
-        + 2 * text_len * (cfg.text_dim * d + d * d)
-        + 2 * time_rows * (cfg.freq_dim * d + d * d + 6 * d * d)
-        + 2 * s * d * cfg.patch_features
-    )
-    return float(cfg.num_layers * block + embeddings)
-
-
 def model_flops_per_step(config) -> float:
-    """DiT training FLOPs per step: 3 x forward (forward + backward) over both tasks' examples.
-
-    The frozen VAE encode and remat recomputation are not counted: they are overhead the MFU shows.
-    """
-    cfg = DiTConfig.from_dict(dict(config.model.dit))
-    h, w = config.data.resolution
-    latent = (h // 8, w // 8)
-    length = config.data.encoder.context_length
-    seg = dit_forward_flops(cfg, 2, latent, length, time_rows=2)  # per-frame timesteps
-    gen = dit_forward_flops(cfg, 1, latent, length)
-    return 3.0 * (int(config.batch.seg) * seg + int(config.batch.gen) * gen)
+    """DiT training FLOPs per step of the config's global batch (`flops.train_step_model_flops`)."""
+    return train_step_model_flops(loop.build_model(config), abstract_train_batch(config, None))
 
 
 # Reports.

@@ -1,5 +1,5 @@
-"""FLOPs of the matmuls and convolutions in a jaxpr, and the TPU chips' peak figures; needs jax alone (no
-training stack)."""
+"""FLOPs of the matmuls and convolutions in a jaxpr, the useful (model) FLOPs of a GenMask train step, and
+the peak bf16 figures of TPU chips and GPUs, for MFU; needs jax alone (no training stack)."""
 
 import collections
 import dataclasses
@@ -33,10 +33,34 @@ CHIPS = {
 }
 CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v6lite": "v6e"}
 
+# Dense bf16 peak per GPU, from NVIDIA's data sheets (no sparsity).
+GPU_PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100": 989.4e12,  # SXM
+    "H200": 989.4e12,
+    "A100": 312e12,
+    "L4": 121e12,
+}
+
 
 def devices_per_chip(devices: Sequence) -> int:
     """TPU v4 slices show one device per TensorCore (2 per chip); v5e/v5p/v6e one per chip."""
     return len({getattr(d, "core_on_chip", 0) for d in devices})
+
+
+def peak_bf16_flops(device_kind: str, devices_per_chip: int = 1) -> float | None:
+    """Peak bf16 FLOP/s of one device of `device_kind` ("NVIDIA H100 80GB HBM3", "TPU v5 lite"), or None
+    (a CPU, an unknown card).
+
+    GPUs: the table's figure for the longest name contained in `device_kind`. TPUs: the chip's figure over
+    the devices it shows (`devices_per_chip`).
+    """
+    if device_kind.startswith("TPU"):
+        generation = "".join(device_kind.lower().split()[1:])  # "TPU v5 lite" -> "v5lite"
+        chip = CHIPS.get(CHIP_ALIASES.get(generation, generation))
+        return chip.peak_bf16_flops / devices_per_chip if chip else None
+    hits = [name for name in GPU_PEAK_BF16_FLOPS if name in device_kind]
+    return GPU_PEAK_BF16_FLOPS[max(hits, key=len)] if hits else None
 
 
 def count_flops(jaxpr) -> float:
@@ -88,3 +112,49 @@ def _conv_flops(eqn) -> float:
     rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, *spatial)
     taps = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
     return 2.0 * math.prod(eqn.outvars[0].aval.shape) * taps
+
+
+def dit_forward_flops(
+    cfg, frames: int, latent_hw: tuple[int, int], text_len: int, time_rows: int = 1
+) -> float:
+    """Matmul and attention FLOPs (2 per multiply-add) of one DiT forward (`cfg`: a DiTConfig) on one
+    example; the time embedding runs on `time_rows` timesteps (1 per example, or one per frame).
+
+    Counts every dense layer, the patch embedding, self- and cross-attention scores and values;
+    elementwise work (norms, RoPE, softmax) is left out, as in the usual 6ND accounting.
+    """
+    _, ph, pw = cfg.patch_size
+    d, f = cfg.dim, cfg.ffn_dim
+    s = frames * (latent_hw[0] // ph) * (latent_hw[1] // pw)
+    block = (
+        2 * s * 4 * d * d  # self-attention q, k, v, out
+        + 2 * s * 2 * d * d  # cross-attention q, out
+        + 2 * text_len * 2 * d * d  # cross-attention k, v
+        + 2 * s * 2 * d * f  # feed-forward
+        + 2 * 2 * s * s * d  # self-attention scores and values
+        + 2 * 2 * s * text_len * d  # cross-attention scores and values
+    )
+    embeddings = (
+        2 * s * math.prod(cfg.patch_size) * cfg.in_channels * d
+        + 2 * text_len * (cfg.text_dim * d + d * d)
+        + 2 * time_rows * (cfg.freq_dim * d + d * d + 6 * d * d)
+        + 2 * s * d * cfg.patch_features
+    )
+    return float(cfg.num_layers * block + embeddings)
+
+
+def train_step_model_flops(model, batch) -> float:
+    """Useful FLOPs of one GenMask train step on `batch` (the global batch, arrays or ShapeDtypeStructs):
+    3 x the DiT forward (forward + backward) on every example, a segmentation example being two frames
+    with per-frame timesteps. `model` is a `GenMask`.
+
+    The frozen VAE encode and remat recomputation are not counted: they are overhead the MFU shows.
+    """
+    total = 0.0
+    for task, frames in (("seg", 2), ("gen", 1)):
+        if task not in batch:
+            continue
+        n, _, h, w, _ = model.latent_shape(batch[task])
+        text_len = batch[task]["context"].shape[1]
+        total += n * dit_forward_flops(model.dit, frames, (h, w), text_len, time_rows=frames)
+    return 3.0 * total

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -185,7 +186,9 @@ def test_preemption_flag_on_sigterm():
     assert signal.getsignal(signal.SIGTERM) is not preemption._handle
 
 
-def test_metrics_logger_writes_tensorboard(tmp_path):
+def test_metrics_logger_rates_mfu_and_tensorboard(tmp_path):
+    import jax
+
     from genmask_jax.train.hooks import MetricsLogger
 
     logger = MetricsLogger(tmp_path, total_steps=10, examples_per_step=8, enabled=True)
@@ -193,6 +196,15 @@ def test_metrics_logger_writes_tensorboard(tmp_path):
     values = logger(3, {"loss": 0.5, "loss_seg": 0.4, "loss_gen": 0.6})
     assert values["examples_per_s"] == pytest.approx(8 * values["steps_per_s"])
     assert values["eta_s"] == pytest.approx(7 / values["steps_per_s"])
+    assert "model_tflops_per_device" not in values  # no FLOP count given yet
+    logger.set_model_flops(8e12, jax.devices()[:2])  # CPU devices: no peak, so no MFU
+    values = logger(5, {"loss": 0.5})
+    assert values["model_tflops_per_device"] == pytest.approx(4 * values["steps_per_s"])
+    assert "mfu" not in values
+    chip = types.SimpleNamespace(device_kind="TPU v5p", core_on_chip=0)
+    logger.set_model_flops(8e12, [chip] * 4)
+    values = logger(7, {"loss": 0.5})
+    assert values["mfu"] == pytest.approx(2e12 * values["steps_per_s"] / 459e12)
     logger.image(3, "samples/x", np.zeros((4, 6, 3), np.uint8))
     logger.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,9 +1,12 @@
-"""Matmul FLOPs from a jaxpr, in total and by the name stack of the code that made them."""
+"""Matmul FLOPs from a jaxpr, in total and by the name stack of the code that made them; the useful FLOPs
+of a train step and the peak figures behind the logged MFU."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from genmask_jax.flops import count_flops, flops_by_source
+from genmask_jax.flops import count_flops, flops_by_source, peak_bf16_flops, train_step_model_flops
+from genmask_jax.models.dit import init_params
 
 
 def test_flops_by_source_names_scopes_repeats_scans_and_takes_the_costlier_branch():
@@ -32,3 +35,34 @@ def test_gradient_flops_are_named_by_the_transposed_scope():
     by_source = flops_by_source(jax.make_jaxpr(jax.grad(loss))(jnp.zeros((4, 4)), jnp.zeros((3, 4))))
     backward = {k: v for k, v in by_source.items() if k.startswith("transpose(")}
     assert sum(backward.values()) == 2 * 3 * 4 * 4 and all("layer" in k for k in backward)
+
+
+def test_peak_table_prefers_the_most_specific_name():
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("TPU v5p") == 459e12
+    assert peak_bf16_flops("TPU v4", devices_per_chip=2) == 137.5e12
+    assert peak_bf16_flops("cpu") is None
+
+
+def test_train_step_model_flops_are_three_counted_forwards():
+    """The hand count (every dense layer, the patch embedding, the attention scores and values, the time
+    embedding once per frame) equals the matmuls counted in the jaxpr of both tasks' forwards, exactly."""
+    from train_helpers import tiny_model
+
+    model = tiny_model()
+    z, dim = model.z_dim, model.dit.text_dim
+    rng = np.random.default_rng(0)
+
+    def sub(n, text_len, *keys):
+        out = {key: rng.standard_normal((n, 1, 4, 6, z)).astype(np.float32) for key in keys}
+        out["context"] = rng.standard_normal((n, text_len, dim)).astype(np.float32)
+        out["context_mask"] = np.ones((n, text_len), bool)
+        return out
+
+    batch = {"seg": sub(2, 8, "image_latent", "mask_latent"), "gen": sub(3, 5, "image_latent")}
+    params = jax.eval_shape(lambda: init_params(model.dit, jax.random.key(0)))
+    draws = model.draw(jax.random.key(1), batch)
+    forward = jax.make_jaxpr(lambda p: model.per_example_losses(p, None, batch, draws))(params)
+    assert train_step_model_flops(model, batch) == 3 * count_flops(forward) > 0
+    assert train_step_model_flops(model, {"gen": batch["gen"]}) < train_step_model_flops(model, batch)

@@ -9,8 +9,9 @@ preemption.
             save a checkpoint at `done` (unless just saved) and break
     hooks.close()
 
-- `MetricsLogger`: loss per task, lr, norms, steps/s, examples/s and ETA to stdout (the `logging`
-  module) and to TensorBoard (tensorboardX, `<workdir>/tensorboard`), process 0 only.
+- `MetricsLogger`: loss per task, lr, norms, steps/s, examples/s, model TFLOP/s per device, MFU and ETA
+  to stdout (the `logging` module) and to TensorBoard (tensorboardX, `<workdir>/tensorboard`), process 0
+  only.
 - `QuickEval`: every `config.eval_every` steps segments a fixed small batch of the `val` split
   (gIoU / cIoU at the model resolution, a panel image | prediction | ground truth per example); every
   `config.sample_every` steps generates images for fixed captions. Panels go to TensorBoard and to
@@ -32,13 +33,20 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from genmask_jax.flops import devices_per_chip, peak_bf16_flops
+
 log = logging.getLogger(__name__)
 
 TASK_BATCH_KEYS = ("seg", "gen")
 
 
 class MetricsLogger:
-    """Scalars to stdout and TensorBoard; rates measured between successive calls."""
+    """Scalars to stdout and TensorBoard; rates measured between successive calls.
+
+    Once `set_model_flops` has the useful FLOPs of a step, the rates include `model_tflops_per_device`
+    (those FLOPs per second over the devices, in TFLOP/s) and `mfu` (that over the device's peak bf16
+    FLOP/s, `flops.peak_bf16_flops`; left out where the peak is unknown, as on a CPU).
+    """
 
     def __init__(
         self,
@@ -49,6 +57,7 @@ class MetricsLogger:
         enabled: bool | None = None,
     ):
         self.total_steps, self.examples_per_step = total_steps, examples_per_step
+        self.flops_per_device_step, self.peak_flops = 0.0, None
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.writer = None
         if self.enabled:
@@ -57,19 +66,32 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
         self._last = (start_step, None)
 
+    def set_model_flops(self, flops_per_step: float, devices) -> None:
+        """The useful FLOPs of one step on the whole mesh (`flops.train_step_model_flops`) and its devices."""
+        devices = list(devices)
+        self.flops_per_device_step = flops_per_step / len(devices)
+        self.peak_flops = peak_bf16_flops(devices[0].device_kind, devices_per_chip(devices))
+
     def rates(self, step: int) -> dict[str, float]:
-        """steps/s, examples/s and ETA (s) since the previous call (none on the first call)."""
+        """steps/s, examples/s, model TFLOP/s per device, MFU and ETA (s) since the previous call (none on
+        the first call)."""
         now = time.perf_counter()
         last_step, last_time = self._last
         self._last = (step, now)
         if last_time is None or step <= last_step:
             return {}
         steps_per_s = (step - last_step) / (now - last_time)
-        return {
+        rates = {
             "steps_per_s": steps_per_s,
             "examples_per_s": steps_per_s * self.examples_per_step,
             "eta_s": (self.total_steps - step) / steps_per_s,
         }
+        if self.flops_per_device_step:
+            flops_per_s = self.flops_per_device_step * steps_per_s
+            rates["model_tflops_per_device"] = flops_per_s / 1e12
+            if self.peak_flops:
+                rates["mfu"] = flops_per_s / self.peak_flops
+        return rates
 
     def pause(self, seconds: float) -> None:
         """Leaves `seconds` (spent outside training, e.g. in a quick evaluation) out of the rates."""

@@ -34,6 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.quick_eval = ml_collections.ConfigDict(
         {"num_examples": 8, "split": "val", "gen_steps": 20, "guidance_scale": 5.0}
     )
+    # A jax.profiler trace of num_steps steps from first_step into <workdir>/tensorboard; 0 = none.
+    config.profile = ml_collections.ConfigDict({"first_step": 10, "num_steps": 0})
 
     # Global example counts per task and step; gen = 0 is the "without generation data" ablation.
     config.batch = ml_collections.ConfigDict({"seg": 512, "gen": 512})

@@ -186,6 +186,35 @@ def test_preemption_flag_on_sigterm():
     assert signal.getsignal(signal.SIGTERM) is not preemption._handle
 
 
+def test_step_profiler_window_and_resume(monkeypatch, tmp_path):
+    import jax
+
+    from genmask_jax.train.hooks import StepProfiler
+
+    calls = []
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda log_dir: calls.append(("start", log_dir)))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append(("stop",)))
+
+    def run(start, end, **kw):
+        calls.clear()
+        profiler = StepProfiler(tmp_path, **kw)
+        for step in range(start, end):
+            profiler.before_step(step)
+            calls.append(step)
+            profiler.after_step(step + 1, None)
+        profiler.stop()  # what close() does: a no-op unless a trace still runs
+        return calls
+
+    start = ("start", str(tmp_path))
+    assert run(0, 8, first_step=3, num_steps=2, enabled=True) == [0, 1, 2, start, 3, 4, ("stop",), 5, 6, 7]
+    # resumed inside the window: the trace covers what is left of it
+    assert run(4, 8, first_step=3, num_steps=2, enabled=True) == [start, 4, ("stop",), 5, 6, 7]
+    # training ends inside the window: close() stops the trace
+    assert run(0, 4, first_step=3, num_steps=5, enabled=True) == [0, 1, 2, start, 3, ("stop",)]
+    assert run(0, 8, first_step=3, num_steps=2, enabled=False) == list(range(8))  # not process 0
+    assert run(0, 8, first_step=3, num_steps=0, enabled=True) == list(range(8))
+
+
 def test_metrics_logger_rates_mfu_and_tensorboard(tmp_path):
     import jax
 
@@ -212,7 +241,7 @@ def test_metrics_logger_rates_mfu_and_tensorboard(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny model trained for 3 steps through the CLI."""
+    """A tiny model trained for 3 steps through the CLI, the second one profiled."""
     workdir = tmp_path_factory.mktemp("run")
     result = cli(
         "genmask_jax.train",
@@ -222,6 +251,8 @@ def trained(tmp_path_factory):
         "--config.checkpoint.every_steps=3",
         "--config.log_every=1",
         "--config.data.shapes.test_size=6",
+        "--config.profile.first_step=1",
+        "--config.profile.num_steps=1",
     )
     assert_ok(result)
     assert "Traceback" not in result.stderr
@@ -233,6 +264,9 @@ def test_end_to_end(trained, files, tmp_path):
     assert (trained / "checkpoints" / "3" / "state").exists()
     logged = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in logged)
+    assert all(m["model_tflops_per_device"] > 0 for m in logged[1:])
+    traces = list((trained / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0  # the step profiled (config.profile)
 
     result = cli(
         "genmask_jax.evaluate", f"--checkpoint={trained}", "--split=synthetic:test", "--batch_size=4"

@@ -4,6 +4,7 @@ preemption.
     hooks = TrainHooks(config, model, workdir, mesh, rules, start_step=start)
     for step in ...:
         ...
+        hooks.before_step(step)                   # starts the profiler trace when due
         hooks.log(done, metrics)                  # when metrics are fetched
         if hooks.after_step(done, state):         # quick eval / samples when due; True on SIGTERM
             save a checkpoint at `done` (unless just saved) and break
@@ -16,6 +17,9 @@ preemption.
   (gIoU / cIoU at the model resolution, a panel image | prediction | ground truth per example); every
   `config.sample_every` steps generates images for fixed captions. Panels go to TensorBoard and to
   `<workdir>/samples/step_<N>_{segmentation,generation}.png`.
+- `StepProfiler`: with `config.profile.num_steps` > 0, a `jax.profiler` trace of that many steps from
+  `config.profile.first_step` (after compilation and warm-up), on process 0, into
+  `<workdir>/tensorboard/plugins/profile/` (TensorBoard's profile tab, XProf, Perfetto).
 - `Preemption`: SIGTERM sets a flag (single process); with several processes JAX's preemption sync
   point makes every process stop at the same step. The loop then saves and returns.
 """
@@ -129,6 +133,34 @@ def format_seconds(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+class StepProfiler:
+    """A `jax.profiler` trace of steps `first_step .. first_step + num_steps - 1` (0-based step indices;
+    on resume, from the first step run at or after `first_step`)."""
+
+    def __init__(self, log_dir: str | epath.Path, first_step: int, num_steps: int, enabled: bool):
+        self.log_dir, self.first_step, self.num_steps = str(log_dir), first_step, num_steps
+        self.enabled = enabled and num_steps > 0
+        self.stop_at = None  # the `done` count at which the running trace stops
+
+    def before_step(self, step: int) -> None:
+        end = self.first_step + self.num_steps
+        if self.enabled and self.stop_at is None and self.first_step <= step < end:
+            jax.profiler.start_trace(self.log_dir)
+            self.stop_at = end
+            log.info("profiling steps %d-%d into %s", step + 1, self.stop_at, self.log_dir)
+
+    def after_step(self, done: int, state: Any) -> None:
+        if self.stop_at is not None and done >= self.stop_at:
+            jax.block_until_ready(state)  # the traced steps' device work, not just their dispatch
+            self.stop()
+
+    def stop(self) -> None:
+        if self.stop_at is not None:
+            jax.profiler.stop_trace()
+            self.stop_at, self.enabled = None, False
+            log.info("profile written to %s (open with TensorBoard's profile tab or XProf)", self.log_dir)
 
 
 class Preemption:
@@ -350,7 +382,8 @@ class TrainHooks:
     """Everything the loop calls: `log`, `after_step` (True = stop now), `close`.
 
     Config fields read (all optional): `log_every` (the loop's), `eval_every` and `sample_every`
-    (0 = never), `quick_eval.{num_examples, split, gen_steps, guidance_scale}`.
+    (0 = never), `quick_eval.{num_examples, split, gen_steps, guidance_scale}`,
+    `profile.{first_step, num_steps}` (num_steps 0 = never).
     """
 
     def __init__(
@@ -367,6 +400,17 @@ class TrainHooks:
         if self.eval_every or self.sample_every:
             self.quick_eval = QuickEval(config, model, mesh, rules, workdir, self.logger, **quick)
         self.preemption = Preemption() if install_signals else None
+        profile = config.get("profile", None) or {}
+        self.profiler = StepProfiler(
+            epath.Path(workdir) / "tensorboard",
+            int(profile.get("first_step", 0)),
+            int(profile.get("num_steps", 0)),
+            enabled=jax.process_index() == 0,
+        )
+
+    def before_step(self, step: int) -> None:
+        """Called before step `step` (0-based) runs."""
+        self.profiler.before_step(step)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> dict[str, float]:
         return self.logger(step, metrics)
@@ -374,6 +418,7 @@ class TrainHooks:
     def after_step(self, step: int, state: Any) -> bool:
         """Runs the periodic evaluations that are due at `step`; True if training must stop now."""
         start = time.perf_counter()
+        self.profiler.after_step(step, state)
         try:
             if self.eval_every and step % self.eval_every == 0:
                 self.quick_eval.segmentation(step, state)
@@ -385,6 +430,7 @@ class TrainHooks:
         return self.preemption is not None and self.preemption.should_stop(step)
 
     def close(self) -> None:
+        self.profiler.stop()
         if self.preemption is not None:
             self.preemption.close()
         self.logger.close()

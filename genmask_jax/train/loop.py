@@ -235,7 +235,9 @@ def train(
         batch = global_batch(next(data_iterator), mesh, rules)
         if step == start:
             hooks.logger.set_model_flops(train_step_model_flops(model, batch), mesh.devices.flat)
-        state, metrics = step_fn(state, batch, step_rng)
+        hooks.before_step(step)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = step_fn(state, batch, step_rng)
         done = step + 1
         save = done % config.checkpoint.every_steps == 0 or done == end
         if save or done % config.log_every == 0 or done == start + 1:

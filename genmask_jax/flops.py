@@ -36,6 +36,7 @@ CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v6lite": "v6e
 # Dense bf16 peak per GPU, from NVIDIA's data sheets (no sparsity).
 GPU_PEAK_BF16_FLOPS = {
     "H100 PCIe": 756e12,
+    "H100 NVL": 835.5e12,
     "H100": 989.4e12,  # SXM
     "H200": 989.4e12,
     "A100": 312e12,

@@ -1,10 +1,10 @@
-"""Training hooks that `train.loop` calls in a few lines: logging, quick evaluation with samples, and
-preemption.
+"""Training hooks that `train.loop` calls in a few lines: logging, quick evaluation with samples,
+profiling and preemption.
 
     hooks = TrainHooks(config, model, workdir, mesh, rules, start_step=start)
     for step in ...:
         ...
-        hooks.before_step(step)                   # starts the profiler trace when due
+        hooks.before_step(step, batch)            # FLOPs for the MFU; starts the profiler trace when due
         hooks.log(done, metrics)                  # when metrics are fetched
         if hooks.after_step(done, state):         # quick eval / samples when due; True on SIGTERM
             save a checkpoint at `done` (unless just saved) and break
@@ -37,7 +37,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from genmask_jax.flops import devices_per_chip, peak_bf16_flops
+from genmask_jax.flops import devices_per_chip, peak_bf16_flops, train_step_model_flops
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ class TrainHooks:
     def __init__(
         self, config, model, workdir, mesh, rules, start_step: int = 0, install_signals: bool = True
     ):
-        self.config = config
+        self.config, self.model, self.devices = config, model, list(mesh.devices.flat)
         batch = config.get("batch", {})
         examples = sum(int(batch.get(k, 0)) for k in TASK_BATCH_KEYS)
         self.logger = MetricsLogger(workdir, int(config.total_steps), examples, start_step)
@@ -408,8 +408,10 @@ class TrainHooks:
             enabled=jax.process_index() == 0,
         )
 
-    def before_step(self, step: int) -> None:
-        """Called before step `step` (0-based) runs."""
+    def before_step(self, step: int, batch: Mapping[str, Any]) -> None:
+        """Called before step `step` (0-based) runs on `batch` (the global batch)."""
+        if not self.logger.flops_per_device_step:
+            self.logger.set_model_flops(train_step_model_flops(self.model, batch), self.devices)
         self.profiler.before_step(step)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> dict[str, float]:

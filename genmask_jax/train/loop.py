@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from genmask_jax.flops import train_step_model_flops
 from genmask_jax.infer.checkpoint import resolve as resolve_checkpoint
 from genmask_jax.models.build import abstract_frozen, build_model, dit_initializer, frozen_vae
 from genmask_jax.models.dit import DiTConfig
@@ -233,9 +232,7 @@ def train(
     end = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
     for step in range(start, end):
         batch = global_batch(next(data_iterator), mesh, rules)
-        if step == start:
-            hooks.logger.set_model_flops(train_step_model_flops(model, batch), mesh.devices.flat)
-        hooks.before_step(step)
+        hooks.before_step(step, batch)  # FLOPs for the MFU; starts the profiler trace when due
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state, metrics = step_fn(state, batch, step_rng)
         done = step + 1

@@ -69,8 +69,10 @@ def _check_no_repeated_keys(files: list[Path]) -> None:
 _FP8_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, array) one tensor at a time; bf16 and fp8 come back as ml_dtypes arrays."""
+def iter_safetensors(files: list[Path], select: Callable[[str], bool] | None = None
+                     ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (key, array) one tensor at a time (only keys where `select(key)`, if given); bf16 and
+    fp8 come back as ml_dtypes arrays."""
     from safetensors import SafetensorError, safe_open
 
     for file in files:
@@ -81,6 +83,8 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
         with handle as f:
             header = None
             for key in f.keys():
+                if select is not None and not select(key):
+                    continue
                 try:
                     dtype = f.get_slice(key).get_dtype()
                     if dtype not in _FP8_DTYPES:
@@ -111,19 +115,46 @@ def _read_fp8(file: Path, header: tuple[int, dict], key: str) -> np.ndarray:
     return data.view(getattr(ml_dtypes, _FP8_DTYPES[entry["dtype"]])).reshape(entry["shape"])
 
 
-def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Key -> shape from the headers alone (nothing is read)."""
+# safetensors' dtype names -> numpy / ml_dtypes names, as `tensor_entries` reports them.
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                       "BOOL": "bool", **_FP8_DTYPES}
+
+
+def safetensors_entries(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Key -> (shape, dtype name) from the headers alone (nothing is read)."""
     from safetensors import SafetensorError, safe_open
 
-    shapes = {}
+    entries = {}
     for file in files:
         try:
             with safe_open(str(file), framework="numpy") as f:
                 for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
+                    info = f.get_slice(key)
+                    entries[key] = (tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype(),
+                                                                                     info.get_dtype()))
         except (SafetensorError, OSError) as e:
             raise ConversionError(f"{file}: not a readable safetensors file ({e})") from e
-    return shapes
+    return entries
+
+
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape from the headers alone (nothing is read)."""
+    return {key: shape for key, (shape, _) in safetensors_entries(files).items()}
+
+
+def safetensors_metadata(files: list[Path]) -> dict[str, str]:
+    """The string metadata of the files' headers (`__metadata__`), merged."""
+    from safetensors import SafetensorError, safe_open
+
+    metadata = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                metadata.update(f.metadata() or {})
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(f"{file}: not a readable safetensors file ({e})") from e
+    return metadata
 
 
 def torch_to_numpy(tensor) -> np.ndarray:
@@ -142,8 +173,10 @@ def torch_to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def iter_torch_file(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, array) from a `.pth`/`.pt`/`.bin` state dict (memory-mapped, weights only)."""
+def iter_torch_file(path: str | os.PathLike, select: Callable[[str], bool] | None = None
+                    ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (key, array) from a `.pth`/`.pt`/`.bin` state dict (memory-mapped, weights only), only
+    keys where `select(key)` if given."""
     try:
         import torch
     except ImportError as e:
@@ -160,15 +193,30 @@ def iter_torch_file(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]
     if not isinstance(state, Mapping):
         raise ConversionError(f"{path}: expected a state dict, found {type(state).__name__}")
     for key in list(state.keys()):
-        yield key, torch_to_numpy(state[key])
+        if select is None or select(key):
+            yield key, torch_to_numpy(state[key])
 
 
-def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Streams tensors from safetensors (file or folder) or a torch file."""
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def iter_checkpoint(path: str | os.PathLike, select: Callable[[str], bool] | None = None
+                    ) -> Iterator[tuple[str, np.ndarray]]:
+    """Streams tensors from safetensors (file or folder) or a torch file; only keys where
+    `select(key)`, if given."""
     path = Path(path)
-    if path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        return iter_torch_file(path)
-    return iter_safetensors(safetensors_files(path))
+    if path.is_file() and path.suffix in TORCH_SUFFIXES:
+        return iter_torch_file(path, select)
+    return iter_safetensors(safetensors_files(path), select)
+
+
+def tensor_entries(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Key -> (shape, dtype name, e.g. 'bfloat16' or 'float8_e4m3fn') of a checkpoint's tensors:
+    from the headers for safetensors; a torch file is memory-mapped and its tensors' metadata read."""
+    path = Path(path)
+    if path.is_file() and path.suffix in TORCH_SUFFIXES:
+        return {k: (tuple(v.shape), v.dtype.name) for k, v in iter_torch_file(path)}
+    return safetensors_entries(safetensors_files(path))
 
 
 def check_keys(found: set[str], expected: set[str], what: str) -> None:

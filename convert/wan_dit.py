@@ -5,7 +5,8 @@
 
 SRC is a diffusers `transformer/` folder (or the pipeline folder above it), an original-layout folder,
 or a single `.safetensors` / `.pth` file (keys optionally prefixed `model.diffusion_model.`), in fp32,
-bf16 or plain fp8 (upcast to --param-dtype; scaled-fp8 repackagings are refused). The config
+bf16 or fp8, upcast to --param-dtype. Scaled-fp8 repackagings (ComfyUI's `scaled_fp8` files and its
+per-layer `comfy_quant` ones) are dequantised: an fp8 weight times its per-tensor scale. The config
 is inferred from the tensor shapes; the head count comes from a `config.json` next to the weights,
 `--num-heads`, or head_dim 128 (true of every released WAN 2.1 model). DST gets `params/` (orbax) and
 `config.json`, written atomically after every check passed. `export_diffusers` writes our params back
@@ -30,8 +31,13 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PREFIX = "model.diffusion_model."
 IMAGE_BRANCH = ("img_emb", "k_img", "v_img", "norm_k_img", "image_embedder", "add_k_proj", "add_v_proj",
                 "norm_added_k", "norm_added_q")
-# Scaled-fp8 repackagings (ComfyUI) store each weight divided by a scale kept under one of these keys.
-SCALE_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant")
+# Scaled-fp8 repackagings (ComfyUI) store a linear weight W as fp8(W / s) beside its per-tensor scale s
+# under one of these names, so W = fp8 * s. Their activation scales (used only by fp8 matmuls), per-layer
+# format tags and the file's format marker are read past.
+WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+QUANT_TAG_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+QUANT_MARKER = "scaled_fp8"
+FP8 = ("float8_e4m3fn", "float8_e5m2")
 _BLOCK = re.compile(r"^blocks_(\d+)$")
 
 
@@ -111,9 +117,9 @@ class Source:
 
     path: Path
     layout: str
-    shapes: dict[str, tuple[int, ...]]  # keys without PREFIX
-    prefixed: bool
+    shapes: dict[str, tuple[int, ...]]  # the model's tensors; keys without PREFIX
     json_config: dict[str, Any]
+    scales: dict[str, str] = dataclasses.field(default_factory=dict)  # fp8 weight key -> its scale's key
 
 
 def _weights_location(path: Path) -> Path:
@@ -123,10 +129,30 @@ def _weights_location(path: Path) -> Path:
     return path
 
 
-def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    if path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        return {k: tuple(v.shape) for k, v in io.iter_torch_file(path)}
-    return io.safetensors_shapes(io.safetensors_files(path))
+def weight_scales(path: Path, entries: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, str]:
+    """fp8 weight key -> its scale's key in a scaled-fp8 repackaging (`entries`: key -> (shape, dtype)).
+
+    Only an fp8 weight with one scale for the whole tensor is dequantised; other quantisations (int8,
+    packed nvfp4, block-wise or per-channel scales) are refused, listed, rather than guessed at.
+    """
+    scales, problems = {}, []
+    for key, (scale_shape, _) in sorted(entries.items()):
+        suffix = next((s for s in WEIGHT_SCALE_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        weight = key.removesuffix(suffix) + ".weight"
+        if weight not in entries:
+            problems.append(f"{key} scales no {weight}")
+        elif entries[weight][1] not in FP8:
+            problems.append(f"{weight} is {entries[weight][1]}")
+        elif math.prod(scale_shape) != 1:
+            problems.append(f"{key} has shape {scale_shape}")
+        else:
+            scales[weight] = key
+    if problems:
+        raise ConversionError(f"{path}: quantised weights that are not fp8 with one scale per tensor, the "
+                              f"only form converted ({len(problems)}): {'; '.join(problems)}")
+    return scales
 
 
 def _json_config(path: Path) -> dict[str, Any]:
@@ -157,23 +183,19 @@ def open_source(path: str | Path, layout: str = "auto") -> Source:
     path = _weights_location(Path(path))
     if not path.exists():
         raise ConversionError(f"{path}: no such file or folder")
-    raw = _tensor_shapes(path)
-    prefixed = any(k.startswith(PREFIX) for k in raw)
-    shapes = {k.removeprefix(PREFIX): v for k, v in raw.items()}
+    entries = {k.removeprefix(PREFIX): v for k, v in io.tensor_entries(path).items()}
+    scales = weight_scales(path, entries)
+    shapes = {k: shape for k, (shape, _) in entries.items() if k not in scales.values()
+              and k != QUANT_MARKER and not k.endswith(QUANT_TAG_SUFFIXES)}
     image = sorted(k for k in shapes if any(f".{p}." in f".{k}" for p in IMAGE_BRANCH))
     json_config = _json_config(path)
     if image or json_config.get("image_dim") or json_config.get("added_kv_proj_dim"):
         shown = ", ".join(image[:4]) or "config.json image_dim / added_kv_proj_dim"
         raise ConversionError(f"{path}: this is an image-to-video (I2V) checkpoint ({shown}, ...); "
                               "its image branch is not supported, convert a text-to-video DiT")
-    scales = sorted(k for k in shapes if k == "scaled_fp8" or k.endswith(SCALE_SUFFIXES))
-    if scales:
-        raise ConversionError(f"{path}: this is a scaled-fp8 checkpoint ({', '.join(scales[:3])}, ...): its "
-                              "weights only make sense times their scales, which this converter does not "
-                              "apply; convert the fp32, bf16 or plain fp8 release")
     if layout == "auto":
         layout = detect_layout(set(shapes))
-    return Source(path, layout, shapes, prefixed, json_config)
+    return Source(path, layout, shapes, json_config, scales)
 
 
 def _source_key(key: str, layout: str) -> str:
@@ -251,12 +273,19 @@ def convert(source: Source, config, skip: set[str] = frozenset()) -> dict:
                      if tuple(source.shapes[key]) != _torch_shape(p, flax_shapes[p])],
                     f"{source.path}")
     dtype = np.dtype(config.param_dtype)
+    scale_keys = set(source.scales.values())
+    scale_values = io.iter_checkpoint(source.path, lambda k: k.removeprefix(PREFIX) in scale_keys)
+    scales = {key.removeprefix(PREFIX): value.astype(np.float32).reshape(()) for key, value in scale_values}
     flat: dict[str, np.ndarray] = {}
-    for key, value in io.iter_checkpoint(source.path):
-        path = by_source[key.removeprefix(PREFIX)]
+    for key, value in io.iter_checkpoint(source.path, lambda k: k.removeprefix(PREFIX) in by_source):
+        key = key.removeprefix(PREFIX)
+        path = by_source[key]
         if path in skip:
             continue
-        value = to_flax(path, np.asarray(value)).astype(dtype)
+        value = np.asarray(value)
+        if key in source.scales:  # W = fp8 * s, in float32 (exact for the fp8 factor)
+            value = value.astype(np.float32) * scales[source.scales[key]]
+        value = to_flax(path, value).astype(dtype)
         if not config.scan_layers:
             flat[path] = value
             continue

@@ -153,6 +153,62 @@ def test_low_precision_original_file_converts_to_fp32(original_reference, tmp_pa
                                   low["head.modulation"].astype(np.float32))
 
 
+def scaled_fp8_state(state: dict[str, np.ndarray], form: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """A ComfyUI-style scaled-fp8 repackaging of `state` and the weights it stands for.
+
+    Each block's linear weight W is stored as q = fp8_e4m3(W / s) with s = max|W| / 448 (ComfyUI's
+    QUANTIZATION.md), beside s; it stands for q * s. The rest is bf16, as in those files. `form`:
+    'scaled_fp8' (the file-wide marker, `.scale_weight`, `.scale_input`) or 'comfy_quant' (per-layer
+    JSON tags, `.weight_scale`, `.input_scale`).
+    """
+    import ml_dtypes
+
+    packed, stands_for = {}, {}
+    for key, value in state.items():
+        if not (key.startswith("blocks.") and key.endswith(".weight") and value.ndim == 2):
+            packed[key] = value.astype(ml_dtypes.bfloat16)
+            stands_for[key] = packed[key].astype(np.float32)
+            continue
+        layer = key.removesuffix(".weight")
+        scale = np.float32(np.abs(value).max() / 448)
+        packed[key] = (value / scale).astype(ml_dtypes.float8_e4m3fn)
+        stands_for[key] = packed[key].astype(np.float32) * scale
+        if form == "scaled_fp8":
+            packed[f"{layer}.scale_weight"] = np.array([scale], np.float32)
+            packed[f"{layer}.scale_input"] = np.ones((), np.float32)
+        else:
+            packed[f"{layer}.weight_scale"] = np.array(scale, np.float32)
+            packed[f"{layer}.input_scale"] = np.ones((), np.float32)
+            packed[f"{layer}.comfy_quant"] = np.frombuffer(b'{"format": "float8_e4m3fn"}', np.uint8).copy()
+    if form == "scaled_fp8":
+        packed["scaled_fp8"] = np.zeros((0,), ml_dtypes.float8_e4m3fn)
+    return packed, stands_for
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("form,prefix", [("scaled_fp8", ""), ("comfy_quant", wan_dit.PREFIX)])
+def test_scaled_fp8_repackaging_is_dequantised(tmp_path, form, prefix):
+    """Each fp8 weight comes out as fp8 * its scale, exactly, and the model matches diffusers loaded
+    with those weights through diffusers' own original->diffusers conversion."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    packed, stands_for = scaled_fp8_state(original_state_dict(seed=3), form)
+    src = save_safetensors({prefix + k: v for k, v in packed.items()}, tmp_path / f"wan_{form}.safetensors")
+    config, params = wan_dit.load(src, num_heads=2)
+    for i, (attn, proj) in enumerate([("attn1", "to_q"), ("attn2", "to_out")]):
+        name = {"attn1": "self_attn", "attn2": "cross_attn"}[attn] + "." + {"to_q": "q", "to_out": "o"}[proj]
+        np.testing.assert_array_equal(params[f"blocks_{i}"][attn][proj]["kernel"],
+                                      stands_for[f"blocks.{i}.{name}.weight"].T)
+    np.testing.assert_array_equal(params["blocks_1"]["ffn"]["proj_in"]["kernel"],
+                                  stands_for["blocks.1.ffn.0.weight"].T)
+    model = diffusers.WanTransformer3DModel(**TINY).eval()
+    model.load_state_dict(convert_wan_transformer_to_diffusers(
+        {wan_dit.PREFIX + k: torch.from_numpy(v) for k, v in stands_for.items()}), strict=True)
+    assert_same_outputs(model, config, params)
+
+
 @pytest.mark.torch
 def test_diffusers_pipeline_folder_and_cli(diffusers_folder, tmp_path):
     model, path = diffusers_folder
@@ -342,14 +398,15 @@ def _broken(tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
         state["img_emb.proj.0.weight"] = np.zeros((1280,), np.float32)
         save_safetensors(state, src)
         return src, ["image-to-video", "not supported"]
-    if kind == "scaled_fp8":
-        import ml_dtypes
-
-        state = {k: v.astype(ml_dtypes.float8_e4m3fn) for k, v in state.items()}
-        state["scaled_fp8"] = np.zeros((0,), ml_dtypes.float8_e4m3fn)
-        state["blocks.0.ffn.0.scale_weight"] = np.ones((1,), np.float32)
-        save_safetensors(state, src)
-        return src, ["scaled-fp8", "blocks.0.ffn.0.scale_weight", "not apply"]
+    if kind == "unsupported_quantisation":  # int8, a per-channel scale, a scale of nothing
+        packed, _ = scaled_fp8_state(state, "comfy_quant")
+        packed["blocks.0.ffn.0.weight"] = np.zeros((FFN, DIM), np.int8)
+        packed["blocks.1.ffn.2.weight_scale"] = np.ones((DIM, 1), np.float32)
+        packed["blocks.1.ffn.1.weight_scale"] = np.ones((), np.float32)
+        save_safetensors(packed, src)
+        return src, ["not fp8 with one scale per tensor", "(3)", "blocks.0.ffn.0.weight is int8",
+                     f"blocks.1.ffn.2.weight_scale has shape ({DIM}, 1)",
+                     "blocks.1.ffn.1.weight_scale scales no blocks.1.ffn.1.weight"]
     if kind == "two_copies":  # a diffusers-style folder holding an fp16 variant beside the weights
         folder = tmp_path / "transformer"
         folder.mkdir()
@@ -362,7 +419,7 @@ def _broken(tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
 
 
 BAD = ["missing_path", "unknown_layout", "truncated_safetensors", "truncated_pth",
-       "missing_and_unexpected_keys", "shape_mismatch", "i2v", "scaled_fp8",
+       "missing_and_unexpected_keys", "shape_mismatch", "i2v", "unsupported_quantisation",
        "two_copies"]
 
 

@@ -143,20 +143,6 @@ def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return {key: shape for key, (shape, _) in safetensors_entries(files).items()}
 
 
-def safetensors_metadata(files: list[Path]) -> dict[str, str]:
-    """The string metadata of the files' headers (`__metadata__`), merged."""
-    from safetensors import SafetensorError, safe_open
-
-    metadata = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="numpy") as f:
-                metadata.update(f.metadata() or {})
-        except (SafetensorError, OSError) as e:
-            raise ConversionError(f"{file}: not a readable safetensors file ({e})") from e
-    return metadata
-
-
 def torch_to_numpy(tensor) -> np.ndarray:
     """A CPU torch tensor as numpy, keeping bf16 and fp8 (via ml_dtypes) instead of upcasting."""
     import ml_dtypes

@@ -273,9 +273,12 @@ def convert(source: Source, config, skip: set[str] = frozenset()) -> dict:
                      if tuple(source.shapes[key]) != _torch_shape(p, flax_shapes[p])],
                     f"{source.path}")
     dtype = np.dtype(config.param_dtype)
-    scale_keys = set(source.scales.values())
-    scale_values = io.iter_checkpoint(source.path, lambda k: k.removeprefix(PREFIX) in scale_keys)
-    scales = {key.removeprefix(PREFIX): value.astype(np.float32).reshape(()) for key, value in scale_values}
+    scales = {}
+    if source.scales:  # a pass over the scales alone, before the weights that need them stream
+        scale_keys = set(source.scales.values())
+        scale_values = io.iter_checkpoint(source.path, lambda k: k.removeprefix(PREFIX) in scale_keys)
+        scales = {key.removeprefix(PREFIX): value.astype(np.float32).reshape(())
+                  for key, value in scale_values}
     flat: dict[str, np.ndarray] = {}
     for key, value in io.iter_checkpoint(source.path, lambda k: k.removeprefix(PREFIX) in by_source):
         key = key.removeprefix(PREFIX)

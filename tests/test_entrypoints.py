@@ -321,8 +321,10 @@ def test_end_to_end(trained, files, tmp_path):
         "--steps=2",
         "--cfg=3",
         "--seed=1",
+        "--sampler=unipc",
     )
     assert_ok(result)
+    assert "2 unipc steps" in result.stdout
     assert np.asarray(Image.open(image_out)).shape == (32, 32, 3)
 
     import jax

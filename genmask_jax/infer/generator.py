@@ -1,7 +1,7 @@
 """Text-to-image with a trained GenMask (the same DiT keeps generating colour images).
 
-Euler over WAN's shifted schedule with classifier-free guidance against the null context
-(`GenMask.generate`); the prompt alone conditions the image (no input image).
+Euler or UniPC (`diffusion.flow.SAMPLERS`) over WAN's shifted schedule with classifier-free guidance
+against the null context (`GenMask.generate`); the prompt alone conditions the image (no input image).
 """
 
 from collections.abc import Sequence
@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from genmask_jax.diffusion import flow
 from genmask_jax.encoders import make_encoder
 from genmask_jax.infer.checkpoint import LoadedModel
 from genmask_jax.infer.images import to_uint8
@@ -34,8 +35,8 @@ class Generator:
             self._encoder = make_encoder(self.loaded.config.data.encoder)
         return self._encoder
 
-    def _function(self, image_hw, num_steps, guidance_scale, shift):
-        key = (tuple(image_hw), num_steps, float(guidance_scale), float(shift))
+    def _function(self, image_hw, num_steps, guidance_scale, shift, sampler):
+        key = (tuple(image_hw), num_steps, float(guidance_scale), float(shift), sampler)
         if key not in self._compiled:
             fn = partial(
                 self.loaded.model.generate,
@@ -43,6 +44,7 @@ class Generator:
                 num_steps=num_steps,
                 guidance_scale=key[2],
                 shift=key[3],
+                sampler=sampler,
             )
             self._compiled[key] = jax.jit(fn)
         return self._compiled[key]
@@ -55,12 +57,15 @@ class Generator:
         seed: int = 0,
         shift: float = 3.0,
         image_hw: tuple[int, int] | None = None,
+        sampler: str = "euler",
     ) -> np.ndarray:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if sampler not in flow.SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(flow.SAMPLERS)}, got {sampler!r}")
         image_hw = tuple(image_hw or self.loaded.resolution)
         context, context_mask = self.encoder.encode(None, list(prompts))
-        fn = self._function(image_hw, num_steps, guidance_scale, shift)
+        fn = self._function(image_hw, num_steps, guidance_scale, shift, sampler)
         loaded = self.loaded
         with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(loaded.rules):
             rgb = fn(loaded.dit_params, loaded.vae_params, context, context_mask, jax.random.key(seed))

@@ -203,8 +203,9 @@ class GenMask:
         num_steps: int = 50,
         guidance_scale: float = 5.0,
         shift: float = 3.0,
+        sampler: str = "euler",
     ) -> jax.Array:
-        """Text-to-image latents `(B, 1, h, w, z)` by Euler over the shifted schedule with CFG."""
+        """Text-to-image latents `(B, 1, h, w, z)` with CFG; `sampler` names one of `flow.SAMPLERS`."""
         shape = (context.shape[0], 1, *latent_hw, self.z_dim)
         noise = jax.random.normal(rng, shape, jnp.float32)
         null_context, null_mask = null_text(context, context_mask)
@@ -212,7 +213,7 @@ class GenMask:
         velocity = flow.cfg_velocity_fn(
             model_fn, context, context_mask, null_context, null_mask, guidance_scale
         )
-        return flow.euler_sample(velocity, noise, num_steps, shift)
+        return flow.SAMPLERS[sampler](velocity, noise, num_steps, shift)
 
     def generate(
         self,
@@ -225,11 +226,12 @@ class GenMask:
         num_steps: int = 50,
         guidance_scale: float = 5.0,
         shift: float = 3.0,
+        sampler: str = "euler",
     ) -> jax.Array:
         """Text-to-image: RGB `(B, H, W, 3)` in [-1, 1]."""
         hw = (image_hw[0] // self.downsample, image_hw[1] // self.downsample)
         latents = self.generate_latents(
-            dit_params, context, context_mask, rng, hw, num_steps, guidance_scale, shift
+            dit_params, context, context_mask, rng, hw, num_steps, guidance_scale, shift, sampler
         )
         return self.decode(vae_params, latents)
 

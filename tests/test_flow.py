@@ -71,6 +71,7 @@ def _field(x, t, np_like):
     return np_like.tanh(1.5 * x) * (0.5 + t) - 0.8 * x + np_like.sin(7.0 * t)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("num_steps,shift", [(1, 1.0), (2, 3.0), (3, 1.0), (8, 3.0), (25, 5.0)])
 def test_unipc_matches_diffusers_wan_scheduler(num_steps, shift):
     # diffusers' UniPCMultistepScheduler as WanPipeline builds it (its docs: "By default, Wan uses

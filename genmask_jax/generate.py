@@ -49,6 +49,7 @@ def main() -> None:
     for i, p in enumerate(prompts):
         cli.require(bool(p), f"prompt {i + 1} is empty; describe the image to generate")
     cli.require(_STEPS.value >= 1, f"--steps must be >= 1, got {_STEPS.value}")
+    cli.require(_SHIFT.value > 0, f"--shift must be > 0, got {_SHIFT.value}")
     size = parse_size(_SIZE.value)
     checkpoint.resolve(_CHECKPOINT.value)
     loaded = checkpoint.load(_CHECKPOINT.value, _CONFIG.value, use_ema=_EMA.value)

@@ -75,6 +75,7 @@ BAD_INPUT = [
     ("genmask_jax.generate", ["--checkpoint={root}/nothing", "--prompt=a"], "does not exist"),
     ("genmask_jax.generate", ["--checkpoint={root}/empty_dir", "--prompt=a"], "no checkpoint steps"),
     ("genmask_jax.generate", ["--checkpoint={root}", "--prompt=   "], "prompt 1 is empty"),
+    ("genmask_jax.generate", ["--checkpoint={root}", "--prompt=a", "--shift=0"], "--shift must be > 0"),
 ]
 
 

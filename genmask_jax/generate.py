@@ -4,7 +4,8 @@
         --out=img.png --steps=50 --cfg=5 --seed=0 [--sampler=unipc]
 
 `--sampler=unipc` is WAN 2.1's own sampler (diffusers' `WanPipeline` default, there with shift 3 and 50
-steps): second order for one model call a step, so it needs fewer steps than Euler for the same image.
+steps): a second-order multistep method at one model call a step, as Euler (the two compared on the demo's
+model in BENCHMARKS.md).
 
 Several --prompt give several images (`{i}` in --out, else `_<i>` before the extension).
 """

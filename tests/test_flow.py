@@ -76,8 +76,9 @@ def _field(x, t, np_like):
 def test_unipc_matches_diffusers_wan_scheduler(num_steps, shift):
     # diffusers' UniPCMultistepScheduler as WanPipeline builds it (its docs: "By default, Wan uses
     # UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)"),
-    # driven by its own loop with the integer timesteps it hands the model. Both sides are float32; the
-    # weights here are float64 from the same float32 levels, so 1e-5 is a few float32 ulps over 25 steps.
+    # driven by its own loop with the integer timesteps it hands the model. Both sides are float32; our
+    # weights are float64 from the same float32 levels. Measured max |diff| 1.7e-6 on values up to 3.6
+    # after 25 steps (float32 rounding of the two orders of operations); 1e-5 leaves a 6x margin.
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.UniPCMultistepScheduler(

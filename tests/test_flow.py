@@ -110,3 +110,9 @@ def test_unipc_converges_faster_than_euler():
     euler = [error(flow.euler_sample, n) for n in (10, 20, 40, 80)]
     assert all(u < e / 4 for u, e in zip(unipc, euler)), (unipc, euler)
     assert unipc[2] < unipc[1] / 3 and unipc[3] < unipc[2] / 3, unipc
+
+
+def test_unknown_sampler_is_a_clear_error():
+    assert flow.sampler("unipc") is flow.unipc_sample
+    with pytest.raises(ValueError, match="unknown sampler 'heun': use one of euler, unipc"):
+        flow.sampler("heun")

@@ -185,6 +185,13 @@ def unipc_sample(velocity_fn: VelocityFn, noise: jax.Array, num_steps: int, shif
 SAMPLERS = {"euler": euler_sample, "unipc": unipc_sample}
 
 
+def sampler(name: str) -> Callable[[VelocityFn, jax.Array, int, float], jax.Array]:
+    """The sampler called `name` (a key of `SAMPLERS`); a ValueError listing them otherwise."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
 def cfg_velocity_fn(
     model_fn: Callable[..., jax.Array],
     context: jax.Array,

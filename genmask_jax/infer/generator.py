@@ -61,8 +61,7 @@ class Generator:
     ) -> np.ndarray:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if sampler not in flow.SAMPLERS:
-            raise ValueError(f"sampler must be one of {sorted(flow.SAMPLERS)}, got {sampler!r}")
+        flow.sampler(sampler)  # a bad name fails here, before the prompts are encoded
         image_hw = tuple(image_hw or self.loaded.resolution)
         context, context_mask = self.encoder.encode(None, list(prompts))
         fn = self._function(image_hw, num_steps, guidance_scale, shift, sampler)

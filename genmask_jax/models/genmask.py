@@ -206,6 +206,7 @@ class GenMask:
         sampler: str = "euler",
     ) -> jax.Array:
         """Text-to-image latents `(B, 1, h, w, z)` with CFG; `sampler` names one of `flow.SAMPLERS`."""
+        sample = flow.sampler(sampler)
         shape = (context.shape[0], 1, *latent_hw, self.z_dim)
         noise = jax.random.normal(rng, shape, jnp.float32)
         null_context, null_mask = null_text(context, context_mask)
@@ -213,7 +214,7 @@ class GenMask:
         velocity = flow.cfg_velocity_fn(
             model_fn, context, context_mask, null_context, null_mask, guidance_scale
         )
-        return flow.SAMPLERS[sampler](velocity, noise, num_steps, shift)
+        return sample(velocity, noise, num_steps, shift)
 
     def generate(
         self,

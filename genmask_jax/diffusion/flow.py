@@ -93,8 +93,7 @@ def unipc_schedule(num_steps: int, shift: float = 1.0) -> tuple[np.ndarray, np.n
     Returns:
       sigmas `(num_steps + 1,)` float32 from about 1 down to 0, and model times `(num_steps,)` in [0, 1).
     """
-    sigmas = np.linspace(1.0, 1.0 / TIMESTEP_SCALE, num_steps + 1)[:-1]
-    sigmas = shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+    sigmas = shift_timesteps(np.linspace(1.0, 1.0 / TIMESTEP_SCALE, num_steps + 1)[:-1], shift)  # float64
     if abs(sigmas[0] - 1.0) < 1e-6:
         sigmas[0] -= 1e-6
     times = np.trunc(sigmas * TIMESTEP_SCALE) / TIMESTEP_SCALE

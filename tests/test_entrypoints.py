@@ -97,6 +97,33 @@ def test_bad_input_is_one_line(files, module, args, message):
     assert not out.exists() and not (files / "w").exists()
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"num_steps": 0}, "num_steps must be >= 1"),
+        ({"shift": 0.0}, "shift must be > 0"),
+        ({"shift": float("nan")}, "shift must be > 0"),
+        ({"sampler": "heun"}, "unknown sampler 'heun'"),
+    ],
+)
+def test_generator_refuses_bad_settings_before_it_touches_the_model(kwargs, message):
+    from genmask_jax.infer.generator import Generator
+
+    # No model and no encoder: a check that came after encoding or compiling would fail differently.
+    with pytest.raises(ValueError, match=message):
+        Generator(loaded=None, encoder=None)(["a cat"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message", [({"num_steps": 0}, "num_steps must be >= 1"), ({"shift": -1.0}, "shift must be > 0")]
+)
+def test_segmenter_refuses_bad_settings(kwargs, message):
+    from genmask_jax.infer.segmenter import Segmenter
+
+    with pytest.raises(ValueError, match=message):
+        Segmenter(loaded=None, **kwargs)
+
+
 def test_checkpoint_of_a_run_on_precomputed_latents_needs_a_vae(tmp_path):
     from configs.genmask import get_config
     from genmask_jax.infer import checkpoint

@@ -61,6 +61,8 @@ class Generator:
     ) -> np.ndarray:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if not shift > 0:  # shift <= 0 turns the schedule into NaNs, not an error
+            raise ValueError(f"shift must be > 0, got {shift}")
         flow.sampler(sampler)  # a bad name fails here, before the prompts are encoded
         image_hw = tuple(image_hw or self.loaded.resolution)
         context, context_mask = self.encoder.encode(None, list(prompts))

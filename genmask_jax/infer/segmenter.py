@@ -113,6 +113,8 @@ class Segmenter:
     ):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if not shift > 0:  # shift <= 0 turns the multi-step schedule into NaNs, not an error
+            raise ValueError(f"shift must be > 0, got {shift}")
         self.loaded, self.num_steps, self._encoder = loaded, num_steps, encoder
         self.key = jax.random.key(seed)
         axes = batch_axes(loaded.rules)

@@ -1,8 +1,10 @@
-"""ReasonSeg (LISA layout) on a fake folder made here: ignore and flag shapes, largest-first painting."""
+"""ReasonSeg (LISA layout) on a fake folder made here: ignore and flag shapes, largest-first painting,
+EXIF-rotated JPEGs read as LISA reads them."""
 
 import json
 import logging
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -90,3 +92,28 @@ def test_through_the_pipelines(reasonseg_root, caplog):
     assert out["valid"].tolist() == [True, False]
     assert metas[0]["mask"].shape == (30, 40) and metas[0]["ignore"].sum() == 36
     assert out["ignore"][0].any()  # ignore region and the padding rows
+
+
+def test_exif_rotated_jpeg_is_read_as_displayed_like_lisa(tmp_path):
+    # Stored 40 wide x 30 high, tagged Orientation 6: displayed (and read by LISA's cv2.imread, and
+    # annotated in labelme) 30 wide x 40 high. The target lies below row 30, inside the displayed image
+    # only, so read in the stored layout it is `polygon_outside_image`.
+    stored = np.full((30, 40, 3), 40, np.uint8)
+    stored[:, :10] = 210
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    folder = tmp_path / "val"
+    folder.mkdir()
+    Image.fromarray(stored).save(folder / "phone.jpg", quality=95, exif=exif.tobytes())
+    shapes = [_rect("target", 2, 31, 12, 38), _rect("ignore", 20, 2, 25, 6)]
+    (folder / "phone.json").write_text(
+        json.dumps({"text": ["the thing"], "is_sentence": False, "shapes": shapes})
+    )
+    example = ReasonSeg(str(tmp_path), "val")[0]
+    assert example["image"].shape == (40, 30, 3) and example["mask"].shape == (40, 30)
+    lisa = cv2.cvtColor(cv2.imread(str(folder / "phone.jpg")), cv2.COLOR_BGR2RGB)
+    assert np.abs(example["image"].astype(int) - lisa).max() <= 8
+    expected_mask, expected_ignore = rasterise_shapes(shapes, 40, 30)
+    np.testing.assert_array_equal(example["mask"], expected_mask)
+    np.testing.assert_array_equal(example["ignore"], expected_ignore)
+    assert example["mask"][31:39, 2:13].all() and example["ignore"][2:7, 20:26].all()

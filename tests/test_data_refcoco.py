@@ -1,9 +1,12 @@
 """Our RefCOCO TFDS builder on fake REFER files made here: prepared and read without TensorFlow,
-one record per sentence, masks equal to pycocotools' rasterisation, counts check, skips."""
+one record per sentence, masks equal to pycocotools' rasterisation, counts check, skips, and training on
+a union with the val/test images of every listed set left out (`exclude_eval_images`)."""
 
+import io
 import json
 import logging
 import pickle
+import shutil
 import sys
 
 import numpy as np
@@ -15,7 +18,8 @@ from genmask_jax.data import prepare, refcoco
 from genmask_jax.data.pipeline import default_data_config, make_eval_iterator
 from genmask_jax.data.sources import make_source
 
-SIZES = {1: (30, 40), 2: (32, 32), 3: (20, 20)}  # image id -> (height, width); image 3 is missing on disk
+# image id -> (height, width); image 3 is missing on disk
+SIZES = {1: (30, 40), 2: (32, 32), 3: (20, 20), 4: (24, 24), 5: (16, 16)}
 
 
 def _rle_annotation():
@@ -67,6 +71,22 @@ ANNOTATIONS = [
         "iscrowd": 0,
         "segmentation": [[100, 100, 110, 100, 110, 110]],
     },  # outside the image: empty mask
+    {
+        "id": 15,
+        "image_id": 4,
+        "category_id": 1,
+        "bbox": [2, 2, 10, 10],
+        "iscrowd": 0,
+        "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]],
+    },
+    {
+        "id": 16,
+        "image_id": 5,
+        "category_id": 2,
+        "bbox": [1, 1, 8, 8],
+        "iscrowd": 0,
+        "segmentation": [[1, 1, 9, 1, 9, 9, 1, 9]],
+    },
 ]
 
 
@@ -91,13 +111,23 @@ REFS = [
     _ref(102, 12, 2, "val", ["wide box", "middle thing"]),
     _ref(103, 13, 3, "val", ["missing image"]),
     _ref(104, 14, 2, "train", ["nothing there"]),
+    _ref(105, 15, 4, "train", ["square"]),
+]
+# The UMD partition, drawn independently over the same COCO images: image 1 is refcoco_unc train and
+# refcocog_umd test, image 2 refcoco_unc val and refcocog_umd train, and image 5 is in refcocog_umd's own
+# val and train (so one set alone can overlap itself too). Image 4 is train in both.
+REFCOCOG_REFS = [
+    _ref(200, 12, 2, "train", ["the wide box"]),
+    _ref(201, 15, 4, "train", ["small square", "a square"]),
+    _ref(202, 16, 5, "val", ["tiny"]),
+    _ref(203, 11, 1, "test", ["the bar on top"]),
+    _ref(204, 16, 5, "train", ["the tiny one"]),
 ]
 
 
 @pytest.fixture(scope="module")
 def refer(tmp_path_factory):
     root = tmp_path_factory.mktemp("refer")
-    (root / "refer" / "refcoco").mkdir(parents=True)
     (root / "train2014").mkdir()
     images = []
     for image_id, (h, w) in SIZES.items():
@@ -107,9 +137,11 @@ def refer(tmp_path_factory):
             rng = np.random.default_rng(image_id)
             Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "train2014" / name)
     instances = {"images": images, "annotations": ANNOTATIONS, "categories": [{"id": i} for i in (1, 2, 3)]}
-    (root / "refer" / "refcoco" / "instances.json").write_text(json.dumps(instances))
-    with open(root / "refer" / "refcoco" / "refs(unc).p", "wb") as f:
-        pickle.dump(REFS, f)
+    for folder, partition, refs in (("refcoco", "unc", REFS), ("refcocog", "umd", REFCOCOG_REFS)):
+        (root / "refer" / folder).mkdir(parents=True)
+        (root / "refer" / folder / "instances.json").write_text(json.dumps(instances))
+        with open(root / "refer" / folder / f"refs({partition}).p", "wb") as f:
+            pickle.dump(refs, f)
     return root
 
 
@@ -131,14 +163,14 @@ def test_prepared_without_tensorflow_one_record_per_sentence(prepared, refer):
     import tensorflow_datasets as tfds
 
     out, result = prepared
-    assert result["counts"] == {"train": 5, "val": 2}
+    assert result["counts"] == {"train": 6, "val": 2}
     assert "missing_image: 1" in result["skips"] and "empty_mask: 1" in result["skips"]
     assert not result["ok"] and any(
         line.startswith("MISMATCH refcoco_unc val: 2") for line in result["report"]
     )
     records = tfds.data_source("ref_coco_seg/refcoco_unc", split="train", data_dir=str(out), download=False)
     by_sent = {int(r["sent_id"]): r for r in (records[i] for i in range(len(records)))}
-    assert sorted(by_sent) == [1000, 1001, 1010, 1011, 1012]
+    assert sorted(by_sent) == [1000, 1001, 1010, 1011, 1012, 1050]
     annotations = {a["id"]: a for a in ANNOTATIONS}
     for sent_id, r in by_sent.items():
         ref = next(x for x in REFS if x["ref_id"] == r["ref_id"])
@@ -167,6 +199,16 @@ def test_source_and_eval_pipeline(prepared):
     assert batch["valid"].tolist() == [True, True, False, False]
     assert {m["text"] for m in metas if m} == {"wide box", "middle thing"}
     assert "tensorflow" not in sys.modules
+
+
+def test_coco_images_keep_their_stored_layout():
+    # REFER masks are rasterised at instances.json's (height, width), the stored layout, so an EXIF
+    # Orientation tag must not rotate the image (unlike ReasonSeg and user photos).
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((20, 42, 3), np.uint8)).save(buffer, format="JPEG", exif=exif.tobytes())
+    assert refcoco.decode_image(buffer.getvalue()).shape == (20, 42, 3)
 
 
 def test_stock_ref_coco_and_missing_data_messages(tmp_path):
@@ -205,3 +247,79 @@ def test_several_prepared_configs_train_as_one_source(prepared):
     c.refcoco.name, c.refcoco.data_dir = "refcoco_unc, refcoco_unc", str(out)
     union = make_source("refcoco", "val", c, "seg")
     assert len(union) == 2 * len(refcoco.RefCocoSource("refcoco_unc", "val", data_dir=str(out)))
+
+
+@pytest.fixture(scope="module")
+def union_dir(prepared, refer):
+    out, _ = prepared
+    result = prepare.prepare_refcoco(str(refer / "refer"), str(refer / "train2014"), str(out), "refcocog_umd")
+    assert result["counts"] == {"train": 4, "val": 1, "test": 1}
+    return out
+
+
+def _train_source(data_dir, names, exclude, split="train"):
+    c = default_data_config()
+    c.refcoco.name, c.refcoco.data_dir, c.refcoco.exclude_eval_images = names, str(data_dir), exclude
+    return make_source("refcoco", split, c, "seg")
+
+
+def _ids(source):
+    return {source.example_id(i) for i in range(len(source))}
+
+
+UNION = "refcoco_unc,refcocog_umd"
+# Val/test images: refcoco_unc val {2}, refcocog_umd val {5} and test {1}.
+UNION_KEPT = {"refcoco_unc-train-1050", "refcocog_umd-train-2010", "refcocog_umd-train-2011"}
+
+
+def test_prepare_writes_the_image_index(union_dir):
+    import tensorflow_datasets as tfds
+
+    path = union_dir / "ref_coco_seg" / "refcocog_umd" / "1.0.0" / refcoco.IMAGE_INDEX_FILE
+    index = json.loads(path.read_text())["splits"]
+    assert sorted(index) == ["test", "train", "val"]
+    for split, ids in index.items():
+        records = tfds.data_source("ref_coco_seg/refcocog_umd", split=split, data_dir=str(union_dir))
+        assert ids == [int(records[i]["image_id"]) for i in range(len(records))]
+
+
+def test_exclude_eval_images_on_a_union_and_on_one_set(union_dir, monkeypatch, caplog):
+    assert len(_train_source(union_dir, UNION, False)) == 6 + 4  # LISA's plain union
+    with caplog.at_level(logging.INFO):
+        union = _train_source(union_dir, UNION, True)
+    assert _ids(union) == UNION_KEPT
+    assert "7 train expressions of refcoco_unc,refcocog_umd left out, 3 kept (3 val/test COCO images)" in (
+        caplog.text
+    )
+    # the prepared index is used: no record is read for its image id, and no image or mask is decoded
+    for reader in ("scan_image_ids", "decode_image", "decode_mask"):
+        monkeypatch.setattr(refcoco, reader, lambda *a, **k: pytest.fail("records were read"))
+    assert _ids(_train_source(union_dir, UNION, True)) == UNION_KEPT
+    # one set alone: refcocog_umd's image 5 is both val and train there
+    assert _ids(_train_source(union_dir, "refcocog_umd", True)) == {
+        "refcocog_umd-train-2000",
+        "refcocog_umd-train-2010",
+        "refcocog_umd-train-2011",
+    }
+    # the evaluation splits are read whole
+    assert len(_train_source(union_dir, UNION, True, split="val")) == 2 + 1
+    monkeypatch.undo()
+    examples = [union[i] for i in range(len(union))]
+    assert {e["id"] for e in examples} == UNION_KEPT and all(e["mask"].any() for e in examples)
+
+
+def test_exclude_eval_images_without_or_with_a_stale_index(union_dir, tmp_path, caplog):
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(union_dir, data_dir)
+    for path in data_dir.glob(f"ref_coco_seg/*/1.0.0/{refcoco.IMAGE_INDEX_FILE}"):
+        path.unlink()
+    with caplog.at_level(logging.WARNING):
+        assert _ids(_train_source(data_dir, UNION, True)) == UNION_KEPT
+    assert "read the image ids of 6 records of train" in caplog.text
+    # an index that no longer matches the records (e.g. the set was prepared again) is not trusted
+    index = data_dir / "ref_coco_seg" / "refcoco_unc" / "1.0.0" / refcoco.IMAGE_INDEX_FILE
+    index.write_text(json.dumps({"splits": {"train": [4] * 6, "val": [7, 7]}}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _ids(_train_source(data_dir, UNION, True)) == UNION_KEPT
+    assert "disagrees with the records of train" in caplog.text

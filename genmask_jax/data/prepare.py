@@ -4,8 +4,13 @@
       [--configs refcoco_unc,refcocoplus_unc,refcocog_umd,refcocog_google]
 
 writes `DATA_DIR/ref_coco_seg/<config>/1.0.0/*.array_record-*` (read with `tfds.data_source` or
-`data.refcoco.{name,data_dir}`), checks each split's expression count against the published counts
+`data.refcoco.{name,data_dir}`) and the COCO image id of each record (`genmask_image_ids.json`, read by
+`data.refcoco.exclude_eval_images`), checks each split's expression count against the published counts
 and exits with status 1 when one differs (unless --no-count-check).
+
+  python -m genmask_jax.data.prepare refcoco-index --data-dir DATA_DIR --names ref_coco_bv/refcoco_unc,...
+
+writes only that image-id index, for big_vision's `ref_coco_bv` or sets prepared before it existed.
 """
 
 from __future__ import annotations
@@ -20,16 +25,18 @@ log = logging.getLogger("genmask_jax.data.prepare")
 def prepare_refcoco(refer_dir: str, coco_images: str, out: str, config: str) -> dict:
     """Prepares one config.
 
-    Returns {"counts": {split: n}, "skips": summary line, "report": [lines], "ok": counts match}.
+    Returns {"counts": {split: n}, "skips": summary line, "report": [lines], "ok": counts match,
+    "index": path of the image-id index}.
     """
     import tensorflow_datasets as tfds
 
-    from genmask_jax.data.refcoco import RefCocoSeg, check_published_counts
+    from genmask_jax.data.refcoco import RefCocoSeg, check_published_counts, write_image_index
 
     builder = RefCocoSeg(
         config=config, data_dir=out, file_format="array_record", refer_dir=refer_dir, coco_images=coco_images
     )
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_runner=None))
+    index = write_image_index(config, out)
     counts = {name: split.num_examples for name, split in builder.info.splits.items()}
     report = check_published_counts(config, counts)
     summary = builder.skips.summary()
@@ -46,7 +53,7 @@ def prepare_refcoco(refer_dir: str, coco_images: str, out: str, config: str) -> 
             summary,
             banner,
         )
-    return {"counts": counts, "skips": summary, "report": report, "ok": ok}
+    return {"counts": counts, "skips": summary, "report": report, "ok": ok, "index": index}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument(
         "--no-count-check", action="store_true", help="do not fail on a published-count mismatch"
     )
+    index = sub.add_parser(
+        "refcoco-index", help="only the image-id index of prepared sets (ours or ref_coco_bv/<config>)"
+    )
+    index.add_argument("--data-dir", required=True, help="TFDS data_dir holding the prepared sets")
+    index.add_argument("--names", required=True, help="comma-separated, as in data.refcoco.name")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.dataset == "refcoco-index":
+        from genmask_jax.data.refcoco import write_image_index
+
+        for name in [n.strip() for n in args.names.split(",") if n.strip()]:
+            print(write_image_index(name, args.data_dir))
+        return 0
     all_ok = True
     for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
         result = prepare_refcoco(args.refer_dir, args.coco_images, args.out, config)

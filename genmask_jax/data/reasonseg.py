@@ -8,6 +8,9 @@ paints the target. Points are truncated to int32 and each polygon is drawn with 
 (one-pixel outline) then `fillPoly`, and ties in area keep LISA's `argsort(areas)[::-1]` order, so
 masks equal LISA's pixel for pixel.
 
+Images are read with their EXIF orientation applied, as LISA's `cv2.imread` does: labelme draws the
+polygons on the image as displayed, so a JPEG with Orientation 6 has its mask on the rotated canvas.
+
 Training uses every text of an image (one example each); evaluation uses `text[0]` (LISA's protocol)
 unless `all_texts`. With `use_templates`, queries are wrapped in LISA's first question template.
 """
@@ -20,7 +23,7 @@ import os
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
 
@@ -119,7 +122,7 @@ class ReasonSeg:
     def __getitem__(self, index: int) -> dict:
         image_path, json_path, _, text, is_sentence = self.items[index]
         with Image.open(image_path) as im:
-            image = np.asarray(im.convert("RGB"))
+            image = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
         annotation = read_annotation(json_path)
         mask, ignore = rasterise_shapes(annotation.get("shapes", []), *image.shape[:2])
         return {

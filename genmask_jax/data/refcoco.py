@@ -13,19 +13,33 @@ is never imported. Records come back in TFDS's shuffled key order, so each keeps
 
 `RefCocoSource(name, split, data_dir)` reads them as a segmentation source; `name` may also be
 `ref_coco_bv/<config>` for big_vision's prepared builder (array_record, `<split>_flat` splits).
+
+The UNC and UMD partitions were drawn independently over overlapping COCO train2014 images, so one set's
+train split holds images of another's val/test splits. `eval_image_ids` collects the images of the
+val/test splits and `RefCocoSource(..., exclude_image_ids=...)` drops train records showing them
+(`data.refcoco.exclude_eval_images`, as big_vision's `refcocox_combined` and MAttNet do). Both need the
+COCO image id of every record: `prepare` writes them to `IMAGE_INDEX_FILE` beside the prepared files
+(`prepare refcoco-index` does it for big_vision's or older preparations); without it every record is
+read once, its image never decoded.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
 import pickle
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
+from tensorflow_datasets.proto import tf_example_pb2
 
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
 
@@ -38,6 +52,11 @@ CONFIGS = {
     "refcocog_umd": ("refcocog", "umd"),
     "refcocog_google": ("refcocog", "google"),
 }
+# big_vision configs merging several REFER sets: REFER numbers sentences per set, so sent_ids repeat there.
+MERGED_BV_CONFIGS = ("refcocox_combined",)
+# Beside a prepared set's dataset_info.json: {"splits": {tfds split: [COCO image id of each record]}}.
+IMAGE_INDEX_FILE = "genmask_image_ids.json"
+INDEX_SPOT_CHECKS = 8  # records compared with the index before trusting it (a re-prepared set reorders)
 # One example per sentence; DESIGN.md section 7. refcocog_google has no published count we rely on.
 PUBLISHED_COUNTS = {
     "refcoco_unc": {"train": 120_624, "val": 10_834, "testA": 5_657, "testB": 5_095},
@@ -59,6 +78,8 @@ def encode_png(mask: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes) -> np.ndarray:
+    # No EXIF transpose: REFER rasterises masks at instances.json's (height, width), COCO's stored pixel
+    # layout, so the image must stay in that layout too for the mask to line up.
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -215,34 +236,168 @@ def check_published_counts(name: str, counts: dict[str, int]) -> list[str]:
     return lines
 
 
-class RefCocoSource:
-    """A prepared RefCOCO-family split as a segmentation source (see `sources.py` for the protocol)."""
+def is_big_vision(name: str) -> bool:
+    return name.split("/")[0].split(":")[0] == "ref_coco_bv"
 
-    def __init__(self, name: str, split: str, data_dir: str | None = None):
+
+def tfds_name_and_split(name: str, split: str) -> tuple[str, str]:
+    """`name` (ours or `ref_coco_bv/<config>`) and our split (`val`, `testA[:10%]`) -> TFDS's name, split."""
+    if is_big_vision(name):
+        base, bracket, rest = split.partition("[")
+        return name, {"val": "validation"}.get(base, base) + "_flat" + bracket + rest
+    if name not in CONFIGS:
+        raise ValueError(f"unknown RefCOCO config {name!r}; expected one of {sorted(CONFIGS)}")
+    return f"{BUILDER_NAME}/{name}", split
+
+
+def image_id_key(name: str) -> str:
+    """The top-level int64 feature holding the COCO image id."""
+    return "id" if is_big_vision(name) else "image_id"
+
+
+def open_records(tfds_name: str, tfds_split: str, data_dir: str | None, raw: bool = False):
+    """The split's TFDS data source; `raw` gives each record's serialized bytes (nothing decoded)."""
+    method = tfds.decode.DeserializeMethod
+    try:
+        return tfds.data_source(
+            tfds_name,
+            split=tfds_split,
+            data_dir=data_dir or None,
+            download=False,
+            deserialize_method=method.RAW_BYTES if raw else method.DESERIALIZE_AND_DECODE,
+        )
+    except Exception as e:
+        raise FileNotFoundError(
+            f"cannot open {tfds_name!r} split {tfds_split!r} in {data_dir!r} ({type(e).__name__}: {e}); "
+            "prepare it with `python -m genmask_jax.data.prepare refcoco --refer-dir ... "
+            "--coco-images ... --out DATA_DIR` (array_record files, no TensorFlow)"
+        ) from e
+
+
+def record_image_id(raw_record: bytes, key: str) -> int:
+    """The int64 feature `key` of a serialized record; nothing else is decoded."""
+    return int(tf_example_pb2.Example.FromString(raw_record).features.feature[key].int64_list.value[0])
+
+
+def scan_image_ids(raw_records, key: str, threads: int = 16, chunk: int = 2048) -> np.ndarray:
+    """int64 `(N,)`: the image id of every record, in order; each record is read once (I/O bound)."""
+    n = len(raw_records)
+
+    def read(start: int) -> list[int]:
+        return [record_image_id(raw_records[i], key) for i in range(start, min(start + chunk, n))]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return np.fromiter(itertools.chain.from_iterable(pool.map(read, range(0, n, chunk))), np.int64, n)
+
+
+def _indexed_splits(name: str, tfds_splits) -> list[str]:
+    """The TFDS splits our reader can read: big_vision's per-image splits are left out."""
+    return sorted(s for s in tfds_splits if not is_big_vision(name) or s.endswith("_flat"))
+
+
+def write_image_index(name: str, data_dir: str | None) -> str:
+    """Writes `IMAGE_INDEX_FILE` beside `name`'s prepared files (one pass over them); returns its path."""
+    tfds_name, train_split = tfds_name_and_split(name, "train")
+    info = open_records(tfds_name, train_split, data_dir, raw=True).dataset_info
+    splits = {
+        split: scan_image_ids(open_records(tfds_name, split, data_dir, raw=True), image_id_key(name)).tolist()
+        for split in _indexed_splits(name, info.splits)
+    }
+    path = epath.Path(info.data_dir) / IMAGE_INDEX_FILE
+    path.write_text(json.dumps({"splits": splits}))
+    log.info("%s: wrote the image ids of %s to %s", name, {s: len(v) for s, v in splits.items()}, path)
+    return os.fspath(path)
+
+
+def _indexed_image_ids(raw_records, tfds_split: str, key: str) -> np.ndarray | None:
+    """The split's ids from `IMAGE_INDEX_FILE`, or None when it is absent or disagrees with the records."""
+    path = epath.Path(raw_records.dataset_info.data_dir) / IMAGE_INDEX_FILE
+    if "[" in tfds_split or not path.exists():
+        return None
+    try:
+        ids = np.asarray(json.loads(path.read_text())["splits"][tfds_split], np.int64)
+    except (KeyError, ValueError) as e:
+        log.warning("%s has no usable ids for %s (%s: %s)", path, tfds_split, type(e).__name__, e)
+        return None
+    checked = np.unique(np.linspace(0, len(ids) - 1, INDEX_SPOT_CHECKS).astype(int)) if len(ids) else []
+    if len(ids) != len(raw_records) or any(record_image_id(raw_records[i], key) != ids[i] for i in checked):
+        log.warning("%s disagrees with the records of %s (prepared again?); ignoring it", path, tfds_split)
+        return None
+    return ids
+
+
+def split_image_ids(raw_records, tfds_split: str, key: str) -> np.ndarray:
+    """int64 `(N,)` COCO image id of each record of the split: from the index, else by reading them."""
+    ids = _indexed_image_ids(raw_records, tfds_split, key)
+    if ids is None:
+        start = time.perf_counter()
+        ids = scan_image_ids(raw_records, key)
+        log.warning(
+            "read the image ids of %d records of %s in %.1f s; `python -m genmask_jax.data.prepare "
+            "refcoco-index --data-dir DATA_DIR --names ...` stores them so that later runs do not",
+            len(ids),
+            tfds_split,
+            time.perf_counter() - start,
+        )
+    return ids
+
+
+def eval_image_ids(names: Sequence[str], train_split: str, data_dir: str | None) -> frozenset[int]:
+    """COCO image ids of every split other than `train_split` of every set in `names`."""
+    excluded: set[int] = set()
+    for name in dict.fromkeys(names):
+        tfds_name, train_tfds_split = tfds_name_and_split(name, train_split)
+        info = open_records(tfds_name, train_tfds_split, data_dir, raw=True).dataset_info
+        splits = [s for s in _indexed_splits(name, info.splits) if s != train_tfds_split.split("[")[0]]
+        images: set[int] = set()
+        for tfds_split in splits:
+            raw = open_records(tfds_name, tfds_split, data_dir, raw=True)
+            images.update(split_image_ids(raw, tfds_split, image_id_key(name)).tolist())
+        log.info("%s: %d COCO images in its %s splits", name, len(images), ", ".join(splits))
+        excluded |= images
+    return frozenset(excluded)
+
+
+class RefCocoSource:
+    """A prepared RefCOCO-family split as a segmentation source (see `sources.py` for the protocol).
+
+    With `exclude_image_ids`, records whose COCO image id is in it are left out (`eval_image_ids`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        data_dir: str | None = None,
+        exclude_image_ids: frozenset[int] = frozenset(),
+    ):
         base = name.split("/")[0].split(":")[0]
         if base == "ref_coco":
             raise ValueError(STOCK_REF_COCO_MESSAGE)
         self.name, self.split = name, split
-        self.big_vision = base == "ref_coco_bv"
-        if self.big_vision:
-            tfds_split = {"val": "validation"}.get(split, split) + "_flat"
-            tfds_name = name
-        else:
-            if name not in CONFIGS:
-                raise ValueError(f"unknown RefCOCO config {name!r}; expected one of {sorted(CONFIGS)}")
-            tfds_split, tfds_name = split, f"{BUILDER_NAME}/{name}"
-        try:
-            self.records = tfds.data_source(
-                tfds_name, split=tfds_split, data_dir=data_dir or None, download=False
-            )
-        except Exception as e:
-            raise FileNotFoundError(
-                f"cannot open {tfds_name!r} split {tfds_split!r} in {data_dir!r} ({type(e).__name__}: {e}); "
-                "prepare it with `python -m genmask_jax.data.prepare refcoco --refer-dir ... "
-                "--coco-images ... --out DATA_DIR` (array_record files, no TensorFlow)"
-            ) from e
+        self.big_vision = is_big_vision(name)
+        tfds_name, tfds_split = tfds_name_and_split(name, split)
+        self.records = open_records(tfds_name, tfds_split, data_dir)
         if "mask" not in self._feature_keys():
             raise ValueError(f"{tfds_name!r} has no masks: {STOCK_REF_COCO_MESSAGE}")
+        config = name.split("/")[-1].split(":")[0]
+        self.position_in_id = self.big_vision and config in MERGED_BV_CONFIGS
+        # Positions in the TFDS split of the records read; ids use these, so excluding leaves them unchanged.
+        self.positions = np.arange(len(self.records))
+        self.num_excluded = 0
+        if exclude_image_ids:
+            raw = open_records(tfds_name, tfds_split, data_dir, raw=True)
+            image_ids = split_image_ids(raw, tfds_split, image_id_key(name))
+            excluded = np.isin(image_ids, np.fromiter(exclude_image_ids, np.int64, len(exclude_image_ids)))
+            self.positions = np.flatnonzero(~excluded)
+            self.num_excluded = int(excluded.sum())
+            log.info(
+                "%s %s: excluded %d of %d expressions whose COCO image is in a val/test split",
+                name,
+                split,
+                self.num_excluded,
+                len(image_ids),
+            )
 
     def _feature_keys(self) -> set[str]:
         features = self.records.dataset_info.features
@@ -253,19 +408,23 @@ class RefCocoSource:
         return keys
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.positions)
 
-    def _ids(self, record: dict) -> str:
-        if self.big_vision:
-            ref_id = int(np.asarray(record["objects"]["refs"]["id"]).reshape(-1)[0])
-            return f"{self.name}-{self.split}-{ref_id}"
-        return f"{self.name}-{self.split}-{int(record['sent_id'])}"
+    def _id(self, record: dict, position: int) -> str:
+        if not self.big_vision:
+            return f"{self.name}-{self.split}-{int(record['sent_id'])}"
+        sent_id = int(np.asarray(record["objects"]["refs"]["id"]).reshape(-1)[0])
+        if self.position_in_id:  # the id keys the embedding cache, so it must be unique
+            return f"{self.name}-{self.split}-{sent_id}-at{position}"
+        return f"{self.name}-{self.split}-{sent_id}"
 
     def example_id(self, index: int) -> str:
-        return self._ids(self.records[index])
+        position = int(self.positions[index])
+        return self._id(self.records[position], position)
 
     def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
+        position = int(self.positions[index])
+        record = self.records[position]
         if self.big_vision:
             objects = record["objects"]
             image = np.asarray(record["image"])
@@ -278,4 +437,4 @@ class RefCocoSource:
                 record["sentence"],
             )
         text = sentence.decode() if isinstance(sentence, bytes) else str(sentence)
-        return {"id": self._ids(record), "image": image, "mask": mask, "text": text}
+        return {"id": self._id(record, position), "image": image, "mask": mask, "text": text}

@@ -7,7 +7,9 @@ segmentation, `mask` uint8 `(H, W)` in {0, 1} and optionally `ignore` bool `(H, 
 bad input; the pipelines turn that into a logged, counted skip.
 
 Names (`data.seg_sources` / `data.gen_sources`, comma separated):
-  seg: `shapes`, `reasonseg`, `refcoco` (the TFDS config named by `data.refcoco.name`)
+  seg: `shapes`, `reasonseg`, `refcoco` (the TFDS configs named by `data.refcoco.name`; with
+       `data.refcoco.exclude_eval_images` their `data.train_split` leaves out the COCO images of every
+       listed config's other splits)
   gen: `shapes` (scene captions), `captions` (folder or JSONL at `data.captions.path`),
        `tfds_captions` (a locally prepared TFDS image-caption set, `data.captions.tfds_name`)
 """
@@ -15,10 +17,13 @@ Names (`data.seg_sources` / `data.gen_sources`, comma separated):
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Sequence
 
 SEG_SOURCES = ("shapes", "reasonseg", "refcoco")
 GEN_SOURCES = ("shapes", "captions", "tfds_captions")
+
+log = logging.getLogger(__name__)
 
 
 class ConcatSource:
@@ -84,11 +89,23 @@ def make_source(name: str, split: str, data_config, task: str):
             c.root, split, all_texts=(split == "train" or c.eval_all_texts), use_templates=c.use_templates
         )
     if name == "refcoco":
-        from genmask_jax.data.refcoco import RefCocoSource
+        from genmask_jax.data.refcoco import RefCocoSource, eval_image_ids
 
         c = data_config.refcoco
         # Several prepared configs (e.g. "refcoco_unc,refcocoplus_unc,refcocog_umd") train as one source.
-        parts = [RefCocoSource(n, split, data_dir=c.data_dir) for n in parse_names(c.name)]
+        names = parse_names(c.name)
+        exclude = c.get("exclude_eval_images", False) and split == data_config.train_split
+        excluded = eval_image_ids(names, split, c.data_dir) if exclude else frozenset()
+        parts = [RefCocoSource(n, split, data_dir=c.data_dir, exclude_image_ids=excluded) for n in names]
+        if exclude:
+            log.info(
+                "exclude_eval_images: %d %s expressions of %s left out, %d kept (%d val/test COCO images)",
+                sum(p.num_excluded for p in parts),
+                split,
+                ",".join(names),
+                sum(len(p) for p in parts),
+                len(excluded),
+            )
         return parts[0] if len(parts) == 1 else ConcatSource(parts)
     if name == "captions":
         from genmask_jax.data.captions import CaptionFiles

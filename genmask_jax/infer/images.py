@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 from etils import epath
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from genmask_jax.infer.cli import InputError
 
@@ -12,13 +12,14 @@ OVERLAY_COLOUR = np.array([255, 40, 40], np.float32)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """uint8 `(H, W, 3)`; a missing or undecodable file is an InputError naming it."""
+    """uint8 `(H, W, 3)` as displayed (EXIF orientation applied, as phone photos need); a missing or
+    undecodable file is an InputError naming it."""
     path = epath.Path(path)
     if not path.exists():
         raise InputError(f"image {path} does not exist")
     try:
         with path.open("rb") as f, Image.open(f) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InputError(f"cannot read image {path}: {e}") from e
 
@@ -73,10 +74,11 @@ def panel(rows: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
 
 
 def numbered(path: str, i: int, n: int) -> str:
-    """`path` itself when there is one output, else `{i}` filled in or `_<i>` before the extension."""
+    """The path of output `i` of `n`: every `{i}` in `path` replaced by `i` (other braces kept as they
+    are), else `path` itself when `n` is 1, else `_<i>` before the extension."""
+    if "{i}" in path:
+        return path.replace("{i}", str(i))
     if n == 1:
         return path
-    if "{i}" in path:
-        return path.format(i=i)
     stem, ext = os.path.splitext(path)
     return f"{stem}_{i}{ext or '.png'}"

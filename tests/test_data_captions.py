@@ -52,6 +52,17 @@ def test_jsonl_pairs(folder, caplog):
     assert "pairs.jsonl:2" in caplog.text
 
 
+def test_jsonl_with_several_captions_per_image_gives_every_pair_its_own_id(folder):
+    # COCO captions: five lines per image. The ids key the embedding cache, so they must differ.
+    jsonl = folder / "coco.jsonl"
+    lines = [("a.jpg", "one"), ("sub/b.png", "two"), ("a.jpg", "three"), ("./a.jpg", "four")]
+    jsonl.write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in lines))
+    pairs = CaptionFiles(str(jsonl))
+    ids = [pairs.example_id(i) for i in range(len(pairs))]
+    assert ids == ["caption-a.jpg#0", "caption-sub/b.png#0", "caption-a.jpg#1", "caption-a.jpg#2"]
+    assert [pairs[i]["id"] for i in range(len(pairs))] == ids
+
+
 def test_tfds_captions_without_tensorflow(tmp_path):
     import tensorflow_datasets as tfds
 

@@ -1,17 +1,31 @@
-"""The embedding cache with the `toy` encoder: cached contexts equal direct encoding, resume, and the
-pipelines read the cache instead of running the encoder."""
+"""The embedding cache with the `toy` encoder: cached contexts equal direct encoding, resume, the
+pipelines read the cache instead of running the encoder, and every way a cache can serve the wrong
+context (a repeated id, other encoder settings, changed data, a missing split, two writers) stops with a
+clear error instead."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from genmask_jax.data.pipeline import default_data_config, make_eval_iterator, make_train_iterator
 from genmask_jax.data.sources import make_task_source
-from genmask_jax.encoders import make_encoder
-from genmask_jax.encoders.cache import EmbeddingCache, completed_shards
-from genmask_jax.encoders.precompute import load_data_config, main, precompute
+from genmask_jax.encoders import fingerprint, make_encoder
+from genmask_jax.encoders.cache import (
+    CacheLocked,
+    CacheMismatch,
+    CacheMiss,
+    CacheWriter,
+    EmbeddingCache,
+    completed_shards,
+)
+from genmask_jax.encoders.precompute import PrecomputeError, plan_jobs, precompute
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config():
@@ -32,14 +46,14 @@ def cache_dir(tmp_path):
 
 def test_cached_contexts_equal_direct_encoding(cache_dir):
     c = small_config()
-    cache, encoder = EmbeddingCache(cache_dir), make_encoder(c.encoder)
-    assert len(cache) == 29 and len(completed_shards(cache_dir)) == 5  # 7 + 5 | 5 | 7 + 5 per job
+    cache, encoder = EmbeddingCache(cache_dir, fingerprint(c.encoder)), make_encoder(c.encoder)
+    assert len(cache) == 29 and len(completed_shards(cache_dir)) == 5  # 7 + 5 | 7 + 5 | 5 per job
     for task, split in (("seg", "train"), ("seg", "val"), ("gen", "train")):
         source = make_task_source("shapes", split, c, task)
         for i in range(len(source)):
             raw = source[i]
             want_context, want_mask = encoder.encode(None, [raw["text"]])
-            context, mask = cache.lookup(raw["id"])
+            context, mask = cache.lookup(raw["id"], raw["text"])
             np.testing.assert_array_equal(context, want_context[0])
             np.testing.assert_array_equal(mask, want_mask[0])
             assert cache.record(raw["id"])[0]["text"] == raw["text"]
@@ -53,7 +67,7 @@ def test_resume_skips_done_and_rewrites_incomplete_shards(cache_dir):
     )
     assert result["written"] == 5 and result["already"] == 24
     assert len(EmbeddingCache(cache_dir)) == 29
-    with pytest.raises(ValueError, match="written with"):
+    with pytest.raises(CacheMismatch, match="dtype: cache 'float32', config 'bfloat16'"):
         precompute(small_config(), cache_dir, ["train"], dtype="bfloat16")
 
 
@@ -69,23 +83,12 @@ def test_pipelines_read_the_cache(cache_dir):
     assert eval_batch["valid"].all() and eval_batch["context"].shape == (5, 12, 8)
 
 
-def test_bfloat16_cache_and_cli(tmp_path):
-    config_file = tmp_path / "cfg.py"
-    config_file.write_text(
-        "from ml_collections import ConfigDict\n"
-        "from genmask_jax.data.pipeline import default_data_config\n"
-        "def get_config(arg=None):\n"
-        "    c = ConfigDict({'data': default_data_config()})\n"
-        "    c.data.shapes.val_size = 3\n"
-        "    c.data.gen_sources = ''\n"
-        "    return c\n"
-    )
-    assert "seg_sources" in load_data_config(str(config_file))
-    out = str(tmp_path / "bf16")
-    assert main(["--config", str(config_file), "--out", out, "--splits", "val", "--batch-size", "2"]) == 0
-    cache = EmbeddingCache(out)
-    assert len(cache) == 3 and json.load(open(os.path.join(out, "meta.json")))["dtype"] == "bfloat16"
-    c = load_data_config(str(config_file))
+def test_bfloat16_cache(tmp_path):
+    c = small_config()
+    c.gen_sources, c.shapes.val_size = "", 3
+    precompute(c, str(tmp_path), ["val"], batch_size=2)
+    cache = EmbeddingCache(str(tmp_path), fingerprint(c.encoder))
+    assert len(cache) == 3 and cache.meta["dtype"] == "bfloat16"
     raw = make_task_source("shapes", "val", c, "seg")[0]
     want, _ = make_encoder(c.encoder).encode(None, [raw["text"]])
     # bfloat16 keeps 8 bits of mantissa: relative error <= 2^-8 per element
@@ -99,3 +102,209 @@ def test_context_shape_without_building_the_encoder(cache_dir):
     assert context_shape(c) == (12, 8)
     c.encoder.cache_dir = cache_dir
     assert context_shape(c) == (12, 8)
+
+
+# A repeated id used to shift every later lookup onto the next record (offsets counted unique ids).
+
+
+def _states(value, dim=2):
+    return np.full((1, dim), value, np.float32)
+
+
+def test_the_writer_refuses_a_repeated_id(tmp_path):
+    with CacheWriter(str(tmp_path), dim=2, context_length=4, dtype="float32", shard_size=2) as writer:
+        writer.add("a", _states(0))
+        with pytest.raises(ValueError, match="'a' is already in cache"):
+            writer.add("a", _states(1))
+        for i, example_id in enumerate("bcd"):
+            writer.add(example_id, _states(i + 1))
+    cache = EmbeddingCache(str(tmp_path))
+    for i, example_id in enumerate("abcd"):
+        header, states = cache.record(example_id)
+        assert header["id"] == example_id and states[0, 0] == i
+
+
+def test_the_reader_counts_records_and_checks_each_header(tmp_path):
+    with CacheWriter(str(tmp_path), dim=2, context_length=4, dtype="float32", shard_size=2) as writer:
+        for i, example_id in enumerate("abcde"):
+            writer.add(example_id, _states(i))
+    first = os.path.join(str(tmp_path), "shard-00000.ids.json")
+    json.dump(["a", "a"], open(first, "w"))  # what the old writer produced for a repeated id
+    with pytest.raises(CacheMismatch, match="holds 'a' twice"):
+        EmbeddingCache(str(tmp_path))
+    json.dump(["b", "a"], open(first, "w"))  # an index that no longer matches its shard
+    cache = EmbeddingCache(str(tmp_path))
+    with pytest.raises(CacheMismatch, match="indexed as 'b' holds 'a'"):
+        cache.lookup("b")
+    header, states = cache.record("c")  # later shards are still read at their own positions
+    assert header["id"] == "c" and states[0, 0] == 2
+
+
+class _RepeatingSource:
+    """Example 2 repeats example 1's id (a source bug: both would be stored under one key)."""
+
+    def __len__(self):
+        return 4
+
+    def example_id(self, i):
+        return f"rep-{min(i, 1) if i < 3 else i}"
+
+    def __getitem__(self, i):
+        image = np.zeros((8, 8, 3), np.uint8)
+        return {"id": self.example_id(i), "image": image, "mask": image[..., 0], "text": f"thing {i}"}
+
+
+def test_precompute_refuses_a_source_whose_ids_repeat_within_a_batch(tmp_path, monkeypatch):
+    from genmask_jax.encoders import precompute as module
+
+    monkeypatch.setattr(module, "make_task_source", lambda *args: _RepeatingSource())
+    c = small_config()
+    c.gen_sources = ""
+    with pytest.raises(PrecomputeError, match="'rep-1' occurs twice"):
+        precompute(c, str(tmp_path), ["train"], batch_size=4)
+
+
+def test_coco_style_captions_each_get_their_own_context(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(tmp_path / f"im{i}.jpg")
+    lines = [("im0.jpg", "a red circle"), ("im0.jpg", "a blue star"), ("im1.jpg", "a green square"),
+             ("im2.jpg", "a yellow triangle")]
+    jsonl = "".join(json.dumps({"image": image, "caption": text}) + "\n" for image, text in lines)
+    (tmp_path / "caps.jsonl").write_text(jsonl)
+    c = small_config()
+    c.seg_sources, c.gen_sources, c.captions.path = "", "captions", str(tmp_path / "caps.jsonl")
+    precompute(c, str(tmp_path / "cache"), ["train"], batch_size=4, shard_size=2, dtype="float32")
+    cache = EmbeddingCache(str(tmp_path / "cache"), fingerprint(c.encoder))
+    source, encoder = make_task_source("captions", "train", c, "gen"), make_encoder(c.encoder)
+    assert len(cache) == 4
+    for i, (_, caption) in enumerate(lines):
+        raw = source[i]
+        assert raw["text"] == caption
+        want, _ = encoder.encode(None, [caption])
+        np.testing.assert_array_equal(cache.lookup(raw["id"], caption)[0], want[0])
+
+
+# Settings and data that changed since the precompute.
+
+
+def test_a_cache_of_other_encoder_settings_is_refused(cache_dir):
+    c = small_config()
+    c.encoder.seed = 1
+    with pytest.raises(CacheMismatch, match="seed: cache 0, config 1"):
+        EmbeddingCache(cache_dir, fingerprint(c.encoder))
+    c.encoder.cache_dir = cache_dir
+    with pytest.raises(CacheMismatch, match="seed: cache 0, config 1"):
+        make_train_iterator(c, 2, 2, seed=0, process_index=0, process_count=1)
+    with pytest.raises(CacheMismatch, match="seed: cache 0, config 1"):
+        precompute(c, cache_dir, ["train"], dtype="float32")
+
+
+def test_the_fingerprint_holds_every_setting_that_changes_a_qwen_context():
+    base = default_data_config().encoder
+    base.name, base.model_path, base.context_length = "qwen2_5_vl", "/models/Qwen2.5-VL-7B-Instruct", 512
+    same_model = dict(base.to_dict(), model_path="Qwen/Qwen2.5-VL-7B-Instruct", cache_dir="/x")
+    assert fingerprint(type(base)(same_model)) == fingerprint(base)  # another copy of the same weights
+    assert fingerprint(type(base)(dict(base.to_dict(), rewrite_max_new_tokens=8))) == fingerprint(base)
+    changes = {
+        "model_path": "/models/Qwen2.5-VL-3B-Instruct",
+        "context_length": 256,
+        "dtype": "float32",
+        "max_pixels": 224 * 224,
+        "rewrite_reasoning": True,
+    }
+    for field, value in changes.items():
+        assert fingerprint(type(base)(dict(base.to_dict(), **{field: value}))) != fingerprint(base), field
+    rewriting = type(base)(dict(base.to_dict(), rewrite_reasoning=True))
+    longer = type(base)(dict(rewriting.to_dict(), rewrite_max_new_tokens=64))
+    assert fingerprint(longer) != fingerprint(rewriting)
+    assert "Answer with a short referring expression" in fingerprint(rewriting)["rewrite_prompt"]
+
+
+def test_changed_data_is_caught_on_lookup(tmp_path):
+    c = small_config()
+    c.gen_sources, c.shapes.train_size = "", 6
+    precompute(c, str(tmp_path), ["train"])
+    c.shapes.expression_kinds = "position"  # every instruction changes, the ids do not
+    c.encoder.cache_dir = str(tmp_path)
+    it = make_train_iterator(c, 2, 0, seed=0, process_index=0, process_count=1)
+    with pytest.raises(CacheMismatch, match="the data changed since the precompute"):
+        next(it)
+
+
+def test_a_cache_miss_stops_the_pipeline_and_names_the_split(tmp_path):
+    c = small_config()
+    precompute(c, str(tmp_path), ["train"])  # the evaluation split is not precomputed
+    c.encoder.cache_dir = str(tmp_path)
+    it = make_eval_iterator(c, "val", 4, process_index=0, process_count=1)
+    with pytest.raises(CacheMiss, match=r"'shapes-0-val-\d' is not in the embedding cache .*--splits=val"):
+        next(iter(it))
+    assert it.skips.total == 0  # not counted as an unreadable example
+    c.train_split = "val"
+    with pytest.raises(CacheMiss, match="precompute split 'val' of the seg sources shapes"):
+        next(make_train_iterator(c, 2, 0, seed=0, process_index=0, process_count=1))
+    cache = EmbeddingCache(str(tmp_path), fingerprint(c.encoder))
+    val_ids = [f"shapes-0-val-{i}" for i in range(5)]
+    assert cache.missing(val_ids + ["shapes-0-train-3"]) == val_ids
+
+
+def test_an_old_format_cache_is_refused_clearly(cache_dir):
+    meta_path = os.path.join(cache_dir, "meta.json")
+    meta = json.load(open(meta_path))
+    del meta["format"]
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(CacheMismatch, match="format 1, this code reads format 2"):
+        EmbeddingCache(cache_dir)
+
+
+def test_one_writer_per_folder(tmp_path):
+    first = CacheWriter(str(tmp_path), dim=2, context_length=4, dtype="float32")
+    first.add("a", _states(0))
+    with pytest.raises(CacheLocked, match="another precompute"):
+        CacheWriter(str(tmp_path), dim=2, context_length=4, dtype="float32")
+    first.close()
+    assert not os.path.exists(tmp_path / "writer.lock")
+    with pytest.raises(CacheMismatch):
+        CacheWriter(str(tmp_path), dim=2, context_length=5, dtype="float32")
+    with CacheWriter(str(tmp_path), dim=2, context_length=4, dtype="float32") as again:  # lock released
+        assert again.done == {"a"}
+
+
+# The command line.
+
+
+def test_jobs_follow_each_source_and_its_consumer():
+    from genmask_jax.eval.job import SplitSpec, split_data_config
+
+    c = default_data_config()
+    c.seg_sources, c.gen_sources = "shapes,reasonseg,refcoco", "captions"
+    c.refcoco.name = "refcoco_unc,ref_coco_bv/refcocog_umd"
+    labels = [j.label for j in plan_jobs(c, ["testA", "test"])]
+    assert labels == ["synthetic/test", "refcoco_unc/testA", "refcocog_umd/test", "reasonseg/test"]
+    jobs = plan_jobs(c, ["all"])
+    assert [j.label for j in jobs][:2] == ["seg/train", "gen/train"] and len(jobs) == 2 + 2 + 3 + 2 + 2
+    assert jobs[0].names == "shapes,reasonseg,refcoco"  # the training pipeline's view: one source
+    refcocog = next(j for j in jobs if j.label == "refcocog_umd/val")
+    evaluated = split_data_config(c, SplitSpec("refcocog_umd", "val"))  # what the evaluation job reads
+    assert refcocog.names == evaluated.seg_sources == "refcoco"
+    assert refcocog.data_config.refcoco.name == evaluated.refcoco.name
+    c.refcoco.name = "refcocog_umd"
+    with pytest.raises(PrecomputeError, match="no source has split.* testB"):
+        plan_jobs(c, ["val", "testB"])
+
+
+def test_command_line_with_config_overrides(tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "genmask_jax.encoders.precompute", "--config=configs/genmask.py",
+             "--config.data.shapes.val_size=3", "--config.data.shapes.test_size=2", f"--out={tmp_path}",
+             *args],
+            cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
+            capture_output=True, text=True, timeout=300,
+        )
+
+    done = run("--splits=val,test", "--batch_size=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(EmbeddingCache(str(tmp_path))) == 5 and "synthetic/val" in done.stdout
+    refused = run("--splits=testA", "--config.data.encoder.seed=3")
+    assert refused.returncode == 1 and "no source has split(s) testA" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -1,11 +1,19 @@
 """Qwen2.5-VL instruction encoder on a tiny random model and a word-level tokenizer built here offline."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from genmask_jax.data.pipeline import default_data_config, make_eval_iterator  # noqa: E402
+from genmask_jax.encoders import PromptTooLong, make_encoder  # noqa: E402
+from genmask_jax.encoders.cache import EmbeddingCache  # noqa: E402
+from genmask_jax.encoders.precompute import precompute  # noqa: E402
 from genmask_jax.encoders.qwen2_5_vl import Qwen25VLEncoder  # noqa: E402
 
 SPECIAL = [
@@ -93,6 +101,17 @@ def encoder(tiny_qwen):
     )
 
 
+def qwen_config(tiny_qwen, **encoder_fields):
+    """A data config whose `encoder` is the `encoder` fixture's settings (max_pixels 0: the tiny
+    processor's own 56*56*4, at most 16 image tokens)."""
+    c = default_data_config()
+    c.resolution, c.num_threads = (32, 32), 1
+    fields = dict(name="qwen2_5_vl", model_path=tiny_qwen, context_length=40, dtype="float32",
+                  rewrite_max_new_tokens=6, max_pixels=0)
+    c.encoder.update({**fields, **encoder_fields})
+    return c
+
+
 def _image(seed, h=60, w=70):
     return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
 
@@ -118,7 +137,7 @@ def test_mm_token_type_ids_marks_image_tokens_and_is_used(encoder):
     assert not torch.allclose(with_types, without, atol=1e-4)  # M-RoPE positions differ from 1D ones
 
 
-def test_batched_equals_single_and_truncation_warns(encoder, tiny_qwen, caplog):
+def test_batched_equals_single(encoder):
     images, texts = (
         [_image(2), _image(3, 40, 90), None],
         ["the left star", "a small square", "the blue circle"],
@@ -129,12 +148,52 @@ def test_batched_equals_single_and_truncation_warns(encoder, tiny_qwen, caplog):
         np.testing.assert_array_equal(single_mask[0], batched_mask[i])
         # right padding never reaches earlier tokens under causal attention; float32 reassociation only
         np.testing.assert_allclose(single[0], batched[i], atol=1e-4)
-    short = Qwen25VLEncoder(tiny_qwen, context_length=5, dtype="float32", device="cpu")
-    _, mask = short.encode([_image(2)], ["the left star"])
-    assert mask.all() and "truncated" in caplog.text
+
+
+def test_a_prompt_longer_than_the_context_is_refused_not_cut(tiny_qwen, tmp_path):
+    # 16 image tokens (112 x 112) + 8 template and instruction tokens: the instruction comes last and
+    # would be what a cut at 22 drops.
+    short = Qwen25VLEncoder(tiny_qwen, context_length=22, dtype="float32", device="cpu")
+    _, mask = short.encode([None], ["the left star"])
+    assert mask.sum() == 6
+    message = r"24 tokens \(16 image tokens.*context_length=22.*'the left star'"
+    with pytest.raises(PromptTooLong, match=message) as e:
+        short.encode([None, _image(2, 112, 112)], ["the left star", "the left star"])
+    assert e.value.index == 1
+    c = qwen_config(tiny_qwen, context_length=22)
+    c.gen_sources, c.shapes.val_size, c.resolution = "", 2, (112, 112)
+    with pytest.raises(PromptTooLong, match="example 'shapes-0-val-0'"):
+        precompute(c, str(tmp_path), ["val"], batch_size=2, dtype="float32", encoder=short)
+
+
+def test_max_pixels_from_the_config_bounds_the_image_tokens(tiny_qwen):
+    inputs = make_encoder(qwen_config(tiny_qwen, max_pixels=56 * 56).encoder).model_inputs(
+        [_image(1, 112, 112)], ["the star"], generation_prompt=False
+    )
+    assert int(inputs["mm_token_type_ids"].sum()) == 4  # resized to 56 x 56, not the processor's 112 x 112
+    with pytest.raises(ValueError, match="up to 64 tokens, all of context_length=40"):
+        make_encoder(qwen_config(tiny_qwen, max_pixels=224 * 224).encoder)
+
+
+def test_the_instruction_survives_the_paper_setting(tiny_qwen, tmp_path):
+    """Qwen2.5-VL's own preprocessor_config (max_pixels 12845056) gives a 640x640 image 529 tokens:
+    with context_length 512 the instruction used to be cut off and every instruction gave one context."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = shutil.copytree(tiny_qwen, tmp_path / "qwen")
+    Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056).save_pretrained(path)
+    c = default_data_config()
+    c.encoder.update(dict(name="qwen2_5_vl", model_path=str(path), context_length=512, dtype="float32"))
+    encoder = make_encoder(c.encoder)  # the default data.encoder.max_pixels
+    image = _image(0, 640, 640)
+    context, mask = encoder.encode([image, image], ["the red circle on the left", "the blue square above"])
+    assert mask.sum(1).max() < 512
+    assert not np.allclose(context[0], context[1], atol=1e-3)
 
 
 def test_two_stage_rewrite(encoder):
+    _, mask = encoder.encode([_image(4)], ["what is the object that is round?"])
+    assert encoder.last_rewrites == [None]  # rewriting is asked for per text, never by default
     _, mask = encoder.encode(
         [_image(4), _image(5)], ["what is the object that is round?", "the square"], rewrite=[True, False]
     )
@@ -143,14 +202,10 @@ def test_two_stage_rewrite(encoder):
     assert mask.shape == (2, 40)
 
 
-def test_cache_from_qwen_equals_direct(encoder, tmp_path):
-    from genmask_jax.data.pipeline import default_data_config
+def test_cache_from_qwen_equals_direct(encoder, tiny_qwen, tmp_path):
     from genmask_jax.data.sources import make_task_source
-    from genmask_jax.encoders.cache import EmbeddingCache
-    from genmask_jax.encoders.precompute import precompute
 
-    c = default_data_config()
-    c.resolution = (32, 32)
+    c = qwen_config(tiny_qwen)
     c.shapes.val_size, c.shapes.train_size = 3, 2
     precompute(c, str(tmp_path), ["val", "train"], batch_size=2, dtype="float32", encoder=encoder)
     cache = EmbeddingCache(str(tmp_path))
@@ -168,26 +223,20 @@ def test_cache_from_qwen_equals_direct(encoder, tmp_path):
     np.testing.assert_allclose(context, direct[0], atol=1e-4)
 
 
-def test_precompute_rewrites_reasoning_queries_and_records_them(encoder, tmp_path):
-    import json
-
-    from PIL import Image
-
-    from genmask_jax.data.pipeline import default_data_config
-    from genmask_jax.encoders.cache import EmbeddingCache
-    from genmask_jax.encoders.precompute import precompute
-
-    folder = tmp_path / "rs" / "val"
+def _reasonseg(root):
+    folder = root / "rs" / "val"
     folder.mkdir(parents=True)
     shape = [{"label": "target", "points": [[2, 2], [20, 2], [20, 20], [2, 20]]}]
     for stem, text, long in (("a", "what would you sit on here?", True), ("b", "the square", False)):
         Image.fromarray(_image(7, 40, 40)).save(folder / f"{stem}.jpg")
-        (folder / f"{stem}.json").write_text(
-            json.dumps({"text": [text], "is_sentence": long, "shapes": shape})
-        )
-    c = default_data_config()
-    c.seg_sources, c.gen_sources, c.reasonseg.root = "reasonseg", "", str(tmp_path / "rs")
-    c.encoder.rewrite_reasoning = True
+        annotation = {"text": [text], "is_sentence": long, "shapes": shape}
+        (folder / f"{stem}.json").write_text(json.dumps(annotation))
+    return str(root / "rs")
+
+
+def test_precompute_rewrites_reasoning_queries_and_records_them(encoder, tiny_qwen, tmp_path):
+    c = qwen_config(tiny_qwen, rewrite_reasoning=True)
+    c.seg_sources, c.gen_sources, c.reasonseg.root = "reasonseg", "", _reasonseg(tmp_path)
     precompute(c, str(tmp_path / "cache"), ["val"], batch_size=2, dtype="float32", encoder=encoder)
     cache = EmbeddingCache(str(tmp_path / "cache"))
     header_a, _ = cache.record("reasonseg-val-a-0")
@@ -196,8 +245,25 @@ def test_precompute_rewrites_reasoning_queries_and_records_them(encoder, tmp_pat
     assert header_a["text"].startswith("what would you sit on here?")
 
 
+def test_two_stage_rewriting_is_the_same_with_and_without_the_cache(encoder, tiny_qwen, tmp_path):
+    """One rule (`encoders.encoder_input`): only `is_sentence` queries are rewritten, from the raw query."""
+    c = qwen_config(tiny_qwen, rewrite_reasoning=True)
+    c.seg_sources, c.gen_sources, c.reasonseg.root = "reasonseg", "", _reasonseg(tmp_path)
+    precompute(c, str(tmp_path / "cache"), ["val"], batch_size=1, dtype="float32", encoder=encoder)
+    direct = next(iter(make_eval_iterator(c, "val", 2, process_index=0, process_count=1)))
+    c.encoder.cache_dir = str(tmp_path / "cache")
+    cached = next(iter(make_eval_iterator(c, "val", 2, process_index=0, process_count=1)))
+    np.testing.assert_array_equal(direct["context_mask"], cached["context_mask"])
+    np.testing.assert_allclose(direct["context"], cached["context"], atol=1e-4)
+    from genmask_jax.data.reasonseg import query_text
+
+    image = np.asarray(Image.open(tmp_path / "rs" / "val" / "b.jpg"))
+    short, _ = encoder.encode([image], [query_text("the square", is_sentence=False)])
+    np.testing.assert_allclose(direct["context"][1], short[0], atol=1e-4)  # not rewritten
+
+
 def test_context_shape_reads_the_model_config(tiny_qwen):
-    from genmask_jax.data.pipeline import context_shape, default_data_config
+    from genmask_jax.data.pipeline import context_shape
 
     c = default_data_config()
     c.encoder.name, c.encoder.model_path, c.encoder.context_length = "qwen2_5_vl", tiny_qwen, 77

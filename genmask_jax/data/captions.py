@@ -1,11 +1,13 @@
 """Image-caption pairs for the generation task.
 
 `CaptionFiles(path)`: either a folder of images each with a same-stem `.txt` caption (searched
-recursively, sorted), or a JSONL file with one `{"image": path relative to the file, "caption": text}`
-per line (`file_name` / `text` are accepted as key aliases). `TfdsCaptions(name)`: a locally prepared
-TFDS data set read with `tfds.data_source` (array_record); the image feature may be encoded bytes or a
-decoded uint8 array, the caption a string or a list of strings (the first is used); nested features
-are addressed with "/" (`captions/text`).
+recursively, sorted; id `caption-<folder name>/<image path>`), or a JSONL file with one
+`{"image": path relative to the file, "caption": text}` per line (`file_name` / `text` are accepted as
+key aliases; an image may have several lines, COCO-style, and the k-th caption of an image in file
+order has id `caption-<image path>#<k>`, so every pair has its own id). `TfdsCaptions(name)`: a
+locally prepared TFDS data set read with `tfds.data_source` (array_record); the image feature may be
+encoded bytes or a decoded uint8 array, the caption a string or a list of strings (the first is used);
+nested features are addressed with "/" (`captions/text`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class CaptionFiles:
         self.path, self.split = path, split
         self.skips = SkipLog(f"captions/{os.path.basename(path.rstrip('/'))}")
         self.items: list[tuple[str, str]] = []  # (image path, caption or caption-file path)
+        self.ids: list[str] = []
         if os.path.isdir(path):
             self._scan_folder(path)
         elif os.path.isfile(path):
@@ -69,6 +72,7 @@ class CaptionFiles:
                 caption = os.path.join(folder, stem + ".txt")
                 if os.path.exists(caption):
                     self.items.append((os.path.join(folder, name), caption))
+                    self.ids.append(f"caption-{self._relative(self.items[-1][0])}")
                 else:
                     self.skips.add(
                         os.path.relpath(os.path.join(folder, name), root), "no_caption: no .txt beside it"
@@ -76,6 +80,7 @@ class CaptionFiles:
 
     def _read_jsonl(self, path: str) -> None:
         base = os.path.dirname(os.path.abspath(path))
+        captions_of: dict[str, int] = {}  # image path -> captions seen so far
         with open(path, encoding="utf-8") as f:
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
@@ -89,13 +94,20 @@ class CaptionFiles:
                 except Exception as e:  # noqa: BLE001  (a bad line is a logged skip)
                     self.skips.add(f"{path}:{line_number}", skip_reason(e))
                     continue
-                self.items.append((os.path.join(base, image), caption))
+                image_path = os.path.normpath(os.path.join(base, image))
+                k = captions_of.get(image_path, 0)
+                captions_of[image_path] = k + 1
+                self.items.append((image_path, caption))
+                self.ids.append(f"caption-{self._relative(image_path)}#{k}")
+
+    def _relative(self, image_path: str) -> str:
+        return os.path.relpath(image_path, os.path.dirname(os.path.abspath(self.path.rstrip("/"))))
 
     def __len__(self) -> int:
         return len(self.items)
 
     def example_id(self, index: int) -> str:
-        return f"caption-{os.path.relpath(self.items[index][0], os.path.dirname(self.path.rstrip('/')))}"
+        return self.ids[index]
 
     def __getitem__(self, index: int) -> dict:
         image_path, caption = self.items[index]

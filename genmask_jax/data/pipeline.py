@@ -18,7 +18,10 @@ process, continues with exactly the batches that would have followed; with anoth
 
 Bad examples (unreadable file, empty mask, ...) are logged with their id, counted in
 `iterator_skips(...)`, summarised at each epoch boundary, and replaced deterministically by the next
-readable example of the same source (so batch shapes, task counts and resumption stay exact).
+readable example of the same source (so batch shapes, task counts and resumption stay exact). A context
+that cannot be made as configured (`encoders.ContextError`: an id missing from the embedding cache, a
+cache of other settings or texts, a prompt longer than the context) is a setup error, not a bad
+example: it stops the iterator with what to fix.
 
 Evaluation (`make_eval_iterator`): every example of the split exactly once across processes, in a
 fixed order: batch `s` of process `p` holds the global slots `(s * P + p) * B + j`; slots past the end
@@ -40,6 +43,7 @@ from ml_collections import ConfigDict
 from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
 from genmask_jax.data.sources import make_task_source
+from genmask_jax.encoders.base import ContextError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,9 @@ def default_data_config() -> ConfigDict:
     # list trains on their union.
     c.refcoco.name = "refcoco_unc"
     c.refcoco.data_dir = ""  # the TFDS data_dir given to `prepare --out`.
+    # Training on a union: drop train examples whose COCO image is in any listed set's val/test split
+    # (big_vision's refcocox_combined, MAttNet). False trains on the plain union, as LISA does.
+    c.refcoco.exclude_eval_images = False
 
     c.captions = ConfigDict()  # caption pairs for generation (genmask_jax/data/captions.py)
     c.captions.path = ""  # a folder of image + same-stem .txt files, or a JSONL with {"image", "caption"}.
@@ -88,15 +95,27 @@ def default_data_config() -> ConfigDict:
 
     c.encoder = ConfigDict()  # the instruction encoder (genmask_jax/encoders)
     c.encoder.name = "toy"  # "toy" (in-process, download-free) | "qwen2_5_vl" (use cache_dir at scale).
-    c.encoder.context_length = 32  # L: contexts are padded / truncated (with a warning) to this length.
+    # L: contexts are zero-padded to this length; a longer Qwen prompt is an error (it ends with the
+    # instruction), `toy` truncates with a warning.
+    c.encoder.context_length = 32
     c.encoder.dim = 64  # D for `toy`; Qwen2.5-VL-7B gives 3584.
     c.encoder.seed = 0  # `toy` word-embedding seed.
     c.encoder.model_path = ""  # Qwen2.5-VL local folder or hub id.
     c.encoder.dtype = "bfloat16"  # torch dtype for the VLM ("float32" on CPU tests).
-    c.encoder.rewrite_reasoning = False  # two-stage: VLM rewrites long queries to a short description first.
+    # The VLM sees the *original* image resized to at most this many pixels (aspect kept), one token
+    # per 28x28 patch: 448*448 -> at most 256 image tokens, which leaves 256 of the paper's 512-token
+    # context to the chat template (~20 tokens) and the instruction (a ReasonSeg sentence: a few dozen).
+    # The processor's own default (12.8 MP) gives a 640x640 COCO image 529 tokens, more than the whole
+    # context. The DiT sees the image itself through the VAE shortcut; the VLM needs it to ground the
+    # instruction, not for pixel detail. 0 = the model's preprocessor_config.json value.
+    c.encoder.max_pixels = 448 * 448
+    # Two-stage reasoning: the VLM rewrites ReasonSeg's long queries (is_sentence) into a short
+    # description, which is then encoded (genmask_jax.encoders.encoder_input); other texts unchanged.
+    c.encoder.rewrite_reasoning = False
     c.encoder.rewrite_max_new_tokens = 32
-    c.encoder.cache_dir = ""  # embedding cache written by `python -m genmask_jax.encoders.precompute`;
-    # when set, contexts are read from it by example id and no encoder runs in the pipeline.
+    # An embedding cache written by `python -m genmask_jax.encoders.precompute` with these encoder
+    # settings: contexts are read from it by example id and no encoder runs in the pipeline.
+    c.encoder.cache_dir = ""
     return c
 
 
@@ -122,39 +141,61 @@ def _task_seed(seed: int, task: str) -> int:
 
 
 class _ContextProvider:
-    """(example id, image or None, text) -> (context (L, D), mask (L,)) from the encoder or the cache."""
+    """(source example, task, split) -> (context (L, D), mask (L,)) from the encoder or the cache."""
 
-    def __init__(self, encoder_config):
-        self.config = encoder_config
+    def __init__(self, data_config):
+        from genmask_jax.encoders import fingerprint
+
+        self.config = data_config.encoder
         self._lock = threading.Lock()
-        if encoder_config.cache_dir:
+        self.sources = data_config.seg_sources, data_config.gen_sources, data_config.refcoco.name
+        if self.config.cache_dir:
             from genmask_jax.encoders.cache import EmbeddingCache
 
-            self.cache = EmbeddingCache(
-                encoder_config.cache_dir, context_length=encoder_config.context_length
-            )
+            self.cache = EmbeddingCache(self.config.cache_dir, fingerprint(self.config))
             self.encoder = None
         else:
             from genmask_jax.encoders import make_encoder
 
             self.cache = None
-            self.encoder = make_encoder(encoder_config)
-        self.context_length = encoder_config.context_length
+            self.encoder = make_encoder(self.config)
+        self.context_length = self.config.context_length
 
     @property
     def dim(self) -> int:
         return self.cache.dim if self.cache is not None else self.encoder.dim
 
-    def __call__(self, example_id: str, image: np.ndarray | None, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """`image` is None for generation: the caption alone conditions the image to be generated."""
+    def __call__(self, raw: dict, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         if self.cache is not None:
-            return self.cache.lookup(example_id)
-        if self.encoder.name == "toy":
-            context, mask = self.encoder.encode(None, [text])
-        else:
-            with self._lock:  # one VLM call at a time; use the cache for real throughput
-                context, mask = self.encoder.encode([image], [text])
+            return self._lookup(raw, task, split)
+        from genmask_jax.encoders import encoder_input
+
+        image, text, rewrite = encoder_input(raw, task, self.config)
+        try:
+            if self.encoder.name == "toy":
+                context, mask = self.encoder.encode(None, [text])
+            else:
+                with self._lock:  # one VLM call at a time; use the cache for real throughput
+                    context, mask = self.encoder.encode([image], [text], rewrite=[rewrite])
+        except ContextError as e:
+            raise type(e)(f"example {raw['id']!r}: {e}") from None
         return context[0], mask[0]
+
+    def _lookup(self, raw: dict, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+        from genmask_jax.encoders.cache import CacheMiss
+
+        try:
+            return self.cache.lookup(raw["id"], raw["text"])
+        except CacheMiss as e:
+            seg, gen, refcoco = self.sources
+            names = seg if task == "seg" else gen
+            if "refcoco" in names.split(","):
+                names += f" ({refcoco})"
+            raise CacheMiss(
+                f"{e}: precompute split {split!r} of the {task} sources {names} into it "
+                f"(python -m genmask_jax.encoders.precompute --config=... --out={self.cache.folder} "
+                f"--splits={split})"
+            ) from None
 
 
 class _Loader:
@@ -167,9 +208,11 @@ class _Loader:
         data_config,
         contexts: _ContextProvider,
         skips: SkipLog,
+        split: str,
         evaluation: bool = False,
     ):
         self.source, self.task, self.contexts, self.skips = source, task, contexts, skips
+        self.split = split
         self.resolution = tuple(data_config.resolution)
         self.fit = data_config.fit
         self.max_skips = data_config.max_consecutive_skips
@@ -186,7 +229,7 @@ class _Loader:
         if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or min(image.shape[:2]) == 0:
             raise BadExample("bad_image", f"shape {getattr(image, 'shape', None)}")
         fitted, geometry = preprocess.fit_image(image, self.resolution, self.fit)
-        context, context_mask = self.contexts(raw["id"], image if self.task == "seg" else None, raw["text"])
+        context, context_mask = self.contexts(raw, self.task, self.split)
         out = {
             "image": fitted,
             "context": context.astype(np.float32),
@@ -214,6 +257,8 @@ class _Loader:
             k = (index + attempt) % n
             try:
                 return self.convert(self.source[k])
+            except ContextError:
+                raise
             except Exception as e:  # noqa: BLE001  (any failure of one example becomes a logged skip)
                 self.skips.add(self._example_id(k), skip_reason(e))
                 if self.evaluation:
@@ -343,7 +388,7 @@ def make_train_iterator(
     if batch_seg < 0 or batch_gen < 0 or batch_seg + batch_gen == 0:
         raise ValueError(f"need non-negative batch sizes, not both 0: seg {batch_seg}, gen {batch_gen}")
     process_index, process_count = _process_index_count(process_index, process_count)
-    contexts = _ContextProvider(data_config.encoder)
+    contexts = _ContextProvider(data_config)
     skip_logs, datasets = {}, {}
     for task, count, names in (
         ("seg", batch_seg, data_config.seg_sources),
@@ -355,7 +400,7 @@ def make_train_iterator(
         if source is None:
             raise ValueError(f"batch_{task}={count} but data.{task}_sources is empty")
         skip_logs[task] = SkipLog(f"train/{task}")
-        loader = _Loader(source, task, data_config, contexts, skip_logs[task])
+        loader = _Loader(source, task, data_config, contexts, skip_logs[task], data_config.train_split)
         datasets[task] = _task_dataset(
             source, task, seed, data_config.shuffle, process_index, process_count, loader, skip_logs[task]
         )
@@ -424,8 +469,10 @@ class EvalIterator:
         per_step = batch_size * self.process_count
         self.num_batches = -(-self.num_examples // per_step)
         self.skips = SkipLog(f"eval/{split}")
-        self.contexts = _ContextProvider(data_config.encoder)
-        self.loader = _Loader(self.source, "seg", data_config, self.contexts, self.skips, evaluation=True)
+        self.contexts = _ContextProvider(data_config)
+        self.loader = _Loader(
+            self.source, "seg", data_config, self.contexts, self.skips, split, evaluation=True
+        )
         self.shapes = _feature_shapes(
             "seg",
             data_config.resolution,
@@ -449,6 +496,8 @@ class EvalIterator:
         valid = index < self.num_examples
         try:
             out, meta = self.loader.load(index if valid else 0)
+        except ContextError:
+            raise
         except Exception:  # noqa: BLE001  (already logged and counted by the loader)
             out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.shapes.items()}
             out["ignore"] = np.ones_like(out["ignore"])

@@ -3,9 +3,20 @@
 `toy` (deterministic, word-level, no download) for the built-in demo; `qwen2_5_vl` (transformers,
 PyTorch) for the paper's setting; contexts of a whole data set can be precomputed into an embedding
 cache (`python -m genmask_jax.encoders.precompute`) that the data pipelines read by example id.
+
+Three functions of the `data.encoder` config are shared by every path that makes a context (the data
+pipelines, the cache writer and its readers), so a cached context is the one the encoder would give:
+`make_encoder` builds the encoder, `encoder_input` says what it reads for one example, `fingerprint`
+lists every setting that changes a context (a cache records it and refuses a config that differs).
 """
 
-from genmask_jax.encoders.base import InstructionEncoder, pad_or_truncate
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from genmask_jax.encoders.base import ContextError, InstructionEncoder, PromptTooLong, pad_or_truncate
 
 ENCODERS = ("toy", "qwen2_5_vl")
 
@@ -15,6 +26,8 @@ def make_encoder(config) -> InstructionEncoder:
     if config.name == "toy":
         from genmask_jax.encoders.toy import ToyEncoder
 
+        if config.get("rewrite_reasoning", False):
+            raise ValueError("data.encoder.rewrite_reasoning needs a VLM: the toy encoder cannot rewrite")
         return ToyEncoder(context_length=config.context_length, dim=config.dim, seed=config.seed)
     if config.name == "qwen2_5_vl":
         from genmask_jax.encoders.qwen2_5_vl import Qwen25VLEncoder
@@ -23,10 +36,58 @@ def make_encoder(config) -> InstructionEncoder:
             config.model_path,
             context_length=config.context_length,
             dtype=config.dtype,
-            rewrite_reasoning=config.rewrite_reasoning,
             rewrite_max_new_tokens=config.rewrite_max_new_tokens,
+            max_pixels=config.get("max_pixels") or None,
         )
     raise ValueError(f"unknown encoder {config.name!r}; expected one of {ENCODERS}")
 
 
-__all__ = ["ENCODERS", "InstructionEncoder", "make_encoder", "pad_or_truncate"]
+def encoder_input(example: dict, task: str, config) -> tuple[np.ndarray | None, str, bool]:
+    """`(image or None, text, rewrite first)`: what the encoder reads for one source example.
+
+    Segmentation encodes the image with the instruction; generation the caption alone (the image is
+    what gets generated). The two-stage rewrite (`config.rewrite_reasoning`) applies to ReasonSeg's
+    long reasoning queries (`is_sentence`) only, and the VLM rewrites the raw `query`, not the
+    template-wrapped `text`.
+    """
+    with_image = task == "seg" and config.name != "toy"
+    image = example["image"] if with_image else None
+    if task == "seg" and config.get("rewrite_reasoning", False) and example.get("is_sentence", False):
+        return image, example.get("query", example["text"]), True
+    return image, example["text"], False
+
+
+def fingerprint(config) -> dict:
+    """Every `data.encoder` setting that changes a context, as a JSON-able dict (the cache's key)."""
+    if config.name == "toy":
+        return {"encoder": "toy", "context_length": config.context_length, "dim": config.dim,
+                "seed": config.seed}
+    if config.name == "qwen2_5_vl":
+        from genmask_jax.encoders.qwen2_5_vl import REWRITE_PROMPT
+
+        rewrite = bool(config.get("rewrite_reasoning", False))
+        return {
+            "encoder": "qwen2_5_vl",
+            # The folder name, not the path: the same weights sit at other paths on the machine that
+            # precomputes and the ones that train ("Qwen/X" and "/models/X" are both "X").
+            "model": os.path.basename(os.path.normpath(config.model_path)) if config.model_path else "",
+            "context_length": config.context_length,
+            "dtype": config.dtype,
+            "max_pixels": int(config.get("max_pixels") or 0),
+            "rewrite_reasoning": rewrite,
+            "rewrite_prompt": REWRITE_PROMPT if rewrite else None,
+            "rewrite_max_new_tokens": config.rewrite_max_new_tokens if rewrite else None,
+        }
+    raise ValueError(f"unknown encoder {config.name!r}; expected one of {ENCODERS}")
+
+
+__all__ = [
+    "ENCODERS",
+    "ContextError",
+    "InstructionEncoder",
+    "PromptTooLong",
+    "encoder_input",
+    "fingerprint",
+    "make_encoder",
+    "pad_or_truncate",
+]

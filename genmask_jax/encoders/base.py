@@ -2,9 +2,10 @@
 
 An encoder turns images and texts into the DiT's cross-attention context:
 `encode(images, texts) -> (context float32 (B, L, D), mask bool (B, L))` with a fixed `L`
-(`context_length`): shorter sequences are padded with zeros (mask False), longer ones truncated with a
-warning. `images` is a sequence of uint8 `(H, W, 3)` arrays (or None entries / None for text-only
-encoders such as `toy`).
+(`context_length`): shorter sequences are padded with zeros (mask False). A longer `qwen2_5_vl` prompt
+raises `PromptTooLong` (its instruction comes last, so cutting the prompt would cut the instruction);
+the word-level `toy` encoder truncates with a warning. `images` is a sequence of uint8 `(H, W, 3)`
+arrays (or None entries / None for text-only encoders such as `toy`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ class InstructionEncoder(Protocol):
     def encode(
         self, images: Sequence[np.ndarray | None] | None, texts: Sequence[str]
     ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class ContextError(Exception):
+    """A context cannot be produced as configured (a setting or a cache to fix, not a bad example):
+    the data pipelines raise it instead of skipping the example."""
+
+
+class PromptTooLong(ContextError, ValueError):
+    """A prompt longer than `context_length`; `index` is its position in the encoded batch."""
+
+    def __init__(self, message: str, index: int = 0):
+        super().__init__(message)
+        self.index = index
 
 
 class TruncationWarner:

@@ -1,15 +1,22 @@
 """The embedding cache: instruction-encoder contexts of a whole data set, keyed by example id.
 
 Layout of a cache folder:
-  meta.json                         {"dim", "context_length", "dtype", "encoder": fingerprint}
+  meta.json                         {"format", "dim", "context_length", "dtype", "encoder": fingerprint}
   shard-00000.array_record          one record per example (below)
   shard-00000.ids.json              the ids of that shard in record order; written last, atomically,
                                     so a shard without it is incomplete and is rewritten on resume
+  writer.lock                       while a `CacheWriter` is open (one writer per folder)
 
 A record is `uint32 header length | JSON header | contexts`: the header holds `id`, `length` (the
-number of valid tokens T), `text` (what was encoded) and `rewrite` (the VLM's two-stage description,
+number of valid tokens T), `text` (the example's text) and `rewrite` (the VLM's two-stage description,
 or null); the contexts are the `(T, dim)` valid token states in `dtype` (bfloat16 by default).
-`lookup(id)` pads them back to `(context_length, dim)` float32 with a prefix mask.
+`lookup(id, text)` pads them back to `(context_length, dim)` float32 with a prefix mask.
+
+The cache is checked, not trusted: opening it compares its encoder fingerprint
+(`genmask_jax.encoders.fingerprint`) with the config's, a record's header must carry the id it is
+read for, and a lookup with the example's text must find that text in the record (a data change since
+the precompute). Each failure, and an id that is not cached (`CacheMiss`), is a `ContextError`: the
+pipelines stop on it instead of skipping the example.
 """
 
 from __future__ import annotations
@@ -17,12 +24,32 @@ from __future__ import annotations
 import glob
 import json
 import os
+import socket
 import struct
 
 import ml_dtypes
 import numpy as np
 
+from genmask_jax.encoders.base import ContextError
+
+FORMAT = 2  # 1: records indexed by unique id and a partial fingerprint (misreads after a repeated id)
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_PRECOMPUTE = "python -m genmask_jax.encoders.precompute"
+
+
+class CacheMiss(ContextError, KeyError):
+    """An example id the cache does not hold (its split was not precomputed)."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class CacheMismatch(ContextError, ValueError):
+    """The cache does not match the config or the data (other encoder settings, texts, a bad index)."""
+
+
+class CacheLocked(RuntimeError):
+    """Another writer holds the cache folder."""
 
 
 def encode_record(
@@ -51,8 +78,44 @@ def completed_shards(folder: str) -> list[tuple[str, list[str]]]:
     return out
 
 
+def differences(cached: dict, expected: dict) -> list[str]:
+    """`"field: cache A, config B"` for every field where two fingerprints differ."""
+    return [
+        f"{k}: cache {cached.get(k)!r}, config {expected.get(k)!r}"
+        for k in sorted(set(cached) | set(expected))
+        if cached.get(k) != expected.get(k)
+    ]
+
+
+def _flat(meta: dict) -> dict:
+    return {**{k: v for k, v in meta.items() if k != "encoder"}, **meta["encoder"]}
+
+
+def read_meta(folder: str) -> dict:
+    """meta.json of a cache folder; raises for a missing one and for an older format."""
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(
+            f"{folder} is not an embedding cache (no meta.json); write one with `{_PRECOMPUTE}`"
+        )
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise CacheMismatch(
+            f"embedding cache {folder} has format {meta.get('format', 1)}, this code reads format {FORMAT} "
+            f"(older caches can serve another example's context and record too little of the encoder "
+            f"settings to be checked): write a new cache with `{_PRECOMPUTE} --out=NEW_FOLDER`"
+        )
+    return meta
+
+
 class CacheWriter:
-    """Appends shards to a cache folder; `done` holds the ids already cached (resume skips them)."""
+    """Appends shards to a cache folder; `done` holds the ids already cached (resume skips them).
+
+    Holds `writer.lock` (created exclusively) from construction to `close()`: a second writer on the
+    same folder fails instead of deleting the first one's open shard or writing the same shard name.
+    Use it as a context manager, or call `close()`.
+    """
 
     def __init__(
         self,
@@ -67,22 +130,33 @@ class CacheWriter:
             raise ValueError(f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         os.makedirs(folder, exist_ok=True)
         self.folder, self.dim, self.dtype, self.shard_size = folder, dim, dtype, shard_size
-        meta = {"dim": dim, "context_length": context_length, "dtype": dtype, "encoder": fingerprint or {}}
-        meta_path = os.path.join(folder, "meta.json")
+        self._writer, self._ids = None, []
+        self._lock = _acquire_lock(os.path.join(folder, "writer.lock"))
+        try:
+            self._open_folder(context_length, fingerprint or {})
+        except BaseException:
+            os.remove(self._lock)
+            raise
+
+    def _open_folder(self, context_length: int, fingerprint: dict) -> None:
+        meta = {"format": FORMAT, "dim": self.dim, "context_length": context_length, "dtype": self.dtype,
+                "encoder": fingerprint}
+        meta_path = os.path.join(self.folder, "meta.json")
         if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                existing = json.load(f)
-            if existing != meta:
-                raise ValueError(f"cache {folder} was written with {existing}, not {meta}: use another --out")
+            diff = differences(_flat(read_meta(self.folder)), _flat(meta))
+            if diff:
+                raise CacheMismatch(
+                    f"cache {self.folder} was written with other settings ({'; '.join(diff)}): "
+                    "use another --out"
+                )
         else:
             _write_json_atomic(meta_path, meta)
-        shards = completed_shards(folder)
+        shards = completed_shards(self.folder)
         self.done = {i for _, ids in shards for i in ids}
         self.next_shard = len(shards)
-        for stale in glob.glob(os.path.join(folder, "shard-*.array_record")):
+        for stale in glob.glob(os.path.join(self.folder, "shard-*.array_record")):
             if stale not in {s for s, _ in shards}:
-                os.remove(stale)
-        self._writer, self._ids = None, []
+                os.remove(stale)  # an interrupted shard of this folder's (single) writer
 
     def _open(self):
         from array_record.python.array_record_module import ArrayRecordWriter
@@ -91,9 +165,11 @@ class CacheWriter:
         self._writer = ArrayRecordWriter(path, "group_size:1")
 
     def add(self, example_id: str, states: np.ndarray, text: str = "", rewrite: str | None = None) -> None:
-        """`states` float `(T, dim)`: the valid tokens only."""
+        """`states` float `(T, dim)`: the valid tokens only. An id already in the cache is refused."""
         if states.ndim != 2 or states.shape[1] != self.dim:
             raise ValueError(f"states {states.shape} do not match dim {self.dim}")
+        if example_id in self.done:
+            raise ValueError(f"example {example_id!r} is already in cache {self.folder}: ids must be unique")
         if self._writer is None:
             self._open()
         self._writer.write(encode_record(example_id, states, self.dtype, text, rewrite))
@@ -112,7 +188,35 @@ class CacheWriter:
         self.next_shard += 1
 
     def close(self) -> None:
-        self.flush()
+        """Publishes the last shard and releases the folder."""
+        if self._lock is None:
+            return
+        try:
+            self.flush()
+        finally:
+            os.remove(self._lock)
+            self._lock = None
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _acquire_lock(path: str) -> str:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        with open(path) as f:
+            holder = f.read().strip() or "unknown"
+        raise CacheLocked(
+            f"{path} exists: another precompute (host and pid: {holder}) is writing this cache; if it is "
+            "no longer running, delete the lock file and rerun (the rerun resumes)"
+        ) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    return path
 
 
 def _write_json_atomic(path: str, value) -> None:
@@ -123,34 +227,50 @@ def _write_json_atomic(path: str, value) -> None:
 
 
 class EmbeddingCache:
-    """Random-access reader: `lookup(example_id) -> (context (L, D) float32, mask (L,) bool)`."""
+    """Random-access reader: `lookup(example_id, text) -> (context (L, D) float32, mask (L,) bool)`.
 
-    def __init__(self, folder: str, context_length: int | None = None):
+    Args:
+      folder: the cache folder.
+      fingerprint: the config's `genmask_jax.encoders.fingerprint(data.encoder)`; opening fails with
+        the differing fields when the cache was written with other settings. None skips the check.
+      context_length: checked against the cache's when given (implied by `fingerprint`).
+    """
+
+    def __init__(self, folder: str, fingerprint: dict | None = None, context_length: int | None = None):
         from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(
-                f"{folder} is not an embedding cache (no meta.json); write one with "
-                "`python -m genmask_jax.encoders.precompute`"
-            )
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.folder = folder
+        self.meta = read_meta(folder)
         self.dim, self.dtype = self.meta["dim"], self.meta["dtype"]
-        self.context_length = context_length or self.meta["context_length"]
-        if self.context_length != self.meta["context_length"]:
-            raise ValueError(
-                f"cache {folder} has context_length {self.meta['context_length']}, "
-                f"the config asks for {self.context_length}"
+        self.context_length = self.meta["context_length"]
+        if fingerprint is not None:
+            diff = differences(self.meta["encoder"], fingerprint)
+            if diff:
+                raise CacheMismatch(
+                    f"embedding cache {folder} was written with other encoder settings ({'; '.join(diff)}): "
+                    f"set these fields as the cache has them, or write a new cache with `{_PRECOMPUTE}`"
+                )
+        if context_length is not None and context_length != self.context_length:
+            raise CacheMismatch(
+                f"embedding cache {folder} has context_length {self.context_length}, the config asks for "
+                f"{context_length}"
             )
         shards = completed_shards(folder)
         self.index: dict[str, int] = {}
-        for _, ids in shards:
-            offset = len(self.index)
-            for k, example_id in enumerate(ids):
-                self.index[example_id] = offset + k
+        position = 0  # ArrayRecord numbers records across all shards
+        for shard, ids in shards:
+            for example_id in ids:
+                if example_id in self.index:
+                    raise CacheMismatch(f"embedding cache {folder} holds {example_id!r} twice ({shard})")
+                self.index[example_id] = position
+                position += 1
         self._shards = [s for s, _ in shards]
         self._source = ArrayRecordDataSource(self._shards) if self._shards else None
+        if position != (len(self._source) if self._source is not None else 0):
+            raise CacheMismatch(
+                f"embedding cache {folder}: its ids.json files list {position} ids, its shards hold "
+                f"{len(self._source)} records"
+            )
 
     def __len__(self) -> int:
         return len(self.index)
@@ -158,15 +278,31 @@ class EmbeddingCache:
     def __contains__(self, example_id: str) -> bool:
         return example_id in self.index
 
+    def missing(self, ids) -> list[str]:
+        """The ids (in the given order) that the cache does not hold; no record is read."""
+        return [i for i in ids if i not in self.index]
+
     def record(self, example_id: str) -> tuple[dict, np.ndarray]:
         """(header with text / rewrite, states float32 (T, D)) of one example."""
         if example_id not in self.index:
-            raise KeyError(f"example {example_id!r} is not in the embedding cache")
-        data = self._source[self.index[example_id]]
-        return decode_record(data, self.dim, self.dtype)
+            raise CacheMiss(f"example {example_id!r} is not in the embedding cache {self.folder}")
+        header, states = decode_record(self._source[self.index[example_id]], self.dim, self.dtype)
+        if header["id"] != example_id:
+            raise CacheMismatch(
+                f"embedding cache {self.folder}: the record indexed as {example_id!r} holds "
+                f"{header['id']!r} (shards and ids.json files do not match)"
+            )
+        return header, states
 
-    def lookup(self, example_id: str) -> tuple[np.ndarray, np.ndarray]:
-        _, states = self.record(example_id)
+    def lookup(self, example_id: str, text: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`text`: the example's text, checked against the one that was encoded (None: unchecked)."""
+        header, states = self.record(example_id)
+        if text is not None and header["text"] != text:
+            raise CacheMismatch(
+                f"embedding cache {self.folder}: {example_id!r} was encoded from {header['text'][:120]!r}, "
+                f"the data now gives {text[:120]!r}: the data changed since the precompute; write a new "
+                f"cache with `{_PRECOMPUTE}`"
+            )
         n = min(states.shape[0], self.context_length)
         context = np.zeros((self.context_length, self.dim), np.float32)
         context[:n] = states[:n]

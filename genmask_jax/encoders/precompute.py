@@ -1,64 +1,102 @@
 """Writes the instruction-encoder contexts of whole data sets into an embedding cache.
 
-  python -m genmask_jax.encoders.precompute --config configs/genmask.py:variant=1.3b --out CACHE \
-      [--splits train,val,testA] [--batch-size 8] [--shard-size 1000] [--dtype bfloat16]
+  python -m genmask_jax.encoders.precompute --config=configs/genmask.py:variant=paper \
+      --config.data.encoder.model_path=/models/Qwen2.5-VL-7B-Instruct \
+      --config.data.refcoco.data_dir=/data/tfds --config.data.reasonseg.root=/data/ReasonSeg \
+      --config.data.captions.path=/data/captions.jsonl --out=/data/qwen_cache \
+      [--splits=all] [--batch_size=8] [--shard_size=1000] [--dtype=bfloat16]
 
-`--config` is a config file whose `get_config(arg)` returns either the data config itself or a config
-with a `data` field (`genmask_jax.data.pipeline.default_data_config()` layout). Every example of the
-segmentation sources in every split and of the generation sources in the training split is encoded
-with `data.encoder` and stored by example id. Rerunning the same command resumes: cached ids are
-skipped. Then set `data.encoder.cache_dir = CACHE` and the pipelines read contexts from it.
-With `data.encoder.rewrite_reasoning`, long reasoning queries (ReasonSeg sentences) are first rewritten
-by the VLM and the description is stored in the record beside the context.
+`--config` is an experiment config (with a `data` field) or a data config
+(`genmask_jax.data.pipeline.default_data_config()` layout), with `--config.field=value` overrides.
+Every example is encoded with `data.encoder`, read exactly as the pipelines that will look it up
+read it:
+  - the training split (`data.train_split`): the segmentation sources as the training pipeline reads
+    them, and the generation sources;
+  - the evaluation splits of each segmentation source, as the evaluation job reads them (its
+    `DATASETS` table: e.g. refcoco_unc val/testA/testB, refcocog_umd val/test, reasonseg val/test).
+`--splits=all` takes every one of them; `--splits=train,val` only these names, each source only the
+splits it has (a name that no source has is an error).
+
+Rerunning the same command resumes: cached ids are skipped. A cache written with other encoder
+settings is refused, and so is a second writer on the same folder (`writer.lock`): run it on one host.
+Then train / evaluate with `--config.data.encoder.cache_dir=CACHE` and the same `data.encoder`
+settings. With `data.encoder.rewrite_reasoning`, ReasonSeg's long queries are first rewritten by the
+VLM (`genmask_jax.encoders.encoder_input`) and the description is stored beside the context.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import logging
-import sys
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import tqdm
 
 from genmask_jax.data.skips import SkipLog, skip_reason
-from genmask_jax.data.sources import make_task_source
-from genmask_jax.encoders import make_encoder
+from genmask_jax.data.sources import make_task_source, parse_names
+from genmask_jax.encoders import PromptTooLong, encoder_input, fingerprint, make_encoder
 from genmask_jax.encoders.cache import CacheWriter
 
 log = logging.getLogger("genmask_jax.encoders.precompute")
 
 
-def load_data_config(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("precompute_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
-    return config.data if "data" in config else config
+class PrecomputeError(ValueError):
+    """A request that cannot be precomputed as given (an unknown split, ids that repeat)."""
 
 
-def _fingerprint(encoder, config) -> dict:
-    if hasattr(encoder, "fingerprint"):
-        return encoder.fingerprint()
-    return {
-        "encoder": encoder.name,
-        "dim": encoder.dim,
-        "context_length": encoder.context_length,
-        "seed": int(config.encoder.get("seed", 0)),
-    }
+class Job(NamedTuple):
+    """One source set to encode: `data_config` reads it with `make_task_source(names, split, ...)`."""
+
+    label: str
+    task: str
+    split: str
+    names: str
+    data_config: object
 
 
-def _encode_batch(encoder, batch, writer: CacheWriter, rewrite_reasoning: bool, task: str) -> None:
-    """Segmentation encodes image + instruction; generation the caption alone (the image is the target)."""
-    with_image = task == "seg" and encoder.name != "toy"
-    images = [raw["image"] if with_image else None for _, raw in batch]
-    flags = [rewrite_reasoning and bool(raw.get("is_sentence")) for _, raw in batch]
-    texts = [raw.get("query", raw["text"]) if flag else raw["text"] for (_, raw), flag in zip(batch, flags)]
-    if any(flags):
-        contexts, masks = encoder.encode(images, texts, rewrite=flags)
-    else:
-        contexts, masks = encoder.encode(images, texts)
+def plan_jobs(data_config, splits: Sequence[str]) -> list[Job]:
+    """The training split of every source and the evaluation splits of the segmentation sources that
+    `splits` names ("all": every one), each read with the data config its consumer uses."""
+    from genmask_jax.eval.job import DATASETS, SplitSpec, split_data_config
+
+    wanted = set(splits)
+    every = "all" in wanted
+    train = data_config.train_split
+    jobs = []
+    if every or train in wanted:
+        for task, names in (("seg", data_config.seg_sources), ("gen", data_config.gen_sources)):
+            if parse_names(names):
+                jobs.append(Job(f"{task}/{train}", task, train, names, data_config))
+    seg_names = parse_names(data_config.seg_sources)
+    # "ref_coco_bv/refcoco_unc:1.0.0" holds the refcoco_unc splits too
+    refcoco_configs = {n.split("/")[-1].split(":")[0] for n in parse_names(data_config.refcoco.name)}
+    available = {train}
+    for dataset, (source, refcoco_config, eval_splits) in DATASETS.items():
+        if source not in seg_names or (refcoco_config is not None and refcoco_config not in refcoco_configs):
+            continue
+        available.update(eval_splits)
+        for split in eval_splits:
+            if every or split in wanted:
+                config = split_data_config(data_config, SplitSpec(dataset, split))
+                jobs.append(Job(f"{dataset}/{split}", "seg", split, config.seg_sources, config))
+    unknown = sorted(wanted - available - {"all"})
+    if unknown:
+        raise PrecomputeError(
+            f"no source has split(s) {', '.join(unknown)}; these sources have {', '.join(sorted(available))}"
+        )
+    return jobs
+
+
+def _encode_batch(encoder, batch: list, writer: CacheWriter, task: str, encoder_config) -> None:
+    inputs = [encoder_input(raw, task, encoder_config) for _, raw in batch]
+    images, texts, flags = (list(column) for column in zip(*inputs))
+    try:
+        if any(flags):
+            contexts, masks = encoder.encode(images, texts, rewrite=flags)
+        else:
+            contexts, masks = encoder.encode(images, texts)
+    except PromptTooLong as e:
+        raise PromptTooLong(f"example {batch[e.index][0]!r}: {e}", index=e.index) from None
     rewrites = getattr(encoder, "last_rewrites", None) or [None] * len(batch)
     for (example_id, raw), context, mask, rewrite in zip(batch, contexts, masks, rewrites):
         writer.add(example_id, context[mask], text=raw["text"], rewrite=rewrite)
@@ -67,69 +105,97 @@ def _encode_batch(encoder, batch, writer: CacheWriter, rewrite_reasoning: bool, 
 def precompute(
     data_config,
     out: str,
-    splits: list[str],
+    splits: Sequence[str] = ("all",),
     batch_size: int = 8,
     shard_size: int = 1000,
     dtype: str = "bfloat16",
     encoder=None,
 ) -> dict:
-    """Fills the cache at `out`; returns {"written": n, "already": n, "skips": summary}."""
+    """Fills the cache at `out`; returns {"written": n, "already": n, "skips": summary}.
+
+    `encoder`: an encoder built from `data_config.encoder` (tests pass one to reuse a loaded model).
+    """
+    jobs = plan_jobs(data_config, splits)
     encoder = encoder or make_encoder(data_config.encoder)
-    writer = CacheWriter(
-        out, encoder.dim, encoder.context_length, dtype, _fingerprint(encoder, data_config), shard_size
-    )
+    config = data_config.encoder
+    if (encoder.name, encoder.context_length) != (config.name, config.context_length):
+        raise ValueError(f"the encoder {encoder.name} (L={encoder.context_length}) is not data.encoder's")
     skips = SkipLog("precompute")
-    rewrite_reasoning = bool(data_config.encoder.get("rewrite_reasoning", False))
     written = already = 0
-    jobs = [(split, "seg", data_config.seg_sources) for split in splits]
-    jobs.append((data_config.train_split, "gen", data_config.gen_sources))
-    for split, task, names in jobs:
-        if not names or (task == "gen" and data_config.train_split not in splits):
-            continue
-        source = make_task_source(names, split, data_config, task)
-        batch = []
-        for index in tqdm.trange(len(source), desc=f"{task}/{split}", unit="ex"):
-            example_id = source.example_id(index)
-            if example_id in writer.done:
-                already += 1
-                continue
-            try:
-                batch.append((example_id, source[index]))
-            except Exception as e:  # noqa: BLE001  (a bad example is a logged skip)
-                skips.add(example_id, skip_reason(e))
-                continue
-            if len(batch) == batch_size:
-                _encode_batch(encoder, batch, writer, rewrite_reasoning, task)
-                written, batch = written + len(batch), []
-        if batch:
-            _encode_batch(encoder, batch, writer, rewrite_reasoning, task)
-            written += len(batch)
-        writer.flush()
-    writer.close()
+    with CacheWriter(
+        out, encoder.dim, encoder.context_length, dtype, fingerprint(data_config.encoder), shard_size
+    ) as writer:
+        for job in jobs:
+            source = make_task_source(job.names, job.split, job.data_config, job.task)
+            batch, seen = [], set()
+            for index in tqdm.trange(len(source), desc=job.label, unit="ex"):
+                example_id = source.example_id(index)
+                if example_id in seen:
+                    raise PrecomputeError(
+                        f"{job.label}: example id {example_id!r} occurs twice (again at index {index}); "
+                        "ids key the cache, so a source must give every example its own id"
+                    )
+                seen.add(example_id)
+                if example_id in writer.done:
+                    already += 1
+                    continue
+                try:
+                    batch.append((example_id, source[index]))
+                except Exception as e:  # noqa: BLE001  (a bad example is a logged skip)
+                    skips.add(example_id, skip_reason(e))
+                    continue
+                if len(batch) == batch_size:
+                    _encode_batch(encoder, batch, writer, job.task, data_config.encoder)
+                    written, batch = written + len(batch), []
+            if batch:
+                _encode_batch(encoder, batch, writer, job.task, data_config.encoder)
+                written += len(batch)
+            writer.flush()
     log.info("cache %s: %d written, %d already there; %s", out, written, already, skips.summary())
     return {"written": written, "already": already, "skips": skips.summary()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m genmask_jax.encoders.precompute",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", required=True, help="config file[:arg]")
-    parser.add_argument("--out", required=True, help="cache folder")
-    parser.add_argument("--splits", default="train", help="comma-separated splits of the seg sources")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--shard-size", type=int, default=1000)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    data_config = load_data_config(args.config)
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    result = precompute(data_config, args.out, splits, args.batch_size, args.shard_size, args.dtype)
-    print(result)
-    return 0
+def _define_flags():
+    from absl import flags
+
+    from genmask_jax.infer import cli
+
+    config = cli.define_config_flag()
+    flags.DEFINE_string("out", None, "The cache folder (created; an existing cache is resumed).")
+    flags.DEFINE_list("splits", ["all"], "Splits to encode (each source only those it has), or 'all'.")
+    flags.DEFINE_integer("batch_size", 8, "Examples per encoder call.")
+    flags.DEFINE_integer("shard_size", 1000, "Records per array_record shard.")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Stored context dtype.")
+    flags.mark_flags_as_required(["config", "out"])
+    return config
+
+
+def main(config) -> None:
+    from absl import flags
+
+    from genmask_jax.encoders.base import ContextError
+    from genmask_jax.encoders.cache import CacheLocked
+    from genmask_jax.infer import cli
+
+    args = flags.FLAGS
+    data_config = config.data if "data" in config else config
+    try:
+        jobs = plan_jobs(data_config, args.splits)
+        print(f"encoding {', '.join(j.label for j in jobs)} into {args.out}", flush=True)
+        encoder = make_encoder(data_config.encoder)
+    except ValueError as e:  # an unknown split, an empty model path, settings that cannot fit
+        raise cli.InputError(str(e)) from e
+    try:
+        result = precompute(
+            data_config, args.out, args.splits, args.batch_size, args.shard_size, args.dtype, encoder
+        )
+    except (PrecomputeError, ContextError, CacheLocked) as e:
+        raise cli.InputError(str(e)) from e
+    print(result, flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from genmask_jax.infer import cli
+
+    _CONFIG = _define_flags()
+    cli.run(lambda: main(_CONFIG.value), prog="genmask_jax.encoders.precompute")

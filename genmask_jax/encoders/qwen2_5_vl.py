@@ -2,8 +2,13 @@
 
 The image and the instruction go through the model's chat template as one user turn
 (`<|vision_start|><|image_pad|>...<|vision_end|>instruction`); the context is the language model's last
-hidden states over the whole prompt (`(B, L, 3584)` for the 7B model), padded / truncated to `L`.
+hidden states over the whole prompt (`(B, L, 3584)` for the 7B model), zero-padded to `L`.
 Texts without an image (captions for generation) are encoded as text-only turns.
+
+The instruction comes last in the prompt, so a prompt longer than `L` is refused (`PromptTooLong`,
+with its lengths) rather than cut: cutting it would drop the instruction and leave contexts that no
+longer depend on it. `max_pixels` bounds the image's share: the image processor resizes so that
+H * W <= max_pixels, and each 28 x 28 patch (14-pixel patches merged 2 x 2) is one token.
 
 We build the model inputs ourselves rather than through `Qwen2_5_VLProcessor`, whose constructor needs
 the torchvision video processor: the PIL image processor (`Qwen2VLImageProcessorPil`) gives
@@ -12,20 +17,20 @@ the torchvision video processor: the PIL image processor (`Qwen2VLImageProcessor
 (0 text, 1 image) is passed explicitly: without it transformers 5 silently falls back to 1D positions
 instead of M-RoPE (DESIGN.md 2).
 
-Two-stage reasoning (`rewrite`): the VLM first answers the long query with a short referring
-description (greedy, at most `rewrite_max_new_tokens` tokens) and that description is what gets
-encoded; `last_rewrites` keeps the generated texts for the embedding cache's records.
+Two-stage reasoning (`encode(..., rewrite=flags)`): the VLM first answers the flagged queries with a
+short referring description (greedy, at most `rewrite_max_new_tokens` tokens) and that description is
+what gets encoded; `last_rewrites` keeps the generated texts for the embedding cache's records. Which
+examples are rewritten is the data's rule (`genmask_jax.encoders.encoder_input`), not the encoder's.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from genmask_jax.encoders.base import TruncationWarner, pad_or_truncate
+from genmask_jax.encoders.base import PromptTooLong, pad_or_truncate
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,6 @@ class Qwen25VLEncoder:
         model_path: str,
         context_length: int = 512,
         dtype: str = "bfloat16",
-        rewrite_reasoning: bool = False,
         rewrite_max_new_tokens: int = 32,
         device: str | None = None,
         max_pixels: int | None = None,
@@ -67,18 +71,24 @@ class Qwen25VLEncoder:
         self.tokenizer.padding_side = "right"
         kwargs = {"max_pixels": max_pixels} if max_pixels else {}
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_path, **kwargs)
+        self.merge_size = getattr(self.image_processor, "merge_size", 2)
+        pixels = self.image_processor.size["longest_edge"]
+        self.max_image_tokens = pixels // (self.image_processor.patch_size * self.merge_size) ** 2
+        if self.max_image_tokens >= context_length:  # before loading the model: fail in seconds
+            raise ValueError(
+                f"max_pixels={pixels} lets an image take up to {self.max_image_tokens} tokens, all of "
+                f"context_length={context_length}: lower data.encoder.max_pixels or raise context_length"
+            )
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=self.torch_dtype)
         self.model.to(self.device).eval()
         config = self.model.config
         self.image_token_id = config.image_token_id
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-        self.merge_size = getattr(self.image_processor, "merge_size", 2)
         self.dim = config.text_config.hidden_size
         self.context_length = context_length
-        self.rewrite_reasoning, self.rewrite_max_new_tokens = rewrite_reasoning, rewrite_max_new_tokens
+        self.rewrite_max_new_tokens = rewrite_max_new_tokens
         self.add_generation_prompt = add_generation_prompt
         self.last_rewrites: list[str | None] = []
-        self._warn = TruncationWarner(self.name)
         self.model_path = model_path
         log.info("Qwen2.5-VL encoder from %s: hidden %d, %s on %s", model_path, self.dim, dtype, self.device)
 
@@ -125,47 +135,40 @@ class Qwen25VLEncoder:
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [t.strip() or q for t, q in zip(texts, queries)]
 
-    def hidden_states(self, images: Sequence[np.ndarray | None], texts: Sequence[str]) -> list[np.ndarray]:
-        """Per example float32 `(T_i, D)` last hidden states over the prompt's real tokens."""
-        inputs = self.model_inputs(images, texts, generation_prompt=self.add_generation_prompt)
-        with self.torch.no_grad():
-            states = self.model.model(**inputs).last_hidden_state
-        states = states.float().cpu().numpy()
-        mask = inputs["attention_mask"].bool().cpu().numpy()
-        return [s[m] for s, m in zip(states, mask)]
+    def check_lengths(self, inputs: dict, texts: Sequence[str]) -> None:
+        """Raises `PromptTooLong` for the first prompt of the batch longer than `context_length`."""
+        lengths = inputs["attention_mask"].sum(1).tolist()
+        image_tokens = inputs["mm_token_type_ids"].sum(1).tolist()
+        for i, (n, n_image) in enumerate(zip(lengths, image_tokens)):
+            if n > self.context_length:
+                raise PromptTooLong(
+                    f"prompt of {n} tokens ({n_image} image tokens, {n - n_image} chat template and "
+                    f"instruction tokens) does not fit context_length={self.context_length}; lower "
+                    f"data.encoder.max_pixels or raise context_length; instruction {texts[i][:200]!r}",
+                    index=i,
+                )
 
     def encode(
         self,
         images: Sequence[np.ndarray | None] | None,
         texts: Sequence[str],
-        rewrite: Sequence[bool] | bool | None = None,
+        rewrite: Sequence[bool] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """`rewrite[i]`: rewrite text `i` first (two-stage reasoning); None rewrites nothing."""
         images = list(images) if images is not None else [None] * len(texts)
-        if rewrite is None:
-            rewrite = self.rewrite_reasoning
-        flags = [bool(rewrite)] * len(texts) if isinstance(rewrite, bool) else [bool(r) for r in rewrite]
         texts = list(texts)
+        flags = [False] * len(texts) if rewrite is None else [bool(r) for r in rewrite]
         self.last_rewrites = [None] * len(texts)
         chosen = [i for i, f in enumerate(flags) if f]
         if chosen:
             rewritten = self.rewrite([images[i] for i in chosen], [texts[i] for i in chosen])
             for i, text in zip(chosen, rewritten):
                 self.last_rewrites[i], texts[i] = text, text
-        contexts, masks = [], []
-        for text, states in zip(texts, self.hidden_states(images, texts)):
-            if states.shape[0] > self.context_length:
-                self._warn(states.shape[0], self.context_length, text)
-            context, mask = pad_or_truncate(states, self.context_length)
-            contexts.append(context)
-            masks.append(mask)
-        return np.stack(contexts), np.stack(masks)
-
-    def fingerprint(self) -> dict:
-        """What the cache records to refuse mixing contexts from different encoders."""
-        return {
-            "encoder": self.name,
-            "model": os.path.basename(os.path.normpath(self.model_path)),
-            "dim": self.dim,
-            "context_length": self.context_length,
-            "add_generation_prompt": self.add_generation_prompt,
-        }
+        inputs = self.model_inputs(images, texts, generation_prompt=self.add_generation_prompt)
+        self.check_lengths(inputs, texts)
+        with self.torch.no_grad():
+            states = self.model.model(**inputs).last_hidden_state
+        states = states.float().cpu().numpy()
+        valid = inputs["attention_mask"].bool().cpu().numpy()
+        pairs = [pad_or_truncate(s[m], self.context_length) for s, m in zip(states, valid)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

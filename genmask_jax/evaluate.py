@@ -1,14 +1,21 @@
 """Batch evaluation of a trained checkpoint on named splits (single-step inference by default).
 
     python -m genmask_jax.evaluate --checkpoint=WORKDIR --split=synthetic:test
-    python -m genmask_jax.evaluate --config=configs/genmask.py:variant=paper \
-        --config.data.refcoco.data_dir=/data/tfds --checkpoint=WORKDIR/checkpoints/8000 \
+    python -m genmask_jax.evaluate --checkpoint=gs://bucket/paper --config.data.refcoco.data_dir=/data/tfds \
         --split=refcoco_unc:val,refcoco_unc:testA,refcoco_unc:testB --format=rle --out=/results
 
 Splits: synthetic:val|test, refcoco_unc:val|testA|testB, refcocoplus_unc:val|testA|testB,
-refcocog_umd:val|test, reasonseg:val|test. Without --config the config saved with the checkpoint is used.
+refcocog_umd:val|test, reasonseg:val|test (comma-separated, or --split repeated).
+The config is the one saved with the checkpoint; `--config.field=value` overrides apply to it (moved
+data: `--config.data.refcoco.data_dir`, `--config.data.reasonseg.root`, `--config.data.encoder.cache_dir`;
+moved converted VAE: `--config.vae_from`). `--config=configs/<exp>.py[:args]` replaces it instead (a
+warning when its model or VAE differs from the run's; an error when it would decode with a random VAE
+the run was not trained with).
 Results (per split: metrics.json, masks/*.png or predictions.json) go to --out, by default
-<workdir>/eval/step_<N>; an interrupted run resumes where it stopped.
+<workdir>/eval/step_<N>; an interrupted run resumes where it stopped, and a rerun into the same --out
+with other settings (checkpoint, step, EMA or raw parameters, steps, seed, prediction-relevant config)
+is refused. Under launch/gpu.sh or launch/tpu.sh every process evaluates its share of each split
+(`config.distributed`, as training).
 """
 
 from absl import flags
@@ -17,7 +24,12 @@ from genmask_jax.infer import cli
 
 _CONFIG = cli.define_config_flag()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints folder or step folder.")
-_SPLIT = flags.DEFINE_list("split", None, "Split(s) to evaluate, e.g. synthetic:test,refcoco_unc:testA.")
+_SPLIT = flags.DEFINE_multi_string(
+    "split",
+    None,
+    "Split(s) to evaluate, e.g. synthetic:test or refcoco_unc:val,refcoco_unc:testA; repeat the flag or "
+    "separate with commas.",
+)
 _STEPS = flags.DEFINE_integer("steps", 1, "Denoising steps (1 = the paper's single-step inference).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default <workdir>/eval/step_<N>).")
 _FORMAT = flags.DEFINE_enum(
@@ -33,6 +45,7 @@ def main() -> None:
     import jax
     from etils import epath
 
+    from genmask_jax.encoders.base import ContextError
     from genmask_jax.eval import job
     from genmask_jax.infer import checkpoint
 
@@ -42,22 +55,22 @@ def main() -> None:
         raise cli.InputError(str(e)) from e
     cli.require(_STEPS.value >= 1, f"--steps must be >= 1, got {_STEPS.value}")
     cli.require(_BATCH.value >= 0, f"--batch_size must be >= 0, got {_BATCH.value}")
-    directory, step = checkpoint.resolve(_CHECKPOINT.value)
+    directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
     out = _OUT.value or str(default_out(directory, step))
-    config = _CONFIG.value if _CONFIG.value is not None else checkpoint.saved_config(directory, step)
     try:
         job.check_sources(config.data, splits)
-    except job.EvaluationError as e:
+    except (job.EvaluationError, ContextError) as e:  # a split or its embedding cache to fix
         raise cli.InputError(str(e)) from e
-    loaded = checkpoint.load(_CHECKPOINT.value, config, use_ema=_EMA.value)
+    loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
     print(
-        f"evaluating step {loaded.step} of {loaded.directory} on {', '.join(s.name for s in splits)} "
-        f"({_STEPS.value}-step, {jax.device_count()} devices, {jax.process_count()} processes) -> {out}",
+        f"evaluating step {loaded.step} of {loaded.directory} ({loaded.params_key}) on "
+        f"{', '.join(s.name for s in splits)} ({_STEPS.value}-step, {jax.device_count()} devices, "
+        f"{jax.process_count()} processes) -> {out}",
         flush=True,
     )
     try:
         results = job.run(loaded, splits, out, _STEPS.value, _FORMAT.value, _BATCH.value, _SEED.value)
-    except job.EvaluationError as e:  # --out holds a different evaluation
+    except (job.EvaluationError, ContextError) as e:  # another run's --out, unreadable data, the cache
         raise cli.InputError(str(e)) from e
     for name, metrics in results.items():
         print(

@@ -7,7 +7,11 @@
 steps): a second-order multistep method at one model call a step, as Euler (the two compared on the demo's
 model in BENCHMARKS.md).
 
-Several --prompt give several images (`{i}` in --out, else `_<i>` before the extension).
+Several --prompt give several images (`{i}` in --out, else `_<i>` before the extension); prompt i
+starts from the noise of `fold_in(key(seed), i)`, so its image does not depend on the other prompts.
+The config is the one saved with the checkpoint; `--config.field=value` overrides apply to it, and
+`--config=configs/<exp>.py[:args]` replaces it. Under a multi-process launch every process computes
+the same images and process 0 writes them.
 """
 
 from absl import flags
@@ -43,6 +47,8 @@ def parse_size(values) -> tuple[int, int] | None:
 
 
 def main() -> None:
+    import jax
+
     from genmask_jax.infer import checkpoint, images
     from genmask_jax.infer.generator import Generator
 
@@ -52,8 +58,8 @@ def main() -> None:
     cli.require(_STEPS.value >= 1, f"--steps must be >= 1, got {_STEPS.value}")
     cli.require(_SHIFT.value > 0, f"--shift must be > 0, got {_SHIFT.value}")
     size = parse_size(_SIZE.value)
-    checkpoint.resolve(_CHECKPOINT.value)
-    loaded = checkpoint.load(_CHECKPOINT.value, _CONFIG.value, use_ema=_EMA.value)
+    directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
+    loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
     generator = Generator(loaded)
     print(
         f"generating {len(prompts)} image(s), {_STEPS.value} {_SAMPLER.value} steps, cfg {_CFG.value}, "
@@ -61,6 +67,8 @@ def main() -> None:
         flush=True,
     )
     pictures = generator(prompts, _STEPS.value, _CFG.value, _SEED.value, _SHIFT.value, size, _SAMPLER.value)
+    if jax.process_index() != 0:
+        return
     for i, (prompt, picture) in enumerate(zip(prompts, pictures)):
         out = images.numbered(_OUT.value, i, len(prompts))
         images.write_image(picture, out)

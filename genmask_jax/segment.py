@@ -7,7 +7,11 @@
 
 Images and prompts pair up one to one, or one of them is shared by all the others. With several
 outputs, --out/--overlay get the output number: `{i}` in the name, else `_<i>` before the extension.
-Masks are written at each image's original size (PNG, foreground 255).
+Masks are written at each image's original size (PNG, foreground 255): the model's score is resized
+bilinearly to it and thresholded there. The config is the one saved with the checkpoint;
+`--config.field=value` overrides apply to it (e.g. `--config.vae_from=` a moved converted VAE), and
+`--config=configs/<exp>.py[:args]` replaces it. Under a multi-process launch (launch/gpu.sh,
+launch/tpu.sh) every process computes the same masks and process 0 writes them.
 """
 
 from absl import flags
@@ -42,6 +46,8 @@ def pair_inputs(images: list, prompts: list) -> list[tuple]:
 
 
 def main() -> None:
+    import jax
+
     from genmask_jax.infer import checkpoint, images
     from genmask_jax.infer.segmenter import Segmenter
 
@@ -53,10 +59,12 @@ def main() -> None:
     cli.require(_STEPS.value >= 1, f"--steps must be >= 1, got {_STEPS.value}")
     pairs = pair_inputs(list(_IMAGE.value), prompts)
     pixels = {path: images.read_image(path) for path in dict.fromkeys(_IMAGE.value)}
-    checkpoint.resolve(_CHECKPOINT.value)
-    loaded = checkpoint.load(_CHECKPOINT.value, _CONFIG.value, use_ema=_EMA.value)
+    directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
+    loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
     segmenter = Segmenter(loaded, num_steps=_STEPS.value, seed=_SEED.value)
     masks = segmenter([pixels[path] for path, _ in pairs], [p for _, p in pairs])
+    if jax.process_index() != 0:
+        return
     for i, ((path, prompt), mask) in enumerate(zip(pairs, masks)):
         out = images.numbered(_OUT.value, i, len(pairs))
         images.write_mask(mask, out)

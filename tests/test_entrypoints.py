@@ -14,6 +14,7 @@ import sys
 import time
 import types
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -95,6 +96,168 @@ def test_bad_input_is_one_line(files, module, args, message):
     assert lines[-1].startswith(f"{module}: error: ") and message in lines[-1], result.stderr
     assert sum("error" in line for line in lines) == 1
     assert not out.exists() and not (files / "w").exists()
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A checkpoint (placeholder parameters) whose saved config has training-time fields an inference
+    command must keep (`vae_from`) and a data path it must let the user change; the ':' in its path
+    stands for gs:// paths (ml_collections splits `--config=file:arg` at the first ':')."""
+    from configs.genmask import get_config
+    from genmask_jax.train import checkpointing
+
+    config = get_config("variant=tiny")
+    config.vae_from = "/training/machine/wan_vae"
+    config.data.refcoco.data_dir = "/training/machine/tfds"
+    run = tmp_path_factory.mktemp("saved") / "run:1"
+    ckpt = checkpointing.Checkpointer(run / "checkpoints", async_save=False)
+    ckpt.save(5, {"step": np.asarray(5, np.int32), "params": {"w": np.ones(2, np.float32)}}, config=config)
+    ckpt.close()
+    return run
+
+
+def test_overrides_without_config_apply_to_the_saved_config(saved_run):
+    """`--config.field=value` with no `--config` changes the checkpoint's own config (vae_from kept),
+    and pins --checkpoint to the step whose config was read."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from genmask_jax.infer import cli as cli_lib
+
+    argv = ["prog", f"--checkpoint={saved_run}", "--config.data.refcoco.data_dir=/data/tfds", "--split=x"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv, lock_config=True)
+    flags.DEFINE_string("checkpoint", None, "", flag_values=flag_values)
+    flags.DEFINE_string("split", None, "", flag_values=flag_values)
+    flag_values(cli_lib.with_checkpoint_config(argv, flag_values))
+    config = flag_values.config
+    assert config.data.refcoco.data_dir == "/data/tfds"
+    assert config.vae_from == "/training/machine/wan_vae" and config.data.encoder.name == "toy"
+    assert flag_values.checkpoint == f"{saved_run}/checkpoints/5"
+    # With --config given, or no override, argv is left alone.
+    explicit = argv[:2] + ["--config=configs/genmask.py", "--config.seed=1"]
+    for unchanged in (explicit, argv[:2] + ["--split=x"]):
+        assert cli_lib.with_checkpoint_config(unchanged, flag_values) == unchanged
+
+
+def test_a_given_config_is_checked_against_the_saved_one(caplog):
+    """A replacing --config: a warning when the model or the converted VAE's path differs, an error when
+    the VAE would be a random one the run was not trained with."""
+    from configs.genmask import get_config
+    from genmask_jax.infer import checkpoint
+
+    run = get_config()
+    run.vae_from = "/ckpt/wan_vae"
+    saved = ml_collections.ConfigDict(checkpoint.as_json(run))  # as read back: tuples are lists
+    checkpoint.check_against_saved(run, saved, "ckpt")  # the same config: silent
+    assert not caplog.records
+    given = get_config()
+    with pytest.raises(checkpoint.CheckpointError, match="converted VAE /ckpt/wan_vae.*random VAE of seed 0"):
+        checkpoint.check_against_saved(given, saved, "ckpt")
+    given.vae_from = "/elsewhere/wan_vae"
+    given.model.dit["num_layers"] += 1
+    checkpoint.check_against_saved(given, saved, "ckpt")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("config.model.dit differs" in w for w in warnings)
+    assert any("'/elsewhere/wan_vae', the run was trained with '/ckpt/wan_vae'" in w for w in warnings)
+    random_run = ml_collections.ConfigDict(checkpoint.as_json(get_config()))
+    other_seed = get_config()
+    other_seed.seed = 4
+    with pytest.raises(checkpoint.CheckpointError, match="random VAE of seed 0.*--config.seed=0"):
+        checkpoint.check_against_saved(other_seed, random_run, "ckpt")
+
+
+README_SHAPES = [
+    # README: evaluate a run with its data moved; --config.* without --config used to be an unknown flag.
+    (
+        "genmask_jax.evaluate",
+        [
+            "--checkpoint={run}",
+            "--config.data.refcoco.data_dir={root}/tfds",
+            "--split=refcoco_unc:val,refcoco_unc:testA,refcoco_unc:testB",
+            "--format=rle",
+        ],
+        "in '{root}/tfds'",  # the override reached the data source (nothing is prepared there)
+    ),
+    ("genmask_jax.evaluate", ["--checkpoint={run}", "--config.data.shapes.tset_size=3"], "tset_size"),
+    # a replacing --config without the run's converted VAE would decode with a random one
+    (
+        "genmask_jax.evaluate",
+        [*TINY, "--checkpoint={run}", "--split=synthetic:test"],
+        "trained with the converted VAE /training/machine/wan_vae",
+    ),
+    (
+        "genmask_jax.segment",
+        ["--checkpoint={run}", "--config.data.fit=crop", "--image={root}/broken.jpg", "--prompt=x"],
+        "cannot read image",  # the override parsed: the next problem is the image
+    ),
+    ("genmask_jax.generate", ["--checkpoint={run}", "--config.seed=1", "--prompt=a", "--shift=0"], "--shift"),
+]
+
+
+@pytest.mark.parametrize("module,args,message", README_SHAPES, ids=lambda x: x if isinstance(x, str) else "")
+def test_override_shapes_of_the_readme(files, saved_run, module, args, message):
+    args = [a.format(root=files, run=saved_run) for a in args]
+    if module == "genmask_jax.evaluate" and not any(a.startswith("--split") for a in args):
+        args.append("--split=synthetic:test")
+    if module != "genmask_jax.evaluate":
+        args.append(f"--out={files}/out.png")
+    result = cli(module, *args, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith(f"{module}: error: "), result.stderr
+    assert message.format(root=files) in lines[-1], result.stderr
+    assert "Unknown command line flag" not in result.stderr
+
+
+def tiny_loaded(config=None):
+    """A LoadedModel of the tiny config with random parameters, on this process's first device."""
+    import flax.linen as nn
+    import jax
+
+    from configs.genmask import get_config
+    from genmask_jax.infer import checkpoint
+    from genmask_jax.models import build
+    from genmask_jax.parallel.mesh import make_mesh
+    from genmask_jax.parallel.sharding import rules_from_config
+
+    config = config or get_config()
+    model = build.build_model(config)
+    params = jax.jit(lambda key: nn.meta.unbox(build.dit_initializer(model)(key)))(jax.random.key(0))
+    vae, _ = build.frozen_vae(config, model)
+    mesh = make_mesh((1, -1, 1), devices=jax.devices()[:1])
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    return checkpoint.LoadedModel(config, model, params, vae, mesh, rules, 0, None, "params")
+
+
+def test_generated_image_of_a_prompt_does_not_depend_on_the_others():
+    """Prompt i starts from fold_in(key(seed), i) whatever the batch: with non-partitionable threefry a
+    single normal draw for the whole batch gave other noise to every prompt when one was added."""
+    import jax
+
+    from genmask_jax.infer.generator import Generator
+    from genmask_jax.infer.images import to_uint8
+
+    generator = Generator(tiny_loaded())
+    with jax.threefry_partitionable(False):
+        two = generator(["a red circle", "a blue star"], num_steps=2, guidance_scale=2.0, seed=3)
+        three = generator(["a red circle", "a blue star", "a green square"], num_steps=2, guidance_scale=2.0,
+                          seed=3)
+    assert two.shape == (2, 32, 32, 3) and two.dtype == np.uint8
+    # Same noise and inputs; only XLA's batched float arithmetic may differ by a rounding step.
+    assert np.abs(two.astype(int) - three[:2].astype(int)).max() <= 1
+    assert np.abs(three[0].astype(int) - three[2].astype(int)).mean() > 1  # the noise and prompt matter
+
+    # The generator's sampler is GenMask.generate's, given the same noise (one prompt, index 0).
+    loaded = generator.loaded
+    context, context_mask = generator.encoder.encode(None, ["a red circle"])
+    with jax.set_mesh(loaded.mesh):
+        rgb = jax.jit(loaded.model.generate, static_argnames=("image_hw", "num_steps", "guidance_scale"))(
+            loaded.dit_params, loaded.vae_params, context, context_mask,
+            jax.random.fold_in(jax.random.key(3), 0), image_hw=(32, 32), num_steps=2, guidance_scale=2.0,
+        )
+    alone = generator(["a red circle"], num_steps=2, guidance_scale=2.0, seed=3)
+    assert np.abs(alone.astype(int) - to_uint8(np.asarray(rgb)).astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize(
@@ -311,11 +474,10 @@ def test_end_to_end(trained, files, tmp_path):
     assert result.stderr.splitlines()[-1].startswith("genmask_jax.evaluate: error: ReasonSeg")
 
     rle = tmp_path / "rle"
-    result = cli(
+    result = cli(  # README's shape: an override of the saved config, no --config
         "genmask_jax.evaluate",
-        *TINY,
-        "--config.data.shapes.test_size=6",
         f"--checkpoint={trained}/checkpoints/3",
+        "--config.data.num_threads=2",
         "--split=synthetic:test",
         f"--out={rle}",
         "--format=rle",
@@ -368,6 +530,46 @@ def test_end_to_end(trained, files, tmp_path):
     np.testing.assert_array_equal(  # the export is exact: compare every tensor bit for bit
         np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)]),
         np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(loaded.dit_params)]))
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_evaluate_under_a_multi_process_launch(trained, tmp_path):
+    """launch/gpu.sh's environment for two nodes: the two processes join one distributed runtime and
+    share the split (before, each was process 0 of 1 and evaluated all of it into the same --out)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "eval"
+    procs = []
+    for pid in range(2):
+        env = {
+            **ENV,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "GENMASK_DISTRIBUTED": "1",
+            "GENMASK_COORDINATOR_ADDRESS": address,
+            "GENMASK_NUM_PROCESSES": "2",
+            "GENMASK_PROCESS_ID": str(pid),
+        }
+        args = [f"--checkpoint={trained}", "--split=synthetic:test", "--batch_size=2", f"--out={out}"]
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "genmask_jax.evaluate", *args],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    try:
+        logs = [p.communicate(timeout=500)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+        assert "(1-step, 2 devices, 2 processes)" in log, log[-3000:]
+    assert "synthetic:test: gIoU" in logs[0] and "gIoU" not in logs[1]
+    metrics = json.loads((out / "metrics.json").read_text())["synthetic:test"]
+    assert metrics["num_samples"] == 6
+    assert len(list((out / "synthetic-test" / "masks").glob("*.png"))) == 6
 
 
 def _flat(tree) -> np.ndarray:

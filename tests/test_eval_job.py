@@ -33,7 +33,8 @@ SPEC = job.SplitSpec("synthetic", "test")
 
 
 class Predict:
-    """The ground truth at the model resolution (or nothing), counting the examples it sees."""
+    """Scores of the ground truth at the model resolution (+1 inside, -1 outside; or -1 everywhere),
+    counting the examples it sees."""
 
     def __init__(self, empty: bool = False):
         self.empty, self.calls, self.rows = empty, 0, 0
@@ -41,8 +42,8 @@ class Predict:
     def __call__(self, batch):
         self.calls += 1
         self.rows += int(np.sum(batch["valid"]))
-        masks = np.asarray(batch["mask"]) > 0.5
-        return np.zeros_like(masks) if self.empty else masks
+        masks = (np.asarray(batch["mask"]) > 0.5) & (not self.empty)
+        return np.where(masks, 1.0, -1.0).astype(np.float32)
 
 
 def run(out, predict, fmt="png", settings=None, **kwargs):
@@ -55,6 +56,9 @@ def test_parse_splits():
     specs = job.parse_splits("refcoco_unc:testA, reasonseg:val,synthetic:test")
     assert [s.name for s in specs] == ["refcoco_unc:testA", "reasonseg:val", "synthetic:test"]
     assert job.parse_splits(["refcocog_umd:test"])[0].dirname == "refcocog_umd-test"
+    # A repeated --split (DEFINE_multi_string) gives a list whose items may be comma lists; each split once.
+    specs = job.parse_splits(["refcoco_unc:val,refcoco_unc:testA", "refcoco_unc:testB", "refcoco_unc:val"])
+    assert [s.name for s in specs] == ["refcoco_unc:val", "refcoco_unc:testA", "refcoco_unc:testB"]
     for bad in ("refcoco:val", "refcoco_unc:test", "refcocog_umd:testA", "synthetic", ""):
         with pytest.raises(job.EvaluationError):
             job.parse_splits(bad)
@@ -64,6 +68,26 @@ def test_split_data_config_selects_the_source():
     c = job.split_data_config(data_config(), job.SplitSpec("refcocoplus_unc", "testB"))
     assert c.seg_sources == "refcoco" and c.refcoco.name == "refcocoplus_unc"
     assert job.split_data_config(data_config(), SPEC).seg_sources == "shapes"
+
+
+@pytest.mark.parametrize(
+    "configured,dataset,expected",
+    [
+        # big_vision's builder (README, Data) stays big_vision's for every RefCOCO split
+        ("ref_coco_bv/refcoco_unc", "refcoco_unc", "ref_coco_bv/refcoco_unc"),
+        ("ref_coco_bv/refcoco_unc", "refcocoplus_unc", "ref_coco_bv/refcocoplus_unc"),
+        ("ref_coco_bv/refcoco_unc:1.0.0", "refcoco_unc", "ref_coco_bv/refcoco_unc:1.0.0"),
+        # a training union: the entry of the evaluated set, as written
+        ("refcoco_unc,refcocoplus_unc,refcocog_umd", "refcocog_umd", "refcocog_umd"),
+        ("ref_coco_bv/refcoco_unc,ref_coco_bv/refcocog_umd", "refcocog_umd", "ref_coco_bv/refcocog_umd"),
+        ("refcoco_unc", "refcocoplus_unc", "refcocoplus_unc"),
+    ],
+)
+def test_split_data_config_keeps_big_vision_names(configured, dataset, expected):
+    c = data_config()
+    c.refcoco.name = configured
+    split = job.DATASETS[dataset][2][0]
+    assert job.split_data_config(c, job.SplitSpec(dataset, split)).refcoco.name == expected
 
 
 def test_rle_round_trip(np_rng):
@@ -110,6 +134,31 @@ def test_rle_predictions(tmp_path):
         mask = job.decode_rle(r["segmentation"])
         assert mask.shape == (48, 40) and mask.dtype == bool
         assert 0 < r["intersection"] <= min(r["union"], int(mask.sum()))
+
+
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_scores_are_resized_bilinearly_then_thresholded(mode, np_rng):
+    """LISA's protocol (DESIGN.md 7): the score, not a thresholded mask, goes to the original size
+    (bilinearly, as LISA's F.interpolate(align_corners=False) upsamples its logits), then > 0."""
+    import jax
+
+    from genmask_jax.infer.segmenter import original_size_mask
+
+    g = preprocess.compute_geometry((61, 83), (32, 32), mode)
+    score = np_rng.uniform(-1, 1, (32, 32)).astype(np.float32)
+    # The reference, written independently of preprocess: the image's part of the score (crop: the
+    # whole canvas, which the cut-away borders extend with 0) resized by jax.image.resize.
+    y0, x0, y1, x1 = g.content_box
+    canvas = np.zeros((g.resized_h, g.resized_w), np.float32)
+    canvas[y0 - g.top : y1 - g.top, x0 - g.left : x1 - g.left] = score[y0:y1, x0:x1]
+    upsampled = np.asarray(jax.image.resize(canvas, (61, 83), "linear", antialias=False))
+    mask = original_size_mask(score, g)
+    assert mask.shape == (61, 83) and mask.dtype == bool
+    decided = np.abs(upsampled) > 1e-4  # float rounding may flip a pixel whose score is 0 to 1e-6
+    np.testing.assert_array_equal(mask[decided], upsampled[decided] > 0)
+    # ...which is not what thresholding first and resizing the mask (nearest) gives.
+    nearest = preprocess.unfit_mask(score > 0, g)
+    assert np.sum(nearest != mask) > 0.02 * mask.size
 
 
 def test_unfit_mask_maps_back_to_the_original_grid():
@@ -159,14 +208,92 @@ def test_processes_split_the_examples(tmp_path):
 
 def test_incomplete_split_is_an_error(tmp_path):
     """Process 0 alone (process 1's shards missing) cannot merge."""
-    with pytest.raises(RuntimeError, match="examples have predictions"):
+    with pytest.raises(job.EvaluationError, match="examples have predictions"):
         run(tmp_path, Predict(), process_index=0, process_count=2)
+
+
+def test_temporary_files_are_unique_per_process(tmp_path):
+    """Hosts share --out: two processes must not write a shard through the same temporary file."""
+    import os
+
+    tmp = job._tmp_path(tmp_path / "shard-000000004.json")
+    assert tmp.parent == tmp_path and tmp.name == f".shard-000000004.json.tmp-0-{os.getpid()}"
 
 
 def test_refuses_to_mix_runs(tmp_path):
     run(tmp_path, Predict(), settings={"step": 3})
     with pytest.raises(job.EvaluationError, match="different evaluation"):
         run(tmp_path, Predict(), settings={"step": 4})
+
+
+def test_prediction_config_digest():
+    """Fields that change predictions change the digest; where the data lives does not."""
+    from configs.genmask import get_config
+
+    base = job.prediction_config_digest(get_config(), SPEC)
+    assert job.prediction_config_digest(get_config(), SPEC) == base
+    changes = {
+        "vae_from": "/ckpt/wan_vae",
+        "seed": 3,  # the random VAE's seed
+        "data.fit": "crop",
+        "data.reasonseg.use_templates": False,
+        "data.reasonseg.eval_all_texts": True,
+        "data.encoder.context_length": 16,
+        "data.shapes.test_size": 7,
+        "model.dit.num_layers": 3,
+    }
+    same = {
+        "data.refcoco.data_dir": "/elsewhere/tfds",
+        "data.reasonseg.root": "/elsewhere/ReasonSeg",
+        "data.encoder.cache_dir": "/elsewhere/cache",
+        "data.num_threads": 1,
+        "data.captions.path": "/x.jsonl",
+        "data.seg_sources": "refcoco",  # each split sets its own
+    }
+    for fields, changed in ((changes, True), (same, False)):
+        for field, value in fields.items():
+            config = get_config()
+            *parents, name = field.split(".")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[name] = value
+            assert (job.prediction_config_digest(config, SPEC) != base) == changed, field
+
+
+def test_run_refuses_other_parameters_or_config(tmp_path, monkeypatch):
+    """A rerun into the same --out with the raw instead of the EMA parameters, or a config that
+    changes predictions, must not re-report the first run's metrics."""
+    import types
+
+    from configs.genmask import get_config
+    from genmask_jax.infer import segmenter
+
+    class FakeSegmenter:
+        batch_multiple = 1
+
+        def __init__(self, loaded, num_steps=1, seed=0):
+            self.predict = Predict()
+
+    monkeypatch.setattr(segmenter, "Segmenter", FakeSegmenter)
+
+    def loaded(params_key="ema_params", **data):
+        config = get_config()
+        config.data = data_config()
+        config.data.update(data)
+        return types.SimpleNamespace(
+            config=config, directory=tmp_path / "ckpt", step=8, params_key=params_key, resolution=(32, 32)
+        )
+
+    out = tmp_path / "eval"
+    first = job.run(loaded(), [SPEC], out, batch_size=BATCH, progress=False)
+    assert job.run(loaded(), [SPEC], out, batch_size=BATCH, progress=False) == first
+    with pytest.raises(job.EvaluationError, match="differs in params"):
+        job.run(loaded("params"), [SPEC], out, batch_size=BATCH, progress=False)
+    with pytest.raises(job.EvaluationError, match="differs in config"):
+        job.run(loaded(fit="crop"), [SPEC], out, batch_size=BATCH, progress=False)
+    moved = job.run(loaded(num_threads=2), [SPEC], out, batch_size=BATCH, progress=False)
+    assert moved == first
 
 
 def test_unreadable_examples_are_reported_not_retried(tmp_path, monkeypatch):
@@ -186,6 +313,58 @@ def test_unreadable_examples_are_reported_not_retried(tmp_path, monkeypatch):
     assert len(saved["unreadable"]) == 1
     again = Predict()
     assert run(tmp_path, again) == metrics and again.calls == 0
+
+
+def test_examples_that_fail_for_other_reasons_are_retried(tmp_path, monkeypatch):
+    """An example lost to memory (not to its data) gets no record: the split is reported incomplete
+    in one line, and a rerun predicts only that example's batch."""
+    from genmask_jax.data.shapes import SyntheticShapes
+
+    original = SyntheticShapes.__getitem__
+
+    def getitem(self, index):
+        if index == 5:
+            raise MemoryError("out of host memory")
+        return original(self, index)
+
+    monkeypatch.setattr(SyntheticShapes, "__getitem__", getitem)
+    with pytest.raises(job.EvaluationError, match="9 of 10 examples have predictions"):
+        run(tmp_path, Predict())
+    monkeypatch.setattr(SyntheticShapes, "__getitem__", original)
+    again = Predict()
+    metrics = run(tmp_path, again)
+    assert again.calls == 1 and metrics["num_samples"] == NUM_EXAMPLES
+    assert metrics == run(tmp_path / "fresh", Predict())
+
+
+def test_an_unreadable_split_is_one_line(tmp_path, monkeypatch):
+    from genmask_jax.data.shapes import SyntheticShapes
+
+    def getitem(self, index):
+        raise OSError("corrupt file")
+
+    monkeypatch.setattr(SyntheticShapes, "__getitem__", getitem)
+    with pytest.raises(job.EvaluationError, match="none of its 10 examples could be read") as error:
+        run(tmp_path, Predict())
+    assert "OSError" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_check_sources_refuses_a_cache_without_the_split(tmp_path):
+    """An embedding cache precomputed for other splits: refused up front, naming the split and count
+    (before, every example became an "unreadable" record, kept after the cache was fixed)."""
+    from genmask_jax.encoders.precompute import precompute
+
+    c = data_config()
+    c.shapes.train_size, c.shapes.test_size, c.gen_sources = 4, 3, ""
+    cache = str(tmp_path / "cache")
+    precompute(c, cache, ["train"], dtype="float32")
+    c.encoder.cache_dir = cache
+    with pytest.raises(job.EvaluationError, match="synthetic:test: 3 of its 3 examples are not in the"):
+        job.check_sources(c, [SPEC])
+    precompute(c, cache, ["train", "test"], dtype="float32")
+    job.check_sources(c, [SPEC])
+    metrics = job.evaluate_split(Predict(), c, SPEC, tmp_path / "out", BATCH, progress=False)
+    assert metrics["num_samples"] == 3
 
 
 _WORKER = """

@@ -1,16 +1,25 @@
 """The batch evaluation job: named splits -> per-example predictions at the original size + metrics.
 
 Each process reads its own examples (`data.pipeline.make_eval_iterator`: every example exactly once
-over all processes) and predicts them on its own devices. One evaluation batch is one *shard*:
-`<out>/<dataset>-<split>/shards/shard-<first index>.json` lists, per example, the global index, id,
-text, intersection and union at the original size (LISA's protocol, `eval/metrics.py`) and where its
-prediction is (a PNG under `masks/`, or COCO RLE inline). A shard's JSON is written last and
+over all processes) and predicts them on its own devices. A prediction is a score at the model
+resolution, mapped back to the image's original size bilinearly and thresholded there
+(`infer.segmenter.original_size_mask`, as LISA upsamples its logits). One evaluation batch is one
+*shard*: `<out>/<dataset>-<split>/shards/shard-<first index>.json` lists, per example, the global index,
+id, text, intersection and union at the original size (LISA's protocol, `eval/metrics.py`) and where
+its prediction is (a PNG under `masks/`, or COCO RLE inline). A shard's JSON is written last and
 atomically, so a shard exists only when complete; a rerun skips batches whose examples all have a
-shard (resumable, whatever the batch size or process count of the earlier run). When every process is
-done, process 0 merges the shards into `metrics.json` (and, for RLE, `predictions.json`).
+shard (resumable, whatever the batch size or process count of the earlier run). An example whose data
+cannot be read is recorded as "unreadable" (left out of the metrics, listed in `metrics.json`); one
+that failed for another reason (memory, a lost connection) gets no record, so a rerun retries it. When
+every process is done, process 0 merges the shards into `metrics.json` (and, for RLE,
+`predictions.json`). `run.json` in each split's folder says what produced its shards (checkpoint, step,
+EMA or raw parameters, sampler settings, a digest of the config fields that change predictions); a
+rerun with other settings is refused.
 """
 
+import builtins
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -22,8 +31,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from genmask_jax.data import preprocess
 from genmask_jax.data.pipeline import make_eval_iterator
+from genmask_jax.data.sources import parse_names
 from genmask_jax.eval.metrics import intersection_and_union, metrics_from_counts, per_sample_iou
 
 log = logging.getLogger(__name__)
@@ -43,8 +52,9 @@ class EvaluationError(ValueError):
     """Bad evaluation input (unknown split, an output folder of a different run): one line for the user."""
 
 
-# eval batch -> bool masks (B, h, w) at the model resolution; may return an unfinished jax.Array (the job
-# converts it only after dispatching the next batch, so the device and the host work overlap).
+# eval batch -> float scores (B, h, w) at the model resolution, foreground > 0 (bool masks are taken as
+# +-1); may return an unfinished jax.Array (the job converts it only after dispatching the next batch,
+# so the device and the host work overlap).
 PredictFn = Callable[[dict], Any]
 
 
@@ -63,10 +73,11 @@ class SplitSpec:
 
 
 def parse_splits(text: str | Sequence[str]) -> list[SplitSpec]:
-    """`"refcoco_unc:testA,reasonseg:val"` -> SplitSpecs; unknown names raise ValueError listing the known."""
-    items = text.split(",") if isinstance(text, str) else list(text)
+    """`"refcoco_unc:testA,reasonseg:val"` (or a list of such strings, as a repeated flag gives) ->
+    SplitSpecs, each once; unknown names raise EvaluationError listing the known."""
+    items = [text] if isinstance(text, str) else list(text)
     specs = []
-    for item in (s.strip() for s in items):
+    for item in (s.strip() for i in items for s in i.split(",")):
         if not item:
             continue
         dataset, _, split = item.partition(":")
@@ -79,7 +90,8 @@ def parse_splits(text: str | Sequence[str]) -> list[SplitSpec]:
             raise EvaluationError(
                 f"split {item!r}: {dataset} has splits {', '.join(splits)} (write {dataset}:NAME)"
             )
-        specs.append(SplitSpec(dataset, split))
+        if SplitSpec(dataset, split) not in specs:
+            specs.append(SplitSpec(dataset, split))
     if not specs:
         raise EvaluationError(
             "no split given; e.g. --split=synthetic:test or --split=refcoco_unc:testA,refcoco_unc:testB"
@@ -87,26 +99,73 @@ def parse_splits(text: str | Sequence[str]) -> list[SplitSpec]:
     return specs
 
 
+BIG_VISION_REFCOCO = "ref_coco_bv/"
+
+
+def refcoco_source_name(configured: str, refcoco_config: str) -> str:
+    """The RefCOCO source to open for `refcoco_config` (e.g. "refcoco_unc") given the configured name(s):
+    the configured entry of that config as written (big_vision's `ref_coco_bv/refcoco_unc[:version]`
+    included), else big_vision's builder when the configured names use it, else ours."""
+    names = parse_names(configured)
+    for name in names:
+        if name.removeprefix(BIG_VISION_REFCOCO).split(":")[0] == refcoco_config:
+            return name
+    if any(name.startswith(BIG_VISION_REFCOCO) for name in names):
+        return BIG_VISION_REFCOCO + refcoco_config
+    return refcoco_config
+
+
 def split_data_config(data_config: ml_collections.ConfigDict, spec: SplitSpec) -> ml_collections.ConfigDict:
     """A copy of the data config reading `spec`'s source."""
     config = ml_collections.ConfigDict(data_config.to_dict())
-    source, refcoco_name, _ = DATASETS[spec.dataset]
+    source, refcoco_config, _ = DATASETS[spec.dataset]
     config.seg_sources = source
-    if refcoco_name is not None:
-        config.refcoco.name = refcoco_name
+    if refcoco_config is not None:
+        config.refcoco.name = refcoco_source_name(config.refcoco.name, refcoco_config)
     return config
 
 
 def check_sources(data_config: ml_collections.ConfigDict, specs: Sequence[SplitSpec]) -> None:
     """Opens every split's source (cheap: no decoding), so a missing data set fails before any model
-    is loaded; raises the source's own error (FileNotFoundError with what to prepare)."""
+    is loaded; raises the source's own error (FileNotFoundError with what to prepare). With an
+    embedding cache (`data.encoder.cache_dir`), also checks that it was written with the config's
+    encoder settings (`encoders.cache.CacheMismatch`) and holds every example of each split (reading
+    each example's id), else raises EvaluationError naming the split and how many it lacks."""
     from genmask_jax.data.sources import make_task_source
 
+    cache = None
+    if data_config.encoder.cache_dir:
+        from genmask_jax.encoders import fingerprint
+        from genmask_jax.encoders.cache import EmbeddingCache
+
+        cache = EmbeddingCache(data_config.encoder.cache_dir, fingerprint(data_config.encoder))
     for spec in specs:
         config = split_data_config(data_config, spec)
         source = make_task_source(config.seg_sources, spec.split, config, "seg")
         if len(source) == 0:
             raise EvaluationError(f"{spec.name} has no examples")
+        if cache is not None:
+            ids = [source.example_id(i) for i in range(len(source))]
+            missing = cache.missing(ids)
+            # precompute leaves out the examples it cannot read: those are data errors that the run
+            # records as unreadable, so the split is refused only if a readable example is missing.
+            index = {example_id: i for i, example_id in enumerate(ids)}
+            if any(_readable(source, index[example_id]) for example_id in missing):
+                cache_dir = data_config.encoder.cache_dir
+                raise EvaluationError(
+                    f"{spec.name}: {len(missing)} of its {len(source)} examples are not in the embedding "
+                    f"cache {cache_dir} (e.g. {missing[0]}); add them with `python -m "
+                    f"genmask_jax.encoders.precompute --config=<the run's config> --out={cache_dir} "
+                    f"--splits={spec.split}`"
+                )
+
+
+def _readable(source, index: int) -> bool:
+    try:
+        source[index]
+    except Exception:  # noqa: BLE001  (any failure to read is the example's)
+        return False
+    return True
 
 
 def encode_rle(mask: np.ndarray) -> dict:
@@ -123,8 +182,13 @@ def decode_rle(rle: dict) -> np.ndarray:
     return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
+def _tmp_path(path: epath.Path) -> epath.Path:
+    # Unique per writer: processes on different hosts can share a pid, two runs on one host an index.
+    return path.parent / f".{path.name}.tmp-{jax.process_index()}-{os.getpid()}"
+
+
 def _write_atomic(path: epath.Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{jax.process_index()}"
+    tmp = _tmp_path(path)
     tmp.write_text(text)
     tmp.replace(path)
 
@@ -201,24 +265,51 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+# Exceptions that do not blame an example's data (skip reasons name the class): an example that failed
+# so gets no record, and a rerun retries it instead of leaving it out of the metrics for good. The
+# kinds are `encoders.base.ContextError` and its subclasses: a setting or an embedding cache to fix.
+RETRIED_ERRORS = (MemoryError, ConnectionError, TimeoutError, InterruptedError)
+RETRIED_KINDS = ("ContextError", "CacheMiss", "CacheMismatch", "PromptTooLong")
+
+
+def is_data_error(reason: str | None) -> bool:
+    """Whether a skip reason ("kind: detail", `data.skips.skip_reason`) blames the example's data;
+    an unknown reason (None) does."""
+    if reason is None:
+        return True
+    kind = reason.split(":", 1)[0].strip()
+    error = getattr(builtins, kind, None)
+    retried = isinstance(error, type) and issubclass(error, RETRIED_ERRORS)
+    return not (retried or kind in RETRIED_KINDS)
+
+
 def to_records(
-    masks, batch: dict, metas: list, num_examples: int, example_id=str
-) -> tuple[list[dict], list[np.ndarray | None]]:
-    """Maps each valid row's predicted mask back to its image's original size and scores it.
+    scores, batch: dict, metas: list, num_examples: int, example_id=str, reason=lambda example_id: None
+) -> tuple[list[dict], list[np.ndarray | None], list[tuple[str, str]]]:
+    """Maps each valid row's score back to its image's original size, thresholds and scores it.
 
     Rows of examples that could not be read (no meta, an index inside the split) become records
-    marked "unreadable" (so a rerun does not retry them forever); padding rows are dropped.
+    marked "unreadable" when their data is to blame (`reason(id)`, `is_data_error`), so a rerun does
+    not retry them forever; the others get no record (a rerun retries them) and are returned as
+    (id, reason) in the third list. Padding rows are dropped.
     """
-    masks = np.asarray(masks)
-    records, originals = [], []
+    from genmask_jax.infer.segmenter import original_size_mask
+
+    scores = np.asarray(scores)
+    records, originals, retried = [], [], []
     for row, meta in enumerate(metas):
         index = int(batch["index"][row])
         if meta is None:
             if 0 <= index < num_examples:
-                records.append({"index": index, "id": example_id(index), "unreadable": True})
-                originals.append(None)
+                name = example_id(index)
+                cause = reason(name)
+                if is_data_error(cause):
+                    records.append({"index": index, "id": name, "unreadable": True, "reason": cause})
+                    originals.append(None)
+                else:
+                    retried.append((name, cause))
             continue
-        pred = preprocess.unfit_mask(masks[row].astype(bool), meta["geometry"])
+        pred = original_size_mask(scores[row], meta["geometry"])
         inter, union = intersection_and_union(pred, meta["mask"], meta["ignore"])
         iou = float(per_sample_iou(np.array([inter]), np.array([union]))[0])
         records.append(
@@ -232,7 +323,7 @@ def to_records(
             }
         )
         originals.append(pred)
-    return records, originals
+    return records, originals, retried
 
 
 def evaluate_split(
@@ -250,7 +341,8 @@ def evaluate_split(
     """Evaluates one split; returns its metrics on process 0 (None elsewhere).
 
     Args:
-      predict: eval batch (interfaces.md) -> bool masks `(B, h, w)` at the model resolution.
+      predict: eval batch (interfaces.md) -> float scores `(B, h, w)` at the model resolution
+        (foreground > 0; see PredictFn).
       data_config: the experiment's data config (the split's source is set from `spec`).
       out_dir: results go to `out_dir/<dataset>-<split>/`.
       batch_size: per-process batch size.
@@ -292,21 +384,36 @@ def evaluate_split(
         except Exception:  # noqa: BLE001  (the id only labels an unreadable example)
             return f"<index {index}>"
 
-    def finish(batch, metas, masks):
-        records, originals = to_records(masks, batch, metas, iterator.num_examples, example_id)
+    def reason(name: str) -> str | None:
+        return dict(iterator.skips.examples).get(name)
+
+    retried = []
+
+    def finish(batch, metas, scores):
+        records, originals, failed = to_records(
+            scores, batch, metas, iterator.num_examples, example_id, reason
+        )
+        retried.extend(failed)
         if records:
             store.write(records, originals)
         bar.update(1)
 
     pending = None
     for batch, metas in iterator.iter_with_meta(todo):
-        masks = predict(batch)
+        scores = predict(batch)
         if pending is not None:
             finish(*pending)
-        pending = (batch, metas, masks)
+        pending = (batch, metas, scores)
     if pending is not None:
         finish(*pending)
     bar.close()
+    if retried:
+        log.warning(
+            "%s: %d examples failed for a reason other than their data, e.g. %s (%s); rerun to retry them",
+            spec.name,
+            len(retried),
+            *retried[0],
+        )
     _barrier(f"evaluate {spec.name}")
     if iterator.process_index != 0:
         return None
@@ -317,12 +424,19 @@ def finish_split(store: ShardStore, spec: SplitSpec, num_examples: int, settings
     """Merges the shards into `metrics.json` (+ `predictions.json` for RLE) and returns the metrics."""
     records = store.records()
     if len(records) != num_examples:
-        raise RuntimeError(
+        raise EvaluationError(
             f"{spec.name}: {len(records)} of {num_examples} examples have predictions in {store.shards}; "
-            "rerun to complete the missing shards"
+            "rerun to complete the missing ones"
         )
-    unreadable = [r["id"] for r in records if r.get("unreadable")]
+    unreadable = [r for r in records if r.get("unreadable")]
     records = [r for r in records if not r.get("unreadable")]
+    if not records:
+        kinds = sorted({(r.get("reason") or "unknown").split(":", 1)[0] for r in unreadable})
+        raise EvaluationError(
+            f"{spec.name}: none of its {num_examples} examples could be read ({', '.join(kinds)}; e.g. "
+            f"{unreadable[0]['id']}: {unreadable[0].get('reason')}); fix the data, then delete "
+            f"{store.directory} to retry them"
+        )
     metrics = metrics_from_counts([r["intersection"] for r in records], [r["union"] for r in records])
     summary = {"split": spec.name, **(settings or {}), "metrics": metrics}
     if unreadable:
@@ -330,9 +444,9 @@ def finish_split(store: ShardStore, spec: SplitSpec, num_examples: int, settings
             "%s: %d unreadable examples left out of the metrics: %s",
             spec.name,
             len(unreadable),
-            unreadable[:10],
+            [r["id"] for r in unreadable[:10]],
         )
-        summary["unreadable"] = unreadable
+        summary["unreadable"] = [r["id"] for r in unreadable]
     _write_atomic(store.directory / "metrics.json", json.dumps(summary, indent=1))
     if store.fmt == "rle":
         _write_atomic(store.directory / "predictions.json", json.dumps(records))
@@ -340,6 +454,43 @@ def finish_split(store: ShardStore, spec: SplitSpec, num_examples: int, settings
         "%s: %s", spec.name, " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     )
     return metrics
+
+
+# Data config fields that do not change a prediction: where data lives and how fast it is read (moving
+# the data must not invalidate finished shards), and what only training reads. The rest of `data`, the
+# model and the frozen VAE's source go into the digest of `prediction_config_digest`.
+NON_PREDICTION_DATA_FIELDS = (
+    "gen_sources",
+    "train_split",
+    "shuffle",
+    "num_threads",
+    "prefetch_buffer_size",
+    "max_consecutive_skips",
+    "captions",
+    "refcoco.data_dir",
+    "refcoco.exclude_eval_images",
+    "reasonseg.root",
+    "encoder.cache_dir",
+)
+
+
+def prediction_config(config: ml_collections.ConfigDict, spec: SplitSpec) -> dict:
+    """The fields of an experiment config that change `spec`'s predictions, as plain JSON data."""
+    from genmask_jax.infer.checkpoint import as_json, vae_source
+
+    data = as_json(split_data_config(config.data, spec))
+    for field in NON_PREDICTION_DATA_FIELDS:
+        *parents, name = field.split(".")
+        node = data
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(name, None)
+    return {"model": as_json(config.model), "vae": as_json(vae_source(config)), "data": data}
+
+
+def prediction_config_digest(config: ml_collections.ConfigDict, spec: SplitSpec) -> str:
+    text = json.dumps(prediction_config(config, spec), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run(
@@ -366,14 +517,16 @@ def run(
     settings = {
         "checkpoint": str(loaded.directory),
         "step": loaded.step,
+        "params": loaded.params_key,
         "num_steps": num_steps,
         "seed": seed,
         "resolution": list(loaded.resolution),
     }
     results = {}
     for spec in splits:
+        split_settings = {**settings, "config": prediction_config_digest(loaded.config, spec)}
         metrics = evaluate_split(
-            segmenter.predict, loaded.config.data, spec, out_dir, batch_size, fmt, settings, progress
+            segmenter.predict, loaded.config.data, spec, out_dir, batch_size, fmt, split_settings, progress
         )
         if metrics is not None:
             results[spec.name] = metrics

@@ -6,10 +6,13 @@ are read (orbax partial restore: no optimizer state), directly into their shardi
 process's devices, or as host numpy arrays (`restore_dit_params(mesh=None)`, for `convert.export`).
 The frozen VAE comes from `config.vae_from`, else it is the run's random VAE (drawn from `config.seed`
 exactly as training drew it). The experiment config is the one saved with the checkpoint unless one
-is given.
+is given; a given config whose model or VAE differs from the saved one gets a warning, and one that
+would decode with another VAE than the run trained with (a random VAE for a run on converted weights,
+or a random VAE of another seed) is refused: its masks and images would be noise.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -48,6 +51,7 @@ class LoadedModel:
     rules: LogicalRules
     step: int
     directory: epath.Path  # the checkpoint manager directory
+    params_key: str = "params"  # which parameters were restored: "ema_params" | "params"
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -78,12 +82,52 @@ def _manager(directory: epath.Path, item: str, handler) -> ocp.CheckpointManager
 
 
 def saved_config(directory: epath.Path, step: int) -> ml_collections.ConfigDict:
-    """The experiment config saved with checkpoint `step`."""
-    if not (directory / str(step) / CONFIG).exists():
+    """The experiment config saved with checkpoint `step`.
+
+    Read by the JSON handler alone: a CheckpointManager would start JAX's backends, and the config
+    is needed before `jax.distributed.initialize`, which must come first (its `distributed` section).
+    """
+    path = epath.Path(directory) / str(step) / CONFIG
+    if not path.exists():
         raise CheckpointError(f"checkpoint {directory}/{step} has no saved config; pass --config")
-    with _manager(directory, CONFIG, ocp.JsonCheckpointHandler()) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
-    return ml_collections.ConfigDict(restored[CONFIG])
+    return ml_collections.ConfigDict(dict(ocp.JsonCheckpointHandler().restore(path)))
+
+
+def as_json(value: Any) -> Any:
+    """`value` as the saved config holds it (tuples as lists), so a config compares with a saved one."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    return json.loads(json.dumps(value, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+
+
+def vae_source(config) -> tuple[str, Any] | None:
+    """Where the frozen VAE of `config` comes from: ("converted", vae_from), ("random", seed), or None
+    (no VAE)."""
+    if not config.get("model") or not config.model.get("vae"):
+        return None
+    return ("converted", config.vae_from) if config.get("vae_from") else ("random", int(config.seed))
+
+
+def check_against_saved(config, saved, where: str) -> None:
+    """Warns when a given config's model or VAE source differs from the one saved with the checkpoint;
+    raises CheckpointError when its VAE cannot be the run's (a random one instead of the converted
+    weights, or a random one of another seed)."""
+    for name in ("dit", "vae"):
+        if saved.get("model") and as_json(config.model.get(name)) != as_json(saved.model.get(name)):
+            log.warning("%s: config.model.%s differs from the one saved with the checkpoint", where, name)
+    used, given = vae_source(saved), vae_source(config)
+    if used == given or used is None or given is None:
+        return
+    if given[0] == "random":
+        if used[0] == "converted":
+            trained, fix = f"the converted VAE {used[1]}", "pass --config.vae_from=<the converted VAE>"
+        else:
+            trained, fix = f"a random VAE of seed {used[1]}", f"pass --config.seed={used[1]}"
+        raise CheckpointError(
+            f"{where} was trained with {trained}; this config would decode with a random VAE of seed "
+            f"{given[1]}, and its outputs would be noise: {fix}, or leave out --config to use the saved one"
+        )
+    log.warning("%s: config.vae_from %r, the run was trained with %r", where, given[1], used[1])
 
 
 def inference_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -183,12 +227,16 @@ def load(
     """Loads checkpoint `path` (workdir, manager directory or step folder) for inference.
 
     Args:
-      config: the experiment config; None uses the one saved with the checkpoint.
+      config: the experiment config; None uses the one saved with the checkpoint (see the module
+        docstring for a given one that differs from it).
       use_ema: take the EMA parameters when the checkpoint has them.
       mesh: defaults to `inference_mesh(config)` (this process's devices).
     """
     directory, step = resolve(path)
-    config = config if config is not None else saved_config(directory, step)
+    if config is None:
+        config = saved_config(directory, step)
+    elif (directory / str(step) / CONFIG).exists():
+        check_against_saved(config, saved_config(directory, step), f"checkpoint {directory}/{step}")
     model = build.build_model(config)
     if model.vae is None:  # pixels in and out need one
         raise CheckpointError(
@@ -200,4 +248,4 @@ def load(
     dit_params, key = restore_dit_params(directory, step, model, mesh, rules, use_ema)
     log.info("loaded %s of %s/%d", key, directory, step)
     vae_params = load_vae(config, model, mesh, rules)
-    return LoadedModel(config, model, dit_params, vae_params, mesh, rules, step, directory)
+    return LoadedModel(config, model, dit_params, vae_params, mesh, rules, step, directory, key)

@@ -1,19 +1,29 @@
 """What every command-line entry point shares: the `--config` flag, flag parsing that turns bad input
 into one clear line, logging to stdout, and the errors that count as the user's (not the code's).
 
+Commands with a `--checkpoint` flag (evaluate, segment, generate) default to the config saved with the
+checkpoint. `--config.field=value` overrides without `--config` apply to that saved config: the
+parser adds `--config=configs/checkpoint.py:<step folder>` and pins `--checkpoint` to the same step
+folder, so a training run that saves a newer step meanwhile cannot give the weights of one step and
+the config of another.
+
 Bad input (a misspelt config field, a missing file or checkpoint, an unreadable image, an empty
 prompt) ends the command with `<prog>: error: <one line>` on stderr and exit status 2 (flags) or 1
 (inputs), no traceback. Anything else is a bug and keeps its traceback.
 """
 
+import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from genmask_jax.infer import checkpoint
 from genmask_jax.infer.checkpoint import CheckpointError
 from genmask_jax.parallel import host
 
@@ -62,8 +72,34 @@ def fail(message: str, status: int = 1) -> None:
     sys.exit(status)
 
 
+def with_checkpoint_config(argv: list[str], flag_values=FLAGS) -> list[str]:
+    """`argv` (flag files expanded), plus `--config=configs/checkpoint.py:<step folder>` and
+    `--checkpoint=<step folder>` when it has `--config.*` overrides, no `--config` and a `--checkpoint`
+    (see the module docstring); unchanged for commands without both flags."""
+    if "config" not in flag_values or "checkpoint" not in flag_values:
+        return argv
+    argv = flag_values.read_flags_from_files(argv, force_gnu=False)
+    end = argv.index("--") if "--" in argv else len(argv)
+    flag_args = argv[1:end]
+    if any(re.match(r"^--?config(=|$)", a) for a in flag_args):
+        return argv
+    if not any(re.match(r"^--?(no)?config\.", a) for a in flag_args):
+        return argv
+    probe = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "", flag_values=probe)
+    probe(argv, known_only=True)
+    if not probe.checkpoint:
+        raise InputError("--config.* overrides change the config of --checkpoint (or of --config): give one")
+    directory, step = checkpoint.resolve(probe.checkpoint)
+    folder = f"{directory}/{step}"
+    config_file = importlib.util.find_spec("configs.checkpoint").origin
+    # The pinned --checkpoint comes after the user's (the last value wins), before any "--".
+    return [argv[0], f"--config={config_file}:{folder}", *argv[1:end], f"--checkpoint={folder}", *argv[end:]]
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
+        argv = with_checkpoint_config(argv)
         rest = FLAGS(argv)
         if "config" in FLAGS and FLAGS["config"].present:
             FLAGS["config"].value.keys()  # loads the file now, so its errors are parse errors
@@ -110,6 +146,19 @@ def run(main: Callable[[], None], prog: str = "") -> None:
 
 def _os_error(error: OSError) -> str:
     return f"{error.strerror or type(error).__name__}: {error.filename}"
+
+
+def checkpoint_and_config(path: str, config: ml_collections.ConfigDict | None):
+    """(manager directory, step, config) of `--checkpoint`, resolved once (a live training run may save
+    a newer step meanwhile; load `directory / str(step)`), with the config to use (`--config`, else the
+    one saved with that step), after starting JAX's distributed runtime from its `distributed` section
+    as training does (it must come before anything starts JAX's backends)."""
+    from genmask_jax.parallel import multihost
+
+    directory, step = checkpoint.resolve(path)
+    config = config if config is not None else checkpoint.saved_config(directory, step)
+    multihost.maybe_initialize(config.get("distributed"))
+    return directory, step, config
 
 
 def require(condition: bool, message: str) -> None:

@@ -1,7 +1,9 @@
 """Text-to-image with a trained GenMask (the same DiT keeps generating colour images).
 
 Euler or UniPC (`diffusion.flow.SAMPLERS`) over WAN's shifted schedule with classifier-free guidance
-against the null context (`GenMask.generate`); the prompt alone conditions the image (no input image).
+against the null context (as `GenMask.generate_latents`); the prompt alone conditions the image (no
+input image). Prompt `i` of a call starts from the noise of `fold_in(key(seed), i)`, as the
+segmenter's examples do, so its image does not depend on the other prompts of the call.
 """
 
 from collections.abc import Sequence
@@ -9,16 +11,44 @@ from functools import partial
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from genmask_jax.diffusion import flow
 from genmask_jax.encoders import make_encoder
 from genmask_jax.infer.checkpoint import LoadedModel
 from genmask_jax.infer.images import to_uint8
+from genmask_jax.infer.segmenter import example_noise
+from genmask_jax.models.genmask import GenMask
+
+
+def generate_images(
+    model: GenMask,
+    dit_params,
+    vae_params,
+    context: jax.Array,
+    context_mask: jax.Array,
+    index: jax.Array,
+    key: jax.Array,
+    image_hw: tuple[int, int],
+    num_steps: int = 50,
+    guidance_scale: float = 5.0,
+    shift: float = 3.0,
+    sampler: str = "euler",
+) -> jax.Array:
+    """RGB `(B, H, W, 3)` in [-1, 1] for instruction states `(B, L, D)`: `GenMask.generate` with row b
+    starting from the noise of `fold_in(key, index[b])` (per prompt, not one draw for the batch)."""
+    hw = (image_hw[0] // model.downsample, image_hw[1] // model.downsample)
+    noise = example_noise(key, index, (1, *hw, model.z_dim))
+    return model.generate(
+        dit_params, vae_params, context, context_mask, None, image_hw, num_steps, guidance_scale, shift,
+        sampler, noise,
+    )
 
 
 class Generator:
-    """`generator(prompts, num_steps, guidance_scale, seed) -> uint8 images (B, H, W, 3)`.
+    """`generator(prompts, num_steps, guidance_scale, seed) -> uint8 images (B, H, W, 3)`; prompt `i`
+    gets the noise of `fold_in(key(seed), i)`.
 
     Args:
       loaded: `infer.checkpoint.load(...)`.
@@ -39,7 +69,8 @@ class Generator:
         key = (tuple(image_hw), num_steps, float(guidance_scale), float(shift), sampler)
         if key not in self._compiled:
             fn = partial(
-                self.loaded.model.generate,
+                generate_images,
+                self.loaded.model,
                 image_hw=key[0],
                 num_steps=num_steps,
                 guidance_scale=key[2],
@@ -68,6 +99,7 @@ class Generator:
         context, context_mask = self.encoder.encode(None, list(prompts))
         fn = self._function(image_hw, num_steps, guidance_scale, shift, sampler)
         loaded = self.loaded
+        index = jnp.arange(len(prompts), dtype=jnp.int32)
         with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(loaded.rules):
-            rgb = fn(loaded.dit_params, loaded.vae_params, context, context_mask, jax.random.key(seed))
+            rgb = fn(loaded.dit_params, loaded.vae_params, context, context_mask, index, jax.random.key(seed))
         return to_uint8(jax.device_get(rgb))

@@ -1,9 +1,11 @@
 """Referring segmentation with a trained GenMask: images + instructions -> masks at the original size.
 
-Single-step by default (DESIGN.md 1: start at t = 1 from noise, one DiT call, x0 = eps - v, VAE-decode,
-mean of RGB > 0); `num_steps > 1` integrates the same velocity field with Euler steps instead. Each
-example's noise is drawn from `fold_in(key(seed), index)`, so a prediction does not depend on the batch
-it was computed in, the batch size or the number of devices.
+Single-step by default (DESIGN.md 1: start at t = 1 from noise, one DiT call, x0 = eps - v, VAE-decode);
+`num_steps > 1` integrates the same velocity field with Euler steps instead. The score of a pixel is
+the mean of the decoded RGB in [-1, 1]; as LISA upsamples its logits, the score is mapped back to the
+image's original size bilinearly (the fit's padding or crop undone) and thresholded at 0 there
+(`original_size_mask`). Each example's noise is drawn from `fold_in(key(seed), index)`, so a prediction
+does not depend on the batch it was computed in, the batch size or the number of devices.
 """
 
 from collections.abc import Sequence
@@ -19,7 +21,6 @@ from genmask_jax.data import preprocess
 from genmask_jax.diffusion import flow
 from genmask_jax.encoders import make_encoder
 from genmask_jax.infer.checkpoint import LoadedModel
-from genmask_jax.models import mask_codec
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.parallel.sharding import batch_axes
 
@@ -67,6 +68,28 @@ def euler_mask_latents(
     return flow.euler_sample(velocity, noise, num_steps, shift)
 
 
+def predict_scores(
+    model: GenMask,
+    dit_params,
+    vae_params,
+    image: jax.Array,
+    context: jax.Array,
+    context_mask: jax.Array,
+    index: jax.Array,
+    key: jax.Array,
+    num_steps: int = 1,
+    shift: float = 1.0,
+) -> jax.Array:
+    """Image `(B, H, W, 3)` in [-1, 1] + instruction states `(B, L, D)` -> float32 scores `(B, H, W)`:
+    the decoded mask image's channel mean in [-1, 1], foreground where > 0."""
+    image_latent = model.encode(vae_params, image)
+    noise = example_noise(key, index, image_latent.shape[1:])
+    latents = segment_mask_latents(
+        model, dit_params, image_latent, context, context_mask, noise, num_steps, shift
+    )
+    return jnp.mean(model.decode(vae_params, latents).astype(jnp.float32), axis=-1)
+
+
 def predict_masks(
     model: GenMask,
     dit_params,
@@ -79,13 +102,20 @@ def predict_masks(
     num_steps: int = 1,
     shift: float = 1.0,
 ) -> jax.Array:
-    """Image `(B, H, W, 3)` in [-1, 1] + instruction states `(B, L, D)` -> bool masks `(B, H, W)`."""
-    image_latent = model.encode(vae_params, image)
-    noise = example_noise(key, index, image_latent.shape[1:])
-    latents = segment_mask_latents(
-        model, dit_params, image_latent, context, context_mask, noise, num_steps, shift
+    """bool masks `(B, H, W)` at the model resolution: `predict_scores(...) > 0`."""
+    scores = predict_scores(
+        model, dit_params, vae_params, image, context, context_mask, index, key, num_steps, shift
     )
-    return mask_codec.rgb_to_mask(model.decode(vae_params, latents))
+    return scores > 0
+
+
+def original_size_mask(score: np.ndarray, geometry: preprocess.Geometry | dict) -> np.ndarray:
+    """float `(h, w)` score at the model resolution -> bool `(H, W)` mask at the image's original size:
+    the fit undone (padding dropped, a crop's cut-away parts 0), resized bilinearly, then > 0."""
+    score = np.asarray(score)
+    if score.dtype == np.bool_:  # a thresholded prediction: back to +-1 so that 0 stays the boundary
+        score = np.where(score, 1.0, -1.0)
+    return preprocess.unfit_mask(score.astype(np.float32), geometry, "bilinear") > 0
 
 
 def pad_rows(tree: dict, multiple: int) -> tuple[dict, int]:
@@ -121,7 +151,7 @@ class Segmenter:
         self.sharding = NamedSharding(loaded.mesh, PartitionSpec(axes))
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         self.batch_multiple = int(np.prod([loaded.mesh.shape[a] for a in names]))
-        self._fn = jax.jit(partial(predict_masks, loaded.model, num_steps=num_steps, shift=shift))
+        self._fn = jax.jit(partial(predict_scores, loaded.model, num_steps=num_steps, shift=shift))
 
     @property
     def encoder(self):
@@ -130,16 +160,16 @@ class Segmenter:
         return self._encoder
 
     def predict(self, batch: dict) -> jax.Array:
-        """bool masks `(B, H, W)` at the model resolution for a batch with "image", "context",
-        "context_mask" and "index" (the noise index of each row). Returns without waiting for the
-        device (`np.asarray` of the result waits)."""
+        """float32 scores `(B, H, W)` at the model resolution (`predict_scores`) for a batch with
+        "image", "context", "context_mask" and "index" (the noise index of each row). Returns without
+        waiting for the device (`np.asarray` of the result waits)."""
         inputs = {k: np.asarray(batch[k]) for k in ("image", "context", "context_mask")}
         inputs["index"] = np.asarray(batch["index"], np.int32)
         inputs, n = pad_rows(inputs, self.batch_multiple)
         inputs = jax.device_put(inputs, self.sharding)
         loaded = self.loaded
         with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(loaded.rules):
-            masks = self._fn(
+            scores = self._fn(
                 loaded.dit_params,
                 loaded.vae_params,
                 inputs["image"],
@@ -148,7 +178,7 @@ class Segmenter:
                 inputs["index"],
                 self.key,
             )
-        return masks[:n] if masks.shape[0] != n else masks
+        return scores[:n] if scores.shape[0] != n else scores
 
     def __call__(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[np.ndarray]:
         """uint8 `(H, W, 3)` images and one prompt each -> bool masks `(H, W)` at each image's size."""
@@ -163,5 +193,5 @@ class Segmenter:
             "context_mask": context_mask,
             "index": np.arange(len(images)),
         }
-        masks = np.asarray(self.predict(batch))
-        return [preprocess.unfit_mask(m, g) for m, (_, g) in zip(masks, fitted)]
+        scores = np.asarray(self.predict(batch))
+        return [original_size_mask(score, g) for score, (_, g) in zip(scores, fitted)]

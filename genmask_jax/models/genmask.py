@@ -204,11 +204,13 @@ class GenMask:
         guidance_scale: float = 5.0,
         shift: float = 3.0,
         sampler: str = "euler",
+        noise: jax.Array | None = None,
     ) -> jax.Array:
-        """Text-to-image latents `(B, 1, h, w, z)` with CFG; `sampler` names one of `flow.SAMPLERS`."""
+        """Text-to-image latents `(B, 1, h, w, z)` with CFG; `sampler` names one of `flow.SAMPLERS`.
+        The start `noise` `(B, 1, h, w, z)` is drawn from `rng` unless given."""
         sample = flow.sampler(sampler)
-        shape = (context.shape[0], 1, *latent_hw, self.z_dim)
-        noise = jax.random.normal(rng, shape, jnp.float32)
+        if noise is None:
+            noise = jax.random.normal(rng, (context.shape[0], 1, *latent_hw, self.z_dim), jnp.float32)
         null_context, null_mask = null_text(context, context_mask)
         model_fn = lambda x, t, c, m: self.apply_dit(dit_params, x, flow.TIMESTEP_SCALE * t, c, m)
         velocity = flow.cfg_velocity_fn(
@@ -228,11 +230,12 @@ class GenMask:
         guidance_scale: float = 5.0,
         shift: float = 3.0,
         sampler: str = "euler",
+        noise: jax.Array | None = None,
     ) -> jax.Array:
-        """Text-to-image: RGB `(B, H, W, 3)` in [-1, 1]."""
+        """Text-to-image: RGB `(B, H, W, 3)` in [-1, 1] (`noise` as in `generate_latents`)."""
         hw = (image_hw[0] // self.downsample, image_hw[1] // self.downsample)
         latents = self.generate_latents(
-            dit_params, context, context_mask, rng, hw, num_steps, guidance_scale, shift, sampler
+            dit_params, context, context_mask, rng, hw, num_steps, guidance_scale, shift, sampler, noise
         )
         return self.decode(vae_params, latents)
 

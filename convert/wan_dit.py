@@ -253,7 +253,7 @@ def _torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(from_flax(path, np.empty(shape, np.uint8)).shape)
 
 
-def _stack_path(path: str) -> tuple[str, int | None]:
+def stacked_path(path: str) -> tuple[str, int | None]:
     """'blocks_3/attn1/...' -> ('blocks/attn1/...', 3); other paths unchanged with None."""
     head, _, rest = path.partition("/")
     block = _BLOCK.match(head)
@@ -292,7 +292,7 @@ def convert(source: Source, config, skip: set[str] = frozenset()) -> dict:
         if not config.scan_layers:
             flat[path] = value
             continue
-        stacked, layer = _stack_path(path)
+        stacked, layer = stacked_path(path)
         if layer is None:
             flat[stacked] = value
         else:
@@ -376,16 +376,46 @@ def diffusers_config(config) -> dict[str, Any]:
 
 def unstack(params: dict, config) -> dict[str, np.ndarray]:
     """Flat unscanned {path: array} from params (stacked or not), as numpy."""
-    flat = {}
-    for path, value in io.flatten(params).items():
-        value = np.asarray(value)
-        head, _, rest = path.partition("/")
-        if config.scan_layers and head == "blocks":
-            for i in range(value.shape[0]):
-                flat[f"blocks_{i}/{rest}"] = value[i]
-        else:
-            flat[path] = value
-    return flat
+    import jax
+
+    params = jax.tree.map(np.asarray, params)
+    return io.flatten(unstack_blocks(params) if config.scan_layers else params)
+
+
+def stack_blocks(params: dict) -> dict:
+    """Unscanned params (`blocks_0` ... `blocks_{L-1}`) in the nn.scan layout (`blocks`, every leaf with a
+    leading layer axis); stacked params are returned as they are. numpy stays numpy, jax arrays jax."""
+    import jax
+    import jax.numpy as jnp
+
+    layers = {int(m.group(1)): name for name in params if (m := _BLOCK.match(name))}
+    if not layers:
+        return dict(params)
+    if sorted(layers) != list(range(len(layers))):
+        raise ConversionError(f"blocks {sorted(layers)} are not numbered 0 .. {len(layers) - 1}")
+    def stack(*xs):
+        return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+    out = {k: v for k, v in params.items() if k not in layers.values()}
+    out["blocks"] = jax.tree.map(stack, *[params[layers[i]] for i in range(len(layers))])
+    return out
+
+
+def unstack_blocks(params: dict) -> dict:
+    """The inverse of `stack_blocks`: `blocks` (leading layer axis) -> `blocks_0` ... `blocks_{L-1}`."""
+    import jax
+
+    if "blocks" not in params:
+        return dict(params)
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(jax.tree.leaves(params["blocks"])[0].shape[0]):
+        out[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+    return out
+
+
+def with_scan_layers(params: dict, scan_layers: bool) -> dict:
+    """params in the scanned or unscanned layout, whichever they were in: the same weights either way."""
+    return stack_blocks(params) if scan_layers else unstack_blocks(params)
 
 
 def export_diffusers(params: dict, config, dst: str | Path, max_shard_bytes: int = 2 * 2**30) -> Path:

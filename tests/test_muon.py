@@ -1,4 +1,7 @@
-"""Stacked Muon (train/muon.py): optax.contrib.muon's arithmetic, and the same under a device split."""
+"""Stacked Muon (train/muon.py): optax.contrib.muon's arithmetic, the same under a device split and under
+nn.scan's stacked layers."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +9,10 @@ import numpy as np
 import optax
 import pytest
 
+from genmask_jax.models.dit import DiTConfig, init_params
 from genmask_jax.parallel.mesh import make_mesh
 from genmask_jax.train import muon
+from genmask_jax.train.state import LAYER_STACKS, make_optimizer
 
 
 def tree(seed):
@@ -97,3 +102,50 @@ def test_split_over_eight_devices_equals_one():
     with jax.set_mesh(mesh):
         stack = jax.jit(lambda x: muon._split_over_devices(x))(jnp.ones((3, 4, 4)))
     assert stack.shape == (8, 4, 4)  # padded to the 8 devices, one matrix each
+
+
+def stack_layers(unscanned: dict, num_layers: int) -> dict:
+    """Unscanned DiT params in nn.scan's layout: `blocks_i` -> `blocks` with a leading layer axis."""
+    out = {k: v for k, v in unscanned.items() if not k.startswith("blocks_")}
+    blocks = [unscanned[f"blocks_{i}"] for i in range(num_layers)]
+    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    return out
+
+
+@pytest.mark.parametrize("conv_kernels", [False, True], ids=["matrices", "conv_kernels"])
+def test_scanned_dit_takes_the_unscanned_update_layer_by_layer(conv_kernels):
+    """The paper config scans the DiT's blocks: each layer's kernel must still be orthogonalised on its own
+    and biases / norm scales (2-D only through the layer axis) must stay with AdamW."""
+    config = DiTConfig.from_variant("tiny")
+    unscanned = init_params(config, jax.random.key(0))
+    scanned = stack_layers(unscanned, config.num_layers)
+    scanned_config = dataclasses.replace(config, scan_layers=True)
+    nn_scan = jax.eval_shape(lambda: init_params(scanned_config, jax.random.key(0)))
+    assert jax.tree.map(jnp.shape, scanned) == jax.tree.map(jnp.shape, nn_scan)
+
+    tx = make_optimizer(dict(name="muon", lr=1e-3, muon_lr=0.02, total_steps=10, weight_decay=0.1,
+                             muon_conv_kernels=conv_kernels))
+    update = jax.jit(tx.update)
+    states = {"unscanned": tx.init(unscanned), "scanned": tx.init(scanned)}
+    for step in range(2):  # the second update goes through the momentum
+        grads = jax.tree.map(lambda p, s=step: jax.random.normal(jax.random.key(s + 1), p.shape), unscanned)
+        ours, states["unscanned"] = update(grads, states["unscanned"], unscanned)
+        theirs, states["scanned"] = update(stack_layers(grads, config.num_layers), states["scanned"], scanned)
+        # The same matrices batched in another order: measured 9.3e-10 apart on updates of size up to
+        # 1.3e-2; a kernel taking AdamW instead, or orthogonalised together with the other layer, is off
+        # by about 7e-3.
+        for i in range(config.num_layers):
+            for x, y in zip(jax.tree.leaves(jax.tree.map(lambda a, i=i: a[i], theirs["blocks"])),
+                            jax.tree.leaves(ours[f"blocks_{i}"])):
+                np.testing.assert_allclose(x, y, atol=1e-7)
+        rest = lambda tree: {k: v for k, v in tree.items() if not k.startswith("blocks")}  # noqa: E731
+        for x, y in zip(jax.tree.leaves(rest(theirs)), jax.tree.leaves(rest(ours))):
+            np.testing.assert_allclose(x, y, atol=1e-7)
+
+    labels = {name: muon.partition_labels(tree, conv_kernels, LAYER_STACKS)
+              for name, tree in (("unscanned", unscanned), ("scanned", scanned))}
+    for i in range(config.num_layers):
+        assert labels["scanned"]["blocks"] == labels["unscanned"][f"blocks_{i}"]
+    assert labels["scanned"]["blocks"]["attn1"]["to_q"] == {"kernel": "muon", "bias": "adam"}
+    assert labels["scanned"]["blocks"]["norm2"] == {"scale": "adam", "bias": "adam"}
+    assert labels["scanned"]["patch_embedding"]["kernel"] == ("muon" if conv_kernels else "adam")

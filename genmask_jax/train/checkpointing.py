@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from genmask_jax.data.pipeline import state_for_process_count
-from genmask_jax.infer.checkpoint import check_saved_params, state_metadata
+from genmask_jax.infer.checkpoint import CheckpointError, check_saved_params, state_metadata
+from genmask_jax.train.state import initial_ema
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +100,31 @@ class Checkpointer:
         self, step: int | None, abstract_trainable: Mapping[str, Any], data_iterator=None
     ) -> dict[str, Any]:
         """Restores the state (onto the shardings carried by `abstract_trainable`) and, if given and
-        saved, the data iterator in place. Returns the restored trainable dict (None entries kept)."""
+        saved, the data iterator in place. Returns the restored trainable dict (None entries kept).
+
+        EMA parameters this run wants but the checkpoint lacks start from the restored params; saved ones
+        it does not want are not read (both with a warning). An optimizer state of another structure
+        (another optimizer config) raises one CheckpointError line."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         saved_tree = state_metadata(self.manager, step)
+        where = f"checkpoint {self.directory}/{step}"
         for key in ("params", "ema_params"):  # plain dicts; a changed model shows here first
             if abstract_trainable.get(key) is not None and saved_tree.get(key) is not None:
-                where = f"checkpoint {self.directory}/{step} ({key})"
-                check_saved_params(saved_tree[key], abstract_trainable[key], where)
-        items = {STATE: ocp.args.StandardRestore(_drop_none(abstract_trainable))}
+                check_saved_params(saved_tree[key], abstract_trainable[key], f"{where} ({key})")
+        wanted = _drop_none(abstract_trainable)
+        if "opt_state" in wanted and "opt_state" in saved_tree:
+            check_saved_opt_state(saved_tree["opt_state"], wanted["opt_state"], where)
+        start_ema = "ema_params" in wanted and saved_tree.get("ema_params") is None
+        if start_ema:
+            log.warning("%s has no EMA parameters (saved with ema_decay 0): the EMA starts from the "
+                        "restored params", where)
+            del wanted["ema_params"]
+        unwanted = sorted(set(_drop_none(saved_tree)) - set(wanted))
+        if unwanted:
+            log.warning("%s: not restoring its %s (this run has none)", where, ", ".join(unwanted))
+        items = {} if unwanted else {STATE: ocp.args.StandardRestore(wanted)}
         saved = set(self.item_names(step))
         data_dir, other_count = self.directory / str(step) / DATA, None
         if _checkpointable(data_iterator) and DATA in saved:
@@ -119,7 +135,7 @@ class Checkpointer:
             log.warning(
                 "checkpoint %s/%d has no data iterator state; the data restarts", self.directory, step
             )
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
         if other_count is not None:
             saved_state = json.loads((data_dir / f"process_0-of-{other_count}.json").read_text())
             log.warning(
@@ -127,7 +143,12 @@ class Checkpointer:
                 self.directory, step, other_count, jax.process_count(),
             )
             data_iterator.set_state(state_for_process_count(saved_state, other_count, data_iterator))
-        state = dict(restored[STATE])
+        if unwanted:  # orbax's StandardRestore reads the saved tree whole; a subset needs partial_restore
+            state = dict(_restore_subset(self.directory / str(step) / STATE, wanted))
+        else:
+            state = dict(restored[STATE])
+        if start_ema:
+            state["ema_params"] = initial_ema(state["params"])
         return {k: state.get(k) for k in abstract_trainable}
 
     def restore_config(self, step: int | None = None) -> dict:
@@ -143,6 +164,41 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _restore_subset(directory: epath.Path, wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of `wanted` (abstract arrays with shardings) from the state saved in `directory`."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(
+            directory, args=ocp.args.PyTreeRestore(wanted, restore_args=restore_args, partial_restore=True)
+        )
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'1/0/mu/w' -> shape. orbax's metadata keeps tuple positions and names NamedTuple fields by dict
+    keys, so indices, keys and attribute names all print alike."""
+
+    def name(key) -> str:
+        return str(next((getattr(key, a) for a in ("key", "idx", "name") if hasattr(key, a)), key))
+
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path): tuple(x.shape) for path, x in flat}
+
+
+def check_saved_opt_state(saved: Any, abstract: Any, where: str) -> None:
+    """Raises one CheckpointError line when the saved optimizer state is not this run's (orbax's own
+    message is a page of tree dump)."""
+    found, expected = _leaf_shapes(saved), _leaf_shapes(abstract)
+    if found == expected:
+        return
+    differs = sorted(found.keys() ^ expected.keys()) or sorted(k for k in found if found[k] != expected[k])
+    raise CheckpointError(
+        f"{where}: its optimizer state ({len(found)} arrays) is not this run's ({len(expected)}; first "
+        f"difference at {differs[0]}): the optimizer config changed since it was saved (optimizer.name, "
+        "optimizer.grad_clip 0 <-> > 0, optimizer.muon_conv_kernels). Resume with the saved "
+        "config, or `python -m convert.export` it and start over with --config.init_from."
+    )
 
 
 def _saved_process_count(data_dir: epath.Path) -> int | None:

@@ -271,21 +271,22 @@ class QuickEval:
         return self._gen_inputs or None
 
     def _load_generation_inputs(self):
-        from genmask_jax.data.sources import make_task_source
-
         data = self.config.data
         try:
-            source = make_task_source(data.gen_sources, self.split, data, "gen")
-            if source is None:
-                return None
-            examples = [source[i] for i in range(min(self.num_examples, len(source)))]
-            if len(examples) < self.num_examples:
-                return None
+            cache = None
             if data.encoder.cache_dir:
+                from genmask_jax.encoders import fingerprint
                 from genmask_jax.encoders.cache import EmbeddingCache
 
-                cache = EmbeddingCache(data.encoder.cache_dir, context_length=data.encoder.context_length)
-                pairs = [cache.lookup(e["id"]) for e in examples]
+                cache = EmbeddingCache(data.encoder.cache_dir, fingerprint(data.encoder))
+            examples = self._generation_examples(self.split, cache)
+            if examples is None and cache is not None and data.train_split != self.split:
+                # precompute caches the generation sources' training split only
+                examples = self._generation_examples(data.train_split, cache)
+            if examples is None:
+                return None
+            if cache is not None:
+                pairs = [cache.lookup(e["id"], e["text"]) for e in examples]
                 context, mask = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
             else:
                 from genmask_jax.encoders import make_encoder
@@ -295,6 +296,19 @@ class QuickEval:
             log.warning("no generation samples: %s: %s", type(e).__name__, e)
             return None
         return [e["text"] for e in examples], context.astype(np.float32), mask.astype(bool)
+
+    def _generation_examples(self, split: str, cache) -> list[dict] | None:
+        """The first `num_examples` of the generation sources' `split`; None if it has fewer or (with a
+        cache) the cache lacks one of them."""
+        from genmask_jax.data.sources import make_task_source
+
+        data = self.config.data
+        source = make_task_source(data.gen_sources, split, data, "gen")
+        if source is None or len(source) < self.num_examples:
+            return None
+        if cache is not None and cache.missing([source.example_id(i) for i in range(self.num_examples)]):
+            return None
+        return [source[i] for i in range(self.num_examples)]
 
     # Compiled functions.
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 
 from genmask_jax.infer.checkpoint import resolve as resolve_checkpoint
 from genmask_jax.models.build import abstract_frozen, build_model, dit_initializer, frozen_vae
@@ -32,6 +33,7 @@ from genmask_jax.train.state import (
     abstract_train_state,
     attach_frozen,
     create_train_state,
+    initial_ema,
     make_optimizer,
 )
 from genmask_jax.train.step import make_configured_train_step, optimizer_config
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 
 # Parameters re-initialised when converted weights come from a different text encoder width.
 TEXT_EMBEDDER = ("condition_embedder", "text_embedder")
-# DiTConfig fields that must agree between converted weights and the experiment.
+# DiTConfig fields that must agree between converted weights and the experiment (scan_layers need not:
+# it is a layout of the same weights, changed on loading).
 ARCHITECTURE_FIELDS = (
     "patch_size",
     "in_channels",
@@ -50,7 +53,6 @@ ARCHITECTURE_FIELDS = (
     "freq_dim",
     "num_heads",
     "num_layers",
-    "scan_layers",
 )
 
 
@@ -69,14 +71,20 @@ def global_batch(local: Mapping[str, Mapping[str, np.ndarray]], mesh: jax.shardi
 
 
 def merge_converted_params(fresh, loaded, fresh_cfg: DiTConfig, loaded_cfg: DiTConfig):
-    """Converted WAN weights with the text-embedding MLP taken from `fresh` when text_dim differs."""
+    """Converted WAN weights in the experiment's layout (blocks stacked or not, as `fresh_cfg.scan_layers`
+    says) and dtypes, with the text-embedding MLP taken from `fresh` when text_dim differs."""
+    from convert import wan_dit
+
     for name in ARCHITECTURE_FIELDS:
         if getattr(fresh_cfg, name) != getattr(loaded_cfg, name):
             raise ValueError(
                 f"converted DiT has {name}={getattr(loaded_cfg, name)!r}, the experiment "
                 f"{getattr(fresh_cfg, name)!r}"
             )
-    loaded = dict(loaded)
+    if loaded_cfg.scan_layers != fresh_cfg.scan_layers:
+        log.info("converted DiT has scan_layers=%s: %s its blocks", loaded_cfg.scan_layers,
+                 "stacking" if fresh_cfg.scan_layers else "unstacking")
+    loaded = wan_dit.with_scan_layers(loaded, fresh_cfg.scan_layers)
     if loaded_cfg.text_dim != fresh_cfg.text_dim:
         log.info(
             "text_dim %d -> %d: re-initialising %s",
@@ -95,28 +103,52 @@ def merge_converted_params(fresh, loaded, fresh_cfg: DiTConfig, loaded_cfg: DiTC
             f"{checkpointing.tree_equal_report(fresh_shapes, loaded_shapes)[:5]}"
         )
     return jax.tree.map(
-        lambda f, x: jnp.asarray(x, f.dtype) if not isinstance(x, jax.Array) else x, fresh, loaded
+        lambda f, x: x if isinstance(x, jax.Array) and x.dtype == f.dtype else jnp.asarray(x, f.dtype),
+        fresh,
+        loaded,
     )
+
+
+def _slash_path(key_path) -> str:
+    return "/".join(str(k.key) for k in key_path)
 
 
 def converted_target(path, fresh, shardings, mesh: jax.sharding.Mesh):
     """Abstract arrays that restore the converted checkpoint at `path` straight into the parameters'
     shardings (each host reads only its shards, in the parameters' dtype), or None when `path` holds
-    PyTorch files (converted on the fly, on the host). A leaf the model lacks, or whose saved shape
-    differs (a text embedder of another width), is read replicated: `merge_converted_params` decides."""
-    from convert import checkpoint_io
+    PyTorch files (converted on the fly, on the host). Saved in the other scan layout, a block's leaf
+    takes its sharding without (or with an unsplit) layer axis. A leaf the model lacks, or whose saved
+    shape differs (a text embedder of another width), is read replicated: `merge_converted_params`
+    decides."""
+    from convert import checkpoint_io, wan_dit
 
     if not checkpoint_io.is_flax_checkpoint(path):
         return None
-    fresh_leaves = {jax.tree_util.keystr(k): (x, s) for (k, x), s in zip(
+    fresh_leaves = {_slash_path(k): (x, s.spec) for (k, x), s in zip(
         jax.tree_util.tree_leaves_with_path(fresh), jax.tree.leaves(shardings))}
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def fresh_in_saved_layout(name: str, saved_shape: tuple[int, ...]):
+        """(shape, dtype, spec) of the model's leaf `name` laid out as saved, or None."""
+        stacked, layer = wan_dit.stacked_path(name)
+        if name in fresh_leaves:
+            x, spec = fresh_leaves[name]
+            return tuple(x.shape), x.dtype, spec
+        if layer is not None and stacked in fresh_leaves:  # saved unscanned, the model scans
+            x, spec = fresh_leaves[stacked]
+            return tuple(x.shape[1:]), x.dtype, PartitionSpec(*spec[1:])
+        first = name.replace("blocks/", "blocks_0/", 1)
+        if name.startswith("blocks/") and first in fresh_leaves:  # saved scanned, the model does not
+            x, spec = fresh_leaves[first]
+            return (saved_shape[0], *x.shape), x.dtype, PartitionSpec(None, *spec)
+        return None
 
     def leaf(key_path, saved):
-        x, sharding = fresh_leaves.get(jax.tree_util.keystr(key_path), (None, None))
-        if x is None or tuple(x.shape) != tuple(saved.shape):
+        found = fresh_in_saved_layout(_slash_path(key_path), tuple(saved.shape))
+        if found is None or found[0] != tuple(saved.shape):
+            replicated = NamedSharding(mesh, PartitionSpec())
             return jax.ShapeDtypeStruct(tuple(saved.shape), saved.dtype, sharding=replicated)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        shape, dtype, spec = found
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(leaf, checkpoint_io.saved_params_metadata(path))
 
@@ -139,10 +171,14 @@ def restore_or_init(
         from convert import wan_dit
 
         target = converted_target(config.init_from, state.params, shardings.params, shardings.step.mesh)
-        loaded_cfg, loaded = wan_dit.load(config.init_from, target=target)
+        # PyTorch files are converted on the fly straight into the experiment's layout and dtype.
+        loaded_cfg, loaded = wan_dit.load(
+            config.init_from, target=target, scan_layers=model.dit.scan_layers,
+            param_dtype=model.dit.param_dtype,
+        )
         params = merge_converted_params(state.params, loaded, model.dit, loaded_cfg)
         params = jax.device_put(params, shardings.params)
-        ema = jax.device_put(params, shardings.ema_params) if state.ema_params is not None else None
+        ema = initial_ema(params) if state.ema_params is not None else None
         return state.replace(params=params, ema_params=ema), f"converted weights {config.init_from}"
     return state, "scratch"
 

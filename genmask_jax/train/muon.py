@@ -12,10 +12,16 @@ bias correction, Frobenius normalisation, the quintic Newton-Schulz iteration wi
 (3.4445, -4.7750, 2.0315) (modded-nanogpt, 2024), updates scaled by sqrt(max(1, fan_out / fan_in)).
 Non-2-D parameters (biases, norm scales, modulation tables, and conv kernels unless `conv_kernels`
 makes them patch matrices) take AdamW with Nesterov momentum, as in `optax.contrib.muon`.
+
+Parameters of an `nn.scan`ned module (named in `layer_stacks`) carry a leading layer axis: their rank is
+counted without it and each layer's matrix is orthogonalised on its own, so a scanned model takes the
+same update as its unscanned twin.
 """
 
+import itertools
+import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import jax
@@ -52,10 +58,15 @@ def _split_over_devices(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
 
 
+def layer_axes(path, layer_stacks: Collection[str]) -> int:
+    """How many leading layer axes nn.scan gave the parameter at `path`: one per scanned module on it."""
+    return sum(isinstance(k, jax.tree_util.DictKey) and k.key in layer_stacks for k in path)
+
+
 def scale_by_stacked_muon(
-    beta: float = 0.95, ns_steps: int = 5, eps: float = 1e-8
+    beta: float = 0.95, ns_steps: int = 5, eps: float = 1e-8, layer_stacks: Collection[str] = ()
 ) -> optax.GradientTransformation:
-    """Muon's direction for a tree of 2-D kernels (see the module docstring); no learning rate."""
+    """Muon's direction for a tree of kernels (see the module docstring); no learning rate."""
 
     def init(params):
         return StackedMuonState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
@@ -69,20 +80,25 @@ def scale_by_stacked_muon(
             optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
             optax.tree.bias_correction(updates, beta, count),
         )
-        leaves, treedef = jax.tree.flatten(mu_hat)
-        # A conv kernel (..., C_in, C_out) is the matrix (prod(...) * C_in, C_out) of its patch matmul.
-        matrices = [leaf.reshape(-1, leaf.shape[-1]) for leaf in leaves]
+        flat, treedef = jax.tree_util.tree_flatten_with_path(mu_hat)
+        leaves = [leaf for _, leaf in flat]
+        matrices = []  # (layers, fan_in, fan_out) per leaf
         groups = defaultdict(list)
-        for i, (leaf, matrix) in enumerate(zip(leaves, matrices)):
-            if leaf.ndim < 2:
-                raise ValueError(f"Muon takes kernels of 2 or more axes, got shape {leaf.shape}")
-            groups[(matrix.shape, matrix.dtype)].append(i)
+        for i, (path, leaf) in enumerate(flat):
+            n = layer_axes(path, layer_stacks)
+            if leaf.ndim - n < 2:
+                raise ValueError(f"Muon takes kernels of 2 or more axes (after {n} layer axes), got shape "
+                                 f"{leaf.shape} at {jax.tree_util.keystr(path)}")
+            # A conv kernel (..., C_in, C_out) is the matrix (prod(...) * C_in, C_out) of its patch matmul.
+            matrices.append(leaf.reshape(math.prod(leaf.shape[:n]), -1, leaf.shape[-1]))
+            groups[(matrices[i].shape[1:], leaf.dtype)].append(i)
         out = list(leaves)
         for ((fan_in, fan_out), _), index in groups.items():
-            stack = _split_over_devices(jnp.stack([matrices[i] for i in index]))
+            stack = _split_over_devices(jnp.concatenate([matrices[i] for i in index]))
             orthogonal = newton_schulz(stack, ns_steps, eps) * max(1.0, fan_out / fan_in) ** 0.5
-            for j, i in enumerate(index):
-                out[i] = orthogonal[j].reshape(leaves[i].shape)
+            offsets = itertools.accumulate((matrices[i].shape[0] for i in index), initial=0)
+            for i, start in zip(index, offsets):
+                out[i] = orthogonal[start:start + matrices[i].shape[0]].reshape(leaves[i].shape)
         return jax.tree.unflatten(treedef, out), StackedMuonState(count, mu)
 
     return optax.GradientTransformation(init, update)
@@ -99,12 +115,16 @@ def muon(
     weight_decay: float = 0.0,
     weight_decay_mask: Callable | None = None,
     conv_kernels: bool = False,
+    layer_stacks: Collection[str] = (),
 ) -> optax.GradientTransformation:
     """Stacked Muon on every 2-D kernel (and, with `conv_kernels`, every higher-rank parameter named
     "kernel", as its patch matrix), Nesterov AdamW (`adam_learning_rate`) on the others; decoupled
-    weight decay (scaled by each side's learning rate) where `weight_decay_mask` says."""
+    weight decay (scaled by each side's learning rate) where `weight_decay_mask` says.
+
+    layer_stacks: names of nn.scan modules; their parameters' leading layer axis is not a matrix axis.
+    """
     matrices = optax.chain(
-        scale_by_stacked_muon(beta, ns_steps, eps),
+        scale_by_stacked_muon(beta, ns_steps, eps, layer_stacks),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -114,14 +134,20 @@ def muon(
     )
     return optax.partition(
         {"muon": matrices, "adam": others},
-        lambda params: jax.tree_util.tree_map_with_path(
-            lambda path, p: "muon" if _is_matrix(path, p, conv_kernels) else "adam", params
-        ),
+        lambda params: partition_labels(params, conv_kernels, layer_stacks),
     )
 
 
-def _is_matrix(path, param, conv_kernels: bool) -> bool:
-    if param.ndim == 2:
+def partition_labels(params, conv_kernels: bool = False, layer_stacks: Collection[str] = ()):
+    """"muon" or "adam" for each parameter of `params` (see `muon`)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: "muon" if _is_matrix(path, p, conv_kernels, layer_stacks) else "adam", params
+    )
+
+
+def _is_matrix(path, param, conv_kernels: bool, layer_stacks: Collection[str]) -> bool:
+    rank = param.ndim - layer_axes(path, layer_stacks)
+    if rank == 2:
         return True
     names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    return conv_kernels and param.ndim > 2 and bool(names) and names[-1] == "kernel"
+    return conv_kernels and rank > 2 and bool(names) and names[-1] == "kernel"

@@ -19,6 +19,8 @@ from genmask_jax.parallel.sharding import LogicalRules
 from genmask_jax.train import muon
 
 NO_DECAY_NAMES = ("bias", "scale", "scale_shift_table")
+# The DiT's nn.scan module (models/dit.py, scan_layers=True): its parameters carry a leading layer axis.
+LAYER_STACKS = ("blocks",)
 
 
 @flax.struct.dataclass
@@ -78,8 +80,9 @@ def make_optimizer(cfg: Mapping) -> optax.GradientTransformation:
     cfg: name ("adamw" | "muon"), lr, warmup_steps, schedule, total_steps, end_lr_factor, b1, b2, eps,
     weight_decay, grad_clip; for Muon also muon_lr (its matrices' rate, same schedule shape) and
     muon_beta, muon_ns_steps (Newton-Schulz iterations), muon_conv_kernels. Muon (train/muon.py)
-    orthogonalises the momentum of every 2-D kernel (and of conv kernels with muon_conv_kernels); the
-    other parameters (biases, norm scales, modulation tables) take AdamW at `lr`.
+    orthogonalises the momentum of every 2-D kernel (and of conv kernels with muon_conv_kernels), layer
+    by layer in a scanned DiT; the other parameters (biases, norm scales, modulation tables) take AdamW
+    at `lr`.
     """
     name = cfg.get("name", "adamw")
     schedule = make_schedule(cfg)
@@ -99,6 +102,7 @@ def make_optimizer(cfg: Mapping) -> optax.GradientTransformation:
             weight_decay=weight_decay,
             weight_decay_mask=weight_decay_mask,
             conv_kernels=bool(cfg.get("muon_conv_kernels", False)),
+            layer_stacks=LAYER_STACKS,
         )
     else:
         raise ValueError(f"unknown optimizer {name!r}; use 'adamw' or 'muon'")
@@ -111,6 +115,15 @@ def ema_update(ema, params, decay: float):
     return jax.tree.map(
         lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params
     )
+
+
+def initial_ema(params):
+    """The EMA's starting point: `params` copied into buffers of their own, each array on its sharding.
+
+    Not `jax.device_put(params, shardings)`: onto an array's own sharding it returns the same buffers, and
+    the train step, which donates its state, then fails with "Attempt to donate the same buffer twice".
+    """
+    return jax.tree.map(lambda x: x.copy(), params)
 
 
 def _opt_state_specs(opt_state, boxed_params, param_specs):

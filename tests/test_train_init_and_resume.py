@@ -1,0 +1,185 @@
+"""Starting a run: converted weights in either scan layout (or converted on the fly), an EMA in buffers of
+its own, and resuming a checkpoint saved with or without EMA or with another optimizer."""
+
+import dataclasses
+import logging
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train_step import max_abs_diff, setup
+from train_helpers import make_batch, mesh_of, tiny_config
+
+from convert import wan_dit
+from genmask_jax.infer.checkpoint import CheckpointError
+from genmask_jax.models import build
+from genmask_jax.models.dit import init_params
+from genmask_jax.train import checkpointing, loop
+from genmask_jax.train.state import abstract_train_state, make_optimizer
+
+P = jax.sharding.PartitionSpec
+EMA_DECAY = 0.9
+
+
+def leaves_equal(a, b) -> list[str]:
+    return checkpointing.tree_equal_report(jax.device_get(a), jax.device_get(b))
+
+
+def stack_layers(unscanned: dict) -> dict:
+    """Unscanned DiT params in nn.scan's layout: `blocks_i` -> `blocks` with a leading layer axis."""
+    names = sorted((k for k in unscanned if k.startswith("blocks_")), key=lambda k: int(k.split("_")[1]))
+    out = {k: v for k, v in unscanned.items() if not k.startswith("blocks_")}
+    out["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[unscanned[k] for k in names])
+    return out
+
+
+def random_converted(dit_config, seed: int = 5) -> dict:
+    """Random unscanned DiT weights as host arrays, as `convert.wan_dit` writes them."""
+    unscanned = dataclasses.replace(dit_config, scan_layers=False)
+    return jax.tree.map(np.asarray, init_params(unscanned, jax.random.key(seed)))
+
+
+def run_of(mesh, **overrides):
+    config = tiny_config(**overrides)
+    state, shardings, step, rules = setup(mesh, **overrides)
+    return SimpleNamespace(config=config, model=build.build_model(config), state=state,
+                           shardings=shardings, step=step, rules=rules, mesh=mesh)
+
+
+@pytest.fixture(scope="module")
+def ema_run():
+    """A tiny one-device run with EMA; its step compiles once for the tests below."""
+    return run_of(mesh_of((1, 1, 1)), ema_decay=EMA_DECAY)
+
+
+def fresh_state(run):
+    """A copy of the run's initial state: the step donates (deletes) the state it is given."""
+    return jax.tree.map(lambda x: x.copy(), run.state)
+
+
+def train_one_step(run, state):
+    batch = loop.global_batch(make_batch(0, 2, 2), run.mesh, run.rules)
+    state, metrics = run.step(state, batch, jax.random.key(0))
+    return state, float(metrics["loss"])
+
+
+def test_converted_weights_with_ema_train(ema_run, tmp_path):
+    converted = random_converted(ema_run.model.dit)
+    wan_dit.save(tmp_path / "converted", ema_run.model.dit, converted)
+    config = tiny_config(ema_decay=EMA_DECAY, init_from=str(tmp_path / "converted"))
+    workdir = checkpointing.Checkpointer(tmp_path / "work", async_save=False)
+    out, origin = loop.restore_or_init(config, fresh_state(ema_run), ema_run.shardings, workdir, None,
+                                       ema_run.model)
+    workdir.close()
+    assert origin.startswith("converted") and leaves_equal(out.ema_params, converted) == []
+    # Before the EMA had buffers of its own this step failed: "Attempt to donate the same buffer twice".
+    trained, loss = train_one_step(ema_run, out)
+    assert np.isfinite(loss)
+    # The first step has lr 0 (warmup), so the EMA of unchanged params is still the converted weights
+    # (up to the rounding of 0.9 x + 0.1 x).
+    assert max_abs_diff(trained.ema_params, converted) < 1e-6
+
+
+def test_resume_without_saved_ema_starts_it_from_the_params(ema_run, tmp_path, caplog):
+    """A run that turned ema_decay on resumes a checkpoint saved without EMA."""
+    state = fresh_state(ema_run)
+    saved = state.replace(step=state.step + 3, params=jax.tree.map(lambda x: x + 1, state.params))
+    workdir = checkpointing.Checkpointer(tmp_path, async_save=False)
+    workdir.save(3, saved.replace(ema_params=None).trainable())
+    with caplog.at_level(logging.WARNING):
+        out, origin = loop.restore_or_init(ema_run.config, fresh_state(ema_run), ema_run.shardings, workdir,
+                                           None, ema_run.model)
+    workdir.close()
+    assert origin == "workdir step 3" and "no EMA parameters" in caplog.text
+    assert leaves_equal(out.params, saved.params) == [] and leaves_equal(out.ema_params, saved.params) == []
+    trained, loss = train_one_step(ema_run, out)  # the EMA is a copy, not the params' buffers
+    assert np.isfinite(loss) and int(trained.step) == 4
+
+
+def test_resume_with_ema_saved_but_off_drops_it(ema_run, tmp_path, caplog):
+    """A run that turned ema_decay off resumes a checkpoint saved with EMA."""
+    state = fresh_state(ema_run)
+    saved = state.replace(ema_params=jax.tree.map(lambda x: x - 1, state.params))
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(2, saved.trainable())
+    without_ema = abstract_train_state(ema_run.shardings, state).trainable() | {"ema_params": None}
+    with caplog.at_level(logging.WARNING):
+        restored = ckpt.restore(None, without_ema)
+    ckpt.close()
+    assert restored["ema_params"] is None and "not restoring its ema_params" in caplog.text
+    assert leaves_equal(restored["params"], saved.params) == []
+    assert leaves_equal(restored["opt_state"], saved.opt_state) == []
+
+
+@pytest.mark.parametrize("saved, wanted", [
+    ({"grad_clip": 1.0}, {"grad_clip": 0.0}),
+    ({"grad_clip": 0.0}, {"grad_clip": 1.0}),
+    ({"name": "adamw"}, {"name": "muon"}),
+], ids=["clip_off", "clip_on", "adamw_to_muon"])
+def test_resume_with_another_optimizer_fails_in_one_line(tmp_path, saved, wanted):
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    base = {"lr": 1e-3, "muon_lr": 0.02, "total_steps": 10}
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, {"step": jnp.asarray(1), "params": params,
+                  "opt_state": make_optimizer({**base, **saved}).init(params)})
+    wanted_state = {"step": jnp.asarray(0), "params": params,
+                    "opt_state": make_optimizer({**base, **wanted}).init(params)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            wanted_state)
+    with pytest.raises(CheckpointError, match=r"/1: its optimizer state \(\d+ arrays\) is not this run's "
+                                              r".*optimizer.grad_clip 0 <-> > 0.*init_from\.$") as error:
+        ckpt.restore(1, abstract)
+    assert "\n" not in str(error.value)
+    ckpt.close()
+
+
+@pytest.mark.parametrize("saved_scan", [False, True], ids=["unscanned_file", "scanned_file"])
+def test_converted_weights_load_into_the_other_scan_layout(tmp_path, saved_scan):
+    """`scan_layers` is a layout of the same weights: a checkpoint converted with or without --scan-layers
+    loads into either experiment."""
+    run = run_of(mesh_of((1, 1, 1)), **{"model.dit.scan_layers": not saved_scan})
+    converted = random_converted(run.model.dit)
+    saved_config = dataclasses.replace(run.model.dit, scan_layers=saved_scan)
+    wan_dit.save(tmp_path / "converted", saved_config, stack_layers(converted) if saved_scan else converted)
+    config = tiny_config(**{"model.dit.scan_layers": not saved_scan}, init_from=str(tmp_path / "converted"))
+    workdir = checkpointing.Checkpointer(tmp_path / "work", async_save=False)
+    out, origin = loop.restore_or_init(config, run.state, run.shardings, workdir, None, run.model)
+    workdir.close()
+    assert origin.startswith("converted")
+    assert leaves_equal(out.params, converted if saved_scan else stack_layers(converted)) == []
+    assert jax.tree.map(lambda x: x.sharding, out.params) == run.shardings.params
+
+
+@pytest.mark.torch
+def test_pytorch_weights_convert_on_the_fly_into_a_scanned_run(tmp_path):
+    from test_dit import tiny_diffusers_model  # skips without torch / diffusers
+
+    tiny_diffusers_model(seed=1).save_pretrained(tmp_path / "transformer")
+    overrides = {"model.dit.scan_layers": True}
+    run = run_of(mesh_of((1, 1, 1)), **overrides)
+    config = tiny_config(**overrides, init_from=str(tmp_path / "transformer"))
+    workdir = checkpointing.Checkpointer(tmp_path / "work", async_save=False)
+    out, origin = loop.restore_or_init(config, run.state, run.shardings, workdir, None, run.model)
+    workdir.close()
+    _, unscanned = wan_dit.convert_checkpoint(tmp_path / "transformer")  # the converter's default layout
+    assert origin.startswith("converted") and leaves_equal(out.params, stack_layers(unscanned)) == []
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("model_scans", [True, False], ids=["scanned_model", "unscanned_model"])
+def test_converted_weights_in_the_other_layout_are_read_sharded(tmp_path, model_scans):
+    """Each host reads only its shards of a block saved in the other layout, not the whole array."""
+    mesh = mesh_of((2, 2, 2))
+    run = run_of(mesh, **{"model.dit.scan_layers": model_scans})
+    converted = random_converted(run.model.dit)
+    saved_config = dataclasses.replace(run.model.dit, scan_layers=not model_scans)
+    wan_dit.save(tmp_path / "converted", saved_config, converted if model_scans else stack_layers(converted))
+    target = loop.converted_target(tmp_path / "converted", run.state.params, run.shardings.params, mesh)
+    kernel = lambda tree: tree["ffn"]["proj_in"]["kernel"]  # noqa: E731
+    if model_scans:  # one layer of the model's stack: its sharding without the layer axis
+        assert kernel(target["blocks_1"]).sharding.spec == P("fsdp", "tensor")
+        assert kernel(target["blocks_1"]).shape == kernel(converted["blocks_1"]).shape
+    else:  # the saved stack of the model's layers: their sharding behind an unsplit layer axis
+        assert kernel(target["blocks"]).sharding.spec == P(None, "fsdp", "tensor")

@@ -308,3 +308,26 @@ def test_command_line_with_config_overrides(tmp_path):
     refused = run("--splits=testA", "--config.data.encoder.seed=3")
     assert refused.returncode == 1 and "no source has split(s) testA" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_training_sample_prompts_come_from_the_cache(tmp_path):
+    """The training hooks' generation samples read their contexts from the cache, with its checks; the
+    cache holds the generation sources' training split only, so the samples fall back to it."""
+    import ml_collections
+
+    from genmask_jax.parallel.mesh import make_mesh
+    from genmask_jax.train.hooks import MetricsLogger, QuickEval
+
+    c = small_config()
+    out = str(tmp_path / "cache")
+    precompute(c, out, ["train"], batch_size=4, dtype="float32")
+    c.encoder.cache_dir = out
+    config = ml_collections.ConfigDict({"data": c})
+    logger = MetricsLogger(tmp_path, total_steps=1, examples_per_step=1, enabled=False)
+    quick = QuickEval(config, None, make_mesh((1, -1, 1)), (), tmp_path, logger, num_examples=3)
+    texts, context, mask = quick._load_generation_inputs()
+    source = make_task_source("shapes", "train", c, "gen")
+    assert texts == [source[i]["text"] for i in range(quick.num_examples)]  # 3, rounded up to the devices
+    want_context, want_mask = make_encoder(c.encoder).encode(None, texts)
+    np.testing.assert_array_equal(context, want_context)
+    np.testing.assert_array_equal(mask, want_mask)

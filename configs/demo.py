@@ -90,6 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the loop's quick evaluation and samples every N steps (TensorBoard and <workdir>/train/samples).
     config.eval_every = config.sample_every = 0
     config.checkpoint.keep = 1
+    # One process: the demo renders and VAE-encodes its scenes with JAX before the training loop would
+    # call jax.distributed.initialize(), which then fails; inside a SLURM or MPI job "auto" could try.
+    config.distributed.mode = "off"
 
     config.demo = ml_collections.ConfigDict()
     # `python -m genmask_jax.demo` makes each core a single-threaded CPU device (mesh.cpu_device_flags,

@@ -4,6 +4,7 @@ the peak bf16 figures of TPU chips and GPUs, for MFU; needs jax alone (no traini
 import collections
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 
 from jax.extend import core as jax_core
@@ -31,15 +32,28 @@ CHIPS = {
     # https://cloud.google.com/tpu/docs/v6e: 32 GiB HBM, 918 TFLOP/s bf16, 1,640 GB/s.
     "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9),
 }
-CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v6lite": "v6e"}
+# device_kind as libtpu reports it, lowercased without spaces ("TPU v5 lite" -> "v5lite"); v5p is "TPU v5".
+CHIP_ALIASES = {"v5": "v5p", "v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v6lite": "v6e"}
 
-# Dense bf16 peak per GPU, from NVIDIA's data sheets (no sparsity).
+# Dense bf16 peak per GPU (NVIDIA's data sheets list it with 2:4 sparsity, twice these), keyed by the
+# words of device_kind (the CUDA device name) that pick the card; the key with most matching words wins.
+# H100 (SXM 1,979, PCIe 1,513, NVL 1,671 sparse): https://www.nvidia.com/en-us/data-center/h100/
+# H200 (SXM 1,979, NVL 1,671 sparse): https://www.nvidia.com/en-us/data-center/h200/
+# GH200 (1,979 sparse): https://www.nvidia.com/en-us/data-center/grace-hopper-superchip/
+# A100 (SXM and PCIe 312 dense): https://www.nvidia.com/en-us/data-center/a100/
+# L40S (362.05 dense): https://www.nvidia.com/en-us/data-center/l40s/
+# L40 (181.05 dense): https://www.nvidia.com/en-us/data-center/l40/
+# L4 (242 sparse): https://www.nvidia.com/en-us/data-center/l4/
 GPU_PEAK_BF16_FLOPS = {
+    "H100": 989.4e12,  # SXM: "NVIDIA H100 80GB HBM3"
     "H100 PCIe": 756e12,
     "H100 NVL": 835.5e12,
-    "H100": 989.4e12,  # SXM
-    "H200": 989.4e12,
-    "A100": 312e12,
+    "H200": 989.4e12,  # SXM: "NVIDIA H200"
+    "H200 NVL": 835.5e12,
+    "GH200": 989.4e12,  # "NVIDIA GH200 480GB"
+    "A100": 312e12,  # "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"
+    "L40S": 362.05e12,
+    "L40": 181.05e12,
     "L4": 121e12,
 }
 
@@ -53,15 +67,21 @@ def peak_bf16_flops(device_kind: str, devices_per_chip: int = 1) -> float | None
     """Peak bf16 FLOP/s of one device of `device_kind` ("NVIDIA H100 80GB HBM3", "TPU v5 lite"), or None
     (a CPU, an unknown card).
 
-    GPUs: the table's figure for the longest name contained in `device_kind`. TPUs: the chip's figure over
+    GPUs: the figure of the table's name whose words all are words of `device_kind`, the most words
+    winning ("NVIDIA H100 PCIe" is "H100 PCIe"; "NVIDIA L40S" is not "L4"). TPUs: the chip's figure over
     the devices it shows (`devices_per_chip`).
     """
     if device_kind.startswith("TPU"):
         generation = "".join(device_kind.lower().split()[1:])  # "TPU v5 lite" -> "v5lite"
         chip = CHIPS.get(CHIP_ALIASES.get(generation, generation))
         return chip.peak_bf16_flops / devices_per_chip if chip else None
-    hits = [name for name in GPU_PEAK_BF16_FLOPS if name in device_kind]
-    return GPU_PEAK_BF16_FLOPS[max(hits, key=len)] if hits else None
+    words = set(_words(device_kind))
+    hits = [name for name in GPU_PEAK_BF16_FLOPS if set(_words(name)) <= words]
+    return GPU_PEAK_BF16_FLOPS[max(hits, key=lambda name: len(_words(name)))] if hits else None
+
+
+def _words(name: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", name.lower())  # "NVIDIA A100-SXM4-80GB" -> nvidia a100 sxm4 80gb
 
 
 def count_flops(jaxpr) -> float:

@@ -8,13 +8,19 @@
 #   bash launch/gpu.sh --coordinator node0:12355 --num-processes 4 --process-id $RANK -- python -m ...
 # Flags: --cuda 12|13 (the jax extra, default 12), --venv DIR (default .venv-cuda), --no-install,
 #        --dry-run (print the set-up and the command instead of running them).
+# Process 0 installs into the venv (skipped while requirements.txt and pyproject.toml are unchanged);
+# the others wait up to GENMASK_INSTALL_WAIT_S seconds (default 1800) for it, so several nodes can share
+# one venv on a shared file system (a venv on node-local disks: set it up on each node first, then
+# --no-install). The venv is made with $PYTHON (default python3), which must be Python >= 3.11.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CUDA=12 VENV=".venv-cuda" INSTALL=1 DRY=0 COORD="" NPROC="" PID=""
 PORT="${GENMASK_COORDINATOR_PORT:-12355}"
+INSTALL_WAIT_S="${GENMASK_INSTALL_WAIT_S:-1800}"
+PYTHON="${PYTHON:-python3}"
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,/^set -/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -34,9 +40,14 @@ CMD=("$@")
 [[ ${#CMD[@]} -gt 0 ]] || { echo "gpu.sh: give the command to run after --" >&2; exit 2; }
 [[ "$CUDA" == 12 || "$CUDA" == 13 ]] || { echo "gpu.sh: --cuda must be 12 or 13" >&2; exit 2; }
 
-# Under SLURM with several tasks, the first node of the allocation coordinates.
+# Under SLURM with several tasks, the first node of this step (of the allocation, outside a step)
+# coordinates.
 if [[ -z "$COORD" && -n "${SLURM_NTASKS:-}" && "${SLURM_NTASKS}" -gt 1 ]]; then
-  first="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n1)"
+  if [[ "${SLURM_LOCALID:-0}" -gt 0 ]]; then
+    echo "gpu.sh: runs one process per node that owns all its GPUs; start it with srun --ntasks-per-node=1" >&2
+    exit 2
+  fi
+  first="$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n1)"
   COORD="$first:$PORT" NPROC="$SLURM_NTASKS" PID="$SLURM_PROCID"
 fi
 if [[ -n "$COORD" || -n "$NPROC" || -n "$PID" ]]; then
@@ -52,9 +63,36 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 run() { if [[ $DRY -eq 1 ]]; then printf '+'; printf ' %q' "$@"; printf '\n'; else "$@"; fi; }
 
 if [[ $INSTALL -eq 1 ]]; then
-  [[ -x "$VENV/bin/python" ]] || run python3 -m venv "$VENV"
-  run "$VENV/bin/pip" install -q "jax[cuda$CUDA]>=0.10.2,<0.11" -r requirements.txt
-  run "$VENV/bin/pip" install -q --no-deps -e .
+  JAX_SPEC="jax[cuda$CUDA]>=0.10.2,<0.11"
+  stamp="$VENV/.installed-gpu"
+  want="$({ echo "$JAX_SPEC"; cat requirements.txt pyproject.toml; } | sha256sum | cut -d' ' -f1)"
+  have() { [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; }
+  if [[ "${PID:-0}" -eq 0 ]]; then
+    if ! have; then
+      if [[ ! -x "$VENV/bin/python" ]]; then
+        "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || {
+          echo "gpu.sh: jax 0.10 needs Python >= 3.11, $PYTHON is $("$PYTHON" --version 2>&1 | head -n1);" \
+            "set PYTHON=python3.12 (or a cluster module's python)" >&2; exit 2; }
+        run "$PYTHON" -m venv "$VENV"
+      fi
+      run rm -f "$stamp"
+      run "$VENV/bin/pip" install -q "$JAX_SPEC" -r requirements.txt
+      run "$VENV/bin/pip" install -q --no-deps -e .
+      if [[ $DRY -eq 1 ]]; then echo "+ echo $want > $stamp"; else echo "$want" > "$stamp"; fi
+    fi
+  elif [[ $DRY -eq 1 ]]; then
+    echo "+ wait until $stamp holds $want (process 0 installs)"
+  else
+    deadline=$((SECONDS + INSTALL_WAIT_S))
+    until have; do
+      if (( SECONDS >= deadline )); then
+        echo "gpu.sh: process $PID waited ${INSTALL_WAIT_S}s for process 0 to install into $VENV" \
+          "($stamp); see process 0's log, and check that $VENV is on a file system every node shares" >&2
+        exit 1
+      fi
+      sleep 2
+    done
+  fi
 fi
 if [[ $DRY -eq 1 ]]; then
   env | grep -E '^GENMASK_' | sort | sed 's/^/+ export /' || true

@@ -12,10 +12,18 @@ VENV="${GENMASK_VENV:-.venv}"
 TEST_VENV="${GENMASK_TEST_VENV:-.venv-test}"
 PYTHON="${PYTHON:-python3}"
 
+requirement_files() {  # $1 and the files it includes with -r, recursively (all at the top level here)
+  echo "$1"
+  local inc
+  sed -n 's/^-r[[:space:]]*\([^[:space:]#]*\).*/\1/p' "$1" | while read -r inc; do
+    requirement_files "$inc"
+  done
+}
+
 setup() {  # $1: requirements file
   local req="$1" stamp want
   stamp="$VENV/.installed-$(basename "$1")"
-  want="$(cat requirements.txt "$req" | sha256sum | cut -d' ' -f1)"
+  want="$(requirement_files "$req" | sort -u | xargs cat | sha256sum | cut -d' ' -f1)"
   if [[ ! -x "$VENV/bin/python" ]]; then
     echo "[setup] creating $VENV with $($PYTHON --version)"
     "$PYTHON" -m venv "$VENV"

@@ -6,9 +6,10 @@
 #       -- python -m genmask_jax.train --config=configs/genmask.py:variant=paper --workdir=gs://bucket/run1
 #
 # Steps: create the slice if --create and it does not exist; copy the code (git HEAD plus the working
-# tree's changes) to every worker; make a venv there with jax[tpu] and requirements.txt; run the
-# command on all workers at once with JAX's distributed runtime on (jax.distributed.initialize() finds
-# the coordinator on TPU by itself); stream every worker's output; delete the slice if --delete.
+# tree's changes) to every worker; make a venv there with uv (Python $PYTHON_VERSION, default 3.12) and
+# install jax[tpu] and requirements.txt, any failing step stopping the worker; run the command on all
+# workers at once with JAX's distributed runtime on (jax.distributed.initialize() finds the coordinator
+# on TPU by itself); stream every worker's output; delete the slice if --delete.
 # --dry-run prints each gcloud command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +17,10 @@ cd "$(dirname "$0")/.."
 NAME="" ZONE="" ACCEL="" VERSION="" PROJECT="" SPOT=0 CREATE=0 DELETE=0 DRY=0
 JAX_TPU_SPEC="${JAX_TPU_SPEC:-jax[tpu]>=0.10.2,<0.11}"
 REMOTE_DIR="${REMOTE_DIR:-genmask_jax_run}"
+UV_SPEC="${UV_SPEC:-uv>=0.9,<1}"
+PYTHON_VERSION="${PYTHON_VERSION:-3.12}"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,/^set -/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -77,11 +80,26 @@ if [[ ${#CMD[@]} -gt 0 ]]; then
   fi
   run "${GC[@]}" scp "$bundle" "$NAME:~/genmask_jax.tar.gz" "${LOC[@]}" --worker=all
   quoted="$(printf ' %q' "${CMD[@]}")"
-  remote="set -e; mkdir -p ~/$REMOTE_DIR && tar -xzf ~/genmask_jax.tar.gz -C ~/$REMOTE_DIR; cd ~/$REMOTE_DIR; \
-[ -x .venv/bin/python ] || python3 -m venv .venv; \
-.venv/bin/pip install -q --upgrade pip; \
-.venv/bin/pip install -q '$JAX_TPU_SPEC' -r requirements.txt && .venv/bin/pip install -q --no-deps -e .; \
-source .venv/bin/activate; export GENMASK_DISTRIBUTED=1 PYTHONUNBUFFERED=1;$quoted"
+  # What every worker runs, one step a line, joined with ";" under `set -eo pipefail` so that any failing
+  # step stops the worker. TPU VM images ship Python 3.10 (Ubuntu 22.04) and jax 0.10 needs >= 3.11:
+  # uv (from PyPI, else its installer) makes the venv with a Python 3.12 it downloads if need be.
+  # shellcheck disable=SC2016  # $HOME, $PWD and $PATH are the worker's
+  steps=(
+    "set -eo pipefail"
+    "mkdir -p ~/$REMOTE_DIR"
+    "tar -xzf ~/genmask_jax.tar.gz -C ~/$REMOTE_DIR"
+    "cd ~/$REMOTE_DIR"
+    'export PATH="$HOME/.local/bin:$PATH"'
+    "command -v uv >/dev/null || python3 -m pip install -q --user '$UV_SPEC' || curl -LsSf https://astral.sh/uv/install.sh | sh"
+    "uv --version"
+    "if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then rm -rf .venv; uv venv -q --seed --python $PYTHON_VERSION .venv; fi"
+    ".venv/bin/python -c 'import sys; assert sys.version_info >= (3, 11), \"jax 0.10 needs Python >= 3.11, the venv has \" + sys.version'"
+    "uv pip install -q --python .venv/bin/python '$JAX_TPU_SPEC' -r requirements.txt"
+    "uv pip install -q --python .venv/bin/python --no-deps -e ."
+    'export PATH="$PWD/.venv/bin:$PATH" VIRTUAL_ENV="$PWD/.venv" GENMASK_DISTRIBUTED=1 PYTHONUNBUFFERED=1'
+    "${quoted# }"
+  )
+  remote="$(IFS=';'; echo "${steps[*]}")"
   run "${GC[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command "$remote"
 fi
 

@@ -4,8 +4,15 @@ of a train step and the peak figures behind the logged MFU."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from genmask_jax.flops import count_flops, flops_by_source, peak_bf16_flops, train_step_model_flops
+from genmask_jax.flops import (
+    count_flops,
+    devices_per_chip,
+    flops_by_source,
+    peak_bf16_flops,
+    train_step_model_flops,
+)
 from genmask_jax.models.dit import init_params
 
 
@@ -37,12 +44,43 @@ def test_gradient_flops_are_named_by_the_transposed_scope():
     assert sum(backward.values()) == 2 * 3 * 4 * 4 and all("layer" in k for k in backward)
 
 
-def test_peak_table_prefers_the_most_specific_name():
-    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989.4e12
-    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
-    assert peak_bf16_flops("TPU v5p") == 459e12
-    assert peak_bf16_flops("TPU v4", devices_per_chip=2) == 137.5e12
-    assert peak_bf16_flops("cpu") is None
+@pytest.mark.parametrize("device_kind, peak", [
+    # jax.devices()[0].device_kind on each card: the CUDA device name.
+    ("NVIDIA H100 80GB HBM3", 989.4e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835.5e12),
+    ("NVIDIA H200", 989.4e12),
+    ("NVIDIA H200 NVL", 835.5e12),
+    ("NVIDIA GH200 480GB", 989.4e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA L4", 121e12),
+    ("NVIDIA L40", 181.05e12),
+    ("NVIDIA L40S", 362.05e12),
+    ("NVIDIA GeForce RTX 4090", None),
+    ("cpu", None),
+    # libtpu's names (jax.experimental.topologies.get_topology_desc("v5p:2x2x1") and friends).
+    ("TPU v4", 275e12 / 2),  # one device per TensorCore, two per chip
+    ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12),  # v5p
+    ("TPU v6 lite", 918e12),
+    ("TPU v3", None),
+])
+def test_peak_bf16_flops_by_device_kind(device_kind, peak):
+    per_chip = 2 if device_kind == "TPU v4" else 1
+    assert peak_bf16_flops(device_kind, devices_per_chip=per_chip) == peak
+
+
+def test_tpu_device_kinds_are_the_ones_libtpu_reports():
+    """The names above are libtpu's: an AOT topology of each generation, no TPU needed."""
+    from genmask_jax import aot
+
+    if aot.libtpu_problem():
+        pytest.skip(aot.libtpu_problem())
+    for name, kind in (("v5p:2x2x1", "TPU v5"), ("v5e:2x2", "TPU v5 lite"), ("v6e:2x2", "TPU v6 lite")):
+        devices = aot.topology_devices(name)
+        assert devices[0].device_kind == kind and devices_per_chip(devices) == 1
+        assert peak_bf16_flops(kind) is not None
 
 
 def test_train_step_model_flops_are_three_counted_forwards():

@@ -1,6 +1,8 @@
 """The launchers: syntax, shellcheck when installed, and the commands their dry runs print."""
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -48,14 +50,15 @@ def test_tpu_requires_name_and_zone():
     assert out.returncode == 2 and "--name and --zone" in out.stderr
 
 
-def test_gpu_dry_run_multi_node_flags():
-    out = _run(["launch/gpu.sh", "--dry-run", "--cuda", "13", "--coordinator", "n0:1234",
-                "--num-processes", "2", "--process-id", "1", "--", "python", "-m", "genmask_jax.train"])
+def test_gpu_dry_run_multi_node_flags(tmp_path):
+    venv = tmp_path / "venv"  # not installed: process 0 installs
+    out = _run(["launch/gpu.sh", "--dry-run", "--cuda", "13", "--venv", str(venv), "--coordinator", "n0:1234",
+                "--num-processes", "2", "--process-id", "0", "--", "python", "-m", "genmask_jax.train"])
     assert out.returncode == 0, out.stderr
     assert "jax\\[cuda13\\]" in out.stdout
-    for line in ("GENMASK_COORDINATOR_ADDRESS=n0:1234", "GENMASK_NUM_PROCESSES=2", "GENMASK_PROCESS_ID=1"):
+    for line in ("GENMASK_COORDINATOR_ADDRESS=n0:1234", "GENMASK_NUM_PROCESSES=2", "GENMASK_PROCESS_ID=0"):
         assert f"+ export {line}" in out.stdout
-    assert out.stdout.splitlines()[-1] == "+ .venv-cuda/bin/python -m genmask_jax.train"
+    assert out.stdout.splitlines()[-1] == f"+ {venv}/bin/python -m genmask_jax.train"
 
 
 def test_gpu_single_node_sets_no_distributed_env():
@@ -66,3 +69,169 @@ def test_gpu_single_node_sets_no_distributed_env():
 def test_gpu_partial_multi_node_flags_fail():
     out = _run(["launch/gpu.sh", "--dry-run", "--coordinator", "n0:1", "--", "python", "-c", "1"])
     assert out.returncode == 2 and "together" in out.stderr
+
+
+def test_runtime_requirements_include_gcsfs():
+    """gs:// workdirs, checkpoints and compilation caches go through etils.epath -> fsspec, which needs
+    gcsfs ("Please install gcsfs to access Google Storage" otherwise)."""
+    names = [re.split(r"[\s<>=!~\[;#]", line.strip(), maxsplit=1)[0].lower()
+             for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert "gcsfs" in names
+
+
+def test_gs_paths_get_the_gcsfs_backend_without_network():
+    gcsfs = pytest.importorskip("gcsfs")
+    import fsspec
+    from etils import epath
+
+    path = epath.Path("gs://bucket/run1") / "checkpoints"
+    assert os.fspath(path) == "gs://bucket/run1/checkpoints" and path.parent.name == "run1"
+    assert issubclass(fsspec.get_filesystem_class("gs"), gcsfs.GCSFileSystem)
+    assert isinstance(fsspec.filesystem("gs", token="anon"), gcsfs.GCSFileSystem)  # no credentials asked
+
+
+# launch/tpu.sh: what every worker runs.
+
+
+def _tpu_worker_script(*cmd):
+    out = _run(["launch/tpu.sh", "--dry-run", "--name", "gm", "--zone", "z", "--", *cmd])
+    assert out.returncode == 0, out.stderr
+    ssh = shlex.split(next(line for line in out.stdout.splitlines() if "tpu-vm ssh" in line)[2:])
+    return ssh[ssh.index("--command") + 1]
+
+
+def test_tpu_workers_get_a_python_311_or_newer_venv_and_stop_on_any_failed_step():
+    steps = _tpu_worker_script("python", "-m", "genmask_jax.train").split(";")
+    assert steps[0] == "set -eo pipefail"
+    # TPU VM images have Python 3.10: the venv comes from uv with a Python it may download.
+    assert any("uv venv" in step and "--python 3.12" in step for step in steps)
+    assert any("sys.version_info >= (3, 11)" in step for step in steps)
+    installs = [step for step in steps if "pip install" in step and "uv" in step.split()[:1]]
+    assert len(installs) == 2 and not any("&&" in step for step in installs)
+    assert steps[-1] == "python -m genmask_jax.train"
+
+
+_FAKE_UV = """#!/bin/bash
+echo "uv $*" >> "$HOME/uv.log"
+case "$1" in
+  --version) echo "uv 0.0.0 (fake)" ;;
+  venv) mkdir -p "${@: -1}/bin" && ln -sf "$FAKE_PYTHON" "${@: -1}/bin/python" ;;
+  pip) exit "${FAKE_PIP_RC:-0}" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("pip_rc", [0, 1])
+def test_tpu_worker_script_runs_the_command_only_after_every_step_succeeds(tmp_path, pip_rc):
+    """The worker script, run here with a fake uv: a failed install stops it before the command (the
+    old `pip install ... && pip install -e .` list let `set -e` go on to run it in a broken venv)."""
+    import sys
+    import tarfile
+
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    home.mkdir(), bin_dir.mkdir()
+    (bin_dir / "uv").write_text(_FAKE_UV)
+    (bin_dir / "uv").chmod(0o755)
+    with tarfile.open(home / "genmask_jax.tar.gz", "w:gz") as tar:
+        tar.add(ROOT / "requirements.txt", arcname="requirements.txt")
+    old_venv = home / "genmask_jax_run" / ".venv" / "bin"  # left by a run with the image's Python 3.10
+    old_venv.mkdir(parents=True)
+    (old_venv / "python").write_text("#!/bin/sh\nexit 1\n")
+    (old_venv / "python").chmod(0o755)
+    script = _tpu_worker_script("python", "-c", "open('ran', 'w').close()")
+    env = {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_PYTHON": sys.executable,
+           "FAKE_PIP_RC": str(pip_rc)}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    log = (home / "uv.log").read_text().splitlines()
+    assert any(line.startswith("uv venv") for line in log)  # the old venv was replaced
+    ran = (home / "genmask_jax_run" / "ran").exists()
+    if pip_rc:
+        assert out.returncode != 0 and not ran
+    else:
+        assert out.returncode == 0 and ran, out.stderr
+        assert [line.split()[:2] for line in log].count(["uv", "pip"]) == 2
+
+
+# launch/gpu.sh: one install per shared venv.
+
+
+def _fake_venv(tmp_path):
+    venv, log = tmp_path / "venv", tmp_path / "calls.log"
+    (venv / "bin").mkdir(parents=True)
+    for tool in ("pip", "python"):
+        (venv / "bin" / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n')
+        (venv / "bin" / tool).chmod(0o755)
+    return venv, log
+
+
+def test_gpu_process_zero_installs_once_and_the_others_wait_for_it(tmp_path):
+    venv, log = _fake_venv(tmp_path)
+    flags = ["launch/gpu.sh", "--venv", str(venv), "--coordinator", "n0:1", "--num-processes", "2"]
+    command = ["--", "python", "-c", "1"]
+    quick = {"GENMASK_INSTALL_WAIT_S": "1"}
+
+    out = _run([*flags, "--process-id", "1", *command], env=quick)  # nothing installed yet
+    assert out.returncode == 1 and "waited 1s for process 0" in out.stderr and not log.exists()
+
+    out = _run([*flags, "--process-id", "0", *command])
+    assert out.returncode == 0, out.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split()[:2] for c in calls] == [["pip", "install"], ["pip", "install"], ["python", "-c"]]
+
+    log.unlink()  # installed, nothing changed: nobody installs again, nobody waits
+    for pid in ("0", "1"):
+        assert _run([*flags, "--process-id", pid, *command], env=quick).returncode == 0
+    assert log.read_text().splitlines() == ["python -c 1", "python -c 1"]
+
+
+def _fake_scontrol(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$3" | tr , "\\n"\n')  # show hostnames LIST
+    (bin_dir / "scontrol").chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def test_gpu_under_slurm_the_step_nodes_coordinate_and_only_process_zero_installs(tmp_path):
+    slurm = {"PATH": _fake_scontrol(tmp_path), "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
+             "SLURM_JOB_NODELIST": "login,gpu1,gpu2", "SLURM_STEP_NODELIST": "gpu1,gpu2"}
+    out = _run(["launch/gpu.sh", "--dry-run", "--", "python", "-c", "1"], env=slurm)
+    assert out.returncode == 0, out.stderr
+    assert "+ export GENMASK_COORDINATOR_ADDRESS=gpu1:12355" in out.stdout
+    assert "pip" not in out.stdout and "(process 0 installs)" in out.stdout
+
+    out = _run(["launch/gpu.sh", "--dry-run", "--", "python", "-c", "1"], env={**slurm, "SLURM_LOCALID": "1"})
+    assert out.returncode == 2 and "--ntasks-per-node=1" in out.stderr
+
+
+@pytest.mark.parametrize("script", ["launch/tpu.sh", "launch/gpu.sh"])
+def test_help_prints_the_header_comment_only(script):
+    out = _run([script, "--help"])
+    assert out.returncode == 0 and out.stdout.startswith("Runs a GenMask-JAX command")
+    assert "set -euo pipefail" not in out.stdout and "cd " not in out.stdout
+
+
+# launch/local.sh: the venv stamp.
+
+
+def test_local_test_venv_reinstalls_when_an_included_requirements_file_changes(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    shutil.copy(ROOT / "launch" / "local.sh", repo / "launch")
+    for name in ("requirements.txt", "requirements-tpu.txt", "requirements-test.txt"):
+        shutil.copy(ROOT / name, repo)
+    venv, log = _fake_venv(tmp_path)
+
+    def run_tests():
+        out = subprocess.run(["bash", "launch/local.sh", "test", "-q"], cwd=repo, capture_output=True,
+                             text=True, env={**os.environ, "GENMASK_TEST_VENV": str(venv)})
+        assert out.returncode == 0, out.stderr
+        calls = log.read_text().splitlines()
+        log.unlink()
+        return sum("pip install" in c for c in calls)
+
+    assert run_tests() == 3  # pip itself, the requirements, the package
+    assert run_tests() == 0
+    with open(repo / "requirements-tpu.txt", "a") as f:  # included by requirements-test.txt
+        f.write("# a changed pin\n")
+    assert run_tests() == 3

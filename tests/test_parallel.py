@@ -78,3 +78,78 @@ def test_cpu_only_follows_jax_platforms(monkeypatch):
     assert host.cpu_only()
     monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
     assert not host.cpu_only()
+
+
+_INIT_PROBE = """
+import json, sys
+import jax
+from genmask_jax.parallel import multihost
+
+initialized = multihost.maybe_initialize({"mode": "auto"})
+print(json.dumps({"initialized": initialized, "visible": jax.config.values["jax_cuda_visible_devices"],
+                  "processes": jax.process_count()}))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _probe_initialize(env: dict, pythonpath: str = "") -> dict:
+    """maybe_initialize({"mode": "auto"}) in a fresh process with `env` on top of a clean environment."""
+    import json
+
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("SLURM_", "OMPI_", "GENMASK_", "JAX_COORDINATOR", "JAX_LOCAL_DEVICE"))}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    clean.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, (pythonpath, root))), **env)
+    out = subprocess.run([sys.executable, "-c", _INIT_PROBE], env=clean, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def _fake_slurm(ntasks: int, port: int) -> dict:
+    # A task of an `srun` step as SLURM describes it; JAX's SlurmCluster needs these five (and takes the
+    # coordinator's port from JAX_COORDINATOR_PORT).
+    return {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_JOB_NODELIST": "127.0.0.1",
+            "SLURM_NTASKS": str(ntasks), "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+            "JAX_COORDINATOR_PORT": str(port)}
+
+
+def test_explicit_coordinates_keep_every_local_gpu_under_slurm():
+    """launch/gpu.sh under `srun --ntasks-per-node=1` sets all three GENMASK_* variables; JAX's SLURM
+    detection must not then narrow the process to the GPU of its local rank (GPU 0)."""
+    port = _free_port()
+    env = {**_fake_slurm(1, port), "GENMASK_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "GENMASK_NUM_PROCESSES": "1", "GENMASK_PROCESS_ID": "0"}
+    result = _probe_initialize(env)
+    assert result["initialized"] and result["processes"] == 1
+    assert result["visible"] == "all"
+
+
+def test_auto_mode_stays_single_process_in_a_one_task_slurm_step():
+    result = _probe_initialize(_fake_slurm(1, _free_port()))
+    assert not result["initialized"] and result["visible"] == "all"
+
+
+def test_auto_mode_ignores_an_importable_mpi4py(tmp_path):
+    """JAX's mpi4py cluster is opt-in and reports itself present whenever mpi4py imports; auto mode once
+    took that for a cluster and failed in jax.distributed.initialize() ("coordinator_address should be
+    defined") on every HPC image that ships mpi4py."""
+    (tmp_path / "mpi4py").mkdir()
+    (tmp_path / "mpi4py" / "__init__.py").write_text("")
+    result = _probe_initialize({}, pythonpath=str(tmp_path))
+    assert not result["initialized"]
+
+
+def test_demo_config_never_initializes_the_distributed_runtime():
+    # The demo touches JAX devices before the training loop would call maybe_initialize.
+    from configs import demo
+
+    assert demo.get_config().distributed.mode == "off"
+    assert demo.get_config("variant=smoke").distributed.mode == "off"

@@ -5,9 +5,14 @@ num_processes, process_id. Empty/zero/-1 fields fall back to the environment var
 GENMASK_COORDINATOR_ADDRESS, GENMASK_NUM_PROCESSES, GENMASK_PROCESS_ID, and then to JAX's own cluster
 auto-detection (TPU pod slices, SLURM, Open MPI, ...), which needs no arguments at all.
 
-"auto" initialises when an address or a process count > 1 is known, or when JAX detects a cluster;
-"on" always initialises (GENMASK_DISTRIBUTED=1, set by the launchers, turns "auto" into "on");
-"off" never does (single process).
+"auto" initialises when an address or a process count > 1 is known, or when JAX detects a cluster of
+more than one process; "on" always initialises (GENMASK_DISTRIBUTED=1, set by the launchers, turns
+"auto" into "on"); "off" never does (single process).
+
+With address, count and id all known, JAX's cluster detection is switched off: it would still run to
+fill `local_device_ids` and, under SLURM or Open MPI, leave each process only the GPU of its local rank
+(GPU 0 of every node with one task per node), where launch/gpu.sh runs one process per node owning all
+its GPUs. Left to detection (no address given), JAX's choices stand: one GPU per SLURM/Open MPI task.
 """
 
 import logging
@@ -39,10 +44,18 @@ def distributed_args(config: Mapping | None, environ: Mapping[str, str] = os.env
     return args
 
 
-def _cluster_detected() -> bool:
+def _detected_process_count() -> int:
+    """The process count of the cluster `jax.distributed.initialize()` would detect, 0 if none.
+
+    Opt-in-only cluster types are skipped, as JAX's own detection skips them: mpi4py's reports itself
+    present whenever the package imports, on any HPC image, in or out of an MPI job.
+    """
     from jax._src import clusters
 
-    return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
+    for env in clusters.ClusterEnv._cluster_types:
+        if not getattr(env, "opt_in_only_method", False) and env.is_env_present():
+            return int(env.get_process_count())
+    return 0
 
 
 def maybe_initialize(config: Mapping | None, environ: Mapping[str, str] = os.environ) -> bool:
@@ -64,11 +77,13 @@ def maybe_initialize(config: Mapping | None, environ: Mapping[str, str] = os.env
     wanted = mode == "on" or "coordinator_address" in args or args.get("num_processes", 1) > 1
     if mode == "auto" and not wanted:
         try:
-            wanted = _cluster_detected()
+            wanted = _detected_process_count() > 1
         except Exception:  # a private JAX module: if its layout changes, stay single-process
             wanted = False
     if not wanted:
         return False
+    if {"coordinator_address", "num_processes", "process_id"} <= args.keys():
+        args["cluster_detection_method"] = "deactivate"  # all local devices stay visible (docstring)
     log.info("jax.distributed.initialize(%s)", args)
     jax.distributed.initialize(**args)
     log.info(

@@ -6,7 +6,9 @@ WORKDIR is what `--checkpoint` takes: a training workdir, its checkpoints folder
 step) or one step folder; everything after the first ':' is the path, so `gs://...` works. The
 inference commands (evaluate, segment, generate) use it by themselves when `--config.field=value`
 overrides come without `--config` (genmask_jax/infer/cli.py), so the overrides change the run's own
-config instead of replacing it: training-time fields such as `vae_from` are kept.
+config instead of replacing it: training-time fields such as `vae_from` are kept. Its `data` section is
+laid over today's `default_data_config()` (`genmask_jax.infer.checkpoint.saved_config`): a field added
+since the run was saved exists with its default and takes an override like any other.
 """
 
 import ml_collections

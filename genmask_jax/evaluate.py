@@ -13,9 +13,13 @@ warning when its model or VAE differs from the run's; an error when it would dec
 the run was not trained with).
 Results (per split: metrics.json, masks/*.png or predictions.json) go to --out, by default
 <workdir>/eval/step_<N>; an interrupted run resumes where it stopped, and a rerun into the same --out
-with other settings (checkpoint, step, EMA or raw parameters, steps, seed, prediction-relevant config)
-is refused. Under launch/gpu.sh or launch/tpu.sh every process evaluates its share of each split
-(`config.distributed`, as training).
+with other settings (checkpoint, step, EMA or raw parameters, steps, seed, prediction-relevant config;
+data paths left out, weights named by their folder) is refused. Under launch/gpu.sh or launch/tpu.sh
+every process evaluates its share of each split (`config.distributed`, as training); each process
+resolves `--checkpoint=WORKDIR` to its latest step itself, and if a training run saved meanwhile and
+they disagree, the command stops: pass a step folder (`WORKDIR/checkpoints/<step>`).
+A split missing from the embedding cache (`data.encoder.cache_dir`) is refused before the model loads,
+with the command that adds it (`python -m genmask_jax.encoders.precompute ... --eval=<split>`).
 """
 
 from absl import flags
@@ -45,13 +49,14 @@ def main() -> None:
     import jax
     from etils import epath
 
+    from genmask_jax.data.splits import SplitError, parse_splits
     from genmask_jax.encoders.base import ContextError
     from genmask_jax.eval import job
     from genmask_jax.infer import checkpoint
 
     try:
-        splits = job.parse_splits(_SPLIT.value)
-    except job.EvaluationError as e:
+        splits = parse_splits(_SPLIT.value)
+    except SplitError as e:
         raise cli.InputError(str(e)) from e
     cli.require(_STEPS.value >= 1, f"--steps must be >= 1, got {_STEPS.value}")
     cli.require(_BATCH.value >= 0, f"--batch_size must be >= 0, got {_BATCH.value}")

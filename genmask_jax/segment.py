@@ -12,6 +12,11 @@ bilinearly to it and thresholded there. The config is the one saved with the che
 `--config.field=value` overrides apply to it (e.g. `--config.vae_from=` a moved converted VAE), and
 `--config=configs/<exp>.py[:args]` replaces it. Under a multi-process launch (launch/gpu.sh,
 launch/tpu.sh) every process computes the same masks and process 0 writes them.
+
+Two-stage reasoning (`--rewrite`): the VLM first rewrites each prompt (a long reasoning query) into a
+short description of the object, which is then encoded; the default follows the config's
+`data.encoder.rewrite_reasoning`, `--norewrite` turns it off. It needs the Qwen2.5-VL encoder: with the
+toy one `--rewrite` is an error.
 """
 
 from absl import flags
@@ -29,6 +34,12 @@ _OVERLAY = flags.DEFINE_string("overlay", None, "Optional image + mask overlay P
 _STEPS = flags.DEFINE_integer("steps", 1, "Denoising steps (1 = the paper's single-step inference).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _EMA = flags.DEFINE_bool("ema", True, "Use the EMA parameters when the checkpoint has them.")
+_REWRITE = flags.DEFINE_bool(
+    "rewrite",
+    None,
+    "Two-stage reasoning: the VLM rewrites each prompt into a short description first (default: the "
+    "config's data.encoder.rewrite_reasoning; needs the qwen2_5_vl encoder).",
+)
 flags.mark_flags_as_required(["checkpoint", "image", "prompt", "out"])
 
 
@@ -49,7 +60,7 @@ def main() -> None:
     import jax
 
     from genmask_jax.infer import checkpoint, images
-    from genmask_jax.infer.segmenter import Segmenter
+    from genmask_jax.infer.segmenter import Segmenter, rewrites_prompts
 
     prompts = [p.strip() for p in _PROMPT.value]
     for i, p in enumerate(prompts):
@@ -60,8 +71,12 @@ def main() -> None:
     pairs = pair_inputs(list(_IMAGE.value), prompts)
     pixels = {path: images.read_image(path) for path in dict.fromkeys(_IMAGE.value)}
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
+    try:  # before the checkpoint loads
+        rewrites_prompts(config.data.encoder, _REWRITE.value)
+    except ValueError as e:
+        raise cli.InputError(str(e)) from e
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
-    segmenter = Segmenter(loaded, num_steps=_STEPS.value, seed=_SEED.value)
+    segmenter = Segmenter(loaded, num_steps=_STEPS.value, seed=_SEED.value, rewrite=_REWRITE.value)
     masks = segmenter([pixels[path] for path, _ in pairs], [p for _, p in pairs])
     if jax.process_index() != 0:
         return

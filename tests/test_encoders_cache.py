@@ -199,6 +199,31 @@ def test_a_cache_of_other_encoder_settings_is_refused(cache_dir):
         precompute(c, cache_dir, ["train"], dtype="float32")
 
 
+QWEN_FINGERPRINT = {  # the shape of fingerprint(data.encoder) for qwen2_5_vl: it has a `dtype` too
+    "encoder": "qwen2_5_vl", "model": "Qwen2.5-VL-7B-Instruct", "context_length": 4, "dtype": "bfloat16",
+    "max_pixels": 448 * 448, "rewrite_reasoning": False, "rewrite_prompt": None,
+    "rewrite_max_new_tokens": None,
+}
+
+
+def test_resuming_with_another_storage_dtype_is_refused_with_a_qwen_fingerprint(tmp_path):
+    """The stored contexts' dtype and the encoder's torch dtype are two fields: merged into one dict, the
+    fingerprint's hid the storage one, a resume with another --dtype was accepted and its records failed
+    to decode ("cannot reshape") on lookup."""
+    folder = str(tmp_path)
+    with CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=QWEN_FINGERPRINT) as w:
+        w.add("a", _states(1))
+    with pytest.raises(CacheMismatch, match=r"\(dtype: cache 'bfloat16', config 'float32'\)"):
+        CacheWriter(folder, dim=2, context_length=4, dtype="float32", fingerprint=QWEN_FINGERPRINT)
+    torch_float32 = dict(QWEN_FINGERPRINT, dtype="float32")
+    with pytest.raises(CacheMismatch, match=r"\(encoder.dtype: cache 'bfloat16', config 'float32'\)"):
+        CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=torch_float32)
+    with CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=QWEN_FINGERPRINT) as w:
+        w.add("b", _states(3))  # the same settings resume
+    cache = EmbeddingCache(folder, QWEN_FINGERPRINT)
+    np.testing.assert_array_equal(cache.record("b")[1], _states(3))
+
+
 def test_the_fingerprint_holds_every_setting_that_changes_a_qwen_context():
     base = default_data_config().encoder
     base.name, base.model_path, base.context_length = "qwen2_5_vl", "/models/Qwen2.5-VL-7B-Instruct", 512
@@ -236,7 +261,8 @@ def test_a_cache_miss_stops_the_pipeline_and_names_the_split(tmp_path):
     precompute(c, str(tmp_path), ["train"])  # the evaluation split is not precomputed
     c.encoder.cache_dir = str(tmp_path)
     it = make_eval_iterator(c, "val", 4, process_index=0, process_count=1)
-    with pytest.raises(CacheMiss, match=r"'shapes-0-val-\d' is not in the embedding cache .*--splits=val"):
+    miss = r"'shapes-0-val-\d' is not in the embedding cache .*--eval=synthetic:val\)"
+    with pytest.raises(CacheMiss, match=miss):
         next(iter(it))
     assert it.skips.total == 0  # not counted as an unreadable example
     c.train_split = "val"
@@ -273,7 +299,7 @@ def test_one_writer_per_folder(tmp_path):
 
 
 def test_jobs_follow_each_source_and_its_consumer():
-    from genmask_jax.eval.job import SplitSpec, split_data_config
+    from genmask_jax.data.splits import SplitSpec, split_data_config
 
     c = default_data_config()
     c.seg_sources, c.gen_sources = "shapes,reasonseg,refcoco", "captions"
@@ -288,8 +314,35 @@ def test_jobs_follow_each_source_and_its_consumer():
     assert refcocog.names == evaluated.seg_sources == "refcoco"
     assert refcocog.data_config.refcoco.name == evaluated.refcoco.name
     c.refcoco.name = "refcocog_umd"
-    with pytest.raises(PrecomputeError, match="no source has split.* testB"):
+    with pytest.raises(PrecomputeError, match="no source has split.* testB.*--eval=DATASET:SPLIT"):
         plan_jobs(c, ["val", "testB"])
+
+
+def test_evaluation_splits_of_data_sets_the_run_does_not_train_on():
+    """`evaluate` reads any named split (a run trained on big_vision's refcocox_combined is evaluated on
+    refcoco_unc:val, refcocog_umd:val, reasonseg:val): `--eval` plans exactly those, with the evaluation
+    job's data config. Before, the eval job advised `--splits=val`, which no configured source has."""
+    from genmask_jax.data.splits import SplitSpec, split_data_config
+
+    c = default_data_config()
+    c.seg_sources, c.gen_sources, c.refcoco.name = "refcoco", "", "ref_coco_bv/refcocox_combined"
+    with pytest.raises(PrecomputeError, match="no source has split"):
+        plan_jobs(c, ["val"])
+    jobs = plan_jobs(c, [], "refcoco_unc:val,refcocog_umd:val,reasonseg:val")
+    assert [j.label for j in jobs] == ["refcoco_unc/val", "refcocog_umd/val", "reasonseg/val"]
+    for j, dataset in zip(jobs, ("refcoco_unc", "refcocog_umd", "reasonseg")):
+        evaluated = split_data_config(c, SplitSpec(dataset, "val"))
+        assert (j.task, j.split, j.names) == ("seg", "val", evaluated.seg_sources)
+        assert j.data_config.to_dict() == evaluated.to_dict()
+    assert jobs[0].data_config.refcoco.name == "ref_coco_bv/refcoco_unc"
+    both = plan_jobs(c, ["train"], ["refcoco_unc:val", "refcoco_unc:val"])
+    assert [j.label for j in both] == ["seg/train", "refcoco_unc/val"]
+    c.seg_sources = "shapes"  # an --eval split the configured sources also give is planned once
+    assert [j.label for j in plan_jobs(c, ["val"], ["synthetic:val"])] == ["synthetic/val"]
+    with pytest.raises(ValueError, match="refcoco_unc has splits val, testA, testB"):
+        plan_jobs(c, [], ["refcoco_unc:test"])
+    with pytest.raises(PrecomputeError, match="nothing to precompute"):
+        plan_jobs(c, [], [])
 
 
 def test_command_line_with_config_overrides(tmp_path):
@@ -302,9 +355,12 @@ def test_command_line_with_config_overrides(tmp_path):
             capture_output=True, text=True, timeout=300,
         )
 
-    done = run("--splits=val,test", "--batch_size=2")
+    done = run("--splits=val", "--eval=synthetic:test", "--batch_size=2")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert len(EmbeddingCache(str(tmp_path))) == 5 and "synthetic/val" in done.stdout
+    assert len(EmbeddingCache(str(tmp_path))) == 5 and "encoding synthetic/val, synthetic/test" in done.stdout
+    again = run("--eval=synthetic:test")  # --eval alone: no training split, nothing new
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "encoding synthetic/test into" in again.stdout and "'already': 2" in again.stdout
     refused = run("--splits=testA", "--config.data.encoder.seed=3")
     assert refused.returncode == 1 and "no source has split(s) testA" in refused.stderr
     assert "Traceback" not in refused.stderr

@@ -191,6 +191,30 @@ def test_the_instruction_survives_the_paper_setting(tiny_qwen, tmp_path):
     assert not np.allclose(context[0], context[1], atol=1e-3)
 
 
+def test_a_config_saved_before_max_pixels_uses_its_default(tiny_qwen, tmp_path):
+    """A `data.encoder` without `max_pixels` (saved before the field existed) reads the default, in the
+    encoder and in the cache fingerprint alike: it fell back to the processor's 12.8 MP, which the
+    encoder refuses at context 512, and its fingerprint said 0 where a cache written today says 448^2."""
+    import ml_collections
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from genmask_jax.encoders import DEFAULT_MAX_PIXELS, fingerprint
+
+    path = shutil.copytree(tiny_qwen, tmp_path / "qwen")
+    Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056).save_pretrained(path)  # the 7B's value
+    c = default_data_config()
+    c.encoder.update(dict(name="qwen2_5_vl", model_path=str(path), context_length=512, dtype="float32"))
+    old = c.encoder.to_dict()
+    del old["max_pixels"]
+    old = ml_collections.ConfigDict(old)
+    assert fingerprint(old) == fingerprint(c.encoder)
+    assert fingerprint(old)["max_pixels"] == DEFAULT_MAX_PIXELS
+    encoder = make_encoder(old)
+    assert encoder.image_processor.size["longest_edge"] == DEFAULT_MAX_PIXELS
+    with pytest.raises(ValueError, match="max_pixels=12845056 .*max_pixels 0: the model's preprocessor"):
+        make_encoder(type(old)(dict(old.to_dict(), max_pixels=0)))  # the documented refusal of 0
+
+
 def test_two_stage_rewrite(encoder):
     _, mask = encoder.encode([_image(4)], ["what is the object that is round?"])
     assert encoder.last_rewrites == [None]  # rewriting is asked for per text, never by default

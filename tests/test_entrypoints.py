@@ -8,6 +8,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,71 @@ def test_overrides_without_config_apply_to_the_saved_config(saved_run):
         assert cli_lib.with_checkpoint_config(unchanged, flag_values) == unchanged
 
 
+def test_a_config_saved_before_new_data_fields_gets_them_and_takes_overrides(tmp_path):
+    """A checkpoint whose saved `data` predates `encoder.max_pixels` and `refcoco.exclude_eval_images`:
+    the inference commands read it laid over today's data defaults (saved values win), so the new fields
+    exist, hold their defaults and take `--config.data...` overrides (a locked ConfigDict adds no field:
+    the override was an unknown-field error)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from configs.genmask import get_config
+    from genmask_jax.encoders import DEFAULT_MAX_PIXELS
+    from genmask_jax.infer import checkpoint
+    from genmask_jax.infer import cli as cli_lib
+    from genmask_jax.train import checkpointing
+
+    config = get_config("variant=tiny").to_dict()
+    del config["data"]["encoder"]["max_pixels"], config["data"]["refcoco"]["exclude_eval_images"]
+    config["data"]["encoder"]["context_length"] = 24  # a saved value, not today's default
+    ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(3, {"step": np.asarray(3, np.int32), "params": {"w": np.ones(2, np.float32)}}, config=config)
+    ckpt.close()
+    saved = checkpoint.saved_config(tmp_path / "checkpoints", 3)
+    assert saved.data.encoder.max_pixels == DEFAULT_MAX_PIXELS
+    assert saved.data.refcoco.exclude_eval_images is False
+    assert saved.data.encoder.context_length == 24 and saved.data.encoder.name == "toy"
+
+    argv = ["prog", f"--checkpoint={tmp_path}", "--config.data.encoder.max_pixels=50176"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv, lock_config=True)
+    flags.DEFINE_string("checkpoint", None, "", flag_values=flag_values)
+    flag_values(cli_lib.with_checkpoint_config(argv, flag_values))
+    assert flag_values.config.data.encoder.max_pixels == 50176
+    assert flag_values.config.data.encoder.context_length == 24
+
+
+def test_processes_that_resolved_different_steps_stop(saved_run, monkeypatch):
+    """Under a multi-process launch each process resolves `--checkpoint=WORKDIR` to its latest step on
+    its own, before the distributed runtime starts: a run that saved meanwhile would have them evaluate
+    different steps. Once the runtime is up, their steps are compared (the collective is faked here)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from genmask_jax.infer import cli as cli_lib
+    from genmask_jax.parallel import multihost
+
+    monkeypatch.setattr(multihost, "maybe_initialize", lambda config: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    gathered = []
+
+    def other_process_found(step):
+        def allgather(x):
+            gathered.append(int(x))
+            return np.array([int(x), step])
+
+        monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+
+    other_process_found(6)
+    checkpoint = re.escape(str(saved_run))
+    message = rf"to different steps \(\[5, 6\] by process.*--checkpoint={checkpoint}/checkpoints/6$"
+    with pytest.raises(cli_lib.InputError, match=message):
+        cli_lib.checkpoint_and_config(str(saved_run), None)
+    other_process_found(5)
+    directory, step, config = cli_lib.checkpoint_and_config(str(saved_run), None)
+    assert step == 5 and gathered == [5, 5] and config.vae_from == "/training/machine/wan_vae"
+
+
 def test_a_given_config_is_checked_against_the_saved_one(caplog):
     """A replacing --config: a warning when the model or the converted VAE's path differs, an error when
     the VAE would be a random one the run was not trained with."""
@@ -192,6 +258,12 @@ README_SHAPES = [
         "cannot read image",  # the override parsed: the next problem is the image
     ),
     ("genmask_jax.generate", ["--checkpoint={run}", "--config.seed=1", "--prompt=a", "--shift=0"], "--shift"),
+    # two-stage reasoning needs the VLM: refused before the checkpoint loads
+    (
+        "genmask_jax.segment",
+        ["--checkpoint={run}", "--rewrite", "--image={root}/image.png", "--prompt=x"],
+        "the toy encoder cannot rewrite",
+    ),
 ]
 
 
@@ -285,6 +357,62 @@ def test_segmenter_refuses_bad_settings(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         Segmenter(loaded=None, **kwargs)
+
+
+class RecordingEncoder:
+    """An instruction encoder that records the `rewrite` argument of each `encode` call."""
+
+    name, context_length, dim = "qwen2_5_vl", 4, 8
+
+    def __init__(self):
+        self.rewrites = []
+
+    def encode(self, images, texts, rewrite=None):
+        self.rewrites.append(rewrite)
+        shape = (len(texts), self.context_length)
+        return np.zeros((*shape, self.dim), np.float32), np.ones(shape, bool)
+
+
+def test_segmenter_rewrites_prompts_as_the_config_says():
+    """`data.encoder.rewrite_reasoning` made `segment` rewrite every prompt; `Segmenter(rewrite=...)`
+    overrides it, and the toy encoder, which cannot rewrite, is refused."""
+    import types
+
+    import jax
+
+    from configs.genmask import get_config
+    from genmask_jax.infer.segmenter import Segmenter
+    from genmask_jax.parallel.mesh import make_mesh
+    from genmask_jax.parallel.sharding import rules_from_config
+
+    config = get_config()
+    config.data.encoder.name, config.data.encoder.rewrite_reasoning = "qwen2_5_vl", True
+    loaded = types.SimpleNamespace(
+        config=config, model=None, resolution=(32, 32), mesh=make_mesh((1, -1, 1), devices=jax.devices()[:1]),
+        rules=rules_from_config(config.sharding.logical_axis_rules),
+    )
+    image = np.zeros((20, 24, 3), np.uint8)
+
+    def prompts_rewritten(rewrite, encoder=None):
+        encoder = encoder or RecordingEncoder()
+        segmenter = Segmenter(loaded, encoder=encoder, rewrite=rewrite)
+        segmenter.predict = lambda batch: -np.ones((len(batch["index"]), 32, 32), np.float32)  # no model
+        masks = segmenter([image, image], ["what can hold water?", "the cup"])
+        assert [m.shape for m in masks] == [(20, 24)] * 2
+        return encoder.rewrites[-1]
+
+    assert prompts_rewritten(None) == [True, True]  # the config's rewrite_reasoning
+    assert prompts_rewritten(False) is None
+    config.data.encoder.rewrite_reasoning = False
+    assert prompts_rewritten(None) is None
+    assert prompts_rewritten(True) == [True, True]
+    toy = RecordingEncoder()
+    toy.name = "toy"
+    with pytest.raises(ValueError, match="the toy encoder cannot rewrite"):
+        prompts_rewritten(True, toy)
+    config.data.encoder.name = "toy"
+    with pytest.raises(ValueError, match="the toy encoder cannot rewrite"):
+        Segmenter(loaded, rewrite=True)
 
 
 def test_checkpoint_of_a_run_on_precomputed_latents_needs_a_vae(tmp_path):

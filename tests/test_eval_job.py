@@ -60,7 +60,7 @@ def test_parse_splits():
     specs = job.parse_splits(["refcoco_unc:val,refcoco_unc:testA", "refcoco_unc:testB", "refcoco_unc:val"])
     assert [s.name for s in specs] == ["refcoco_unc:val", "refcoco_unc:testA", "refcoco_unc:testB"]
     for bad in ("refcoco:val", "refcoco_unc:test", "refcocog_umd:testA", "synthetic", ""):
-        with pytest.raises(job.EvaluationError):
+        with pytest.raises(job.SplitError):
             job.parse_splits(bad)
 
 
@@ -226,6 +226,16 @@ def test_refuses_to_mix_runs(tmp_path):
         run(tmp_path, Predict(), settings={"step": 4})
 
 
+def with_field(config, field: str, value):
+    """`config` with the dotted `field` set to `value`."""
+    *parents, name = field.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[name] = value
+    return config
+
+
 def test_prediction_config_digest():
     """Fields that change predictions change the digest; where the data lives does not."""
     from configs.genmask import get_config
@@ -252,13 +262,41 @@ def test_prediction_config_digest():
     }
     for fields, changed in ((changes, True), (same, False)):
         for field, value in fields.items():
-            config = get_config()
-            *parents, name = field.split(".")
-            node = config
-            for parent in parents:
-                node = node[parent]
-            node[name] = value
+            config = with_field(get_config(), field, value)
             assert (job.prediction_config_digest(config, SPEC) != base) == changed, field
+
+
+def test_moving_the_weights_keeps_the_prediction_config_digest():
+    """README: paths are left out of the digest. A converted VAE moved to another machine
+    (`--config.vae_from`) or the Qwen weights at another path kept the finished shards of neither
+    ("differs in config"); another folder name, a random VAE or another model's weights do change it."""
+    from configs.genmask import get_config
+
+    def digest(field=None, value=None):
+        config = get_config()
+        config.vae_from = "/ckpt/wan_vae"
+        config.data.encoder.name = "qwen2_5_vl"
+        config.data.encoder.model_path = "/models/Qwen2.5-VL-7B-Instruct"
+        return job.prediction_config_digest(with_field(config, field, value) if field else config, SPEC)
+
+    base = digest()
+    moved = {
+        "vae_from": "gs://bucket/weights/wan_vae/",
+        "data.encoder.model_path": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "seed": 5,  # the random VAE's seed: no random VAE here
+    }
+    changed = {
+        "vae_from": "",  # the run's random VAE instead of the converted one
+        "data.encoder.model_path": "/models/Qwen2.5-VL-3B-Instruct",
+        "data.encoder.max_pixels": 224 * 224,
+        "data.encoder.rewrite_reasoning": True,
+        "data.fit": "crop",
+    }
+    for field, value in moved.items():
+        assert digest(field, value) == base, field
+    for field, value in changed.items():
+        assert digest(field, value) != base, field
+    assert digest("vae_from", "/ckpt/wan2.2_vae") != base  # another folder: other converted weights
 
 
 def test_run_refuses_other_parameters_or_config(tmp_path, monkeypatch):
@@ -365,6 +403,46 @@ def test_check_sources_refuses_a_cache_without_the_split(tmp_path):
     job.check_sources(c, [SPEC])
     metrics = job.evaluate_split(Predict(), c, SPEC, tmp_path / "out", BATCH, progress=False)
     assert metrics["num_samples"] == 3
+
+
+def test_a_cache_miss_while_evaluating_stops_the_split_and_records_nothing(tmp_path):
+    """A context error (here a cache without the split, `check_sources` skipped) is raised by the data
+    pipeline, never recorded: no example is marked unreadable, so nothing needs retrying."""
+    from genmask_jax.encoders.cache import CacheMiss
+    from genmask_jax.encoders.precompute import precompute
+
+    c = data_config()
+    c.shapes.train_size, c.gen_sources = 4, ""
+    precompute(c, str(tmp_path / "cache"), ["train"], dtype="float32")
+    c.encoder.cache_dir = str(tmp_path / "cache")
+    with pytest.raises(CacheMiss, match="--eval=synthetic:test"):
+        job.evaluate_split(Predict(), c, SPEC, tmp_path / "out", BATCH, progress=False)
+    assert job.ShardStore(tmp_path / "out" / SPEC.dirname).shard_files() == []
+
+
+def test_the_cache_miss_advice_covers_a_split_the_run_did_not_train_on(tmp_path):
+    """A run trained on shapes, evaluated on reasonseg:val: the advice is `precompute --eval=reasonseg:val`,
+    and that fills the cache (the old advice, `--splits=val`, cached only the configured sources' val)."""
+    from genmask_jax.encoders.precompute import plan_jobs, precompute
+
+    root = tmp_path / "ReasonSeg" / "val"
+    root.mkdir(parents=True)
+    Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(root / "a.jpg")
+    polygon = [[2, 2], [20, 2], [20, 20], [2, 20]]
+    shapes = [{"label": "target", "points": polygon, "shape_type": "polygon"}]
+    (root / "a.json").write_text(json.dumps({"text": ["the cup"], "is_sentence": False, "shapes": shapes}))
+    c = data_config()
+    c.shapes.train_size, c.gen_sources, c.reasonseg.root = 4, "", str(tmp_path / "ReasonSeg")
+    cache = str(tmp_path / "cache")
+    precompute(c, cache, ["train"], dtype="float32")
+    c.encoder.cache_dir = cache
+    spec = job.SplitSpec("reasonseg", "val")
+    advice = r"reasonseg:val: 1 of its 1 examples .*--eval=reasonseg:val`$"
+    with pytest.raises(job.EvaluationError, match=advice):
+        job.check_sources(c, [spec])
+    assert [j.label for j in plan_jobs(c, ["val"])] == ["synthetic/val"]  # the old advice
+    precompute(c, cache, [], dtype="float32", evals="reasonseg:val")
+    job.check_sources(c, [spec])
 
 
 _WORKER = """

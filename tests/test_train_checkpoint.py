@@ -182,3 +182,42 @@ def test_resuming_with_another_model_names_the_parameters(tmp_path):
     restored = ckpt.restore(1, as_abstract(trainable))
     np.testing.assert_array_equal(restored["ema_params"]["w"], ema["w"])
     ckpt.close()
+
+
+def test_a_muon_scan_layers_checkpoint_from_before_the_muon_fix_is_named(tmp_path, monkeypatch):
+    """Before Muon knew the scanned `blocks` stack, a stacked block kernel (rank 3) took AdamW and a
+    stacked bias (rank 2) Muon: such a checkpoint's optimizer state is no config's today. The error
+    line named only optimizer settings and said "resume with the saved config", which cannot work."""
+    import jax.numpy as jnp
+
+    from genmask_jax.train import state as train_state
+
+    params = {"blocks": {"attn": {"kernel": jnp.ones((2, 4, 3)), "bias": jnp.zeros((2, 3))}},
+              "head": {"kernel": jnp.ones((3, 5))}}
+    optimizer = {"name": "muon", "lr": 1e-3, "muon_lr": 0.02, "total_steps": 10}
+    with monkeypatch.context() as before_the_fix:
+        before_the_fix.setattr(train_state, "LAYER_STACKS", ())
+        saved_opt_state = train_state.make_optimizer(optimizer).init(params)
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, {"step": jnp.asarray(1), "params": params, "opt_state": saved_opt_state})
+    wanted = {"step": jnp.asarray(0), "params": params,
+              "opt_state": train_state.make_optimizer(optimizer).init(params)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), wanted)
+    named = r"a Muon run with model.dit.scan_layers saved before .*convert.export CHECKPOINT DST.*init_from.$"
+    with pytest.raises(CheckpointError, match=named) as error:
+        ckpt.restore(1, abstract)
+    assert "\n" not in str(error.value)
+    ckpt.close()
+
+
+def test_one_leaf_naming_for_parameters_and_optimizer_states():
+    """Saved metadata names tuple positions and NamedTuple fields as dict keys: the live tree's sequence
+    indices and attribute names print the same, for the parameter check and the optimizer check alike."""
+    import collections
+
+    from genmask_jax.infer.checkpoint import leaf_shapes
+
+    State = collections.namedtuple("State", ["mu", "nu"])
+    live = (State(mu={"w": np.zeros((2, 3))}, nu={"w": np.zeros(3)}), [np.zeros(1)])
+    saved = {"0": {"mu": {"w": np.zeros((2, 3))}, "nu": {"w": np.zeros(3)}}, "1": {"0": np.zeros(1)}}
+    assert leaf_shapes(live) == leaf_shapes(saved) == {"0/mu/w": (2, 3), "0/nu/w": (3,), "1/0": (1,)}

@@ -43,6 +43,8 @@ from ml_collections import ConfigDict
 from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
 from genmask_jax.data.sources import make_task_source
+from genmask_jax.data.splits import precompute_selection
+from genmask_jax.encoders import DEFAULT_MAX_PIXELS
 from genmask_jax.encoders.base import ContextError
 
 log = logging.getLogger(__name__)
@@ -107,8 +109,10 @@ def default_data_config() -> ConfigDict:
     # context to the chat template (~20 tokens) and the instruction (a ReasonSeg sentence: a few dozen).
     # The processor's own default (12.8 MP) gives a 640x640 COCO image 529 tokens, more than the whole
     # context. The DiT sees the image itself through the VAE shortcut; the VLM needs it to ground the
-    # instruction, not for pixel detail. 0 = the model's preprocessor_config.json value.
-    c.encoder.max_pixels = 448 * 448
+    # instruction, not for pixel detail. 0 = the model's preprocessor_config.json value, for a model whose
+    # own value fits the context: Qwen2.5-VL-7B's (12845056, up to 16384 tokens) is refused at any
+    # context_length up to that.
+    c.encoder.max_pixels = DEFAULT_MAX_PIXELS
     # Two-stage reasoning: the VLM rewrites ReasonSeg's long queries (is_sentence) into a short
     # description, which is then encoded (genmask_jax.encoders.encoder_input); other texts unchanged.
     c.encoder.rewrite_reasoning = False
@@ -146,7 +150,7 @@ class _ContextProvider:
     def __init__(self, data_config):
         from genmask_jax.encoders import fingerprint
 
-        self.config = data_config.encoder
+        self.config, self.data_config = data_config.encoder, data_config
         self._lock = threading.Lock()
         self.sources = data_config.seg_sources, data_config.gen_sources, data_config.refcoco.name
         if self.config.cache_dir:
@@ -191,10 +195,11 @@ class _ContextProvider:
             names = seg if task == "seg" else gen
             if "refcoco" in names.split(","):
                 names += f" ({refcoco})"
+            selection = precompute_selection(self.data_config, split, task)
             raise CacheMiss(
                 f"{e}: precompute split {split!r} of the {task} sources {names} into it "
                 f"(python -m genmask_jax.encoders.precompute --config=... --out={self.cache.folder} "
-                f"--splits={split})"
+                f"{selection})"
             ) from None
 
 

@@ -19,6 +19,20 @@ import numpy as np
 from genmask_jax.encoders.base import ContextError, InstructionEncoder, PromptTooLong, pad_or_truncate
 
 ENCODERS = ("toy", "qwen2_5_vl")
+# The default `data.encoder.max_pixels`, also for a config saved before the field existed: the VLM sees
+# images of at most 448 x 448 pixels (why: `data.pipeline.default_data_config`).
+DEFAULT_MAX_PIXELS = 448 * 448
+
+
+def configured_max_pixels(config) -> int:
+    """`data.encoder.max_pixels`, the default for a config without the field; 0 = the model's own."""
+    return int(config.get("max_pixels", DEFAULT_MAX_PIXELS))
+
+
+def model_name(model_path: str) -> str:
+    """The folder name of a model path: the same weights sit at other paths on the machine that
+    precomputes and the ones that train or evaluate ("Qwen/X" and "/models/X" are both "X")."""
+    return os.path.basename(os.path.normpath(model_path)) if model_path else ""
 
 
 def make_encoder(config) -> InstructionEncoder:
@@ -37,7 +51,7 @@ def make_encoder(config) -> InstructionEncoder:
             context_length=config.context_length,
             dtype=config.dtype,
             rewrite_max_new_tokens=config.rewrite_max_new_tokens,
-            max_pixels=config.get("max_pixels") or None,
+            max_pixels=configured_max_pixels(config) or None,
         )
     raise ValueError(f"unknown encoder {config.name!r}; expected one of {ENCODERS}")
 
@@ -68,12 +82,10 @@ def fingerprint(config) -> dict:
         rewrite = bool(config.get("rewrite_reasoning", False))
         return {
             "encoder": "qwen2_5_vl",
-            # The folder name, not the path: the same weights sit at other paths on the machine that
-            # precomputes and the ones that train ("Qwen/X" and "/models/X" are both "X").
-            "model": os.path.basename(os.path.normpath(config.model_path)) if config.model_path else "",
+            "model": model_name(config.model_path),
             "context_length": config.context_length,
             "dtype": config.dtype,
-            "max_pixels": int(config.get("max_pixels") or 0),
+            "max_pixels": configured_max_pixels(config),
             "rewrite_reasoning": rewrite,
             "rewrite_prompt": REWRITE_PROMPT if rewrite else None,
             "rewrite_max_new_tokens": config.rewrite_max_new_tokens if rewrite else None,
@@ -82,12 +94,15 @@ def fingerprint(config) -> dict:
 
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "ENCODERS",
     "ContextError",
     "InstructionEncoder",
     "PromptTooLong",
+    "configured_max_pixels",
     "encoder_input",
     "fingerprint",
     "make_encoder",
+    "model_name",
     "pad_or_truncate",
 ]

@@ -78,17 +78,23 @@ def completed_shards(folder: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def differences(cached: dict, expected: dict) -> list[str]:
-    """`"field: cache A, config B"` for every field where two fingerprints differ."""
+def differences(cached: dict, expected: dict, prefix: str = "") -> list[str]:
+    """`"<prefix>field: cache A, config B"` for every field where two fingerprints differ."""
     return [
-        f"{k}: cache {cached.get(k)!r}, config {expected.get(k)!r}"
+        f"{prefix}{k}: cache {cached.get(k)!r}, config {expected.get(k)!r}"
         for k in sorted(set(cached) | set(expected))
         if cached.get(k) != expected.get(k)
     ]
 
 
-def _flat(meta: dict) -> dict:
-    return {**{k: v for k, v in meta.items() if k != "encoder"}, **meta["encoder"]}
+def meta_differences(cached: dict, expected: dict) -> list[str]:
+    """Differences of two meta.json dicts: the storage fields by name, the encoder fingerprint's as
+    `encoder.<field>` (Qwen's fingerprint has a `dtype` of its own, the torch dtype; merged into one
+    dict it hid the stored contexts' `dtype`)."""
+    storage = lambda meta: {k: v for k, v in meta.items() if k != "encoder"}  # noqa: E731
+    return differences(storage(cached), storage(expected)) + differences(
+        cached.get("encoder", {}), expected.get("encoder", {}), prefix="encoder."
+    )
 
 
 def read_meta(folder: str) -> dict:
@@ -143,7 +149,7 @@ class CacheWriter:
                 "encoder": fingerprint}
         meta_path = os.path.join(self.folder, "meta.json")
         if os.path.exists(meta_path):
-            diff = differences(_flat(read_meta(self.folder)), _flat(meta))
+            diff = meta_differences(read_meta(self.folder), meta)
             if diff:
                 raise CacheMismatch(
                     f"cache {self.folder} was written with other settings ({'; '.join(diff)}): "

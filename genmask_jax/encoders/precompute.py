@@ -4,18 +4,24 @@
       --config.data.encoder.model_path=/models/Qwen2.5-VL-7B-Instruct \
       --config.data.refcoco.data_dir=/data/tfds --config.data.reasonseg.root=/data/ReasonSeg \
       --config.data.captions.path=/data/captions.jsonl --out=/data/qwen_cache \
-      [--splits=all] [--batch_size=8] [--shard_size=1000] [--dtype=bfloat16]
+      [--splits=all] [--eval=refcocog_umd:val,reasonseg:test] [--batch_size=8] [--shard_size=1000] \
+      [--dtype=bfloat16]
 
 `--config` is an experiment config (with a `data` field) or a data config
-(`genmask_jax.data.pipeline.default_data_config()` layout), with `--config.field=value` overrides.
+(`genmask_jax.data.pipeline.default_data_config()` layout), with `--config.field=value` overrides; for a
+trained run, `--config=configs/checkpoint.py:CHECKPOINT` is the config saved with it.
 Every example is encoded with `data.encoder`, read exactly as the pipelines that will look it up
 read it:
   - the training split (`data.train_split`): the segmentation sources as the training pipeline reads
     them, and the generation sources;
-  - the evaluation splits of each segmentation source, as the evaluation job reads them (its
-    `DATASETS` table: e.g. refcoco_unc val/testA/testB, refcocog_umd val/test, reasonseg val/test).
-`--splits=all` takes every one of them; `--splits=train,val` only these names, each source only the
-splits it has (a name that no source has is an error).
+  - the evaluation splits of each configured segmentation source, as the evaluation job reads them
+    (`genmask_jax.data.splits.DATASETS`: e.g. refcoco_unc val/testA/testB, refcocog_umd val/test,
+    reasonseg val/test).
+`--splits=all` (the default without `--eval`) takes every one of them; `--splits=train,val` only these
+names, each source only the splits it has (a name that no source has is an error).
+`--eval=refcoco_unc:val,reasonseg:test` names evaluation splits as `genmask_jax.evaluate --split` does,
+also of data sets the config does not train on (a run trained on `ref_coco_bv/refcocox_combined` is
+evaluated on `refcoco_unc:val`), each read with the evaluation job's data config for it.
 
 Rerunning the same command resumes: cached ids are skipped. A cache written with other encoder
 settings is refused, and so is a second writer on the same folder (`writer.lock`): run it on one host.
@@ -34,6 +40,7 @@ import tqdm
 
 from genmask_jax.data.skips import SkipLog, skip_reason
 from genmask_jax.data.sources import make_task_source, parse_names
+from genmask_jax.data.splits import DATASETS, SplitSpec, parse_splits, refcoco_config, split_data_config
 from genmask_jax.encoders import PromptTooLong, encoder_input, fingerprint, make_encoder
 from genmask_jax.encoders.cache import CacheWriter
 
@@ -54,11 +61,26 @@ class Job(NamedTuple):
     data_config: object
 
 
-def plan_jobs(data_config, splits: Sequence[str]) -> list[Job]:
-    """The training split of every source and the evaluation splits of the segmentation sources that
-    `splits` names ("all": every one), each read with the data config its consumer uses."""
-    from genmask_jax.eval.job import DATASETS, SplitSpec, split_data_config
+def plan_jobs(data_config, splits: Sequence[str] = ("all",), evals: str | Sequence[str] = ()) -> list[Job]:
+    """The jobs of `splits` (the training split of every source and the evaluation splits of the
+    configured segmentation sources that it names; "all": every one) and of `evals` (evaluation splits
+    as `evaluate --split` names them), each read with the data config its consumer uses."""
+    jobs = _configured_jobs(data_config, splits) if splits else []
+    evals = [evals] if isinstance(evals, str) else list(evals)
+    for spec in parse_splits(evals) if any(e.strip() for e in evals) else []:
+        if f"{spec.dataset}/{spec.split}" not in {j.label for j in jobs}:
+            jobs.append(_eval_job(data_config, spec))
+    if not jobs:
+        raise PrecomputeError("nothing to precompute: give --splits and/or --eval")
+    return jobs
 
+
+def _eval_job(data_config, spec: SplitSpec) -> Job:
+    config = split_data_config(data_config, spec)  # what the evaluation job reads
+    return Job(f"{spec.dataset}/{spec.split}", "seg", spec.split, config.seg_sources, config)
+
+
+def _configured_jobs(data_config, splits: Sequence[str]) -> list[Job]:
     wanted = set(splits)
     every = "all" in wanted
     train = data_config.train_split
@@ -69,20 +91,18 @@ def plan_jobs(data_config, splits: Sequence[str]) -> list[Job]:
                 jobs.append(Job(f"{task}/{train}", task, train, names, data_config))
     seg_names = parse_names(data_config.seg_sources)
     # "ref_coco_bv/refcoco_unc:1.0.0" holds the refcoco_unc splits too
-    refcoco_configs = {n.split("/")[-1].split(":")[0] for n in parse_names(data_config.refcoco.name)}
+    refcoco_configs = {refcoco_config(n) for n in parse_names(data_config.refcoco.name)}
     available = {train}
-    for dataset, (source, refcoco_config, eval_splits) in DATASETS.items():
-        if source not in seg_names or (refcoco_config is not None and refcoco_config not in refcoco_configs):
+    for dataset, (source, refcoco, eval_splits) in DATASETS.items():
+        if source not in seg_names or (refcoco is not None and refcoco not in refcoco_configs):
             continue
         available.update(eval_splits)
-        for split in eval_splits:
-            if every or split in wanted:
-                config = split_data_config(data_config, SplitSpec(dataset, split))
-                jobs.append(Job(f"{dataset}/{split}", "seg", split, config.seg_sources, config))
+        jobs += [_eval_job(data_config, SplitSpec(dataset, s)) for s in eval_splits if every or s in wanted]
     unknown = sorted(wanted - available - {"all"})
     if unknown:
         raise PrecomputeError(
-            f"no source has split(s) {', '.join(unknown)}; these sources have {', '.join(sorted(available))}"
+            f"no source has split(s) {', '.join(unknown)}; these sources have {', '.join(sorted(available))} "
+            f"(an evaluation split of another data set: --eval=DATASET:SPLIT, e.g. --eval=refcoco_unc:val)"
         )
     return jobs
 
@@ -110,12 +130,14 @@ def precompute(
     shard_size: int = 1000,
     dtype: str = "bfloat16",
     encoder=None,
+    evals: str | Sequence[str] = (),
 ) -> dict:
-    """Fills the cache at `out`; returns {"written": n, "already": n, "skips": summary}.
+    """Fills the cache at `out` with the jobs of `plan_jobs(data_config, splits, evals)`; returns
+    {"written": n, "already": n, "skips": summary}.
 
     `encoder`: an encoder built from `data_config.encoder` (tests pass one to reuse a loaded model).
     """
-    jobs = plan_jobs(data_config, splits)
+    jobs = plan_jobs(data_config, splits, evals)
     encoder = encoder or make_encoder(data_config.encoder)
     config = data_config.encoder
     if (encoder.name, encoder.context_length) != (config.name, config.context_length):
@@ -162,7 +184,12 @@ def _define_flags():
 
     config = cli.define_config_flag()
     flags.DEFINE_string("out", None, "The cache folder (created; an existing cache is resumed).")
-    flags.DEFINE_list("splits", ["all"], "Splits to encode (each source only those it has), or 'all'.")
+    flags.DEFINE_list(
+        "splits", None, "Splits to encode (each source only those it has), or 'all' (default without --eval)."
+    )
+    flags.DEFINE_list(
+        "eval", [], "Evaluation splits as `evaluate --split` names them, e.g. refcoco_unc:val,reasonseg:test."
+    )
     flags.DEFINE_integer("batch_size", 8, "Examples per encoder call.")
     flags.DEFINE_integer("shard_size", 1000, "Records per array_record shard.")
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Stored context dtype.")
@@ -179,15 +206,16 @@ def main(config) -> None:
 
     args = flags.FLAGS
     data_config = config.data if "data" in config else config
+    splits = args.splits if args.splits is not None else ([] if args.eval else ["all"])
     try:
-        jobs = plan_jobs(data_config, args.splits)
+        jobs = plan_jobs(data_config, splits, args.eval)
         print(f"encoding {', '.join(j.label for j in jobs)} into {args.out}", flush=True)
         encoder = make_encoder(data_config.encoder)
     except ValueError as e:  # an unknown split, an empty model path, settings that cannot fit
         raise cli.InputError(str(e)) from e
     try:
         result = precompute(
-            data_config, args.out, args.splits, args.batch_size, args.shard_size, args.dtype, encoder
+            data_config, args.out, splits, args.batch_size, args.shard_size, args.dtype, encoder, args.eval
         )
     except (PrecomputeError, ContextError, CacheLocked) as e:
         raise cli.InputError(str(e)) from e

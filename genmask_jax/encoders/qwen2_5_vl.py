@@ -8,7 +8,9 @@ Texts without an image (captions for generation) are encoded as text-only turns.
 The instruction comes last in the prompt, so a prompt longer than `L` is refused (`PromptTooLong`,
 with its lengths) rather than cut: cutting it would drop the instruction and leave contexts that no
 longer depend on it. `max_pixels` bounds the image's share: the image processor resizes so that
-H * W <= max_pixels, and each 28 x 28 patch (14-pixel patches merged 2 x 2) is one token.
+H * W <= max_pixels, and each 28 x 28 patch (14-pixel patches merged 2 x 2) is one token. None keeps the
+model's preprocessor_config.json value (Qwen2.5-VL's 12845056: up to 16384 image tokens, refused for any
+context_length up to that).
 
 We build the model inputs ourselves rather than through `Qwen2_5_VLProcessor`, whose constructor needs
 the torchvision video processor: the PIL image processor (`Qwen2VLImageProcessorPil`) gives
@@ -75,9 +77,10 @@ class Qwen25VLEncoder:
         pixels = self.image_processor.size["longest_edge"]
         self.max_image_tokens = pixels // (self.image_processor.patch_size * self.merge_size) ** 2
         if self.max_image_tokens >= context_length:  # before loading the model: fail in seconds
+            origin = "" if max_pixels else " (max_pixels 0: the model's preprocessor_config.json)"
             raise ValueError(
-                f"max_pixels={pixels} lets an image take up to {self.max_image_tokens} tokens, all of "
-                f"context_length={context_length}: lower data.encoder.max_pixels or raise context_length"
+                f"max_pixels={pixels}{origin} lets an image take up to {self.max_image_tokens} tokens, all "
+                f"of context_length={context_length}: lower data.encoder.max_pixels or raise context_length"
             )
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=self.torch_dtype)
         self.model.to(self.device).eval()

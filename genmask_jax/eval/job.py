@@ -1,5 +1,8 @@
 """The batch evaluation job: named splits -> per-example predictions at the original size + metrics.
 
+The split names and the data config that reads each are `genmask_jax.data.splits` (DATASETS,
+`split_data_config`), shared with the embedding-cache precompute (`--eval=<split>`).
+
 Each process reads its own examples (`data.pipeline.make_eval_iterator`: every example exactly once
 over all processes) and predicts them on its own devices. A prediction is a score at the model
 resolution, mapped back to the image's original size bilinearly and thresholded there
@@ -18,7 +21,6 @@ rerun with other settings is refused.
 """
 
 import builtins
-import dataclasses
 import hashlib
 import json
 import logging
@@ -32,19 +34,19 @@ import numpy as np
 from etils import epath
 
 from genmask_jax.data.pipeline import make_eval_iterator
-from genmask_jax.data.sources import parse_names
+from genmask_jax.data.splits import (  # noqa: F401  (re-exported: the split table lived here before data/)
+    BIG_VISION_REFCOCO,
+    DATASETS,
+    SplitError,
+    SplitSpec,
+    parse_splits,
+    refcoco_source_name,
+    split_data_config,
+)
 from genmask_jax.eval.metrics import intersection_and_union, metrics_from_counts, per_sample_iou
 
 log = logging.getLogger(__name__)
 
-# Dataset name -> (segmentation source, RefCOCO config or None, its splits).
-DATASETS = {
-    "synthetic": ("shapes", None, ("val", "test")),
-    "refcoco_unc": ("refcoco", "refcoco_unc", ("val", "testA", "testB")),
-    "refcocoplus_unc": ("refcoco", "refcocoplus_unc", ("val", "testA", "testB")),
-    "refcocog_umd": ("refcoco", "refcocog_umd", ("val", "test")),
-    "reasonseg": ("reasonseg", None, ("val", "test")),
-}
 FORMATS = ("png", "rle")
 
 
@@ -56,73 +58,6 @@ class EvaluationError(ValueError):
 # +-1); may return an unfinished jax.Array (the job converts it only after dispatching the next batch,
 # so the device and the host work overlap).
 PredictFn = Callable[[dict], Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitSpec:
-    dataset: str
-    split: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.dataset}:{self.split}"
-
-    @property
-    def dirname(self) -> str:
-        return f"{self.dataset}-{self.split}"
-
-
-def parse_splits(text: str | Sequence[str]) -> list[SplitSpec]:
-    """`"refcoco_unc:testA,reasonseg:val"` (or a list of such strings, as a repeated flag gives) ->
-    SplitSpecs, each once; unknown names raise EvaluationError listing the known."""
-    items = [text] if isinstance(text, str) else list(text)
-    specs = []
-    for item in (s.strip() for i in items for s in i.split(",")):
-        if not item:
-            continue
-        dataset, _, split = item.partition(":")
-        if dataset not in DATASETS:
-            raise EvaluationError(
-                f"unknown dataset {dataset!r} in split {item!r}; known: {', '.join(DATASETS)}"
-            )
-        splits = DATASETS[dataset][2]
-        if split not in splits:
-            raise EvaluationError(
-                f"split {item!r}: {dataset} has splits {', '.join(splits)} (write {dataset}:NAME)"
-            )
-        if SplitSpec(dataset, split) not in specs:
-            specs.append(SplitSpec(dataset, split))
-    if not specs:
-        raise EvaluationError(
-            "no split given; e.g. --split=synthetic:test or --split=refcoco_unc:testA,refcoco_unc:testB"
-        )
-    return specs
-
-
-BIG_VISION_REFCOCO = "ref_coco_bv/"
-
-
-def refcoco_source_name(configured: str, refcoco_config: str) -> str:
-    """The RefCOCO source to open for `refcoco_config` (e.g. "refcoco_unc") given the configured name(s):
-    the configured entry of that config as written (big_vision's `ref_coco_bv/refcoco_unc[:version]`
-    included), else big_vision's builder when the configured names use it, else ours."""
-    names = parse_names(configured)
-    for name in names:
-        if name.removeprefix(BIG_VISION_REFCOCO).split(":")[0] == refcoco_config:
-            return name
-    if any(name.startswith(BIG_VISION_REFCOCO) for name in names):
-        return BIG_VISION_REFCOCO + refcoco_config
-    return refcoco_config
-
-
-def split_data_config(data_config: ml_collections.ConfigDict, spec: SplitSpec) -> ml_collections.ConfigDict:
-    """A copy of the data config reading `spec`'s source."""
-    config = ml_collections.ConfigDict(data_config.to_dict())
-    source, refcoco_config, _ = DATASETS[spec.dataset]
-    config.seg_sources = source
-    if refcoco_config is not None:
-        config.refcoco.name = refcoco_source_name(config.refcoco.name, refcoco_config)
-    return config
 
 
 def check_sources(data_config: ml_collections.ConfigDict, specs: Sequence[SplitSpec]) -> None:
@@ -155,8 +90,8 @@ def check_sources(data_config: ml_collections.ConfigDict, specs: Sequence[SplitS
                 raise EvaluationError(
                     f"{spec.name}: {len(missing)} of its {len(source)} examples are not in the embedding "
                     f"cache {cache_dir} (e.g. {missing[0]}); add them with `python -m "
-                    f"genmask_jax.encoders.precompute --config=<the run's config> --out={cache_dir} "
-                    f"--splits={spec.split}`"
+                    f"genmask_jax.encoders.precompute --config=<the run's config, e.g. "
+                    f"configs/checkpoint.py:CHECKPOINT> --out={cache_dir} --eval={spec.name}`"
                 )
 
 
@@ -266,10 +201,9 @@ def _barrier(name: str) -> None:
 
 
 # Exceptions that do not blame an example's data (skip reasons name the class): an example that failed
-# so gets no record, and a rerun retries it instead of leaving it out of the metrics for good. The
-# kinds are `encoders.base.ContextError` and its subclasses: a setting or an embedding cache to fix.
+# so gets no record, and a rerun retries it instead of leaving it out of the metrics for good. (A
+# `ContextError`, a setting or a cache to fix, never gets this far: the data pipeline raises it.)
 RETRIED_ERRORS = (MemoryError, ConnectionError, TimeoutError, InterruptedError)
-RETRIED_KINDS = ("ContextError", "CacheMiss", "CacheMismatch", "PromptTooLong")
 
 
 def is_data_error(reason: str | None) -> bool:
@@ -279,8 +213,7 @@ def is_data_error(reason: str | None) -> bool:
         return True
     kind = reason.split(":", 1)[0].strip()
     error = getattr(builtins, kind, None)
-    retried = isinstance(error, type) and issubclass(error, RETRIED_ERRORS)
-    return not (retried or kind in RETRIED_KINDS)
+    return not (isinstance(error, type) and issubclass(error, RETRIED_ERRORS))
 
 
 def to_records(
@@ -458,7 +391,7 @@ def finish_split(store: ShardStore, spec: SplitSpec, num_examples: int, settings
 
 # Data config fields that do not change a prediction: where data lives and how fast it is read (moving
 # the data must not invalidate finished shards), and what only training reads. The rest of `data`, the
-# model and the frozen VAE's source go into the digest of `prediction_config_digest`.
+# model and the frozen VAE's kind go into the digest of `prediction_config_digest`.
 NON_PREDICTION_DATA_FIELDS = (
     "gen_sources",
     "train_split",
@@ -475,7 +408,11 @@ NON_PREDICTION_DATA_FIELDS = (
 
 
 def prediction_config(config: ml_collections.ConfigDict, spec: SplitSpec) -> dict:
-    """The fields of an experiment config that change `spec`'s predictions, as plain JSON data."""
+    """The fields of an experiment config that change `spec`'s predictions, as plain JSON data.
+
+    Weights are named by their folder, not their path (`encoders.model_name`): moving the converted VAE
+    (`--config.vae_from`) or the Qwen weights to another machine or folder keeps finished shards."""
+    from genmask_jax.encoders import model_name
     from genmask_jax.infer.checkpoint import as_json, vae_source
 
     data = as_json(split_data_config(config.data, spec))
@@ -485,7 +422,12 @@ def prediction_config(config: ml_collections.ConfigDict, spec: SplitSpec) -> dic
         for parent in parents:
             node = node.get(parent, {})
         node.pop(name, None)
-    return {"model": as_json(config.model), "vae": as_json(vae_source(config)), "data": data}
+    if "model_path" in data.get("encoder", {}):
+        data["encoder"]["model_path"] = model_name(data["encoder"]["model_path"])
+    vae = vae_source(config)
+    if vae is not None and vae[0] == "converted":
+        vae = ("converted", model_name(vae[1]))
+    return {"model": as_json(config.model), "vae": as_json(vae), "data": data}
 
 
 def prediction_config_digest(config: ml_collections.ConfigDict, spec: SplitSpec) -> str:

@@ -82,7 +82,8 @@ def _manager(directory: epath.Path, item: str, handler) -> ocp.CheckpointManager
 
 
 def saved_config(directory: epath.Path, step: int) -> ml_collections.ConfigDict:
-    """The experiment config saved with checkpoint `step`.
+    """The experiment config saved with checkpoint `step`, its `data` section laid over today's
+    `default_data_config()` (`with_current_data_fields`).
 
     Read by the JSON handler alone: a CheckpointManager would start JAX's backends, and the config
     is needed before `jax.distributed.initialize`, which must come first (its `distributed` section).
@@ -90,7 +91,27 @@ def saved_config(directory: epath.Path, step: int) -> ml_collections.ConfigDict:
     path = epath.Path(directory) / str(step) / CONFIG
     if not path.exists():
         raise CheckpointError(f"checkpoint {directory}/{step} has no saved config; pass --config")
-    return ml_collections.ConfigDict(dict(ocp.JsonCheckpointHandler().restore(path)))
+    return with_current_data_fields(dict(ocp.JsonCheckpointHandler().restore(path)))
+
+
+def with_current_data_fields(saved: dict) -> ml_collections.ConfigDict:
+    """A saved experiment config (plain dict) as a ConfigDict whose `data` has every field of today's
+    `default_data_config()`: the saved values win, fields added since it was saved get their defaults.
+    Without them a config saved before a field existed cannot be overridden (`--config.data.x=...`:
+    a locked ConfigDict adds no field) and code reading it needs a second copy of each default."""
+    from genmask_jax.data.pipeline import default_data_config
+
+    if isinstance(saved.get("data"), dict):
+        saved = {**saved, "data": _merged(default_data_config().to_dict(), saved["data"])}
+    return ml_collections.ConfigDict(saved)
+
+
+def _merged(defaults: dict, saved: dict) -> dict:
+    out = dict(defaults)
+    for key, value in saved.items():
+        both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        out[key] = _merged(defaults[key], value) if both_dicts else value
+    return out
 
 
 def as_json(value: Any) -> Any:
@@ -147,9 +168,16 @@ def state_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
     return tree if isinstance(tree, dict) else {}
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'blocks/attn/kernel' (or '1/0/mu/w') -> shape of every leaf. orbax's metadata keeps tuple
+    positions and names NamedTuple fields by dict keys, so indices, keys and attribute names all print
+    alike and a saved tree compares with the live one."""
+
+    def name(key) -> str:
+        return str(next((getattr(key, a) for a in ("key", "idx", "name") if hasattr(key, a)), key))
+
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape) for path, x in flat}
+    return {"/".join(name(k) for k in path): tuple(x.shape) for path, x in flat}
 
 
 def check_saved_params(saved: Any, abstract: Any, where: str) -> None:
@@ -157,7 +185,7 @@ def check_saved_params(saved: Any, abstract: Any, where: str) -> None:
     between `saved` (a checkpoint's metadata tree) and `abstract` (anything with shapes). orbax's partial
     restore would hand back a parameter it did not find as its abstract target, and its full restore
     reports a shape mismatch without the parameter's name."""
-    found, expected = _shapes(saved), _shapes(abstract)
+    found, expected = leaf_shapes(saved), leaf_shapes(abstract)
     listed = lambda names: ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")  # noqa: E731
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     mismatched = [f"{k} {found[k]} vs {expected[k]}" for k in sorted(found.keys() & expected.keys())

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 
 import ml_collections
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -152,13 +153,33 @@ def checkpoint_and_config(path: str, config: ml_collections.ConfigDict | None):
     """(manager directory, step, config) of `--checkpoint`, resolved once (a live training run may save
     a newer step meanwhile; load `directory / str(step)`), with the config to use (`--config`, else the
     one saved with that step), after starting JAX's distributed runtime from its `distributed` section
-    as training does (it must come before anything starts JAX's backends)."""
+    as training does (it must come before anything starts JAX's backends). Under a multi-process launch
+    the processes must have resolved the same step (`check_same_step`)."""
     from genmask_jax.parallel import multihost
 
     directory, step = checkpoint.resolve(path)
     config = config if config is not None else checkpoint.saved_config(directory, step)
-    multihost.maybe_initialize(config.get("distributed"))
+    if multihost.maybe_initialize(config.get("distributed")):
+        check_same_step(directory, step)
     return directory, step, config
+
+
+def check_same_step(directory, step: int) -> None:
+    """Raises InputError when the processes resolved `--checkpoint` to different steps: each resolves
+    it on its own, before the distributed runtime that could share one answer exists (its settings are
+    in the config saved with the step), so a training run saving meanwhile can split them."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    steps = [int(s) for s in np.ravel(multihost_utils.process_allgather(np.int32(step)))]
+    if len(set(steps)) > 1:
+        raise InputError(
+            f"the processes resolved --checkpoint to different steps ({steps} by process; a training run "
+            f"saved meanwhile): pass one step folder, e.g. --checkpoint={directory}/{max(steps)}"
+        )
 
 
 def require(condition: bool, message: str) -> None:

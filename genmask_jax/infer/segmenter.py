@@ -127,6 +127,20 @@ def pad_rows(tree: dict, multiple: int) -> tuple[dict, int]:
     return {k: np.concatenate([v, np.repeat(v[:1], extra, axis=0)]) for k, v in tree.items()}, n
 
 
+def rewrites_prompts(encoder_config, rewrite: bool | None = None, encoder_name: str | None = None) -> bool:
+    """Whether a Segmenter rewrites its prompts (two-stage reasoning): `rewrite`, or with None the
+    config's `rewrite_reasoning`. Raises ValueError when it would and the encoder (`encoder_name`,
+    default the config's) is the toy one, which cannot."""
+    chosen = bool(encoder_config.get("rewrite_reasoning", False)) if rewrite is None else bool(rewrite)
+    name = encoder_name or encoder_config.name
+    if chosen and name == "toy":
+        raise ValueError(
+            "two-stage reasoning (rewriting each prompt first) needs a VLM encoder (data.encoder.name "
+            "qwen2_5_vl); the toy encoder cannot rewrite"
+        )
+    return chosen
+
+
 class Segmenter:
     """`segmenter(images, prompts) -> masks` and `segmenter.predict(batch)` for model-resolution batches.
 
@@ -136,15 +150,26 @@ class Segmenter:
       seed: noise seed; example `i` of a call (or `batch["index"][i]`) gets `fold_in(key(seed), i)`.
       shift: schedule shift for `num_steps > 1`.
       encoder: the instruction encoder; default `make_encoder(config.data.encoder)`, built on first use.
+      rewrite: two-stage reasoning for `segmenter(images, prompts)`: the VLM first rewrites every prompt
+        into a short description, which is then encoded. None = the config's
+        `data.encoder.rewrite_reasoning`. (`predict` takes contexts made by the data pipeline, which
+        rewrites only ReasonSeg's long queries.)
     """
 
     def __init__(
-        self, loaded: LoadedModel, num_steps: int = 1, seed: int = 0, shift: float = 1.0, encoder=None
+        self,
+        loaded: LoadedModel,
+        num_steps: int = 1,
+        seed: int = 0,
+        shift: float = 1.0,
+        encoder=None,
+        rewrite: bool | None = None,
     ):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if not shift > 0:  # shift <= 0 turns the multi-step schedule into NaNs, not an error
             raise ValueError(f"shift must be > 0, got {shift}")
+        self.rewrite = rewrites_prompts(loaded.config.data.encoder, rewrite, getattr(encoder, "name", None))
         self.loaded, self.num_steps, self._encoder = loaded, num_steps, encoder
         self.key = jax.random.key(seed)
         axes = batch_axes(loaded.rules)
@@ -186,7 +211,9 @@ class Segmenter:
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         config = self.loaded.config
         fitted = [preprocess.fit_image(im, self.loaded.resolution, config.data.fit) for im in images]
-        context, context_mask = self.encoder.encode(list(images), list(prompts))
+        # `rewrite` only when asked: the InstructionEncoder interface (the toy encoder) has no such argument.
+        options = {"rewrite": [True] * len(prompts)} if self.rewrite else {}
+        context, context_mask = self.encoder.encode(list(images), list(prompts), **options)
         batch = {
             "image": np.stack([f[0] for f in fitted]),
             "context": context,

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from genmask_jax.data.pipeline import state_for_process_count
-from genmask_jax.infer.checkpoint import CheckpointError, check_saved_params, state_metadata
+from genmask_jax.infer.checkpoint import CheckpointError, check_saved_params, leaf_shapes, state_metadata
 from genmask_jax.train.state import initial_ema
 
 log = logging.getLogger(__name__)
@@ -175,29 +175,22 @@ def _restore_subset(directory: epath.Path, wanted: Mapping[str, Any]) -> dict[st
         )
 
 
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """'1/0/mu/w' -> shape. orbax's metadata keeps tuple positions and names NamedTuple fields by dict
-    keys, so indices, keys and attribute names all print alike."""
-
-    def name(key) -> str:
-        return str(next((getattr(key, a) for a in ("key", "idx", "name") if hasattr(key, a)), key))
-
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(name(k) for k in path): tuple(x.shape) for path, x in flat}
-
-
 def check_saved_opt_state(saved: Any, abstract: Any, where: str) -> None:
     """Raises one CheckpointError line when the saved optimizer state is not this run's (orbax's own
     message is a page of tree dump)."""
-    found, expected = _leaf_shapes(saved), _leaf_shapes(abstract)
+    found, expected = leaf_shapes(saved), leaf_shapes(abstract)
     if found == expected:
         return
     differs = sorted(found.keys() ^ expected.keys()) or sorted(k for k in found if found[k] != expected[k])
     raise CheckpointError(
         f"{where}: its optimizer state ({len(found)} arrays) is not this run's ({len(expected)}; first "
-        f"difference at {differs[0]}): the optimizer config changed since it was saved (optimizer.name, "
-        "optimizer.grad_clip 0 <-> > 0, optimizer.muon_conv_kernels). Resume with the saved "
-        "config, or `python -m convert.export` it and start over with --config.init_from."
+        f"difference at {differs[0]}). Either the optimizer config changed since it was saved "
+        "(optimizer.name, optimizer.grad_clip 0 <-> > 0, optimizer.muon_conv_kernels): resume with the "
+        "saved config; or it is a Muon run with model.dit.scan_layers saved before Muon took each scanned "
+        "layer's kernel as a matrix (its state splits the parameters between Muon and AdamW as this code "
+        "never does), which no config resumes. Either way its weights carry over (the optimizer state and "
+        "the data position start afresh): `python -m convert.export CHECKPOINT DST`, then start a new run "
+        "from DST/transformer with --config.init_from."
     )
 
 

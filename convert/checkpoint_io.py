@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,8 @@ from typing import Any
 
 import numpy as np
 from flax import traverse_util
+
+logger = logging.getLogger(__name__)
 
 
 class ConversionError(Exception):
@@ -30,26 +33,57 @@ class ConversionError(Exception):
 
 
 def safetensors_files(path: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a file path or a folder (sharded with an index, or plain)."""
+    """The safetensors files of a file path or a folder (sharded with an index, or plain).
+
+    A folder holding more than one copy of the weights (diffusers' `*.fp16.*` variants beside the
+    weights; each index, and the files no index names, count as one) is read from the copy without a
+    variant in its file names, as diffusers' `from_pretrained` loads by default; with no such copy, or
+    several, it is refused.
+    """
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path}: no such file or folder")
     if path.is_file():
         return [path]
-    indexes = sorted(path.glob("*.safetensors.index.json"))
-    if indexes:
-        with open(indexes[0]) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise ConversionError(f"{indexes[0]} names missing shards: {', '.join(missing)}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    copies: dict[str, tuple[list[Path], bool]] = {}  # name -> (files, without a variant)
+    indexed: set[Path] = set()
+    for index in sorted(p for p in path.glob("*.safetensors*.json") if ".index" in p.name):
+        try:
+            with open(index) as f:
+                files = [path / name for name in sorted(set(json.load(f)["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConversionError(f"{index}: not a safetensors index ({e!r})") from e
+        copies[index.name] = (files, bool(_PLAIN_INDEX.fullmatch(index.name)))
+        indexed.update(files)
+    unindexed = [f for f in sorted(path.glob("*.safetensors")) if f not in indexed]
+    if unindexed:
+        plain = all(_PLAIN_FILE.fullmatch(f.name) for f in unindexed)
+        copies[" and ".join(f.name for f in unindexed)] = (unindexed, plain)
+    if not copies:
         raise ConversionError(f"{path}: no .safetensors files")
-    _check_no_repeated_keys(files)
+    chosen = next(iter(copies))
+    if len(copies) > 1:
+        plain = [name for name, (_, is_plain) in copies.items() if is_plain]
+        if len(plain) != 1:
+            raise ConversionError(f"{path}: {'; '.join(copies)} each hold the weights (two copies of the "
+                                  "weights?); keep one copy in the folder or point SRC at one file")
+        chosen = plain[0]
+        logger.info("%s: reading %s, not the variant(s) %s", path, chosen,
+                    "; ".join(name for name in copies if name != chosen))
+    files = copies[chosen][0]
+    if files is unindexed:
+        _check_no_repeated_keys(files)
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise ConversionError(f"{path / chosen} names missing shards: {', '.join(missing)}")
     return files
+
+
+# Names without a variant: `diffusion_pytorch_model.safetensors(.index.json)`, shards
+# `diffusion_pytorch_model-00001-of-00002.safetensors`. Variants add a name such as fp16 after the stem,
+# or (diffusers' own index naming, current and legacy) before or after `index`.
+_PLAIN_INDEX = re.compile(r"[^.]+\.safetensors\.index\.json")
+_PLAIN_FILE = re.compile(r"[^.]+\.safetensors")
 
 
 def _check_no_repeated_keys(files: list[Path]) -> None:
@@ -161,8 +195,9 @@ def torch_to_numpy(tensor) -> np.ndarray:
 
 def iter_torch_file(path: str | os.PathLike, select: Callable[[str], bool] | None = None
                     ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, array) from a `.pth`/`.pt`/`.bin` state dict (memory-mapped, weights only), only
-    keys where `select(key)` if given."""
+    """Yields (key, array) from a `.pth`/`.pt`/`.bin` state dict (weights only), only keys where
+    `select(key)` if given. Memory-mapped, except files in torch's legacy (pre-1.6, not zip) format,
+    which torch cannot memory-map: those are read whole."""
     try:
         import torch
     except ImportError as e:
@@ -170,7 +205,10 @@ def iter_torch_file(path: str | os.PathLike, select: Callable[[str], bool] | Non
             f"{path}: reading PyTorch .pth files needs torch (pip install torch); "
             "or convert the file to safetensors first") from e
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        mmap = _is_zip(path)  # what torch.load(mmap=True) checks before refusing
+        if not mmap:
+            logger.info("%s: legacy torch format (not zip), read into memory, not memory-mapped", path)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for corrupt or truncated files
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
     for wrapper in ("state_dict", "model", "module"):
@@ -181,6 +219,12 @@ def iter_torch_file(path: str | os.PathLike, select: Callable[[str], bool] | Non
     for key in list(state.keys()):
         if select is None or select(key):
             yield key, torch_to_numpy(state[key])
+
+
+def _is_zip(path: str | os.PathLike) -> bool:
+    """Whether the file starts with a zip local-file header, as torch.save's format since 1.6 does."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")

@@ -8,12 +8,22 @@ VAE weights (`config.vae_from`), `vae/`; both load with diffusers' `from_pretrai
 """
 
 import argparse
+import logging
 import shutil
 import sys
 from pathlib import Path
 
 from convert import wan_dit, wan_vae
 from convert.checkpoint_io import ConversionError
+
+logger = logging.getLogger(__name__)
+
+# diffusers' WanTransformer3DModel takes no text mask: its cross-attention sees every context token.
+CONTEXT_MASK_WARNING = (
+    "%s was trained with model.dit.use_context_mask=True, but diffusers' WanTransformer3DModel has no "
+    "text mask: given a context zero-padded to a fixed length (WanPipeline pads to 512 tokens), it also "
+    "attends to the padding, so its outputs differ from this model's. Contexts without padding (cut to "
+    "the prompt's tokens) and the all-zero null context give the same outputs.")
 
 
 def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
@@ -28,6 +38,8 @@ def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
     directory, step = ckpt.resolve(checkpoint)
     config = ckpt.saved_config(directory, step)
     model = build.build_model(config)
+    if model.dit.use_context_mask:
+        logger.warning(CONTEXT_MASK_WARNING, checkpoint)
     # Host arrays only: no device holds the run's weights, and nothing else is read.
     dit_params, _ = ckpt.restore_dit_params(directory, step, model, None, None, use_ema)
     if dst.exists():

@@ -57,9 +57,11 @@ def original_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def save_torch(state: dict[str, np.ndarray], path: Path) -> Path:
+def save_torch(state: dict[str, np.ndarray], path: Path, legacy: bool = False) -> Path:
+    """legacy: torch's pre-1.6 (not zip) format, which torch.load cannot memory-map."""
     torch = pytest.importorskip("torch")
-    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path,
+               _use_new_zipfile_serialization=not legacy)
     return path
 
 
@@ -110,11 +112,11 @@ def listing(folder: Path) -> set[str]:
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("form", ["safetensors_prefixed_with_config_json", "pth_plain"])
+@pytest.mark.parametrize("form", ["safetensors_prefixed_with_config_json", "pth_plain", "pth_legacy_format"])
 def test_original_layout_matches_diffusers_conversion(original_reference, tmp_path, form):
     state, model = original_reference
-    if form == "pth_plain":
-        src = save_torch(state, tmp_path / "wan.pth")
+    if form.startswith("pth"):
+        src = save_torch(state, tmp_path / "wan.pth", legacy=form == "pth_legacy_format")
         config, params = wan_dit.load(src, num_heads=2)
     else:
         folder = tmp_path / "Wan2.1-T2V-tiny"
@@ -237,6 +239,61 @@ def test_reinit_text_embedding(diffusers_folder):
 
 
 # ---------------------------------------------------------------------------------------------
+# Folders holding a variant (fp16) copy of the weights beside the weights.
+
+
+def write_sharded_copy(folder: Path, state: dict[str, np.ndarray], index_name: str, shard_stem: str,
+                       dtype=np.float32) -> list[Path]:
+    """`state` in `dtype` over two shards `{shard_stem}-0000i-of-00002.safetensors` named by an index."""
+    keys = sorted(state)
+    weight_map, shards = {}, []
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        shards.append(save_safetensors({k: state[k].astype(dtype) for k in part},
+                                       folder / f"{shard_stem}-{i + 1:05d}-of-00002.safetensors"))
+        weight_map.update(dict.fromkeys(part, shards[-1].name))
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return shards
+
+
+STEM = "diffusion_pytorch_model"
+
+
+@pytest.mark.parametrize("variant_index", [f"{STEM}.fp16.safetensors.index.json",  # sorts first
+                                           f"{STEM}.safetensors.index.fp16.json",  # diffusers' naming
+                                           f"{STEM}.safetensors.fp16.index.json"])  # diffusers' legacy one
+@pytest.mark.parametrize("weights", ["sharded", "one_file"])
+def test_folder_with_a_variant_reads_the_weights_without_one(tmp_path, variant_index, weights):
+    """As diffusers' from_pretrained does by default. The first index in sorted order, the fp16 variant's,
+    was read before."""
+    state = original_state_dict()
+    write_sharded_copy(tmp_path, state, variant_index, f"{STEM}.fp16", np.float16)
+    if weights == "sharded":
+        expected = write_sharded_copy(tmp_path, state, f"{STEM}.safetensors.index.json", STEM)
+    else:
+        expected = [save_safetensors(state, tmp_path / f"{STEM}.safetensors")]
+    assert io.safetensors_files(tmp_path) == expected
+    read = dict(io.iter_checkpoint(tmp_path))
+    assert set(read) == set(state)
+    for key, value in state.items():
+        assert read[key].dtype == np.float32
+        np.testing.assert_array_equal(read[key], value, err_msg=key)
+
+
+def test_folder_with_only_variants_is_refused(tmp_path):
+    state = original_state_dict()
+    write_sharded_copy(tmp_path, state, f"{STEM}.fp16.safetensors.index.json", f"{STEM}.fp16", np.float16)
+    write_sharded_copy(tmp_path, state, f"{STEM}.bf16.safetensors.index.json", f"{STEM}.bf16", np.float16)
+    with pytest.raises(ConversionError, match=rf"{STEM}.bf16.safetensors.index.json; "
+                       rf"{STEM}.fp16.safetensors.index.json each hold the weights \(two copies"):
+        io.safetensors_files(tmp_path)
+    # One variant alone is the weights.
+    for name in tmp_path.glob(f"{STEM}.bf16*"):
+        name.unlink()
+    assert [f.name for f in io.safetensors_files(tmp_path)] == [
+        f"{STEM}.fp16-0000{i}-of-00002.safetensors" for i in (1, 2)]
+
+
+# ---------------------------------------------------------------------------------------------
 # Export.
 
 
@@ -274,6 +331,54 @@ def test_export_round_trip_is_exact(diffusers_folder, tmp_path, scan):
     again, again_params = wan_dit.load(out, scan_layers=scan)
     assert again == config
     jax.tree.map(np.testing.assert_array_equal, again_params, params)
+
+
+@pytest.mark.torch
+def test_export_of_a_run_with_a_context_mask_warns(tmp_path, caplog):
+    """diffusers' WanTransformer3DModel has no text mask: the export says so, and what it says holds.
+    Unpadded and all-zero null contexts give this model's outputs, padded ones do not."""
+    import logging
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from configs.genmask import get_config
+    from convert import export
+    from genmask_jax.models import build
+    from genmask_jax.train.checkpointing import Checkpointer
+
+    diffusers = pytest.importorskip("diffusers")
+    config = get_config()
+    config.model.vae, config.vae_from = None, ""
+    model = build.build_model(config)
+    params = jax.jit(lambda key: nn.meta.unbox(build.dit_initializer(model)(key)))(jax.random.key(0))
+    for use_context_mask in (False, True):  # the parameters are the same
+        config.model.dit.use_context_mask = use_context_mask
+        run = tmp_path / f"run_{use_context_mask}"
+        checkpointer = Checkpointer(run, async_save=False)
+        checkpointer.save(1, {"params": params}, config=config)
+        checkpointer.close()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="convert.export"):
+            out = export.export_checkpoint(run, tmp_path / f"out_{use_context_mask}")
+        warnings = [r.getMessage() for r in caplog.records if r.name == "convert.export"]
+        assert len(warnings) == use_context_mask, warnings
+        assert all("use_context_mask=True" in w and "no text mask" in w for w in warnings), warnings
+
+    reference = diffusers.WanTransformer3DModel.from_pretrained(out / "transformer").eval()
+    x, ctx = inputs(1, 1, 8, 8)
+    t = np.array([500.0], np.float32)
+    padded = ctx.copy()
+    padded[:, 5:] = 0.0
+    masked = build.build_model(config).dit
+    assert masked.use_context_mask
+    apply = jax.jit(WanDiT(masked).apply)
+    length = ctx.shape[1]
+    for context, kept, same in ((ctx, length, True), (np.zeros_like(ctx), 0, True), (padded, 5, False)):
+        mask = jnp.arange(length)[None, :] < kept
+        ours = np.asarray(apply({"params": params}, x, t, context, mask))
+        theirs = torch_forward(reference, x, t, context)
+        assert np.allclose(ours, theirs, atol=ATOL, rtol=RTOL) == same, (kept, np.abs(ours - theirs).max())
 
 
 @pytest.mark.parametrize("writer", ["safetensors", "orbax"])

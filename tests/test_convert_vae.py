@@ -87,6 +87,12 @@ def test_original_pth_and_bf16_safetensors(reference, tmp_path):
     pth_config, pth_params = wan_vae.load(pth)
     assert pth_config == config  # the structure is inferred from shapes; z_dim 16 gets WAN's statistics
     _assert_trees_equal(pth_params, params)
+    legacy = tmp_path / "legacy_format.pth"  # torch's pre-1.6 format (not zip), which cannot be mmapped
+    torch.save({k: torch.from_numpy(v) for k, v in original.items()}, legacy,
+               _use_new_zipfile_serialization=False)
+    legacy_config, legacy_params = wan_vae.load(legacy)
+    assert legacy_config == config
+    _assert_trees_equal(legacy_params, params)
 
     import jax.numpy as jnp
 

@@ -184,6 +184,13 @@ def test_config_roundtrip_and_variants():
         DiTConfig.from_variant("7b")
 
 
+def test_cudnn_attention_needs_half_precision():
+    for dtype in ("bfloat16", "float16"):
+        assert DiTConfig.from_variant("tiny", attention="cudnn", dtype=dtype).attention == "cudnn"
+    with pytest.raises(ValueError, match="attention 'cudnn' needs dtype bfloat16 or float16.*'float32'"):
+        DiTConfig.from_variant("tiny", attention="cudnn")
+
+
 def test_parameter_count_of_1_3b():
     shapes = jax.eval_shape(lambda: init_params(DiTConfig.from_variant("1.3b"), jax.random.key(0)))
     leaves = jax.tree.leaves(shapes)
@@ -204,17 +211,32 @@ def _qkv(seed=0, batch=2, q_len=40, kv_len=24, heads=2, head_dim=32):
     return q, k, v
 
 
-@pytest.mark.parametrize("masked", [False, True])
+# Kept keys per example; "no_key" masks every key of the second one (the null text of classifier-free
+# guidance), where every implementation gives the mean of v over the S keys, as XLA does. Splash's
+# kernel alone gave sum(v) / 128 there, its padded keys counted.
+MASKS = {"none": None, "padded": [24, 13], "no_key": [13, 0]}
+
+
+@pytest.mark.parametrize("masked", list(MASKS))
 def test_splash_interpret_matches_xla(masked):
     q, k, v = _qkv()
     mask = None
-    if masked:
-        mask = jnp.arange(k.shape[1])[None, :] < jnp.array([[24], [13]])
+    if MASKS[masked] is not None:
+        mask = jnp.arange(k.shape[1])[None, :] < jnp.array(MASKS[masked])[:, None]
     expected = dot_product_attention(q, k, v, mask, implementation="xla")
     # q_len 40 and kv_len 24 are not tile multiples: this also checks the padding path.
     out = dot_product_attention(q, k, v, mask, implementation="splash")
     # Both fp32; splash's online softmax sums in a different order.
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=2e-6, rtol=1e-5)
+    if masked == "no_key":
+        np.testing.assert_allclose(np.asarray(out[1]), np.broadcast_to(np.mean(v[1], axis=0), out[1].shape),
+                                   atol=1e-6)
+        weights = jax.random.normal(jax.random.key(1), q.shape)
+        loss = lambda impl, q, k, v: jnp.sum(weights * jnp.sin(dot_product_attention(q, k, v, mask, impl)))
+        got = jax.grad(functools.partial(loss, "splash"), argnums=(0, 1, 2))(q, k, v)
+        want = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
+        for g, w in zip(got, want):  # fp32, gradients up to ~3; measured max |diff| 7e-7
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
 
 
 @pytest.mark.parametrize("masked", [False, True])

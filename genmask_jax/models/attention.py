@@ -1,7 +1,10 @@
 """Multi-head attention with a choice of kernel: XLA, cuDNN (GPU) or Pallas splash attention (TPU).
 
 All take `(B, T, N, d)` queries and `(B, S, N, d)` keys/values and an optional key mask `(B, S)` (True =
-attend) and return `(B, T, N, d)` in the query dtype. Softmax scale is `1 / sqrt(d)`.
+attend) and return `(B, T, N, d)` in the query dtype. Softmax scale is `1 / sqrt(d)`; logits and softmax
+are float32 whatever the input dtype. An example with no key kept (the null text of classifier-free
+guidance, all padding) gets the mean of v over its S keys in every query row, in every implementation:
+XLA's softmax over S equal (masked) logits, the semantics of `jax.nn.dot_product_attention`.
 """
 
 import math
@@ -37,10 +40,33 @@ def dot_product_attention(
             f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}"
         )
     if implementation == "cudnn":
-        if mask is not None:
-            mask = mask[:, None, None, :].astype(bool)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        return cudnn_attention(q, k, v, mask)
     return xla_attention(q, k, v, mask)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """cuDNN flash attention (GPU, bf16 or fp16 inputs) through `jax.nn.dot_product_attention`.
+
+    The mask must keep a prefix of the keys (right padding, as the DiT's text context has): cuDNN takes
+    it as per-example key lengths `sum(mask)`, its padding mask, which skips the padded tiles. A boolean
+    mask would have to be a `(B, 1, T, S)` bias (JAX's cuDNN path checks for T rows) read by every tile,
+    with a bias gradient computed in the backward. An example with no key kept runs on all its keys
+    and its output is replaced with the mean of v (the module's semantics), so its gradient is finite.
+    """
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
+    no_key = lengths == 0
+    lengths = jnp.where(no_key, k.shape[1], lengths)
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+    return _mean_value_where(no_key, v, out)
+
+
+def _mean_value_where(no_key: jax.Array, v: jax.Array, out: jax.Array) -> jax.Array:
+    """`out` `(B, T, N, d)` with the examples where `no_key` `(B,)` replaced by the mean of v over its
+    keys `(B, S, N, d)`: what XLA's softmax over S equal logits gives."""
+    mean = jnp.mean(v, axis=1, keepdims=True, dtype=jnp.float32).astype(out.dtype)
+    return jnp.where(no_key[:, None, None, None], mean, out)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -58,9 +84,22 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
 
 
 def _logits(q, k, mask):
-    """`(B, N, T, S)` scaled logits in float32, masked keys at the float32 minimum."""
-    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    logits = jnp.einsum("btnd,bsnd->bnts", q * scale, k).astype(jnp.float32)
+    """`(B, N, T, S)` scaled logits in float32, masked keys at the float32 minimum.
+
+    The product accumulates and is returned in float32. Below float32 the scale is applied there, as
+    in `jax.nn.dot_product_attention`: bf16 logits round by up to 2^-9 of their size, which at |logit|
+    ~ 20 doubled the output's error, and a bf16 `q * scale` adds 16% to it (BENCHMARKS.md). A float32
+    q takes the scale exactly enough, and there XLA:CPU folds it into q's producer, where on the
+    logits it was a `(B, N, T, S)` operand of the fused attention kernel (1-2% of the DiT forward).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if q.dtype == jnp.float32:
+        return _masked(jnp.einsum("btnd,bsnd->bnts", q * np.float32(scale), k), mask)
+    logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+    return _masked(logits * np.float32(scale), mask)
+
+
+def _masked(logits, mask):
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     return logits
@@ -69,7 +108,8 @@ def _logits(q, k, mask):
 @jax.custom_vjp
 def _attention(q, k, v, mask):
     probs = jax.nn.softmax(_logits(q, k, mask), axis=-1)
-    return jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
+    out = jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype)
 
 
 def _attention_fwd(q, k, v, mask):
@@ -84,7 +124,9 @@ def _attention_fwd(q, k, v, mask):
 def _attention_bwd(residuals, d_out):
     q, k, v, mask, weights, inv_sum, out = residuals
     d_out32 = d_out.astype(jnp.float32)
-    d_v = jnp.einsum("bnts,btnd->bsnd", weights.astype(v.dtype), (d_out32 * inv_sum).astype(v.dtype))
+    # Every product accumulates in float32 and is rounded once, to its input's dtype.
+    d_v = jnp.einsum("bnts,btnd->bsnd", weights.astype(v.dtype), (d_out32 * inv_sum).astype(v.dtype),
+                     preferred_element_type=jnp.float32).astype(v.dtype)
     d_probs = jnp.einsum("btnd,bsnd->bnts", d_out, v, preferred_element_type=jnp.float32)
     row = jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1, keepdims=True)  # (B, T, N, 1)
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -94,8 +136,8 @@ def _attention_bwd(residuals, d_out):
     if mask is not None:  # masked logits are constants (a fully masked row has weights 1, not 0).
         d_logits = jnp.where(mask[:, None, None, :], d_logits, 0.0)
     d_logits = d_logits.astype(q.dtype)
-    d_q = jnp.einsum("bnts,bsnd->btnd", d_logits, k)
-    d_k = jnp.einsum("bnts,btnd->bsnd", d_logits, q)
+    d_q = jnp.einsum("bnts,bsnd->btnd", d_logits, k, preferred_element_type=jnp.float32).astype(q.dtype)
+    d_k = jnp.einsum("bnts,btnd->bsnd", d_logits, q, preferred_element_type=jnp.float32).astype(k.dtype)
     return d_q, d_k, d_v, None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
 
 
@@ -167,7 +209,9 @@ def splash_attention(
     """Pallas splash attention (TPU; `interpret=True`, the default off TPU, runs it anywhere, slowly).
 
     Sequences are zero-padded to a multiple of the tile; padded and masked keys are excluded through
-    segment ids (query segment 1, kept keys 1, dropped keys 0), padded query rows are cut off.
+    segment ids (query segment 1, kept keys 1, dropped keys 0), padded query rows are cut off. An
+    example with no key kept gets the mean of v over its S keys, as in XLA; the kernel itself would
+    give sum(v) / (S rounded up to the tile), its padded keys counted in the normaliser.
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -177,6 +221,7 @@ def splash_attention(
     s = k.shape[1]
     block_q, block_kv = _block_size(t, max_block), _block_size(s, max_block)
     keep = jnp.ones((b, s), jnp.int32) if mask is None else mask.astype(jnp.int32)
+    values = v
     q = _pad_to(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), 1, block_q)
     k, v, keep = _pad_to(k, 1, block_kv), _pad_to(v, 1, block_kv), _pad_to(keep, 1, block_kv)
     kernel = _splash_kernel(n, q.shape[1], k.shape[1], block_q, block_kv, interpret)
@@ -189,5 +234,7 @@ def splash_attention(
         )
         return heads_first(out)
 
-    out = jax.vmap(one)(q, k, v, q_segments, keep)
-    return out[:, :t].astype(np.dtype(q.dtype))
+    out = jax.vmap(one)(q, k, v, q_segments, keep)[:, :t].astype(np.dtype(q.dtype))
+    if mask is None:
+        return out
+    return _mean_value_where(~jnp.any(mask, axis=1), values, out)

@@ -70,6 +70,9 @@ class DiTConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even and >= 6 for the 3D RoPE")
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention {self.attention!r} not in {IMPLEMENTATIONS}")
+        if self.attention == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention 'cudnn' needs dtype bfloat16 or float16 (cuDNN flash attention has "
+                             f"no float32 kernel), got dtype {self.dtype!r}")
         if self.remat_policy != "none" and not hasattr(jax.checkpoint_policies, self.remat_policy):
             raise ValueError(f"remat_policy {self.remat_policy!r} is not in jax.checkpoint_policies")
 

@@ -90,25 +90,6 @@ def predict_scores(
     return jnp.mean(model.decode(vae_params, latents).astype(jnp.float32), axis=-1)
 
 
-def predict_masks(
-    model: GenMask,
-    dit_params,
-    vae_params,
-    image: jax.Array,
-    context: jax.Array,
-    context_mask: jax.Array,
-    index: jax.Array,
-    key: jax.Array,
-    num_steps: int = 1,
-    shift: float = 1.0,
-) -> jax.Array:
-    """bool masks `(B, H, W)` at the model resolution: `predict_scores(...) > 0`."""
-    scores = predict_scores(
-        model, dit_params, vae_params, image, context, context_mask, index, key, num_steps, shift
-    )
-    return scores > 0
-
-
 def original_size_mask(score: np.ndarray, geometry: preprocess.Geometry | dict) -> np.ndarray:
     """float `(h, w)` score at the model resolution -> bool `(H, W)` mask at the image's original size:
     the fit undone (padding dropped, a crop's cut-away parts 0), resized bilinearly, then > 0."""

@@ -314,12 +314,11 @@ class QuickEval:
 
     def _segment_fn(self):
         if self._segment is None:
-            from genmask_jax.infer.segmenter import predict_masks
+            from genmask_jax.infer.segmenter import predict_scores
 
             def fn(params, vae, image, context, context_mask, index):
-                return predict_masks(
-                    self.model, params, vae, image, context, context_mask, index, jax.random.key(self.seed)
-                )
+                key = jax.random.key(self.seed)
+                return predict_scores(self.model, params, vae, image, context, context_mask, index, key) > 0
 
             self._segment = jax.jit(fn, out_shardings=self.replicated)
         return self._segment

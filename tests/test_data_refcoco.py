@@ -323,3 +323,23 @@ def test_exclude_eval_images_without_or_with_a_stale_index(union_dir, tmp_path, 
     with caplog.at_level(logging.WARNING):
         assert _ids(_train_source(data_dir, UNION, True)) == UNION_KEPT
     assert "disagrees with the records of train" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["refcoco", "--refer-dir", "{tmp}/none", "--coco-images", "{tmp}/none", "--out", "{tmp}/out",
+          "--configs", "refcoco_unc"], "refs(unc).p"),
+        (["refcoco-index", "--data-dir", "{tmp}/none", "--names", "refcoco_unc"], "cannot open"),
+    ],
+)
+def test_prepare_bad_input_is_one_line(tmp_path, capsys, args, message):
+    from genmask_jax.data import prepare
+
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main([a.format(tmp=tmp_path) for a in args])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m genmask_jax.data.prepare: error: ")
+    assert message in err[0]
+    assert not list(tmp_path.rglob("*.array_record*"))  # TFDS may leave its empty folders, no records

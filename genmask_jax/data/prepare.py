@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     index.add_argument("--names", required=True, help="comma-separated, as in data.refcoco.name")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError) as e:  # a missing or wrong input: one line, no traceback
+        parser.exit(1, f"{parser.prog}: error: {' '.join(str(e).split())}\n")
+
+
+def _run(args) -> int:
     if args.dataset == "refcoco-index":
         from genmask_jax.data.refcoco import write_image_index
 

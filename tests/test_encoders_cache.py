@@ -366,6 +366,16 @@ def test_command_line_with_config_overrides(tmp_path):
     assert "Traceback" not in refused.stderr
 
 
+def test_a_missing_data_set_fails_before_the_cache_folder_is_made(tmp_path):
+    c = small_config()
+    c.seg_sources = "shapes,refcoco"
+    c.refcoco.data_dir = str(tmp_path / "no_tfds")
+    out = tmp_path / "cache"
+    with pytest.raises(FileNotFoundError, match="cannot open"):
+        precompute(c, str(out), ["train"])
+    assert not out.exists()
+
+
 def test_training_sample_prompts_come_from_the_cache(tmp_path):
     """The training hooks' generation samples read their contexts from the cache, with its checks; the
     cache holds the generation sources' training split only, so the samples fall back to it."""

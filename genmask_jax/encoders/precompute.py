@@ -142,13 +142,15 @@ def precompute(
     config = data_config.encoder
     if (encoder.name, encoder.context_length) != (config.name, config.context_length):
         raise ValueError(f"the encoder {encoder.name} (L={encoder.context_length}) is not data.encoder's")
+    # Every source opens (cheap: nothing decoded) before the cache folder is made: a missing data set
+    # fails first and leaves nothing behind.
+    sources = [make_task_source(job.names, job.split, job.data_config, job.task) for job in jobs]
     skips = SkipLog("precompute")
     written = already = 0
     with CacheWriter(
         out, encoder.dim, encoder.context_length, dtype, fingerprint(data_config.encoder), shard_size
     ) as writer:
-        for job in jobs:
-            source = make_task_source(job.names, job.split, job.data_config, job.task)
+        for job, source in zip(jobs, sources):
             batch, seen = [], set()
             for index in tqdm.trange(len(source), desc=job.label, unit="ex"):
                 example_id = source.example_id(index)

@@ -216,9 +216,23 @@ def iter_torch_file(path: str | os.PathLike, select: Callable[[str], bool] | Non
             state = state[wrapper]
     if not isinstance(state, Mapping):
         raise ConversionError(f"{path}: expected a state dict, found {type(state).__name__}")
+    others = {key: value for key, value in state.items() if not torch.is_tensor(value)}
+    if others:  # checked before yielding, so a converter fails before it reads a tensor
+        raise ConversionError(f"{path}: {_not_tensors_message(others)}")
     for key in list(state.keys()):
         if select is None or select(key):
             yield key, torch_to_numpy(state[key])
+
+
+def _not_tensors_message(others: Mapping[str, Any]) -> str:
+    """Why a torch file's non-tensor entries stop the conversion, and what to pass instead."""
+    listed = ", ".join(f"{key!r} ({type(value).__name__})" for key, value in others.items())
+    nested = [key for key, value in others.items() if isinstance(value, Mapping)]
+    how = (f"torch.save(checkpoint[{nested[0]!r}], 'weights.pth')" if nested
+           else "torch.save({k: v for k, v in checkpoint.items() if torch.is_tensor(v)}, 'weights.pth')")
+    entry = "entry" if len(others) == 1 else "entries"
+    verb = "is not a tensor" if len(others) == 1 else "are not tensors"
+    return f"{entry} {listed} {verb}; a training checkpoint? pass its weights dict ({how})"
 
 
 def _is_zip(path: str | os.PathLike) -> bool:

@@ -543,6 +543,25 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, capsys, ki
     assert listing(out_parent) == set()
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("form", ["step_beside_weights", "ema_wrapper"])
+def test_training_checkpoint_pth_is_one_clear_error(tmp_path, capsys, form):
+    """A .pth with a non-tensor entry (a training checkpoint's step, or its weights under 'ema')."""
+    torch = pytest.importorskip("torch")
+    state = {k: torch.from_numpy(v) for k, v in original_state_dict().items()}
+    saved = {**state, "step": 1000} if form == "step_beside_weights" else {"ema": state, "step": 1000}
+    torch.save(saved, tmp_path / "train.pth")
+    out_parent = tmp_path / "out"
+    out_parent.mkdir()
+    assert wan_dit.main([str(tmp_path / "train.pth"), str(out_parent / "dst"), "--num-heads", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "'step' (int)" in err and "a training checkpoint? pass its weights dict" in err
+    if form == "ema_wrapper":
+        assert "'ema' (dict)" in err and "checkpoint['ema']" in err
+    assert listing(out_parent) == set()
+
+
 def test_bad_options(tmp_path):
     src = save_safetensors(original_state_dict(), tmp_path / "wan.safetensors")
     with pytest.raises(ConversionError, match="unknown --layout"):

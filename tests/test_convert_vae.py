@@ -166,3 +166,19 @@ def test_bad_inputs_raise_one_clear_error(reference, tmp_path):
     assert not dst.exists() and not list(tmp_path.glob(".never*"))
     with pytest.raises(ConversionError, match="layout"):
         wan_vae.load(root, layout="comfy")
+
+
+@pytest.mark.parametrize("form", ["step_beside_weights", "ema_wrapper"])
+def test_training_checkpoint_pth_is_one_clear_error(reference, tmp_path, capsys, form):
+    """A .pth with a non-tensor entry (a training checkpoint's step, or its weights under 'ema')."""
+    state = {k: torch.from_numpy(v) for k, v in _original_state(reference[1]).items()}
+    saved = {**state, "step": 1000} if form == "step_beside_weights" else {"ema": state, "step": 1000}
+    torch.save(saved, tmp_path / "train.pth")
+    dst = tmp_path / "out"
+    assert wan_vae.main([str(tmp_path / "train.pth"), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "'step' (int)" in err and "a training checkpoint? pass its weights dict" in err
+    if form == "ema_wrapper":
+        assert "'ema' (dict)" in err and "checkpoint['ema']" in err
+    assert not dst.exists() and not list(tmp_path.glob(".out*"))

@@ -12,7 +12,8 @@ from configs import demo as demo_config
 from genmask_jax.eval.inprocess import all_shapes_mask
 from genmask_jax.experiments import pipeline
 from genmask_jax.models import mask_codec
-from genmask_jax.models.vae import VAEConfig
+from genmask_jax.models.build import random_frozen
+from genmask_jax.models.vae import VAEConfig, abstract_params
 from genmask_jax.models.vae import init_params as init_vae_params
 from genmask_jax.parallel.mesh import cpu_device_flags
 from genmask_jax.train.latent_data import (
@@ -174,3 +175,48 @@ def test_vae_pretrain_loss_decodes_the_mean_without_sampling():
     assert mean_a == mean_b  # the posterior mean: no noise drawn
     sample_a, sample_b = losses(True)
     assert sample_a != sample_b
+
+
+def test_vae_pretrain_loss_has_gradient_past_the_wrong_bound():
+    """The reconstruction loss is on the unclamped decoder output: a decoder whose pixels all sit below -1
+    for white targets still gets a gradient (through decode's clamp it got exactly none)."""
+    from genmask_jax.train import vae_pretrain
+
+    config = vae_pretrain.vae_config(vae_pretrain.PretrainConfig())
+    params = random_frozen(abstract_params(config), seed=0)  # host init: no init to compile
+    params["params"]["decoder"]["conv_out"]["bias"] = jnp.full((3,), -5.0)
+    rgb, weights = jnp.ones((1, 8, 8, 3)), jnp.ones((1,))
+    grad = jax.jit(jax.grad(lambda p: vae_pretrain.vae_loss(p, rgb, weights, jax.random.key(1), config, 0.0,
+                                                            False)[0]))(params)
+    assert float(jnp.abs(grad["params"]["decoder"]["conv_out"]["bias"]).min()) > 1.0
+
+
+def _saved_parent(tmp_path, base_dim=8):
+    from genmask_jax.train import vae_pretrain
+
+    config = vae_pretrain.vae_config(vae_pretrain.PretrainConfig(base_dim=base_dim))
+    record = {"pretrain": {"steps": 3, "init_from": ""}, "val_mask_iou": 0.5}
+    params = random_frozen(abstract_params(config), 0)
+    vae_pretrain.save(str(tmp_path / "parent"), config, params, extra=record)
+    return str(tmp_path / "parent"), record
+
+
+def test_vae_pretrain_init_from_another_structure_fails_clearly(tmp_path):
+    from genmask_jax.train import vae_pretrain
+
+    parent, _ = _saved_parent(tmp_path)
+    cfg = vae_pretrain.PretrainConfig(base_dim=16, init_from=parent)
+    with pytest.raises(ValueError, match="base_dim: parent 8, this run 16"):
+        vae_pretrain.pretrain(cfg, progress=False)
+
+
+def test_vae_pretrain_records_its_parent(tmp_path, monkeypatch):
+    from genmask_jax.train import vae_pretrain
+
+    parent, record = _saved_parent(tmp_path)
+    loaded = vae_pretrain.load(parent)
+    monkeypatch.setattr(vae_pretrain, "pretrain", lambda cfg: (*loaded, [], 0.25))  # only main's record
+    vae_pretrain.main(["--out", str(tmp_path / "child"), "--init_from", parent, "--steps", "1"])
+    with open(tmp_path / "child" / "pretrain.json") as f:
+        child = json.load(f)
+    assert child["parent"] == record and child["pretrain"]["init_from"] == parent

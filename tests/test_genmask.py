@@ -1,5 +1,6 @@
 """GenMask task assembly: frame layout, per-token timesteps, mask-frame-only loss, text dropout."""
 
+import copy
 import dataclasses
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import pytest
 from train_helpers import make_batch, random_vae, tiny_model
 
 from genmask_jax.diffusion import flow
+from genmask_jax.diffusion import timesteps as ts
 from genmask_jax.models import build
 from genmask_jax.models.genmask import GenMask, drop_text, null_text
 
@@ -158,3 +160,84 @@ def test_bad_timestep_config_fails(bad):
     model = dataclasses.replace(tiny_model(), timesteps={"segmentation": bad, "generation": bad})
     with pytest.raises(ValueError):
         model.draw(jax.random.key(0), latent_batch(0, 2))
+
+
+def test_one_task_model_needs_only_its_law():
+    """A segmentation-only model draws from its one law, the same draws as the two-task model."""
+    batch = {"seg": latent_batch(4, 6)["seg"]}
+    two_task = tiny_model()
+    seg_law = dict(two_task.timesteps["segmentation"])
+    seg_only = dataclasses.replace(two_task, timesteps={"segmentation": seg_law})
+    draws = seg_only.draw(jax.random.key(7), batch)
+    np.testing.assert_array_equal(draws["seg"]["t"], two_task.draw(jax.random.key(7), batch)["seg"]["t"])
+    with pytest.raises(ValueError, match="no law for 'generation'"):
+        seg_only.draw(jax.random.key(7), {"gen": latent_batch(4, 2)["gen"]})
+
+
+def test_draw_keeps_the_two_task_streams():
+    """draw's timesteps are those sample_timesteps gave before single-task drawing (per-task key fold)."""
+    model, batch, rng = tiny_model(), latent_batch(5, 8), jax.random.key(3)
+    draws = model.draw(rng, batch)
+    for task in ("seg", "gen"):
+        task_id = ts.TASK_SEGMENTATION if task == "seg" else ts.TASK_GENERATION
+        k_t = jax.random.split(jax.random.fold_in(rng, task_id), 3)[0]
+        ids = jnp.full((8,), task_id, jnp.int32)
+        np.testing.assert_array_equal(draws[task]["t"], ts.sample_timesteps(k_t, ids, model.timesteps))
+
+
+def test_default_timestep_laws_are_not_shared():
+    saved = copy.deepcopy(ts.DEFAULT_TIMESTEP_CONFIG)
+    try:
+        model = GenMask(tiny_model().dit)
+        model.timesteps["segmentation"]["a"] = 0.5
+        assert ts.DEFAULT_TIMESTEP_CONFIG == saved
+        assert GenMask(tiny_model().dit).timesteps["segmentation"]["a"] == saved["segmentation"]["a"]
+    finally:  # the unfixed code mutated the module default: keep the other tests' laws
+        ts.DEFAULT_TIMESTEP_CONFIG.clear()
+        ts.DEFAULT_TIMESTEP_CONFIG.update(saved)
+
+
+def test_build_model_rejects_a_misspelt_law():
+    from configs.genmask import get_config
+
+    config = get_config("variant=tiny")
+    config.model.timesteps.segmentation = {"law": "heavy_tailed", "alpha": 0.5}
+    with pytest.raises(ValueError, match="unknown keys"):
+        build.build_model(config)
+
+
+def test_shipped_configs_build_with_valid_timestep_laws():
+    from configs import demo
+    from configs.genmask import get_config
+    from genmask_jax.experiments import ablation
+
+    configs = [get_config(f"variant={v}") for v in ("tiny", "paper")]
+    configs += [demo.get_config(arg) for arg in ("", "dit=coarse", "variant=smoke")]
+    configs += [ablation.variant_config(demo.get_config(), variant, steps=10, seed=0)
+                for variant in ablation.STUDIES["timestep_law"].values()]
+    for config in configs:
+        ts.check_timestep_config(build.build_model(config).timesteps)
+
+
+def test_frozen_vae_refuses_a_config_that_is_not_the_weights():
+    """The latent statistics belong to the weights of config.vae_from: the experiment's differing ones are
+    an error, not a warning; dtypes are the experiment's choice (the weights are cast)."""
+    from configs.demo import TOY_VAE
+    from configs.genmask import get_config
+    from genmask_jax.infer import checkpoint
+    from genmask_jax.parallel.mesh import make_mesh
+    from genmask_jax.parallel.sharding import rules_from_config
+    from genmask_jax.train.vae_pretrain import load_config
+
+    config = get_config("variant=tiny")  # the tiny VAE's structure, WAN 2.1's statistics
+    config.vae_from = TOY_VAE
+    model = build.build_model(config)
+    expected = r"latents_mean: checkpoint \(-0.19.*experiment \(-0.757.*latents_std: .*Set config.model.vae"
+    with pytest.raises(ValueError, match=expected):
+        build.frozen_vae(config, model)
+    mesh = make_mesh((1, -1, 1), devices=jax.devices()[:1])
+    with pytest.raises(checkpoint.CheckpointError, match="latents_std"):  # one line from the inference CLIs
+        checkpoint.load_vae(config, model, mesh, rules_from_config(config.sharding.logical_axis_rules))
+    config.model.vae = dataclasses.replace(load_config(TOY_VAE), param_dtype="bfloat16").to_dict()
+    variables, _ = build.frozen_vae(config, build.build_model(config))
+    assert {x.dtype for x in jax.tree.leaves(variables)} == {np.dtype(jnp.bfloat16)}

@@ -77,3 +77,36 @@ def test_sample_timesteps_draws_per_task():
 def test_unknown_law_fails_clearly():
     with pytest.raises(ValueError, match="unknown timestep law"):
         ts.sample_law(jax.random.key(0), (3,), {"law": "cosine"})
+
+
+@pytest.mark.parametrize("law,unknown", [
+    ({"law": "heavy_tailed", "alpha": 0.5}, "'alpha'"),
+    ({"law": "logit_normal", "loc": 1.0}, "'loc'"),
+    ({"law": "uniform", "a": 0.1}, "'a'"),
+])
+def test_misspelt_law_parameter_fails(law, unknown):
+    with pytest.raises(ValueError, match=f"unknown keys .*{unknown}.*allowed: law"):
+        ts.sample_law(jax.random.key(0), (3,), law)
+
+
+@pytest.mark.parametrize("law", [{"law": "heavy_tailed", "a": 0.0}, {"law": "heavy_tailed", "a": -0.1},
+                                 {"law": "logit_normal", "mean": 0.0, "std": 0.0}])
+def test_non_positive_scale_fails(law):
+    with pytest.raises(ValueError, match="> 0"):
+        ts.sample_law(jax.random.key(0), (3,), law)
+
+
+def test_one_task_config_samples_only_its_law():
+    key, seg_only = jax.random.key(5), {"segmentation": {"law": "heavy_tailed", "a": 0.1}}
+    two_task = {**seg_only, "generation": ts.DEFAULT_TIMESTEP_CONFIG["generation"]}
+    seg_ids = jnp.zeros(64, jnp.int32)
+    t = ts.sample_timesteps(key, seg_ids, seg_only)
+    # The same draws as the two-task config gives the same examples, and as the single-task sampler.
+    np.testing.assert_array_equal(t, ts.sample_timesteps(key, seg_ids, two_task))
+    np.testing.assert_array_equal(t, ts.sample_task_timesteps(key, ts.TASK_SEGMENTATION, (64,), seg_only))
+    with pytest.raises(ValueError, match="no law for"):
+        ts.sample_timesteps(key, jnp.array([0, 1]), seg_only)
+    with pytest.raises(ValueError, match="sample_task_timesteps"):  # under jit the tasks are unknown
+        jax.jit(lambda k, ids: ts.sample_timesteps(k, ids, seg_only))(key, seg_ids)
+    with pytest.raises(ValueError, match="no law for 'generation'"):
+        ts.sample_task_timesteps(key, ts.TASK_GENERATION, (2,), seg_only)

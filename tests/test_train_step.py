@@ -146,6 +146,23 @@ def test_muon_state_is_sharded_like_the_params_and_trains():
         make_optimizer({"name": "sgd", "lr": 1.0})
 
 
+@pytest.mark.multidevice
+def test_splash_model_initialises_on_a_batch_split_mesh():
+    """The DiT's init traces a batch of 1, which sharded splash cannot split over (data, fsdp) = 2 x 2:
+    init runs with XLA attention (the parameters do not depend on the kernel), the same parameters."""
+    mesh = mesh_of((2, 2, 1))
+    rules = rules_from_config(tiny_config().sharding.logical_axis_rules)
+    params = {}
+    for attention in ("xla", "splash"):
+        config = tiny_config()
+        config.model.dit.attention = attention
+        model = tiny_model(config)
+        tx = make_optimizer({**config.optimizer.to_dict(), "total_steps": config.total_steps})
+        state, _ = create_train_state(build.dit_initializer(model), tx, jax.random.key(0), mesh, rules)
+        params[attention] = jax.device_get(state.params)
+    assert jax.tree.all(jax.tree.map(np.array_equal, params["xla"], params["splash"]))
+
+
 def test_schedule_warmup_constant_and_cosine():
     constant = make_schedule({"lr": 1.0, "warmup_steps": 4})
     assert [float(constant(s)) for s in (0, 2, 4, 100)] == [0.0, 0.5, 1.0, 1.0]

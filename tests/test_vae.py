@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from genmask_jax.models import mask_codec
+from genmask_jax.models.build import random_frozen
 from genmask_jax.models.vae import (
     VAEConfig,
     WanVAE,
@@ -219,3 +220,19 @@ def test_sharded_batch_matches_single_device(reference):
     sharded = jax.jit(fn, in_shardings=(replicated, batch), out_shardings=batch)(params, x)
     assert sharded.sharding.num_devices == jax.device_count()
     np.testing.assert_allclose(sharded, jax.jit(fn)(params, x), atol=1e-5)  # same math, other partition
+
+
+def test_decode_clamps_by_default_and_gives_the_raw_output_on_request():
+    config = VAEConfig.from_variant("tiny")
+    params = random_frozen(abstract_params(config), seed=0)  # host init: no init to compile
+    params["params"]["decoder"]["conv_out"]["bias"] = jnp.array([-5.0, 0.0, 5.0])  # out past both bounds
+    z = jax.random.normal(jax.random.key(1), (1, 1, 1, 1, config.z_dim))
+
+    def both(p, z):
+        vae = WanVAE(config)
+        return vae.apply(p, z, method="decode"), vae.apply(p, z, clamp=False, method="decode")
+
+    clamped, raw = jax.jit(both)(params, z)
+    assert raw.shape == clamped.shape == (1, 1, 8, 8, 3) and raw.dtype == jnp.float32
+    assert float(raw[..., 0].max()) < -1.0 and float(raw[..., 2].min()) > 1.0
+    np.testing.assert_array_equal(clamped, jnp.clip(raw, -1.0, 1.0))

@@ -8,7 +8,9 @@
 
 `sample_timesteps` draws per example by task id (TASK_SEGMENTATION / TASK_GENERATION) from a config
 mapping such as `{"segmentation": {"law": "heavy_tailed", "a": 0.05},
-"generation": {"law": "logit_normal", "mean": 0.0, "std": 1.0}}`.
+"generation": {"law": "logit_normal", "mean": 0.0, "std": 1.0}}`; `sample_task_timesteps` draws for
+the examples of one task and needs only that task's law. Each law takes only its own parameters
+(LAW_PARAMS): a misspelt one is an error, not a silent default.
 """
 
 import math
@@ -47,16 +49,60 @@ def sample_heavy_tailed(rng: jax.Array, shape: Sequence[int], a: float = 0.05) -
     return 1.0 - jnp.clip(s, 0.0, 1.0)
 
 
+# Law name -> the parameters it takes, each optional (the samplers' defaults apply).
+LAW_PARAMS = {"uniform": (), "logit_normal": ("mean", "std"), "heavy_tailed": ("a",)}
+_POSITIVE = ("std", "a")
+
+
+def check_law(law: Mapping) -> None:
+    """Raises ValueError for an unknown law, a parameter the law does not take (a misspelt `alpha` would
+    otherwise train silently with the default `a`), or a non-positive scale."""
+    name = law.get("law")
+    if name not in LAW_PARAMS:
+        raise ValueError(f"unknown timestep law {name!r} in {dict(law)}; known: {', '.join(LAW_PARAMS)}")
+    unknown = sorted(set(law.keys()) - {"law", *LAW_PARAMS[name]})
+    if unknown:
+        allowed = ", ".join(["law", *LAW_PARAMS[name]])
+        raise ValueError(f"timestep law {name!r}: unknown keys {unknown}; allowed: {allowed}")
+    bad = [f"{key}={law[key]!r}" for key in _POSITIVE if key in law and not float(law[key]) > 0]
+    if bad:
+        raise ValueError(f"timestep law {name!r} needs {', '.join(bad)} > 0")
+
+
+def check_timestep_config(config: Mapping) -> None:
+    """Raises ValueError unless `config` maps task names (a subset of TASK_NAMES' values) to valid laws."""
+    unknown = sorted(set(config.keys()) - set(TASK_NAMES.values()))
+    if unknown:
+        raise ValueError(f"timestep config: unknown tasks {unknown}; known: {', '.join(TASK_NAMES.values())}")
+    for law in config.values():
+        check_law(law)
+
+
 def sample_law(rng: jax.Array, shape: Sequence[int], law: Mapping) -> jax.Array:
-    """Draws from one law given as config data: {"law": name, ...its parameters}."""
+    """Draws from one law given as config data: {"law": name, ...its parameters} (see LAW_PARAMS)."""
+    check_law(law)
     name = law["law"]
     if name == "uniform":
         return sample_uniform(rng, shape)
     if name == "logit_normal":
         return sample_logit_normal(rng, shape, law.get("mean", 0.0), law.get("std", 1.0))
-    if name == "heavy_tailed":
-        return sample_heavy_tailed(rng, shape, law.get("a", 0.05))
-    raise ValueError(f"unknown timestep law {name!r}; known: uniform, logit_normal, heavy_tailed")
+    return sample_heavy_tailed(rng, shape, law.get("a", 0.05))
+
+
+def task_law(config: Mapping, task_id: int) -> Mapping:
+    """The law of task `task_id` in a timestep config; ValueError if it has none."""
+    name = TASK_NAMES[task_id]
+    if name not in config:
+        raise ValueError(f"the timestep config has no law for {name!r} (it has {sorted(config)})")
+    return config[name]
+
+
+def sample_task_timesteps(
+    rng: jax.Array, task_id: int, shape: Sequence[int], config: Mapping = DEFAULT_TIMESTEP_CONFIG
+) -> jax.Array:
+    """Timesteps of `shape` examples all of task `task_id`: only that task's law is needed, and the draws
+    equal those `sample_timesteps(rng, ...)` gives examples of that task. float32 `shape` in [0, 1]."""
+    return sample_law(jax.random.split(rng)[task_id], shape, task_law(config, task_id))
 
 
 def sample_timesteps(
@@ -66,15 +112,27 @@ def sample_timesteps(
 
     Args:
       task_ids: int `(B,)`, TASK_SEGMENTATION or TASK_GENERATION.
-      config: task name -> law (see module docstring).
+      config: task name -> law (see module docstring). It may leave out a task that concrete `task_ids`
+        do not hold; under jit the tasks present are unknown, so it needs both.
     Returns:
       float32 `(B,)` in [0, 1].
     """
     task_ids = jnp.asarray(task_ids)
-    rng_seg, rng_gen = jax.random.split(rng)
-    t_seg = sample_law(rng_seg, task_ids.shape, config["segmentation"])
-    t_gen = sample_law(rng_gen, task_ids.shape, config["generation"])
-    return jnp.where(task_ids == TASK_SEGMENTATION, t_seg, t_gen)
+    needed = [task_id for task_id in (TASK_GENERATION, TASK_SEGMENTATION) if TASK_NAMES[task_id] in config]
+    if len(needed) < len(TASK_NAMES) and (
+        not needed or isinstance(task_ids, jax.core.Tracer) or not np.isin(np.asarray(task_ids), needed).all()
+    ):
+        missing = [name for task_id, name in TASK_NAMES.items() if task_id not in needed]
+        raise ValueError(
+            f"the timestep config has no law for {missing} (it has {sorted(config)}) and the batch may hold "
+            "such examples; draw one task's timesteps with sample_task_timesteps"
+        )
+    keys = jax.random.split(rng)  # one stream per task id, as in sample_task_timesteps
+    t = None
+    for task_id in needed:
+        drawn = sample_law(keys[task_id], task_ids.shape, config[TASK_NAMES[task_id]])
+        t = drawn if t is None else jnp.where(task_ids == task_id, drawn, t)
+    return t
 
 
 def uniform_cdf(t: np.ndarray) -> np.ndarray:

@@ -242,7 +242,10 @@ def load_vae(config, model: GenMask, mesh, rules: LogicalRules) -> Any:
     """The frozen VAE variables on `mesh`: converted weights (`config.vae_from`) or the run's random VAE."""
     if model.vae is None:
         return None
-    variables, abstract = build.frozen_vae(config, model)
+    try:
+        variables, abstract = build.frozen_vae(config, model)
+    except build.VAEConfigMismatch as e:
+        raise CheckpointError(str(e)) from e  # one line from the inference commands, not a traceback
     return jax.device_put(variables, logical_sharding(abstract, mesh, rules))
 
 

@@ -3,6 +3,7 @@
 Shared by training, evaluation, inference and the ahead-of-time compiler, so none of them imports another.
 """
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genmask_jax.diffusion import timesteps as ts
 from genmask_jax.models.dit import DiTConfig, WanDiT
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.models.vae import VAEConfig, WanVAE
@@ -24,12 +26,17 @@ def build_model(config) -> GenMask:
     model_cfg = config.model
     vae = VAEConfig.from_dict(dict(model_cfg.vae)) if model_cfg.get("vae") else None
     timesteps = {task: dict(law) for task, law in model_cfg.timesteps.items()}
+    ts.check_timestep_config(timesteps)  # a misspelt law parameter fails here, before anything compiles
     return GenMask(DiTConfig.from_dict(dict(model_cfg.dit)), vae, timesteps, float(model_cfg.text_dropout))
 
 
 def dit_initializer(model: GenMask, text_len: int = 8):
-    """rng -> boxed DiT params (shapes do not depend on the dummy input)."""
-    cfg = model.dit
+    """rng -> boxed DiT params (shapes do not depend on the dummy input).
+
+    Initialised with XLA attention, whatever `model.dit.attention` says: the parameters do not depend on
+    the kernel, and sharded splash cannot split the dummy batch of 1 over a mesh's batch axes.
+    """
+    cfg = dataclasses.replace(model.dit, attention="xla")
     x = jnp.zeros((1, 1, 2 * cfg.patch_size[1], 2 * cfg.patch_size[2], cfg.in_channels), jnp.float32)
     ctx = jnp.zeros((1, text_len, cfg.text_dim), jnp.float32)
     return lambda rng: WanDiT(cfg).init(rng, x, jnp.zeros((1,), jnp.float32), ctx)["params"]
@@ -69,16 +76,43 @@ def random_frozen(abstract: Any, seed: int) -> Any:
     return jax.tree_util.tree_map_with_path(draw, abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+class VAEConfigMismatch(ValueError):
+    """`config.vae_from` holds a VAE whose structure or latent statistics differ from `config.model.vae`."""
+
+
+# The experiment's own choice: the stored weights are cast to them (cast_like).
+_VAE_DTYPE_FIELDS = ("dtype", "param_dtype")
+
+
+def vae_config_differences(checkpoint: VAEConfig, experiment: VAEConfig) -> list[str]:
+    """'field: checkpoint X, experiment Y' for each field (dtypes aside) where the two configs differ."""
+    return [
+        f"{f.name}: checkpoint {getattr(checkpoint, f.name)}, experiment {getattr(experiment, f.name)}"
+        for f in dataclasses.fields(VAEConfig)
+        if f.name not in _VAE_DTYPE_FIELDS and getattr(checkpoint, f.name) != getattr(experiment, f.name)
+    ]
+
+
 def frozen_vae(config, model: GenMask) -> tuple[Any, Any]:
     """(host VAE variables in the model's dtypes, their boxed abstract): the converted weights of
-    `config.vae_from`, else random ones from `config.seed` (with a warning). `model.vae` must be set."""
+    `config.vae_from`, else random ones from `config.seed` (with a warning). `model.vae` must be set.
+
+    Raises VAEConfigMismatch when the checkpoint's config differs from `model.vae` in anything but the
+    dtypes: the latent statistics and the structure belong to the weights.
+    """
     abstract = abstract_frozen(model)["vae"]
     if config.get("vae_from"):
         from convert import wan_vae  # lazily: the converter pulls in safetensors and the file readers
 
         vae_cfg, variables = wan_vae.load(config.vae_from)
-        if vae_cfg != model.vae:
-            log.warning("config.vae_from has config %s, the experiment %s", vae_cfg, model.vae)
+        differences = vae_config_differences(vae_cfg, model.vae)
+        if differences:
+            raise VAEConfigMismatch(
+                f"config.vae_from {config.vae_from} holds a VAE whose config differs from config.model.vae "
+                f"({'; '.join(differences)}): latents would be normalised with statistics that do not belong "
+                "to the weights. Set config.model.vae to the checkpoint's config (its config.json, or "
+                "convert.wan_vae.load(path)[0].to_dict()); dtype and param_dtype may stay the experiment's"
+            )
     else:
         log.warning("no config.vae_from: the frozen VAE is randomly initialised (seed %d)", config.seed)
         variables = random_frozen({"vae": abstract}, config.seed)["vae"]

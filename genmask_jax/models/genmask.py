@@ -11,6 +11,7 @@ Latents are VAE means, normalised with the VAE's `latents_mean` / `latents_std`,
 "mask_latent"; otherwise they are encoded from "image" / "mask" by the frozen VAE.
 """
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 
@@ -46,13 +47,14 @@ class GenMask:
     Attributes:
       dit: the DiT configuration.
       vae: the VAE configuration; None if every batch carries precomputed latents.
-      timesteps: task name ("segmentation" / "generation") -> timestep law (diffusion/timesteps.py).
+      timesteps: task name ("segmentation" / "generation") -> timestep law (diffusion/timesteps.py);
+        a model trained on one task needs only that task's law.
       text_dropout: probability of the null context for a generation example.
     """
 
     dit: DiTConfig
     vae: vae_lib.VAEConfig | None = None
-    timesteps: Mapping = dataclasses.field(default_factory=lambda: dict(ts.DEFAULT_TIMESTEP_CONFIG))
+    timesteps: Mapping = dataclasses.field(default_factory=lambda: copy.deepcopy(ts.DEFAULT_TIMESTEP_CONFIG))
     text_dropout: float = 0.1
 
     @property
@@ -110,9 +112,8 @@ class GenMask:
             sub = batch[task]
             shape = self.latent_shape(sub)
             k_t, k_noise, k_drop = jax.random.split(jax.random.fold_in(rng, TASK_IDS[task]), 3)
-            task_ids = jnp.full(shape[:1], TASK_IDS[task], jnp.int32)
             draws = {
-                "t": ts.sample_timesteps(k_t, task_ids, self.timesteps),
+                "t": ts.sample_task_timesteps(k_t, TASK_IDS[task], shape[:1], self.timesteps),
                 "noise": jax.random.normal(k_noise, shape, jnp.float32),
             }
             if task == GENERATION:

@@ -501,8 +501,10 @@ class WanVAE(nn.Module):
         mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """z `(B, F, h, w, z_dim)` (un-normalised) -> `(B, 1 + 4 (F - 1), 8h, 8w, 3)` float32 in [-1, 1]."""
+    def decode(self, z: jax.Array, clamp: bool = True) -> jax.Array:
+        """z `(B, F, h, w, z_dim)` (un-normalised) -> `(B, 1 + 4 (F - 1), 8h, 8w, 3)` float32, clamped to
+        [-1, 1] as diffusers does. A training loss takes the raw output (`clamp=False`): through the clamp a
+        pixel past the wrong bound would get no gradient."""
         f = z.shape[1]
         x, _ = self.post_quant_conv(z)
         out, cache = self.decoder(x[:, :1], stream=f > 1)
@@ -510,7 +512,8 @@ class WanVAE(nn.Module):
             rest = _scan_chunks(self.decoder, cache, x[:, 1:, None].swapaxes(0, 1))
             rest = rest.swapaxes(0, 1)
             out = jnp.concatenate([out, rest.reshape(rest.shape[0], -1, *rest.shape[3:])], axis=1)
-        return jnp.clip(out.astype(jnp.float32), -1.0, 1.0)
+        out = out.astype(jnp.float32)
+        return jnp.clip(out, -1.0, 1.0) if clamp else out
 
 
 def init_params(config: VAEConfig, rng: jax.Array) -> dict:

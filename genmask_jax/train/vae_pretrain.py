@@ -3,8 +3,9 @@
 The demo's frozen VAE: the WAN 2.1 architecture (`VAEConfig.from_variant("tiny")`), trained from
 scratch on images of the synthetic referring-shapes data and on masks rendered as black/white RGB
 (mask_codec), half of each batch each. Loss per example:
-`L1 + L2` reconstruction (masks weighted by `mask_weight`) `+ kl_weight * KL(q(z|x) || N(0, I))`,
-decoding a posterior sample so the decoder tolerates imprecise latents. After training, the
+`L1 + L2` reconstruction (masks weighted by `mask_weight`) `+ kl_weight * KL(q(z|x) || N(0, I))`, on
+the decoder's unclamped output, decoding a posterior sample so the decoder tolerates imprecise latents
+(or the posterior mean, `--no-sample_posterior`). After training, the
 per-channel mean / std of posterior means over images and masks become the config's
 `latents_mean` / `latents_std`, so normalised latents are roughly unit scale for the DiT.
 
@@ -12,6 +13,8 @@ per-channel mean / std of posterior means over images and masks become the confi
 
 writes a converted-checkpoint folder (`params/` + `config.json`, `convert.wan_vae.load` reads it)
 with parameters stored in bfloat16 (`--store_dtype`) to keep it small; load them as float32.
+`--init_from <folder>` continues from such a folder (same structure: base_dim, num_res_blocks), with a
+fresh optimizer; the new folder's pretrain.json keeps the parent's under "parent".
 """
 
 import argparse
@@ -70,6 +73,10 @@ def render_pool(
     return images, masks
 
 
+# The fields that shape the parameters; a run continuing from another (`init_from`) must share them.
+STRUCTURE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temporal_downsample")
+
+
 def vae_config(cfg: PretrainConfig) -> VAEConfig:
     return VAEConfig.from_variant("tiny", base_dim=cfg.base_dim, num_res_blocks=cfg.num_res_blocks)
 
@@ -93,7 +100,7 @@ def vae_loss(
     model = WanVAE(config)
     mean, logvar = model.apply(params, rgb[:, None], method="encode")
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape) if sample_posterior else mean
-    recon = model.apply(params, z, method="decode")[:, 0]
+    recon = model.apply(params, z, clamp=False, method="decode")[:, 0]
     err = recon - rgb
     per_example = jnp.mean(jnp.abs(err) + jnp.square(err), axis=(1, 2, 3))
     kl = _kl(mean, logvar)
@@ -161,9 +168,36 @@ def mask_reconstruction_iou(params, config: VAEConfig, masks: np.ndarray) -> flo
     return float(np.mean(inter / np.maximum(union, 1)))
 
 
+def check_parent(path: str, config: VAEConfig) -> None:
+    """Raises ValueError unless the folder `path` (written by `save`) holds a VAE of `config`'s structure
+    (its latent statistics and dtypes may differ: the statistics are recomputed after training)."""
+    parent = load_config(path)
+    differences = [
+        f"{name}: parent {getattr(parent, name)}, this run {getattr(config, name)}"
+        for name in STRUCTURE_FIELDS
+        if getattr(parent, name) != getattr(config, name)
+    ]
+    if differences:
+        raise ValueError(
+            f"--init_from {path} holds a VAE of another structure ({'; '.join(differences)}): "
+            "pass the parent's --base_dim and --num_res_blocks"
+        )
+
+
+def parent_record(path: str) -> dict | None:
+    """The pretrain.json of the folder a run continues from, None if it has none."""
+    record = os.path.join(path, "pretrain.json")
+    if not os.path.isfile(record):
+        return None
+    with open(record) as f:
+        return json.load(f)
+
+
 def pretrain(cfg: PretrainConfig, progress: bool = True):
     """Returns (VAEConfig with latent statistics, float32 params, history, held-out mask IoU)."""
     config = vae_config(cfg)
+    if cfg.init_from:
+        check_parent(cfg.init_from, config)
     images, masks = render_pool(cfg.pool_size, cfg.resolution, cfg.seed)
     warmup = min(cfg.warmup_steps, cfg.steps // 2)
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, cfg.steps, cfg.lr * 0.05)
@@ -232,6 +266,8 @@ def main(argv=None) -> None:
     config, params, history, iou = pretrain(cfg)
     seconds = time.perf_counter() - start
     extra = {"pretrain": dataclasses.asdict(cfg), "val_mask_iou": iou, "seconds": seconds, "history": history}
+    if cfg.init_from:
+        extra["parent"] = parent_record(cfg.init_from)
     save(args.out, config, params, args.store_dtype, extra)
     print(f"toy VAE: val mask reconstruction IoU {iou:.4f}, {seconds:.0f} s -> {args.out}")
 

@@ -87,10 +87,12 @@ def _words(name: str) -> list[str]:
 def count_flops(jaxpr) -> float:
     """FLOPs (2 per multiply-add) of every matmul and convolution a jaxpr executes.
 
-    Scan bodies count `length` times and remat recomputation is included (it is explicit in the jaxpr of
-    a gradient); a cond counts its costliest branch, a while loop's body once. Elementwise work is left
-    out. XLA's own cost analysis is no substitute here: it counts a loop body (the scanned DiT blocks,
-    the microbatches) once.
+    Scan bodies count `length` times and a Pallas kernel's body once per point of its grid (splash
+    attention's: batch x heads x query blocks x key blocks); remat recomputation is included (it is
+    explicit in the jaxpr of a gradient), and so is a kernel's own (splash's backward recomputes the
+    probabilities), as are padded rows and keys a kernel computes on. A cond counts its costliest branch,
+    a while loop's body once. Elementwise work is left out. XLA's own cost analysis is no substitute here:
+    it counts a loop body (the scanned DiT blocks, the microbatches) once.
     """
     return float(sum(flops_by_source(jaxpr).values()))
 
@@ -109,10 +111,19 @@ def flops_by_source(jaxpr, prefix: str = "") -> collections.Counter:
         inner = [flops_by_source(j, source) for j in _sub_jaxprs(eqn.params)]
         if inner and name == "cond":
             inner = [max(inner, key=lambda counts: sum(counts.values()))]
-        repeat = eqn.params["length"] if name == "scan" else 1
+        repeat = _repeats(eqn)
         for counts in inner:
             totals.update({key: repeat * value for key, value in counts.items()})
     return totals
+
+
+def _repeats(eqn) -> int:
+    """How many times the body of `eqn` runs: a scan's length, a Pallas kernel's grid size, else once."""
+    if eqn.primitive.name == "scan":
+        return eqn.params["length"]
+    if eqn.primitive.name == "pallas_call":
+        return math.prod(eqn.params["grid_mapping"].grid)
+    return 1
 
 
 def _sub_jaxprs(params):

@@ -97,3 +97,47 @@ def test_flop_count_multiplies_scan_bodies():
 
     jaxpr = jax.make_jaxpr(f)(jnp.zeros((3, 4)), jnp.zeros((4, 4)))
     assert aot.count_flops(jaxpr) == 5 * 2 * 3 * 4 * 4
+
+
+def test_mesh_over_topology_devices_takes_the_physical_order():
+    """aot's mesh is the one `jax.make_mesh` gives a run on the slice: on v5e:4x4, each tensor group of
+    (1, 4, 4) is a physical row of the torus, not the 4 first devices of libtpu's list."""
+    import jax
+    from jax.sharding import AxisType
+
+    from genmask_jax.parallel.mesh import make_mesh
+
+    devices = aot.topology_devices("v5e:4x4")
+    mesh = make_mesh((1, 4, 4), devices=devices)
+    expected = jax.make_mesh((1, 4, 4), mesh.axis_names, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    assert (mesh.devices == expected.devices).all()
+    assert [tuple(d.coords) for d in mesh.devices[0, 0]] == [(x, 0, 0) for x in range(4)]
+
+
+def test_mesh_shape_the_torus_cannot_take_is_a_value_error():
+    from genmask_jax.parallel.mesh import make_mesh
+
+    with pytest.raises(ValueError, match="does not map onto"):  # 8 is no product of v5p:4x4x4's axes
+        make_mesh((1, 8, 8), devices=aot.topology_devices("v5p:4x4x4"))
+
+
+def test_splash_attention_for_a_topology_is_the_mosaic_kernel():
+    """Traced on this CPU host under a TPU topology's mesh (as aot does), splash is the TPU kernel
+    (a tpu_custom_call that the TPU compiler accepts), not Pallas interpret mode."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from genmask_jax.models.attention import dot_product_attention
+    from genmask_jax.parallel.mesh import make_mesh
+
+    mesh = make_mesh((4, 1, 1), devices=aot.topology_devices(TOPOLOGY))
+    spec = PartitionSpec("data", None, None, None)
+    q = jax.ShapeDtypeStruct((4, 128, 2, 128), jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+    loss = lambda q, k, v: dot_product_attention(q, k, v, None, "splash", spec).astype(jnp.float32).sum()
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower()
+    text = lowered.as_text()
+    assert text.count("tpu_custom_call") == 3  # forward, dK/dV and dQ kernels
+    assert "stablehlo.while" not in text  # interpret mode runs the grid as while loops
+    lowered.compile()

@@ -104,3 +104,23 @@ def test_train_step_model_flops_are_three_counted_forwards():
     forward = jax.make_jaxpr(lambda p: model.per_example_losses(p, None, batch, draws))(params)
     assert train_step_model_flops(model, batch) == 3 * count_flops(forward) > 0
     assert train_step_model_flops(model, {"gen": batch["gen"]}) < train_step_model_flops(model, batch)
+
+
+@pytest.mark.parametrize("implementation, gradient_passes", [("xla", 3), ("splash", 4.5)])
+def test_attention_flops_are_the_analytic_count(implementation, gradient_passes):
+    """Forward: scores and values, 4 B N T S d, exactly, for both kernels; splash's Pallas body counts once
+    per grid point (batch x heads x 2 query x 2 key blocks of 512 here). Gradient: XLA's backward is 4
+    products (dV, dP, dQ, dK), 3 forwards in all; splash's backward kernels recompute the scores, dK/dV's
+    with dP (4 products) and dQ's with dP (3): 4.5 forwards, plus rowsum(dO O) as a product, 2 B N T d
+    (1e-4 of the total here), hence the 1e-3 tolerance."""
+    from genmask_jax.models.attention import dot_product_attention
+
+    b, s, n, d = 2, 1024, 2, 128
+    q = jax.ShapeDtypeStruct((b, s, n, d), jnp.float32)
+    attention = lambda q, k, v: dot_product_attention(q, k, v, None, implementation)
+    loss = lambda q, k, v: attention(q, k, v).sum()
+    forward = count_flops(jax.make_jaxpr(attention)(q, q, q))
+    both = count_flops(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q))
+    analytic = 4.0 * b * n * s * s * d
+    assert forward == analytic
+    assert both == pytest.approx(gradient_passes * analytic, rel=1e-3)

@@ -22,6 +22,12 @@ def test_resolve_mesh_shape_fills_one_axis():
         resolve_mesh_shape((2, 2, 1), 8)
 
 
+@pytest.mark.parametrize("shape", [(0, -1, 1), (-2, -4, 1), (2, 0, 4), (-1, -8, -1)])
+def test_resolve_mesh_shape_rejects_sizes_below_one(shape):
+    with pytest.raises(ValueError, match=r"sizes must be >= 1, or -1"):
+        resolve_mesh_shape(shape, 8)
+
+
 @pytest.mark.multidevice
 def test_make_mesh_is_auto_over_all_devices():
     mesh = make_mesh((2, -1, 2))

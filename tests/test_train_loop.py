@@ -110,3 +110,93 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ckpt.close()
     logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2]
+
+
+class FailingBatches:
+    """Finite batches until the `fail`-th, which raises (a data worker that died)."""
+
+    def __init__(self, fail: int):
+        self.fail, self.count = fail, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.fail:
+            raise RuntimeError("data source died")
+        return make_batch(self.count, 2, 2)
+
+
+@pytest.mark.slow
+def test_an_exception_after_an_async_save_finishes_the_save(tmp_path, monkeypatch):
+    """The third batch fails right after the async save of step 2: the save is waited for (and the hooks
+    closed) before the exception leaves `train`, and nothing else is saved."""
+    events = []
+    for name in ("save", "wait", "close"):
+        original = getattr(checkpointing.Checkpointer, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            events.append(_name if _name != "save" else f"save {args[0]}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(checkpointing.Checkpointer, name, spy)
+    hooks_close = loop.TrainHooks.close
+    monkeypatch.setattr(loop.TrainHooks, "close", lambda self: (events.append("hooks"), hooks_close(self)))
+    config = tiny_config(total_steps=4, **{"checkpoint.every_steps": 2, "checkpoint.async_save": True})
+    with pytest.raises(RuntimeError, match="data source died"):
+        loop.train(config, tmp_path, data_iterator=FailingBatches(fail=3), mesh=mesh_of((1, 1, 1)))
+    assert events == ["save 2", "wait", "close", "hooks"]
+    ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", read_only=True)
+    assert ckpt.all_steps() == [2]
+    ckpt.close()
+
+
+class ObjectStorePath:
+    """A `gs://` path over a dict of objects: an object is written whole, and "a" truncates, as gcsfs's
+    open does (GCS objects cannot be appended to)."""
+
+    def __init__(self, objects: dict, name: str):
+        self.objects, self.name = objects, name
+
+    def __truediv__(self, part: str) -> "ObjectStorePath":
+        return ObjectStorePath(self.objects, f"{self.name}/{part}")
+
+    def __str__(self) -> str:
+        return self.name
+
+    def exists(self) -> bool:
+        return self.name in self.objects
+
+    def read_text(self) -> str:
+        return self.objects[self.name]
+
+    def write_text(self, text: str) -> None:
+        self.objects[self.name] = text
+
+    def open(self, mode: str = "r"):
+        import contextlib
+        import io
+
+        @contextlib.contextmanager
+        def upload():
+            buffer = io.StringIO()
+            yield buffer
+            self.objects[self.name] = buffer.getvalue()
+
+        assert mode in ("w", "a")
+        return upload()
+
+
+def test_metrics_on_an_object_store_keep_every_line(tmp_path):
+    """gs://: the lines of an earlier run and every logged step survive; local: appended as before."""
+    earlier = '{"step": 1, "loss": 3.0}\n'
+    objects = {"gs://bucket/run/metrics.jsonl": earlier}
+    (tmp_path / "metrics.jsonl").write_text(earlier)
+    for workdir in (ObjectStorePath(objects, "gs://bucket/run"), tmp_path):
+        writer = loop.MetricsWriter(workdir)
+        writer.write(2, {"loss": 2.0})
+        writer.write(3, {"loss": 1.0})
+    lines = objects["gs://bucket/run/metrics.jsonl"].splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert loop.read_metrics(tmp_path) == [json.loads(line) for line in lines]

@@ -174,6 +174,15 @@ def _sharded_splash(q, k, v, mask, spec):
     return jax.shard_map(fn, in_specs=in_specs, out_specs=qkv_spec, check_vma=False)(*args)
 
 
+def traced_platform() -> str:
+    """The platform of the devices the program being traced will run on: the context mesh's, else the
+    default backend's. Not `jax.default_backend()` alone: `aot` traces on a CPU host for a TPU topology's
+    mesh, where the host's choice (Pallas interpret mode) is what would be compiled and measured for TPU.
+    """
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
 def _splash_kernel(num_heads: int, q_len: int, kv_len: int, block_q: int, block_kv: int, interpret: bool):
     """The splash kernel for a full (unmasked) multi-head mask; built per call (10-15 ms).
 
@@ -206,7 +215,10 @@ def splash_attention(
     max_block: int = 512,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """Pallas splash attention (TPU; `interpret=True`, the default off TPU, runs it anywhere, slowly).
+    """Pallas splash attention (TPU; `interpret=True` runs it anywhere, slowly).
+
+    interpret: None decides by the platform the program is traced for (`traced_platform`): the Mosaic
+    kernel for TPU devices, interpret mode for any other.
 
     Sequences are zero-padded to a multiple of the tile; padded and masked keys are excluded through
     segment ids (query segment 1, kept keys 1, dropped keys 0), padded query rows are cut off. An
@@ -216,7 +228,7 @@ def splash_attention(
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = traced_platform() != "tpu"
     b, t, n, d = q.shape
     s = k.shape[1]
     block_q, block_kv = _block_size(t, max_block), _block_size(s, max_block)

@@ -4,15 +4,16 @@ import math
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from jax.sharding import AxisType
 
 from genmask_jax.parallel.sharding import MESH_AXES
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """Fills at most one -1 entry so that the product equals `num_devices`."""
+    """Fills at most one -1 entry so that the product equals `num_devices`; every other size is >= 1."""
     shape = list(shape)
+    if any(s < 1 and s != -1 for s in shape):
+        raise ValueError(f"mesh shape {tuple(shape)}: sizes must be >= 1, or -1 for the remaining devices")
     if shape.count(-1) > 1:
         raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
     known = math.prod(s for s in shape if s != -1)
@@ -30,6 +31,10 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """A mesh with Auto axis types (Linen logical sharding needs Auto, not Explicit).
 
+    The device order is `jax.make_mesh`'s for given devices too (on TPU: each axis laid along whole axes
+    of the ICI torus, the last axis first), so a mesh over a topology's devices (`aot`) is the one a run
+    on that slice gets.
+
     Args:
       shape: size per axis; one -1 takes the remaining devices.
       devices: defaults to all devices of all processes (`jax.devices()`).
@@ -37,10 +42,10 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(shape, len(devices))
     axis_types = (AxisType.Auto,) * len(axis_names)
-    if devices == list(jax.devices()):
-        return jax.make_mesh(shape, tuple(axis_names), axis_types=axis_types)
-    device_array = np.asarray(devices).reshape(shape)
-    return jax.sharding.Mesh(device_array, tuple(axis_names), axis_types=axis_types)
+    try:
+        return jax.make_mesh(shape, tuple(axis_names), axis_types=axis_types, devices=devices)
+    except NotImplementedError as e:  # v5p/v4: an axis size that is no product of physical axis sizes
+        raise ValueError(f"mesh shape {shape} does not map onto the devices' torus: {e}") from e
 
 
 def cpu_device_flags(batch_seg: int, batch_gen: int, cores: int) -> str:

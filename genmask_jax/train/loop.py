@@ -192,16 +192,30 @@ def load_frozen(config, model: GenMask, state: TrainState, shardings: TrainState
 
 
 class MetricsWriter:
-    """JSON lines on process 0: one {"step": s, name: value, ...} per logged step."""
+    """JSON lines on process 0: one {"step": s, name: value, ...} per logged step.
+
+    A local file is appended to. An object store (a `gs://` workdir) has no append: gcsfs opens "a" as
+    "w", which would leave the last line alone; there the writer keeps the object's text (the lines of
+    earlier runs included) and uploads all of it at every write.
+    """
 
     def __init__(self, workdir: epath.Path):
         self.path = workdir / "metrics.jsonl"
         self.enabled = jax.process_index() == 0
+        self._text = None  # the whole object, kept for a remote path
+        if self.enabled and "://" in str(self.path):
+            self._text = self.path.read_text() if self.path.exists() else ""
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self._text is None:
             with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                f.write(line)
+        else:
+            self._text += line
+            self.path.write_text(self._text)
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
@@ -266,35 +280,39 @@ def train(
     hooks = TrainHooks(config, model, workdir, mesh, rules, start_step=start)
     history, last_saved = [], checkpointer.latest_step()
     end = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
-    for step in range(start, end):
-        batch = global_batch(next(data_iterator), mesh, rules)
-        hooks.before_step(step, batch)  # FLOPs for the MFU; starts the profiler trace when due
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, metrics = step_fn(state, batch, step_rng)
-        done = step + 1
-        save = done % config.checkpoint.every_steps == 0 or done == end
-        if save or done % config.log_every == 0 or done == start + 1:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(values["loss"]):
-                checkpointer.wait()
-                hooks.close()
-                raise FloatingPointError(
-                    f"non-finite loss {values['loss']} at step {done} (metrics {values}); stopping. "
-                    f"The last good checkpoint is step {last_saved} in {checkpointer.directory}."
-                )
-            # steps/s, examples/s and ETA over the steps since the previous log (none at the first).
-            values = hooks.log(done, values)
-            writer.write(done, values)
-            history.append({"step": done, **values})
-        if save:
-            checkpointer.save(done, state.trainable(), data_iterator, config)
-            last_saved = done
-        if hooks.after_step(done, state):  # quick eval / samples when due; True on SIGTERM
-            if last_saved != done:
+    # On any exit, an exception included, the issued (async) save is finished: a crash must not lose the
+    # last checkpoint. Nothing new is saved then: the state may be the bad one that raised.
+    try:
+        for step in range(start, end):
+            batch = global_batch(next(data_iterator), mesh, rules)
+            hooks.before_step(step, batch)  # FLOPs for the MFU; starts the profiler trace when due
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = step_fn(state, batch, step_rng)
+            done = step + 1
+            save = done % config.checkpoint.every_steps == 0 or done == end
+            if save or done % config.log_every == 0 or done == start + 1:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(
+                        f"non-finite loss {values['loss']} at step {done} (metrics {values}); stopping. "
+                        f"The last good checkpoint is step {last_saved} in {checkpointer.directory}."
+                    )
+                # steps/s, examples/s and ETA over the steps since the previous log (none at the first).
+                values = hooks.log(done, values)
+                writer.write(done, values)
+                history.append({"step": done, **values})
+            if save:
                 checkpointer.save(done, state.trainable(), data_iterator, config)
-            log.warning("stop requested (SIGTERM): saved step %d in %s", done, checkpointer.directory)
-            break
-    hooks.close()
-    checkpointer.wait()
-    checkpointer.close()
+                last_saved = done
+            if hooks.after_step(done, state):  # quick eval / samples when due; True on SIGTERM
+                if last_saved != done:
+                    checkpointer.save(done, state.trainable(), data_iterator, config)
+                log.warning("stop requested (SIGTERM): saved step %d in %s", done, checkpointer.directory)
+                break
+    finally:
+        try:
+            checkpointer.wait()
+            checkpointer.close()
+        finally:
+            hooks.close()
     return state, history

@@ -108,7 +108,7 @@ def _shrink(config, dit: str, resolution: int, batch: int, steps: int) -> None:
     config.model.vae = VAEConfig.from_variant("tiny").to_dict()
     config.data.resolution = (resolution, resolution)
     config.data.encoder.dim = config.model.dit["text_dim"]
-    config.data.encoder.context_length = 8
+    config.data.encoder.context_length = 32  # the longest shapes caption (5 shapes) has 26 words
     config.batch.seg = config.batch.gen = batch
     config.data.seg_sources = config.data.gen_sources = "shapes"
     config.data.encoder.name = "toy"

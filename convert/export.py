@@ -59,11 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ema", action="store_true", help="export the raw parameters, not the EMA")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    from genmask_jax.infer import cli
     from genmask_jax.infer.checkpoint import CheckpointError
+    from genmask_jax.models import build
+
+    cli.setup_logging()  # as the other commands: orbax's notices on items it is not asked for stay quiet
 
     try:
         dst = export_checkpoint(args.checkpoint, args.dst, use_ema=not args.no_ema, overwrite=args.overwrite)
-    except (ConversionError, CheckpointError) as e:
+    except (ConversionError, CheckpointError, build.VAEConfigMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {dst}: {', '.join(sorted(p.name for p in dst.iterdir()))}")

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the GenMask train and evaluation steps for a named TPU slice, without a TPU.
+r"""Ahead-of-time compilation of the GenMask train and evaluation steps for a named TPU slice, without a TPU.
 
     python -m genmask_jax.aot --config=configs/genmask.py:variant=paper --topology=v5e:8x8 \
         --config.microbatches=4

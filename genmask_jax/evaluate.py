@@ -1,4 +1,4 @@
-"""Batch evaluation of a trained checkpoint on named splits (single-step inference by default).
+r"""Batch evaluation of a trained checkpoint on named splits (single-step inference by default).
 
     python -m genmask_jax.evaluate --checkpoint=WORKDIR --split=synthetic:test
     python -m genmask_jax.evaluate --checkpoint=gs://bucket/paper --config.data.refcoco.data_dir=/data/tfds \
@@ -50,6 +50,7 @@ def main() -> None:
     from etils import epath
 
     from genmask_jax.data.splits import SplitError, parse_splits
+    from genmask_jax.encoders import check_available
     from genmask_jax.encoders.base import ContextError
     from genmask_jax.eval import job
     from genmask_jax.infer import checkpoint
@@ -64,7 +65,9 @@ def main() -> None:
     out = _OUT.value or str(default_out(directory, step))
     try:
         job.check_sources(config.data, splits)
-    except (job.EvaluationError, ContextError) as e:  # a split or its embedding cache to fix
+        if not config.data.encoder.cache_dir:
+            check_available(config.data.encoder)
+    except (job.EvaluationError, ContextError) as e:  # a split, its embedding cache or the encoder to fix
         raise cli.InputError(str(e)) from e
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
     print(

@@ -1,4 +1,4 @@
-"""Text-to-image with a trained checkpoint (Euler or UniPC over the shifted schedule, with CFG).
+r"""Text-to-image with a trained checkpoint (Euler or UniPC over the shifted schedule, with CFG).
 
     python -m genmask_jax.generate --checkpoint=WORKDIR --prompt="a red circle on a gray background" \
         --out=img.png --steps=50 --cfg=5 --seed=0 [--sampler=unipc]
@@ -49,6 +49,7 @@ def parse_size(values) -> tuple[int, int] | None:
 def main() -> None:
     import jax
 
+    from genmask_jax.encoders import check_available
     from genmask_jax.infer import checkpoint, images
     from genmask_jax.infer.generator import Generator
 
@@ -59,6 +60,7 @@ def main() -> None:
     cli.require(_SHIFT.value > 0, f"--shift must be > 0, got {_SHIFT.value}")
     size = parse_size(_SIZE.value)
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
+    check_available(config.data.encoder)  # the prompts are encoded after the checkpoint loads
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
     generator = Generator(loaded)
     print(

@@ -1,4 +1,4 @@
-"""Referring segmentation of image files with a trained checkpoint.
+r"""Referring segmentation of image files with a trained checkpoint.
 
     python -m genmask_jax.segment --checkpoint=WORKDIR --image=a.jpg --prompt="the red circle" \
         --out=mask.png --overlay=overlay.png
@@ -59,6 +59,7 @@ def pair_inputs(images: list, prompts: list) -> list[tuple]:
 def main() -> None:
     import jax
 
+    from genmask_jax.encoders import check_available
     from genmask_jax.infer import checkpoint, images
     from genmask_jax.infer.segmenter import Segmenter, rewrites_prompts
 
@@ -75,6 +76,7 @@ def main() -> None:
         rewrites_prompts(config.data.encoder, _REWRITE.value)
     except ValueError as e:
         raise cli.InputError(str(e)) from e
+    check_available(config.data.encoder)
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
     segmenter = Segmenter(loaded, num_steps=_STEPS.value, seed=_SEED.value, rewrite=_REWRITE.value)
     masks = segmenter([pixels[path] for path, _ in pairs], [p for _, p in pairs])

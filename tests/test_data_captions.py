@@ -98,6 +98,13 @@ def test_tfds_captions_without_tensorflow(tmp_path):
     assert "tensorflow" not in sys.modules
 
 
+def test_a_tfds_set_that_is_not_prepared_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        TfdsCaptions("tiny_captions", data_dir=str(tmp_path))
+    assert str(info.value).startswith(f"no prepared tiny_captions in {tmp_path}")
+    assert "file_format='array_record'" in str(info.value) and len(str(info.value)) < 500
+
+
 def test_mixed_with_shapes(folder):
     c = default_data_config()
     c.resolution, c.num_threads = (16, 16), 1

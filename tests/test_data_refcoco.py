@@ -218,6 +218,24 @@ def test_stock_ref_coco_and_missing_data_messages(tmp_path):
         refcoco.RefCocoSource("refcocog_umd", "val", data_dir=str(tmp_path))
 
 
+def test_a_set_that_is_not_prepared_names_the_prepare_command(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError) as info:
+        refcoco.RefCocoSource("refcoco_unc", "train", data_dir=data_dir)
+    message = str(info.value)
+    assert message.startswith(f"no prepared ref_coco_seg/refcoco_unc in {data_dir}"), message
+    assert "genmask_jax.data.prepare refcoco --refer-dir" in message and "--configs refcoco_unc" in message
+    with pytest.raises(FileNotFoundError) as info:  # TFDS would list every data set it knows
+        refcoco.RefCocoSource("ref_coco_bv/refcoco_unc", "val", data_dir=data_dir)
+    assert str(info.value).startswith(f"no prepared ref_coco_bv/refcoco_unc in {data_dir}")
+    assert len(str(info.value)) < 500
+    version = tmp_path / "tfds" / "ref_coco_seg" / "refcoco_unc" / "1.0.0"
+    version.mkdir(parents=True)  # prepared in TFDS's default format, which tfds.data_source cannot read
+    (version / "dataset_info.json").write_text(json.dumps({"name": "ref_coco_seg", "version": "1.0.0"}))
+    with pytest.raises(FileNotFoundError, match="prepared as tfrecord; random access needs array_record"):
+        refcoco.RefCocoSource("refcoco_unc", "train", data_dir=data_dir)
+
+
 def test_cli_reports_count_mismatch(refer, tmp_path, caplog):
     argv = [
         "refcoco",
@@ -330,7 +348,7 @@ def test_exclude_eval_images_without_or_with_a_stale_index(union_dir, tmp_path, 
     [
         (["refcoco", "--refer-dir", "{tmp}/none", "--coco-images", "{tmp}/none", "--out", "{tmp}/out",
           "--configs", "refcoco_unc"], "refs(unc).p"),
-        (["refcoco-index", "--data-dir", "{tmp}/none", "--names", "refcoco_unc"], "cannot open"),
+        (["refcoco-index", "--data-dir", "{tmp}/none", "--names", "refcoco_unc"], "no prepared ref_coco"),
     ],
 )
 def test_prepare_bad_input_is_one_line(tmp_path, capsys, args, message):
@@ -342,4 +360,4 @@ def test_prepare_bad_input_is_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m genmask_jax.data.prepare: error: ")
     assert message in err[0]
-    assert not list(tmp_path.rglob("*.array_record*"))  # TFDS may leave its empty folders, no records
+    assert not list(tmp_path.iterdir())  # the inputs are checked before TFDS makes its folders

@@ -101,3 +101,17 @@ def test_expression_kinds_subset():
     assert {ds[i]["expression_kind"] for i in range(30)} == {"attribute"}
     with pytest.raises(ValueError):
         S.SyntheticShapes("train", 16, expression_kinds="colourful")
+
+
+def test_the_tiny_runs_context_holds_every_text_whole():
+    """The toy encoder cuts a text longer than the context (with a warning per cut): the tiny config's
+    context holds the longest caption (max_shapes shapes) and expression, so nothing is cut."""
+    from configs.genmask import get_config
+    from genmask_jax.encoders.toy import tokenize
+
+    data = get_config().data
+    most = data.shapes.max_shapes
+    source = S.SyntheticShapes("train", resolution=8, min_shapes=most, max_shapes=most)
+    scenes = [source.scene(i) for i in range(50)]
+    longest = max(len(tokenize(text)) for s in scenes for text in (s.caption(), s.expression))
+    assert longest <= data.encoder.context_length

@@ -184,6 +184,28 @@ def test_config_roundtrip_and_variants():
         DiTConfig.from_variant("7b")
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(patch_size=(1, 2)), r"patch_size must be 3 positive ints .*\(1, 2\)"),
+        (dict(patch_size=(1, 0, 2)), "patch_size must be 3 positive ints"),
+        (dict(patch_size=(1, 1.5, 2)), "patch_size must be 3 positive ints"),
+        (dict(num_heads=0), "num_heads must be a positive int, got 0"),
+        (dict(num_layers=0), "num_layers must be a positive int"),
+        (dict(in_channels=-16), "in_channels must be a positive int"),
+        (dict(dim=65), "dim 65 is not a multiple of num_heads 2"),
+        (dict(freq_dim=255), "freq_dim 255 must be even"),
+        (dict(eps=0.0), "eps and rope_theta must be > 0"),
+        (dict(dtype="bf16"), "dtype must name a floating dtype .*'bf16'"),
+        (dict(param_dtype="int32"), "param_dtype must name a floating dtype"),
+    ],
+)
+def test_structural_config_errors_are_value_errors(overrides, message):
+    """Raised when the config is made: a command turns them into one line before anything is built."""
+    with pytest.raises(ValueError, match=message):
+        DiTConfig.from_variant("tiny", **overrides)
+
+
 def test_cudnn_attention_needs_half_precision():
     for dtype in ("bfloat16", "float16"):
         assert DiTConfig.from_variant("tiny", attention="cudnn", dtype=dtype).attention == "cudnn"

@@ -15,6 +15,7 @@ from PIL import Image
 from genmask_jax.data.pipeline import default_data_config, make_eval_iterator, make_train_iterator
 from genmask_jax.data.sources import make_task_source
 from genmask_jax.encoders import fingerprint, make_encoder
+from genmask_jax.encoders.base import EncoderUnavailable
 from genmask_jax.encoders.cache import (
     CacheLocked,
     CacheMismatch,
@@ -22,6 +23,7 @@ from genmask_jax.encoders.cache import (
     CacheWriter,
     EmbeddingCache,
     completed_shards,
+    missing_from_sample,
 )
 from genmask_jax.encoders.precompute import PrecomputeError, plan_jobs, precompute
 
@@ -371,7 +373,7 @@ def test_a_missing_data_set_fails_before_the_cache_folder_is_made(tmp_path):
     c.seg_sources = "shapes,refcoco"
     c.refcoco.data_dir = str(tmp_path / "no_tfds")
     out = tmp_path / "cache"
-    with pytest.raises(FileNotFoundError, match="cannot open"):
+    with pytest.raises(FileNotFoundError, match="no prepared ref_coco_seg/refcoco_unc in .*no_tfds"):
         precompute(c, str(out), ["train"])
     assert not out.exists()
 
@@ -397,3 +399,89 @@ def test_training_sample_prompts_come_from_the_cache(tmp_path):
     want_context, want_mask = make_encoder(c.encoder).encode(None, texts)
     np.testing.assert_array_equal(context, want_context)
     np.testing.assert_array_equal(mask, want_mask)
+
+
+def test_a_sample_of_a_split_finds_what_the_cache_lacks(tmp_path):
+    c = small_config()
+    c.shapes.val_size = 40
+    precompute(c, str(tmp_path), ["val"])
+    cache = EmbeddingCache(str(tmp_path), fingerprint(c.encoder))
+    assert missing_from_sample(cache, make_task_source("shapes", "val", c, "seg"), 8) == ([], 8)
+    train = make_task_source("shapes", "train", c, "seg")
+    missing, checked = missing_from_sample(cache, train, 100)
+    assert checked == 12 and missing == [f"shapes-0-train-{i}" for i in range(12)]
+
+    class Unreadable:  # precompute leaves out what it cannot read: not a gap of the cache
+        def __len__(self):
+            return 3
+
+        def example_id(self, index):
+            return f"bad-{index}"
+
+        def __getitem__(self, index):
+            raise OSError("truncated file")
+
+    assert missing_from_sample(cache, Unreadable(), 8) == ([], 3)
+
+
+def _report(main, capsys) -> str:
+    from genmask_jax.infer import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.report_user_errors(main)
+    assert exit_info.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and ": error: " in err[0], err
+    return err[0]
+
+
+def test_a_cache_error_from_the_data_pipeline_is_one_line_however_it_arrives(tmp_path, capsys):
+    """The training pipeline looks contexts up lazily, in Grain's reader threads; a worker's error may
+    arrive chained to another (`raise ... from`, or raised while handling it) or in an exception group."""
+    c = small_config()
+    precompute(c, str(tmp_path), ["val"])  # not the training split
+    c.encoder.cache_dir = str(tmp_path)
+    it = make_train_iterator(c, 2, 0, seed=0, process_index=0, process_count=1)
+    line = _report(lambda: next(it), capsys)
+    assert "is not in the embedding cache" in line and "--splits=train" in line
+
+    miss = CacheMiss("example 'x' is not in the embedding cache C")
+
+    def from_worker():
+        raise RuntimeError("worker 3 failed") from miss
+
+    def while_handling():
+        try:
+            raise CacheMismatch("embedding cache C was written with other encoder settings")
+        except CacheMismatch:
+            raise RuntimeError("cleanup failed")  # noqa: B904  (implicitly chained, as a worker's may be)
+
+    def in_a_group():
+        raise ExceptionGroup("workers", [ValueError("other"), miss])
+
+    assert _report(from_worker, capsys).endswith("example 'x' is not in the embedding cache C")
+    assert "other encoder settings" in _report(while_handling, capsys)
+    assert _report(in_a_group, capsys).endswith("example 'x' is not in the embedding cache C")
+
+
+def test_other_errors_keep_their_traceback():
+    from genmask_jax.infer import cli
+
+    def bug():
+        raise RuntimeError("a bug") from KeyError("not a context error")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.report_user_errors(bug)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [CacheMiss("example 'x' is not cached"), CacheMismatch("other settings"), EncoderUnavailable("torch")],
+)
+def test_context_errors_cross_process_boundaries_as_themselves(error):
+    # A Grain worker process sends its exception pickled; the parent re-raises that object.
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)

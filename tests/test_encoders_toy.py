@@ -44,3 +44,20 @@ def test_make_encoder_and_pad_or_truncate():
     out, mask = pad_or_truncate(np.ones((3, 2)), 5)
     np.testing.assert_array_equal(mask, [1, 1, 1, 0, 0])
     assert out.shape == (5, 2) and out[3:].sum() == 0
+
+
+def test_an_encoder_whose_package_is_missing_is_refused_before_it_is_built(monkeypatch):
+    import sys
+
+    import pytest
+
+    from genmask_jax.data.pipeline import default_data_config
+    from genmask_jax.encoders import EncoderUnavailable, check_available
+
+    config = default_data_config().encoder
+    config.name, config.model_path = "qwen2_5_vl", "/models/Qwen2.5-VL-7B-Instruct"
+    monkeypatch.setitem(sys.modules, "torch", None)  # as in an environment from requirements.txt
+    for call in (check_available, make_encoder):
+        with pytest.raises(EncoderUnavailable, match=r"needs torch, .*pip install torch==2\.13\.0"):
+            call(config)
+    check_available(default_data_config().encoder)  # the toy encoder needs nothing more

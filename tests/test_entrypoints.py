@@ -6,6 +6,8 @@
   segment an image, generate an image; the training hooks (TensorBoard, samples, SIGTERM).
 """
 
+import ast
+import glob
 import json
 import os
 import re
@@ -53,12 +55,43 @@ def files(tmp_path_factory):
     Image.fromarray(image).save(root / "image.png")
     (root / "broken.jpg").write_bytes(b"this is not a jpeg")
     (root / "empty_dir").mkdir()
+    _write_val_cache(root / "val_cache")
     return root
+
+
+def _write_val_cache(folder):
+    """An embedding cache with the tiny run's encoder settings that holds no training example."""
+    from configs.genmask import get_config
+    from genmask_jax.encoders import fingerprint
+    from genmask_jax.encoders.cache import CacheWriter
+
+    encoder = get_config().data.encoder
+    settings = dict(dim=encoder.dim, context_length=encoder.context_length, fingerprint=fingerprint(encoder))
+    with CacheWriter(str(folder), **settings) as cache:
+        cache.add("shapes-0-val-0", np.zeros((3, encoder.dim), np.float32), text="the red circle")
 
 
 BAD_INPUT = [
     ("genmask_jax.train", [*TINY, "--config.sedd=1", "--workdir={root}/w"], "unknown config field 'sedd'"),
     ("genmask_jax.train", ["--config=configs/missing.py", "--workdir={root}/w"], "configs/missing.py"),
+    # refused before the model is built or the workdir made
+    (
+        "genmask_jax.train",
+        [*TINY, "--config.data.encoder.cache_dir={root}/val_cache", "--workdir={root}/w"],
+        "lacks 16 of 16 sampled seg examples of the training split 'train' (e.g. shapes-0-train-0): add them "
+        "with `python -m genmask_jax.encoders.precompute",
+    ),
+    (
+        "genmask_jax.train",
+        [*TINY, "--config.data.encoder.cache_dir={root}/val_cache", "--config.data.encoder.seed=1",
+         "--workdir={root}/w"],
+        "was written with other encoder settings (seed: cache 0, config 1)",
+    ),
+    (
+        "genmask_jax.train",
+        [*TINY, "--config.model.dit.patch_size=(1, 2)", "--workdir={root}/w"],
+        "config.model: patch_size must be 3 positive ints (frames, height, width): (1, 2)",
+    ),
     ("genmask_jax.evaluate", ["--checkpoint={root}/nothing", "--split=synthetic:test"], "does not exist"),
     (
         "genmask_jax.evaluate",
@@ -97,6 +130,67 @@ def test_bad_input_is_one_line(files, module, args, message):
     assert lines[-1].startswith(f"{module}: error: ") and message in lines[-1], result.stderr
     assert sum("error" in line for line in lines) == 1
     assert not out.exists() and not (files / "w").exists()
+
+
+QWEN = ["--config.data.encoder.name=qwen2_5_vl", "--config.data.encoder.model_path=/models/Qwen2.5-VL-7B"]
+WITHOUT_TORCH = [
+    ("genmask_jax.segment", ["--checkpoint={run}", "--image={root}/image.png", "--prompt=x", "--out={out}"]),
+    ("genmask_jax.generate", ["--checkpoint={run}", "--prompt=x", "--out={out}"]),
+    ("genmask_jax.encoders.precompute", [*TINY, "--out={out}"]),
+    ("genmask_jax.train", [*TINY, "--workdir={out}"]),
+]
+
+
+@pytest.mark.parametrize("module,args", WITHOUT_TORCH, ids=lambda x: x if isinstance(x, str) else "")
+def test_the_qwen_encoder_without_torch_is_one_line_before_anything_loads(files, saved_run, module, args):
+    """The runtime requirements leave torch out: a run trained with Qwen2.5-VL, used from them."""
+    out = files / "no_torch_out"
+    args = [a.format(root=files, run=saved_run, out=out) for a in [*args, *QWEN]]
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; "
+        f"sys.argv = ['{module}', *{args!r}]; "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith(f"{module}: error: the 'qwen2_5_vl' encoder"), result.stderr
+    assert "needs torch" in lines[-1] and "pip install torch==2.13.0" in lines[-1], result.stderr
+    assert "restor" not in result.stdout + result.stderr  # the checkpoint was not read
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["genmask_jax.train", "genmask_jax.evaluate", "genmask_jax.segment", "genmask_jax.generate",
+     "genmask_jax.encoders.precompute"],
+)
+def test_help_lists_the_config_flag(module):
+    result = cli(module, "--help", timeout=120)
+    assert "--config: Experiment config file" in result.stdout, result.stdout
+
+
+def _docstring(path: str, clean: bool = True) -> str:
+    with open(os.path.join(REPO, path)) as f:
+        return ast.get_docstring(ast.parse(f.read()), clean=clean) or ""
+
+
+def _usage_modules() -> list[str]:
+    paths = sorted(
+        os.path.relpath(p, REPO)
+        for folder in ("genmask_jax", "convert", "bench")
+        for p in glob.glob(os.path.join(REPO, folder, "**", "*.py"), recursive=True)
+    )
+    return [p for p in paths if "python -m" in _docstring(p)]
+
+
+@pytest.mark.parametrize("path", _usage_modules())
+def test_usage_examples_print_as_written(path):
+    """--help prints the module docstring: a backslash ending a line of a non-raw one joins two lines."""
+    with open(os.path.join(REPO, path)) as f:
+        assert _docstring(path, clean=False) in f.read()
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +337,7 @@ README_SHAPES = [
             "--split=refcoco_unc:val,refcoco_unc:testA,refcoco_unc:testB",
             "--format=rle",
         ],
-        "in '{root}/tfds'",  # the override reached the data source (nothing is prepared there)
+        "no prepared ref_coco_seg/refcoco_unc in {root}/tfds",  # the override reached the data source
     ),
     ("genmask_jax.evaluate", ["--checkpoint={run}", "--config.data.shapes.tset_size=3"], "tset_size"),
     # a replacing --config without the run's converted VAE would decode with a random one
@@ -461,6 +555,43 @@ def test_export_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "out").exists() and not any((tmp_path / "taken").iterdir())
+
+
+@pytest.fixture
+def logging_state():
+    """Restores what `cli.setup_logging` changes in this process."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("", "absl", "genmask_jax")]
+    saved = [(logger, logger.level, list(logger.handlers)) for logger in loggers]
+    yield
+    for logger, level, handlers in saved:
+        logger.setLevel(level)
+        logger.handlers = handlers
+
+
+def test_export_prints_only_what_it_wrote(tmp_path, capfd, caplog, logging_state):
+    """orbax's notices on the checkpoint items export does not read stay quiet, as in the other commands."""
+    import flax.linen as nn
+    import jax
+
+    from configs.genmask import get_config
+    from convert import export
+    from genmask_jax.models import build
+    from genmask_jax.train import checkpointing
+
+    config = get_config("variant=tiny")
+    model = build.build_model(config)
+    params = nn.meta.unbox(jax.eval_shape(build.dit_initializer(model), jax.random.key(0)))
+    ckpt = checkpointing.Checkpointer(tmp_path / "run", async_save=False)
+    ckpt.save(1, {"params": jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params)}, config=config)
+    ckpt.close()
+    capfd.readouterr()
+    with caplog.at_level("WARNING"):
+        assert export.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    out, err = capfd.readouterr()
+    assert out.strip() == f"wrote {tmp_path / 'out'}: transformer" and not err.strip(), (out, err)
+    assert not caplog.records, caplog.text
 
 
 def test_relative_checkpoint_paths_are_made_absolute(tmp_path, monkeypatch):

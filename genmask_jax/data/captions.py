@@ -139,9 +139,17 @@ class TfdsCaptions:
     ):
         import tensorflow_datasets as tfds
 
+        from genmask_jax.data.tfds_prepared import check_prepared
+
         if not name:
             raise ValueError("data.captions.tfds_name is empty")
         self.name, self.split, self.image_key, self.caption_key = name, split, image_key, caption_key
+        check_prepared(
+            name,
+            data_dir,
+            f"prepare it with its TFDS builder (`tfds.builder({name!r}, data_dir=...).download_and_prepare("
+            "file_format='array_record')`), or set data.captions.tfds_data_dir to where it is",
+        )
         try:
             self.records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:

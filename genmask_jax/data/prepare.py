@@ -1,4 +1,4 @@
-"""Prepares data sets from what users download, without TensorFlow.
+r"""Prepares data sets from what users download, without TensorFlow.
 
   python -m genmask_jax.data.prepare refcoco --refer-dir REFER --coco-images COCO/train2014 --out DATA_DIR \
       [--configs refcoco_unc,refcocoplus_unc,refcocog_umd,refcocog_google]
@@ -30,8 +30,14 @@ def prepare_refcoco(refer_dir: str, coco_images: str, out: str, config: str) -> 
     """
     import tensorflow_datasets as tfds
 
-    from genmask_jax.data.refcoco import RefCocoSeg, check_published_counts, write_image_index
+    from genmask_jax.data.refcoco import (
+        RefCocoSeg,
+        check_published_counts,
+        check_refer_inputs,
+        write_image_index,
+    )
 
+    check_refer_inputs(refer_dir, coco_images, config)  # TFDS makes its folders before it reads them
     builder = RefCocoSeg(
         config=config, data_dir=out, file_format="array_record", refer_dir=refer_dir, coco_images=coco_images
     )
@@ -91,8 +97,13 @@ def _run(args) -> int:
         for name in [n.strip() for n in args.names.split(",") if n.strip()]:
             print(write_image_index(name, args.data_dir))
         return 0
+    from genmask_jax.data.refcoco import check_refer_inputs
+
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for config in configs:  # every config's inputs before anything is written
+        check_refer_inputs(args.refer_dir, args.coco_images, config)
     all_ok = True
-    for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
+    for config in configs:
         result = prepare_refcoco(args.refer_dir, args.coco_images, args.out, config)
         all_ok &= result["ok"]
         print("\n".join(result["report"] + [result["skips"]]))

@@ -42,6 +42,7 @@ from PIL import Image
 from tensorflow_datasets.proto import tf_example_pb2
 
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
+from genmask_jax.data.tfds_prepared import check_prepared
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,24 @@ def annotation_mask(annotation: dict, height: int, width: int) -> np.ndarray:
     return (decoded > 0).astype(np.uint8)
 
 
+def refer_files(refer_dir: str, config: str) -> tuple[str, str]:
+    """(refs pickle, instances.json) of `config` in a REFER folder."""
+    if config not in CONFIGS:
+        raise ValueError(f"unknown RefCOCO config {config!r}; expected one of {sorted(CONFIGS)}")
+    dataset, partition = CONFIGS[config]
+    folder = os.path.join(refer_dir, dataset)
+    return os.path.join(folder, f"refs({partition}).p"), os.path.join(folder, "instances.json")
+
+
+def check_refer_inputs(refer_dir: str, coco_images: str, config: str) -> None:
+    """Raises FileNotFoundError naming a missing input of `config`, before anything is written."""
+    for path in refer_files(refer_dir, config):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist: --refer-dir must hold REFER's {config} files")
+    if not os.path.isdir(coco_images):
+        raise FileNotFoundError(f"{coco_images} is not a folder: --coco-images must be COCO's train2014/")
+
+
 class RefCocoSeg(tfds.core.GeneratorBasedBuilder):
     """RefCOCO / RefCOCO+ / RefCOCOg, one example per expression, with masks; see the module docstring."""
 
@@ -159,11 +178,10 @@ class RefCocoSeg(tfds.core.GeneratorBasedBuilder):
                 f"{BUILDER_NAME}/{self.builder_config.name} must be prepared from local files: "
                 "python -m genmask_jax.data.prepare refcoco --refer-dir ... --coco-images ... --out ..."
             )
-        dataset, partition = CONFIGS[self.builder_config.name]
-        folder = os.path.join(self.refer_dir, dataset)
-        with open(os.path.join(folder, f"refs({partition}).p"), "rb") as f:
+        refs_path, instances_path = refer_files(self.refer_dir, self.builder_config.name)
+        with open(refs_path, "rb") as f:
             refs = pickle.load(f)
-        with open(os.path.join(folder, "instances.json")) as f:
+        with open(instances_path) as f:
             instances = json.load(f)
         images = {im["id"]: im for im in instances["images"]}
         annotations = {a["id"]: a for a in instances["annotations"]}
@@ -255,8 +273,25 @@ def image_id_key(name: str) -> str:
     return "id" if is_big_vision(name) else "image_id"
 
 
+def prepare_command(tfds_name: str, data_dir: str | None) -> str:
+    """What prepares `tfds_name` (ours: `ref_coco_seg/<config>`; big_vision's: `ref_coco_bv/<config>`)."""
+    config = tfds_name.split("/")[-1].split(":")[0]
+    if is_big_vision(tfds_name):
+        return (
+            "prepare it with big_vision's TFDS builder (big_vision/datasets/refcoco/refcoco.py) with "
+            f"file_format=array_record, or use ours: data.refcoco.name={config} after `python -m "
+            f"genmask_jax.data.prepare refcoco --refer-dir REFER --coco-images COCO/train2014 --out "
+            f"{data_dir or 'DATA_DIR'} --configs {config}`"
+        )
+    return (
+        f"run `python -m genmask_jax.data.prepare refcoco --refer-dir REFER --coco-images COCO/train2014 "
+        f"--out {data_dir or 'DATA_DIR'} --configs {config}` (or set data.refcoco.data_dir to where it is)"
+    )
+
+
 def open_records(tfds_name: str, tfds_split: str, data_dir: str | None, raw: bool = False):
     """The split's TFDS data source; `raw` gives each record's serialized bytes (nothing decoded)."""
+    check_prepared(tfds_name, data_dir, prepare_command(tfds_name, data_dir))
     method = tfds.decode.DeserializeMethod
     try:
         return tfds.data_source(

@@ -12,11 +12,18 @@ lists every setting that changes a context (a cache records it and refuses a con
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
 
-from genmask_jax.encoders.base import ContextError, InstructionEncoder, PromptTooLong, pad_or_truncate
+from genmask_jax.encoders.base import (
+    ContextError,
+    EncoderUnavailable,
+    InstructionEncoder,
+    PromptTooLong,
+    pad_or_truncate,
+)
 
 ENCODERS = ("toy", "qwen2_5_vl")
 # The default `data.encoder.max_pixels`, also for a config saved before the field existed: the VLM sees
@@ -35,8 +42,27 @@ def model_name(model_path: str) -> str:
     return os.path.basename(os.path.normpath(model_path)) if model_path else ""
 
 
+# Packages each encoder imports that requirements.txt may leave out (torch: its build depends on the
+# machine, and only the Qwen encoder and .pth conversion need it).
+_PACKAGES = {"toy": (), "qwen2_5_vl": ("torch", "transformers")}
+_INSTALL = {"torch": "torch==2.13.0", "transformers": "'transformers>=5.24.0,<6'"}
+
+
+def check_available(config) -> None:
+    """Raises EncoderUnavailable when a package the `data.encoder` config's encoder needs is missing:
+    cheap (nothing is imported), so commands call it before they load a checkpoint or build a model."""
+    missing = [p for p in _PACKAGES.get(config.name, ()) if importlib.util.find_spec(p) is None]
+    if missing:
+        raise EncoderUnavailable(
+            f"the {config.name!r} encoder (data.encoder.name) needs {' and '.join(missing)}, which is not "
+            f"installed: pip install {' '.join(_INSTALL[p] for p in missing)} (requirements.txt leaves torch "
+            "out: pick the build for this machine, e.g. --index-url https://download.pytorch.org/whl/cpu)"
+        )
+
+
 def make_encoder(config) -> InstructionEncoder:
     """Builds the encoder named by `config.name` from the `data.encoder` config."""
+    check_available(config)
     if config.name == "toy":
         from genmask_jax.encoders.toy import ToyEncoder
 
@@ -97,8 +123,10 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ENCODERS",
     "ContextError",
+    "EncoderUnavailable",
     "InstructionEncoder",
     "PromptTooLong",
+    "check_available",
     "configured_max_pixels",
     "encoder_input",
     "fingerprint",

@@ -35,6 +35,10 @@ class ContextError(Exception):
     the data pipelines raise it instead of skipping the example."""
 
 
+class EncoderUnavailable(ContextError):
+    """The configured encoder cannot run here: a package it needs is not installed."""
+
+
 class PromptTooLong(ContextError, ValueError):
     """A prompt longer than `context_length`; `index` is its position in the encoded batch."""
 

@@ -315,3 +315,22 @@ class EmbeddingCache:
         mask = np.zeros((self.context_length,), bool)
         mask[:n] = True
         return context, mask
+
+
+def missing_from_sample(cache: EmbeddingCache, source, num_samples: int) -> tuple[list[str], int]:
+    """(ids the cache lacks, number checked) among `num_samples` examples spread evenly over `source`.
+
+    An id counts as missing only if its example reads: precompute leaves out the examples it cannot
+    read, and the pipelines skip those as bad examples. Reads the ids, and the missing examples."""
+    n = len(source)
+    indices = sorted({int(i) for i in np.linspace(0, n - 1, min(num_samples, n))}) if n else []
+    missing = [i for i in indices if source.example_id(i) not in cache]
+    return [source.example_id(i) for i in missing if _readable(source, i)], len(indices)
+
+
+def _readable(source, index: int) -> bool:
+    try:
+        source[index]
+    except Exception:  # noqa: BLE001  (any failure to read is the example's)
+        return False
+    return True

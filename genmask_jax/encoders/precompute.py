@@ -1,4 +1,4 @@
-"""Writes the instruction-encoder contexts of whole data sets into an embedding cache.
+r"""Writes the instruction-encoder contexts of whole data sets into an embedding cache.
 
   python -m genmask_jax.encoders.precompute --config=configs/genmask.py:variant=paper \
       --config.data.encoder.model_path=/models/Qwen2.5-VL-7B-Instruct \

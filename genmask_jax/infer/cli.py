@@ -8,8 +8,9 @@ folder, so a training run that saves a newer step meanwhile cannot give the weig
 the config of another.
 
 Bad input (a misspelt config field, a missing file or checkpoint, an unreadable image, an empty
-prompt) ends the command with `<prog>: error: <one line>` on stderr and exit status 2 (flags) or 1
-(inputs), no traceback. Anything else is a bug and keeps its traceback.
+prompt, a context the configured encoder or embedding cache cannot give) ends the command with
+`<prog>: error: <one line>` on stderr and exit status 2 (flags) or 1 (inputs), no traceback. Anything
+else is a bug and keeps its traceback.
 """
 
 import importlib.util
@@ -24,18 +25,42 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from genmask_jax.encoders.base import ContextError
 from genmask_jax.infer import checkpoint
 from genmask_jax.infer.checkpoint import CheckpointError
+from genmask_jax.models.build import VAEConfigMismatch
 from genmask_jax.parallel import host
 
 FLAGS = flags.FLAGS
+# `define_config_flag` defines --config for the command that calls it: that module's --help lists it.
+flags.disclaim_key_flags()
 
 
 class InputError(ValueError):
     """Bad user input, reported as one line."""
 
 
-USER_ERRORS = (InputError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError)
+USER_ERRORS = (
+    InputError, CheckpointError, ContextError, VAEConfigMismatch, FileNotFoundError, PermissionError,
+    IsADirectoryError,
+)
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The user error that `error` is, or the ContextError it wraps (one from a data-pipeline worker
+    can arrive chained to another exception or in an exception group); None for a bug."""
+    if isinstance(error, USER_ERRORS):
+        return error
+    pending, seen = [error], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ContextError):
+            return e
+        pending += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
 
 
 def define_config_flag():
@@ -137,12 +162,20 @@ def run(main: Callable[[], None], prog: str = "") -> None:
         setup_logging()
         if host.cpu_only():  # before jax starts its backends (and their threads)
             host.reuse_freed_memory()
-        try:
-            main()
-        except USER_ERRORS as e:
-            fail(str(e) if not isinstance(e, OSError) or not e.filename else _os_error(e))
+        report_user_errors(main)
 
     app.run(wrapped, flags_parser=_parse_flags)
+
+
+def report_user_errors(main: Callable[[], None]) -> None:
+    """Runs `main`; a user error it raises (`user_error`) ends the command with one line, exit status 1."""
+    try:
+        main()
+    except Exception as e:
+        error = user_error(e)
+        if error is None:
+            raise
+        fail(str(error) if not isinstance(error, OSError) or not error.filename else _os_error(error))
 
 
 def _os_error(error: OSError) -> str:

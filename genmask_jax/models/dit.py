@@ -63,7 +63,27 @@ class DiTConfig:
     use_context_mask: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        patch = tuple(self.patch_size)
+        if len(patch) != 3 or any(int(p) != p or p < 1 for p in patch):
+            raise ValueError(f"patch_size must be 3 positive ints (frames, height, width): {self.patch_size}")
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in patch))
+        for name in ("in_channels", "out_channels", "dim", "ffn_dim", "freq_dim", "text_dim", "num_heads",
+                     "num_layers"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.freq_dim % 2:  # the timestep features are freq_dim / 2 cosines and as many sines
+            raise ValueError(f"freq_dim {self.freq_dim} must be even")
+        if not (self.eps > 0 and self.rope_theta > 0):
+            raise ValueError(f"eps and rope_theta must be > 0, got {self.eps} and {self.rope_theta}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                floating = jnp.issubdtype(jnp.dtype(getattr(self, name)), jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise ValueError(f"{name} must name a floating dtype (float32, bfloat16, ...), got "
+                                 f"{getattr(self, name)!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of num_heads {self.num_heads}")
         if self.head_dim % 2 or self.head_dim < 6:

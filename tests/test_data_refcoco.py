@@ -236,6 +236,19 @@ def test_a_set_that_is_not_prepared_names_the_prepare_command(tmp_path):
         refcoco.RefCocoSource("refcoco_unc", "train", data_dir=data_dir)
 
 
+def test_a_set_converted_by_tfds_convert_format_counts_as_prepared(tmp_path):
+    """`tfds convert_format --out_file_format=array_record` keeps tfrecord as the main format and lists
+    the copy under alternativeFileFormats, which tfds.data_source reads: not refused."""
+    from genmask_jax.data.tfds_prepared import check_prepared
+
+    version = tmp_path / "ref_coco_bv" / "refcoco_unc" / "1.4.0"
+    version.mkdir(parents=True)
+    info = {"name": "ref_coco_bv", "version": "1.4.0", "alternativeFileFormats": ["array_record"]}
+    (version / "dataset_info.json").write_text(json.dumps(info))
+    check_prepared("ref_coco_bv/refcoco_unc", str(tmp_path), "prepare it")
+    check_prepared("ref_coco_bv/refcoco_unc:1.4.0", str(tmp_path), "prepare it")
+
+
 def test_cli_reports_count_mismatch(refer, tmp_path, caplog):
     argv = [
         "refcoco",

@@ -78,8 +78,8 @@ BAD_INPUT = [
     (
         "genmask_jax.train",
         [*TINY, "--config.data.encoder.cache_dir={root}/val_cache", "--workdir={root}/w"],
-        "lacks 16 of 16 sampled seg examples of the training split 'train' (e.g. shapes-0-train-0): add them "
-        "with `python -m genmask_jax.encoders.precompute",
+        "lacks 16 of 16 sampled seg examples of split 'train' (e.g. shapes-0-train-0): precompute split "
+        "'train' of the seg sources shapes into it (python -m genmask_jax.encoders.precompute",
     ),
     (
         "genmask_jax.train",

@@ -241,3 +241,6 @@ def test_frozen_vae_refuses_a_config_that_is_not_the_weights():
     config.model.vae = dataclasses.replace(load_config(TOY_VAE), param_dtype="bfloat16").to_dict()
     variables, _ = build.frozen_vae(config, build.build_model(config))
     assert {x.dtype for x in jax.tree.leaves(variables)} == {np.dtype(jnp.bfloat16)}
+    rounded = [float(f"{x:.6g}") for x in load_config(TOY_VAE).latents_std]  # as written by hand
+    config.model.vae = dataclasses.replace(load_config(TOY_VAE), latents_std=rounded).to_dict()
+    build.frozen_vae(config, build.build_model(config))

@@ -82,11 +82,19 @@ def test_unknown_law_fails_clearly():
 @pytest.mark.parametrize("law,unknown", [
     ({"law": "heavy_tailed", "alpha": 0.5}, "'alpha'"),
     ({"law": "logit_normal", "loc": 1.0}, "'loc'"),
-    ({"law": "uniform", "a": 0.1}, "'a'"),
+    ({"law": "uniform", "sigma": 0.1}, "'sigma'"),
 ])
 def test_misspelt_law_parameter_fails(law, unknown):
     with pytest.raises(ValueError, match=f"unknown keys .*{unknown}.*allowed: law"):
         ts.sample_law(jax.random.key(0), (3,), law)
+
+
+def test_a_parameter_left_from_another_law_is_ignored():
+    """`--config.model.timesteps.segmentation.law=uniform` cannot delete the config's `a`: runs trained
+    that way exist, and the law draws as without it."""
+    key = jax.random.key(0)
+    left = ts.sample_law(key, (64,), {"law": "uniform", "a": 0.05})
+    np.testing.assert_array_equal(left, ts.sample_law(key, (64,), {"law": "uniform"}))
 
 
 @pytest.mark.parametrize("law", [{"law": "heavy_tailed", "a": 0.0}, {"law": "heavy_tailed", "a": -0.1},

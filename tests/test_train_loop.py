@@ -200,3 +200,25 @@ def test_metrics_on_an_object_store_keep_every_line(tmp_path):
     lines = objects["gs://bucket/run/metrics.jsonl"].splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     assert loop.read_metrics(tmp_path) == [json.loads(line) for line in lines]
+
+
+def test_stopping_after_an_error_logs_the_cleanup_errors_and_runs_every_step(caplog):
+    """After a failure, a save that cannot finish (e.g. the bucket refused it) is logged: the failure
+    that stopped training stays the one reported, and the hooks are still closed."""
+    calls = []
+
+    class Refused:
+        def wait(self):
+            calls.append("wait")
+            raise PermissionError(13, "Permission denied", "gs://bucket/run/checkpoints/2")
+
+        def close(self):
+            calls.append("close")
+
+    class Hooks:
+        def close(self):
+            calls.append("hooks")
+
+    loop._finish_quietly(Refused(), Hooks())
+    assert calls == ["wait", "close", "hooks"]
+    assert "closing the save failed too" in caplog.text and "Permission denied" in caplog.text

@@ -191,16 +191,32 @@ class _ContextProvider:
         try:
             return self.cache.lookup(raw["id"], raw["text"])
         except CacheMiss as e:
-            seg, gen, refcoco = self.sources
-            names = seg if task == "seg" else gen
-            if "refcoco" in names.split(","):
-                names += f" ({refcoco})"
-            selection = precompute_selection(self.data_config, split, task)
+            raise CacheMiss(f"{e}: {self._precompute_advice(task, split)}") from None
+
+    def check_covers(self, source, task: str, split: str, num_samples: int) -> None:
+        """Raises CacheMiss unless the cache holds `num_samples` examples spread over `source`: a split
+        that was never precomputed fails here, before a model is built, not at the first batch."""
+        from genmask_jax.encoders.cache import CacheMiss, missing_from_sample
+
+        if self.cache is None:
+            return
+        missing, checked = missing_from_sample(self.cache, source, num_samples)
+        if missing:
             raise CacheMiss(
-                f"{e}: precompute split {split!r} of the {task} sources {names} into it "
-                f"(python -m genmask_jax.encoders.precompute --config=... --out={self.cache.folder} "
-                f"{selection})"
-            ) from None
+                f"embedding cache {self.cache.folder} lacks {len(missing)} of {checked} sampled {task} "
+                f"examples of split {split!r} (e.g. {missing[0]}): {self._precompute_advice(task, split)}"
+            )
+
+    def _precompute_advice(self, task: str, split: str) -> str:
+        seg, gen, refcoco = self.sources
+        names = seg if task == "seg" else gen
+        if "refcoco" in names.split(","):
+            names += f" ({refcoco})"
+        selection = precompute_selection(self.data_config, split, task)
+        return (
+            f"precompute split {split!r} of the {task} sources {names} into it "
+            f"(python -m genmask_jax.encoders.precompute --config=... --out={self.cache.folder} {selection})"
+        )
 
 
 class _Loader:
@@ -374,6 +390,11 @@ def _task_dataset(
     return ds.map_with_index(load)
 
 
+# Examples of each task's training split looked up in the embedding cache when the iterator is made:
+# enough to catch a split that was not precomputed, or only in part; the pipeline stops on any other.
+CACHE_SPOT_CHECKS = 16
+
+
 def make_train_iterator(
     data_config,
     batch_seg: int,
@@ -404,6 +425,7 @@ def make_train_iterator(
         source = make_task_source(names, data_config.train_split, data_config, task)
         if source is None:
             raise ValueError(f"batch_{task}={count} but data.{task}_sources is empty")
+        contexts.check_covers(source, task, data_config.train_split, CACHE_SPOT_CHECKS)
         skip_logs[task] = SkipLog(f"train/{task}")
         loader = _Loader(source, task, data_config, contexts, skip_logs[task], data_config.train_split)
         datasets[task] = _task_dataset(

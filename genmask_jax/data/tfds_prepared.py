@@ -3,7 +3,8 @@ before TFDS opens it: TFDS's own errors for a missing set mislead (a registered 
 prepared reports the TFRecord format as unsupported, an unregistered one lists every data set it knows).
 
 TFDS's layout: `<data_dir>/<builder>[/<config>]/<version>/dataset_info.json`, whose `fileFormat` is
-absent for TFRecord files.
+absent for TFRecord files; a copy in another format made by `tfds convert_format` is listed under
+`alternativeFileFormats`, and `tfds.data_source` reads that copy.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ def check_prepared(tfds_name: str, data_dir: str | None, how: str) -> None:
     infos = prepared_infos(tfds_name, data_dir)
     if not infos:
         raise FileNotFoundError(f"no prepared {tfds_name} in {where} (no dataset_info.json): {how}")
-    formats = {json.loads(p.read_text()).get("fileFormat", "tfrecord") for p in infos}
+    formats = set()
+    for path in infos:  # `tfds convert_format` keeps the main format and lists its copy as alternative
+        info = json.loads(path.read_text())
+        formats |= {info.get("fileFormat") or "tfrecord", *info.get("alternativeFileFormats", [])}
     if not formats & set(RANDOM_ACCESS_FORMATS):
         raise FileNotFoundError(
             f"{tfds_name} in {where} is prepared as {', '.join(sorted(formats))}; random access needs "

@@ -55,12 +55,14 @@ _POSITIVE = ("std", "a")
 
 
 def check_law(law: Mapping) -> None:
-    """Raises ValueError for an unknown law, a parameter the law does not take (a misspelt `alpha` would
-    otherwise train silently with the default `a`), or a non-positive scale."""
+    """Raises ValueError for an unknown law, a key no law takes (a misspelt `alpha` would otherwise train
+    silently with the default `a`), or a non-positive scale. Another law's parameter is let through:
+    `--config...law=uniform` cannot delete the `a` the config had, and such runs were saved."""
     name = law.get("law")
     if name not in LAW_PARAMS:
         raise ValueError(f"unknown timestep law {name!r} in {dict(law)}; known: {', '.join(LAW_PARAMS)}")
-    unknown = sorted(set(law.keys()) - {"law", *LAW_PARAMS[name]})
+    known = {"law", *(key for params in LAW_PARAMS.values() for key in params)}
+    unknown = sorted(set(law.keys()) - known)
     if unknown:
         allowed = ", ".join(["law", *LAW_PARAMS[name]])
         raise ValueError(f"timestep law {name!r}: unknown keys {unknown}; allowed: {allowed}")

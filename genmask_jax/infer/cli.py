@@ -46,23 +46,6 @@ USER_ERRORS = (
 )
 
 
-def user_error(error: BaseException) -> BaseException | None:
-    """The user error that `error` is, or the ContextError it wraps (one from a data-pipeline worker
-    can arrive chained to another exception or in an exception group); None for a bug."""
-    if isinstance(error, USER_ERRORS):
-        return error
-    pending, seen = [error], set()
-    while pending:
-        e = pending.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, ContextError):
-            return e
-        pending += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
-    return None
-
-
 def define_config_flag():
     """`--config=configs/<exp>.py[:args]` with `--config.a.b=value` overrides; unknown fields fail."""
     return config_flags.DEFINE_config_file(
@@ -168,14 +151,11 @@ def run(main: Callable[[], None], prog: str = "") -> None:
 
 
 def report_user_errors(main: Callable[[], None]) -> None:
-    """Runs `main`; a user error it raises (`user_error`) ends the command with one line, exit status 1."""
+    """Runs `main`; a user error it raises (USER_ERRORS) ends the command with one line, exit status 1."""
     try:
         main()
-    except Exception as e:
-        error = user_error(e)
-        if error is None:
-            raise
-        fail(str(error) if not isinstance(error, OSError) or not error.filename else _os_error(error))
+    except USER_ERRORS as e:  # grain's reader threads re-raise an example's error as it was raised
+        fail(str(e) if not isinstance(e, OSError) or not e.filename else _os_error(e))
 
 
 def _os_error(error: OSError) -> str:

@@ -85,11 +85,19 @@ _VAE_DTYPE_FIELDS = ("dtype", "param_dtype")
 
 
 def vae_config_differences(checkpoint: VAEConfig, experiment: VAEConfig) -> list[str]:
-    """'field: checkpoint X, experiment Y' for each field (dtypes aside) where the two configs differ."""
+    """'field: checkpoint X, experiment Y' for each field (dtypes aside) where the two configs differ; the
+    latent statistics to 1e-4 relative (a config may hold them rounded, as WAN's holds 4 decimals)."""
+
+    def differ(name: str) -> bool:
+        a, b = getattr(checkpoint, name), getattr(experiment, name)
+        if name in ("latents_mean", "latents_std") and len(a) == len(b):
+            return not np.allclose(a, b, rtol=1e-4, atol=1e-6)
+        return a != b
+
     return [
         f"{f.name}: checkpoint {getattr(checkpoint, f.name)}, experiment {getattr(experiment, f.name)}"
         for f in dataclasses.fields(VAEConfig)
-        if f.name not in _VAE_DTYPE_FIELDS and getattr(checkpoint, f.name) != getattr(experiment, f.name)
+        if f.name not in _VAE_DTYPE_FIELDS and differ(f.name)
     ]
 
 

@@ -243,6 +243,12 @@ def train(
         To be checkpointed it needs grain's `get_state()` / `set_state()`.
     """
     multihost.maybe_initialize(config.get("distributed"))
+    if data_iterator is None:  # first: a data or embedding-cache error stops before anything is built
+        from genmask_jax.data.pipeline import make_train_iterator
+
+        data_iterator = make_train_iterator(
+            config.data, _per_process(config.batch.seg), _per_process(config.batch.gen), config.seed
+        )
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or make_mesh(tuple(config.mesh.shape))
@@ -260,13 +266,6 @@ def train(
         abstract_frozen=abstract_frozen(model),
     )
     state = load_frozen(config, model, state, shardings)
-
-    if data_iterator is None:
-        from genmask_jax.data.pipeline import make_train_iterator
-
-        data_iterator = make_train_iterator(
-            config.data, _per_process(config.batch.seg), _per_process(config.batch.gen), config.seed
-        )
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
@@ -280,8 +279,8 @@ def train(
     hooks = TrainHooks(config, model, workdir, mesh, rules, start_step=start)
     history, last_saved = [], checkpointer.latest_step()
     end = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
-    # On any exit, an exception included, the issued (async) save is finished: a crash must not lose the
-    # last checkpoint. Nothing new is saved then: the state may be the bad one that raised.
+    # On an exception too, the issued (async) save is finished: a crash must not lose the last
+    # checkpoint. Nothing new is saved then: the state may be the bad one that raised.
     try:
         for step in range(start, end):
             batch = global_batch(next(data_iterator), mesh, rules)
@@ -309,10 +308,20 @@ def train(
                     checkpointer.save(done, state.trainable(), data_iterator, config)
                 log.warning("stop requested (SIGTERM): saved step %d in %s", done, checkpointer.directory)
                 break
-    finally:
-        try:
-            checkpointer.wait()
-            checkpointer.close()
-        finally:
-            hooks.close()
+    except BaseException:
+        _finish_quietly(checkpointer, hooks)  # the failure that stopped training is the one reported
+        raise
+    hooks.close()
+    checkpointer.wait()
+    checkpointer.close()
     return state, history
+
+
+def _finish_quietly(checkpointer: checkpointing.Checkpointer, hooks: TrainHooks) -> None:
+    """Finishes the issued save and closes the hooks after a failure; their own errors are logged."""
+    for name, finish in (("save", checkpointer.wait), ("checkpointer", checkpointer.close),
+                         ("hooks", hooks.close)):
+        try:
+            finish()
+        except Exception:  # noqa: BLE001
+            log.exception("while stopping after an error: closing the %s failed too", name)

@@ -325,10 +325,11 @@ def missing_from_sample(cache: EmbeddingCache, source, num_samples: int) -> tupl
     n = len(source)
     indices = sorted({int(i) for i in np.linspace(0, n - 1, min(num_samples, n))}) if n else []
     missing = [i for i in indices if source.example_id(i) not in cache]
-    return [source.example_id(i) for i in missing if _readable(source, i)], len(indices)
+    return [source.example_id(i) for i in missing if readable(source, i)], len(indices)
 
 
-def _readable(source, index: int) -> bool:
+def readable(source, index: int) -> bool:
+    """Whether example `index` of `source` reads (precompute leaves out those that do not)."""
     try:
         source[index]
     except Exception:  # noqa: BLE001  (any failure to read is the example's)

@@ -71,7 +71,7 @@ def check_sources(data_config: ml_collections.ConfigDict, specs: Sequence[SplitS
     cache = None
     if data_config.encoder.cache_dir:
         from genmask_jax.encoders import fingerprint
-        from genmask_jax.encoders.cache import EmbeddingCache
+        from genmask_jax.encoders.cache import EmbeddingCache, readable
 
         cache = EmbeddingCache(data_config.encoder.cache_dir, fingerprint(data_config.encoder))
     for spec in specs:
@@ -85,7 +85,7 @@ def check_sources(data_config: ml_collections.ConfigDict, specs: Sequence[SplitS
             # precompute leaves out the examples it cannot read: those are data errors that the run
             # records as unreadable, so the split is refused only if a readable example is missing.
             index = {example_id: i for i, example_id in enumerate(ids)}
-            if any(_readable(source, index[example_id]) for example_id in missing):
+            if any(readable(source, index[example_id]) for example_id in missing):
                 cache_dir = data_config.encoder.cache_dir
                 raise EvaluationError(
                     f"{spec.name}: {len(missing)} of its {len(source)} examples are not in the embedding "
@@ -93,14 +93,6 @@ def check_sources(data_config: ml_collections.ConfigDict, specs: Sequence[SplitS
                     f"genmask_jax.encoders.precompute --config=<the run's config, e.g. "
                     f"configs/checkpoint.py:CHECKPOINT> --out={cache_dir} --eval={spec.name}`"
                 )
-
-
-def _readable(source, index: int) -> bool:
-    try:
-        source[index]
-    except Exception:  # noqa: BLE001  (any failure to read is the example's)
-        return False
-    return True
 
 
 def encode_rle(mask: np.ndarray) -> dict:

@@ -177,18 +177,24 @@ def test_vae_pretrain_loss_decodes_the_mean_without_sampling():
     assert sample_a != sample_b
 
 
-def test_vae_pretrain_loss_has_gradient_past_the_wrong_bound():
-    """The reconstruction loss is on the unclamped decoder output: a decoder whose pixels all sit below -1
-    for white targets still gets a gradient (through decode's clamp it got exactly none)."""
+@pytest.mark.parametrize("clamped", [True, False])
+def test_vae_pretrain_loss_clamped_or_raw(clamped):
+    """Clamped (the default, as the shipped VAE was trained): a pixel past its target's bound costs nothing
+    and one past the wrong bound gets no gradient. Raw (`clamped_loss=False`): both are pulled back."""
     from genmask_jax.train import vae_pretrain
 
     config = vae_pretrain.vae_config(vae_pretrain.PretrainConfig())
-    params = random_frozen(abstract_params(config), seed=0)  # host init: no init to compile
-    params["params"]["decoder"]["conv_out"]["bias"] = jnp.full((3,), -5.0)
     rgb, weights = jnp.ones((1, 8, 8, 3)), jnp.ones((1,))
-    grad = jax.jit(jax.grad(lambda p: vae_pretrain.vae_loss(p, rgb, weights, jax.random.key(1), config, 0.0,
-                                                            False)[0]))(params)
-    assert float(jnp.abs(grad["params"]["decoder"]["conv_out"]["bias"]).min()) > 1.0
+
+    def bias_grad(bias):
+        params = random_frozen(abstract_params(config), seed=0)  # host init: no init to compile
+        params["params"]["decoder"]["conv_out"]["bias"] = jnp.full((3,), bias)
+        key = jax.random.key(1)
+        loss = lambda p: vae_pretrain.vae_loss(p, rgb, weights, key, config, 0.0, False, clamped)[0]
+        return float(jnp.abs(jax.jit(jax.grad(loss))(params)["params"]["decoder"]["conv_out"]["bias"]).min())
+
+    for bias in (-5.0, 5.0):  # every pixel past the wrong bound, then past the right one
+        assert (bias_grad(bias) == 0.0) if clamped else (bias_grad(bias) > 1.0)
 
 
 def _saved_parent(tmp_path, base_dim=8):

@@ -191,7 +191,7 @@ def test_config_roundtrip_and_variants():
         (dict(patch_size=(1, 0, 2)), "patch_size must be 3 positive ints"),
         (dict(patch_size=(1, 1.5, 2)), "patch_size must be 3 positive ints"),
         (dict(num_heads=0), "num_heads must be a positive int, got 0"),
-        (dict(num_layers=0), "num_layers must be a positive int"),
+        (dict(num_layers=-1), "num_layers must be a non-negative int"),
         (dict(in_channels=-16), "in_channels must be a positive int"),
         (dict(dim=65), "dim 65 is not a multiple of num_heads 2"),
         (dict(freq_dim=255), "freq_dim 255 must be even"),

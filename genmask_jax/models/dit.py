@@ -67,11 +67,13 @@ class DiTConfig:
         if len(patch) != 3 or any(int(p) != p or p < 1 for p in patch):
             raise ValueError(f"patch_size must be 3 positive ints (frames, height, width): {self.patch_size}")
         object.__setattr__(self, "patch_size", tuple(int(p) for p in patch))
-        for name in ("in_channels", "out_channels", "dim", "ffn_dim", "freq_dim", "text_dim", "num_heads",
-                     "num_layers"):
+        for name in ("in_channels", "out_channels", "dim", "ffn_dim", "freq_dim", "text_dim", "num_heads"):
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        # 0 layers: the embedders and the head alone (convert.wan_dit initialises a new text embedder so).
+        if int(self.num_layers) != self.num_layers or self.num_layers < 0:
+            raise ValueError(f"num_layers must be a non-negative int, got {self.num_layers!r}")
         if self.freq_dim % 2:  # the timestep features are freq_dim / 2 cosines and as many sines
             raise ValueError(f"freq_dim {self.freq_dim} must be even")
         if not (self.eps > 0 and self.rope_theta > 0):

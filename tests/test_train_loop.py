@@ -82,19 +82,22 @@ def test_muon_resume_is_exact(tmp_path):
             np.testing.assert_allclose(r[name], h[name], rtol=1e-5, err_msg=f"{name} at {h['step']}")
 
 
-class PoisonedBatches:
-    """Finite batches, then a NaN image from step `bad` on (as a corrupt example would give)."""
+class ScriptedBatches:
+    """Finite batches, except: a NaN image from batch `nan_from` on (as a corrupt example would give), and
+    a RuntimeError at batch `fail_at` (a data worker that died)."""
 
-    def __init__(self, bad: int):
-        self.bad, self.count = bad, 0
+    def __init__(self, nan_from: int | None = None, fail_at: int | None = None):
+        self.nan_from, self.fail_at, self.count = nan_from, fail_at, 0
 
     def __iter__(self):
         return self
 
     def __next__(self):
         self.count += 1
+        if self.count == self.fail_at:
+            raise RuntimeError("data source died")
         batch = make_batch(self.count, 2, 2)
-        if self.count >= self.bad:
+        if self.nan_from is not None and self.count >= self.nan_from:
             batch["seg"]["image"][:] = np.nan
         return batch
 
@@ -104,28 +107,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config(total_steps=6, log_every=100, **{"checkpoint.every_steps": 2})
     message = "non-finite loss .* at step 4.*last good checkpoint is step 2"
     with pytest.raises(FloatingPointError, match=message):
-        loop.train(config, tmp_path, data_iterator=PoisonedBatches(bad=3), mesh=mesh_of((1, 1, 1)))
+        loop.train(config, tmp_path, data_iterator=ScriptedBatches(nan_from=3), mesh=mesh_of((1, 1, 1)))
     ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", read_only=True)
     assert ckpt.all_steps() == [2]
     ckpt.close()
     logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2]
-
-
-class FailingBatches:
-    """Finite batches until the `fail`-th, which raises (a data worker that died)."""
-
-    def __init__(self, fail: int):
-        self.fail, self.count = fail, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.count += 1
-        if self.count == self.fail:
-            raise RuntimeError("data source died")
-        return make_batch(self.count, 2, 2)
 
 
 @pytest.mark.slow
@@ -145,7 +132,7 @@ def test_an_exception_after_an_async_save_finishes_the_save(tmp_path, monkeypatc
     monkeypatch.setattr(loop.TrainHooks, "close", lambda self: (events.append("hooks"), hooks_close(self)))
     config = tiny_config(total_steps=4, **{"checkpoint.every_steps": 2, "checkpoint.async_save": True})
     with pytest.raises(RuntimeError, match="data source died"):
-        loop.train(config, tmp_path, data_iterator=FailingBatches(fail=3), mesh=mesh_of((1, 1, 1)))
+        loop.train(config, tmp_path, data_iterator=ScriptedBatches(fail_at=3), mesh=mesh_of((1, 1, 1)))
     assert events == ["save 2", "wait", "close", "hooks"]
     ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", read_only=True)
     assert ckpt.all_steps() == [2]

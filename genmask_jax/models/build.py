@@ -16,7 +16,7 @@ import numpy as np
 from genmask_jax.diffusion import timesteps as ts
 from genmask_jax.models.dit import DiTConfig, WanDiT
 from genmask_jax.models.genmask import GenMask
-from genmask_jax.models.vae import VAEConfig, WanVAE
+from genmask_jax.models.vae import VAEConfig, WanVAE, config_differences
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +80,12 @@ class VAEConfigMismatch(ValueError):
     """`config.vae_from` holds a VAE whose structure or latent statistics differ from `config.model.vae`."""
 
 
-# The experiment's own choice: the stored weights are cast to them (cast_like).
-_VAE_DTYPE_FIELDS = ("dtype", "param_dtype")
-
-
 def vae_config_differences(checkpoint: VAEConfig, experiment: VAEConfig) -> list[str]:
-    """'field: checkpoint X, experiment Y' for each field (dtypes aside) where the two configs differ; the
-    latent statistics to 1e-4 relative (a config may hold them rounded, as WAN's holds 4 decimals)."""
-
-    def differ(name: str) -> bool:
-        a, b = getattr(checkpoint, name), getattr(experiment, name)
-        if name in ("latents_mean", "latents_std") and len(a) == len(b):
-            return not np.allclose(a, b, rtol=1e-4, atol=1e-6)
-        return a != b
-
+    """'field: checkpoint X, experiment Y' for each field where the two configs differ, dtypes aside (the
+    experiment's own choice: the stored weights are cast to them, cast_like)."""
     return [
-        f"{f.name}: checkpoint {getattr(checkpoint, f.name)}, experiment {getattr(experiment, f.name)}"
-        for f in dataclasses.fields(VAEConfig)
-        if f.name not in _VAE_DTYPE_FIELDS and differ(f.name)
+        f"{name}: checkpoint {getattr(checkpoint, name)}, experiment {getattr(experiment, name)}"
+        for name in config_differences(checkpoint, experiment)
     ]
 
 

@@ -21,12 +21,13 @@ two zero frames before the image and reduces to the 2D conv with the kernel's la
 """
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genmask_jax.models.layers import logical_param
 
@@ -123,6 +124,24 @@ class VAEConfig:
     @property
     def temporal_factor(self) -> int:
         return 2 ** sum(self.temporal_downsample)
+
+
+# The fields that shape the parameters; the latent statistics belong to the weights too.
+STRUCTURE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temporal_downsample")
+WEIGHT_FIELDS = (*STRUCTURE_FIELDS, "latents_mean", "latents_std")
+
+
+def config_differences(a: VAEConfig, b: VAEConfig, fields: Sequence[str] = WEIGHT_FIELDS) -> list[str]:
+    """The `fields` in which `a` and `b` differ; the latent statistics to 1e-4 relative (a config may hold
+    them rounded, as WAN's holds 4 decimals)."""
+
+    def differ(name: str) -> bool:
+        x, y = getattr(a, name), getattr(b, name)
+        if name in ("latents_mean", "latents_std") and len(x) == len(y):
+            return not np.allclose(x, y, rtol=1e-4, atol=1e-6)
+        return x != y
+
+    return [name for name in fields if differ(name)]
 
 
 def normalize_latents(mu: jax.Array, config: VAEConfig) -> jax.Array:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from genmask_jax.data.shapes import SyntheticShapes
 from genmask_jax.models import mask_codec
-from genmask_jax.models.vae import VAEConfig, WanVAE, init_params
+from genmask_jax.models.vae import STRUCTURE_FIELDS, VAEConfig, WanVAE, config_differences, init_params
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,6 @@ def render_pool(
         images[i] = example["image"].astype(np.float32) / 127.5 - 1.0
         masks[i] = example["mask"]
     return images, masks
-
-
-# The fields that shape the parameters; a run continuing from another (`init_from`) must share them.
-STRUCTURE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temporal_downsample")
 
 
 def vae_config(cfg: PretrainConfig) -> VAEConfig:
@@ -186,8 +182,7 @@ def check_parent(path: str, config: VAEConfig) -> None:
     parent = load_config(path)
     differences = [
         f"{name}: parent {getattr(parent, name)}, this run {getattr(config, name)}"
-        for name in STRUCTURE_FIELDS
-        if getattr(parent, name) != getattr(config, name)
+        for name in config_differences(parent, config, STRUCTURE_FIELDS)
     ]
     if differences:
         raise ValueError(

@@ -2,24 +2,30 @@
 
     python -m bench.bench_dit_gpu [--variant 1.3b] [--frames 2] [--height 64] [--width 64] [--text-len 512]
         [--batches 1,2,4,8,16,32] [--reps 10] [--attention cudnn] [--remat none] [--unrolled]
-        [--peak-tflops X] [--no-torch] [--json PATH]
+        [--peak-tflops X] [--only jax|torch] [--torch-timeout 300] [--json PATH]
 
 Defaults are the issue's setting: the 1.3B DiT with bf16 parameters and compute, 2 latent frames of 32 x 32
 patches (latent 2 x 64 x 64, 2,048 tokens), 512 text tokens; the gradient of `mean(out^2)` with respect to all
 parameters. The blocks are scanned as in configs/genmask.py (`--unrolled` unrolls them; slower to compile).
-Batches are tried in the order given until one does not fit (out of memory). Each measured step is the
-median of `--reps` after a warm-up (compile).
+Batches are tried in the order given until one does not fit (out of memory) or fails; the failure is recorded
+and ends that framework's sweep only. Each measured step is the median of `--reps` after a warm-up (compile).
+If cuDNN attention (the GPU default) fails on the first batch for another reason than memory, the sweep
+is run again with XLA attention. `--json` is rewritten after every batch: a run stopped early keeps its
+figures.
 
 MFU = model FLOPs / (step time x peak bf16 FLOP/s of the card). Model FLOPs are those of every matmul
 in the forward+backward, attention's included, counted from the jaxpr of the same model with XLA
 attention (`genmask_jax.flops.count_flops`; a cuDNN attention call is opaque to it). The peak comes from
-`--peak-tflops`, else `genmask_jax.flops.peak_bf16_flops` (vendors' dense bf16 figures).
+`--peak-tflops`, else `genmask_jax.flops.peak_bf16_flops` (vendors' dense bf16 figures). tokens/s counts the
+video tokens (frames x patches), not the text tokens.
 
 diffusers' `WanTransformer3DModel` runs with the same config in bf16 (the modules it keeps in float32 stay
 there, as `from_pretrained(torch_dtype=torch.bfloat16)` leaves them; PyTorch eager, SDPA attention) on
-the first CUDA device (the CPU when there is none, for a smoke run), over the same batches, first: it
-frees the card before JAX starts its sweep, and JAX does not preallocate (`XLA_PYTHON_CLIENT_PREALLOCATE`
-is false unless set), so neither framework's memory pool shrinks the other's largest batch.
+the first CUDA device (the CPU when there is none, for a smoke run), over the same batches, first and in a
+child process (`--only torch`, at most `--torch-timeout` seconds): the card is the driver's again when JAX
+starts, and torch's CUDA libraries (cuDNN among them) never share a process with jax's. JAX does not
+preallocate and may use 92% of the card (`XLA_PYTHON_CLIENT_PREALLOCATE`, `XLA_PYTHON_CLIENT_MEM_FRACTION`
+unless set; JAX's default cap is 75% even without preallocation).
 Needs jax with a GPU/TPU backend and, for the comparison, torch and diffusers; not the training stack.
 """
 
@@ -28,6 +34,9 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 
@@ -42,46 +51,68 @@ def make_inputs(batch: int, frames: int, height: int, width: int, text_len: int,
     return x, t, ctx
 
 
-def is_out_of_memory(error: Exception) -> bool:
+def is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def jax_runs(config, shape, batches, reps):
-    """[(batch, ms)] for the batches that fit, in order, and the forward+backward FLOPs per example."""
+def sweep(name: str, batches, time_batch, record) -> None:
+    """Times `time_batch(batch)` for each batch until one fails; `record` gets each run as a dict."""
+    for batch in batches:
+        try:
+            ms = time_batch(batch)
+        except Exception as e:  # noqa: BLE001  (recorded: one failure must not lose the other figures)
+            error = "out of memory" if is_out_of_memory(e) else f"{type(e).__name__}: {str(e)[:2000]}"
+            print(f"{name}: batch {batch} failed: {error.splitlines()[0]}", flush=True)
+            record({"batch": batch, "error": error})
+            return
+        print(f"{name}: batch {batch}: {ms:.1f} ms", flush=True)
+        record({"batch": batch, "ms": ms})
+
+
+def step_flops(config, shape) -> float:
+    """Forward+backward FLOPs of one example, counted from the jaxpr with XLA attention (no device memory)."""
     import jax
     import jax.numpy as jnp
 
     from genmask_jax.flops import count_flops
     from genmask_jax.models.dit import WanDiT, init_params
 
-    def loss(params, model, x, t, ctx):
-        return jnp.mean(model.apply({"params": params}, x, t, ctx).astype(jnp.float32) ** 2)
+    model = WanDiT(dataclasses.replace(config, attention="xla"))
+    params = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
+    one = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in make_inputs(1, *shape, config)]
+
+    def loss(p, x, t, ctx):
+        return jnp.mean(model.apply({"params": p}, x, t, ctx).astype(jnp.float32) ** 2)
+
+    return float(count_flops(jax.make_jaxpr(jax.grad(loss))(params, *one)))
+
+
+def jax_runs(config, shape, batches, reps, record) -> None:
+    """Sweeps the batches with the jitted forward+backward of WanDiT(config)."""
+    import jax
+    import jax.numpy as jnp
+
+    from genmask_jax.models.dit import WanDiT, init_params
 
     model = WanDiT(config)
     params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))
-    step = jax.jit(jax.value_and_grad(lambda p, x, t, ctx: loss(p, model, x, t, ctx)))
-    counted = WanDiT(dataclasses.replace(config, attention="xla"))
-    one = make_inputs(1, *shape, config)
-    flops = count_flops(jax.make_jaxpr(jax.grad(lambda p, *a: loss(p, counted, *a)))(params, *one))
-    runs = []
-    for batch in batches:
-        inputs = [jnp.asarray(a) for a in make_inputs(batch, *shape, config)]
-        inputs[0], inputs[2] = inputs[0].astype(config.dtype), inputs[2].astype(config.dtype)
-        try:
-            ms = median_ms(lambda inputs=inputs: jax.block_until_ready(step(params, *inputs)), reps)
-        except Exception as e:  # noqa: BLE001  (out of memory ends the sweep; anything else is a bug)
-            if not is_out_of_memory(e):
-                raise
-            print(f"jax: batch {batch} does not fit", flush=True)
-            break
-        runs.append((batch, ms))
-        print(f"jax: batch {batch}: {ms:.1f} ms", flush=True)
-    return runs, flops
+
+    @jax.jit
+    @jax.value_and_grad
+    def step(p, x, t, ctx):
+        return jnp.mean(model.apply({"params": p}, x, t, ctx).astype(jnp.float32) ** 2)
+
+    def time_batch(batch):
+        x, t, ctx = (jnp.asarray(a) for a in make_inputs(batch, *shape, config))
+        x, ctx = x.astype(config.dtype), ctx.astype(config.dtype)
+        return median_ms(lambda: jax.block_until_ready(step(params, x, t, ctx)), reps)
+
+    sweep("jax", batches, time_batch, record)
 
 
-def torch_runs(config, shape, batches, reps):
-    """[(batch, ms)] of diffusers' WanTransformer3DModel (bf16, eager) for the batches that fit."""
+def torch_runs(config, shape, batches, reps, record) -> str:
+    """Sweeps the batches with diffusers' WanTransformer3DModel (bf16, eager); returns the device's name."""
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -99,28 +130,61 @@ def torch_runs(config, shape, batches, reps):
     for name, param in model.named_parameters():
         if not keep.intersection(name.split(".")):
             param.data = param.data.to(torch.bfloat16)
-    runs = []
-    for batch in batches:
+
+    def time_batch(batch):
         x, t, ctx = make_inputs(batch, *shape, config)
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).to(device, torch.bfloat16)
         t, ctx = torch.from_numpy(t).to(device), torch.from_numpy(ctx).to(device, torch.bfloat16)
 
-        def step(x=x, t=t, ctx=ctx):
+        def step():
             model.zero_grad(set_to_none=True)
             (model(x, t, ctx).sample.float() ** 2).mean().backward()
             sync()
 
         try:
-            ms = median_ms(step, reps)
-        except torch.OutOfMemoryError:
-            print(f"torch: batch {batch} does not fit", flush=True)
-            break
-        runs.append((batch, ms))
-        print(f"torch: batch {batch}: {ms:.1f} ms", flush=True)
-    return runs, device
+            return median_ms(step, reps)
+        finally:
+            model.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    sweep("torch", batches, time_batch, record)
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def torch_in_child(argv, timeout_s: float) -> dict:
+    """Runs this script with `--only torch` in a child process; its JSON, or {"error": ...} if it failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "torch.json")
+        command = [sys.executable, "-m", "bench.bench_dit_gpu", *argv, "--only", "torch", "--json", out]
+        try:
+            done = subprocess.run(command, timeout=timeout_s, stdout=sys.stdout, stderr=subprocess.PIPE,
+                                  text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            error = None if done.returncode == 0 else f"exit {done.returncode}: {done.stderr[-2000:]}"
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {timeout_s} s"
+        child = json.load(open(out)) if os.path.exists(out) else {}
+    if error:
+        print(f"torch: {error.splitlines()[0]}", flush=True)
+        child["error"] = error
+    return child
+
+
+def derive(run: dict, flops: float | None, tokens: int, peak_tflops: float | None) -> dict:
+    """Adds tokens/s, achieved TFLOP/s and MFU to a measured run."""
+    if "ms" not in run:
+        return run
+    seconds = run["ms"] / 1e3
+    run = {**run, "tokens_per_s": run["batch"] * tokens / seconds}
+    if flops:
+        run["tflops_per_s"] = flops * run["batch"] / seconds / 1e12
+        if peak_tflops:
+            run["mfu"] = run["tflops_per_s"] / peak_tflops
+    return run
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--variant", default="1.3b")
     parser.add_argument("--frames", type=int, default=2)
@@ -134,51 +198,91 @@ def main(argv=None):
     parser.add_argument("--unrolled", action="store_true", help="unrolled blocks instead of nn.scan")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--only", choices=("jax", "torch"), default=None, help="one framework (default both)")
+    parser.add_argument("--no-torch", action="store_true", help="the same as --only jax")
+    parser.add_argument("--torch-timeout", type=float, default=300.0, help="seconds for diffusers' sweep")
+    parser.add_argument("--json", default=None, help="also write the results here (after every batch)")
     args = parser.parse_args(argv)
+    only = "jax" if args.no_torch else args.only
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax starts its backends
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+
+    from genmask_jax.models.dit import DiTConfig
+
+    shape = (args.frames, args.height, args.width, args.text_len)
+    batches = [int(b) for b in args.batches.split(",")]
+    results = {"variant": args.variant, "dtype": args.dtype, "frames": args.frames,
+               "latent": [args.height, args.width], "text_len": args.text_len, "remat": args.remat,
+               "scan_layers": not args.unrolled,
+               "tokens_definition": "video tokens per example (text excluded)"}
+
+    def save():
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
+
+    def config_for(attention):
+        return DiTConfig.from_variant(args.variant, dtype=args.dtype, param_dtype=args.dtype,
+                                      attention=attention, remat_policy=args.remat,
+                                      scan_layers=not args.unrolled)
+
+    if only == "torch":  # the child: no jax backend is started here
+        results["torch"] = []
+        results["torch_device"] = torch_runs(config_for("xla"), shape, batches, args.reps,
+                                             lambda run: (results["torch"].append(run), save()))
+        save()
+        return results
 
     import jax
 
     from genmask_jax.flops import devices_per_chip, peak_bf16_flops
-    from genmask_jax.models.dit import DiTConfig
 
     device = jax.devices()[0]
     attention = args.attention or {"gpu": "cudnn", "tpu": "splash"}.get(device.platform, "xla")
-    config = DiTConfig.from_variant(args.variant, dtype=args.dtype, param_dtype=args.dtype,
-                                    attention=attention, remat_policy=args.remat,
-                                    scan_layers=not args.unrolled)
-    shape = (args.frames, args.height, args.width, args.text_len)
-    tokens = args.frames * args.height * args.width // math.prod(config.patch_size)
+    config = config_for(attention)
+    results["tokens"] = tokens = args.frames * args.height * args.width // math.prod(config.patch_size)
     known = peak_bf16_flops(device.device_kind, devices_per_chip(jax.devices()))
-    peak = args.peak_tflops or (known / 1e12 if known else None)
-    batches = [int(b) for b in args.batches.split(",")]
+    results["device"], results["peak_tflops"] = device.device_kind, args.peak_tflops or (
+        known / 1e12 if known else None)
     print(f"{device.device_kind}: {args.variant} DiT, {args.dtype}, {tokens} tokens + {args.text_len} text "
           f"tokens per example, attention {attention}, remat {args.remat}, "
-          f"{'unrolled' if args.unrolled else 'scanned'} blocks; peak {peak} TFLOP/s", flush=True)
+          f"{'unrolled' if args.unrolled else 'scanned'} blocks; peak {results['peak_tflops']} TFLOP/s",
+          flush=True)
+    results["flops_per_example"] = flops = step_flops(config, shape)
+    print(f"forward+backward: {flops / 1e9:,.1f} GFLOP per example (matmuls, attention included)", flush=True)
+    save()
 
-    results = {"device": device.device_kind, "variant": args.variant, "dtype": args.dtype, "tokens": tokens,
-               "text_len": args.text_len, "attention": attention, "remat": args.remat,
-               "scan_layers": not args.unrolled, "peak_tflops": peak}
-    if not args.no_torch:
-        results["torch"], results["torch_device"] = torch_runs(config, shape, batches, args.reps)
-        import torch
+    def recorder(name, **extra):
+        def record(run):
+            results[name].append(derive({**run, **extra}, flops, tokens, results["peak_tflops"]))
+            save()
+        return record
 
-        if torch.cuda.is_available():  # the model and its activations died with torch_runs' frame
-            torch.cuda.empty_cache()
-    results["jax"], results["flops_per_example"] = jax_runs(config, shape, batches, args.reps)
-    flops = results["flops_per_example"]
+    if only is None:
+        child = torch_in_child(argv, args.torch_timeout)
+        peak = results["peak_tflops"]
+        results["torch"] = [derive(run, flops, tokens, peak) for run in child.get("torch", [])]
+        results["torch_device"] = child.get("torch_device")
+        if "error" in child:
+            results["torch_error"] = child["error"]
+        save()
 
-    print(f"forward+backward: {flops / 1e9:,.1f} GFLOP per example (matmuls, attention included)")
-    print("| framework | batch | step | tokens/s | MFU |\n|---|---|---|---|---|")
+    results["jax"] = []
+    for kernel in dict.fromkeys([attention, "xla"]):
+        results["jax_attention"] = kernel
+        jax_runs(config_for(kernel), shape, batches, args.reps, recorder("jax", attention=kernel))
+        first = results["jax"][-1] if results["jax"] else {}
+        if "error" not in first or len(results["jax"]) > 1 or first["error"] == "out of memory":
+            break  # measured, or only out of memory: another attention would not help
+
+    print("| framework | batch | step | tokens/s | TFLOP/s | MFU |\n|---|---|---|---|---|---|")
     for name in ("jax", "torch"):
-        for batch, ms in results.get(name, []):
-            mfu = f"{flops * batch / (ms / 1e3) / (peak * 1e12):.1%}" if peak else "-"
-            print(f"| {name} | {batch} | {ms:.1f} ms | {batch * tokens / (ms / 1e3):,.0f} | {mfu} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        for run in results.get(name, []):
+            if "ms" in run:
+                mfu = f"{run['mfu']:.1%}" if "mfu" in run else "-"
+                print(f"| {name} | {run['batch']} | {run['ms']:.1f} ms | {run['tokens_per_s']:,.0f} | "
+                      f"{run['tflops_per_s']:.1f} | {mfu} |")
     return results
 
 

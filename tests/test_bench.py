@@ -10,19 +10,54 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from bench import bench_dit_gpu  # noqa: E402
 
+TINY = ["--variant", "tiny", "--height", "8", "--width", "8", "--text-len", "16", "--reps", "1"]
+
 
 @pytest.mark.torch
 def test_bench_dit_gpu_runs_both_frameworks(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     out = tmp_path / "results.json"
-    results = bench_dit_gpu.main(["--variant", "tiny", "--height", "8", "--width", "8", "--text-len", "16",
-                                  "--batches", "1,2", "--reps", "1", "--json", str(out)])
-    assert [batch for batch, _ in results["jax"]] == [1, 2]
-    assert [batch for batch, _ in results["torch"]] == [1, 2]
-    assert results["tokens"] == 2 * 8 * 8 // 4 and results["attention"] == "xla"
-    assert results["flops_per_example"] > 0
-    assert json.loads(out.read_text())["jax"] == [list(run) for run in results["jax"]]
+    results = bench_dit_gpu.main([*TINY, "--batches", "1,2", "--json", str(out)])
+    assert [run["batch"] for run in results["jax"]] == [1, 2]
+    assert [run["batch"] for run in results["torch"]] == [1, 2]
+    assert results["tokens"] == 2 * 8 * 8 // 4 and results["jax_attention"] == "xla"
+    assert results["flops_per_example"] > 0 and results["torch_device"] == "cpu"
+    for run in results["jax"] + results["torch"]:
+        assert run["ms"] > 0 and run["tokens_per_s"] == pytest.approx(run["batch"] * 32 / (run["ms"] / 1e3))
+        assert run["tflops_per_s"] == pytest.approx(
+            results["flops_per_example"] * run["batch"] / (run["ms"] / 1e3) / 1e12)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+
+
+def test_bench_dit_gpu_records_failures_and_keeps_the_other_figures(tmp_path, monkeypatch):
+    """Out of memory ends a sweep with a record; a failed diffusers child is an error entry, not a crash;
+    the JSON on disk holds every batch measured so far."""
+    real = bench_dit_gpu.median_ms
+    seen = []
+
+    def median_ms(fn, reps):
+        seen.append(json.loads((tmp_path / "results.json").read_text()))  # written before each batch
+        if len(seen) == 2:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB")
+        return real(fn, reps)
+
+    monkeypatch.setattr(bench_dit_gpu, "median_ms", median_ms)
+    monkeypatch.setattr(bench_dit_gpu, "torch_in_child",
+                        lambda argv, timeout_s: {"torch": [{"batch": 1, "ms": 2.0}], "torch_device": "cpu",
+                                                 "error": "exit 1: ModuleNotFoundError: No module named 'x'"})
+    results = bench_dit_gpu.main([*TINY, "--batches", "1,2,4", "--json", str(tmp_path / "results.json")])
+    assert [run["batch"] for run in results["jax"]] == [1, 2]
+    assert "ms" in results["jax"][0] and results["jax"][1]["error"] == "out of memory"
+    assert results["torch"][0]["tokens_per_s"] == 1 * 32 / 2e-3 and "No module" in results["torch_error"]
+    assert [run["batch"] for run in seen[1]["jax"]] == [1] and seen[0]["torch_error"]
+    assert json.loads((tmp_path / "results.json").read_text())["jax"][1]["error"] == "out of memory"
+
+
+@pytest.mark.torch
+def test_bench_dit_gpu_child_timeout_is_recorded(tmp_path):
+    results = bench_dit_gpu.torch_in_child([*TINY, "--batches", "1"], timeout_s=0.01)
+    assert results["error"].startswith("timed out")
 
 
 def test_profile_names_the_model_parts():

@@ -11,6 +11,7 @@ Parameter names follow diffusers so that conversion is a rename plus a layout ch
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -264,9 +265,16 @@ class FeedForward(nn.Module):
         return dense(cfg.dim, ("mlp", "embed"), dtype, param_dtype, "proj_out")(h)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))  # saves x, not float32 copies (layers.py)
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
     """`LN(x) * (1 + scale) + shift` in float32, cast to `dtype`."""
     return (layer_norm(x, eps) * (1 + scale) + shift).astype(dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _gated_add(x: jax.Array, h: jax.Array, gate: jax.Array, dtype) -> jax.Array:
+    """The residual update `x + h * gate` in float32, cast to `dtype`."""
+    return (x.astype(jnp.float32) + h.astype(jnp.float32) * gate).astype(dtype)
 
 
 class Block(nn.Module):
@@ -291,7 +299,7 @@ class Block(nn.Module):
 
         h = _modulate(x, shift, scale, cfg.eps, dtype)
         h = Attention(cfg, name="attn1")(h, rope=rope)
-        x = (x.astype(f32) + h.astype(f32) * gate).astype(dtype)
+        x = _gated_add(x, h, gate, dtype)
 
         x = materialize_cotangent(x)
         h = LayerNorm(cfg.eps, dtype, param_dtype, name="norm2")(x)
@@ -301,7 +309,7 @@ class Block(nn.Module):
         x = materialize_cotangent(x)
         h = _modulate(x, c_shift, c_scale, cfg.eps, dtype)
         h = FeedForward(cfg, name="ffn")(h)
-        x = (x.astype(f32) + h.astype(f32) * c_gate).astype(dtype)
+        x = _gated_add(x, h, c_gate, dtype)
         return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
 
 

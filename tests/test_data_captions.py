@@ -11,6 +11,7 @@ from PIL import Image
 
 from genmask_jax.data.captions import CaptionFiles, TfdsCaptions
 from genmask_jax.data.pipeline import default_data_config, make_train_iterator
+from genmask_jax.data.skips import BadExample
 
 
 def _jpeg(path, value, size=(20, 12)):
@@ -111,3 +112,35 @@ def test_mixed_with_shapes(folder):
     c.gen_sources, c.captions.path = "captions", str(folder)
     batch = next(make_train_iterator(c, 1, 3, seed=0, process_index=0, process_count=1))
     assert batch["seg"]["image"].shape[0] == 1 and batch["gen"]["image"].shape == (3, 16, 16, 3)
+
+
+def test_folder_images_are_turned_as_displayed(tmp_path):
+    # A phone photo stored landscape with EXIF "rotate 90 deg" is shown (and must be learned) portrait.
+    image = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "a.jpg", exif=exif)
+    (tmp_path / "a.txt").write_text("a photo")
+    assert CaptionFiles(str(tmp_path))[0]["image"].shape == (40, 20, 3)
+
+
+def test_a_caption_file_gone_after_the_scan_is_a_bad_example_not_its_path(folder):
+    pairs = CaptionFiles(str(folder))
+    (folder / "a.txt").unlink()
+    with pytest.raises(BadExample) as info:
+        pairs[0]
+    assert info.value.kind == "no_caption"
+    assert pairs[1]["text"] == "a bright picture"
+
+
+def test_tfds_image_arrays_that_are_not_uint8_are_bad_examples_not_cast():
+    source = TfdsCaptions.__new__(TfdsCaptions)  # the reading only; preparing a set is tested above
+    source.name, source.split, source.image_key, source.caption_key = "tiny", "train", "image", "caption"
+    source.records = [
+        {"image": np.full((4, 4, 3), 60000, np.uint16), "caption": "wrapped"},
+        {"image": np.full((4, 4, 3), 9, np.uint8), "caption": "fine"},
+    ]
+    with pytest.raises(BadExample) as info:
+        source[0]
+    assert info.value.kind == "bad_image"
+    assert source[1]["image"].dtype == np.uint8 and source[1]["text"] == "fine"

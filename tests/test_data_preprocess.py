@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from genmask_jax.data import preprocess as P
+from genmask_jax.data.skips import BadExample
 
 
 def test_geometry_values():
@@ -53,3 +54,36 @@ def test_mask_nearest_keeps_binary_and_float_prediction_interpolates(np_rng):
     prob = P.unfit_mask(np.full((32, 32), 0.75, np.float32), g)
     assert prob.dtype == np.float32 and prob.shape == (37, 53)
     np.testing.assert_allclose(prob[5:-5, 5:-5], 0.75, atol=1e-6)  # bilinear of a constant is the constant
+
+
+def test_fit_image_scales_exactly_as_x_over_127_5_minus_1():
+    # The demo's latent pool was built from `x / 127.5 - 1`; the same bits keep old pools valid.
+    image = np.arange(256 * 3, dtype=np.uint16).reshape(16, 16, 3).astype(np.uint8)
+    fitted, _ = P.fit_image(image, (16, 16), "pad")
+    assert fitted.tobytes() == (image.astype(np.float32) / 127.5 - 1.0).tobytes()
+
+
+def test_grey_grey_alpha_and_rgba_images_become_rgb(np_rng):
+    grey = np_rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    alpha = np.full_like(grey, 7)
+    expected, _ = P.fit_image(grey, (16, 16), "pad")
+    for image in (grey[..., None], np.stack([grey, alpha], -1), np.stack([grey, grey, grey, alpha], -1)):
+        fitted, g = P.fit_image(image, (16, 16), "pad")
+        np.testing.assert_array_equal(fitted, expected)
+        assert (g.original_h, g.original_w) == (20, 30)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((8, 8, 3), 60000, np.uint16),  # would wrap to 96 as uint8
+        np.full((8, 8, 3), 0.8, np.float32),  # would truncate to 0
+        np.ones((8, 8, 3), bool),
+        np.zeros((8, 8, 5), np.uint8),
+    ],
+    ids=["uint16", "float32", "bool", "5 channels"],
+)
+def test_images_that_are_not_uint8_grey_or_rgb_are_bad_examples(image):
+    with pytest.raises(BadExample) as info:
+        P.fit_image(image, (16, 16), "pad")
+    assert info.value.kind == "bad_image"

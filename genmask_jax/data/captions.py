@@ -18,7 +18,7 @@ import logging
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
 
@@ -28,9 +28,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def load_image(path_or_bytes) -> np.ndarray:
+    """uint8 `(H, W, 3)` as displayed (EXIF orientation applied, as phone photos need)."""
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
     with Image.open(source) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
 def _text(value) -> str:
@@ -45,6 +46,14 @@ def _text(value) -> str:
     return str(value)
 
 
+def _read_caption_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except FileNotFoundError as e:
+        raise BadExample("no_caption", f"{path} is gone") from e
+
+
 class CaptionFiles:
     """Random-access caption pairs from a folder or a JSONL file (task `gen`)."""
 
@@ -53,7 +62,9 @@ class CaptionFiles:
             raise ValueError("data.captions.path is empty: set it to a caption folder or JSONL file")
         self.path, self.split = path, split
         self.skips = SkipLog(f"captions/{os.path.basename(path.rstrip('/'))}")
-        self.items: list[tuple[str, str]] = []  # (image path, caption or caption-file path)
+        # (image path, caption text or caption-file path, whether it is a file path): folders read their
+        # .txt lazily, so a text that merely ends in ".txt" is never mistaken for a file.
+        self.items: list[tuple[str, str, bool]] = []
         self.ids: list[str] = []
         if os.path.isdir(path):
             self._scan_folder(path)
@@ -71,7 +82,7 @@ class CaptionFiles:
                     continue
                 caption = os.path.join(folder, stem + ".txt")
                 if os.path.exists(caption):
-                    self.items.append((os.path.join(folder, name), caption))
+                    self.items.append((os.path.join(folder, name), caption, True))
                     self.ids.append(f"caption-{self._relative(self.items[-1][0])}")
                 else:
                     self.skips.add(
@@ -97,7 +108,7 @@ class CaptionFiles:
                 image_path = os.path.normpath(os.path.join(base, image))
                 k = captions_of.get(image_path, 0)
                 captions_of[image_path] = k + 1
-                self.items.append((image_path, caption))
+                self.items.append((image_path, caption, False))
                 self.ids.append(f"caption-{self._relative(image_path)}#{k}")
 
     def _relative(self, image_path: str) -> str:
@@ -110,10 +121,9 @@ class CaptionFiles:
         return self.ids[index]
 
     def __getitem__(self, index: int) -> dict:
-        image_path, caption = self.items[index]
-        if caption.endswith(".txt") and os.path.exists(caption):
-            with open(caption, encoding="utf-8") as f:
-                caption = f.read().strip()
+        image_path, caption, is_file = self.items[index]
+        if is_file:
+            caption = _read_caption_file(caption)
         if not caption:
             raise BadExample("no_caption", "empty caption")
         return {"id": self.example_id(index), "image": load_image(image_path), "text": caption}
@@ -167,7 +177,9 @@ class TfdsCaptions:
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         image = _feature(record, self.image_key)
-        image = load_image(image) if isinstance(image, bytes) else np.asarray(image, np.uint8)
+        image = load_image(image) if isinstance(image, bytes) else np.asarray(image)
+        if image.dtype != np.uint8:
+            raise BadExample("bad_image", f"{self.image_key} has dtype {image.dtype}, expected uint8")
         return {
             "id": self.example_id(index),
             "image": image,

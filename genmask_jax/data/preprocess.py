@@ -15,6 +15,8 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
+from genmask_jax.data.skips import BadExample
+
 FIT_MODES = ("pad", "crop")
 
 
@@ -77,20 +79,37 @@ def _place(resized: np.ndarray, geometry: Geometry, fill) -> np.ndarray:
     return out
 
 
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 `(H, W)`, `(H, W, C)` with C in 1..4 (grey, grey + alpha, RGB, RGBA) -> `(H, W, 3)`.
+
+    Raises `BadExample("bad_image")` for other shapes and for any other dtype: casting uint16 or float
+    pixels to uint8 would wrap or truncate them silently.
+    """
+    if image.dtype != np.uint8:
+        raise BadExample("bad_image", f"dtype {image.dtype}, expected uint8")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or not 1 <= image.shape[-1] <= 4:
+        raise BadExample("bad_image", f"shape {image.shape}, expected (H, W) or (H, W, 1..4)")
+    if image.shape[-1] <= 2:
+        return np.repeat(image[..., :1], 3, axis=-1)
+    return image[..., :3]
+
+
 def fit_image(
     image: np.ndarray, output_hw: tuple[int, int], mode: str = "pad"
 ) -> tuple[np.ndarray, Geometry]:
-    """uint8 `(H, W, 3)` -> float32 `(oh, ow, 3)` in [-1, 1] (padding 0), and its `Geometry`."""
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    image = image[..., :3]
+    """uint8 image (see `_as_rgb`) -> float32 `(oh, ow, 3)` in [-1, 1] (padding 0), and its `Geometry`."""
+    image = _as_rgb(image)
     geometry = compute_geometry(image.shape[:2], output_hw, mode)
     size = (geometry.resized_h, geometry.resized_w)
-    resized = _resize(np.ascontiguousarray(image, np.uint8), size, Image.BILINEAR)
+    resized = _resize(np.ascontiguousarray(image), size, Image.BILINEAR)
     out = np.zeros((geometry.output_h, geometry.output_w, 3), np.float32)
     y0, x0, y1, x1 = geometry.content_box
     window = resized[y0 - geometry.top : y1 - geometry.top, x0 - geometry.left : x1 - geometry.left]
-    np.multiply(window, np.float32(1 / 127.5), out=out[y0:y1, x0:x1], dtype=np.float32)
+    # Divide, not multiply by 1 / 127.5: correctly rounded, so it matches `x / 127.5 - 1` bit for bit
+    # (the demo's latent pool and the VAE pretraining scale that way).
+    np.divide(window, np.float32(127.5), out=out[y0:y1, x0:x1], dtype=np.float32)
     out[y0:y1, x0:x1] -= 1.0
     return out, geometry
 

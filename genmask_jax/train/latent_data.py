@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from genmask_jax.data import preprocess
 from genmask_jax.data.shapes import SyntheticShapes
 from genmask_jax.encoders import make_encoder
 from genmask_jax.models import mask_codec
@@ -91,11 +92,14 @@ def trim_to_longest(context: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, 
     return context[:, :length], mask[:, :length]
 
 
-def _render(source: SyntheticShapes, lo: int, hi: int):
-    """Scenes `lo..hi-1`: images `(n, H, W, 3)` in [-1, 1], masks `(n, H, W)`, expressions, captions."""
+def _render(source: SyntheticShapes, lo: int, hi: int, resolution: tuple[int, int], fit: str):
+    """Scenes `lo..hi-1` fitted to `resolution` (H, W) exactly as the grain pipelines fit them: images
+    `(n, H, W, 3)` in [-1, 1], masks `(n, H, W)` float32 in {0, 1}, expressions, captions."""
     examples = [source[i] for i in range(lo, hi)]
-    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
-    masks = np.stack([e["mask"] for e in examples]).astype(np.float32)
+    fitted = [preprocess.fit_image(e["image"], resolution, fit) for e in examples]
+    images = np.stack([image for image, _ in fitted])
+    masks = np.stack([preprocess.fit_mask(e["mask"] > 0, g) for e, (_, g) in zip(examples, fitted)])
+    masks = masks.astype(np.float32)
     return images, masks, [e["expression"] for e in examples], [e["caption"] for e in examples]
 
 
@@ -109,7 +113,8 @@ def build_latent_pool(
     trim_padding: bool = False,
     chunk: int = 1024,
 ) -> LatentPool:
-    """Renders `num_scenes` training scenes, encodes their texts and VAE-encodes images and masks.
+    """Renders `num_scenes` training scenes, encodes their texts and VAE-encodes images and masks
+    (fitted to `data.resolution` with `data.fit`, as the grain train and eval iterators fit them).
 
     Chunks of `chunk` scenes are rendered on a worker thread while the previous chunk is VAE-encoded
     in batches dealt over this process's devices: the encode runs in XLA's threads outside the GIL, so
@@ -118,17 +123,18 @@ def build_latent_pool(
     with `use_context_mask`, to which padded keys are invisible, so the cut changes cost, not output.
     """
     source = shapes_source(data_config, data_config.train_split, num_scenes)
+    fit_to = (tuple(data_config.resolution), data_config.fit)
     encode = make_encode_fn(vae_config)
     copies = [jax.device_put(vae_params, d) for d in jax.local_devices()]
     bounds = [(lo, min(lo + chunk, num_scenes)) for lo in range(0, num_scenes, chunk)]
     image_latents, mask_latents, expressions, captions = [], [], [], []
     bar = tqdm(total=num_scenes, desc="render + VAE-encode scenes", disable=not progress, mininterval=1.0)
     with ThreadPoolExecutor(max_workers=1) as worker:
-        pending = worker.submit(_render, source, *bounds[0]) if bounds else None
+        pending = worker.submit(_render, source, *bounds[0], *fit_to) if bounds else None
         for k, (lo, hi) in enumerate(bounds):
             images, masks, exprs, caps = pending.result()
             if k + 1 < len(bounds):
-                pending = worker.submit(_render, source, *bounds[k + 1])
+                pending = worker.submit(_render, source, *bounds[k + 1], *fit_to)
             image_latents.append(_encode_all(encode, copies, images, batch_size))
             mask_rgb = np.asarray(mask_codec.mask_to_rgb(masks))
             mask_latents.append(_encode_all(encode, copies, mask_rgb, batch_size))

@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="float32", help="JAX compute dtype (torch stays fp32)")
-    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip timing diffusers (its model still supplies the weights: torch is needed)")
     args = parser.parse_args()
 
     import torch

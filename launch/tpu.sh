@@ -87,8 +87,13 @@ if [[ ${#CMD[@]} -gt 0 ]]; then
   steps=(
     "set -eo pipefail"
     "mkdir -p ~/$REMOTE_DIR"
-    "tar -xzf ~/genmask_jax.tar.gz -C ~/$REMOTE_DIR"
     "cd ~/$REMOTE_DIR"
+    # Files the previous bundle shipped and this one does not (deleted or renamed here) are removed, so a
+    # stale module cannot be imported; anything else there (the venv, runs) is left alone.
+    "tar -tzf ~/genmask_jax.tar.gz | sort > .bundle-files.new"
+    "if [ -f .bundle-files ]; then sort .bundle-files | comm -23 - .bundle-files.new | tr '\\n' '\\0' | xargs -0 -r rm -f --; fi"
+    "mv .bundle-files.new .bundle-files"
+    "tar -xzf ~/genmask_jax.tar.gz"
     'export PATH="$HOME/.local/bin:$PATH"'
     "command -v uv >/dev/null || python3 -m pip install -q --user '$UV_SPEC' || curl -LsSf https://astral.sh/uv/install.sh | sh"
     "uv --version"

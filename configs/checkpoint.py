@@ -8,7 +8,8 @@ inference commands (evaluate, segment, generate) use it by themselves when `--co
 overrides come without `--config` (genmask_jax/infer/cli.py), so the overrides change the run's own
 config instead of replacing it: training-time fields such as `vae_from` are kept. Its `data` section is
 laid over today's `default_data_config()` (`genmask_jax.infer.checkpoint.saved_config`): a field added
-since the run was saved exists with its default and takes an override like any other.
+since the run was saved exists with its default and takes an override like any other, and the tuples
+JSON saved as lists are tuples again, so `--config.data.resolution='(64, 64)'` overrides them.
 """
 
 import ml_collections

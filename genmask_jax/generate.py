@@ -27,23 +27,38 @@ _CFG = flags.DEFINE_float("cfg", 5.0, "Classifier-free guidance scale (1 = no gu
 _SHIFT = flags.DEFINE_float("shift", 3.0, "Schedule shift t' = s t / (1 + (s - 1) t).")
 _SAMPLER = flags.DEFINE_enum("sampler", "euler", ["euler", "unipc"], "euler, or unipc (WAN's sampler).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
-_SIZE = flags.DEFINE_list("size", None, "Output H,W (multiples of 16; default the training resolution).")
+_SIZE = flags.DEFINE_list(
+    "size",
+    None,
+    "Output H,W: multiples of the VAE's downsampling (8) times the DiT patch (16 for configs/genmask.py, "
+    "8 for configs/demo.py); default the training resolution.",
+)
 _EMA = flags.DEFINE_bool("ema", True, "Use the EMA parameters when the checkpoint has them.")
 flags.mark_flags_as_required(["checkpoint", "prompt", "out"])
 
 
 def parse_size(values) -> tuple[int, int] | None:
+    """--size as (H, W), two positive ints; which multiples the model needs is `check_size`'s."""
     if not values:
         return None
     try:
         size = tuple(int(v) for v in values)
     except ValueError:
         size = ()
-    cli.require(
-        len(size) == 2 and min(size) > 0 and all(s % 16 == 0 for s in size),
-        f"--size must be H,W in positive multiples of 16, got {','.join(values)}",
-    )
+    cli.require(len(size) == 2 and min(size) > 0, f"--size must be H,W in pixels, got {','.join(values)}")
     return size
+
+
+def check_size(config, size: tuple[int, int] | None) -> None:
+    """Refuses a --size the model of `config` cannot make, before the checkpoint loads."""
+    from genmask_jax.infer.generator import check_image_hw
+    from genmask_jax.models.build import build_model
+
+    if size is not None:
+        try:
+            check_image_hw(build_model(config), size)
+        except ValueError as e:
+            raise cli.InputError(f"--size: {e}") from e
 
 
 def main() -> None:
@@ -60,6 +75,7 @@ def main() -> None:
     cli.require(_SHIFT.value > 0, f"--shift must be > 0, got {_SHIFT.value}")
     size = parse_size(_SIZE.value)
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
+    check_size(config, size)
     check_available(config.data.encoder)  # the prompts are encoded after the checkpoint loads
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
     generator = Generator(loaded)

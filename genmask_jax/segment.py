@@ -7,6 +7,8 @@ r"""Referring segmentation of image files with a trained checkpoint.
 
 Images and prompts pair up one to one, or one of them is shared by all the others. With several
 outputs, --out/--overlay get the output number: `{i}` in the name, else `_<i>` before the extension.
+They are encoded and segmented --batch_size at a time; image i gets the noise of `fold_in(key(seed), i)`,
+so its mask does not depend on the batch size or on the other images.
 Masks are written at each image's original size (PNG, foreground 255): the model's score is resized
 bilinearly to it and thresholded there. The config is the one saved with the checkpoint;
 `--config.field=value` overrides apply to it (e.g. `--config.vae_from=` a moved converted VAE), and
@@ -33,6 +35,12 @@ _OUT = flags.DEFINE_string("out", None, "Output mask PNG (a pattern when there a
 _OVERLAY = flags.DEFINE_string("overlay", None, "Optional image + mask overlay PNG.")
 _STEPS = flags.DEFINE_integer("steps", 1, "Denoising steps (1 = the paper's single-step inference).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size",
+    8,
+    "Images per encoder and device call (fewer when there are fewer images; the last call padded). "
+    "The masks do not depend on it: image i gets the noise of fold_in(key(seed), i).",
+)
 _EMA = flags.DEFINE_bool("ema", True, "Use the EMA parameters when the checkpoint has them.")
 _REWRITE = flags.DEFINE_bool(
     "rewrite",
@@ -69,6 +77,7 @@ def main() -> None:
             bool(p), f"prompt {i + 1} is empty; give the expression to segment, e.g. --prompt='the red car'"
         )
     cli.require(_STEPS.value >= 1, f"--steps must be >= 1, got {_STEPS.value}")
+    cli.require(_BATCH_SIZE.value >= 1, f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
     pairs = pair_inputs(list(_IMAGE.value), prompts)
     pixels = {path: images.read_image(path) for path in dict.fromkeys(_IMAGE.value)}
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
@@ -78,7 +87,13 @@ def main() -> None:
         raise cli.InputError(str(e)) from e
     check_available(config.data.encoder)
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
-    segmenter = Segmenter(loaded, num_steps=_STEPS.value, seed=_SEED.value, rewrite=_REWRITE.value)
+    segmenter = Segmenter(
+        loaded,
+        num_steps=_STEPS.value,
+        seed=_SEED.value,
+        rewrite=_REWRITE.value,
+        batch_size=min(_BATCH_SIZE.value, len(pairs)),  # one call here: no padding to a size it never needs
+    )
     masks = segmenter([pixels[path] for path, _ in pairs], [p for _, p in pairs])
     if jax.process_index() != 0:
         return

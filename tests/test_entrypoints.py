@@ -107,6 +107,7 @@ BAD_INPUT = [
         "prompt 1 is empty",
     ),
     ("genmask_jax.segment", [*TINY, "--config.modle.seed=1", "--checkpoint={root}"], "modle"),
+    ("genmask_jax.segment", ["--checkpoint={root}", "--batch_size=0"], "--batch_size must be >= 1"),
     ("genmask_jax.generate", ["--checkpoint={root}/nothing", "--prompt=a"], "does not exist"),
     ("genmask_jax.generate", ["--checkpoint={root}/empty_dir", "--prompt=a"], "no checkpoint steps"),
     ("genmask_jax.generate", ["--checkpoint={root}", "--prompt=   "], "prompt 1 is empty"),
@@ -267,6 +268,36 @@ def test_a_config_saved_before_new_data_fields_gets_them_and_takes_overrides(tmp
     flag_values(cli_lib.with_checkpoint_config(argv, flag_values))
     assert flag_values.config.data.encoder.max_pixels == 50176
     assert flag_values.config.data.encoder.context_length == 24
+
+
+def test_tuple_fields_of_a_saved_config_take_overrides(saved_run):
+    """The saved config is JSON, which holds tuples as lists, and config_flags refuses to override a
+    list field: `--config.data.resolution=(64, 64)` on evaluate/segment/generate failed."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from genmask_jax.infer import cli as cli_lib
+
+    overrides = ["--config.data.resolution=(64, 64)", "--config.mesh.shape=(1, -1, 1)",
+                 "--config.model.dit.patch_size=(1, 1, 1)"]
+    argv = ["prog", f"--checkpoint={saved_run}", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv, lock_config=True)
+    flags.DEFINE_string("checkpoint", None, "", flag_values=flag_values)
+    flag_values(cli_lib.with_checkpoint_config(argv, flag_values))
+    config = flag_values.config
+    assert config.data.resolution == (64, 64) and config.mesh.shape == (1, -1, 1)
+    assert config.model.dit.patch_size == (1, 1, 1) and config.vae_from == "/training/machine/wan_vae"
+
+
+@pytest.mark.parametrize("arg", ["variant=tiny", "variant=paper"])
+def test_a_saved_config_reads_back_with_the_types_of_the_experiment_config(arg):
+    """Tuples come back as tuples, the logical axis rules (a list in the configs) as lists."""
+    from configs import demo, genmask
+    from genmask_jax.infer import checkpoint
+
+    for config in (genmask.get_config(arg), demo.get_config()):
+        assert checkpoint.with_tuples(checkpoint.as_json(config)) == config.to_dict()  # [1] != (1,)
 
 
 def test_processes_that_resolved_different_steps_stop(saved_run, monkeypatch):
@@ -443,8 +474,34 @@ def test_generator_refuses_bad_settings_before_it_touches_the_model(kwargs, mess
         Generator(loaded=None, encoder=None)(["a cat"], **kwargs)
 
 
+def test_segmented_mask_of_an_image_does_not_depend_on_the_batch_size():
+    """Image i of a call gets the noise of index i in every chunk of `batch_size`, and the chunks are
+    padded to one shape: one compile for calls of any length (each new length compiled again)."""
+    from genmask_jax.infer.segmenter import Segmenter
+
+    loaded = tiny_loaded()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(20, 24), (32, 32), (40, 28)]]
+    prompts = ["the red circle", "the blue square", "the green triangle"]
+    masks = {}
+    for batch_size in (1, 2, 3):
+        segmenter = Segmenter(loaded, batch_size=batch_size)
+        masks[batch_size] = segmenter(images, prompts)
+        segmenter(images[:1], prompts[:1])
+        assert segmenter._fn._cache_size() == 1
+    assert [m.shape for m in masks[1]] == [(20, 24), (32, 32), (40, 28)]
+    for one, two, three in zip(masks[1], masks[2], masks[3]):
+        np.testing.assert_array_equal(one, two)
+        np.testing.assert_array_equal(one, three)
+
+
 @pytest.mark.parametrize(
-    "kwargs,message", [({"num_steps": 0}, "num_steps must be >= 1"), ({"shift": -1.0}, "shift must be > 0")]
+    "kwargs,message",
+    [
+        ({"num_steps": 0}, "num_steps must be >= 1"),
+        ({"shift": -1.0}, "shift must be > 0"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+    ],
 )
 def test_segmenter_refuses_bad_settings(kwargs, message):
     from genmask_jax.infer.segmenter import Segmenter
@@ -601,6 +658,19 @@ def test_relative_checkpoint_paths_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # orbax restores only absolute paths; `runs/demo/train` is relative
     directory, step = checkpoint.resolve("run")
     assert step == 7 and str(directory) == str(tmp_path / "run" / "checkpoints")
+
+
+def test_generate_refuses_a_size_the_model_cannot_make_before_it_loads(files, saved_run):
+    """--size is checked against the run's model (8x VAE, patch 2: multiples of 16; a patch-1 model
+    takes multiples of 8), before its weights (placeholders here) are read."""
+    out = files / "size.png"
+    args = [f"--checkpoint={saved_run}", "--prompt=a", "--size=24,32", f"--out={out}"]
+    result = cli("genmask_jax.generate", *args, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith("genmask_jax.generate: error: --size: image size must be H, W in positive "
+                                "multiples of 16 for this model"), result.stderr
+    assert "got (24, 32)" in lines[-1] and not out.exists()
 
 
 def test_segment_pairs_images_and_prompts():

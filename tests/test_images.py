@@ -58,3 +58,15 @@ def test_read_image_without_orientation_and_errors(tmp_path):
 )
 def test_numbered(path, i, n, expected):
     assert images.numbered(path, i, n) == expected
+
+
+def test_read_image_scales_16_bit_greyscale_to_8_bits(tmp_path):
+    """PIL opens a 16-bit PNG as "I;16", whose convert("RGB") clips every value above 255 to white;
+    cv2.imread keeps the high byte."""
+    path = tmp_path / "depth.png"
+    grey = (np.arange(4 * 6, dtype=np.uint16) * 2800).reshape(4, 6)
+    Image.fromarray(grey).save(path)
+    image = images.read_image(path)
+    assert image.shape == (4, 6, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(image, cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))

@@ -20,6 +20,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
+from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def load_image(path_or_bytes) -> np.ndarray:
     """uint8 `(H, W, 3)` as displayed (EXIF orientation applied, as phone photos need)."""
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
     with Image.open(source) as im:
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        return preprocess.pil_to_rgb(ImageOps.exif_transpose(im))
 
 
 def _text(value) -> str:

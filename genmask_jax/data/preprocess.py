@@ -79,18 +79,32 @@ def _place(resized: np.ndarray, geometry: Geometry, fill) -> np.ndarray:
     return out
 
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    """uint8 `(H, W)`, `(H, W, C)` with C in 1..4 (grey, grey + alpha, RGB, RGBA) -> `(H, W, 3)`.
+# PIL's modes of 16-bit greyscale (PNG opens as "I;16"); convert("RGB") clips their values to 255.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
-    Raises `BadExample("bad_image")` for other shapes and for any other dtype: casting uint16 or float
-    pixels to uint8 would wrap or truncate them silently.
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """uint8 `(H, W, 3)` of a PIL image; 16-bit greyscale keeps its high byte (>> 8, as cv2.imread does)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = (np.clip(np.asarray(image, np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 `(H, W)`, `(H, W, C)` with C in 1..4 (grey, grey + alpha, RGB, RGBA) -> `(H, W, 3)`, alpha
+    dropped as PIL's convert("RGB") drops it.
+
+    Raises `BadExample("bad_image")` (a ValueError) for other shapes and for any other dtype: casting
+    uint16 or float pixels to uint8 would wrap or truncate them silently (a float image became black).
     """
     if image.dtype != np.uint8:
-        raise BadExample("bad_image", f"dtype {image.dtype}, expected uint8")
+        raise BadExample("bad_image", f"an image of dtype {image.dtype}: pass uint8 RGB (0-255)")
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or not 1 <= image.shape[-1] <= 4:
-        raise BadExample("bad_image", f"shape {image.shape}, expected (H, W) or (H, W, 1..4)")
+        raise BadExample("bad_image", f"an image of shape {image.shape}: pass (H, W, 3) RGB, (H, W, 4) "
+                         "RGBA or (H, W) grey")
     if image.shape[-1] <= 2:
         return np.repeat(image[..., :1], 3, axis=-1)
     return image[..., :3]
@@ -99,8 +113,8 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 def fit_image(
     image: np.ndarray, output_hw: tuple[int, int], mode: str = "pad"
 ) -> tuple[np.ndarray, Geometry]:
-    """uint8 image (see `_as_rgb`) -> float32 `(oh, ow, 3)` in [-1, 1] (padding 0), and its `Geometry`."""
-    image = _as_rgb(image)
+    """uint8 image (see `as_rgb`) -> float32 `(oh, ow, 3)` in [-1, 1] (padding 0), and its `Geometry`."""
+    image = as_rgb(image)
     geometry = compute_geometry(image.shape[:2], output_hw, mode)
     size = (geometry.resized_h, geometry.resized_w)
     resized = _resize(np.ascontiguousarray(image), size, Image.BILINEAR)

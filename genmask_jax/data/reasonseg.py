@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class ReasonSeg:
     def __getitem__(self, index: int) -> dict:
         image_path, json_path, _, text, is_sentence = self.items[index]
         with Image.open(image_path) as im:
-            image = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            image = preprocess.pil_to_rgb(ImageOps.exif_transpose(im))
         annotation = read_annotation(json_path)
         mask, ignore = rasterise_shapes(annotation.get("shapes", []), *image.shape[:2])
         return {

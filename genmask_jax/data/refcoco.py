@@ -41,6 +41,7 @@ from etils import epath
 from PIL import Image
 from tensorflow_datasets.proto import tf_example_pb2
 
+from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
 from genmask_jax.data.tfds_prepared import check_prepared
 
@@ -82,7 +83,7 @@ def decode_image(data: bytes) -> np.ndarray:
     # No EXIF transpose: REFER rasterises masks at instances.json's (height, width), COCO's stored pixel
     # layout, so the image must stay in that layout too for the mask to line up.
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+        return preprocess.pil_to_rgb(im)
 
 
 def decode_mask(data: bytes) -> np.ndarray:

@@ -83,7 +83,7 @@ def _manager(directory: epath.Path, item: str, handler) -> ocp.CheckpointManager
 
 def saved_config(directory: epath.Path, step: int) -> ml_collections.ConfigDict:
     """The experiment config saved with checkpoint `step`, its `data` section laid over today's
-    `default_data_config()` (`with_current_data_fields`).
+    `default_data_config()` (`with_current_data_fields`) and its tuples tuples again (`with_tuples`).
 
     Read by the JSON handler alone: a CheckpointManager would start JAX's backends, and the config
     is needed before `jax.distributed.initialize`, which must come first (its `distributed` section).
@@ -91,7 +91,22 @@ def saved_config(directory: epath.Path, step: int) -> ml_collections.ConfigDict:
     path = epath.Path(directory) / str(step) / CONFIG
     if not path.exists():
         raise CheckpointError(f"checkpoint {directory}/{step} has no saved config; pass --config")
-    return with_current_data_fields(dict(ocp.JsonCheckpointHandler().restore(path)))
+    return with_current_data_fields(with_tuples(dict(ocp.JsonCheckpointHandler().restore(path))))
+
+
+# The only fields the experiment configs hold as lists; JSON saved every tuple as a list too.
+LIST_FIELDS = frozenset({"sharding.logical_axis_rules"})
+
+
+def with_tuples(saved: Any, path: str = "") -> Any:
+    """A config read back from JSON with its lists as tuples (resolution, mesh.shape, patch_size), the
+    type the experiment configs give them, except `LIST_FIELDS`: `--config.data.resolution='(64, 64)'`
+    overrides a tuple, while config_flags refuses to override a list."""
+    if isinstance(saved, dict):
+        return {key: with_tuples(value, f"{path}.{key}" if path else key) for key, value in saved.items()}
+    if isinstance(saved, list) and path not in LIST_FIELDS:
+        return tuple(with_tuples(value, path) for value in saved)
+    return saved
 
 
 def with_current_data_fields(saved: dict) -> ml_collections.ConfigDict:

@@ -22,6 +22,25 @@ from genmask_jax.infer.segmenter import example_noise
 from genmask_jax.models.genmask import GenMask
 
 
+def pixels_per_token(model: GenMask) -> tuple[int, int]:
+    """(rows, columns) of pixels under one DiT token: the VAE's downsampling times the patch size."""
+    return model.downsample * model.dit.patch_size[1], model.downsample * model.dit.patch_size[2]
+
+
+def check_image_hw(model: GenMask, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """`image_hw` as ints; ValueError unless both are positive multiples of `pixels_per_token` (the
+    sampler would floor another size to one, and return a smaller image than asked for)."""
+    multiple = pixels_per_token(model)
+    hw = tuple(int(x) for x in image_hw)
+    if len(hw) != 2 or min(hw) <= 0 or hw[0] % multiple[0] or hw[1] % multiple[1]:
+        need = str(multiple[0]) if multiple[0] == multiple[1] else f"{multiple[0]} (H) and {multiple[1]} (W)"
+        raise ValueError(
+            f"image size must be H, W in positive multiples of {need} for this model (the VAE's "
+            f"downsampling times the DiT patch), got {tuple(image_hw)}"
+        )
+    return hw
+
+
 def generate_images(
     model: GenMask,
     dit_params,
@@ -95,7 +114,7 @@ class Generator:
         if not shift > 0:  # shift <= 0 turns the schedule into NaNs, not an error
             raise ValueError(f"shift must be > 0, got {shift}")
         flow.sampler(sampler)  # a bad name fails here, before the prompts are encoded
-        image_hw = tuple(image_hw or self.loaded.resolution)
+        image_hw = check_image_hw(self.loaded.model, image_hw or self.loaded.resolution)
         context, context_mask = self.encoder.encode(None, list(prompts))
         fn = self._function(image_hw, num_steps, guidance_scale, shift, sampler)
         loaded = self.loaded

@@ -6,6 +6,7 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from genmask_jax.data.preprocess import pil_to_rgb
 from genmask_jax.infer.cli import InputError
 
 OVERLAY_COLOUR = np.array([255, 40, 40], np.float32)
@@ -19,7 +20,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"image {path} does not exist")
     try:
         with path.open("rb") as f, Image.open(f) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            return pil_to_rgb(ImageOps.exif_transpose(image))
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InputError(f"cannot read image {path}: {e}") from e
 

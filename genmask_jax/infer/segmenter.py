@@ -6,6 +6,8 @@ the mean of the decoded RGB in [-1, 1]; as LISA upsamples its logits, the score 
 image's original size bilinearly (the fit's padding or crop undone) and thresholded at 0 there
 (`original_size_mask`). Each example's noise is drawn from `fold_in(key(seed), index)`, so a prediction
 does not depend on the batch it was computed in, the batch size or the number of devices.
+`segmenter(images, prompts)` runs `batch_size` images per device call, the last chunk padded, so calls
+of any length compile once.
 """
 
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from PIL import Image
 
 from genmask_jax.data import preprocess
 from genmask_jax.diffusion import flow
@@ -108,6 +111,26 @@ def pad_rows(tree: dict, multiple: int) -> tuple[dict, int]:
     return {k: np.concatenate([v, np.repeat(v[:1], extra, axis=0)]) for k, v in tree.items()}, n
 
 
+def as_rgb_uint8(image: np.ndarray | Image.Image) -> np.ndarray:
+    """A PIL image or a uint8 array (`preprocess.as_rgb`) -> uint8 `(H, W, 3)`; ValueError for others:
+    whether a float image's values run to 1 or to 255 cannot be told."""
+    if isinstance(image, Image.Image):
+        return preprocess.pil_to_rgb(image)
+    return preprocess.as_rgb(np.asarray(image))
+
+
+def check_inputs(images, prompts) -> None:
+    """Raises TypeError for one image or one prompt where a sequence of them is due, ValueError for
+    sequences of different lengths."""
+    if isinstance(images, np.ndarray | Image.Image | jax.Array) or not isinstance(images, Sequence):
+        raise TypeError(f"images: a list of images, one per prompt, got {type(images).__name__} (wrap one "
+                        "image in a list)")
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts: a list of strings, one per image, got {type(prompts).__name__}")
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one prompt per image")
+
+
 def rewrites_prompts(encoder_config, rewrite: bool | None = None, encoder_name: str | None = None) -> bool:
     """Whether a Segmenter rewrites its prompts (two-stage reasoning): `rewrite`, or with None the
     config's `rewrite_reasoning`. Raises ValueError when it would and the encoder (`encoder_name`,
@@ -135,6 +158,8 @@ class Segmenter:
         into a short description, which is then encoded. None = the config's
         `data.encoder.rewrite_reasoning`. (`predict` takes contexts made by the data pipeline, which
         rewrites only ReasonSeg's long queries.)
+      batch_size: images per encoder and device call of `segmenter(images, prompts)`, every call padded
+        to it (then to a multiple of the mesh's batch shards): one compile whatever the number of images.
     """
 
     def __init__(
@@ -145,13 +170,16 @@ class Segmenter:
         shift: float = 1.0,
         encoder=None,
         rewrite: bool | None = None,
+        batch_size: int = 8,
     ):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not shift > 0:  # shift <= 0 turns the multi-step schedule into NaNs, not an error
             raise ValueError(f"shift must be > 0, got {shift}")
         self.rewrite = rewrites_prompts(loaded.config.data.encoder, rewrite, getattr(encoder, "name", None))
-        self.loaded, self.num_steps, self._encoder = loaded, num_steps, encoder
+        self.loaded, self.num_steps, self.batch_size, self._encoder = loaded, num_steps, batch_size, encoder
         self.key = jax.random.key(seed)
         axes = batch_axes(loaded.rules)
         self.sharding = NamedSharding(loaded.mesh, PartitionSpec(axes))
@@ -186,20 +214,34 @@ class Segmenter:
             )
         return scores[:n] if scores.shape[0] != n else scores
 
-    def __call__(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[np.ndarray]:
-        """uint8 `(H, W, 3)` images and one prompt each -> bool masks `(H, W)` at each image's size."""
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    def __call__(
+        self, images: Sequence[np.ndarray | Image.Image], prompts: Sequence[str]
+    ) -> list[np.ndarray]:
+        """Images (uint8 `(H, W, 3)` RGB, `(H, W, 4)` RGBA, `(H, W)` grey, or PIL images) and one prompt
+        each -> bool masks `(H, W)` at each image's size. Image `i` gets the noise of index `i` whatever
+        `batch_size`."""
+        check_inputs(images, prompts)
+        rgb = [as_rgb_uint8(image) for image in images]
+        masks = []
+        for start in range(0, len(rgb), self.batch_size):
+            end = start + self.batch_size
+            masks += self._segment_chunk(rgb[start:end], list(prompts[start:end]), start)
+        return masks
+
+    def _segment_chunk(self, images: list[np.ndarray], prompts: list[str], start: int) -> list[np.ndarray]:
+        """Masks of uint8 RGB `images`, the first of which is image `start` of the call; padded to
+        `batch_size` rows."""
         config = self.loaded.config
         fitted = [preprocess.fit_image(im, self.loaded.resolution, config.data.fit) for im in images]
         # `rewrite` only when asked: the InstructionEncoder interface (the toy encoder) has no such argument.
         options = {"rewrite": [True] * len(prompts)} if self.rewrite else {}
-        context, context_mask = self.encoder.encode(list(images), list(prompts), **options)
+        context, context_mask = self.encoder.encode(images, prompts, **options)
         batch = {
             "image": np.stack([f[0] for f in fitted]),
             "context": context,
             "context_mask": context_mask,
-            "index": np.arange(len(images)),
+            "index": np.arange(start, start + len(images)),
         }
-        scores = np.asarray(self.predict(batch))
+        batch, n = pad_rows(batch, self.batch_size)
+        scores = np.asarray(self.predict(batch))[:n]
         return [original_size_mask(score, g) for score, (_, g) in zip(scores, fitted)]

@@ -22,8 +22,9 @@ video tokens (frames x patches), not the text tokens.
 diffusers' `WanTransformer3DModel` runs with the same config in bf16 (the modules it keeps in float32 stay
 there, as `from_pretrained(torch_dtype=torch.bfloat16)` leaves them; PyTorch eager, SDPA attention) on
 the first CUDA device (the CPU when there is none, for a smoke run), over the same batches, first and in a
-child process (`--only torch`, at most `--torch-timeout` seconds): the card is the driver's again when JAX
-starts, and torch's CUDA libraries (cuDNN among them) never share a process with jax's. JAX does not
+child process (`--only torch`, at most `--torch-timeout` seconds, writing `--json`.torch.json and its
+stderr to `--json`.torch.json.log): the card is the driver's again when JAX starts, JAX has no context on
+it before, and torch's CUDA libraries (cuDNN among them) never share a process with jax's. JAX does not
 preallocate and may use 92% of the card (`XLA_PYTHON_CLIENT_PREALLOCATE`, `XLA_PYTHON_CLIENT_MEM_FRACTION`
 unless set; JAX's default cap is 75% even without preallocation).
 Needs jax with a GPU/TPU backend and, for the comparison, torch and diffusers; not the training stack.
@@ -78,7 +79,8 @@ def step_flops(config, shape) -> float:
     from genmask_jax.flops import count_flops
     from genmask_jax.models.dit import WanDiT, init_params
 
-    model = WanDiT(dataclasses.replace(config, attention="xla"))
+    config = dataclasses.replace(config, attention="xla")  # a cuDNN call is opaque to the counter
+    model = WanDiT(config)
     params = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
     one = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in make_inputs(1, *shape, config)]
 
@@ -96,7 +98,8 @@ def jax_runs(config, shape, batches, reps, record) -> None:
     from genmask_jax.models.dit import WanDiT, init_params
 
     model = WanDiT(config)
-    params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))
+    xla = dataclasses.replace(config, attention="xla")  # the parameters do not depend on the kernel
+    params = []  # made by the first batch, so that a failure there is recorded like any other
 
     @jax.jit
     @jax.value_and_grad
@@ -104,9 +107,11 @@ def jax_runs(config, shape, batches, reps, record) -> None:
         return jnp.mean(model.apply({"params": p}, x, t, ctx).astype(jnp.float32) ** 2)
 
     def time_batch(batch):
+        if not params:
+            params.append(jax.jit(lambda key: init_params(xla, key))(jax.random.key(0)))
         x, t, ctx = (jnp.asarray(a) for a in make_inputs(batch, *shape, config))
         x, ctx = x.astype(config.dtype), ctx.astype(config.dtype)
-        return median_ms(lambda: jax.block_until_ready(step(params, x, t, ctx)), reps)
+        return median_ms(lambda: jax.block_until_ready(step(params[0], x, t, ctx)), reps)
 
     sweep("jax", batches, time_batch, record)
 
@@ -152,17 +157,22 @@ def torch_runs(config, shape, batches, reps, record) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
-def torch_in_child(argv, timeout_s: float) -> dict:
-    """Runs this script with `--only torch` in a child process; its JSON, or {"error": ...} if it failed."""
+def torch_in_child(argv, timeout_s: float, out: str | None = None) -> dict:
+    """Runs this script with `--only torch` in a child process, writing `out` (JSON) and `out`.log (its
+    stderr), in a temporary folder if None; the child's JSON, with "error" if it failed or timed out."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "torch.json")
+        out = out or os.path.join(tmp, "torch.json")
         command = [sys.executable, "-m", "bench.bench_dit_gpu", *argv, "--only", "torch", "--json", out]
-        try:
-            done = subprocess.run(command, timeout=timeout_s, stdout=sys.stdout, stderr=subprocess.PIPE,
-                                  text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            error = None if done.returncode == 0 else f"exit {done.returncode}: {done.stderr[-2000:]}"
-        except subprocess.TimeoutExpired:
-            error = f"timed out after {timeout_s} s"
+        with open(out + ".log", "w+") as log:
+            try:
+                done = subprocess.run(command, timeout=timeout_s, stdout=sys.stdout, stderr=log,
+                                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                error = None if done.returncode == 0 else f"exit {done.returncode}"
+            except subprocess.TimeoutExpired:
+                error = f"timed out after {timeout_s} s"
+            if error:
+                log.seek(0)
+                error += ": " + log.read()[-2000:]
         child = json.load(open(out)) if os.path.exists(out) else {}
     if error:
         print(f"torch: {error.splitlines()[0]}", flush=True)
@@ -228,11 +238,19 @@ def main(argv=None):
                                       scan_layers=not args.unrolled)
 
     if only == "torch":  # the child: no jax backend is started here
+        import torch
+
         results["torch"] = []
-        results["torch_device"] = torch_runs(config_for("xla"), shape, batches, args.reps,
-                                             lambda run: (results["torch"].append(run), save()))
+        results["torch_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         save()
+        torch_runs(config_for("xla"), shape, batches, args.reps,
+                   lambda run: (results["torch"].append(run), save()))
         return results
+
+    # diffusers first, before this process starts a jax backend (and its CUDA context) on the card.
+    child = {}
+    if only is None:
+        child = torch_in_child(argv, args.torch_timeout, args.json and args.json + ".torch.json")
 
     import jax
 
@@ -249,8 +267,13 @@ def main(argv=None):
           f"tokens per example, attention {attention}, remat {args.remat}, "
           f"{'unrolled' if args.unrolled else 'scanned'} blocks; peak {results['peak_tflops']} TFLOP/s",
           flush=True)
-    results["flops_per_example"] = flops = step_flops(config, shape)
-    print(f"forward+backward: {flops / 1e9:,.1f} GFLOP per example (matmuls, attention included)", flush=True)
+    save()
+    try:
+        results["flops_per_example"] = flops = step_flops(config, shape)
+        print(f"forward+backward: {flops / 1e9:,.1f} GFLOP per example (matmuls, attention included)",
+              flush=True)
+    except Exception as e:  # noqa: BLE001  (no FLOPs: the times still stand)
+        flops, results["flops_error"] = None, f"{type(e).__name__}: {str(e)[:2000]}"
     save()
 
     def recorder(name, **extra):
@@ -260,7 +283,6 @@ def main(argv=None):
         return record
 
     if only is None:
-        child = torch_in_child(argv, args.torch_timeout)
         peak = results["peak_tflops"]
         results["torch"] = [derive(run, flops, tokens, peak) for run in child.get("torch", [])]
         results["torch_device"] = child.get("torch_device")
@@ -281,8 +303,9 @@ def main(argv=None):
         for run in results.get(name, []):
             if "ms" in run:
                 mfu = f"{run['mfu']:.1%}" if "mfu" in run else "-"
+                tflops = f"{run['tflops_per_s']:.1f}" if "tflops_per_s" in run else "-"
                 print(f"| {name} | {run['batch']} | {run['ms']:.1f} ms | {run['tokens_per_s']:,.0f} | "
-                      f"{run['tflops_per_s']:.1f} | {mfu} |")
+                      f"{tflops} | {mfu} |")
     return results
 
 

@@ -55,8 +55,9 @@ def check_size(config, size: tuple[int, int] | None) -> None:
     from genmask_jax.models.build import build_model
 
     if size is not None:
+        model = build_model(config)  # its own errors are the config's, not --size's
         try:
-            check_image_hw(build_model(config), size)
+            check_image_hw(model, size)
         except ValueError as e:
             raise cli.InputError(f"--size: {e}") from e
 

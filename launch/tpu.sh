@@ -89,9 +89,10 @@ if [[ ${#CMD[@]} -gt 0 ]]; then
     "mkdir -p ~/$REMOTE_DIR"
     "cd ~/$REMOTE_DIR"
     # Files the previous bundle shipped and this one does not (deleted or renamed here) are removed, so a
-    # stale module cannot be imported; anything else there (the venv, runs) is left alone.
-    "tar -tzf ~/genmask_jax.tar.gz | sort > .bundle-files.new"
-    "if [ -f .bundle-files ]; then sort .bundle-files | comm -23 - .bundle-files.new | tr '\\n' '\\0' | xargs -0 -r rm -f --; fi"
+    # stale module cannot be imported; anything else there (the venv, runs) is left alone, and a failed
+    # removal never stops the launch. Directory entries (a nested repository's) are not listed.
+    "tar --quoting-style=literal -tzf ~/genmask_jax.tar.gz | sed '/\\/\$/d' | sort > .bundle-files.new"
+    "if [ -f .bundle-files ]; then sort .bundle-files | comm -23 - .bundle-files.new | tr '\\n' '\\0' | xargs -0 -r rm -f -- || true; fi"
     "mv .bundle-files.new .bundle-files"
     "tar -xzf ~/genmask_jax.tar.gz"
     'export PATH="$HOME/.local/bin:$PATH"'

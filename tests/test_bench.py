@@ -43,15 +43,25 @@ def test_bench_dit_gpu_records_failures_and_keeps_the_other_figures(tmp_path, mo
         return real(fn, reps)
 
     monkeypatch.setattr(bench_dit_gpu, "median_ms", median_ms)
-    monkeypatch.setattr(bench_dit_gpu, "torch_in_child",
-                        lambda argv, timeout_s: {"torch": [{"batch": 1, "ms": 2.0}], "torch_device": "cpu",
-                                                 "error": "exit 1: ModuleNotFoundError: No module named 'x'"})
+    child = {"torch": [{"batch": 1, "ms": 2.0}], "torch_device": "cpu",
+             "error": "exit 1: ModuleNotFoundError: No module named 'x'"}
+    monkeypatch.setattr(bench_dit_gpu, "torch_in_child", lambda argv, timeout_s, out=None: child)
     results = bench_dit_gpu.main([*TINY, "--batches", "1,2,4", "--json", str(tmp_path / "results.json")])
     assert [run["batch"] for run in results["jax"]] == [1, 2]
     assert "ms" in results["jax"][0] and results["jax"][1]["error"] == "out of memory"
     assert results["torch"][0]["tokens_per_s"] == 1 * 32 / 2e-3 and "No module" in results["torch_error"]
     assert [run["batch"] for run in seen[1]["jax"]] == [1] and seen[0]["torch_error"]
     assert json.loads((tmp_path / "results.json").read_text())["jax"][1]["error"] == "out of memory"
+
+
+def test_bench_dit_gpu_falls_back_to_xla_when_the_kernel_fails_before_timing(tmp_path):
+    """cuDNN fails at trace time here (no GPU), as it would on a card it does not support: the failure is
+    the first batch's record, the sweep runs again with XLA attention, and the FLOPs are still counted."""
+    results = bench_dit_gpu.main([*TINY, "--batches", "1", "--attention", "cudnn", "--only", "jax",
+                                  "--json", str(tmp_path / "results.json")])
+    assert results["jax"][0]["attention"] == "cudnn" and "error" in results["jax"][0]
+    assert results["jax"][1]["attention"] == "xla" and results["jax"][1]["ms"] > 0
+    assert results["flops_per_example"] > 0 and results["jax_attention"] == "xla"
 
 
 @pytest.mark.torch

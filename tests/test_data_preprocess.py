@@ -87,3 +87,12 @@ def test_images_that_are_not_uint8_grey_or_rgb_are_bad_examples(image):
     with pytest.raises(BadExample) as info:
         P.fit_image(image, (16, 16), "pad")
     assert info.value.kind == "bad_image"
+
+
+@pytest.mark.parametrize("values, want", [([0, 100, 200, 255], [0, 100, 200, 255]),  # 8-bit data in "I"
+                                          ([0, 256, 40000, 65535], [0, 1, 156, 255])])  # 16-bit data
+def test_pil_to_rgb_of_32_bit_int_images(values, want):
+    from PIL import Image
+
+    image = Image.fromarray(np.array([values], np.int32), mode="I")
+    np.testing.assert_array_equal(P.pil_to_rgb(image)[0, :, 0], want)

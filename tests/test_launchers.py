@@ -153,22 +153,24 @@ def test_tpu_worker_script_runs_the_command_only_after_every_step_succeeds(tmp_p
 
 
 def test_tpu_worker_removes_files_the_previous_bundle_shipped_and_this_one_does_not(tmp_path):
-    """A module deleted here must not stay importable on the workers; their venv and runs stay."""
+    """A module deleted here must not stay importable on the workers; their venv and runs stay. A directory
+    entry (a nested repository's) that leaves the bundle does not stop the launch."""
     import sys
     import tarfile
 
     home, bin_dir, src = tmp_path / "home", tmp_path / "bin", tmp_path / "src"
-    for d in (home, bin_dir, src / "pkg"):
+    for d in (home, bin_dir, src / "pkg", src / "nested"):
         d.mkdir(parents=True)
     (bin_dir / "uv").write_text(_FAKE_UV)
     (bin_dir / "uv").chmod(0o755)
     (src / "requirements.txt").write_text("")
     (src / "pkg" / "kept.py").write_text("")
     (src / "pkg" / "old name.py").write_text("")
+    (src / "nested" / "x.py").write_text("")
     env = {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_PYTHON": sys.executable}
     script = _tpu_worker_script("true")
     run_dir = home / "genmask_jax_run"
-    first = ["requirements.txt", "pkg/kept.py", "pkg/old name.py"]
+    first = ["requirements.txt", "pkg/kept.py", "pkg/old name.py", "nested"]  # "nested": a directory entry
     for files in (first, first[:2]):
         with tarfile.open(home / "genmask_jax.tar.gz", "w:gz") as tar:
             for name in files:
@@ -178,6 +180,7 @@ def test_tpu_worker_removes_files_the_previous_bundle_shipped_and_this_one_does_
         (run_dir / "runs").mkdir(exist_ok=True)
         (run_dir / "runs" / "metrics.jsonl").write_text("{}")
     assert (run_dir / "pkg" / "kept.py").exists() and not (run_dir / "pkg" / "old name.py").exists()
+    assert not (run_dir / "nested" / "x.py").exists()
     assert (run_dir / "runs" / "metrics.jsonl").exists() and (run_dir / ".venv" / "bin" / "python").exists()
 
 

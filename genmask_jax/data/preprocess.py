@@ -80,12 +80,17 @@ def _place(resized: np.ndarray, geometry: Geometry, fill) -> np.ndarray:
 
 
 # PIL's modes of 16-bit greyscale (PNG opens as "I;16"); convert("RGB") clips their values to 255.
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:
-    """uint8 `(H, W, 3)` of a PIL image; 16-bit greyscale keeps its high byte (>> 8, as cv2.imread does)."""
-    if image.mode in SIXTEEN_BIT_MODES:
+    """uint8 `(H, W, 3)` of a PIL image; 16-bit greyscale keeps its high byte (>> 8, as cv2.imread does).
+
+    Mode "I" (32-bit ints) is 16-bit data only when a value passes 255 (older Pillows open 16-bit PNGs so);
+    otherwise it is taken as 8-bit, as convert("RGB") takes it.
+    """
+    wide = image.mode == "I" and int(np.asarray(image).max(initial=0)) > 255
+    if image.mode in SIXTEEN_BIT_MODES or wide:
         grey = (np.clip(np.asarray(image, np.int64), 0, 65535) >> 8).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
     return np.asarray(image.convert("RGB"))

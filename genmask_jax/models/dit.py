@@ -28,6 +28,7 @@ from genmask_jax.models.layers import (
     layer_norm,
     logical_param,
     materialize_cotangent,
+    recomputed,
     timestep_embedding,
 )
 from genmask_jax.models.rope import apply_rope, rope_angles
@@ -238,8 +239,8 @@ class Attention(nn.Module):
         q = dense(cfg.dim, ("embed", "heads"), dtype, param_dtype, "to_q")(x)
         k = dense(cfg.dim, ("embed", "heads"), dtype, param_dtype, "to_k")(source)
         v = dense(cfg.dim, ("embed", "heads"), dtype, param_dtype, "to_v")(source)
-        q = RMSNorm(cfg.eps, dtype, param_dtype, "heads", name="norm_q")(q)
-        k = RMSNorm(cfg.eps, dtype, param_dtype, "heads", name="norm_k")(k)
+        q = RMSNorm(cfg.eps, dtype, param_dtype, "heads", cfg.scan_layers, name="norm_q")(q)
+        k = RMSNorm(cfg.eps, dtype, param_dtype, "heads", cfg.scan_layers, name="norm_k")(k)
         split = lambda y: y.reshape(b, y.shape[1], cfg.num_heads, cfg.head_dim)
         q, k, v = split(q), split(k), split(v)
         if rope is not None:
@@ -261,17 +262,18 @@ class FeedForward(nn.Module):
         cfg = self.config
         dtype, param_dtype = _dtypes(cfg)
         h = dense(cfg.ffn_dim, ("embed", "mlp"), dtype, param_dtype, "proj_in")(x)
-        h = nn.with_logical_constraint(gelu_tanh(h), (BATCH, LENGTH, "activation_mlp"))
+        h = gelu_tanh(h, in_scan=cfg.scan_layers)
+        h = nn.with_logical_constraint(h, (BATCH, LENGTH, "activation_mlp"))
         return dense(cfg.dim, ("mlp", "embed"), dtype, param_dtype, "proj_out")(h)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3, 4))  # saves x, not float32 copies (layers.py)
+@functools.partial(recomputed, static_argnums=(3, 4))  # saves x, not float32 copies
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
     """`LN(x) * (1 + scale) + shift` in float32, cast to `dtype`."""
     return (layer_norm(x, eps) * (1 + scale) + shift).astype(dtype)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3,))
+@functools.partial(recomputed, static_argnums=(3,))
 def _gated_add(x: jax.Array, h: jax.Array, gate: jax.Array, dtype) -> jax.Array:
     """The residual update `x + h * gate` in float32, cast to `dtype`."""
     return (x.astype(jnp.float32) + h.astype(jnp.float32) * gate).astype(dtype)
@@ -297,19 +299,20 @@ class Block(nn.Module):
         mod = table.astype(f32)[None] + proj
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
 
-        h = _modulate(x, shift, scale, cfg.eps, dtype)
+        scan = cfg.scan_layers  # the blocks run inside nn.scan (layers.recomputed)
+        h = _modulate(x, shift, scale, cfg.eps, dtype, in_scan=scan)
         h = Attention(cfg, name="attn1")(h, rope=rope)
-        x = _gated_add(x, h, gate, dtype)
+        x = _gated_add(x, h, gate, dtype, in_scan=scan)
 
         x = materialize_cotangent(x)
-        h = LayerNorm(cfg.eps, dtype, param_dtype, name="norm2")(x)
+        h = LayerNorm(cfg.eps, dtype, param_dtype, in_scan=scan, name="norm2")(x)
         mask = context_mask if cfg.use_context_mask else None
         x = x + Attention(cfg, name="attn2")(h, context=context, context_mask=mask)
 
         x = materialize_cotangent(x)
-        h = _modulate(x, c_shift, c_scale, cfg.eps, dtype)
+        h = _modulate(x, c_shift, c_scale, cfg.eps, dtype, in_scan=scan)
         h = FeedForward(cfg, name="ffn")(h)
-        x = _gated_add(x, h, c_gate, dtype)
+        x = _gated_add(x, h, c_gate, dtype, in_scan=scan)
         return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
 
 

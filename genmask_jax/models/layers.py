@@ -2,7 +2,7 @@
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -81,6 +81,26 @@ def _materialize_bwd(_, g):
 materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
 
 
+def recomputed(fn: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
+    """`fn` under jax.checkpoint: its backward recomputes the intermediates (float32 copies, the tanh form
+    of the gelu) from the inputs instead of saving them, and XLA fuses the recomputation into the
+    backward's elementwise passes. At the 1.3B DiT's 2,048 tokens this takes the saved activations from
+    15.9 to 5.9 GiB per example (BENCHMARKS.md).
+
+    The result takes `in_scan=`: inside nn.scan the forward and the backward are separate loops, which
+    CSE cannot merge, so jax.checkpoint's optimisation barriers (prevent_cse) are left out, as
+    nn.remat's `prevent_cse=not scan_layers` leaves them out of the scanned blocks.
+    """
+    variants = {scan: jax.checkpoint(fn, prevent_cse=not scan, static_argnums=static_argnums)
+                for scan in (False, True)}
+
+    @functools.wraps(fn)
+    def call(*args, in_scan: bool = False):
+        return variants[in_scan](*args)
+
+    return call
+
+
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis without affine parameters, in float32 (returns float32)."""
     x = x.astype(jnp.float32)
@@ -89,47 +109,48 @@ def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+@functools.partial(recomputed, static_argnums=(3, 4))
 def _affine_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:
     return (layer_norm(x, eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
 
 class LayerNorm(nn.Module):
-    """Affine LayerNorm computed in float32 (diffusers' FP32LayerNorm); returns `dtype`."""
+    """Affine LayerNorm computed in float32 (diffusers' FP32LayerNorm); returns `dtype`. `in_scan`: the
+    module runs inside nn.scan (`recomputed`)."""
 
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     axis_name: str = "norm"
+    in_scan: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         shape, axes = (x.shape[-1],), (self.axis_name,)
         scale = logical_param(self, "scale", nn.initializers.ones_init(), shape, axes, self.param_dtype)
         bias = logical_param(self, "bias", nn.initializers.zeros_init(), shape, axes, self.param_dtype)
-        return _affine_layer_norm(x, scale, bias, self.eps, self.dtype)
+        return _affine_layer_norm(x, scale, bias, self.eps, self.dtype, in_scan=self.in_scan)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last axis with a learned scale, computed in float32; returns `dtype`."""
+    """RMSNorm over the last axis with a learned scale, computed in float32; returns `dtype`. `in_scan`:
+    the module runs inside nn.scan (`recomputed`)."""
 
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     axis_name: str = "norm"
+    in_scan: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = logical_param(
             self, "scale", nn.initializers.ones_init(), (x.shape[-1],), (self.axis_name,), self.param_dtype
         )
-        return _rms_norm(x, scale, self.eps, self.dtype)
+        return _rms_norm(x, scale, self.eps, self.dtype, in_scan=self.in_scan)
 
 
-# The norms and the gelu are jax.checkpoint'ed: their backward recomputes the float32 intermediates from
-# the (bf16) input instead of saving them, which XLA fuses into the backward's elementwise passes. At the
-# 1.3B DiT's 2,048 tokens this takes saved activations from 15.9 to 5.9 GiB per example (BENCHMARKS.md).
-@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+@functools.partial(recomputed, static_argnums=(2, 3))
 def _rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
@@ -150,6 +171,6 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-@jax.checkpoint  # saves x alone, not the six (L, ffn) intermediates of the tanh form
+@recomputed  # saves x alone, not the six (L, ffn) intermediates of the tanh form
 def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)

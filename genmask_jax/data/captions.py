@@ -178,9 +178,7 @@ class TfdsCaptions:
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         image = _feature(record, self.image_key)
-        image = load_image(image) if isinstance(image, bytes) else np.asarray(image)
-        if image.dtype != np.uint8:
-            raise BadExample("bad_image", f"{self.image_key} has dtype {image.dtype}, expected uint8")
+        image = load_image(image) if isinstance(image, bytes) else preprocess.as_rgb(np.asarray(image))
         return {
             "id": self.example_id(index),
             "image": image,

@@ -4,7 +4,10 @@ context (a repeated id, other encoder settings, changed data, a missing split, t
 clear error instead."""
 
 import json
+import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -15,7 +18,7 @@ from PIL import Image
 from genmask_jax.data.pipeline import default_data_config, make_eval_iterator, make_train_iterator
 from genmask_jax.data.sources import make_task_source
 from genmask_jax.encoders import fingerprint, make_encoder
-from genmask_jax.encoders.base import EncoderUnavailable
+from genmask_jax.encoders.base import ContextError, EncoderUnavailable
 from genmask_jax.encoders.cache import (
     CacheLocked,
     CacheMismatch,
@@ -142,6 +145,57 @@ def test_the_reader_counts_records_and_checks_each_header(tmp_path):
     assert header["id"] == "c" and states[0, 0] == 2
 
 
+def test_the_writer_refuses_non_finite_states(tmp_path):
+    """A float16 encoder overflows in Qwen2.5; its NaNs were cached and served like any context."""
+    big = _states(1e5)  # finite in float32 and bfloat16, inf in float16
+    with CacheWriter(str(tmp_path / "f32"), dim=2, context_length=4, dtype="float32") as writer:
+        with pytest.raises(ContextError, match="'nan' is not finite in float32.*bfloat16 or float32"):
+            writer.add("nan", np.array([[0.0, np.nan]], np.float32))
+        writer.add("big", big)
+    assert EmbeddingCache(str(tmp_path / "f32")).missing(["nan", "big"]) == ["nan"]
+    with CacheWriter(str(tmp_path / "f16"), dim=2, context_length=4, dtype="float16") as writer:
+        with pytest.raises(ContextError, match="'big' is not finite in float16"):
+            writer.add("big", big)
+    assert len(EmbeddingCache(str(tmp_path / "f16"))) == 0
+
+
+def test_an_interrupt_between_a_write_and_its_id_leaves_a_readable_resumable_cache(tmp_path, monkeypatch):
+    """The shard open at the interrupt held one record more than its ids: it was published, every reader
+    refused the whole cache and a resume (which trusts the ids) did not notice."""
+    from array_record.python import array_record_module
+
+    real, writes = array_record_module.ArrayRecordWriter, iter(range(100))
+
+    class InterruptedAfterTheSixthWrite:
+        def __init__(self, *args):
+            self.inner = real(*args)
+
+        def write(self, record):
+            self.inner.write(record)
+            if next(writes) == 5:
+                raise KeyboardInterrupt
+
+        def close(self):
+            self.inner.close()
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", InterruptedAfterTheSixthWrite)
+    folder = str(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with CacheWriter(folder, dim=2, context_length=4, dtype="float32", shard_size=4) as writer:
+            for i in range(8):
+                writer.add(f"id{i}", _states(i))
+    monkeypatch.undo()
+    assert sorted(EmbeddingCache(folder).index) == ["id0", "id1", "id2", "id3"]  # the first shard only
+    with CacheWriter(folder, dim=2, context_length=4, dtype="float32", shard_size=4) as writer:
+        assert writer.done == {"id0", "id1", "id2", "id3"}
+        for i in range(4, 8):
+            writer.add(f"id{i}", _states(i))
+    cache = EmbeddingCache(folder)
+    assert len(cache) == 8
+    for i in range(8):
+        assert cache.record(f"id{i}")[1][0, 0] == i
+
+
 class _RepeatingSource:
     """Example 2 repeats example 1's id (a source bug: both would be stored under one key)."""
 
@@ -226,6 +280,67 @@ def test_resuming_with_another_storage_dtype_is_refused_with_a_qwen_fingerprint(
     np.testing.assert_array_equal(cache.record("b")[1], _states(3))
 
 
+def test_the_fingerprint_tells_apart_models_in_folders_of_the_same_name(tmp_path):
+    """The fingerprint named the weights by their folder's name alone: two runs' `checkpoint-1000` were
+    one model to the cache. A local folder now adds a digest of its config, weight index and samples of
+    its weight files; a hub id, or a folder this machine lacks (a host that only reads the cache), has
+    the name alone."""
+
+    def qwen(path):
+        c = default_data_config().encoder
+        c.name, c.model_path, c.context_length = "qwen2_5_vl", str(path), 4
+        return fingerprint(c)
+
+    def model_folder(path, config, weights=(("model.safetensors", 10),), index=None):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps(config))
+        for name, size in weights:
+            (path / name).write_bytes(b"w" * size)
+        if index is not None:
+            (path / "model.safetensors.index.json").write_text(json.dumps(index))
+        return path
+
+    layers = lambda n: {"num_hidden_layers": n}
+    a = model_folder(tmp_path / "exp_a" / "checkpoint-1000", layers(28))
+    b = model_folder(tmp_path / "exp_b" / "checkpoint-1000", layers(36))
+    assert qwen(a)["model"] == qwen(b)["model"] == "checkpoint-1000" and qwen(a) != qwen(b)
+    assert qwen(a) == qwen(a) == qwen(shutil.copytree(a, tmp_path / "copy" / "checkpoint-1000"))
+    shards = (("model-00001-of-00002.safetensors", 10), ("model-00002-of-00002.safetensors", 10))
+    assert qwen(model_folder(tmp_path / "c" / "checkpoint-1000", layers(28), shards)) != qwen(a)
+    index = lambda shard: {"weight_map": {"w": f"model-0000{shard}-of-00002.safetensors"}}
+    d = model_folder(tmp_path / "d" / "checkpoint-1000", layers(28), shards, index(1))
+    e = model_folder(tmp_path / "e" / "checkpoint-1000", layers(28), shards, index(2))
+    assert qwen(d) != qwen(e)
+    # Two fine-tunes of one base: same config and file sizes, other weights (a byte near the middle).
+    tuned = model_folder(tmp_path / "f" / "checkpoint-1000", layers(28), (("model.safetensors", 100_000),))
+    retuned = shutil.copytree(tuned, tmp_path / "g" / "checkpoint-1000")
+    with open(retuned / "model.safetensors", "r+b") as f:
+        f.seek(4096 * 4)
+        f.write(b"v")
+    assert qwen(tuned) != qwen(retuned)
+    absent = tmp_path / "absent" / "checkpoint-1000"
+    assert qwen(absent)["model_digest"] is None and qwen("Qwen/Qwen2.5-VL-7B")["model_digest"] is None
+
+    folder = str(tmp_path / "cache")
+    with CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=qwen(a)) as writer:
+        writer.add("x", _states(1))
+    digests = r"cache '[0-9a-f]{16}', config '[0-9a-f]{16}'\)"
+    with pytest.raises(CacheMismatch, match=r"\(encoder.model_digest: " + digests):
+        CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=qwen(b))
+    with pytest.raises(CacheMismatch, match=r"\(model_digest: " + digests):
+        EmbeddingCache(folder, qwen(b))
+    assert len(EmbeddingCache(folder, qwen(absent))) == 1
+    # A cache written before the digest is read by the name, and a refusal still names what differs.
+    old = str(tmp_path / "old")
+    with CacheWriter(old, dim=2, context_length=4, dtype="bfloat16", fingerprint=QWEN_FINGERPRINT) as w:
+        w.add("x", _states(1))
+    assert len(EmbeddingCache(old, dict(QWEN_FINGERPRINT, model_digest=qwen(a)["model_digest"]))) == 1
+    other = dict(QWEN_FINGERPRINT, model="checkpoint-1000", model_digest=qwen(a)["model_digest"])
+    with pytest.raises(CacheMismatch) as refused:
+        EmbeddingCache(old, other)
+    assert "settings (model: cache 'Qwen2.5-VL-7B-Instruct', config 'checkpoint-1000'):" in str(refused.value)
+
+
 def test_the_fingerprint_holds_every_setting_that_changes_a_qwen_context():
     base = default_data_config().encoder
     base.name, base.model_path, base.context_length = "qwen2_5_vl", "/models/Qwen2.5-VL-7B-Instruct", 512
@@ -295,6 +410,25 @@ def test_one_writer_per_folder(tmp_path):
         CacheWriter(str(tmp_path), dim=2, context_length=5, dtype="float32")
     with CacheWriter(str(tmp_path), dim=2, context_length=4, dtype="float32") as again:  # lock released
         assert again.done == {"a"}
+
+
+def test_a_lock_left_by_a_dead_process_of_this_host_is_taken_over(tmp_path, caplog):
+    """A hard-killed precompute (OOM killer, preemption) left writer.lock: every rerun was refused."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid names no process
+    lock, host = tmp_path / "writer.lock", socket.gethostname()
+    lock.write_text(f"{host} {child.pid}\n")
+    with caplog.at_level(logging.WARNING, logger="genmask_jax.encoders.cache"):
+        with CacheWriter(str(tmp_path), dim=2, context_length=4, dtype="float32") as writer:
+            assert lock.read_text() == f"{host} {os.getpid()}\n"
+            writer.add("a", _states(0))
+    assert f"took over the lock of {host} {child.pid}" in caplog.text
+    assert not lock.exists() and len(EmbeddingCache(str(tmp_path))) == 1
+    for holder in (f"{host} {os.getpid()}", f"another-host {child.pid}", "unknown"):  # alive, or unknowable
+        lock.write_text(f"{holder}\n")
+        with pytest.raises(CacheLocked, match=f"host and pid: {holder}"):
+            CacheWriter(str(tmp_path), dim=2, context_length=4, dtype="float32")
+        assert lock.read_text() == f"{holder}\n"
 
 
 # The command line.

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from genmask_jax.data.pipeline import default_data_config, make_eval_iterator  # noqa: E402
-from genmask_jax.encoders import PromptTooLong, make_encoder  # noqa: E402
+from genmask_jax.encoders import ContextError, PromptTooLong, make_encoder  # noqa: E402
 from genmask_jax.encoders.cache import EmbeddingCache  # noqa: E402
 from genmask_jax.encoders.precompute import precompute  # noqa: E402
 from genmask_jax.encoders.qwen2_5_vl import Qwen25VLEncoder  # noqa: E402
@@ -164,6 +164,50 @@ def test_a_prompt_longer_than_the_context_is_refused_not_cut(tiny_qwen, tmp_path
     c.gen_sources, c.shapes.val_size, c.resolution = "", 2, (112, 112)
     with pytest.raises(PromptTooLong, match="example 'shapes-0-val-0'"):
         precompute(c, str(tmp_path), ["val"], batch_size=2, dtype="float32", encoder=short)
+
+
+def test_a_long_text_only_prompt_is_cut_keeping_the_template_end(encoder, tiny_qwen, tmp_path, caplog):
+    """One caption longer than context_length stopped the whole precompute (and an uncached training
+    run); a caption has no instruction after it to lose, so it is cut, as the toy encoder cuts."""
+    words = ("a small red circle on the left " * 8).split()  # 56 words: a prompt of 2 + 56 + 1 tokens
+    with caplog.at_level("WARNING", logger="genmask_jax.encoders.base"):
+        context, mask = encoder.encode([None, None], [" ".join(words), "the red circle"])
+    assert mask.sum(1).tolist() == [40, 6]
+    assert "59 tokens truncated to context_length=40" in caplog.text
+    ids = encoder.model_inputs([None], [" ".join(words)], False, max_length=40)["input_ids"][0].tolist()
+    assert ids[-1] == encoder.tokenizer.convert_tokens_to_ids("<|im_end|>")  # the template's end stays
+    cut, cut_mask = encoder.encode([None], [" ".join(words[:37])])  # the same 40 tokens, uncut
+    np.testing.assert_array_equal(cut_mask[0], mask[0])
+    np.testing.assert_allclose(cut[0], context[0], atol=1e-4)
+    with pytest.raises(PromptTooLong, match=r"16 image tokens.*raise context_length or lower .*max_pixels"):
+        encoder.encode([_image(2, 112, 112)], [" ".join(words)])  # the instruction would be cut
+    for i in range(2):
+        Image.fromarray(_image(i)).save(tmp_path / f"im{i}.jpg")
+    captions = [("im0.jpg", " ".join(words)), ("im1.jpg", "a blue star")]
+    lines = [json.dumps({"image": image, "caption": text}) + "\n" for image, text in captions]
+    (tmp_path / "caps.jsonl").write_text("".join(lines))
+    c = qwen_config(tiny_qwen)
+    c.seg_sources, c.gen_sources, c.captions.path = "", "captions", str(tmp_path / "caps.jsonl")
+    precompute(c, str(tmp_path / "cache"), ["train"], batch_size=1, dtype="float32", encoder=encoder)
+    assert len(EmbeddingCache(str(tmp_path / "cache"))) == 2
+
+
+def test_a_text_only_prompt_that_cannot_be_cut_is_refused_without_max_pixels(encoder, monkeypatch):
+    monkeypatch.setattr(encoder, "context_length", 3)  # room for the template alone
+    with pytest.raises(PromptTooLong, match=r"6 tokens \(0 image.*=3; raise context_length;") as refused:
+        encoder.encode([None], ["the red circle"])
+    assert "max_pixels" not in str(refused.value)
+
+
+def test_non_finite_contexts_are_refused(tiny_qwen):
+    """float16 overflows in Qwen2.5's activations; the NaNs went on into the cache and the DiT."""
+    half = Qwen25VLEncoder(tiny_qwen, context_length=40, dtype="float16", device="cpu")
+    mlp = half.model.model.language_model.layers[0].mlp
+    with torch.no_grad():  # activations past float16's 65504, as the 7B model's reach
+        mlp.down_proj.weight.fill_(6e4)
+        mlp.up_proj.weight.fill_(30.0)
+    with pytest.raises(ContextError, match=r"float16 \(data.encoder.dtype\).*circle'.*bfloat16 or float32"):
+        half.encode([None], ["the red circle"])
 
 
 def test_max_pixels_from_the_config_bounds_the_image_tokens(tiny_qwen):

@@ -12,6 +12,8 @@ lists every setting that changes a context (a cache records it and refuses a con
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import importlib.util
 import os
 
@@ -40,6 +42,36 @@ def model_name(model_path: str) -> str:
     """The folder name of a model path: the same weights sit at other paths on the machine that
     precomputes and the ones that train or evaluate ("Qwen/X" and "/models/X" are both "X")."""
     return os.path.basename(os.path.normpath(model_path)) if model_path else ""
+
+
+# Reads per weight file for `model_digest`: a fine-tune changes every tensor, so any sample tells it
+# apart from its base; the first read also covers the safetensors header.
+_SAMPLES, _SAMPLE_BYTES = 8, 4096
+
+
+def model_digest(model_path: str) -> str | None:
+    """A digest of a local model folder: its config.json, its weight index and, of each `*.safetensors`
+    file, the name, the size and `_SAMPLES` evenly spaced 4 KiB reads; None for a hub id or a missing
+    folder.
+
+    Tells apart models in folders of the same name (`model_name`: two runs' `checkpoint-1000`, whose
+    configs and file sizes agree) while reading well under 1 MiB; copies of one folder share it."""
+    if not model_path or not os.path.isdir(model_path):
+        return None
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        path = os.path.join(model_path, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    for path in sorted(glob.glob(os.path.join(model_path, "*.safetensors"))):
+        size = os.path.getsize(path)
+        h.update(f"{os.path.basename(path)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            for i in range(_SAMPLES):
+                f.seek(max(0, size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
+                h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:16]
 
 
 # Packages each encoder imports that requirements.txt may leave out (torch: its build depends on the
@@ -109,6 +141,9 @@ def fingerprint(config) -> dict:
         return {
             "encoder": "qwen2_5_vl",
             "model": model_name(config.model_path),
+            # None where the folder is not on this machine (a host that only reads the cache): the cache
+            # then compares the name alone (`cache._WHEN_KNOWN`)
+            "model_digest": model_digest(config.model_path),
             "context_length": config.context_length,
             "dtype": config.dtype,
             "max_pixels": configured_max_pixels(config),
@@ -131,6 +166,7 @@ __all__ = [
     "encoder_input",
     "fingerprint",
     "make_encoder",
+    "model_digest",
     "model_name",
     "pad_or_truncate",
 ]

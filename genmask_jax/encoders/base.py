@@ -3,9 +3,10 @@
 An encoder turns images and texts into the DiT's cross-attention context:
 `encode(images, texts) -> (context float32 (B, L, D), mask bool (B, L))` with a fixed `L`
 (`context_length`): shorter sequences are padded with zeros (mask False). A longer `qwen2_5_vl` prompt
-raises `PromptTooLong` (its instruction comes last, so cutting the prompt would cut the instruction);
-the word-level `toy` encoder truncates with a warning. `images` is a sequence of uint8 `(H, W, 3)`
-arrays (or None entries / None for text-only encoders such as `toy`).
+with an image raises `PromptTooLong` (its instruction comes last, so cutting the prompt would cut the
+instruction); longer texts alone (`toy`, `qwen2_5_vl` captions) are truncated with a warning.
+`images` is a sequence of uint8 `(H, W, 3)` arrays (or None entries / None for text-only encoders such
+as `toy`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Layout of a cache folder:
   shard-00000.array_record          one record per example (below)
   shard-00000.ids.json              the ids of that shard in record order; written last, atomically,
                                     so a shard without it is incomplete and is rewritten on resume
-  writer.lock                       while a `CacheWriter` is open (one writer per folder)
+  writer.lock                       while a `CacheWriter` is open (one writer per folder): its host and
+                                    pid; a lock of this host whose process is gone is taken over
 
 A record is `uint32 header length | JSON header | contexts`: the header holds `id`, `length` (the
 number of valid tokens T), `text` (the example's text) and `rewrite` (the VLM's two-stage description,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import socket
 import struct
@@ -32,9 +34,14 @@ import numpy as np
 
 from genmask_jax.encoders.base import ContextError
 
+log = logging.getLogger(__name__)
+
 FORMAT = 2  # 1: records indexed by unique id and a partial fingerprint (misreads after a repeated id)
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _PRECOMPUTE = "python -m genmask_jax.encoders.precompute"
+# Fingerprint fields that a machine without the model files cannot compute (the Qwen folder's digest on
+# a host that only reads the cache): compared only where both sides have them.
+_WHEN_KNOWN = ("model_digest",)
 
 
 class CacheMiss(ContextError, KeyError):
@@ -84,6 +91,7 @@ def differences(cached: dict, expected: dict, prefix: str = "") -> list[str]:
         f"{prefix}{k}: cache {cached.get(k)!r}, config {expected.get(k)!r}"
         for k in sorted(set(cached) | set(expected))
         if cached.get(k) != expected.get(k)
+        and not (k in _WHEN_KNOWN and None in (cached.get(k), expected.get(k)))
     ]
 
 
@@ -120,7 +128,9 @@ class CacheWriter:
 
     Holds `writer.lock` (created exclusively) from construction to `close()`: a second writer on the
     same folder fails instead of deleting the first one's open shard or writing the same shard name.
-    Use it as a context manager, or call `close()`.
+    Use it as a context manager, or call `close()`. A shard is published only when it holds exactly
+    the ids it lists: one interrupted between a record's write and its id is discarded (resume redoes
+    it) instead of leaving a cache that no reader accepts.
     """
 
     def __init__(
@@ -176,6 +186,13 @@ class CacheWriter:
             raise ValueError(f"states {states.shape} do not match dim {self.dim}")
         if example_id in self.done:
             raise ValueError(f"example {example_id!r} is already in cache {self.folder}: ids must be unique")
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(np.asarray(states, _DTYPES[self.dtype])).all()
+        if not finite:
+            raise ContextError(
+                f"the context of {example_id!r} is not finite in {self.dtype} (the cache's dtype): not "
+                "cached; float16 overflows Qwen2.5's activations: encode and store in bfloat16 or float32"
+            )
         if self._writer is None:
             self._open()
         self._writer.write(encode_record(example_id, states, self.dtype, text, rewrite))
@@ -189,9 +206,18 @@ class CacheWriter:
         if self._writer is None:
             return
         self._writer.close()
-        _write_json_atomic(os.path.join(self.folder, f"shard-{self.next_shard:05d}.ids.json"), self._ids)
+        path = os.path.join(self.folder, f"shard-{self.next_shard:05d}.array_record")
+        records = _num_records(path)
+        if records == len(self._ids):
+            _write_json_atomic(path[: -len(".array_record")] + ".ids.json", self._ids)
+            self.next_shard += 1
+        else:  # interrupted between a write and its id: neither list can be trusted
+            log.warning(
+                "%s holds %d records for %d ids: discarded, not published", path, records, len(self._ids)
+            )
+            os.remove(path)
+            self.done.difference_update(self._ids)
         self._writer, self._ids = None, []
-        self.next_shard += 1
 
     def close(self) -> None:
         """Publishes the last shard and releases the folder."""
@@ -210,19 +236,81 @@ class CacheWriter:
         self.close()
 
 
+def _num_records(path: str) -> int:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(path)
+    try:
+        return reader.num_records()
+    finally:
+        reader.close()
+
+
 def _acquire_lock(path: str) -> str:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        with open(path) as f:
-            holder = f.read().strip() or "unknown"
-        raise CacheLocked(
-            f"{path} exists: another precompute (host and pid: {holder}) is writing this cache; if it is "
-            "no longer running, delete the lock file and rerun (the rerun resumes)"
-        ) from None
+        holder = _read_lock(path)
+        if not _is_stale(holder):
+            raise _locked(path, holder) from None
+        _take_over(path, holder)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:  # another writer took it over first
+            raise _locked(path, _read_lock(path)) from None
+        log.warning("%s: took over the lock of %s, a process of this host that is gone", path, holder)
     with os.fdopen(fd, "w") as f:
         f.write(f"{socket.gethostname()} {os.getpid()}\n")
     return path
+
+
+def _read_lock(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip() or "unknown"
+    except FileNotFoundError:
+        return "unknown"
+
+
+def _locked(path: str, holder: str) -> CacheLocked:
+    return CacheLocked(
+        f"{path} exists: another precompute (host and pid: {holder}) is writing this cache; if it is "
+        "no longer running, delete the lock file and rerun (the rerun resumes)"
+    )
+
+
+def _is_stale(holder: str) -> bool:
+    """Whether a lock's `host pid` names a process of this host that is gone (a hard kill leaves the
+    lock behind). Another host's lock is never stale: its processes cannot be checked from here."""
+    host, _, pid = holder.rpartition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
+
+
+def _take_over(path: str, holder: str) -> None:
+    """Moves the stale lock `path` of `holder` aside. Of two writers taking it over at once, the second
+    would move the first one's fresh lock: it puts that back and fails."""
+    aside = f"{path}.stale-{os.getpid()}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # another writer moved it: the exclusive create decides
+    moved = _read_lock(aside)
+    if moved != holder:
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+        os.remove(aside)
+        raise _locked(path, moved)
+    os.remove(aside)
 
 
 def _write_json_atomic(path: str, value) -> None:

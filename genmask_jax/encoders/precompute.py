@@ -24,7 +24,8 @@ also of data sets the config does not train on (a run trained on `ref_coco_bv/re
 evaluated on `refcoco_unc:val`), each read with the evaluation job's data config for it.
 
 Rerunning the same command resumes: cached ids are skipped. A cache written with other encoder
-settings is refused, and so is a second writer on the same folder (`writer.lock`): run it on one host.
+settings is refused, and so is a second writer on the same folder (`writer.lock`): run it on one host
+(a lock left by a killed run on this host is taken over).
 Then train / evaluate with `--config.data.encoder.cache_dir=CACHE` and the same `data.encoder`
 settings. With `data.encoder.rewrite_reasoning`, ReasonSeg's long queries are first rewritten by the
 VLM (`genmask_jax.encoders.encoder_input`) and the description is stored beside the context.

@@ -5,9 +5,11 @@ The image and the instruction go through the model's chat template as one user t
 hidden states over the whole prompt (`(B, L, 3584)` for the 7B model), zero-padded to `L`.
 Texts without an image (captions for generation) are encoded as text-only turns.
 
-The instruction comes last in the prompt, so a prompt longer than `L` is refused (`PromptTooLong`,
-with its lengths) rather than cut: cutting it would drop the instruction and leave contexts that no
-longer depend on it. `max_pixels` bounds the image's share: the image processor resizes so that
+The instruction comes last in the prompt, so a prompt with an image longer than `L` is refused
+(`PromptTooLong`, with its lengths) rather than cut: cutting it would drop the instruction and leave
+contexts that no longer depend on it. A text-only prompt (a caption) longer than `L` is cut with a
+warning, its end first, keeping the chat template's closing tokens (`<|im_end|>` and any generation
+prompt). `max_pixels` bounds the image's share: the image processor resizes so that
 H * W <= max_pixels, and each 28 x 28 patch (14-pixel patches merged 2 x 2) is one token. None keeps the
 model's preprocessor_config.json value (Qwen2.5-VL's 12845056: up to 16384 image tokens, refused for any
 context_length up to that).
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from genmask_jax.encoders.base import PromptTooLong, pad_or_truncate
+from genmask_jax.encoders.base import ContextError, PromptTooLong, TruncationWarner, pad_or_truncate
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ REWRITE_PROMPT = (
     "that this request is about."
 )
 _TORCH_DTYPES = ("float32", "bfloat16", "float16")
+_MARK = "\ue000"  # stands for the user text in a rendered chat template
 
 
 class Qwen25VLEncoder:
@@ -68,7 +71,7 @@ class Qwen25VLEncoder:
             raise ValueError(f"dtype must be one of {_TORCH_DTYPES}, got {dtype!r}")
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.torch_dtype = getattr(torch, dtype)
+        self.dtype, self.torch_dtype = dtype, getattr(torch, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "right"
         kwargs = {"max_pixels": max_pixels} if max_pixels else {}
@@ -93,6 +96,7 @@ class Qwen25VLEncoder:
         self.add_generation_prompt = add_generation_prompt
         self.last_rewrites: list[str | None] = []
         self.model_path = model_path
+        self._warn = TruncationWarner(self.name)
         log.info("Qwen2.5-VL encoder from %s: hidden %d, %s on %s", model_path, self.dim, dtype, self.device)
 
     def _prompt(self, has_image: bool, text: str, generation_prompt: bool) -> str:
@@ -107,8 +111,10 @@ class Qwen25VLEncoder:
         texts: Sequence[str],
         generation_prompt: bool,
         padding_side: str = "right",
+        max_length: int | None = None,
     ) -> dict:
-        """Token ids, attention mask, `mm_token_type_ids` and pixel inputs for a batch (torch tensors)."""
+        """Token ids, attention mask, `mm_token_type_ids` and pixel inputs for a batch (torch tensors);
+        text-only prompts longer than `max_length` tokens are cut (`fit_text_only`)."""
         prompts = [self._prompt(im is not None, t, generation_prompt) for im, t in zip(images, texts)]
         present = [np.asarray(im, np.uint8) for im in images if im is not None]
         inputs = {}
@@ -122,11 +128,32 @@ class Qwen25VLEncoder:
             inputs["pixel_values"] = pixels["pixel_values"].to(self.device, self.torch_dtype)
             inputs["image_grid_thw"] = pixels["image_grid_thw"].to(self.device)
         self.tokenizer.padding_side = padding_side
-        tokens = self.tokenizer(prompts, padding=True, return_tensors="pt")
+        ids = self.tokenizer(prompts)["input_ids"]
+        if max_length is not None:
+            ids = [
+                self.fit_text_only(i, max_length, generation_prompt, t) if im is None else i
+                for i, im, t in zip(ids, images, texts)
+            ]
+        tokens = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         inputs["input_ids"] = tokens["input_ids"].to(self.device)
         inputs["attention_mask"] = tokens["attention_mask"].to(self.device)
         inputs["mm_token_type_ids"] = (tokens["input_ids"] == self.image_token_id).long().to(self.device)
         return inputs
+
+    def fit_text_only(self, ids: list[int], max_length: int, generation_prompt: bool, text: str) -> list[int]:
+        """A text-only prompt's token ids cut to `max_length`: the user text loses its end, the chat
+        template's closing tokens stay. Unchanged when it fits, or when the cut would leave no user
+        text (`check_lengths` then refuses it)."""
+        if len(ids) <= max_length:
+            return ids
+        head, tail = self._prompt(False, _MARK, generation_prompt).split(_MARK)
+        head_length = len(self.tokenizer(head, add_special_tokens=False)["input_ids"])
+        tail_ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
+        keep = max_length - len(tail_ids)
+        if keep <= head_length or ids[len(ids) - len(tail_ids) :] != tail_ids:
+            return ids
+        self._warn(len(ids), max_length, text)
+        return ids[:keep] + tail_ids
 
     def rewrite(self, images: Sequence[np.ndarray | None], queries: Sequence[str]) -> list[str]:
         """Stage one of reasoning segmentation: a short description of the queried object (greedy)."""
@@ -144,10 +171,11 @@ class Qwen25VLEncoder:
         image_tokens = inputs["mm_token_type_ids"].sum(1).tolist()
         for i, (n, n_image) in enumerate(zip(lengths, image_tokens)):
             if n > self.context_length:
+                advice = "raise context_length" + (" or lower data.encoder.max_pixels" if n_image else "")
                 raise PromptTooLong(
                     f"prompt of {n} tokens ({n_image} image tokens, {n - n_image} chat template and "
-                    f"instruction tokens) does not fit context_length={self.context_length}; lower "
-                    f"data.encoder.max_pixels or raise context_length; instruction {texts[i][:200]!r}",
+                    f"instruction tokens) does not fit context_length={self.context_length}; {advice}; "
+                    f"instruction {texts[i][:200]!r}",
                     index=i,
                 )
 
@@ -167,11 +195,21 @@ class Qwen25VLEncoder:
             rewritten = self.rewrite([images[i] for i in chosen], [texts[i] for i in chosen])
             for i, text in zip(chosen, rewritten):
                 self.last_rewrites[i], texts[i] = text, text
-        inputs = self.model_inputs(images, texts, generation_prompt=self.add_generation_prompt)
+        inputs = self.model_inputs(
+            images, texts, generation_prompt=self.add_generation_prompt, max_length=self.context_length
+        )
         self.check_lengths(inputs, texts)
         with self.torch.no_grad():
             states = self.model.model(**inputs).last_hidden_state
         states = states.float().cpu().numpy()
         valid = inputs["attention_mask"].bool().cpu().numpy()
-        pairs = [pad_or_truncate(s[m], self.context_length) for s, m in zip(states, valid)]
+        kept = [s[m] for s, m in zip(states, valid)]
+        for text, k in zip(texts, kept):
+            if not np.isfinite(k).all():
+                raise ContextError(
+                    f"Qwen2.5-VL in {self.dtype} (data.encoder.dtype) gave non-finite hidden states for "
+                    f"{text[:200]!r}: use bfloat16 or float32 (float16 overflows in Qwen2.5's activations), "
+                    f"or check the weights in {self.model_path}"
+                )
+        pairs = [pad_or_truncate(k, self.context_length) for k in kept]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -10,12 +10,17 @@ r"""Ahead-of-time compilation of the GenMask train and evaluation steps for a na
 libtpu (`requirements-tpu.txt`) compiles for `--topology` on any machine. Every input is abstract
 (`jax.ShapeDtypeStruct` with its sharding; the state comes from `jax.eval_shape`), so no weight or batch is
 ever allocated. The train step is the one `train` runs (`train.step.make_configured_train_step`: both task
-sub-batches, the frozen VAE encode, AdamW); the evaluation step is single-step segmentation
-(`GenMask.segment`: VAE encode, one DiT call, VAE decode). Prints per device the compiler's memory
-figures against the chip's HBM, the FLOPs per step (counted from the step's jaxpr, see `count_flops`),
-the FLOP-bound step time and the MFU it implies; exits 1 when a step does not fit, 2 when libtpu is
-missing. A compile of the real 1.3B step for a 64-256 chip slice costs 5-8 CPU-minutes (a refusal for
-lack of HBM comes sooner), so `--sweep` takes a few chosen points, not a grid.
+sub-batches, the frozen VAE encode, AdamW) on the whole slice. The evaluation step is the one
+`genmask_jax.evaluate` runs (`eval.job.run`): every process predicts its own examples on its own host's
+devices, so it is `Segmenter.predict`'s jitted `predict_scores` (VAE encode, one DiT call, VAE decode) on
+`infer.checkpoint.inference_mesh` over one host of the slice's chip, with the job's per-process batch
+(`--eval_batch_size`, as evaluate's `--batch_size`). Both compile the config's model as it is, scanned
+layers or not (`--config.model.dit.scan_layers=True` compiles one block instead of all of them, which
+is quicker, but not the program an unscanned config trains with). Prints per device the compiler's
+memory figures against the chip's HBM, the FLOPs per step (counted from the step's jaxpr, see
+`count_flops`), the FLOP-bound step time and the MFU it implies; exits 1 when a step does not fit, 2 when
+libtpu is missing. A compile of the real 1.3B step for a 64-256 chip slice costs 5-8 CPU-minutes (a
+refusal for lack of HBM comes sooner), so `--sweep` takes a few chosen points, not a grid.
 """
 
 import copy
@@ -38,8 +43,10 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+from genmask_jax.eval.job import process_batch_size  # noqa: E402
 from genmask_jax.flops import (  # noqa: E402,F401  (count_flops re-exported: aot.count_flops)
     CHIP_ALIASES,
     CHIPS,
@@ -49,9 +56,12 @@ from genmask_jax.flops import (  # noqa: E402,F401  (count_flops re-exported: ao
     devices_per_chip,
     train_step_model_flops,
 )
+from genmask_jax.infer.checkpoint import LoadedModel, inference_mesh  # noqa: E402
+from genmask_jax.infer.segmenter import Segmenter  # noqa: E402
+from genmask_jax.models import build  # noqa: E402
 from genmask_jax.models.genmask import GenMask  # noqa: E402
 from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
-from genmask_jax.parallel.sharding import rules_from_config  # noqa: E402
+from genmask_jax.parallel.sharding import logical_sharding, rules_from_config  # noqa: E402
 from genmask_jax.train import loop  # noqa: E402
 from genmask_jax.train.state import TrainState, make_optimizer, state_shardings  # noqa: E402
 from genmask_jax.train.step import batch_sharding, make_configured_train_step, optimizer_config  # noqa: E402
@@ -95,6 +105,43 @@ def topology_devices(topology: str) -> list:
         raise LibtpuMissing(f"libtpu cannot describe topology {topology!r}: {message}") from e
 
 
+class UnknownHost(ValueError):
+    """No single-host topology of the slice's chip can be named for its per-process programs."""
+
+
+def host_topology(topology: str, devices: Sequence) -> str:
+    """The topology of one host of the slice `topology` (`devices`), whose devices a per-process program
+    (evaluation) runs on: the slice itself if it has one process, else the chips process 0 holds as a
+    topology of their own (`"v5e:4x4"` -> `"v5e:2x2"`, `"v5p:2x4x4"` -> `"v5p:2x2x1"`). Compiling on those
+    devices of the multi-host topology itself aborts inside libtpu. Raises UnknownHost when the name
+    cannot be formed or libtpu's topology of that name is not one host with the same devices.
+    """
+    if len({d.process_index for d in devices}) == 1:
+        return topology
+    match = re.fullmatch(r"(.+?[:=_])(\d+(?:x\d+)*)", topology)
+    local = [d for d in devices if d.process_index == 0]
+    coords = np.array([d.coords for d in local])
+    bounds = [int(b) for b in coords.max(0) - coords.min(0) + 1]
+    ndim = len(match.group(2).split("x")) if match else 0
+    if not match or any(b != 1 for b in bounds[ndim:]):
+        raise UnknownHost(
+            f"the single-host topology of {topology!r} is unknown (process 0 holds chips "
+            f"{'x'.join(map(str, bounds))})"
+        )
+    name = match.group(1) + "x".join(map(str, bounds[:ndim]))
+    try:
+        host = topology_devices(name)
+    except LibtpuMissing as e:
+        raise UnknownHost(f"the single-host topology of {topology!r} is unknown: {e}") from e
+    if len({d.process_index for d in host}) != 1 or len(host) != len(local):
+        raise UnknownHost(
+            f"the single-host topology of {topology!r} is unknown: libtpu's {name!r} is "
+            f"{len(host)} devices over {len({d.process_index for d in host})} processes, a "
+            f"host of {topology!r} has {len(local)} devices"
+        )
+    return name
+
+
 # Abstract inputs.
 
 
@@ -104,13 +151,12 @@ def with_overrides(
     remat: str | None = None,
     microbatches: int | None = None,
 ) -> ml_collections.ConfigDict:
-    """A copy of `config` with another mesh shape, DiT remat policy or microbatch count; scan_layers on
-    (one compiled block instead of num_layers keeps compiles short)."""
+    """A copy of `config` with another mesh shape, DiT remat policy or microbatch count (None: the
+    config's)."""
     config = copy.deepcopy(config)
     with config.unlocked():
         if mesh_shape is not None:
             config.mesh.shape = tuple(mesh_shape)
-        config.model.dit.scan_layers = True
         if remat is not None:
             config.model.dit.remat_policy = remat
         if microbatches is not None:
@@ -167,10 +213,6 @@ def abstract_train_batch(config, sharding) -> dict:
 def abstract_key(sharding):
     key = jax.eval_shape(lambda: jax.random.key(0))
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding)
-
-
-def eval_batch_size(config) -> int:
-    return int(config.get("eval_batch_size", config.batch.seg))
 
 
 # Compilation.
@@ -277,31 +319,37 @@ def train_step_program(config, devices) -> Program:
     return Program(step_fn.jitted, mesh, rules, (state, batch, key), state)
 
 
-def eval_step_program(config, devices) -> Program:
-    """Single-step segmentation (`GenMask.segment`) on an evaluation batch, params in their train layout."""
-    mesh = make_mesh(tuple(config.mesh.shape), devices=devices)
+def eval_step_program(config, host_devices, batch_size: int = 0) -> Program:
+    """The evaluation step of one process of `genmask_jax.evaluate` (`eval.job.run`) on one host's
+    devices: `Segmenter.predict`'s jitted `predict_scores` with the DiT and VAE parameters laid out as
+    `infer.checkpoint.load` restores them, on a batch of `eval.job.process_batch_size` (`batch_size`
+    as evaluate's `--batch_size`, 0 = the job's default).
+    """
+    mesh = inference_mesh(config, host_devices)
     rules = rules_from_config(config.sharding.logical_axis_rules)
-    model = loop.build_model(config)
-    tx = make_optimizer(optimizer_config(config))
-    state, shardings = abstract_state(model, tx, mesh, rules, use_ema=False)
-    data = batch_sharding(mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    n, (h, w) = eval_batch_size(config), config.data.resolution
+    model = build.build_model(config)
+    if model.vae is None:
+        raise ValueError("config has no VAE (model.vae): genmask_jax.evaluate refuses it")
+    init, rng = build.dit_initializer(model), jax.random.key(0)  # concrete ops: not under the TPU mesh
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed_dit = jax.eval_shape(init, rng)
+    boxed_vae = build.abstract_frozen(model)["vae"]
+    dit_params = _abstract(nn.meta.unbox(boxed_dit), logical_sharding(boxed_dit, mesh, rules))
+    vae_params = _abstract(nn.meta.unbox(boxed_vae), logical_sharding(boxed_vae, mesh, rules))
+    loaded = LoadedModel(config, model, dit_params, vae_params, mesh, rules, step=0, directory=None)
+    segmenter = Segmenter(loaded)  # evaluate's default --steps=1
+    n, (h, w) = process_batch_size(segmenter.batch_multiple, batch_size), config.data.resolution
     length, dim = config.data.encoder.context_length, config.data.encoder.dim
-    image = jax.ShapeDtypeStruct((n, h, w, 3), jnp.float32, sharding=data)
-    context = jax.ShapeDtypeStruct((n, length, dim), jnp.float32, sharding=data)
-    context_mask = jax.ShapeDtypeStruct((n, length), jnp.bool_, sharding=data)
-
-    def predict(params, frozen, image, context, context_mask, rng):
-        return model.segment(params, frozen.get("vae"), image, context, context_mask, rng)
-
-    jitted = jax.jit(
-        predict,
-        in_shardings=(shardings.params, shardings.frozen, data, data, data, replicated),
-        out_shardings=(data, data),
+    data = segmenter.sharding
+    batch = (
+        jax.ShapeDtypeStruct((n, h, w, 3), jnp.float32, sharding=data),
+        jax.ShapeDtypeStruct((n, length, dim), jnp.float32, sharding=data),
+        jax.ShapeDtypeStruct((n, length), jnp.bool_, sharding=data),
+        jax.ShapeDtypeStruct((n,), jnp.int32, sharding=data),
     )
-    args = (state.params, state.frozen, image, context, context_mask, abstract_key(replicated))
-    return Program(jitted, mesh, rules, args)
+    key = abstract_key(NamedSharding(mesh, PartitionSpec()))
+    # The jitted function `predict` calls, static arguments and all, not a copy of it.
+    return Program(segmenter._fn, mesh, rules, (dit_params, vae_params, *batch, key))
 
 
 def compile_program(program: Program) -> Figures:
@@ -336,6 +384,16 @@ def model_flops_per_step(config) -> float:
 
 
 @dataclasses.dataclass
+class EvalHost:
+    """Where one process of `genmask_jax.evaluate` runs its evaluation step: one host of the slice."""
+
+    topology: str  # the single-host topology of the slice's chip (`host_topology`)
+    num_devices: int
+    mesh_shape: tuple[int, ...]  # (data, fsdp, tensor), `inference_mesh`
+    batch_size: int  # per process, `eval.job.process_batch_size`
+
+
+@dataclasses.dataclass
 class Analysis:
     topology: str
     mesh_shape: tuple[int, ...]
@@ -347,6 +405,9 @@ class Analysis:
     train: Figures
     eval: Figures | None
     model_flops: float
+    scan_layers: bool = True
+    eval_host: EvalHost | None = None
+    eval_skipped: str | None = None  # why the evaluation step was not compiled, though asked for
 
     @property
     def capacity_bytes(self) -> int:
@@ -373,10 +434,24 @@ class Analysis:
         return self.model_flops / self.train.flops if self.train.flops else 0.0
 
 
-def analyse(config, topology: str, with_eval: bool = True) -> Analysis:
+def analyse(config, topology: str, with_eval: bool = True, eval_batch_size: int = 0) -> Analysis:
+    """The train step on the slice `topology` and, `with_eval`, the evaluation step on one of its hosts
+    (`eval_batch_size` per process, 0 = evaluate's default)."""
     devices = topology_devices(topology)
     train = compile_program(train_step_program(config, devices))
-    evaluation = compile_program(eval_step_program(config, devices)) if with_eval else None
+    evaluation = host = skipped = None
+    if with_eval:
+        try:
+            host_name = host_topology(topology, devices)
+        except UnknownHost as e:
+            skipped = str(e)
+        else:
+            host_devices = devices if host_name == topology else topology_devices(host_name)
+            program = eval_step_program(config, host_devices, eval_batch_size)
+            evaluation = compile_program(program)
+            host = EvalHost(
+                host_name, len(host_devices), tuple(program.mesh.devices.shape), int(program.args[2].shape[0])
+            )
     return Analysis(
         topology=topology,
         mesh_shape=tuple(make_mesh(tuple(config.mesh.shape), devices=devices).devices.shape),
@@ -388,6 +463,9 @@ def analyse(config, topology: str, with_eval: bool = True) -> Analysis:
         train=train,
         eval=evaluation,
         model_flops=model_flops_per_step(config),
+        scan_layers=bool(config.model.dit.scan_layers),
+        eval_host=host,
+        eval_skipped=skipped,
     )
 
 
@@ -395,9 +473,9 @@ def _gib(n: float) -> str:
     return f"{n / GiB:8.3f} GiB"
 
 
-def _figure_lines(name: str, f: Figures, a: Analysis, unit: str) -> list[str]:
+def _figure_lines(name: str, f: Figures, a: Analysis, unit: str, num_devices: int) -> list[str]:
     flops = (
-        f"  FLOPs per step {f.flops:.4g} ({f.flops / a.num_devices:.4g} per {unit}; XLA cost analysis, "
+        f"  FLOPs per step {f.flops:.4g} ({f.flops / num_devices:.4g} per {unit}; XLA cost analysis, "
         f"loop bodies once: {f.xla_flops:.4g} per {unit})"
     )
     if f.out_of_memory is not None:
@@ -428,18 +506,27 @@ def format_report(a: Analysis) -> str:
     unit = "TensorCore" if a.devices_per_chip > 1 else "chip"
     lines = [
         f"topology {a.topology}: {a.num_devices} x {a.chip.name} {unit}s, mesh (data, fsdp, tensor) = "
-        f"{a.mesh_shape}, remat {a.remat}, microbatches {a.microbatches}",
+        f"{a.mesh_shape}, remat {a.remat}, microbatches {a.microbatches}, DiT layers "
+        f"{'scanned' if a.scan_layers else 'unrolled'} (model.dit.scan_layers={a.scan_layers})",
         f"per {unit}: HBM {_gib(a.capacity_bytes)}, peak {a.peak_flops / 1e12:.1f} TFLOP/s bf16",
     ]
-    lines += _figure_lines("train step", a.train, a, unit)
+    lines += _figure_lines("train step", a.train, a, unit, a.num_devices)
     if a.eval is not None:
-        lines += _figure_lines("eval step", a.eval, a, unit)
+        h = a.eval_host
+        name = (
+            f"eval (evaluate.py, one host {h.topology}: {h.num_devices} {unit}s, mesh {h.mesh_shape}, "
+            f"batch {h.batch_size})"
+        )
+        lines += _figure_lines(name, a.eval, a, unit, h.num_devices)
+    if a.eval_skipped is not None:
+        lines.append(f"eval (evaluate.py): not compiled: {a.eval_skipped}")
     if a.train.flops:
         lines.append(
             f"train step bound: {a.step_time_s * 1e3:.1f} ms at peak bf16 FLOP/s; useful DiT FLOPs "
             f"{a.model_flops:.4g} per step -> MFU <= {100 * a.mfu:.1f}%"
         )
-    lines.append(f"verdict: {'fits' if a.fits else 'does not fit'}")
+    verdict = "fits" if a.fits else "does not fit"
+    lines.append(f"verdict: {verdict}" + (" (train step only)" if a.eval_skipped is not None else ""))
     return "\n".join(lines)
 
 
@@ -553,7 +640,12 @@ def main(argv) -> int:
             )
             print(format_sweep(results))
             return 0 if results and results[0].fits else 1
-        a = analyse(with_overrides(f.config, remat=f.remat or None), f.topology, with_eval=not f.skip_eval)
+        a = analyse(
+            with_overrides(f.config, remat=f.remat or None),
+            f.topology,
+            with_eval=not f.skip_eval,
+            eval_batch_size=f.eval_batch_size,
+        )
     except LibtpuMissing as e:
         print(e)
         return 2
@@ -586,6 +678,11 @@ def _define_flags():
         "with --sweep: gradient-accumulation counts to try, the fewest that fits is kept",
     )
     flags.DEFINE_bool("skip_eval", False, "compile only the train step")
+    flags.DEFINE_integer(
+        "eval_batch_size",
+        0,
+        "evaluation batch per host, as evaluate's --batch_size (0 = its default: 4 per batch shard)",
+    )
     flags.mark_flags_as_required(["config"])
 
 

@@ -39,7 +39,11 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (default <workdir>/eval/s
 _FORMAT = flags.DEFINE_enum(
     "format", "png", ["png", "rle"], "Per-example predictions: PNG masks or COCO RLE."
 )
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Per-process batch size (0 = 4 per local device).")
+_BATCH = flags.DEFINE_integer(
+    "batch_size",
+    0,
+    "Per-process batch size (0 = 4 per batch shard: per local device unless the mesh has a tensor axis).",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _EMA = flags.DEFINE_bool("ema", True, "Use the EMA parameters when the checkpoint has them.")
 flags.mark_flags_as_required(["checkpoint", "split"])

@@ -3,8 +3,10 @@
 Needs libtpu (requirements-tpu.txt); without it every test skips with the command's own one-line reason.
 """
 
+import dataclasses
 import subprocess
 import sys
+import types
 
 import pytest
 from train_helpers import tiny_config
@@ -32,11 +34,87 @@ def test_tiny_steps_compile_with_positive_figures(data_parallel):
         assert figures.temp_bytes >= 0 and figures.flops > 0
         assert 0 < figures.total_bytes < a.capacity_bytes
     assert a.train.alias_bytes > 0  # the donated state is reused for the new state
-    assert a.train.flops > a.eval.flops  # forward + backward + update vs one forward
     assert a.step_time_s > 0 and 0 < a.mfu < 1
     assert a.fits
+    # One process of evaluate on its host (here the whole slice): the config's mesh fits it, 4 per device.
+    assert a.eval_host == aot.EvalHost("v5e:2x2", 4, (4, 1, 1), 16) and a.eval_skipped is None
     report = aot.format_report(a)
     assert "verdict: fits" in report and "temporaries" in report
+    assert "eval (evaluate.py, one host v5e:2x2: 4 chips, mesh (4, 1, 1), batch 16)" in report
+    assert "DiT layers unrolled (model.dit.scan_layers=False)" in report  # the tiny config's layout
+
+
+def test_report_says_when_the_eval_step_was_not_compiled(data_parallel):
+    a = dataclasses.replace(
+        data_parallel, eval=None, eval_host=None, eval_skipped="the single-host topology of 'x' is unknown"
+    )
+    report = aot.format_report(a)
+    assert "eval (evaluate.py): not compiled: the single-host topology of 'x' is unknown" in report
+    assert report.endswith("verdict: fits (train step only)")
+
+
+@pytest.mark.parametrize(
+    "topology,mesh_shape,host,host_mesh,batch",
+    [
+        ("v5e:4x4", (1, 16, 1), "v5e:2x2", (1, 4, 1), 16),  # the slice's mesh does not fit a host's 4 chips
+        ("v5e:4x4", (1, 2, 2), "v5e:2x2", (1, 2, 2), 8),  # it does: 4 per batch shard, not per chip
+        ("v5p:2x4x4", (1, -1, 1), "v5p:2x2x1", (1, 4, 1), 16),
+        ("v6e:4x4", (1, 16, 1), "v6e:2x2", (1, 4, 1), 16),
+    ],
+)
+def test_eval_step_is_what_evaluate_runs_on_one_host(
+    topology, mesh_shape, host, host_mesh, batch, tmp_path, monkeypatch
+):
+    """Each process of `genmask_jax.evaluate` runs `predict_scores` on its own host's devices
+    (`infer.checkpoint.inference_mesh`) with `eval.job.run`'s batch, not on the slice's train mesh."""
+    import jax
+
+    from genmask_jax.eval import job
+    from genmask_jax.infer import checkpoint
+    from genmask_jax.models import build
+
+    config = aot.with_overrides(tiny_config(), mesh_shape=mesh_shape)
+    assert aot.host_topology(topology, aot.topology_devices(topology)) == host
+    devices = aot.topology_devices(host)
+    program = aot.eval_step_program(config, devices)
+
+    monkeypatch.setattr(jax, "local_devices", lambda *args, **kwargs: devices)
+    mesh = checkpoint.inference_mesh(config)
+    assert program.mesh.devices.shape == host_mesh and (program.mesh.devices == mesh.devices).all()
+    dit_params, vae_params = program.args[:2]
+    loaded = checkpoint.LoadedModel(
+        config, build.build_model(config), dit_params, vae_params, mesh, program.rules, 0, tmp_path
+    )
+    seen = {}
+    monkeypatch.setattr(job, "evaluate_split", lambda predict, data, spec, out, n, *a, **k: seen.update(n=n))
+    job.run(loaded, [job.SplitSpec("synthetic", "test")], tmp_path, progress=False)
+    assert program.args[2].shape == (seen["n"], 32, 32, 3) and seen["n"] == batch
+    assert {x.sharding.mesh.devices.size for x in program.args[2:6]} == {4}
+    assert program.trace().out_info.shape == (batch, 32, 32)  # predict_scores' scores
+
+
+def test_host_topology_is_one_host_of_the_chip_or_unknown():
+    assert aot.host_topology(TOPOLOGY, aot.topology_devices(TOPOLOGY)) == TOPOLOGY  # one process already
+    # Process 0 holding chips over a third axis that a two-axis name cannot write: said, not guessed.
+    fake = [
+        types.SimpleNamespace(process_index=p, coords=(x, y, z))
+        for p in range(2)
+        for x in range(2)
+        for y in range(2)
+        for z in (2 * p, 2 * p + 1)
+    ]
+    with pytest.raises(aot.UnknownHost, match="single-host topology of 'v5e:4x4' is unknown"):
+        aot.host_topology("v5e:4x4", fake)
+
+
+def test_the_configs_layer_layout_is_compiled():
+    """aot compiles the program `train` runs: a config that does not scan its DiT layers is not scanned."""
+    devices = aot.topology_devices(TOPOLOGY)
+    for scan in (False, True):
+        config = tiny_config(**{"model.dit.scan_layers": scan})
+        config = aot.with_overrides(config, mesh_shape=(4, 1, 1), remat="none", microbatches=1)
+        assert config.model.dit.scan_layers is scan
+        assert ("scan[" in str(aot.train_step_program(config, devices).trace().jaxpr)) is scan
 
 
 def test_argument_bytes_shrink_as_fsdp_grows(data_parallel):

@@ -375,6 +375,59 @@ def test_examples_that_fail_for_other_reasons_are_retried(tmp_path, monkeypatch)
     assert metrics == run(tmp_path / "fresh", Predict())
 
 
+def test_a_rerun_with_a_smaller_batch_keeps_the_shards_it_does_not_redo(tmp_path, monkeypatch):
+    """Example 1 lost to memory in batches of 4 leaves shard [0, 2, 3]; the rerun in batches of 2 redoes
+    [0, 1], whose shard starts at index 0 too. It must not replace [0, 2, 3] (before, shards were named
+    by their first index: examples 2 and 3 were lost and a third run was needed)."""
+    from genmask_jax.data.shapes import SyntheticShapes
+
+    original = SyntheticShapes.__getitem__
+
+    def getitem(self, index):
+        if index == 1:
+            raise MemoryError("out of host memory")
+        return original(self, index)
+
+    monkeypatch.setattr(SyntheticShapes, "__getitem__", getitem)
+    with pytest.raises(job.EvaluationError, match="9 of 10 examples have predictions"):
+        run(tmp_path, Predict())
+    store = job.ShardStore(tmp_path / SPEC.dirname)
+    first = {p.name: p.read_text() for p in store.shard_files()}
+    monkeypatch.setattr(SyntheticShapes, "__getitem__", original)
+    again = Predict()
+    metrics = job.evaluate_split(again, data_config(), SPEC, tmp_path, 2, "png", progress=False)
+    assert again.calls == 1 and again.rows == 2
+    assert metrics["num_samples"] == NUM_EXAMPLES and metrics == run(tmp_path / "fresh", Predict())
+    assert {p.name: p.read_text() for p in store.shard_files() if p.name in first} == first
+    assert len(store.shard_files()) == len(first) + 1
+
+
+def test_old_shard_names_are_read_and_the_newest_record_of_an_example_wins(tmp_path):
+    """Shards named `shard-<first index>.json` (before names were unique) still count; an example in
+    several shards takes the record of the newest write, whatever order the directory lists them in."""
+    metrics = run(tmp_path, Predict())
+    store = job.ShardStore(tmp_path / SPEC.dirname)
+    for path in store.shard_files():
+        records = json.loads(path.read_text())
+        path.rename(path.parent / f"shard-{records[0]['index']:09d}.json")
+    assert [r["index"] for r in store.records()] == list(range(NUM_EXAMPLES))
+    again = Predict()
+    assert run(tmp_path, again) == metrics and again.calls == 0
+
+    def record(index, iou):
+        return {"index": index, "id": f"x{index}", "text": "t", "intersection": 1, "union": 2, "iou": iou}
+
+    # Name order (first, then last index) is not write order here: the newest write (stamp 3) wins over
+    # an older stamped shard that sorts after it by name, and over the old names.
+    for stamp, indices in ((3, [0]), (1, [0, 5])):
+        records = [record(i, stamp / 10) for i in indices]
+        (store.shards / job.shard_name(indices, stamp, 0)).write_text(json.dumps(records))
+    names = [p.name for p in store.shard_files()]
+    assert names.index(job.shard_name([0], 3, 0)) < names.index(job.shard_name([0, 5], 1, 0))
+    assert store.records()[0]["iou"] == 0.3 and store.records()[5]["iou"] == 0.1
+    assert job.shard_name([7, 4, 5], 12, 1) == "shard-000000004-000000007-0000000000000000012-1.json"
+
+
 def test_an_unreadable_split_is_one_line(tmp_path, monkeypatch):
     from genmask_jax.data.shapes import SyntheticShapes
 

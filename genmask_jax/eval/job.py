@@ -7,11 +7,13 @@ Each process reads its own examples (`data.pipeline.make_eval_iterator`: every e
 over all processes) and predicts them on its own devices. A prediction is a score at the model
 resolution, mapped back to the image's original size bilinearly and thresholded there
 (`infer.segmenter.original_size_mask`, as LISA upsamples its logits). One evaluation batch is one
-*shard*: `<out>/<dataset>-<split>/shards/shard-<first index>.json` lists, per example, the global index,
-id, text, intersection and union at the original size (LISA's protocol, `eval/metrics.py`) and where
-its prediction is (a PNG under `masks/`, or COCO RLE inline). A shard's JSON is written last and
-atomically, so a shard exists only when complete; a rerun skips batches whose examples all have a
-shard (resumable, whatever the batch size or process count of the earlier run). An example whose data
+*shard*: `<out>/<dataset>-<split>/shards/shard-<first index>-<last index>-<write stamp>.json` lists, per
+example, the global index, id, text, intersection and union at the original size (LISA's protocol,
+`eval/metrics.py`) and where its prediction is (a PNG under `masks/`, or COCO RLE inline). A shard's
+JSON is written last and atomically, so a shard exists only when complete, and under a name no other
+write takes, so a rerun never replaces an earlier shard; a rerun skips batches whose examples all have
+a shard (resumable, whatever the batch size or process count of the earlier run), and an example found
+in several shards counts once, from the newest. An example whose data
 cannot be read is recorded as "unreadable" (left out of the metrics, listed in `metrics.json`); one
 that failed for another reason (memory, a lost connection) gets no record, so a rerun retries it. When
 every process is done, process 0 merges the shards into `metrics.json` (and, for RLE,
@@ -25,6 +27,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,6 +124,23 @@ def _write_atomic(path: epath.Path, text: str) -> None:
     tmp.replace(path)
 
 
+def shard_name(indices: Sequence[int], stamp_ns: int, process_index: int) -> str:
+    """`shard-<first>-<last>-<stamp_ns>-<process>.json`: batches of a rerun with another batch size or
+    process count can share their first index with an earlier shard, so the write time and the writer
+    make the name unique."""
+    return f"shard-{min(indices):09d}-{max(indices):09d}-{stamp_ns:019d}-{process_index}.json"
+
+
+_STAMPED_SHARD = re.compile(r"shard-\d+-\d+-(\d+)-\d+\.json")
+
+
+def write_order(path: epath.Path) -> tuple[int, str]:
+    """Sort key of shard files, oldest first: unstamped `shard-<first index>.json` (written before shard
+    names carried a stamp), then by write time."""
+    match = _STAMPED_SHARD.fullmatch(path.name)
+    return (int(match.group(1)) if match else -1, path.name)
+
+
 class ShardStore:
     """The finished shards of one split under `directory` (see the module docstring)."""
 
@@ -136,9 +157,11 @@ class ShardStore:
         return sorted(p for p in self.shards.iterdir() if p.name.startswith("shard-") and p.suffix == ".json")
 
     def records(self) -> list[dict]:
-        """Every finished example's record, one per global index, sorted by index."""
+        """Every finished example's record, one per global index, sorted by index. An example in several
+        shards (a rerun's batch that mixed done and missing examples) takes its newest record: each write
+        rewrites the example's PNG, so that record is the one describing it."""
         by_index = {}
-        for path in self.shard_files():
+        for path in sorted(self.shard_files(), key=write_order):
             for record in json.loads(path.read_text()):
                 by_index[int(record["index"])] = record
         return [by_index[i] for i in sorted(by_index)]
@@ -159,7 +182,8 @@ class ShardStore:
                 write_mask(mask, self.directory / record["file"])
             else:
                 record["segmentation"] = encode_rle(mask)
-        path = self.shards / f"shard-{min(r['index'] for r in records):09d}.json"
+        indices = [r["index"] for r in records]
+        path = self.shards / shard_name(indices, time.time_ns(), jax.process_index())
         _write_atomic(path, json.dumps(records))
         return path
 
@@ -427,6 +451,14 @@ def prediction_config_digest(config: ml_collections.ConfigDict, spec: SplitSpec)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def process_batch_size(batch_multiple: int, batch_size: int = 0) -> int:
+    """The per-process batch `run` evaluates with: `batch_size`, 0 = 4 per batch shard of the mesh (4 per
+    local device unless the mesh has a tensor axis), rounded up to a multiple of the `batch_multiple`
+    batch shards."""
+    batch_size = batch_size or 4 * batch_multiple
+    return -(-batch_size // batch_multiple) * batch_multiple
+
+
 def run(
     loaded,
     splits: Sequence[SplitSpec],
@@ -440,14 +472,12 @@ def run(
     """Evaluates a loaded checkpoint (`infer.checkpoint.load`) on `splits`; returns {split: metrics}
     on process 0 and writes `out_dir/metrics.json` with all of them.
 
-    batch_size: per process; 0 = 4 per local device. Rounded up to a multiple of the batch shards.
+    batch_size: per process (`process_batch_size`).
     """
     from genmask_jax.infer.segmenter import Segmenter
 
     segmenter = Segmenter(loaded, num_steps=num_steps, seed=seed)
-    multiple = segmenter.batch_multiple
-    batch_size = batch_size or 4 * multiple
-    batch_size = -(-batch_size // multiple) * multiple
+    batch_size = process_batch_size(segmenter.batch_multiple, batch_size)
     settings = {
         "checkpoint": str(loaded.directory),
         "step": loaded.step,

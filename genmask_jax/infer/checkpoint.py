@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -166,10 +167,10 @@ def check_against_saved(config, saved, where: str) -> None:
     log.warning("%s: config.vae_from %r, the run was trained with %r", where, given[1], used[1])
 
 
-def inference_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """A mesh over this process's devices: the experiment's mesh shape if it fits them, else all of
-    them on the fsdp axis (each process runs inference on its own examples)."""
-    devices = jax.local_devices()
+def inference_mesh(config: ml_collections.ConfigDict, devices: Sequence | None = None) -> jax.sharding.Mesh:
+    """A mesh over this process's devices (or `devices`, one host's): the experiment's mesh shape if it
+    fits them, else all of them on the fsdp axis (each process runs inference on its own examples)."""
+    devices = jax.local_devices() if devices is None else devices
     try:
         return make_mesh(tuple(config.mesh.shape), devices=devices)
     except ValueError:

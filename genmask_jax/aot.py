@@ -98,11 +98,23 @@ def topology_devices(topology: str) -> list:
         raise LibtpuMissing(problem)
     from jax.experimental import topologies
 
+    bounds = {"chips_per_host_bounds": [2, 4, 1]} if _one_host_of_eight(topology) else {}
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **bounds).devices)
     except Exception as e:  # libtpu reports bad names and load failures as runtime errors.
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LibtpuMissing(f"libtpu cannot describe topology {topology!r}: {message}") from e
+
+
+def _one_host_of_eight(topology: str) -> bool:
+    """Whether `topology` is a v5e or v6e slice of 2x4 chips: one host (v5litepod-8, v6e-8), which
+    libtpu would describe as two hosts of 2x2 chips, its default for every slice of these chips."""
+    try:
+        chip = chip_of(topology)
+    except ValueError:
+        return False
+    shape = re.split(r"[:=_]", topology, maxsplit=1)[-1]
+    return chip in (CHIPS["v5e"], CHIPS["v6e"]) and shape == "2x4"
 
 
 class UnknownHost(ValueError):

@@ -95,6 +95,11 @@ def test_eval_step_is_what_evaluate_runs_on_one_host(
 
 def test_host_topology_is_one_host_of_the_chip_or_unknown():
     assert aot.host_topology(TOPOLOGY, aot.topology_devices(TOPOLOGY)) == TOPOLOGY  # one process already
+    # v5litepod-8 and v6e-8 are one 8-chip host, which libtpu's default would make two hosts of 2x2.
+    for eight in ("v5e:2x4", "v6e:2x4"):
+        devices = aot.topology_devices(eight)
+        assert len(devices) == 8 and {d.process_index for d in devices} == {0}
+        assert aot.host_topology(eight, devices) == eight
     # Process 0 holding chips over a third axis that a two-axis name cannot write: said, not guessed.
     fake = [
         types.SimpleNamespace(process_index=p, coords=(x, y, z))

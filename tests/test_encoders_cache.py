@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -318,6 +317,14 @@ def test_the_fingerprint_tells_apart_models_in_folders_of_the_same_name(tmp_path
         f.seek(4096 * 4)
         f.write(b"v")
     assert qwen(tuned) != qwen(retuned)
+    # A host that only reads the cache may hold the config alone, or a copied snapshot's dangling links:
+    # unknown, not different.
+    config_only = tmp_path / "h" / "checkpoint-1000"
+    config_only.mkdir(parents=True)
+    shutil.copy(tuned / "config.json", config_only / "config.json")
+    dangling = shutil.copytree(config_only, tmp_path / "i" / "checkpoint-1000")
+    (dangling / "model.safetensors").symlink_to(tmp_path / "blobs" / "missing")
+    assert qwen(config_only)["model_digest"] is None and qwen(dangling)["model_digest"] is None
     absent = tmp_path / "absent" / "checkpoint-1000"
     assert qwen(absent)["model_digest"] is None and qwen("Qwen/Qwen2.5-VL-7B")["model_digest"] is None
 
@@ -413,22 +420,43 @@ def test_one_writer_per_folder(tmp_path):
 
 
 def test_a_lock_left_by_a_dead_process_of_this_host_is_taken_over(tmp_path, caplog):
-    """A hard-killed precompute (OOM killer, preemption) left writer.lock: every rerun was refused."""
+    """A hard-killed precompute (OOM killer, preemption) left writer.lock: every rerun was refused. A pid
+    is checked only within the lock's boot and pid namespace: a container sharing the host name cannot
+    see the holder's pid, and must not take a live lock."""
+    from genmask_jax.encoders.cache import _lock_line
+
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # reaped: its pid names no process
-    lock, host = tmp_path / "writer.lock", socket.gethostname()
-    lock.write_text(f"{host} {child.pid}\n")
+    host, _, boot, pidns = _lock_line().split(" ")
+    lock, dead = tmp_path / "writer.lock", f"{host} {child.pid} {boot} {pidns}"
+    lock.write_text(dead + "\n")
     with caplog.at_level(logging.WARNING, logger="genmask_jax.encoders.cache"):
         with CacheWriter(str(tmp_path), dim=2, context_length=4, dtype="float32") as writer:
-            assert lock.read_text() == f"{host} {os.getpid()}\n"
+            assert lock.read_text() == f"{host} {os.getpid()} {boot} {pidns}\n"
             writer.add("a", _states(0))
-    assert f"took over the lock of {host} {child.pid}" in caplog.text
+    assert f"took over the lock of {dead}" in caplog.text
     assert not lock.exists() and len(EmbeddingCache(str(tmp_path))) == 1
-    for holder in (f"{host} {os.getpid()}", f"another-host {child.pid}", "unknown"):  # alive, or unknowable
+    refused = (
+        f"{host} {os.getpid()} {boot} {pidns}",  # alive
+        f"another-host {child.pid} {boot} {pidns}",
+        f"{host} {child.pid} {boot} pidns=1",  # another container's namespace: its pid is not ours
+        f"{host} {child.pid} boot=another {pidns}",
+        f"{host} {child.pid}",  # written before locks named boot and namespace
+        "unknown",
+    )
+    for holder in refused:
         lock.write_text(f"{holder}\n")
         with pytest.raises(CacheLocked, match=f"host and pid: {holder}"):
             CacheWriter(str(tmp_path), dim=2, context_length=4, dtype="float32")
         assert lock.read_text() == f"{holder}\n"
+
+
+def test_a_writer_whose_lock_was_taken_leaves_the_new_lock_alone(tmp_path):
+    writer = CacheWriter(str(tmp_path), dim=2, context_length=4, dtype="float32")
+    lock = tmp_path / "writer.lock"
+    lock.write_text("other-host 7 boot=x pidns=y\n")  # what a wrongful takeover would leave
+    writer.close()
+    assert lock.read_text() == "other-host 7 boot=x pidns=y\n"
 
 
 # The command line.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import logging
 import os
 
 import numpy as np
@@ -26,6 +27,8 @@ from genmask_jax.encoders.base import (
     PromptTooLong,
     pad_or_truncate,
 )
+
+log = logging.getLogger(__name__)
 
 ENCODERS = ("toy", "qwen2_5_vl")
 # The default `data.encoder.max_pixels`, also for a config saved before the field existed: the VLM sees
@@ -51,26 +54,34 @@ _SAMPLES, _SAMPLE_BYTES = 8, 4096
 
 def model_digest(model_path: str) -> str | None:
     """A digest of a local model folder: its config.json, its weight index and, of each `*.safetensors`
-    file, the name, the size and `_SAMPLES` evenly spaced 4 KiB reads; None for a hub id or a missing
-    folder.
+    file, the name, the size and `_SAMPLES` evenly spaced 4 KiB reads. None for a hub id, a missing
+    folder, or one whose weights are absent or unreadable (a host that only reads the cache may hold
+    the config alone): "unknown", which the cache does not compare, rather than "different".
 
     Tells apart models in folders of the same name (`model_name`: two runs' `checkpoint-1000`, whose
     configs and file sizes agree) while reading well under 1 MiB; copies of one folder share it."""
     if not model_path or not os.path.isdir(model_path):
         return None
+    weights = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    if not weights:
+        return None
     h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json"):
-        path = os.path.join(model_path, name)
-        if os.path.exists(path):
+    try:
+        for name in ("config.json", "model.safetensors.index.json"):
+            path = os.path.join(model_path, name)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    h.update(name.encode() + b"\0" + f.read())
+        for path in weights:
+            size = os.path.getsize(path)
+            h.update(f"{os.path.basename(path)}\0{size}\0".encode())
             with open(path, "rb") as f:
-                h.update(name.encode() + b"\0" + f.read())
-    for path in sorted(glob.glob(os.path.join(model_path, "*.safetensors"))):
-        size = os.path.getsize(path)
-        h.update(f"{os.path.basename(path)}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            for i in range(_SAMPLES):
-                f.seek(max(0, size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
-                h.update(f.read(_SAMPLE_BYTES))
+                for i in range(_SAMPLES):
+                    f.seek(max(0, size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
+                    h.update(f.read(_SAMPLE_BYTES))
+    except OSError as e:  # a dangling link of a copied HF snapshot, a half-synced folder
+        log.warning("cannot read the model files in %s (%s): the cache compares the name", model_path, e)
+        return None
     return h.hexdigest()[:16]
 
 

@@ -5,8 +5,9 @@ Layout of a cache folder:
   shard-00000.array_record          one record per example (below)
   shard-00000.ids.json              the ids of that shard in record order; written last, atomically,
                                     so a shard without it is incomplete and is rewritten on resume
-  writer.lock                       while a `CacheWriter` is open (one writer per folder): its host and
-                                    pid; a lock of this host whose process is gone is taken over
+  writer.lock                       while a `CacheWriter` is open (one writer per folder): its host, pid,
+                                    boot and pid namespace; a lock of this host, boot and namespace
+                                    whose process is gone is taken over
 
 A record is `uint32 header length | JSON header | contexts`: the header holds `id`, `length` (the
 number of valid tokens T), `text` (the example's text) and `rewrite` (the VLM's two-stage description,
@@ -226,7 +227,8 @@ class CacheWriter:
         try:
             self.flush()
         finally:
-            os.remove(self._lock)
+            if _read_lock(self._lock) == _lock_line():  # not a lock another writer took over
+                os.remove(self._lock)
             self._lock = None
 
     def __enter__(self) -> CacheWriter:
@@ -260,8 +262,31 @@ def _acquire_lock(path: str) -> str:
             raise _locked(path, _read_lock(path)) from None
         log.warning("%s: took over the lock of %s, a process of this host that is gone", path, holder)
     with os.fdopen(fd, "w") as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        f.write(_lock_line() + "\n")
     return path
+
+
+def _lock_line() -> str:
+    """`host pid boot=<boot id> pidns=<pid namespace>`: a pid means a process only within one boot
+    and one pid namespace (containers sharing a host name each have their own)."""
+    return f"{socket.gethostname()} {os.getpid()} boot={_read_id('/proc/sys/kernel/random/boot_id')} " + (
+        f"pidns={_pid_namespace()}"
+    )
+
+
+def _read_id(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "unknown"
 
 
 def _read_lock(path: str) -> str:
@@ -280,10 +305,15 @@ def _locked(path: str, holder: str) -> CacheLocked:
 
 
 def _is_stale(holder: str) -> bool:
-    """Whether a lock's `host pid` names a process of this host that is gone (a hard kill leaves the
-    lock behind). Another host's lock is never stale: its processes cannot be checked from here."""
-    host, _, pid = holder.rpartition(" ")
-    if host != socket.gethostname() or not pid.isdigit():
+    """Whether a lock (`_lock_line`) names a process of this boot and pid namespace that is gone (a hard
+    kill leaves the lock behind). Another host's, boot's or container's lock is never stale: its
+    processes cannot be checked from here; nor is a lock without boot and namespace (an older writer's)."""
+    mine = _lock_line().split(" ")
+    fields = holder.split(" ")
+    if len(fields) != 4 or fields[2:] != mine[2:] or "unknown" in " ".join(mine[2:]):
+        return False
+    host, pid = fields[:2]
+    if host != mine[0] or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

@@ -60,6 +60,7 @@ from genmask_jax.infer.checkpoint import LoadedModel, inference_mesh  # noqa: E4
 from genmask_jax.infer.segmenter import Segmenter  # noqa: E402
 from genmask_jax.models import build  # noqa: E402
 from genmask_jax.models.genmask import GenMask  # noqa: E402
+from genmask_jax.parallel.data_groups import data_loading_groups  # noqa: E402
 from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
 from genmask_jax.parallel.sharding import logical_sharding, rules_from_config  # noqa: E402
 from genmask_jax.train import loop  # noqa: E402
@@ -322,6 +323,7 @@ def train_step_program(config, devices) -> Program:
     """The train step exactly as `train.loop.train` builds it, on abstract state and batch."""
     mesh = make_mesh(tuple(config.mesh.shape), devices=devices)
     rules = rules_from_config(config.sharding.logical_axis_rules)
+    data_loading_groups(mesh, rules)  # raises, as `train` does, for a layout host data cannot feed
     model = loop.build_model(config)
     tx = make_optimizer(optimizer_config(config))
     state, shardings = abstract_state(model, tx, mesh, rules, use_ema=config.ema_decay > 0)
@@ -661,6 +663,9 @@ def main(argv) -> int:
     except LibtpuMissing as e:
         print(e)
         return 2
+    except ValueError as e:  # a mesh the config's shape cannot make, or host data cannot feed
+        print(f"cannot compile for {f.topology}: {e}")
+        return 1
     print(format_report(a))
     return 0 if a.fits else 1
 

@@ -112,6 +112,22 @@ def test_host_topology_is_one_host_of_the_chip_or_unknown():
         aot.host_topology("v5e:4x4", fake)
 
 
+def test_the_train_step_checks_that_host_data_can_feed_the_mesh(monkeypatch):
+    """`train` refuses a mesh whose batch shards processes share only in part
+    (`parallel.data_groups`); aot must not call such a layout "fits"."""
+    calls = []
+
+    def refuse(mesh, rules):
+        calls.append(dict(mesh.shape))
+        raise ValueError("cannot be fed from host data")
+
+    monkeypatch.setattr(aot, "data_loading_groups", refuse)
+    config = aot.with_overrides(tiny_config(), mesh_shape=(4, 1, 1))
+    with pytest.raises(ValueError, match="host data"):
+        aot.train_step_program(config, aot.topology_devices(TOPOLOGY))
+    assert calls == [{"data": 4, "fsdp": 1, "tensor": 1}]
+
+
 def test_the_configs_layer_layout_is_compiled():
     """aot compiles the program `train` runs: a config that does not scan its DiT layers is not scanned."""
     devices = aot.topology_devices(TOPOLOGY)

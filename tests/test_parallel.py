@@ -159,3 +159,68 @@ def test_demo_config_never_initializes_the_distributed_runtime():
 
     assert demo.get_config().distributed.mode == "off"
     assert demo.get_config("variant=smoke").distributed.mode == "off"
+
+
+def test_processes_holding_the_same_batch_shards_form_one_data_loading_group():
+    from genmask_jax.parallel.data_groups import group_processes
+
+    # Each process its own shards (in any order, adjacent or not): groups are the process indices.
+    assert group_processes({0: {0, 1}, 1: {2, 3}}) == {0: 0, 1: 1}
+    assert group_processes({1: {0, 1}, 0: {2, 3}}) == {0: 0, 1: 1}
+    assert group_processes({0: {0, 1, 6, 15}, 1: {2, 3, 4, 5}, 2: {7, 12, 13, 14}, 3: {8, 9, 10, 11}}) == {
+        0: 0, 1: 1, 2: 2, 3: 3}
+    # A tensor axis across hosts: pairs of processes hold the same shards.
+    assert group_processes({0: {0, 1}, 1: {0, 1}, 2: {2, 3}, 3: {2, 3}}) == {0: 0, 1: 0, 2: 1, 3: 1}
+    assert group_processes({0: {2, 3}, 1: {0, 1}, 2: {2, 3}, 3: {0, 1}}) == {0: 0, 1: 1, 2: 0, 3: 1}
+    assert group_processes({0: {0}, 1: {0}}) == {0: 0, 1: 0}  # batch replicated: one group
+    with pytest.raises(ValueError, match=r"process 0 holds 1 batch shards, process 1 2"):
+        group_processes({0: {0}, 1: {1, 2}, 2: {1, 2}})
+    with pytest.raises(ValueError, match=r"processes 0 and 1 both hold batch shard 1 but not the same"):
+        group_processes({0: {0, 1}, 1: {1, 2}, 2: {2, 0}})
+
+
+def _tpu_devices(topology: str):
+    from genmask_jax import aot
+
+    if aot.libtpu_problem():
+        pytest.skip(aot.libtpu_problem())
+    return aot.topology_devices(topology)
+
+
+@pytest.mark.parametrize("topology,shape,groups", [
+    ("v5e:4x4", (-1, 1, 1), [0, 1, 2, 3]),  # 4 hosts x 4 chips, each host holding 4 of 16 shards
+    ("v5e:4x4", (1, 8, 2), [0, 1, 2, 3]),
+    ("v5e:4x4", (1, 4, 4), [0, 0, 1, 1]),  # each tensor row of 4 chips spans two hosts
+    ("v5e:4x4", (1, 2, 8), [0, 0, 1, 1]),
+    ("v5e:4x4", (1, 1, 16), [0, 0, 0, 0]),
+    ("v5p:2x2x2", (1, 2, 4), [0, 1]),
+])
+def test_data_loading_groups_of_tpu_slice_meshes(topology, shape, groups):
+    from genmask_jax.parallel.data_groups import data_group, data_loading_groups
+
+    mesh = make_mesh(shape, devices=_tpu_devices(topology))
+    assert data_loading_groups(mesh, DEFAULT_RULES) == dict(enumerate(groups))
+    assert data_group(mesh, DEFAULT_RULES, process_index=len(groups) - 1) == (groups[-1], len(set(groups)))
+
+
+def test_a_mesh_no_host_data_can_feed_is_refused_naming_it():
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    from genmask_jax.parallel.data_groups import data_loading_groups
+
+    devices = _tpu_devices("v5e:4x4")
+    by_process = [[d for d in devices if d.process_index == p] for p in range(4)]
+    # fsdp shard 0 on hosts 0 and 1, shard 1 on hosts 1 and 2, ...: partly shared shards.
+    rows = [by_process[p][:2] + by_process[(p + 1) % 4][2:] for p in range(4)]
+    mesh = Mesh(np.array(rows)[None], ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    with pytest.raises(ValueError, match=r"mesh \{'data': 1, 'fsdp': 4, 'tensor': 4\} .* cannot be fed "
+                                         r"from host data: processes 0 and 1 both hold batch shard 0 .*"
+                                         r"make_mesh .* \(-1, 1, 1\)"):
+        data_loading_groups(mesh, DEFAULT_RULES)
+
+
+def test_one_process_is_one_data_loading_group():
+    from genmask_jax.parallel.data_groups import data_group
+
+    assert data_group(make_mesh((1, -1, 1)), DEFAULT_RULES) == (0, 1)

@@ -127,14 +127,23 @@ def test_converted_weights_with_other_architecture_fail():
         loop.merge_converted_params(fresh, {}, model.dit, other)
 
 
-def test_data_state_saved_by_another_process_count_resumes_by_step(tmp_path):
-    import json
-
-    from genmask_jax.data.pipeline import default_data_config, make_train_iterator
+def _data_config():
+    from genmask_jax.data.pipeline import default_data_config
 
     data = default_data_config()
     data.resolution, data.num_threads = (16, 16), 1
     data.encoder.context_length, data.encoder.dim = 8, 8
+    return data
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_data_state_saved_by_another_process_count_resumes_by_step(tmp_path, recorded):
+    """Without a recorded data layout (checkpoints from before it was), every process was a group."""
+    import json
+
+    from genmask_jax.data.pipeline import make_train_iterator
+
+    data = _data_config()
     trainable = {"step": np.asarray(3, np.int32), "params": {"w": np.ones(3, np.float32)}}
     ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
     it = make_train_iterator(data, 2, 2, seed=1, process_index=0, process_count=1)
@@ -146,10 +155,52 @@ def test_data_state_saved_by_another_process_count_resumes_by_step(tmp_path):
         f.unlink()
     for p in range(2):
         (folder / f"process_{p}-of-2.json").write_text(json.dumps({"next_index": 3 * 2}))
+    layout = tmp_path / "3" / checkpointing.DATA_LAYOUT
+    if recorded:
+        (layout / "metadata").write_text(json.dumps({"group_count": 2, "process_count": 2}))
+    else:
+        for f in layout.iterdir():
+            f.unlink()
+        layout.rmdir()
     fresh = make_train_iterator(data, 2, 2, seed=1, process_index=0, process_count=1)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
     ckpt.restore(3, abstract, data_iterator=fresh)
     np.testing.assert_array_equal(next(fresh)["seg"]["image"], reference[3]["seg"]["image"])
+    ckpt.close()
+
+
+def _image_digests(batches) -> dict[str, list[bytes]]:
+    """Per task, the sorted images of one global batch given as its groups' batches."""
+    return {task: sorted(x.tobytes() for b in batches for x in b[task]["image"]) for task in ("seg", "gen")}
+
+
+@pytest.mark.parametrize("saved_groups,resumed_groups", [(2, 1), (1, 2)])
+def test_data_state_resumes_by_step_when_the_data_loading_group_count_changes(
+    tmp_path, saved_groups, resumed_groups
+):
+    """The same processes on another mesh (a tensor axis now across hosts, or no longer) read the data in
+    another number of groups: the saved position counts one group's elements of the saving layout."""
+    from genmask_jax.data.pipeline import make_train_iterator
+
+    data = _data_config()
+    trainable = {"step": np.asarray(3, np.int32), "params": {"w": np.ones(3, np.float32)}}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+
+    def group_iterator(group, groups):  # global batch 2 seg + 2 gen
+        return make_train_iterator(data, 2 // groups, 2 // groups, seed=1, process_index=group,
+                                    process_count=groups)
+
+    whole = group_iterator(0, 1)
+    reference = [_image_digests([next(whole)]) for _ in range(4)]
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    saving = group_iterator(0, saved_groups)
+    for _ in range(3):
+        next(saving)
+    ckpt.save(3, trainable, data_iterator=saving)
+    resumed = [group_iterator(g, resumed_groups) for g in range(resumed_groups)]
+    for it in resumed:
+        ckpt.restore(3, abstract, data_iterator=it)
+    assert _image_digests([next(it) for it in resumed]) == reference[3]
     ckpt.close()
 
 

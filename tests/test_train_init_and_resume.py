@@ -1,8 +1,9 @@
 """Starting a run: converted weights in either scan layout (or converted on the fly), an EMA in buffers of
-its own, and resuming a checkpoint saved with or without EMA or with another optimizer."""
+its own, and resuming a checkpoint saved with or without EMA, with another optimizer or damaged."""
 
 import dataclasses
 import logging
+import re
 from types import SimpleNamespace
 
 import jax
@@ -183,3 +184,23 @@ def test_converted_weights_in_the_other_layout_are_read_sharded(tmp_path, model_
         assert kernel(target["blocks_1"]).shape == kernel(converted["blocks_1"]).shape
     else:  # the saved stack of the model's layers: their sharding behind an unsplit layer axis
         assert kernel(target["blocks"]).sharding.spec == P(None, "fsdp", "tensor")
+
+
+def test_a_damaged_latest_checkpoint_fails_in_one_line(ema_run, tmp_path):
+    """Array files missing from the latest step (a half-synced copy, a deleted object): one line naming
+    its folder, and no silent fall back to the step before."""
+    state = fresh_state(ema_run)
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    for step in (2, 4):
+        ckpt.save(step, state.replace(step=state.step + step).trainable())
+    data = [f for f in (tmp_path / "4" / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert data
+    for f in data:
+        f.unlink()
+    folder = re.escape(str(tmp_path / "4"))
+    message = rf"^checkpoint {folder} is damaged \(.+\); remove that folder to resume from step 2$"
+    with pytest.raises(CheckpointError, match=message) as error:
+        loop.restore_or_init(ema_run.config, fresh_state(ema_run), ema_run.shardings, ckpt, None,
+                             ema_run.model)
+    assert "\n" not in str(error.value)
+    ckpt.close()

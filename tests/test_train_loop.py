@@ -1,9 +1,11 @@
-"""The training loop end to end: exact resume in a new process, and the non-finite-loss stop."""
+"""The training loop end to end: exact resume in a new process, the non-finite stop, metrics.jsonl across
+a restart; the hooks' quick evaluation across processes and on a stop request."""
 
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -209,3 +211,139 @@ def test_stopping_after_an_error_logs_the_cleanup_errors_and_runs_every_step(cap
     loop._finish_quietly(Refused(), Hooks())
     assert calls == ["wait", "close", "hooks"]
     assert "closing the save failed too" in caplog.text and "Permission denied" in caplog.text
+
+
+def poisoned_step(monkeypatch, at: int):
+    """The loop's step, except that step `at` ends with NaN parameters while its loss stays finite, as a
+    non-finite gradient would leave them (the loss is computed before the update). param_norm, computed
+    on the new parameters, reports it, as the real step's would."""
+    import optax
+
+    make = loop.make_configured_train_step
+
+    def make_poisoned(*args, **kwargs):
+        step_fn = make(*args, **kwargs)
+
+        def fn(state, batch, rng):
+            state, metrics = step_fn(state, batch, rng)
+            if int(state.step) == at:
+                state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+                metrics = {**metrics, "param_norm": optax.global_norm(state.params)}
+            return state, metrics
+
+        return fn
+
+    monkeypatch.setattr(loop, "make_configured_train_step", make_poisoned)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", ["save", "stop"])
+def test_non_finite_parameters_are_never_saved(tmp_path, monkeypatch, way):
+    """A finite loss with non-finite new parameters stops training before they are saved, by the periodic
+    save (step 4) or by the save on a stop request (step 3, a step whose metrics are not logged)."""
+    poisoned_step(monkeypatch, at=4 if way == "save" else 3)
+    if way == "stop":
+        monkeypatch.setattr(loop.TrainHooks, "after_step", lambda self, step, state: step == 3)
+    config = tiny_config(total_steps=4, log_every=100, **{"checkpoint.every_steps": 2})
+    step = 4 if way == "save" else 3
+    message = rf"non-finite param_norm nan at step {step} .*last good checkpoint is step 2 "
+    with pytest.raises(FloatingPointError, match=message):
+        loop.train(config, tmp_path, data_iterator=ScriptedBatches(), mesh=mesh_of((1, 1, 1)))
+    ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", read_only=True)
+    assert ckpt.all_steps() == [2]
+    ckpt.close()
+    assert [m["step"] for m in loop.read_metrics(tmp_path)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_restart_after_a_kill_logs_each_step_once(tmp_path):
+    """A run that dies between checkpoints (at step 4, after the one of step 2) logged step 3, which the
+    restart runs again: metrics.jsonl keeps the restart's line only."""
+    config = tiny_config(total_steps=5, **{"checkpoint.every_steps": 2})
+    with pytest.raises(RuntimeError, match="data source died"):
+        loop.train(config, tmp_path, data_iterator=ScriptedBatches(fail_at=4), mesh=mesh_of((1, 1, 1)))
+    died = loop.read_metrics(tmp_path)
+    assert [m["step"] for m in died] == [1, 2, 3]
+    _, history = loop.train(config, tmp_path, data_iterator=ScriptedBatches(), mesh=mesh_of((1, 1, 1)))
+    metrics = loop.read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert metrics[:2] == died[:2] and metrics[2:] == history
+
+
+def test_a_restarted_metrics_writer_drops_the_lines_it_runs_again(tmp_path):
+    """Lines after the start step go, and a last line cut short by a kill; local and object store alike."""
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    text = "\n".join(lines) + '\n{"step": 5, "lo'
+    objects = {"gs://bucket/run/metrics.jsonl": text}
+    (tmp_path / "metrics.jsonl").write_text(text)
+    for workdir in (ObjectStorePath(objects, "gs://bucket/run"), tmp_path):
+        writer = loop.MetricsWriter(workdir, start_step=2)
+        writer.write(3, {"loss": 0.5})
+    assert objects["gs://bucket/run/metrics.jsonl"] == "\n".join([*lines[:2], '{"step": 3, "loss": 0.5}\n'])
+    assert (tmp_path / "metrics.jsonl").read_text() == objects["gs://bucket/run/metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+    loop.MetricsWriter(tmp_path, start_step=3)  # nothing after step 3: the file is left as it is
+    assert [m["step"] for m in loop.read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def recorded_hooks(tmp_path, monkeypatch, others_ok=True, fails=()):
+    """TrainHooks with a segmentation and a generation due at every step, on process 0 of two: this
+    process's input reads of `fails` raise, the other process reports `others_ok`. The evaluations (the
+    collectives) are recorded in `hooks.calls`, and the flags this process contributes in `hooks.sent`."""
+    from genmask_jax.parallel.sharding import rules_from_config
+    from genmask_jax.train import hooks as train_hooks
+
+    config = tiny_config(eval_every=1, sample_every=1)
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    hooks = loop.TrainHooks(config, None, tmp_path, mesh_of((1, 1, 1)), rules, install_signals=False)
+    hooks.calls, hooks.sent = [], []
+    quick = hooks.quick_eval
+
+    def transient_error(*args):
+        raise OSError("transient read error on this host")
+
+    if "segmentation" in fails:
+        quick.segmentation_batch = transient_error
+    if "generation" in fails:
+        quick._generation_examples = transient_error
+    quick.segmentation = lambda step, state: hooks.calls.append(("segmentation", step))
+    quick.generation = lambda step, state: hooks.calls.append(("generation", step))
+
+    def gather(ok):
+        hooks.sent.append(bool(ok))
+        return np.asarray([ok, others_ok])
+
+    monkeypatch.setattr(train_hooks, "_gather_flags", gather, raising=False)
+    return hooks
+
+
+def test_quick_eval_runs_only_when_every_process_read_its_inputs(tmp_path, monkeypatch, caplog):
+    """An input read that fails on one host only must not leave the others in the evaluation's collective
+    (they would wait forever): every process takes part in the agreement and all skip together."""
+    # The other process failed both reads: this one, whose reads succeeded, runs neither.
+    hooks = recorded_hooks(tmp_path / "other_failed", monkeypatch, others_ok=False)
+    assert not hooks.after_step(1, None)
+    assert hooks.calls == [] and hooks.sent == [True, True]
+    assert hooks.quick_eval.generation_inputs() is None  # samples off for the run, as on the other process
+    hooks.close()
+
+    # This process fails both reads: it still takes part in each agreement, then skips.
+    hooks = recorded_hooks(tmp_path / "this_failed", monkeypatch, fails=("segmentation", "generation"))
+    assert not hooks.after_step(1, None)
+    assert hooks.calls == [] and hooks.sent == [False, False]
+    hooks.close()
+    assert "transient read error" in caplog.text
+
+    hooks = recorded_hooks(tmp_path / "all_ok", monkeypatch)
+    assert not hooks.after_step(1, None)
+    assert hooks.calls == [("segmentation", 1), ("generation", 1)] and hooks.sent == [True, True]
+    hooks.close()
+
+
+def test_a_stop_request_skips_the_due_evaluations(tmp_path, monkeypatch):
+    """After SIGTERM the grace period is for the checkpoint: no evaluation runs, no input is read."""
+    hooks = recorded_hooks(tmp_path, monkeypatch)
+    hooks.preemption = SimpleNamespace(should_stop=lambda step: True, close=lambda: None)
+    assert hooks.after_step(2, None)
+    assert hooks.calls == [] and hooks.sent == []
+    hooks.close()

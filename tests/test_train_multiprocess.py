@@ -1,5 +1,6 @@
 """Two processes with jax.distributed on 127.0.0.1 run the sharded train step and save and restore a
-checkpoint (2 CPU devices each, a (2, 2, 1) mesh over the 4 global devices)."""
+checkpoint (2 CPU devices each, a (2, 2, 1) mesh over the 4 global devices), then go on with the tensor
+axis across the two processes, where both hold every batch shard and so must load the same data."""
 
 import json
 import os
@@ -16,7 +17,12 @@ import json, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import jax
 import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from train_helpers import tiny_config
+from genmask_jax.data.pipeline import make_train_iterator
+from genmask_jax.parallel.data_groups import data_group
+from genmask_jax.parallel.mesh import make_mesh
+from genmask_jax.parallel.sharding import rules_from_config
 from genmask_jax.train import loop
 
 config = tiny_config(total_steps=2, **{{
@@ -30,11 +36,31 @@ def checksum(state):
                              jax.sharding.Mesh(jax.devices(), ("d",)), jax.sharding.PartitionSpec()))(
                          state.params))
 
+def seg_images(mesh):  # the first global batch's seg images as train() feeds them, gathered
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    group, groups = data_group(mesh, rules)
+    local = next(loop.group_data_iterator(config, group, groups))
+    images = loop.global_batch(local, mesh, rules, groups)["seg"]["image"]
+    gathered = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))(images)
+    return np.asarray(gathered.addressable_data(0))
+
 trained, history = loop.train(config, {workdir!r})
 restored, none = loop.train(config, {workdir!r})   # workdir has step 2: restores, runs no step
+# Each (fsdp, tensor) row pairs a device of each process, as jax.make_mesh lays (1, 4, 4) on v5e:4x4.
+d = jax.devices()
+across = Mesh(np.array([[[d[0], d[2]], [d[1], d[3]]]]), ("data", "fsdp", "tensor"),
+              axis_types=(AxisType.Auto,) * 3)
+config.total_steps = 3
+_, resumed = loop.train(config, {workdir!r}, mesh=across)  # restores step 2 onto it, runs step 3
+whole = next(make_train_iterator(config.data, 4, 4, config.seed, process_index=0, process_count=1))
+whole = whole["seg"]["image"]
+aligned, interleaved = seg_images(make_mesh((2, 2, 1))), seg_images(across)
 out = {{"process": jax.process_index(), "count": jax.process_count(), "devices": jax.device_count(),
         "losses": [h["loss"] for h in history], "restored_step": int(restored.step), "none": none,
-        "trained": checksum(trained), "restored": checksum(restored)}}
+        "trained": checksum(trained), "restored": checksum(restored),
+        "resumed_losses": [h["loss"] for h in resumed],
+        "batch_across": np.array_equal(interleaved, whole),
+        "batch_aligned": sorted(x.tobytes() for x in aligned) == sorted(x.tobytes() for x in whole)}}
 with open({out!r} + f".{{jax.process_index()}}", "w") as f:
     json.dump(out, f)
 """
@@ -75,9 +101,16 @@ def test_two_processes_train_save_and_restore(tmp_path):
         assert r["restored"] == r["trained"]  # the restored parameters are the saved ones
     assert results[0]["losses"] == results[1]["losses"]  # one global computation
     saved = tmp_path / "work" / "checkpoints" / "2"
-    assert {"config", "data", "state"} <= set(os.listdir(saved))
+    assert {"config", "data", "data_layout", "state"} <= set(os.listdir(saved))
     # grain's handler writes one iterator state per process.
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(saved / "data"))
+    assert json.load(open(saved / "data_layout" / "metadata")) == {"group_count": 2, "process_count": 2}
+    # With the tensor axis across the processes both read the whole batch: one global computation still.
+    assert len(results[0]["resumed_losses"]) == 1
+    assert results[0]["resumed_losses"] == results[1]["resumed_losses"]
+    assert all(r["batch_across"] and r["batch_aligned"] for r in results)
+    layout = tmp_path / "work" / "checkpoints" / "3" / "data_layout" / "metadata"
+    assert json.load(open(layout)) == {"group_count": 1, "process_count": 2}
 
 
 def test_distributed_args_from_config_then_environment():
@@ -96,3 +129,34 @@ def test_distributed_args_from_config_then_environment():
     assert maybe_initialize({"mode": "auto"}, {}) is False  # nothing asks for it: single process
     with pytest.raises(ValueError, match="mode"):
         maybe_initialize({"mode": "maybe"}, {})
+
+
+_AGREE_WORKER = """
+import json, sys
+sys.path[:0] = [{root!r}]
+import jax
+jax.distributed.initialize({address!r}, num_processes=2, process_id={pid})
+from genmask_jax.train import hooks
+flags = hooks._gather_flags({pid} == 0)  # process 1's input read "failed"
+with open({out!r} + ".{pid}", "w") as f:
+    json.dump(flags.tolist(), f)
+"""
+
+
+@pytest.mark.multidevice
+def test_two_processes_agree_on_the_quick_evaluation_inputs(tmp_path):
+    """The quick evaluation's agreement is a real collective: both processes see process 1's failure."""
+    address, out = f"127.0.0.1:{free_port()}", str(tmp_path / "flags")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", _AGREE_WORKER.format(root=ROOT, address=address, pid=pid,
+                                                                           out=out)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for pid in range(2)]
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-3000:]
+    assert [json.load(open(f"{out}.{pid}")) for pid in range(2)] == [[True, False], [True, False]]

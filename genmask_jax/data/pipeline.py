@@ -3,18 +3,20 @@
 Training (`make_train_iterator`): one grain `MapDataset` per task,
 `range(len(source)) -> shuffle(seed) -> repeat() -> slice(process_index::process_count) -> load`, where
 `load` reads, fits to the model resolution and attaches the instruction-encoder context (the `toy`
-encoder in-process, or the embedding cache by example id). The two tasks are interleaved at fixed
-positions (`_StratifiedMix`): in every per-process batch the first `Bs` elements are segmentation and
-the next `Bg` generation, so every global batch holds exactly `process_count * Bs` and
-`process_count * Bg` of each, whatever the ratio (`Bg = 0` allowed). Elements are decoded by
+encoder in-process, or the embedding cache by example id). Here a "process" is a data shard: a jax
+process, or, when a mesh axis other than the batch's spans hosts, a data-loading group of processes
+that hold the same batch rows and so load the same examples (`parallel.data_groups`). The two tasks are
+interleaved at fixed positions (`_StratifiedMix`): in every per-process batch the first `Bs` elements
+are segmentation and the next `Bg` generation, so every global batch holds exactly `process_count * Bs`
+and `process_count * Bg` of each, whatever the ratio (`Bg = 0` allowed). Elements are decoded by
 `data.num_threads` threads with a `data.prefetch_buffer_size` buffer, then batched into
 `{"seg": {...}, "gen": {...}}` (docs/interfaces: batches).
 
 The returned object is a grain `DatasetIterator`: `get_state()` / `set_state(state)` give a small JSON-able
 dict, and grain's orbax handler saves it (`grain.checkpoint.CheckpointSave(iterator)` /
 `CheckpointRestore(iterator)` under an item name in the `CheckpointManager`). Restoring it, in any
-process, continues with exactly the batches that would have followed; with another process count
-(same global batch), `state_for_process_count` gives every global batch the same examples as before.
+process, continues with exactly the batches that would have followed; with another process (group)
+count and the same global batch, `state_for_process_count` gives every global batch the same examples.
 
 Bad examples (unreadable file, empty mask, ...) are logged with their id, counted in
 `iterator_skips(...)`, summarised at each epoch boundary, and replaced deterministically by the next
@@ -341,7 +343,8 @@ def iterator_skips(iterator) -> dict[str, SkipLog]:
 
 
 def split_global_batch(global_seg: int, global_gen: int, process_count: int | None = None) -> tuple[int, int]:
-    """Per-process (batch_seg, batch_gen) for global task counts; each must divide by the process count."""
+    """Per-process (batch_seg, batch_gen) for global task counts; each must divide by the process count
+    (the number of data shards: jax processes, or data-loading groups)."""
     if process_count is None:
         import jax
 
@@ -349,7 +352,8 @@ def split_global_batch(global_seg: int, global_gen: int, process_count: int | No
     if global_seg % process_count or global_gen % process_count:
         raise ValueError(
             f"global task counts seg={global_seg}, gen={global_gen} must be divisible by the "
-            f"{process_count} processes so every global batch has exactly these counts"
+            f"{process_count} data-loading processes (or groups of processes) so every global batch has "
+            "exactly these counts"
         )
     return global_seg // process_count, global_gen // process_count
 
@@ -407,6 +411,10 @@ def make_train_iterator(
     `batch_gen` examples. These are PER-PROCESS counts: the global batch holds `process_count` times
     each (`split_global_batch` converts global counts). The skip logs are `iterator.skip_logs`.
 
+    process_index, process_count: this data shard and the number of shards (default: the jax process's);
+        training passes its data-loading group (`parallel.data_groups.data_group`), so the processes of
+        a group, which hold the same batch rows, get the same batches.
+
     Returns a grain `DatasetIterator` (`next(it)`, `it.get_state()`, `it.set_state(state)`); checkpoint it
     with `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`. Each sub-batch has the keys
     of `_feature_shapes`; a task with batch size 0 has arrays with leading dimension 0.
@@ -454,7 +462,9 @@ def make_train_iterator(
 
 def state_for_process_count(saved_state: dict, saved_process_count: int, iterator) -> dict:
     """The state that resumes `iterator` (made for this run's process count, same global batch) where a
-    run with `saved_process_count` processes stopped; `saved_state` is any one of that run's states.
+    run with `saved_process_count` data shards stopped; `saved_state` is any one of that run's states.
+    Both counts are the iterators' `process_count`: the data-loading GROUP count where groups of
+    processes loaded the same data, since the saved `next_index` counts one shard's elements.
 
     Global batch `s` holds the contiguous chunk `[s * N, (s + 1) * N)` of each task's shuffled stream
     (N = that task's global count) whatever the process count, since process `p` takes stream
@@ -463,7 +473,7 @@ def state_for_process_count(saved_state: dict, saved_process_count: int, iterato
     if per_step % saved_process_count:
         raise ValueError(
             f"the global batch ({per_step} examples) does not split over the saved run's "
-            f"{saved_process_count} processes: was the batch size changed?"
+            f"{saved_process_count} data-loading processes (or groups): was the batch size changed?"
         )
     saved_per_step = per_step // saved_process_count
     steps, rest = divmod(int(saved_state["next_index"]), saved_per_step)

@@ -1,1 +1,1 @@
-"""Device meshes, logical axis rules and multi-host initialisation."""
+"""Device meshes, logical axis rules, data-loading groups and multi-host initialisation."""

@@ -1,8 +1,9 @@
 """Checkpoints: one orbax CheckpointManager for the train state, the data iterator and the config.
 
-Layout: `<directory>/<step>/{state, data, config}`; `state` holds step, params, opt_state and (if any)
-ema_params; `data` the grain iterator's state, one JSON per process (a run with another process count
-resumes it by step); `config` the experiment config.
+Layout: `<directory>/<step>/{state, data, data_layout, config}`; `state` holds step, params, opt_state and
+(if any) ema_params; `data` the grain iterator's state, one JSON per process; `data_layout` how many
+data-loading groups (`parallel.data_groups`) and processes read it (a run with another layout resumes the
+data by step; a checkpoint without it had one group per process); `config` the experiment config.
 Saves are asynchronous (the device->host copy happens in `save`, the writing in the background) with a
 keep-N policy. Restores take an abstract target carrying shardings, so a checkpoint written on one mesh
 restores onto any other.
@@ -31,12 +32,19 @@ from genmask_jax.train.state import initial_ema
 
 log = logging.getLogger(__name__)
 
-STATE, DATA, CONFIG = "state", "data", "config"
+STATE, DATA, DATA_LAYOUT, CONFIG = "state", "data", "data_layout", "config"
 
 
 def _checkpointable(iterator) -> bool:
     """grain iterators (and anything with get_state / set_state) are saved with the state."""
     return hasattr(iterator, "get_state") and hasattr(iterator, "set_state")
+
+
+def data_layout(iterator) -> dict[str, int]:
+    """How a run reads its data: `group_count` distinct streams (the iterator's data shard count, see
+    `make_train_iterator`; an iterator without one has a stream per process) over `process_count`."""
+    count = jax.process_count()
+    return {"group_count": int(getattr(iterator, "process_count", count)), "process_count": count}
 
 
 def _drop_none(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,6 +70,7 @@ class Checkpointer:
         handlers = {
             STATE: ocp.StandardCheckpointHandler(),
             DATA: grain.checkpoint.CheckpointHandler(),
+            DATA_LAYOUT: ocp.JsonCheckpointHandler(),
             CONFIG: ocp.JsonCheckpointHandler(),
         }
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -91,6 +100,7 @@ class Checkpointer:
         items = {STATE: ocp.args.StandardSave(state, save_args=chunked_save_args(state))}
         if _checkpointable(data_iterator):
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+            items[DATA_LAYOUT] = ocp.args.JsonSave(data_layout(data_iterator))
         if config is not None:
             as_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
             items[CONFIG] = ocp.args.JsonSave(_jsonable(as_dict))
@@ -126,23 +136,28 @@ class Checkpointer:
             log.warning("%s: not restoring its %s (this run has none)", where, ", ".join(unwanted))
         items = {} if unwanted else {STATE: ocp.args.StandardRestore(wanted)}
         saved = set(self.item_names(step))
-        data_dir, other_count = self.directory / str(step) / DATA, None
+        data_dir, saved_layout = self.directory / str(step) / DATA, None
         if _checkpointable(data_iterator) and DATA in saved:
-            other_count = _saved_process_count(data_dir)
-            if other_count is None:
-                items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+            saved_layout = self._saved_data_layout(step, data_dir, DATA_LAYOUT in saved)
+            if saved_layout == data_layout(data_iterator):
+                items[DATA], saved_layout = grain.checkpoint.CheckpointRestore(data_iterator), None
         elif data_iterator is not None:
             log.warning(
                 "checkpoint %s/%d has no data iterator state; the data restarts", self.directory, step
             )
         restored = self.manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
-        if other_count is not None:
-            saved_state = json.loads((data_dir / f"process_0-of-{other_count}.json").read_text())
-            log.warning(
-                "checkpoint %s/%d was saved by %d processes, this run has %d: resuming the data by step",
-                self.directory, step, other_count, jax.process_count(),
+        if saved_layout is not None:
+            # Every process saved the same position (each group reads as many elements per step).
+            saved_state = json.loads(
+                (data_dir / f"process_0-of-{saved_layout['process_count']}.json").read_text()
             )
-            data_iterator.set_state(state_for_process_count(saved_state, other_count, data_iterator))
+            log.warning(
+                "checkpoint %s/%d read its data as %s, this run as %s: resuming the data by step",
+                self.directory, step, saved_layout, data_layout(data_iterator),
+            )
+            data_iterator.set_state(
+                state_for_process_count(saved_state, saved_layout["group_count"], data_iterator)
+            )
         if unwanted:  # orbax's StandardRestore reads the saved tree whole; a subset needs partial_restore
             state = dict(_restore_subset(self.directory / str(step) / STATE, wanted))
         else:
@@ -150,6 +165,15 @@ class Checkpointer:
         if start_ema:
             state["ema_params"] = initial_ema(state["params"])
         return {k: state.get(k) for k in abstract_trainable}
+
+    def _saved_data_layout(self, step: int, data_dir: epath.Path, recorded: bool) -> dict[str, int]:
+        """The `data_layout` of the run that saved `step`; a checkpoint from before it was recorded had a
+        data stream per process."""
+        if not recorded:
+            count = _saved_process_count(data_dir)
+            return {"group_count": count, "process_count": count}
+        args = ocp.args.Composite(**{DATA_LAYOUT: ocp.args.JsonRestore()})
+        return {k: int(v) for k, v in self.manager.restore(step, args=args)[DATA_LAYOUT].items()}
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
@@ -194,15 +218,11 @@ def check_saved_opt_state(saved: Any, abstract: Any, where: str) -> None:
     )
 
 
-def _saved_process_count(data_dir: epath.Path) -> int | None:
-    """None when the data state was saved by this run's process count (grain restores it as is), else
-    the saved run's count; raises when it cannot be resumed by step (not our training iterator)."""
-    count = jax.process_count()
-    if (data_dir / f"process_{jax.process_index()}-of-{count}.json").exists():
-        return None
+def _saved_process_count(data_dir: epath.Path) -> int:
+    """The process count of the run that saved the data state in `data_dir` (grain's file names)."""
     counts = {int(m.group(1)) for p in data_dir.iterdir() if (m := re.search(r"-of-(\d+)\.json$", p.name))}
     if len(counts) != 1:
-        raise FileNotFoundError(f"no data iterator state for {count} processes in {data_dir}")
+        raise FileNotFoundError(f"no data iterator state of one process count in {data_dir}")
     return counts.pop()
 
 

@@ -6,7 +6,7 @@ profiling and preemption.
         ...
         hooks.before_step(step, batch)            # FLOPs for the MFU; starts the profiler trace when due
         hooks.log(done, metrics)                  # when metrics are fetched
-        if hooks.after_step(done, state):         # quick eval / samples when due; True on SIGTERM
+        if hooks.after_step(done, state):         # True on SIGTERM (then no eval); else quick eval when due
             save a checkpoint at `done` (unless just saved) and break
     hooks.close()
 
@@ -16,12 +16,14 @@ profiling and preemption.
 - `QuickEval`: every `config.eval_every` steps segments a fixed small batch of the `val` split
   (gIoU / cIoU at the model resolution, a panel image | prediction | ground truth per example); every
   `config.sample_every` steps generates images for fixed captions. Panels go to TensorBoard and to
-  `<workdir>/samples/step_<N>_{segmentation,generation}.png`.
+  `<workdir>/samples/step_<N>_{segmentation,generation}.png`. Each host reads the inputs; with several
+  processes they agree that every one has them before the (collective) evaluation, else all skip it.
 - `StepProfiler`: with `config.profile.num_steps` > 0, a `jax.profiler` trace of that many steps from
   `config.profile.first_step` (after compilation and warm-up), on process 0, into
   `<workdir>/tensorboard/plugins/profile/` (TensorBoard's profile tab, XProf, Perfetto).
 - `Preemption`: SIGTERM sets a flag (single process); with several processes JAX's preemption sync
-  point makes every process stop at the same step. The loop then saves and returns.
+  point makes every process stop at the same step. The loop then saves and returns; no evaluation runs
+  at that step, as it would spend the time between SIGTERM and the kill.
 """
 
 import logging
@@ -196,6 +198,16 @@ class Preemption:
         self._previous = {}
 
 
+def _gather_flags(ok: bool) -> np.ndarray:
+    """`(process_count,)` bool: `ok` of every process, in process order. With several processes a collective
+    that every process must enter."""
+    if jax.process_count() == 1:
+        return np.asarray([ok])
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1).astype(bool)
+
+
 def _batch_multiple(mesh, rules) -> tuple[NamedSharding, int]:
     from genmask_jax.parallel.sharding import batch_axes
 
@@ -265,36 +277,55 @@ class QuickEval:
 
     def generation_inputs(self) -> tuple[list[str], np.ndarray, np.ndarray] | None:
         """(prompts, context, context mask) of the first `num_examples` generation-source captions of
-        `split`, or None when there is no generation data to draw prompts from."""
+        `split`, or None when there is no generation data to draw prompts from (or `inputs_failed`)."""
         if self._gen_inputs is None:
             self._gen_inputs = self._load_generation_inputs() or ()
         return self._gen_inputs or None
 
+    def prepare(self, name: str) -> bool:
+        """Reads (once) this host's inputs of the evaluation `name` ("segmentation" or "generation");
+        False, with the reason logged, if that failed."""
+        try:
+            if name == "segmentation":
+                self.segmentation_batch()
+            else:
+                self.generation_inputs()
+        except Exception as e:  # noqa: BLE001  (evaluations are optional: say why and go on training)
+            if name == "generation":
+                log.warning("no generation samples: %s: %s", type(e).__name__, e)
+            else:
+                log.exception("reading the quick evaluation's %s inputs failed", name)
+            return False
+        return True
+
+    def inputs_failed(self, name: str) -> None:
+        """Called on every process when the inputs of `name` failed on any. Generation samples stay off
+        for the run (each try may load the text encoder again); segmentation tries again at its next
+        evaluation."""
+        if name == "generation":
+            self._gen_inputs = ()
+
     def _load_generation_inputs(self):
         data = self.config.data
-        try:
-            cache = None
-            if data.encoder.cache_dir:
-                from genmask_jax.encoders import fingerprint
-                from genmask_jax.encoders.cache import EmbeddingCache
+        cache = None
+        if data.encoder.cache_dir:
+            from genmask_jax.encoders import fingerprint
+            from genmask_jax.encoders.cache import EmbeddingCache
 
-                cache = EmbeddingCache(data.encoder.cache_dir, fingerprint(data.encoder))
-            examples = self._generation_examples(self.split, cache)
-            if examples is None and cache is not None and data.train_split != self.split:
-                # precompute caches the generation sources' training split only
-                examples = self._generation_examples(data.train_split, cache)
-            if examples is None:
-                return None
-            if cache is not None:
-                pairs = [cache.lookup(e["id"], e["text"]) for e in examples]
-                context, mask = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-            else:
-                from genmask_jax.encoders import make_encoder
-
-                context, mask = make_encoder(data.encoder).encode(None, [e["text"] for e in examples])
-        except Exception as e:  # noqa: BLE001  (samples are optional: say why and go on training)
-            log.warning("no generation samples: %s: %s", type(e).__name__, e)
+            cache = EmbeddingCache(data.encoder.cache_dir, fingerprint(data.encoder))
+        examples = self._generation_examples(self.split, cache)
+        if examples is None and cache is not None and data.train_split != self.split:
+            # precompute caches the generation sources' training split only
+            examples = self._generation_examples(data.train_split, cache)
+        if examples is None:
             return None
+        if cache is not None:
+            pairs = [cache.lookup(e["id"], e["text"]) for e in examples]
+            context, mask = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        else:
+            from genmask_jax.encoders import make_encoder
+
+            context, mask = make_encoder(data.encoder).encode(None, [e["text"] for e in examples])
         return [e["text"] for e in examples], context.astype(np.float32), mask.astype(bool)
 
     def _generation_examples(self, split: str, cache) -> list[dict] | None:
@@ -431,18 +462,39 @@ class TrainHooks:
         return self.logger(step, metrics)
 
     def after_step(self, step: int, state: Any) -> bool:
-        """Runs the periodic evaluations that are due at `step`; True if training must stop now."""
+        """True if training must stop now (then nothing else runs: the grace period after SIGTERM is for
+        the checkpoint); else runs the periodic evaluations that are due at `step` and returns False."""
         start = time.perf_counter()
         self.profiler.after_step(step, state)
-        try:
-            if self.eval_every and step % self.eval_every == 0:
-                self.quick_eval.segmentation(step, state)
-            if self.sample_every and step % self.sample_every == 0:
-                self.quick_eval.generation(step, state)
-        except Exception:  # noqa: BLE001  (a failing sample must not kill a long run; it is logged)
-            log.exception("quick evaluation at step %d failed; training continues", step)
+        due = [name for name, every in (("segmentation", self.eval_every), ("generation", self.sample_every))
+               if every and step % every == 0]
+        if self.preemption is not None and self.preemption.should_stop(step):
+            if due:
+                log.info("stopping: no quick evaluation (%s) at step %d", ", ".join(due), step)
+            return True
+        for name in due:
+            self._evaluate(name, step, state)
         self.logger.pause(time.perf_counter() - start)
-        return self.preemption is not None and self.preemption.should_stop(step)
+        return False
+
+    def _evaluate(self, name: str, step: int, state: Any) -> None:
+        """The quick evaluation `name` at `step`, if every process has read its inputs.
+
+        The evaluation is a collective: had a read failed on one host only, that host would skip it while
+        the others waited for it forever. A failure in the evaluation itself (the same on every host, or
+        process 0's writing after the collective) is logged: a failing sample must not kill a long run.
+        """
+        failed = np.flatnonzero(~_gather_flags(self.quick_eval.prepare(name)))
+        if failed.size:
+            if jax.process_count() > 1:
+                log.warning("quick evaluation %s at step %d skipped on every process: reading its inputs "
+                            "failed on process(es) %s", name, step, ", ".join(map(str, failed)))
+            self.quick_eval.inputs_failed(name)
+            return
+        try:
+            getattr(self.quick_eval, name)(step, state)
+        except Exception:  # noqa: BLE001
+            log.exception("quick evaluation %s at step %d failed; training continues", name, step)
 
     def close(self) -> None:
         self.profiler.stop()

@@ -2,8 +2,9 @@
 
 Builds the mesh, the model and the sharded state, resumes (workdir -> `config.resume` -> converted
 weights `config.init_from` -> scratch), then runs the jitted step, logging metrics to
-`<workdir>/metrics.jsonl` and saving checkpoints to `<workdir>/checkpoints`. A non-finite loss stops
-training with FloatingPointError before anything is saved, so the last checkpoint stays the last good one.
+`<workdir>/metrics.jsonl` and saving checkpoints to `<workdir>/checkpoints`. A non-finite metric (the loss,
+or a norm: a finite loss can come with a non-finite update) stops training with FloatingPointError before
+that step is saved, so the last checkpoint stays the last good one.
 """
 
 import json
@@ -19,11 +20,13 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from genmask_jax.infer.checkpoint import CheckpointError
 from genmask_jax.infer.checkpoint import resolve as resolve_checkpoint
 from genmask_jax.models.build import abstract_frozen, build_model, dit_initializer, frozen_vae
 from genmask_jax.models.dit import DiTConfig
 from genmask_jax.models.genmask import TASKS, GenMask
 from genmask_jax.parallel import multihost
+from genmask_jax.parallel.data_groups import data_group
 from genmask_jax.parallel.mesh import make_mesh
 from genmask_jax.parallel.sharding import batch_sharding, rules_from_config
 from genmask_jax.train import checkpointing
@@ -56,16 +59,29 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-def global_batch(local: Mapping[str, Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh, rules) -> dict:
-    """Per-process numpy sub-batches -> global arrays split over the batch axes; empty tasks dropped."""
+def global_batch(
+    local: Mapping[str, Mapping[str, np.ndarray]],
+    mesh: jax.sharding.Mesh,
+    rules,
+    group_count: int | None = None,
+) -> dict:
+    """Per-process numpy sub-batches -> global arrays split over the batch axes; empty tasks dropped.
+
+    A sub-batch holds the examples of this process's data-loading group (`parallel.data_groups`), the
+    same on every process of the group; the global batch has `group_count` (default: the mesh's) times
+    its rows.
+    """
     sharding = batch_sharding(mesh, rules)
+    if group_count is None:
+        group_count = data_group(mesh, rules)[1]
     out = {}
     for task in TASKS:
-        sub = local.get(task)
-        if sub is None or next(iter(sub.values())).shape[0] == 0:
+        sub = {k: np.asarray(v) for k, v in local.get(task, {}).items()}
+        if not sub or next(iter(sub.values())).shape[0] == 0:
             continue
         out[task] = {
-            k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in sub.items()
+            k: jax.make_array_from_process_local_data(sharding, v, (group_count * len(v), *v.shape[1:]))
+            for k, v in sub.items()
         }
     return out
 
@@ -153,13 +169,32 @@ def converted_target(path, fresh, shardings, mesh: jax.sharding.Mesh):
     return jax.tree_util.tree_map_with_path(leaf, checkpoint_io.saved_params_metadata(path))
 
 
+def restore_latest(checkpointer: checkpointing.Checkpointer, abstract, data_iterator) -> dict:
+    """`checkpointer.restore` of its latest step. A step it cannot read (array files missing or cut
+    short: a half-synced copy, a deleted object) raises one CheckpointError line naming the step's folder.
+    The step is not skipped for an earlier one: training on from there is for the user to decide."""
+    step = checkpointer.latest_step()
+    try:
+        return checkpointer.restore(step, abstract, data_iterator)
+    except CheckpointError:  # already one line (a changed model or optimizer)
+        raise
+    except (OSError, ValueError) as e:  # tensorstore reports a missing file as ValueError("NOT_FOUND ...")
+        earlier = [s for s in checkpointer.all_steps() if s < step]
+        then = f"resume from step {max(earlier)}" if earlier else "start without it (there is no earlier one)"
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"checkpoint {checkpointer.directory}/{step} is damaged ({type(e).__name__}: {reason}); "
+            f"remove that folder to {then}"
+        ) from e
+
+
 def restore_or_init(
     config, state: TrainState, shardings: TrainState, checkpointer, data_iterator, model: GenMask
 ) -> tuple[TrainState, str]:
     """Applies the resume order; returns the state and a word saying where it came from."""
     abstract = abstract_train_state(shardings, state).trainable()
     if checkpointer.latest_step() is not None:
-        restored = checkpointer.restore(None, abstract, data_iterator)
+        restored = restore_latest(checkpointer, abstract, data_iterator)
         return state.replace(**restored), f"workdir step {int(restored['step'])}"
     if config.get("resume"):
         directory, step = resolve_checkpoint(config.resume)
@@ -197,14 +232,33 @@ class MetricsWriter:
     A local file is appended to. An object store (a `gs://` workdir) has no append: gcsfs opens "a" as
     "w", which would leave the last line alone; there the writer keeps the object's text (the lines of
     earlier runs included) and uploads all of it at every write.
+
+    `start_step` (the step a run starts or resumes at) first drops the lines after it: a run killed
+    between checkpoints logged steps that it now runs again, and the file must read as one run.
     """
 
-    def __init__(self, workdir: epath.Path):
+    def __init__(self, workdir: epath.Path, start_step: int | None = None):
         self.path = workdir / "metrics.jsonl"
         self.enabled = jax.process_index() == 0
         self._text = None  # the whole object, kept for a remote path
         if self.enabled and "://" in str(self.path):
             self._text = self.path.read_text() if self.path.exists() else ""
+        if self.enabled and start_step is not None:
+            self._drop_after(start_step)
+
+    def _drop_after(self, step: int) -> None:
+        text = self._text if self._text is not None else self.path.read_text() if self.path.exists() else ""
+        kept, dropped = lines_up_to(text, step)
+        if not dropped:
+            return
+        log.warning("%s: dropping %d line(s) after step %d, where this run starts", self.path, dropped, step)
+        if self._text is not None:
+            self._text = kept
+            self.path.write_text(kept)  # an object is replaced whole
+        else:
+            partial = self.path.with_name(self.path.name + ".tmp")
+            partial.write_text(kept)
+            partial.replace(self.path)  # a kill now leaves the old file or the new one, never half of it
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -218,15 +272,35 @@ class MetricsWriter:
             self.path.write_text(self._text)
 
 
+def lines_up_to(text: str, step: int) -> tuple[str, int]:
+    """metrics.jsonl `text` without the lines of steps after `step` or cut short (by a kill mid-write),
+    and how many lines went."""
+    kept, dropped = [], 0
+    for line in text.splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        dropped += 1
+    return "".join(kept), dropped
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     path = epath.Path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _per_process(count: int) -> int:
-    if count % jax.process_count():
-        raise ValueError(f"batch {count} is not divisible by {jax.process_count()} processes")
-    return count // jax.process_count()
+def group_data_iterator(config: ml_collections.ConfigDict, group_index: int, group_count: int):
+    """The training iterator of data-loading group `group_index` of `group_count` (`data_group`): its
+    share of the global `config.batch` counts, read by every process of the group alike."""
+    from genmask_jax.data.pipeline import make_train_iterator, split_global_batch
+
+    seg, gen = split_global_batch(config.batch.seg, config.batch.gen, group_count)
+    return make_train_iterator(
+        config.data, seg, gen, config.seed, process_index=group_index, process_count=group_count
+    )
 
 
 def train(
@@ -239,20 +313,18 @@ def train(
     """Trains until `config.total_steps` (or `stop_at_step`); returns the final state and the metrics
     logged by this call (every step when `config.log_every` is 1).
 
-    data_iterator: per-process batches (interfaces.md); default `data.pipeline.make_train_iterator`.
+    data_iterator: per-process batches (interfaces.md) of this process's data-loading group (the same on
+        every process of a group: `parallel.data_groups`); default `group_data_iterator`.
         To be checkpointed it needs grain's `get_state()` / `set_state()`.
     """
     multihost.maybe_initialize(config.get("distributed"))
-    if data_iterator is None:  # first: a data or embedding-cache error stops before anything is built
-        from genmask_jax.data.pipeline import make_train_iterator
-
-        data_iterator = make_train_iterator(
-            config.data, _per_process(config.batch.seg), _per_process(config.batch.gen), config.seed
-        )
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or make_mesh(tuple(config.mesh.shape))
     rules = rules_from_config(config.sharding.logical_axis_rules)
+    group_index, group_count = data_group(mesh, rules)  # raises for a mesh that host data cannot feed
+    if data_iterator is None:  # first: a data or embedding-cache error stops before anything is built
+        data_iterator = group_data_iterator(config, group_index, group_count)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     model = build_model(config)
     tx = make_optimizer(optimizer_config(config))
     base_rng = jax.random.key(config.seed)
@@ -275,7 +347,7 @@ def train(
 
     step_fn = make_configured_train_step(config, model, tx, shardings, mesh, rules)
     step_rng = jax.random.fold_in(base_rng, 1)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start_step=start)
     hooks = TrainHooks(config, model, workdir, mesh, rules, start_step=start)
     history, last_saved = [], checkpointer.latest_step()
     end = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
@@ -283,19 +355,14 @@ def train(
     # checkpoint. Nothing new is saved then: the state may be the bad one that raised.
     try:
         for step in range(start, end):
-            batch = global_batch(next(data_iterator), mesh, rules)
+            batch = global_batch(next(data_iterator), mesh, rules, group_count)
             hooks.before_step(step, batch)  # FLOPs for the MFU; starts the profiler trace when due
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = step_fn(state, batch, step_rng)
             done = step + 1
             save = done % config.checkpoint.every_steps == 0 or done == end
             if save or done % config.log_every == 0 or done == start + 1:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"non-finite loss {values['loss']} at step {done} (metrics {values}); stopping. "
-                        f"The last good checkpoint is step {last_saved} in {checkpointer.directory}."
-                    )
+                values = finite_metrics(metrics, done, last_saved, checkpointer.directory)
                 # steps/s, examples/s and ETA over the steps since the previous log (none at the first).
                 values = hooks.log(done, values)
                 writer.write(done, values)
@@ -303,8 +370,9 @@ def train(
             if save:
                 checkpointer.save(done, state.trainable(), data_iterator, config)
                 last_saved = done
-            if hooks.after_step(done, state):  # quick eval / samples when due; True on SIGTERM
+            if hooks.after_step(done, state):  # True on SIGTERM; else quick eval / samples when due
                 if last_saved != done:
+                    finite_metrics(metrics, done, last_saved, checkpointer.directory)  # maybe not fetched
                     checkpointer.save(done, state.trainable(), data_iterator, config)
                 log.warning("stop requested (SIGTERM): saved step %d in %s", done, checkpointer.directory)
                 break
@@ -315,6 +383,23 @@ def train(
     checkpointer.wait()
     checkpointer.close()
     return state, history
+
+
+def finite_metrics(metrics: Mapping[str, jax.Array], step: int, last_saved: int | None, directory) -> dict:
+    """The step's scalar metrics as floats; FloatingPointError if any is not finite.
+
+    Every metric counts, not the loss alone: the loss is computed before the update, so a finite loss can
+    come with a non-finite gradient and non-finite new parameters (param_norm is of the new ones). Every
+    save is preceded by this check, so `last_saved` is a good checkpoint.
+    """
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    bad = ", ".join(f"{k} {values[k]}" for k in sorted(values, key=lambda k: k != "loss")
+                    if not math.isfinite(values[k]))
+    if bad:
+        good = (f"The last good checkpoint is step {last_saved} in {directory}." if last_saved is not None
+                else f"There is no checkpoint in {directory} yet.")
+        raise FloatingPointError(f"non-finite {bad} at step {step} (metrics {values}); stopping. {good}")
+    return values
 
 
 def _finish_quietly(checkpointer: checkpointing.Checkpointer, hooks: TrainHooks) -> None:

@@ -204,3 +204,17 @@ def test_a_damaged_latest_checkpoint_fails_in_one_line(ema_run, tmp_path):
                              ema_run.model)
     assert "\n" not in str(error.value)
     ckpt.close()
+
+
+def test_only_missing_or_corrupt_files_count_as_damage():
+    """A config the saved data position cannot resume (the batch changed with the layout), a permission
+    or a network error: their own errors, never the advice to remove a good checkpoint."""
+    import json
+
+    assert loop._damaged(ValueError('NOT_FOUND: Error opening "zarr" driver: Metadata at ... not found'))
+    assert loop._damaged(ValueError("DATA_LOSS: Error reading chunk"))
+    assert loop._damaged(FileNotFoundError("params/_METADATA"))
+    assert loop._damaged(json.JSONDecodeError("Expecting value", "", 0))
+    assert not loop._damaged(ValueError("the global batch (3 examples) does not split over the saved run's"))
+    assert not loop._damaged(ValueError("PERMISSION_DENIED: gs://bucket/run/4"))
+    assert not loop._damaged(PermissionError("run/4/state"))

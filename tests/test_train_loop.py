@@ -281,9 +281,13 @@ def test_a_restarted_metrics_writer_drops_the_lines_it_runs_again(tmp_path):
         writer.write(3, {"loss": 0.5})
     assert objects["gs://bucket/run/metrics.jsonl"] == "\n".join([*lines[:2], '{"step": 3, "loss": 0.5}\n'])
     assert (tmp_path / "metrics.jsonl").read_text() == objects["gs://bucket/run/metrics.jsonl"]
-    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+    # The file as it was stays beside it (a fresh run in a reused workdir drops every line).
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "metrics.jsonl.prev"]
+    assert (tmp_path / "metrics.jsonl.prev").read_text() == text
+    assert objects["gs://bucket/run/metrics.jsonl.prev"] == text
     loop.MetricsWriter(tmp_path, start_step=3)  # nothing after step 3: the file is left as it is
     assert [m["step"] for m in loop.read_metrics(tmp_path)] == [1, 2, 3]
+    assert (tmp_path / "metrics.jsonl.prev").read_text() == text
 
 
 def recorded_hooks(tmp_path, monkeypatch, others_ok=True, fails=()):
@@ -333,6 +337,14 @@ def test_quick_eval_runs_only_when_every_process_read_its_inputs(tmp_path, monke
     assert hooks.calls == [] and hooks.sent == [False, False]
     hooks.close()
     assert "transient read error" in caplog.text
+
+    # This host finds no captions (a short split, a cache being extended) without an error: it must not
+    # skip the collective alone either.
+    hooks = recorded_hooks(tmp_path / "this_has_none", monkeypatch)
+    hooks.quick_eval._generation_examples = lambda *args: None
+    assert not hooks.after_step(1, None)
+    assert hooks.calls == [("segmentation", 1)] and hooks.sent == [True, False]
+    hooks.close()
 
     hooks = recorded_hooks(tmp_path / "all_ok", monkeypatch)
     assert not hooks.after_step(1, None)

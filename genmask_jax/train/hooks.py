@@ -284,12 +284,12 @@ class QuickEval:
 
     def prepare(self, name: str) -> bool:
         """Reads (once) this host's inputs of the evaluation `name` ("segmentation" or "generation");
-        False, with the reason logged, if that failed."""
+        False if that failed (the reason logged) or there are none (no generation data)."""
         try:
             if name == "segmentation":
                 self.segmentation_batch()
-            else:
-                self.generation_inputs()
+            elif self.generation_inputs() is None:
+                return False
         except Exception as e:  # noqa: BLE001  (evaluations are optional: say why and go on training)
             if name == "generation":
                 log.warning("no generation samples: %s: %s", type(e).__name__, e)
@@ -484,11 +484,11 @@ class TrainHooks:
         the others waited for it forever. A failure in the evaluation itself (the same on every host, or
         process 0's writing after the collective) is logged: a failing sample must not kill a long run.
         """
-        failed = np.flatnonzero(~_gather_flags(self.quick_eval.prepare(name)))
-        if failed.size:
-            if jax.process_count() > 1:
-                log.warning("quick evaluation %s at step %d skipped on every process: reading its inputs "
-                            "failed on process(es) %s", name, step, ", ".join(map(str, failed)))
+        ready = _gather_flags(self.quick_eval.prepare(name))
+        if not ready.all():
+            if ready.any():  # else no process has them (no generation data, or the same error everywhere)
+                log.warning("quick evaluation %s at step %d skipped on every process: its inputs are missing "
+                            "on process(es) %s", name, step, ", ".join(map(str, np.flatnonzero(~ready))))
             self.quick_eval.inputs_failed(name)
             return
         try:

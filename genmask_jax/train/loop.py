@@ -178,7 +178,9 @@ def restore_latest(checkpointer: checkpointing.Checkpointer, abstract, data_iter
         return checkpointer.restore(step, abstract, data_iterator)
     except CheckpointError:  # already one line (a changed model or optimizer)
         raise
-    except (OSError, ValueError) as e:  # tensorstore reports a missing file as ValueError("NOT_FOUND ...")
+    except (OSError, ValueError) as e:
+        if not _damaged(e):  # a permission or network error, or a config the saved data cannot resume
+            raise
         earlier = [s for s in checkpointer.all_steps() if s < step]
         then = f"resume from step {max(earlier)}" if earlier else "start without it (there is no earlier one)"
         reason = (str(e).splitlines() or [""])[0][:200]
@@ -186,6 +188,16 @@ def restore_latest(checkpointer: checkpointing.Checkpointer, abstract, data_iter
             f"checkpoint {checkpointer.directory}/{step} is damaged ({type(e).__name__}: {reason}); "
             f"remove that folder to {then}"
         ) from e
+
+
+# tensorstore's statuses (raised as ValueError) for a file that is missing or whose bytes are wrong.
+_DAMAGE_STATUSES = ("NOT_FOUND", "DATA_LOSS")
+
+
+def _damaged(error: Exception) -> bool:
+    if isinstance(error, FileNotFoundError | json.JSONDecodeError):
+        return True
+    return isinstance(error, ValueError) and str(error).lstrip().startswith(_DAMAGE_STATUSES)
 
 
 def restore_or_init(
@@ -234,11 +246,12 @@ class MetricsWriter:
     earlier runs included) and uploads all of it at every write.
 
     `start_step` (the step a run starts or resumes at) first drops the lines after it: a run killed
-    between checkpoints logged steps that it now runs again, and the file must read as one run.
+    between checkpoints logged steps that it now runs again, and the file must read as one run. The file
+    as it was is kept as `metrics.jsonl.prev`.
     """
 
     def __init__(self, workdir: epath.Path, start_step: int | None = None):
-        self.path = workdir / "metrics.jsonl"
+        self.path, self.previous = workdir / "metrics.jsonl", workdir / "metrics.jsonl.prev"
         self.enabled = jax.process_index() == 0
         self._text = None  # the whole object, kept for a remote path
         if self.enabled and "://" in str(self.path):
@@ -251,7 +264,9 @@ class MetricsWriter:
         kept, dropped = lines_up_to(text, step)
         if not dropped:
             return
-        log.warning("%s: dropping %d line(s) after step %d, where this run starts", self.path, dropped, step)
+        self.previous.write_text(text)  # a fresh run in a reused workdir drops every line: keep them
+        log.warning("%s: dropping %d line(s) after step %d, where this run starts (the file as it was: %s)",
+                    self.path, dropped, step, self.previous)
         if self._text is not None:
             self._text = kept
             self.path.write_text(kept)  # an object is replaced whole

@@ -269,17 +269,9 @@ def _acquire_lock(path: str) -> str:
 def _lock_line() -> str:
     """`host pid boot=<boot id> pidns=<pid namespace>`: a pid means a process only within one boot
     and one pid namespace (containers sharing a host name each have their own)."""
-    return f"{socket.gethostname()} {os.getpid()} boot={_read_id('/proc/sys/kernel/random/boot_id')} " + (
+    return f"{socket.gethostname()} {os.getpid()} boot={_read_lock('/proc/sys/kernel/random/boot_id')} " + (
         f"pidns={_pid_namespace()}"
     )
-
-
-def _read_id(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _pid_namespace() -> str:
@@ -290,10 +282,11 @@ def _pid_namespace() -> str:
 
 
 def _read_lock(path: str) -> str:
+    """A lock file's (or a one-line system file's) text; "unknown" when it is empty or unreadable."""
     try:
         with open(path) as f:
             return f.read().strip() or "unknown"
-    except FileNotFoundError:
+    except OSError:
         return "unknown"
 
 

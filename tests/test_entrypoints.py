@@ -627,6 +627,27 @@ def logging_state():
         logger.handlers = handlers
 
 
+def test_setup_logging_follows_stdout_and_keeps_one_handler(logging_state, monkeypatch):
+    """Entry points run in one process (tests, notebooks) each call setup_logging: one handler stays, and
+    it writes to stdout as it is now, not to a replaced stream that may since have been closed."""
+    import io
+    import logging
+    import sys
+
+    from genmask_jax.infer import cli
+
+    cli.setup_logging()
+    cli.setup_logging()
+    assert sum(isinstance(h, cli._StdoutHandler) for h in logging.getLogger().handlers) == 1
+    log = logging.getLogger("genmask_jax.test_setup_logging")
+    for text in ("first", "second"):
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stdout", stream)
+        log.info(text)
+        assert stream.getvalue().endswith(f"genmask_jax.test_setup_logging] {text}\n")
+        stream.close()  # as a test's capture is when it ends
+
+
 def test_export_prints_only_what_it_wrote(tmp_path, capfd, caplog, logging_state):
     """orbax's notices on the checkpoint items export does not read stay quiet, as in the other commands."""
     import flax.linen as nn

@@ -119,15 +119,33 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes each record to `sys.stdout` as it is then: a stream bound at setup would outlive a
+    replaced stdout (a test's capture, a notebook's), and writing to it once closed fails."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        del value
+
+
 def setup_logging() -> None:
-    """INFO logs of this package on stdout, with time stamps; absl's own handler left quiet."""
+    """INFO logs of this package on stdout, with time stamps; absl's own handler left quiet. Calling it
+    again (several entry points in one process) keeps one handler."""
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s] %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
-    root.handlers = [h for h in root.handlers if not isinstance(h, absl_logging.ABSLHandler)] + [handler]
+    ours = (absl_logging.ABSLHandler, _StdoutHandler)
+    root.handlers = [h for h in root.handlers if not isinstance(h, ours)] + [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("genmask_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only and partial-restore notices

@@ -269,9 +269,8 @@ def _acquire_lock(path: str) -> str:
 def _lock_line() -> str:
     """`host pid boot=<boot id> pidns=<pid namespace>`: a pid means a process only within one boot
     and one pid namespace (containers sharing a host name each have their own)."""
-    return f"{socket.gethostname()} {os.getpid()} boot={_read_lock('/proc/sys/kernel/random/boot_id')} " + (
-        f"pidns={_pid_namespace()}"
-    )
+    boot = _read_lock("/proc/sys/kernel/random/boot_id")
+    return f"{socket.gethostname()} {os.getpid()} boot={boot} pidns={_pid_namespace()}"
 
 
 def _pid_namespace() -> str:

@@ -123,9 +123,6 @@ class _StdoutHandler(logging.StreamHandler):
     """Writes each record to `sys.stdout` as it is then: a stream bound at setup would outlive a
     replaced stdout (a test's capture, a notebook's), and writing to it once closed fails."""
 
-    def __init__(self):
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stdout

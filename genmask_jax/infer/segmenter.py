@@ -17,7 +17,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from genmask_jax.data import preprocess
@@ -25,7 +24,7 @@ from genmask_jax.diffusion import flow
 from genmask_jax.encoders import make_encoder
 from genmask_jax.infer.checkpoint import LoadedModel
 from genmask_jax.models.genmask import GenMask
-from genmask_jax.parallel.sharding import batch_axes
+from genmask_jax.parallel.sharding import batch_shard_count, batch_sharding
 
 
 def example_noise(key: jax.Array, index: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -181,10 +180,8 @@ class Segmenter:
         self.rewrite = rewrites_prompts(loaded.config.data.encoder, rewrite, getattr(encoder, "name", None))
         self.loaded, self.num_steps, self.batch_size, self._encoder = loaded, num_steps, batch_size, encoder
         self.key = jax.random.key(seed)
-        axes = batch_axes(loaded.rules)
-        self.sharding = NamedSharding(loaded.mesh, PartitionSpec(axes))
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        self.batch_multiple = int(np.prod([loaded.mesh.shape[a] for a in names]))
+        self.sharding = batch_sharding(loaded.mesh, loaded.rules)
+        self.batch_multiple = batch_shard_count(loaded.mesh, loaded.rules)
         self._fn = jax.jit(partial(predict_scores, loaded.model, num_steps=num_steps, shift=shift))
 
     @property

@@ -11,9 +11,8 @@ split the devices by process (the usual case) every process is its own group, nu
 from collections.abc import Collection, Mapping
 
 import jax
-import numpy as np
 
-from genmask_jax.parallel.sharding import LogicalRules, batch_axes, batch_sharding
+from genmask_jax.parallel.sharding import LogicalRules, batch_axes, batch_shard_count, batch_sharding
 
 
 def group_processes(shards_by_process: Mapping[int, Collection[int]]) -> dict[int, int]:
@@ -52,9 +51,7 @@ def group_processes(shards_by_process: Mapping[int, Collection[int]]) -> dict[in
 def batch_shards_by_process(mesh: jax.sharding.Mesh, rules: LogicalRules) -> tuple[dict[int, set[int]], int]:
     """({process index: the batch shards its devices hold}, number of batch shards) for the batch
     sharding of `mesh` (`batch_sharding`); shard `i` is the `i`-th of that many equal blocks of a batch."""
-    axes = batch_axes(rules)
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    num_shards = int(np.prod([mesh.shape[a] for a in names]))
+    num_shards = batch_shard_count(mesh, rules)
     shards: dict[int, set[int]] = {}
     for device, index in batch_sharding(mesh, rules).devices_indices_map((num_shards,)).items():
         shards.setdefault(device.process_index, set()).update(range(*index[0].indices(num_shards)))

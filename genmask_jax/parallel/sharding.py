@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -82,3 +83,10 @@ def batch_axes(rules: LogicalRules) -> tuple[str, ...] | str | None:
 def batch_sharding(mesh: jax.sharding.Mesh, rules: LogicalRules) -> NamedSharding:
     """Every batch leaf is split over its leading (example) axis."""
     return NamedSharding(mesh, PartitionSpec(batch_axes(rules)))
+
+
+def batch_shard_count(mesh: jax.sharding.Mesh, rules: LogicalRules) -> int:
+    """How many blocks `batch_sharding` splits a batch into: the product of the batch axes' sizes."""
+    axes = batch_axes(rules)
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in names]))

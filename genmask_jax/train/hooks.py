@@ -40,6 +40,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from genmask_jax.flops import devices_per_chip, peak_bf16_flops, train_step_model_flops
+from genmask_jax.parallel.sharding import batch_shard_count, batch_sharding
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +209,6 @@ def _gather_flags(ok: bool) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1).astype(bool)
 
 
-def _batch_multiple(mesh, rules) -> tuple[NamedSharding, int]:
-    from genmask_jax.parallel.sharding import batch_axes
-
-    axes = batch_axes(rules)
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return NamedSharding(mesh, PartitionSpec(axes)), int(np.prod([mesh.shape[a] for a in names]))
-
-
 def inference_params(state) -> Any:
     """The EMA parameters when the run keeps them, else the live ones."""
     return state.ema_params if state.ema_params is not None else state.params
@@ -256,7 +249,7 @@ class QuickEval:
         self.samples = epath.Path(workdir) / "samples"
         self.logger, self.split, self.seed = logger, split, seed
         self.gen_steps, self.guidance_scale = gen_steps, guidance_scale
-        self.sharding, multiple = _batch_multiple(mesh, rules)
+        self.sharding, multiple = batch_sharding(mesh, rules), batch_shard_count(mesh, rules)
         self.num_examples = -(-num_examples // multiple) * multiple
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self._seg_batch = self._gen_inputs = None

@@ -887,11 +887,9 @@ def test_end_to_end(trained, files, tmp_path):
 def test_evaluate_under_a_multi_process_launch(trained, tmp_path):
     """launch/gpu.sh's environment for two nodes: the two processes join one distributed runtime and
     share the split (before, each was process 0 of 1 and evaluated all of it into the same --out)."""
-    import socket
+    from train_helpers import free_port, wait_all
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = f"127.0.0.1:{free_port()}"
     out = tmp_path / "eval"
     procs = []
     for pid in range(2):
@@ -908,13 +906,8 @@ def test_evaluate_under_a_multi_process_launch(trained, tmp_path):
             [sys.executable, "-m", "genmask_jax.evaluate", *args],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
-    try:
-        logs = [p.communicate(timeout=500)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    logs = wait_all(procs, timeout=500)
+    for log in logs:
         assert "(1-step, 2 devices, 2 processes)" in log, log[-3000:]
     assert "synthetic:test: gIoU" in logs[0] and "gIoU" not in logs[1]
     metrics = json.loads((out / "metrics.json").read_text())["synthetic:test"]

@@ -334,17 +334,23 @@ def test_run_refuses_other_parameters_or_config(tmp_path, monkeypatch):
     assert moved == first
 
 
-def test_unreadable_examples_are_reported_not_retried(tmp_path, monkeypatch):
+def failing_example(monkeypatch, lost: int, error: Exception):
+    """Reading synthetic example `lost` raises `error` until the returned function is called."""
     from genmask_jax.data.shapes import SyntheticShapes
 
     original = SyntheticShapes.__getitem__
 
     def getitem(self, index):
-        if index == 5:
-            raise OSError("corrupt file")
+        if index == lost:
+            raise error
         return original(self, index)
 
     monkeypatch.setattr(SyntheticShapes, "__getitem__", getitem)
+    return lambda: monkeypatch.setattr(SyntheticShapes, "__getitem__", original)
+
+
+def test_unreadable_examples_are_reported_not_retried(tmp_path, monkeypatch):
+    failing_example(monkeypatch, 5, OSError("corrupt file"))
     metrics = run(tmp_path, Predict())
     assert metrics["num_samples"] == NUM_EXAMPLES - 1
     saved = json.loads((tmp_path / SPEC.dirname / "metrics.json").read_text())
@@ -356,19 +362,10 @@ def test_unreadable_examples_are_reported_not_retried(tmp_path, monkeypatch):
 def test_examples_that_fail_for_other_reasons_are_retried(tmp_path, monkeypatch):
     """An example lost to memory (not to its data) gets no record: the split is reported incomplete
     in one line, and a rerun predicts only that example's batch."""
-    from genmask_jax.data.shapes import SyntheticShapes
-
-    original = SyntheticShapes.__getitem__
-
-    def getitem(self, index):
-        if index == 5:
-            raise MemoryError("out of host memory")
-        return original(self, index)
-
-    monkeypatch.setattr(SyntheticShapes, "__getitem__", getitem)
+    recover = failing_example(monkeypatch, 5, MemoryError("out of host memory"))
     with pytest.raises(job.EvaluationError, match="9 of 10 examples have predictions"):
         run(tmp_path, Predict())
-    monkeypatch.setattr(SyntheticShapes, "__getitem__", original)
+    recover()
     again = Predict()
     metrics = run(tmp_path, again)
     assert again.calls == 1 and metrics["num_samples"] == NUM_EXAMPLES
@@ -379,21 +376,12 @@ def test_a_rerun_with_a_smaller_batch_keeps_the_shards_it_does_not_redo(tmp_path
     """Example 1 lost to memory in batches of 4 leaves shard [0, 2, 3]; the rerun in batches of 2 redoes
     [0, 1], whose shard starts at index 0 too. It must not replace [0, 2, 3] (before, shards were named
     by their first index: examples 2 and 3 were lost and a third run was needed)."""
-    from genmask_jax.data.shapes import SyntheticShapes
-
-    original = SyntheticShapes.__getitem__
-
-    def getitem(self, index):
-        if index == 1:
-            raise MemoryError("out of host memory")
-        return original(self, index)
-
-    monkeypatch.setattr(SyntheticShapes, "__getitem__", getitem)
+    recover = failing_example(monkeypatch, 1, MemoryError("out of host memory"))
     with pytest.raises(job.EvaluationError, match="9 of 10 examples have predictions"):
         run(tmp_path, Predict())
     store = job.ShardStore(tmp_path / SPEC.dirname)
     first = {p.name: p.read_text() for p in store.shard_files()}
-    monkeypatch.setattr(SyntheticShapes, "__getitem__", original)
+    recover()
     again = Predict()
     metrics = job.evaluate_split(again, data_config(), SPEC, tmp_path, 2, "png", progress=False)
     assert again.calls == 1 and again.rows == 2
@@ -517,14 +505,13 @@ def test_two_processes_share_a_split(tmp_path):
     """Real `jax.distributed` processes: each predicts its own examples, process 0 merges after the
     barrier."""
     import os
-    import socket
     import subprocess
     import sys
 
+    from train_helpers import free_port, wait_all
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     procs = [
         subprocess.Popen(
@@ -543,14 +530,7 @@ def test_two_processes_share_a_split(tmp_path):
         )
         for pid in range(2)
     ]
-    logs = []
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    wait_all(procs, timeout=300)
     results = [json.loads((tmp_path / f"result.{pid}.json").read_text()) for pid in range(2)]
     assert results[1]["metrics"] is None and results[0]["metrics"]["num_samples"] == NUM_EXAMPLES
     assert results[0]["rows"] + results[1]["rows"] == NUM_EXAMPLES and min(r["rows"] for r in results) > 0

@@ -5,6 +5,7 @@ import sys
 
 import jax
 import pytest
+from train_helpers import free_port
 
 from genmask_jax.parallel import host
 from genmask_jax.parallel.mesh import make_mesh, resolve_mesh_shape
@@ -97,14 +98,6 @@ print(json.dumps({"initialized": initialized, "visible": jax.config.values["jax_
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _probe_initialize(env: dict, pythonpath: str = "") -> dict:
     """maybe_initialize({"mode": "auto"}) in a fresh process with `env` on top of a clean environment."""
     import json
@@ -130,7 +123,7 @@ def _fake_slurm(ntasks: int, port: int) -> dict:
 def test_explicit_coordinates_keep_every_local_gpu_under_slurm():
     """launch/gpu.sh under `srun --ntasks-per-node=1` sets all three GENMASK_* variables; JAX's SLURM
     detection must not then narrow the process to the GPU of its local rank (GPU 0)."""
-    port = _free_port()
+    port = free_port()
     env = {**_fake_slurm(1, port), "GENMASK_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
            "GENMASK_NUM_PROCESSES": "1", "GENMASK_PROCESS_ID": "0"}
     result = _probe_initialize(env)
@@ -139,7 +132,7 @@ def test_explicit_coordinates_keep_every_local_gpu_under_slurm():
 
 
 def test_auto_mode_stays_single_process_in_a_one_task_slurm_step():
-    result = _probe_initialize(_fake_slurm(1, _free_port()))
+    result = _probe_initialize(_fake_slurm(1, free_port()))
     assert not result["initialized"] and result["visible"] == "all"
 
 

@@ -4,11 +4,11 @@ axis across the two processes, where both hold every batch shard and so must loa
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from train_helpers import free_port, wait_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,12 +66,6 @@ with open({out!r} + f".{{jax.process_index()}}", "w") as f:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multidevice
 def test_two_processes_train_save_and_restore(tmp_path):
@@ -84,16 +78,7 @@ def test_two_processes_train_save_and_restore(tmp_path):
                                 workdir=str(tmp_path / "work"), out=out)
         procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=900)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-3000:]
+    wait_all(procs, timeout=900)
     results = [json.load(open(f"{out}.{pid}")) for pid in range(2)]
     for r in results:
         assert r["count"] == 2 and r["devices"] == 4 and len(r["losses"]) == 2
@@ -152,11 +137,5 @@ def test_two_processes_agree_on_the_quick_evaluation_inputs(tmp_path):
                                                                            out=out)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for pid in range(2)]
-    try:
-        logs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-3000:]
+    wait_all(procs, timeout=300)
     assert [json.load(open(f"{out}.{pid}")) for pid in range(2)] == [[True, False], [True, False]]

@@ -1,5 +1,9 @@
 """Shared builders for the GenMask model/training tests: a tiny config, a tiny model and batches in the
-interfaces.md format (random images, rectangle masks, random contexts)."""
+interfaces.md format (random images, rectangle masks, random contexts); and for multi-process tests, a free
+coordinator port and the wait for the processes."""
+
+import socket
+import subprocess
 
 import jax
 import numpy as np
@@ -57,6 +61,25 @@ def make_batch(seed: int, n_seg: int, n_gen: int, text_dim: int = 32, size: int 
         return out
 
     return {"seg": sub(n_seg, True), "gen": sub(n_gen, False)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Each process's output (text, stderr merged); every one must exit 0. All are killed when one does
+    not finish within `timeout` seconds, so a hung collective fails the test instead of hanging it."""
+    try:
+        logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-3000:]
+    return logs
 
 
 def mesh_of(shape, devices=None):

@@ -5,7 +5,7 @@ r"""Batch evaluation of a trained checkpoint on named splits (single-step infere
         --split=refcoco_unc:val,refcoco_unc:testA,refcoco_unc:testB --format=rle --out=/results
 
 Splits: synthetic:val|test, refcoco_unc:val|testA|testB, refcocoplus_unc:val|testA|testB,
-refcocog_umd:val|test, reasonseg:val|test (comma-separated, or --split repeated).
+refcocog_umd:val|test, refcocog_google:val, reasonseg:val|test (comma-separated, or --split repeated).
 The config is the one saved with the checkpoint; `--config.field=value` overrides apply to it (moved
 data: `--config.data.refcoco.data_dir`, `--config.data.reasonseg.root`, `--config.data.encoder.cache_dir`;
 moved converted VAE: `--config.vae_from`). `--config=configs/<exp>.py[:args]` replaces it instead (a

@@ -144,3 +144,32 @@ def test_tfds_image_arrays_that_are_not_uint8_are_bad_examples_not_cast():
         source[0]
     assert info.value.kind == "bad_image"
     assert source[1]["image"].dtype == np.uint8 and source[1]["text"] == "fine"
+
+
+def test_jsonl_lines_without_a_caption_or_with_a_non_path_image_are_logged_skips(folder, caplog):
+    jsonl = folder / "coco.jsonl"
+    records = [
+        {"image": "a.jpg"},  # no caption key: was trained on as the caption "None"
+        {"image": "a.jpg", "caption": None},
+        {"image": 139, "caption": "a dog"},  # a COCO id, not a path: was a TypeError for the whole file
+        {"image": "a.jpg", "caption": "  "},
+        {"image": "a.jpg", "caption": "kept"},
+    ]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level(logging.WARNING):
+        pairs = CaptionFiles(str(jsonl))
+    assert len(pairs) == 1 and pairs[0]["text"] == "kept"
+    assert dict(pairs.skips.counts) == {"no_caption": 3, "bad_record": 1}
+    assert "coco.jsonl:3 (bad_record: image 139 is not a path)" in caplog.text
+
+
+def test_tfds_captions_refuse_empty_captions_as_caption_files_do():
+    source = TfdsCaptions.__new__(TfdsCaptions)  # the reading only; preparing a set is tested above
+    source.name, source.split, source.image_key, source.caption_key = "tiny", "train", "image", "caption"
+    image = np.full((4, 4, 3), 9, np.uint8)
+    source.records = [{"image": image, "caption": c} for c in (b"", b"  ", [], b"fine")]
+    for index in range(3):
+        with pytest.raises(BadExample) as info:
+            source[index]
+        assert info.value.kind == "no_caption"
+    assert source[3]["text"] == "fine"

@@ -64,6 +64,31 @@ def test_rasterise_truncates_float_points_like_lisa():
     assert mask[1, 13] == 0 and mask[10, 2] == 0 and mask[0].sum() == 0 and mask[:, :2].sum() == 0
 
 
+def test_rasterise_paints_what_falls_inside_the_image_like_lisa(caplog):
+    # Pixel counts from LISA's get_mask_from_json on the same shapes (h 20, w 30), which never refuses
+    # a shape: it paints what falls inside the image.
+    enclosing = [{"label": "target", "points": [[-5, -5], [40, -5], [40, 30], [-5, 30]]}]
+    mask, ignore = rasterise_shapes(enclosing, 20, 30)
+    assert mask.all() and not ignore.any()
+    stray_ignore = [
+        _rect("target", 2, 2, 10, 10),
+        {"label": "ignore", "points": [[50, 50], [60, 50], [60, 60]]},
+    ]
+    mask, ignore = rasterise_shapes(stray_ignore, 20, 30)
+    assert mask.sum() == 81 and not ignore.any()
+    # labelme puts points on the border x == width, y == height: no vertex inside, real pixels painted
+    corner = [{"label": "target", "points": [[30.0, 12.0], [30.0, 20.0], [22.0, 20.0]]}]
+    assert rasterise_shapes(corner, 20, 30)[0].sum() == 28
+    with caplog.at_level(logging.WARNING):
+        mask, ignore = rasterise_shapes([_rect("target", 31, 21, 40, 29)], 20, 30, name="x/a.json")
+    assert not mask.any() and not ignore.any()
+    assert "x/a.json: shape 'target' (x 31..40, y 21..29) paints no pixel of the 30x20 image" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # an ignore shape off the canvas is not worth a warning
+        rasterise_shapes(stray_ignore, 20, 30)
+    assert not caplog.text
+
+
 def test_source_texts_templates_and_skips(reasonseg_root, caplog):
     train = ReasonSeg(str(reasonseg_root), "train")
     assert len(train) == 4  # a: 2 texts, b: 1, c: 1
@@ -86,7 +111,9 @@ def test_through_the_pipelines(reasonseg_root, caplog):
     with caplog.at_level(logging.WARNING):
         batch = next(make_train_iterator(c, 4, 0, seed=0, process_index=0, process_count=1))
     assert batch["seg"]["mask"].shape == (4, 16, 16)
-    assert "reasonseg-train-c-0 (polygon_outside_image" in caplog.text
+    # c's target lies off the image: it paints nothing (as in LISA), and training skips the empty mask
+    assert "c.json: shape 'target' (x 100..120, y 100..120) paints no pixel" in caplog.text
+    assert "reasonseg-train-c-0 (empty_mask" in caplog.text
     ev = make_eval_iterator(c, "val", 2, process_index=0, process_count=1)
     ((out, metas),) = list(ev.iter_with_meta())
     assert out["valid"].tolist() == [True, False]
@@ -97,7 +124,7 @@ def test_through_the_pipelines(reasonseg_root, caplog):
 def test_exif_rotated_jpeg_is_read_as_displayed_like_lisa(tmp_path):
     # Stored 40 wide x 30 high, tagged Orientation 6: displayed (and read by LISA's cv2.imread, and
     # annotated in labelme) 30 wide x 40 high. The target lies below row 30, inside the displayed image
-    # only, so read in the stored layout it is `polygon_outside_image`.
+    # only, so read in the stored layout it would paint nothing.
     stored = np.full((30, 40, 3), 40, np.uint8)
     stored[:, :10] = 210
     exif = Image.Exif()

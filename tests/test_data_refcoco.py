@@ -374,3 +374,114 @@ def test_prepare_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert len(err) == 1 and err[0].startswith("python -m genmask_jax.data.prepare: error: ")
     assert message in err[0]
     assert not list(tmp_path.iterdir())  # the inputs are checked before TFDS makes its folders
+
+
+def _write_image_3(root):
+    """Writes the image the fixture lacks."""
+    pixels = np.random.default_rng(3).integers(0, 255, (*SIZES[3], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "train2014" / "COCO_train2014_000000000003.jpg")
+
+
+def _refer_copy(refer, tmp_path):
+    """A copy of the REFER fixture to change."""
+    root = tmp_path / "refer_copy"
+    shutil.copytree(refer, root)
+    return root
+
+
+def _prepare_cli(root, out, *extra):
+    argv = ["refcoco", "--refer-dir", str(root / "refer"), "--coco-images", str(root / "train2014")]
+    return prepare.main([*argv, "--out", str(out), "--configs", "refcoco_unc", "--no-count-check", *extra])
+
+
+def test_rerun_reuses_the_preparation_and_reports_its_skips_and_overwrite_prepares_again(
+    refer, tmp_path, caplog
+):
+    root, out = _refer_copy(refer, tmp_path), tmp_path / "tfds"
+    first = prepare.prepare_refcoco(str(root / "refer"), str(root / "train2014"), str(out), "refcoco_unc")
+    assert first["counts"] == {"train": 6, "val": 2} and "missing_image: 1" in first["skips"]
+    _write_image_3(root)  # the user restores the missing image and prepares again
+    with caplog.at_level(logging.WARNING):
+        again = prepare.prepare_refcoco(str(root / "refer"), str(root / "train2014"), str(out), "refcoco_unc")
+    assert again["reused"] and again["counts"] == first["counts"]
+    assert again["skips"].startswith(first["skips"] + " when prepared; reused ")  # not "no examples skipped"
+    assert "--overwrite" in again["skips"] and "refcoco_unc is already prepared in" in caplog.text
+    assert _prepare_cli(root, out, "--overwrite") == 0
+    assert len(refcoco.RefCocoSource("refcoco_unc", "val", data_dir=str(out))) == 3
+    stored = out / "ref_coco_seg" / "refcoco_unc" / "1.0.0" / prepare.PREPARE_REPORT_FILE
+    assert json.loads(stored.read_text())["skip_counts"] == {"empty_mask": 1}
+
+
+def test_truncated_or_resized_images_are_refused_at_preparation(refer, tmp_path):
+    root = _refer_copy(refer, tmp_path)
+    _write_image_3(root)
+    # Image 2 (val ref 102, and ref 104) made 320x320, large enough that Image.verify() passes it truncated.
+    instances_path = root / "refer" / "refcoco" / "instances.json"
+    instances = json.loads(instances_path.read_text())
+    next(im for im in instances["images"] if im["id"] == 2).update(height=320, width=320)
+    instances_path.write_text(json.dumps(instances))
+    truncated = root / "train2014" / "COCO_train2014_000000000002.jpg"
+    pixels = np.random.default_rng(2).integers(0, 255, (320, 320, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    resized = root / "train2014" / "COCO_train2014_000000000004.jpg"  # train ref 105: 24x24 in instances.json
+    Image.open(resized).resize((12, 12)).save(resized)
+    out = tmp_path / "tfds"
+    result = prepare.prepare_refcoco(str(root / "refer"), str(root / "train2014"), str(out), "refcoco_unc")
+    assert result["counts"] == {"train": 5, "val": 1}
+    assert "bad_image: 2" in result["skips"] and "size_mismatch: 1" in result["skips"]
+    source = refcoco.RefCocoSource("refcoco_unc", "val", data_dir=str(out))
+    assert source[0]["image"].shape == (20, 20, 3)  # every prepared image reads back whole
+
+
+def test_a_coco_train2017_folder_is_read_under_its_names(refer, tmp_path):
+    root = _refer_copy(refer, tmp_path)
+    for path in (root / "train2014").iterdir():  # COCO_train2014_000000000001.jpg -> 000000000001.jpg
+        path.rename(path.with_name(path.name.rsplit("_", 1)[-1]))
+    out = tmp_path / "tfds"
+    result = prepare.prepare_refcoco(str(root / "refer"), str(root / "train2014"), str(out), "refcoco_unc")
+    assert result["counts"] == {"train": 6, "val": 2} and "missing_image: 1" in result["skips"]
+
+
+def test_a_coco_folder_without_the_referenced_images_or_a_split_left_empty_is_one_line(
+    refer, tmp_path, capsys
+):
+    root = _refer_copy(refer, tmp_path)
+    for path in (root / "train2014").iterdir():
+        path.unlink()
+    (root / "train2014" / "unrelated.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        _prepare_cli(root, tmp_path / "tfds")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1, err
+    assert "holds none of 4 images of refcoco_unc" in err[0]
+    assert "train2014/ (COCO_train2014_<12-digit id>.jpg) or train2017/ (<12-digit id>.jpg)" in err[0]
+    assert not (tmp_path / "tfds").exists()
+    # only train images: every val ref is skipped, and TFDS's "No examples were yielded" gets the skips
+    root = _refer_copy(refer, tmp_path / "train_only")
+    (root / "train2014" / "COCO_train2014_000000000002.jpg").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        _prepare_cli(root, tmp_path / "tfds2")
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after TFDS's progress bars: no traceback
+    assert exit_info.value.code == 1 and err.startswith("python -m genmask_jax.data.prepare: error: ")
+    assert 'split "val": No examples were yielded' in err and "(missing_image: 3)" in err
+
+
+def test_a_prepared_set_asked_for_a_split_it_lacks_names_its_splits(prepared):
+    out, _ = prepared
+    for split in ("test", "validation", "testA[:10%]"):
+        with pytest.raises(ValueError) as info:
+            refcoco.RefCocoSource("refcoco_unc", split, data_dir=str(out))
+        message = str(info.value)
+        assert message.endswith("its prepared splits are train, val") and "prepare refcoco" not in message
+    assert len(refcoco.RefCocoSource("refcoco_unc", "val[:1]", data_dir=str(out))) == 1
+
+
+def test_refcocog_google_val_is_an_evaluation_split():
+    from genmask_jax.data import splits
+
+    (spec,) = splits.parse_splits("refcocog_google:val")
+    c = splits.split_data_config(default_data_config(), spec)
+    assert c.seg_sources == "refcoco" and c.refcoco.name == "refcocog_google"
+    with pytest.raises(splits.SplitError, match="refcocog_google has splits val"):
+        splits.parse_splits("refcocog_google:test")  # Google's split has train and val only

@@ -182,10 +182,10 @@ def test_reads_big_vision_flat_splits_in_a_fresh_process(bv_dir):
         assert got[split] == expected
 
 
-def test_big_vision_missing_split_names_the_prepare_command(bv_dir):
+def test_big_vision_missing_split_names_the_prepared_splits(bv_dir):
     from genmask_jax.data.refcoco import RefCocoSource
 
-    with pytest.raises(FileNotFoundError, match="testA_flat"):
+    with pytest.raises(ValueError, match="no split 'testA_flat'; its prepared splits are train_flat, valid"):
         RefCocoSource("ref_coco_bv/refcoco_unc", "testA", data_dir=str(bv_dir))
 
 

@@ -7,7 +7,8 @@ key aliases; an image may have several lines, COCO-style, and the k-th caption o
 order has id `caption-<image path>#<k>`, so every pair has its own id). `TfdsCaptions(name)`: a
 locally prepared TFDS data set read with `tfds.data_source` (array_record); the image feature may be
 encoded bytes or a decoded uint8 array, the caption a string or a list of strings (the first is used);
-nested features are addressed with "/" (`captions/text`).
+nested features are addressed with "/" (`captions/text`). A pair whose caption is missing, null or blank
+is a bad example (`no_caption`) in every source, never an empty or "None" caption.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def load_image(path_or_bytes) -> np.ndarray:
 
 
 def _text(value) -> str:
+    if value is None:  # a JSON null or a missing key, never the caption "None"
+        raise BadExample("no_caption", "no caption")
     if isinstance(value, bytes):
         return value.decode("utf-8")
     if isinstance(value, np.ndarray):
@@ -45,6 +48,15 @@ def _text(value) -> str:
             raise BadExample("no_caption", "empty caption list")
         return _text(value[0])
     return str(value)
+
+
+def caption_text(value) -> str:
+    """The caption of a stored value (str, bytes, or a list of them: the first); BadExample
+    `no_caption` when it is missing or blank."""
+    text = _text(value)
+    if not text.strip():
+        raise BadExample("no_caption", "empty caption")
+    return text
 
 
 def _read_caption_file(path: str) -> str:
@@ -100,13 +112,13 @@ class CaptionFiles:
                 try:
                     record = json.loads(line)
                     image = record.get("image", record.get("file_name"))
-                    caption = _text(record.get("caption", record.get("text")))
-                    if not image or not caption.strip():
-                        raise BadExample("bad_record", "missing image or caption")
+                    if not isinstance(image, str) or not image:
+                        raise BadExample("bad_record", f"image {image!r} is not a path")
+                    caption = caption_text(record.get("caption", record.get("text")))
+                    image_path = os.path.normpath(os.path.join(base, image))
                 except Exception as e:  # noqa: BLE001  (a bad line is a logged skip)
                     self.skips.add(f"{path}:{line_number}", skip_reason(e))
                     continue
-                image_path = os.path.normpath(os.path.join(base, image))
                 k = captions_of.get(image_path, 0)
                 captions_of[image_path] = k + 1
                 self.items.append((image_path, caption, False))
@@ -177,10 +189,7 @@ class TfdsCaptions:
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
+        text = caption_text(_feature(record, self.caption_key))
         image = _feature(record, self.image_key)
         image = load_image(image) if isinstance(image, bytes) else preprocess.as_rgb(np.asarray(image))
-        return {
-            "id": self.example_id(index),
-            "image": image,
-            "text": _text(_feature(record, self.caption_key)),
-        }
+        return {"id": self.example_id(index), "image": image, "text": text}

@@ -1,12 +1,14 @@
 r"""Prepares data sets from what users download, without TensorFlow.
 
   python -m genmask_jax.data.prepare refcoco --refer-dir REFER --coco-images COCO/train2014 --out DATA_DIR \
-      [--configs refcoco_unc,refcocoplus_unc,refcocog_umd,refcocog_google]
+      [--configs refcoco_unc,refcocoplus_unc,refcocog_umd,refcocog_google] [--overwrite]
 
 writes `DATA_DIR/ref_coco_seg/<config>/1.0.0/*.array_record-*` (read with `tfds.data_source` or
-`data.refcoco.{name,data_dir}`) and the COCO image id of each record (`genmask_image_ids.json`, read by
-`data.refcoco.exclude_eval_images`), checks each split's expression count against the published counts
-and exits with status 1 when one differs (unless --no-count-check).
+`data.refcoco.{name,data_dir}`), the COCO image id of each record (`genmask_image_ids.json`, read by
+`data.refcoco.exclude_eval_images`) and the skip summary (`genmask_prepare.json`), checks each split's
+expression count against the published counts and exits with status 1 when one differs (unless
+--no-count-check). COCO's train2017/ folder works too. A config already prepared in DATA_DIR is reused,
+with the skip summary of its preparation, unless --overwrite.
 
   python -m genmask_jax.data.prepare refcoco-index --data-dir DATA_DIR --names ref_coco_bv/refcoco_unc,...
 
@@ -16,17 +18,34 @@ writes only that image-id index, for big_vision's `ref_coco_bv` or sets prepared
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
+from etils import epath
+
 log = logging.getLogger("genmask_jax.data.prepare")
 
+# Beside a preparation's dataset_info.json: {"skips": summary line, "skip_counts": {kind: n}}, reported
+# again when a later run reuses that preparation.
+PREPARE_REPORT_FILE = "genmask_prepare.json"
 
-def prepare_refcoco(refer_dir: str, coco_images: str, out: str, config: str) -> dict:
-    """Prepares one config.
+
+def reused_summary(report_path: epath.Path, name: str) -> str:
+    """The skip summary of the preparation in `report_path`'s folder, from its `PREPARE_REPORT_FILE`,
+    marked as reused; `name` is the skip log's name."""
+    reused = f"reused {report_path.parent}; --overwrite prepares it again"
+    if not report_path.exists():
+        return f"{name}: skips unknown (prepared before {PREPARE_REPORT_FILE} was written); {reused}"
+    return f"{json.loads(report_path.read_text())['skips']} when prepared; {reused}"
+
+
+def prepare_refcoco(refer_dir: str, coco_images: str, out: str, config: str, overwrite: bool = False) -> dict:
+    """Prepares one config; an earlier preparation in `out` is reused (with its skip summary, logged as
+    such) unless `overwrite`.
 
     Returns {"counts": {split: n}, "skips": summary line, "report": [lines], "ok": counts match,
-    "index": path of the image-id index}.
+    "index": path of the image-id index, "reused": whether an earlier preparation was reused}.
     """
     import tensorflow_datasets as tfds
 
@@ -41,11 +60,35 @@ def prepare_refcoco(refer_dir: str, coco_images: str, out: str, config: str) -> 
     builder = RefCocoSeg(
         config=config, data_dir=out, file_format="array_record", refer_dir=refer_dir, coco_images=coco_images
     )
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_runner=None))
+    reused = builder.data_path.exists() and not overwrite  # TFDS's own test for reusing
+    mode = tfds.download.GenerateMode
+    download_config = tfds.download.DownloadConfig(
+        beam_runner=None,
+        download_mode=mode.REUSE_CACHE_IF_EXISTS if overwrite else mode.REUSE_DATASET_IF_EXISTS,
+    )
+    try:
+        builder.download_and_prepare(download_config=download_config)
+    except AssertionError as e:  # TFDS refuses a split that yields nothing: say why, in one line
+        if "No examples were yielded" not in str(e):
+            raise
+        raise ValueError(
+            f"{config}: no example of a split could be prepared ({e}); {builder.skips.summary()}"
+        ) from e
+    report_path = epath.Path(builder.data_dir) / PREPARE_REPORT_FILE
+    if reused:
+        summary = reused_summary(report_path, builder.skips.name)
+        log.warning(
+            "%s is already prepared in %s: reused as it is, nothing read from --refer-dir or "
+            "--coco-images; to prepare it again (e.g. after fixing the inputs) pass --overwrite",
+            config,
+            builder.data_dir,
+        )
+    else:
+        summary = builder.skips.summary()
+        report_path.write_text(json.dumps({"skips": summary, "skip_counts": dict(builder.skips.counts)}))
     index = write_image_index(config, out)
     counts = {name: split.num_examples for name, split in builder.info.splits.items()}
     report = check_published_counts(config, counts)
-    summary = builder.skips.summary()
     log.info("%s", summary)
     ok = not any(line.startswith("MISMATCH") for line in report)
     for line in report:
@@ -59,7 +102,7 @@ def prepare_refcoco(refer_dir: str, coco_images: str, out: str, config: str) -> 
             summary,
             banner,
         )
-    return {"counts": counts, "skips": summary, "report": report, "ok": ok, "index": index}
+    return {"counts": counts, "skips": summary, "report": report, "ok": ok, "index": index, "reused": reused}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("--configs", default="refcoco_unc,refcocoplus_unc,refcocog_umd,refcocog_google")
     ref.add_argument(
         "--no-count-check", action="store_true", help="do not fail on a published-count mismatch"
+    )
+    ref.add_argument(
+        "--overwrite", action="store_true", help="prepare again a config already prepared in --out"
     )
     index = sub.add_parser(
         "refcoco-index", help="only the image-id index of prepared sets (ours or ref_coco_bv/<config>)"
@@ -104,7 +150,7 @@ def _run(args) -> int:
         check_refer_inputs(args.refer_dir, args.coco_images, config)
     all_ok = True
     for config in configs:
-        result = prepare_refcoco(args.refer_dir, args.coco_images, args.out, config)
+        result = prepare_refcoco(args.refer_dir, args.coco_images, args.out, config, args.overwrite)
         all_ok &= result["ok"]
         print("\n".join(result["report"] + [result["skips"]]))
     return 0 if all_ok or args.no_count_check else 1

@@ -6,7 +6,8 @@ labelled `flag` are skipped; the others are painted largest first (so smaller sh
 overlap), label containing `ignore` paints the ignore region (excluded from I and U), any other label
 paints the target. Points are truncated to int32 and each polygon is drawn with cv2's `polylines`
 (one-pixel outline) then `fillPoly`, and ties in area keep LISA's `argsort(areas)[::-1]` order, so
-masks equal LISA's pixel for pixel.
+masks equal LISA's pixel for pixel. A shape paints what falls inside the image, so one off the canvas
+paints nothing; an example whose target is then empty is skipped in training by the pipeline.
 
 Images are read with their EXIF orientation applied, as LISA's `cv2.imread` does: labelme draws the
 polygons on the image as displayed, so a JPEG with Orientation 6 has its mask on the rotated canvas.
@@ -57,25 +58,39 @@ def _paint(canvas: np.ndarray, points: np.ndarray, value: int) -> None:
     cv2.fillPoly(canvas, polygon, value)
 
 
-def rasterise_shapes(shapes: list[dict], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """LISA's mask from labelme shapes: target uint8 `(H, W)` in {0, 1} and ignore bool `(H, W)`."""
+def rasterise_shapes(
+    shapes: list[dict], height: int, width: int, name: str = "annotation"
+) -> tuple[np.ndarray, np.ndarray]:
+    """LISA's mask from labelme shapes: target uint8 `(H, W)` in {0, 1} and ignore bool `(H, W)`.
+
+    As in LISA, a shape paints what falls inside the image and nothing else (labelme puts points on
+    x == width; a polygon may enclose the image). A target shape that paints no pixel is logged, naming
+    `name`: the usual cause is an image read in another orientation than it was annotated in."""
     kept, areas = [], []
     for shape in shapes:
         label = str(shape.get("label", ""))
         if label.lower() == "flag":
             continue
         points = np.asarray(shape.get("points", []), np.float64).reshape(-1, 2)
-        if len(points) == 0:
+        if len(points) == 0:  # LISA's cv2.fillPoly fails on it: malformed, not geometry
             raise BadExample("bad_polygon", f"shape {label!r} has no points")
-        inside = (points[:, 0] >= 0) & (points[:, 0] < width) & (points[:, 1] >= 0) & (points[:, 1] < height)
-        if not inside.any():
-            raise BadExample(
-                "polygon_outside_image", f"shape {label!r} lies outside the {width}x{height} image"
-            )
         region = np.zeros((height, width), np.uint8)
         _paint(region, points, 1)
         kept.append((label, points))
         areas.append(int(region.sum()))
+        if areas[-1] == 0 and "ignore" not in label.lower():
+            log.warning(
+                "%s: shape %r (x %.0f..%.0f, y %.0f..%.0f) paints no pixel of the %dx%d image; "
+                "was it annotated on the image turned by its EXIF orientation?",
+                name,
+                label,
+                points[:, 0].min(),
+                points[:, 0].max(),
+                points[:, 1].min(),
+                points[:, 1].max(),
+                width,
+                height,
+            )
     label_map = np.zeros((height, width), np.uint8)
     for i in np.argsort(areas)[::-1]:  # largest first, smaller shapes painted over larger ones
         label, points = kept[i]
@@ -125,7 +140,7 @@ class ReasonSeg:
         with Image.open(image_path) as im:
             image = preprocess.pil_to_rgb(ImageOps.exif_transpose(im))
         annotation = read_annotation(json_path)
-        mask, ignore = rasterise_shapes(annotation.get("shapes", []), *image.shape[:2])
+        mask, ignore = rasterise_shapes(annotation.get("shapes", []), *image.shape[:2], name=json_path)
         return {
             "id": self.example_id(index),
             "image": image,

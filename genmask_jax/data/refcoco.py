@@ -3,9 +3,11 @@
 The stock TFDS `ref_coco` has boxes but no masks and needs TensorFlow to prepare, so `RefCocoSeg`
 prepares straight from the REFER folders (`refcoco/refs(unc).p`, `refcoco+/refs(unc).p`,
 `refcocog/refs(umd).p`, `refcocog/refs(google).p`, each beside its `instances.json`) and COCO's
-`train2014/` images: one record per expression (each sentence of each ref) holding the image's JPEG
-bytes as read from disk, the referred annotation's mask as PNG bytes (all its polygons, or its RLE,
-rasterised with pycocotools as REFER's `getMask` does), the sentence, the ids, box and category.
+`train2014/` images (or `train2017/`, the same images without the `COCO_train2014_` prefix), each decoded
+once to check it and its size against instances.json: one record per expression (each sentence of each
+ref) holding the image's JPEG bytes as read from disk, the referred annotation's mask as PNG bytes (all
+its polygons, or its RLE, rasterised with pycocotools as REFER's `getMask` does), the sentence, the ids,
+box and category.
 
 Every encoded field is a `Tensor(shape=(), dtype=np.object_)` (TFDS's `Image` feature would call
 TensorFlow), files are array_record, and reading uses `tfds.data_source` (random access); TensorFlow
@@ -43,7 +45,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
-from genmask_jax.data.tfds_prepared import check_prepared
+from genmask_jax.data.tfds_prepared import check_prepared, prepared_infos
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +122,71 @@ def refer_files(refer_dir: str, config: str) -> tuple[str, str]:
     return os.path.join(folder, f"refs({partition}).p"), os.path.join(folder, "instances.json")
 
 
-def check_refer_inputs(refer_dir: str, coco_images: str, config: str) -> None:
-    """Raises FileNotFoundError naming a missing input of `config`, before anything is written."""
+def load_refer(refer_dir: str, config: str) -> tuple[list[dict], dict[int, dict], dict[int, dict]]:
+    """(refs, image id -> instances.json image, annotation id -> annotation) of `config`."""
+    refs_path, instances_path = refer_files(refer_dir, config)
+    with open(refs_path, "rb") as f:
+        refs = pickle.load(f)
+    with open(instances_path) as f:
+        instances = json.load(f)
+    images = {im["id"]: im for im in instances["images"]}
+    annotations = {a["id"]: a for a in instances["annotations"]}
+    return refs, images, annotations
+
+
+def coco_image_path(coco_images: str, file_name: str) -> str | None:
+    """The file of a COCO image named as in instances.json (train2014's `COCO_train2014_<id>.jpg`), else
+    under its train2017 name (`<id>.jpg`: the same pixels); None when neither exists."""
+    for name in (file_name, file_name.rsplit("_", 1)[-1]):
+        path = os.path.join(coco_images, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_coco_image(coco_images: str, image_info: dict) -> bytes:
+    """The image's file bytes, after decoding it once: BadExample `missing_image`, `bad_image` (e.g. a
+    truncated download) or `size_mismatch` (not instances.json's height x width, so no mask fits it)."""
+    path = coco_image_path(coco_images, image_info["file_name"])
+    if path is None:
+        raise BadExample(
+            "missing_image", f"{image_info['file_name']} (or its train2017 name) in {coco_images}"
+        )
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # every pixel: Image.verify() passes a truncated JPEG
+            width, height = im.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadExample("bad_image", f"{path}: {e}") from e
+    if (height, width) != (image_info["height"], image_info["width"]):
+        raise BadExample(
+            "size_mismatch",
+            f"{path} is {width}x{height}, instances.json says {image_info['width']}x{image_info['height']}",
+        )
+    return data
+
+
+def check_refer_inputs(refer_dir: str, coco_images: str, config: str, sample: int = 8) -> None:
+    """Raises FileNotFoundError naming a missing input of `config`, before anything is written: a REFER
+    file, or a COCO folder holding none of `sample` referenced images under either naming."""
     for path in refer_files(refer_dir, config):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist: --refer-dir must hold REFER's {config} files")
     if not os.path.isdir(coco_images):
-        raise FileNotFoundError(f"{coco_images} is not a folder: --coco-images must be COCO's train2014/")
+        raise FileNotFoundError(
+            f"{coco_images} is not a folder: --coco-images must be COCO's train2014/ (or train2017/)"
+        )
+    refs, images, _ = load_refer(refer_dir, config)
+    image_ids = sorted({ref["image_id"] for ref in refs} & set(images))
+    checked = [images[i]["file_name"] for i in image_ids[:: max(1, len(image_ids) // sample)][:sample]]
+    if checked and not any(coco_image_path(coco_images, name) for name in checked):
+        raise FileNotFoundError(
+            f"{coco_images} holds none of {len(checked)} images of {config} (e.g. {checked[0]} or "
+            f"{checked[0].rsplit('_', 1)[-1]}): --coco-images must be COCO's train2014/ "
+            "(COCO_train2014_<12-digit id>.jpg) or train2017/ (<12-digit id>.jpg)"
+        )
 
 
 class RefCocoSeg(tfds.core.GeneratorBasedBuilder):
@@ -179,14 +239,7 @@ class RefCocoSeg(tfds.core.GeneratorBasedBuilder):
                 f"{BUILDER_NAME}/{self.builder_config.name} must be prepared from local files: "
                 "python -m genmask_jax.data.prepare refcoco --refer-dir ... --coco-images ... --out ..."
             )
-        refs_path, instances_path = refer_files(self.refer_dir, self.builder_config.name)
-        with open(refs_path, "rb") as f:
-            refs = pickle.load(f)
-        with open(instances_path) as f:
-            instances = json.load(f)
-        images = {im["id"]: im for im in instances["images"]}
-        annotations = {a["id"]: a for a in instances["annotations"]}
-        return refs, images, annotations
+        return load_refer(self.refer_dir, self.builder_config.name)
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -199,20 +252,20 @@ class RefCocoSeg(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, refs, images, annotations):
-        cached_image: tuple[int | None, bytes] = (None, b"")
+        # Refs sorted by image: each image is read and decoded once, and a bad one refused once per ref.
+        cached_id, image_data, image_error = None, b"", None
         for ref in sorted(refs, key=lambda r: (r["image_id"], r["ref_id"])):
             example_id = f"{self.builder_config.name}/ref{ref['ref_id']}"
             try:
                 image_info = images[ref["image_id"]]
-                if cached_image[0] != ref["image_id"]:
-                    path = os.path.join(self.coco_images, image_info["file_name"])
-                    if not os.path.exists(path):
-                        raise BadExample("missing_image", path)
-                    with open(path, "rb") as f:
-                        data = f.read()
-                    with Image.open(io.BytesIO(data)) as im:
-                        im.verify()
-                    cached_image = (ref["image_id"], data)
+                if cached_id != ref["image_id"]:
+                    cached_id, image_data, image_error = ref["image_id"], b"", None
+                    try:
+                        image_data = read_coco_image(self.coco_images, image_info)
+                    except BadExample as e:
+                        image_error = e
+                if image_error is not None:
+                    raise BadExample(image_error.kind, str(image_error))
                 annotation = annotations[ref["ann_id"]]
                 mask = annotation_mask(annotation, image_info["height"], image_info["width"])
                 if not mask.any():
@@ -225,7 +278,7 @@ class RefCocoSeg(tfds.core.GeneratorBasedBuilder):
                 yield (
                     int(sentence["sent_id"]),
                     {
-                        "image": cached_image[1],
+                        "image": image_data,
                         "mask": mask_png,
                         "sentence": sentence.get("sent", sentence.get("raw", "")),
                         "raw_sentence": sentence.get("raw", sentence.get("sent", "")),
@@ -290,9 +343,31 @@ def prepare_command(tfds_name: str, data_dir: str | None) -> str:
     )
 
 
+def prepared_splits(tfds_name: str, data_dir: str | None) -> list[str]:
+    """The split names in the dataset_info.json of `tfds_name`'s prepared versions."""
+    names = set()
+    for path in prepared_infos(tfds_name, data_dir):
+        names |= {split["name"] for split in json.loads(path.read_text()).get("splits", [])}
+    return sorted(names)
+
+
+def check_split(tfds_name: str, tfds_split: str, data_dir: str | None) -> None:
+    """Raises ValueError naming the prepared splits when `tfds_split` (`val`, `testA[:10%]`, `a+b`) asks
+    for one that `tfds_name` lacks."""
+    available = prepared_splits(tfds_name, data_dir)
+    requested = [part.split("[")[0].strip() for part in tfds_split.split("+")]
+    missing = [name for name in requested if name not in available]
+    if available and missing:
+        raise ValueError(
+            f"{tfds_name} in {data_dir or 'the TFDS data dirs'} has no split {missing[0]!r}; "
+            f"its prepared splits are {', '.join(available)}"
+        )
+
+
 def open_records(tfds_name: str, tfds_split: str, data_dir: str | None, raw: bool = False):
     """The split's TFDS data source; `raw` gives each record's serialized bytes (nothing decoded)."""
     check_prepared(tfds_name, data_dir, prepare_command(tfds_name, data_dir))
+    check_split(tfds_name, tfds_split, data_dir)
     method = tfds.decode.DeserializeMethod
     try:
         return tfds.data_source(
@@ -304,9 +379,8 @@ def open_records(tfds_name: str, tfds_split: str, data_dir: str | None, raw: boo
         )
     except Exception as e:
         raise FileNotFoundError(
-            f"cannot open {tfds_name!r} split {tfds_split!r} in {data_dir!r} ({type(e).__name__}: {e}); "
-            "prepare it with `python -m genmask_jax.data.prepare refcoco --refer-dir ... "
-            "--coco-images ... --out DATA_DIR` (array_record files, no TensorFlow)"
+            f"cannot read the prepared {tfds_name!r} split {tfds_split!r} in {data_dir!r} "
+            f"({type(e).__name__}: {e})"
         ) from e
 
 

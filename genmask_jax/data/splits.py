@@ -18,6 +18,7 @@ DATASETS = {
     "refcoco_unc": ("refcoco", "refcoco_unc", ("val", "testA", "testB")),
     "refcocoplus_unc": ("refcoco", "refcocoplus_unc", ("val", "testA", "testB")),
     "refcocog_umd": ("refcoco", "refcocog_umd", ("val", "test")),
+    "refcocog_google": ("refcoco", "refcocog_google", ("val",)),  # Google's split has no test
     "reasonseg": ("reasonseg", None, ("val", "test")),
 }
 BIG_VISION_REFCOCO = "ref_coco_bv/"

@@ -87,8 +87,9 @@ def _words(name: str) -> list[str]:
 def count_flops(jaxpr) -> float:
     """FLOPs (2 per multiply-add) of every matmul and convolution a jaxpr executes.
 
-    Scan bodies count `length` times and a Pallas kernel's body once per point of its grid (splash
-    attention's: batch x heads x query blocks x key blocks); remat recomputation is included (it is
+    Scan bodies count `length` times, a Pallas kernel's body once per point of its grid (splash
+    attention's: batch x heads x query blocks x key blocks) and a shard_map's once per shard (the FLOPs are
+    the whole mesh's, as for the partitioned rest of the program); remat recomputation is included (it is
     explicit in the jaxpr of a gradient), and so is a kernel's own (splash's backward recomputes the
     probabilities), as are padded rows and keys a kernel computes on. A cond counts its costliest branch,
     a while loop's body once. Elementwise work is left out. XLA's own cost analysis is no substitute here:
@@ -118,11 +119,17 @@ def flops_by_source(jaxpr, prefix: str = "") -> collections.Counter:
 
 
 def _repeats(eqn) -> int:
-    """How many times the body of `eqn` runs: a scan's length, a Pallas kernel's grid size, else once."""
+    """How many times the body of `eqn` runs: a scan's length, a Pallas kernel's grid size, a shard_map's
+    number of shards, else once."""
     if eqn.primitive.name == "scan":
         return eqn.params["length"]
     if eqn.primitive.name == "pallas_call":
         return math.prod(eqn.params["grid_mapping"].grid)
+    if eqn.primitive.name == "shard_map":
+        # The body's shapes are one shard's along the axes it makes manual (global along any others), and
+        # it runs on every device of those axes: replicated inputs mean redundant work, counted too.
+        mesh_shape = eqn.params["mesh"].shape  # a Mesh's or an AbstractMesh's {axis name: size}
+        return math.prod(mesh_shape[axis] for axis in eqn.params["newly_manual_axes"])
     return 1
 
 

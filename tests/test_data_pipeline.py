@@ -190,6 +190,43 @@ def test_bad_examples_are_logged_counted_and_replaced(monkeypatch, caplog):
     assert "end of seg epoch 0" in caplog.text
 
 
+class _VanishingTargetSource:
+    """480x640 images at 16x16; the target of example 0 is a band at the left edge, which a centre crop
+    to a square cuts away, of example 1 a 4-pixel-wide pole (0.1 output pixels when padded: NEAREST
+    keeps none), of examples 2 and 3 a large block."""
+
+    TARGETS = (np.s_[100:400, 0:60], np.s_[50:470, 301:305], np.s_[100:400, 200:500], np.s_[100:400, 200:500])
+
+    def __len__(self):
+        return 4
+
+    def example_id(self, i):
+        return f"vanishing-{i}"
+
+    def __getitem__(self, i):
+        mask = np.zeros((480, 640), np.uint8)
+        mask[self.TARGETS[i]] = 1
+        image = np.full((480, 640, 3), 30 * i, np.uint8)
+        return {"id": self.example_id(i), "image": image, "mask": mask, "text": f"thing {i}"}
+
+
+@pytest.mark.parametrize("fit, vanishing", [("crop", 0), ("pad", 1)])
+def test_a_target_that_vanishes_when_fitted_is_skipped_in_training_not_in_evaluation(
+    monkeypatch, fit, vanishing
+):
+    monkeypatch.setattr(pipeline, "make_task_source", lambda *args: _VanishingTargetSource())
+    c = small_config()
+    c.shuffle, c.fit = False, fit
+    it = make_train_iterator(c, 4, 0, seed=0, process_index=0, process_count=1)
+    seg = next(it)["seg"]
+    assert seg["mask"].sum(axis=(1, 2)).min() > 0
+    np.testing.assert_array_equal(seg["image"][vanishing], seg["image"][2])  # the next usable example
+    assert pipeline.iterator_skips(it)["seg"].counts["empty_after_fit"] >= 1
+    # Evaluation scores every example against its original-size target: nothing is skipped.
+    batch, metas = next(make_eval_iterator(c, "val", 4, process_index=0, process_count=1).iter_with_meta())
+    assert batch["valid"].all() and batch["mask"][vanishing].sum() == 0 and metas[vanishing]["mask"].any()
+
+
 @pytest.mark.multidevice
 def test_eval_covers_every_example_once_across_processes():
     c = small_config(val_size=11)

@@ -1,6 +1,8 @@
 """Matmul FLOPs from a jaxpr, in total and by the name stack of the code that made them; the useful FLOPs
 of a train step and the peak figures behind the logged MFU."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,21 +108,50 @@ def test_train_step_model_flops_are_three_counted_forwards():
     assert train_step_model_flops(model, {"gen": batch["gen"]}) < train_step_model_flops(model, batch)
 
 
+@pytest.mark.parametrize("mesh_shape", [None, pytest.param((2, 2), marks=pytest.mark.multidevice)])
 @pytest.mark.parametrize("implementation, gradient_passes", [("xla", 3), ("splash", 4.5)])
-def test_attention_flops_are_the_analytic_count(implementation, gradient_passes):
+def test_attention_flops_are_the_analytic_count(implementation, gradient_passes, mesh_shape):
     """Forward: scores and values, 4 B N T S d, exactly, for both kernels; splash's Pallas body counts once
     per grid point (batch x heads x 2 query x 2 key blocks of 512 here). Gradient: XLA's backward is 4
     products (dV, dP, dQ, dK), 3 forwards in all; splash's backward kernels recompute the scores, dK/dV's
     with dP (4 products) and dQ's with dP (3): 4.5 forwards, plus rowsum(dO O) as a product, 2 B N T d
-    (1e-4 of the total here), hence the 1e-3 tolerance."""
+    (1e-4 of the total here), hence the 1e-3 tolerance. Under a (data, model) mesh splash runs per shard
+    (a shard_map over batch and heads) and the count is still the whole mesh's."""
+    from jax.sharding import PartitionSpec
+
     from genmask_jax.models.attention import dot_product_attention
 
     b, s, n, d = 2, 1024, 2, 128
     q = jax.ShapeDtypeStruct((b, s, n, d), jnp.float32)
-    attention = lambda q, k, v: dot_product_attention(q, k, v, None, implementation)
+    spec = PartitionSpec("data", None, "model", None)
+    attention = lambda q, k, v: dot_product_attention(q, k, v, None, implementation, spec=spec)
     loss = lambda q, k, v: attention(q, k, v).sum()
-    forward = count_flops(jax.make_jaxpr(attention)(q, q, q))
-    both = count_flops(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q))
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    mesh = None if mesh_shape is None else jax.make_mesh(mesh_shape, ("data", "model"), axis_types=auto)
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        forward = count_flops(jax.make_jaxpr(attention)(q, q, q))
+        both = count_flops(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q))
     analytic = 4.0 * b * n * s * s * d
     assert forward == analytic
     assert both == pytest.approx(gradient_passes * analytic, rel=1e-3)
+
+
+@pytest.mark.multidevice
+def test_a_shard_map_body_counts_once_per_shard_of_its_manual_axes():
+    """A concrete mesh passed to shard_map (the context mesh is an abstract one, tested above); the body
+    of a partly manual shard_map is one shard along its manual axis and global along the automatic one."""
+    from jax.sharding import PartitionSpec
+
+    mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    x, w = jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((16, 16), jnp.float32)
+    global_flops = 2 * 8 * 16 * 16
+    for axes, x_spec in (({"a", "b"}, PartitionSpec(("a", "b"))), ({"a"}, PartitionSpec("a"))):
+        in_specs = (x_spec, PartitionSpec())
+        matmul = jax.shard_map(
+            lambda x, w: x @ w, mesh=mesh, in_specs=in_specs, out_specs=x_spec, axis_names=axes
+        )
+        assert count_flops(jax.make_jaxpr(matmul)(x, w)) == global_flops
+    # Replicated inputs: every one of the 8 devices does the whole product.
+    whole = PartitionSpec()
+    replicated = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=whole, out_specs=whole)
+    assert count_flops(jax.make_jaxpr(replicated)(x, w)) == 8 * global_flops

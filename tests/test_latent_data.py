@@ -1,10 +1,13 @@
 """The demo's latent pool sees the pixels the grain pipelines would give the model (no VAE here: the
 encode is replaced by one that returns its input, so the pool holds exactly what the VAE was sent)."""
 
+import logging
+
 import numpy as np
 import pytest
 
-from genmask_jax.data.pipeline import default_data_config, make_eval_iterator
+from genmask_jax.data import pipeline
+from genmask_jax.data.pipeline import default_data_config, make_eval_iterator, make_train_iterator
 from genmask_jax.models import mask_codec
 from genmask_jax.train import latent_data
 
@@ -20,3 +23,23 @@ def test_pool_fits_scenes_rendered_at_another_resolution_like_the_eval_iterator(
     assert pool.image_latent.shape == (3, 1, 32, 32, 3)
     np.testing.assert_array_equal(pool.image_latent[:, 0], batch["image"])
     np.testing.assert_array_equal(pool.mask_latent[:, 0], np.asarray(mask_codec.mask_to_rgb(batch["mask"])))
+
+
+def test_pool_replaces_a_scene_whose_target_the_fit_cuts_away_as_the_train_iterator_does(monkeypatch, caplog):
+    """Rendered at 64x160 and centre-cropped to 32x32, scene 3's target is cut away (a third of all are):
+    the pool, like the grain training iterator, takes the next scene instead, so both see the same."""
+    monkeypatch.setattr(latent_data, "make_encode_fn", lambda vae_config: lambda params, rgb: rgb[:, None])
+    c = default_data_config()
+    c.resolution, c.fit, c.num_threads, c.shuffle = (32, 32), "crop", 1, False
+    c.shapes.render_resolution, c.shapes.train_size = (64, 160), 8
+    with caplog.at_level(logging.WARNING):
+        pool = latent_data.build_latent_pool(c, 8, None, None, batch_size=4, progress=False, chunk=4)
+    np.testing.assert_array_equal(pool.image_latent[3], pool.image_latent[4])
+    assert "1 of 8 scenes replaced" in caplog.text
+    it = make_train_iterator(c, 8, 0, seed=0, process_index=0, process_count=1)
+    batch = next(it)["seg"]
+    assert pipeline.iterator_skips(it)["seg"].counts["empty_after_fit"] == 1
+    assert batch["mask"].sum(axis=(1, 2)).min() > 0
+    np.testing.assert_array_equal(pool.image_latent[:, 0], batch["image"])
+    np.testing.assert_array_equal(pool.mask_latent[:, 0], np.asarray(mask_codec.mask_to_rgb(batch["mask"])))
+    np.testing.assert_array_equal(pool.seg_context, batch["context"])

@@ -266,6 +266,14 @@ class _Loader:
             if not self.evaluation and not mask.any():
                 raise BadExample("empty_mask", "no foreground pixel")
             out["mask"] = preprocess.fit_mask(mask > 0, geometry).astype(np.float32)
+            # A target cropped away (fit "crop") or thinner than an output pixel would train an expression
+            # that names an object against an all-background mask.
+            if not self.evaluation and not out["mask"].any():
+                raise BadExample(
+                    "empty_after_fit",
+                    f"{int(np.count_nonzero(mask))} foreground pixels, none left at {self.resolution} "
+                    f"(fit {self.fit!r})",
+                )
             ignore = raw.get("ignore")
             ignore = np.zeros(mask.shape, bool) if ignore is None else np.asarray(ignore, bool)
             if self.evaluation:

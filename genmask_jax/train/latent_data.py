@@ -13,6 +13,7 @@ save and resume it.
 
 import dataclasses
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -24,6 +25,8 @@ from genmask_jax.data.shapes import SyntheticShapes
 from genmask_jax.encoders import make_encoder
 from genmask_jax.models import mask_codec
 from genmask_jax.models import vae as vae_lib
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -92,15 +95,28 @@ def trim_to_longest(context: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, 
     return context[:, :length], mask[:, :length]
 
 
-def _render(source: SyntheticShapes, lo: int, hi: int, resolution: tuple[int, int], fit: str):
+def _fitted_scene(source: SyntheticShapes, index: int, resolution: tuple[int, int], fit: str, max_skips: int):
+    """(source index, example, image, mask) of scene `index` fitted to `resolution` as the grain pipelines
+    fit it, or, as their training iterator skips it, of the next scene whose target survives the fit: a
+    crop to another aspect than `shapes.render_resolution`'s can cut the target away."""
+    for k in range(index, index + max_skips):
+        example = source[k % len(source)]
+        image, geometry = preprocess.fit_image(example["image"], resolution, fit)
+        mask = preprocess.fit_mask(example["mask"] > 0, geometry)
+        if mask.any():
+            return k % len(source), example, image, mask
+    raise RuntimeError(f"{max_skips} scenes from {index} have no target left at {resolution} (fit {fit})")
+
+
+def _render(source: SyntheticShapes, lo: int, hi: int, resolution: tuple[int, int], fit: str, max_skips: int):
     """Scenes `lo..hi-1` fitted to `resolution` (H, W) exactly as the grain pipelines fit them: images
-    `(n, H, W, 3)` in [-1, 1], masks `(n, H, W)` float32 in {0, 1}, expressions, captions."""
-    examples = [source[i] for i in range(lo, hi)]
-    fitted = [preprocess.fit_image(e["image"], resolution, fit) for e in examples]
-    images = np.stack([image for image, _ in fitted])
-    masks = np.stack([preprocess.fit_mask(e["mask"] > 0, g) for e, (_, g) in zip(examples, fitted)])
-    masks = masks.astype(np.float32)
-    return images, masks, [e["expression"] for e in examples], [e["caption"] for e in examples]
+    `(n, H, W, 3)` in [-1, 1], masks `(n, H, W)` float32 in {0, 1}, expressions, captions, and how many
+    scenes were replaced by a later one (`_fitted_scene`)."""
+    scenes = [_fitted_scene(source, i, resolution, fit, max_skips) for i in range(lo, hi)]
+    used, examples, images, masks = zip(*scenes)
+    replaced = sum(k != i for k, i in zip(used, range(lo, hi)))
+    expressions, captions = [e["expression"] for e in examples], [e["caption"] for e in examples]
+    return np.stack(images), np.stack(masks).astype(np.float32), expressions, captions, replaced
 
 
 def build_latent_pool(
@@ -123,16 +139,16 @@ def build_latent_pool(
     with `use_context_mask`, to which padded keys are invisible, so the cut changes cost, not output.
     """
     source = shapes_source(data_config, data_config.train_split, num_scenes)
-    fit_to = (tuple(data_config.resolution), data_config.fit)
+    fit_to = (tuple(data_config.resolution), data_config.fit, data_config.max_consecutive_skips)
     encode = make_encode_fn(vae_config)
     copies = [jax.device_put(vae_params, d) for d in jax.local_devices()]
     bounds = [(lo, min(lo + chunk, num_scenes)) for lo in range(0, num_scenes, chunk)]
-    image_latents, mask_latents, expressions, captions = [], [], [], []
+    image_latents, mask_latents, expressions, captions, replaced = [], [], [], [], 0
     bar = tqdm(total=num_scenes, desc="render + VAE-encode scenes", disable=not progress, mininterval=1.0)
     with ThreadPoolExecutor(max_workers=1) as worker:
         pending = worker.submit(_render, source, *bounds[0], *fit_to) if bounds else None
         for k, (lo, hi) in enumerate(bounds):
-            images, masks, exprs, caps = pending.result()
+            images, masks, exprs, caps, chunk_replaced = pending.result()
             if k + 1 < len(bounds):
                 pending = worker.submit(_render, source, *bounds[k + 1], *fit_to)
             image_latents.append(_encode_all(encode, copies, images, batch_size))
@@ -140,8 +156,16 @@ def build_latent_pool(
             mask_latents.append(_encode_all(encode, copies, mask_rgb, batch_size))
             expressions += exprs
             captions += caps
+            replaced += chunk_replaced
             bar.update(hi - lo)
     bar.close()
+    if replaced:
+        log.warning(
+            "latent pool: %d of %d scenes replaced by the next one: no target left at %s (fit %r)",
+            replaced,
+            num_scenes,
+            *fit_to[:2],
+        )
     encoder = make_encoder(data_config.encoder)
     seg_context, seg_mask = encoder.encode(None, expressions)
     gen_context, gen_mask = encoder.encode(None, captions)

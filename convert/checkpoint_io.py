@@ -352,18 +352,62 @@ class _NoOcdbtMergeNotice(logging.Filter):
         return "Skipping merge of OCDBT" not in record.getMessage()
 
 
+# What our writers leave in a folder: `save_flax_checkpoint` params/ + config.json (and vae_pretrain's
+# record, pretrain.json); `write_safetensors_folder` config.json + safetensors files (+ their index).
+FLAX_CHECKPOINT_ENTRIES = frozenset({"config.json", "params", "pretrain.json"})
+_SAFETENSORS_FOLDER_ENTRY = re.compile(r"config\.json|.+\.safetensors|.+\.safetensors\.index\.json")
+
+
+def is_safetensors_folder(path: str | os.PathLike) -> bool:
+    """A diffusers-style folder as `write_safetensors_folder` writes it, and nothing else in it."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = [p.name for p in path.iterdir()]
+    return ("config.json" in names and any(n.endswith(".safetensors") for n in names)
+            and all(_SAFETENSORS_FOLDER_ENTRY.fullmatch(n) for n in names))
+
+
+def is_replaceable_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` may be deleted to write a checkpoint in its place: an empty folder, or a checkpoint
+    folder of ours (Flax or diffusers-style) holding nothing else."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return (not names or is_safetensors_folder(path)
+            or (is_flax_checkpoint(path) and names <= FLAX_CHECKPOINT_ENTRIES))
+
+
+def check_destination(dst: str | os.PathLike, overwrite: bool) -> None:
+    """Raises ConversionError unless a checkpoint may be written at `dst`: nothing is there, or `overwrite`
+    and it is a folder `is_replaceable_folder` accepts."""
+    dst = Path(dst)
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not overwrite:
+        raise ConversionError(f"{dst} already exists (pass overwrite to replace it)")
+    if not is_replaceable_folder(dst):
+        raise ConversionError(f"{dst} is not a checkpoint folder (only params/ + config.json, or "
+                              "config.json + *.safetensors): it is left alone, choose another destination")
+
+
 @contextlib.contextmanager
-def _atomic_folder(dst: Path, config: Mapping[str, Any]) -> Iterator[Path]:
+def _atomic_folder(dst: Path, config: Mapping[str, Any], overwrite: bool = False) -> Iterator[Path]:
     """Yields an empty sibling of `dst` to fill; on success adds `config.json` and renames it to `dst`.
 
-    On any error the sibling is removed and an existing `dst` is left as it was.
+    An existing `dst` is replaced only when `overwrite` and `check_destination` accepts it, checked before
+    anything is written and again before the rename. On any error the sibling is removed and an existing
+    `dst` is left as it was.
     """
+    check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         yield tmp
         with open(tmp / "config.json", "w") as f:
             json.dump(dict(config), f, indent=2, sort_keys=True)
+        check_destination(dst, overwrite)  # it may have appeared or changed while we wrote
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
@@ -379,8 +423,7 @@ def save_flax_checkpoint(dst: str | os.PathLike, params: Any, config: Mapping[st
     params: numpy arrays, or jax arrays this process holds whole (they are written from the host).
     """
     dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst} already exists (pass overwrite to replace it)")
+    check_destination(dst, overwrite)  # before the params are copied to the host
     import jax
 
     ocp = _orbax()
@@ -388,7 +431,7 @@ def save_flax_checkpoint(dst: str | os.PathLike, params: Any, config: Mapping[st
     quiet = _NoOcdbtMergeNotice()
     logging.getLogger("absl").addFilter(quiet)
     try:
-        with _atomic_folder(dst, config) as tmp, _host_array_checkpointer() as ckptr:
+        with _atomic_folder(dst, config, overwrite) as tmp, _host_array_checkpointer() as ckptr:
             ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(host, save_args=chunked_save_args(host)))
     finally:
         logging.getLogger("absl").removeFilter(quiet)
@@ -437,8 +480,12 @@ def _as_is(key: str, array: np.ndarray) -> np.ndarray:
 def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                              config: Mapping[str, Any], weights_name: str,
                              max_shard_bytes: int = 2 * 2**30, name: Callable[[str], str] = str,
-                             layout: Callable[[str, np.ndarray], np.ndarray] = _as_is) -> Path:
+                             layout: Callable[[str, np.ndarray], np.ndarray] = _as_is,
+                             overwrite: bool = False) -> Path:
     """A diffusers-style folder: config.json + one or several safetensors (with an index).
+
+    An existing `dst` is replaced only with `overwrite`, and only if it is a checkpoint folder of ours
+    (`check_destination`).
 
     Each tensor is stored under `name(key)` in `layout(key, array)` (a transpose, say; same byte size),
     made when its shard is written: one shard of laid-out copies exists at a time, so the writer needs
@@ -457,7 +504,7 @@ def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.nd
     stem = weights_name.removesuffix(".safetensors")
     files = [weights_name] if len(shards) == 1 else [
         f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    with _atomic_folder(dst, config) as tmp:
+    with _atomic_folder(dst, config, overwrite) as tmp:
         total = 0
         for keys, file in zip(shards, files):
             shard = {name(k): np.ascontiguousarray(layout(k, tensors[k])) for k in keys}
@@ -481,6 +528,7 @@ def convert_and_save(dst: str | os.PathLike, overwrite: bool, convert: Callable[
     try:
         if Path(dst).exists() and not overwrite:
             raise ConversionError(f"{dst} already exists (pass --overwrite to replace it)")
+        check_destination(dst, overwrite)  # a folder not ours is refused before converting
         config, params = convert()
         out = save(dst, config, params, overwrite=overwrite)
     except ConversionError as e:

@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from convert import checkpoint_io as io
 from convert import wan_dit, wan_vae
 from convert.checkpoint_io import ConversionError
 
@@ -26,6 +27,26 @@ CONTEXT_MASK_WARNING = (
     "the prompt's tokens) and the all-zero null context give the same outputs.")
 
 
+def is_export_folder(path: Path) -> bool:
+    """A folder as `export_checkpoint` writes it (diffusers-style transformer/ and vae/ and nothing else),
+    or an empty one."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return names <= {"transformer", "vae"} and all(io.is_safetensors_folder(path / name) for name in names)
+
+
+def check_destination(dst: Path, overwrite: bool) -> None:
+    """Raises ConversionError unless DST is new or, with `overwrite`, an earlier export."""
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not overwrite:
+        raise ConversionError(f"{dst} already exists (pass --overwrite to replace it)")
+    if not is_export_folder(dst):
+        raise ConversionError(f"{dst} is not an exported folder (only diffusers transformer/ and vae/): "
+                              "it is left alone, choose another destination")
+
+
 def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
                       overwrite: bool = False) -> Path:
     """Writes DST/transformer (and DST/vae when the run loaded converted VAE weights); returns DST."""
@@ -33,8 +54,7 @@ def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
     from genmask_jax.models import build
 
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst} already exists (pass --overwrite to replace it)")
+    check_destination(dst, overwrite)
     directory, step = ckpt.resolve(checkpoint)
     config = ckpt.saved_config(directory, step)
     model = build.build_model(config)
@@ -42,8 +62,9 @@ def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
         logger.warning(CONTEXT_MASK_WARNING, checkpoint)
     # Host arrays only: no device holds the run's weights, and nothing else is read.
     dit_params, _ = ckpt.restore_dit_params(directory, step, model, None, None, use_ema)
+    check_destination(dst, overwrite)  # again: restoring took a while
     if dst.exists():
-        shutil.rmtree(dst)
+        shutil.rmtree(dst)  # an earlier export: its vae/ must not outlive a run without one
     wan_dit.export_diffusers(dit_params, model.dit, dst / "transformer")
     del dit_params
     if config.get("vae_from") and model.vae is not None:
@@ -57,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="training workdir, checkpoints/ folder or step folder")
     parser.add_argument("dst", help="output folder (transformer/ and vae/)")
     parser.add_argument("--no-ema", action="store_true", help="export the raw parameters, not the EMA")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is an earlier export")
     args = parser.parse_args(argv)
     from genmask_jax.infer import cli
     from genmask_jax.infer.checkpoint import CheckpointError

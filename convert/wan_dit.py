@@ -418,19 +418,23 @@ def with_scan_layers(params: dict, scan_layers: bool) -> dict:
     return stack_blocks(params) if scan_layers else unstack_blocks(params)
 
 
-def export_diffusers(params: dict, config, dst: str | Path, max_shard_bytes: int = 2 * 2**30) -> Path:
+def export_diffusers(params: dict, config, dst: str | Path, max_shard_bytes: int = 2 * 2**30,
+                     overwrite: bool = False) -> Path:
     """Writes params as a diffusers `transformer/` folder (config.json + safetensors), exactly.
 
     Tensors take the PyTorch layout shard by shard: about `max_shard_bytes` of host memory on top of
-    the params (BENCHMARKS.md).
+    the params (BENCHMARKS.md). An existing `dst` is replaced only with `overwrite`, and only if it is a
+    checkpoint folder of ours.
     """
+    io.check_destination(dst, overwrite)  # before the params are copied to the host
     flat = unstack(params, config)
     expected = expected_shapes(config)
     io.check_keys(set(flat), set(expected), "params")
     io.check_shapes([(p, v.shape, expected[p]) for p, v in flat.items() if v.shape != expected[p]],
                     "params")
     return io.write_safetensors_folder(dst, flat, diffusers_config(config), WEIGHTS_NAME,
-                                       max_shard_bytes=max_shard_bytes, name=diffusers_key, layout=from_flax)
+                                       max_shard_bytes=max_shard_bytes, name=diffusers_key, layout=from_flax,
+                                       overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reinit-text-embedding", action="store_true",
                         help="fresh random text embedder of --text-dim inputs (e.g. 3584 for Qwen2.5-VL)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is an earlier checkpoint")
     args = parser.parse_args(argv)
     return io.convert_and_save(args.dst, args.overwrite, lambda: convert_checkpoint(
         args.src, layout=args.layout, num_heads=args.num_heads, scan_layers=args.scan_layers,

@@ -286,8 +286,11 @@ def diffusers_config(config) -> dict[str, Any]:
     }
 
 
-def export_diffusers(params: dict, config, dst: str | Path) -> Path:
-    """Writes params (`{"params": ...}` or the inner tree) as a diffusers `vae/` folder, exactly."""
+def export_diffusers(params: dict, config, dst: str | Path, overwrite: bool = False) -> Path:
+    """Writes params (`{"params": ...}` or the inner tree) as a diffusers `vae/` folder, exactly.
+
+    An existing `dst` is replaced only with `overwrite`, and only if it is a checkpoint folder of ours.
+    """
     params = params.get("params", params)
     flat = {p: np.asarray(v) for p, v in io.flatten(params).items()}
     expected = expected_shapes(config)
@@ -295,7 +298,7 @@ def export_diffusers(params: dict, config, dst: str | Path) -> Path:
     io.check_shapes([(p, v.shape, expected[p]) for p, v in flat.items() if v.shape != expected[p]],
                     "params")
     return io.write_safetensors_folder(dst, flat, diffusers_config(config), WEIGHTS_NAME, name=diffusers_key,
-                                       layout=from_flax)
+                                       layout=from_flax, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="diffusers vae/ folder, Wan2.1_VAE.pth or original-layout safetensors")
     parser.add_argument("dst", help="output folder (params/ + config.json)")
     parser.add_argument("--layout", default="auto", help="auto | diffusers | original")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is an earlier checkpoint")
     args = parser.parse_args(argv)
     return io.convert_and_save(
         args.dst, args.overwrite, lambda: convert_checkpoint(args.src, layout=args.layout), save)

@@ -381,20 +381,132 @@ def test_export_of_a_run_with_a_context_mask_warns(tmp_path, caplog):
         assert np.allclose(ours, theirs, atol=ATOL, rtol=RTOL) == same, (kept, np.abs(ours - theirs).max())
 
 
+def _write(writer: str, dst: Path, tensors: dict, overwrite: bool = False) -> Path:
+    if writer == "safetensors":
+        return io.write_safetensors_folder(dst, tensors, {"a": 1}, "m.safetensors", overwrite=overwrite)
+    return io.save_flax_checkpoint(dst, tensors, {"a": 1}, overwrite=overwrite)
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def someones_work(folder: Path) -> Path:
+    """A folder that is not a checkpoint: a writer pointed at it must not delete it."""
+    (folder / "demo" / "train").mkdir(parents=True)
+    (folder / "demo" / "train" / "checkpoint_1000.bin").write_text("a week of training")
+    (folder / "notes.txt").write_text("precious")
+    return folder
+
+
+WEIGHTS = {"w": np.ones(3, np.float32)}
+
+
 @pytest.mark.parametrize("writer", ["safetensors", "orbax"])
 def test_failed_write_leaves_the_old_folder_and_no_temporary(tmp_path, writer):
-    dst = tmp_path / "dst"
-    dst.mkdir()
-    (dst / "old").write_text("kept")
+    dst = _write(writer, tmp_path / "dst", {"w": np.zeros(3, np.float32)})
+    before = tree(dst)
     unwritable = {"w": np.array([object()])}  # neither safetensors nor orbax can store an object array
     with pytest.raises(Exception):  # noqa: B017  (whichever error the library raises)
-        if writer == "safetensors":
-            io.write_safetensors_folder(dst, unwritable, {"a": 1}, "m.safetensors")
-        else:
-            io.save_flax_checkpoint(dst, unwritable, {"a": 1}, overwrite=True)
-    assert listing(tmp_path) == {"dst"} and listing(dst) == {"old"}
-    io.write_safetensors_folder(dst, {"w": np.ones(3, np.float32)}, {"a": 1}, "m.safetensors")
-    assert listing(tmp_path) == {"dst"} and listing(dst) == {"config.json", "m.safetensors"}
+        _write(writer, dst, unwritable, overwrite=True)
+    assert listing(tmp_path) == {"dst"} and tree(dst) == before
+    _write(writer, dst, WEIGHTS, overwrite=True)
+    assert listing(tmp_path) == {"dst"}
+    assert listing(dst) == ({"config.json", "m.safetensors"} if writer == "safetensors" else
+                            {"config.json", "params"})
+
+
+def _not_checkpoints(root: Path) -> dict[str, Path]:
+    """Existing destinations no writer may replace, even with overwrite."""
+    pipeline = root / "pipeline"  # a diffusers pipeline: the folder above transformer/ and vae/
+    _write("safetensors", pipeline / "vae", WEIGHTS)
+    (pipeline / "model_index.json").write_text("{}")
+    stray = {}
+    for kind in ("safetensors", "orbax"):  # a checkpoint with something of the user's beside it
+        stray[kind] = _write(kind, root / f"{kind}-with-notes", WEIGHTS)
+        (stray[kind] / "notes.txt").write_text("precious")
+    (root / "file").write_text("a file")
+    linked = root / "linked"
+    linked.symlink_to(_write("orbax", root / "link-target", WEIGHTS), target_is_directory=True)
+    return {"work": someones_work(root / "runs"), "pipeline": pipeline, "file": root / "file",
+            "symlink": linked, **{f"{kind}+notes": folder for kind, folder in stray.items()}}
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "orbax"])
+def test_overwrite_refuses_what_is_not_a_checkpoint_and_deletes_nothing(tmp_path, writer):
+    targets = _not_checkpoints(tmp_path)
+    before = tree(tmp_path)
+    for name, dst in targets.items():
+        with pytest.raises(ConversionError, match=r"is not a checkpoint folder .* left alone"):
+            _write(writer, dst, WEIGHTS, overwrite=True)
+        assert tree(tmp_path) == before, name  # nothing deleted, no temporary left
+    with pytest.raises(ConversionError, match="already exists"):
+        _write(writer, targets["work"], WEIGHTS)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "orbax"])
+@pytest.mark.parametrize("earlier", ["safetensors", "orbax", "sharded", "pretrain.json", "empty"])
+def test_overwrite_replaces_an_earlier_checkpoint(tmp_path, writer, earlier):
+    dst = tmp_path / "dst"
+    if earlier == "empty":
+        dst.mkdir()
+    elif earlier == "sharded":
+        io.write_safetensors_folder(dst, {"a": np.ones(8), "b": np.ones(8)}, {}, "m.safetensors",
+                                    max_shard_bytes=64)
+        assert "m.safetensors.index.json" in listing(dst)
+    else:
+        _write("safetensors" if earlier == "safetensors" else "orbax", dst, WEIGHTS)
+        if earlier == "pretrain.json":  # genmask_jax.train.vae_pretrain's record beside the checkpoint
+            (dst / "pretrain.json").write_text("{}")
+    assert io.is_replaceable_folder(dst)
+    if earlier != "empty":
+        with pytest.raises(ConversionError, match="already exists"):
+            _write(writer, dst, WEIGHTS)
+    _write(writer, dst, {"w": np.full(3, 2.0, np.float32)}, overwrite=True)
+    assert listing(tmp_path) == {"dst"}
+    saved = dict(io.iter_checkpoint(dst)) if writer == "safetensors" else io.load_flax_checkpoint(dst)[1]
+    np.testing.assert_array_equal(saved["w"], np.full(3, 2.0, np.float32))
+
+
+def _zero_dit_params(config: DiTConfig) -> dict:
+    return io.unflatten({k: np.zeros(s, np.float32) for k, s in wan_dit.expected_shapes(config).items()})
+
+
+def test_export_diffusers_replaces_only_an_earlier_export(tmp_path):
+    config = DiTConfig(dim=DIM, ffn_dim=FFN, num_heads=2, num_layers=LAYERS, text_dim=TEXT)
+    params = _zero_dit_params(config)
+    pipeline = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
+    wan_dit.export_diffusers(params, config, pipeline / "transformer")
+    (pipeline / "model_index.json").write_text("{}")
+    before = tree(tmp_path)
+    with pytest.raises(ConversionError, match="already exists"):
+        wan_dit.export_diffusers(params, config, pipeline / "transformer")
+    with pytest.raises(ConversionError, match=r"is not a checkpoint folder .* left alone"):
+        wan_dit.export_diffusers(params, config, pipeline, overwrite=True)  # not its transformer/
+    assert tree(tmp_path) == before
+    out = wan_dit.export_diffusers(params, config, pipeline / "transformer", max_shard_bytes=50_000,
+                                   overwrite=True)
+    assert (out / f"{wan_dit.WEIGHTS_NAME}.index.json").exists()
+    names = {wan_dit.diffusers_key(k) for k in wan_dit.expected_shapes(config)}
+    assert set(dict(io.iter_checkpoint(out))) == names
+
+
+def test_run_export_replaces_only_an_earlier_export(tmp_path):
+    from convert import export
+
+    work = someones_work(tmp_path / "runs")
+    before = tree(tmp_path)
+    for overwrite, message in ((False, "already exists"), (True, r"is not an exported folder .* left alone")):
+        with pytest.raises(ConversionError, match=message):  # before the run is read: there is none
+            export.export_checkpoint(str(tmp_path / "no-run"), work, overwrite=overwrite)
+    assert tree(tmp_path) == before
+    earlier = tmp_path / "export"
+    for sub in ("transformer", "vae"):
+        _write("safetensors", earlier / sub, WEIGHTS)
+    assert export.is_export_folder(earlier)
+    (earlier / "README.md").write_text("mine")
+    assert not export.is_export_folder(earlier)
 
 
 _MEASURE = """

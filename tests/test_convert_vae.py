@@ -63,6 +63,23 @@ def test_export_round_trip_is_exact(reference, tmp_path):
     assert reloaded.config.base_dim == 8 and list(reloaded.config.latents_std) == list(config.latents_std)
 
 
+def test_export_replaces_only_an_earlier_vae_folder(reference, tmp_path):
+    root, _ = reference
+    config, params = wan_vae.load(root / "vae")
+    pipeline = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
+    shutil.copytree(root, pipeline)
+    (pipeline / "model_index.json").write_text("{}")
+    (pipeline / "transformer").mkdir()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ConversionError, match=r"is not a checkpoint folder .* left alone"):
+        wan_vae.export_diffusers(params, config, pipeline, overwrite=True)  # the pipeline, not its vae/
+    with pytest.raises(ConversionError, match="already exists"):
+        wan_vae.export_diffusers(params, config, pipeline / "vae")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    out = wan_vae.export_diffusers(params, config, pipeline / "vae", overwrite=True)  # diffusers' own vae/
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", wan_vae.WEIGHTS_NAME]
+
+
 def test_original_names_match_diffusers_converter(reference):
     """Our original<->diffusers renaming is the inverse of diffusers' own convert_wan_vae_to_diffusers."""
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers

@@ -216,6 +216,40 @@ def test_vae_pretrain_init_from_another_structure_fails_clearly(tmp_path):
         vae_pretrain.pretrain(cfg, progress=False)
 
 
+def test_vae_pretrain_refuses_an_out_that_is_not_a_checkpoint_before_training(tmp_path, monkeypatch, capsys):
+    from genmask_jax.train import vae_pretrain
+
+    runs = tmp_path / "runs"
+    (runs / "demo" / "train").mkdir(parents=True)
+    (runs / "notes.txt").write_text("precious")
+
+    def pretrain(cfg):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(vae_pretrain, "pretrain", pretrain)
+    with pytest.raises(SystemExit):
+        vae_pretrain.main(["--out", str(runs), "--steps", "1"])
+    assert "is not a checkpoint folder" in capsys.readouterr().err
+    assert sorted(p.name for p in runs.rglob("*")) == ["demo", "notes.txt", "train"]
+
+
+def test_vae_pretrain_save_replaces_only_an_earlier_checkpoint(tmp_path):
+    """README rebuilds genmask_jax/assets/toy_vae in place; any other existing folder is left alone."""
+    from convert.checkpoint_io import ConversionError
+    from genmask_jax.train import vae_pretrain
+
+    parent, _ = _saved_parent(tmp_path)
+    config, params = vae_pretrain.load(parent)
+    vae_pretrain.save(parent, config, params, extra={"val_mask_iou": 0.75})
+    with open(f"{parent}/pretrain.json") as f:
+        assert json.load(f) == {"val_mask_iou": 0.75}
+    (tmp_path / "parent" / "notes.txt").write_text("precious")
+    with pytest.raises(ConversionError, match="is not a checkpoint folder"):
+        vae_pretrain.save(parent, config, params)
+    assert sorted(p.name for p in (tmp_path / "parent").iterdir()) == [
+        "config.json", "notes.txt", "params", "pretrain.json"]
+
+
 def test_vae_pretrain_records_its_parent(tmp_path, monkeypatch):
     from genmask_jax.train import vae_pretrain
 

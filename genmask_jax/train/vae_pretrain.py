@@ -13,7 +13,8 @@ per-channel mean / std of posterior means over images and masks become the confi
     python -m genmask_jax.train.vae_pretrain --out genmask_jax/assets/toy_vae
 
 writes a converted-checkpoint folder (`params/` + `config.json`, `convert.wan_vae.load` reads it)
-with parameters stored in bfloat16 (`--store_dtype`) to keep it small; load them as float32.
+with parameters stored in bfloat16 (`--store_dtype`) to keep it small; load them as float32. An earlier
+such folder at `--out` is replaced; any other existing `--out` is refused before training starts.
 `--init_from <folder>` continues from such a folder (same structure: base_dim, num_res_blocks), with a
 fresh optimizer; the new folder's pretrain.json keeps the parent's under "parent".
 """
@@ -232,6 +233,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True):
 def save(
     out: str, config: VAEConfig, params, store_dtype: str = "bfloat16", extra: dict | None = None
 ) -> None:
+    """Writes `out` (params/, config.json, pretrain.json from `extra`), replacing an earlier folder written
+    here; any other existing `out` raises ConversionError and is left as it is."""
     from convert import checkpoint_io
 
     stored = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(store_dtype)), params)
@@ -268,6 +271,12 @@ def main(argv=None) -> None:
             parser.add_argument(f"--{field.name}", type=kind, default=field.default)
     args = parser.parse_args(argv)
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    from convert import checkpoint_io
+
+    try:
+        checkpoint_io.check_destination(args.out, overwrite=True)  # as `save` will, but before training
+    except checkpoint_io.ConversionError as e:
+        parser.error(f"--out {e}")
     logging.basicConfig(level=logging.INFO)
     start = time.perf_counter()
     config, params, history, iou = pretrain(cfg)

@@ -44,7 +44,7 @@ _BATCH = flags.DEFINE_integer(
     0,
     "Per-process batch size (0 = 4 per batch shard: per local device unless the mesh has a tensor axis).",
 )
-_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
+_SEED = cli.define_seed_flag()
 _EMA = flags.DEFINE_bool("ema", True, "Use the EMA parameters when the checkpoint has them.")
 flags.mark_flags_as_required(["checkpoint", "split"])
 

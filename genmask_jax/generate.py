@@ -21,12 +21,14 @@ from genmask_jax.infer import cli
 _CONFIG = cli.define_config_flag()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints folder or step folder.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Caption of the image to generate (repeat for several).")
-_OUT = flags.DEFINE_string("out", None, "Output PNG (a pattern when there are several prompts).")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output image: .png, .jpg, .webp, .bmp or .tif (a pattern when there are several prompts)."
+)
 _STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps (one model call each, two with --cfg != 1).")
 _CFG = flags.DEFINE_float("cfg", 5.0, "Classifier-free guidance scale (1 = no guidance).")
 _SHIFT = flags.DEFINE_float("shift", 3.0, "Schedule shift t' = s t / (1 + (s - 1) t).")
 _SAMPLER = flags.DEFINE_enum("sampler", "euler", ["euler", "unipc"], "euler, or unipc (WAN's sampler).")
-_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
+_SEED = cli.define_seed_flag()
 _SIZE = flags.DEFINE_list(
     "size",
     None,
@@ -38,7 +40,7 @@ flags.mark_flags_as_required(["checkpoint", "prompt", "out"])
 
 
 def parse_size(values) -> tuple[int, int] | None:
-    """--size as (H, W), two positive ints; which multiples the model needs is `check_size`'s."""
+    """--size as (H, W), two positive ints; which multiples the model needs is `cli.check_image_size`'s."""
     if not values:
         return None
     try:
@@ -47,19 +49,6 @@ def parse_size(values) -> tuple[int, int] | None:
         size = ()
     cli.require(len(size) == 2 and min(size) > 0, f"--size must be H,W in pixels, got {','.join(values)}")
     return size
-
-
-def check_size(config, size: tuple[int, int] | None) -> None:
-    """Refuses a --size the model of `config` cannot make, before the checkpoint loads."""
-    from genmask_jax.infer.generator import check_image_hw
-    from genmask_jax.models.build import build_model
-
-    if size is not None:
-        model = build_model(config)  # its own errors are the config's, not --size's
-        try:
-            check_image_hw(model, size)
-        except ValueError as e:
-            raise cli.InputError(f"--size: {e}") from e
 
 
 def main() -> None:
@@ -75,8 +64,9 @@ def main() -> None:
     cli.require(_STEPS.value >= 1, f"--steps must be >= 1, got {_STEPS.value}")
     cli.require(_SHIFT.value > 0, f"--shift must be > 0, got {_SHIFT.value}")
     size = parse_size(_SIZE.value)
+    outs = images.output_paths(_OUT.value, len(prompts))  # checked before the model runs
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
-    check_size(config, size)
+    cli.check_image_size(config, size)
     check_available(config.data.encoder)  # the prompts are encoded after the checkpoint loads
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
     generator = Generator(loaded)
@@ -88,8 +78,7 @@ def main() -> None:
     pictures = generator(prompts, _STEPS.value, _CFG.value, _SEED.value, _SHIFT.value, size, _SAMPLER.value)
     if jax.process_index() != 0:
         return
-    for i, (prompt, picture) in enumerate(zip(prompts, pictures)):
-        out = images.numbered(_OUT.value, i, len(prompts))
+    for prompt, picture, out in zip(prompts, pictures, outs):
         images.write_image(picture, out)
         print(f"{prompt!r} -> {out}", flush=True)
 

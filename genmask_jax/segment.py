@@ -9,11 +9,12 @@ Images and prompts pair up one to one, or one of them is shared by all the other
 outputs, --out/--overlay get the output number: `{i}` in the name, else `_<i>` before the extension.
 They are encoded and segmented --batch_size at a time; image i gets the noise of `fold_in(key(seed), i)`,
 so its mask does not depend on the batch size or on the other images.
-Masks are written at each image's original size (PNG, foreground 255): the model's score is resized
-bilinearly to it and thresholded there. The config is the one saved with the checkpoint;
-`--config.field=value` overrides apply to it (e.g. `--config.vae_from=` a moved converted VAE), and
-`--config=configs/<exp>.py[:args]` replaces it. Under a multi-process launch (launch/gpu.sh,
-launch/tpu.sh) every process computes the same masks and process 0 writes them.
+Masks are written at each image's original size (foreground 255; PNG, BMP or TIFF by the extension of
+--out, lossless formats only): the model's score is resized bilinearly to it and thresholded there.
+The config is the one saved with the checkpoint; `--config.field=value` overrides apply to it (e.g.
+`--config.vae_from=` a moved converted VAE), and `--config=configs/<exp>.py[:args]` replaces it. Under
+a multi-process launch (launch/gpu.sh, launch/tpu.sh) every process computes the same masks and
+process 0 writes them.
 
 Two-stage reasoning (`--rewrite`): the VLM first rewrites each prompt (a long reasoning query) into a
 short description of the object, which is then encoded; the default follows the config's
@@ -31,10 +32,12 @@ _IMAGE = flags.DEFINE_multi_string("image", None, "Input image (repeat for sever
 _PROMPT = flags.DEFINE_multi_string(
     "prompt", None, "Referring expression / instruction (repeat for several)."
 )
-_OUT = flags.DEFINE_string("out", None, "Output mask PNG (a pattern when there are several).")
-_OVERLAY = flags.DEFINE_string("overlay", None, "Optional image + mask overlay PNG.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output mask: .png, .bmp or .tif (lossless; a pattern when there are several)."
+)
+_OVERLAY = flags.DEFINE_string("overlay", None, "Optional image + mask overlay (.png, .jpg, .webp, ...).")
 _STEPS = flags.DEFINE_integer("steps", 1, "Denoising steps (1 = the paper's single-step inference).")
-_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
+_SEED = cli.define_seed_flag()
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size",
     8,
@@ -79,12 +82,15 @@ def main() -> None:
     cli.require(_STEPS.value >= 1, f"--steps must be >= 1, got {_STEPS.value}")
     cli.require(_BATCH_SIZE.value >= 1, f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
     pairs = pair_inputs(list(_IMAGE.value), prompts)
+    outs = images.output_paths(_OUT.value, len(pairs), lossless=True)  # checked before the model runs
+    overlays = images.output_paths(_OVERLAY.value, len(pairs)) if _OVERLAY.value else [None] * len(pairs)
     pixels = {path: images.read_image(path) for path in dict.fromkeys(_IMAGE.value)}
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
     try:  # before the checkpoint loads
         rewrites_prompts(config.data.encoder, _REWRITE.value)
     except ValueError as e:
         raise cli.InputError(str(e)) from e
+    cli.check_image_size(config)
     check_available(config.data.encoder)
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
     segmenter = Segmenter(
@@ -97,12 +103,10 @@ def main() -> None:
     masks = segmenter([pixels[path] for path, _ in pairs], [p for _, p in pairs])
     if jax.process_index() != 0:
         return
-    for i, ((path, prompt), mask) in enumerate(zip(pairs, masks)):
-        out = images.numbered(_OUT.value, i, len(pairs))
+    for (path, prompt), mask, out, overlay in zip(pairs, masks, outs, overlays):
         images.write_mask(mask, out)
         line = f"{path} {prompt!r}: {mask.mean():.1%} of the image -> {out}"
-        if _OVERLAY.value:
-            overlay = images.numbered(_OVERLAY.value, i, len(pairs))
+        if overlay:
             images.write_image(images.overlay(pixels[path], mask), overlay)
             line += f", {overlay}"
         print(line, flush=True)

@@ -96,3 +96,22 @@ def test_pil_to_rgb_of_32_bit_int_images(values, want):
 
     image = Image.fromarray(np.array([values], np.int32), mode="I")
     np.testing.assert_array_equal(P.pil_to_rgb(image)[0, :, 0], want)
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.full((2, 3), 0.8, np.float32), r"floating-point pixels \(mode F\)"),  # was all black
+        (np.array([[-5, 0, 100, 200]], np.int32), r"32-bit pixels from -5 to 200 \(mode I\)"),
+        (np.array([[0, 70000]], np.int32), r"32-bit pixels from 0 to 70000 \(mode I\)"),  # was clipped white
+    ],
+    ids=["float", "signed", "wider than 16 bits"],
+)
+def test_pil_to_rgb_refuses_pixels_that_are_not_8_or_16_bit_unsigned(image, message):
+    from PIL import Image
+
+    with pytest.raises(BadExample, match=message) as info:
+        P.pil_to_rgb(Image.fromarray(image))
+    assert info.value.kind == "bad_image"
+    sixteen = Image.fromarray(np.array([[0, 256, 65535]], np.uint16))  # "I;16": still its high byte
+    np.testing.assert_array_equal(P.pil_to_rgb(sixteen)[0, :, 0], [0, 1, 255])

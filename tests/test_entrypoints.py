@@ -270,6 +270,31 @@ def test_a_config_saved_before_new_data_fields_gets_them_and_takes_overrides(tmp
     assert flag_values.config.data.encoder.context_length == 24
 
 
+def test_a_saved_config_leaves_the_training_jobs_coordinator_and_process_id_behind(tmp_path):
+    """A run launched with `--config.distributed.coordinator_address/num_processes/process_id` saved its
+    process 0's values; evaluate/segment/generate read that config before `jax.distributed.initialize`,
+    so a one-machine evaluation waited for the training job's peers, and every process of a new job
+    called itself process 0. The environment (launch/gpu.sh's GENMASK_*) decides again."""
+    from configs.genmask import get_config
+    from genmask_jax.infer import checkpoint
+    from genmask_jax.parallel import multihost
+    from genmask_jax.train import checkpointing
+
+    config = get_config("variant=tiny").to_dict()
+    config["distributed"].update(mode="on", coordinator_address="node0:1234", num_processes=2, process_id=0)
+    ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(3, {"step": np.asarray(3, np.int32), "params": {"w": np.ones(2, np.float32)}}, config=config)
+    ckpt.close()
+    saved = checkpoint.saved_config(tmp_path / "checkpoints", 3)
+    assert saved.distributed.to_dict() == {
+        "mode": "on", "coordinator_address": "", "num_processes": 0, "process_id": -1}
+    assert multihost.distributed_args(saved.distributed, {}) == {}
+    environ = {"GENMASK_COORDINATOR_ADDRESS": "gpuA:5555", "GENMASK_NUM_PROCESSES": "4",
+               "GENMASK_PROCESS_ID": "1"}
+    assert multihost.distributed_args(saved.distributed, environ) == {
+        "coordinator_address": "gpuA:5555", "num_processes": 4, "process_id": 1}
+
+
 def test_tuple_fields_of_a_saved_config_take_overrides(saved_run):
     """The saved config is JSON, which holds tuples as lists, and config_flags refuses to override a
     list field: `--config.data.resolution=(64, 64)` on evaluate/segment/generate failed."""
@@ -464,6 +489,8 @@ def test_generated_image_of_a_prompt_does_not_depend_on_the_others():
         ({"shift": 0.0}, "shift must be > 0"),
         ({"shift": float("nan")}, "shift must be > 0"),
         ({"sampler": "heun"}, "unknown sampler 'heun'"),
+        ({"seed": 2**32 + 7}, r"seed must be in \[0, 2\*\*32\), got 4294967303"),  # was seed 7's noise
+        ({"seed": -1}, r"seed must be in \[0, 2\*\*32\), got -1"),
     ],
 )
 def test_generator_refuses_bad_settings_before_it_touches_the_model(kwargs, message):
@@ -501,6 +528,7 @@ def test_segmented_mask_of_an_image_does_not_depend_on_the_batch_size():
         ({"num_steps": 0}, "num_steps must be >= 1"),
         ({"shift": -1.0}, "shift must be > 0"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"seed": 2**32}, r"seed must be in \[0, 2\*\*32\), got 4294967296"),  # was seed 0's noise
     ],
 )
 def test_segmenter_refuses_bad_settings(kwargs, message):
@@ -679,6 +707,89 @@ def test_relative_checkpoint_paths_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # orbax restores only absolute paths; `runs/demo/train` is relative
     directory, step = checkpoint.resolve("run")
     assert step == 7 and str(directory) == str(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("gcs", [False, True], ids=["local", "gcs"])
+def test_a_step_still_being_saved_is_never_read(tmp_path, monkeypatch, gcs):
+    """orbax saves a local step under `<step>.orbax-checkpoint-tmp-<time>` and renames it when done; on
+    GCS it writes `<step>` in place and finalizes it last with commit_success.txt. Any `<step>/state`
+    was taken as a checkpoint: inference beside a run saving to GCS read a half-written step."""
+    from orbax.checkpoint._src.path import gcs_utils
+
+    from genmask_jax.infer import checkpoint
+
+    run = tmp_path / "run" / "checkpoints"
+    (run / "5" / checkpoint.STATE).mkdir(parents=True)
+    (run / "5" / "commit_success.txt").write_text("done")
+    saving = run / ("10" if gcs else "10.orbax-checkpoint-tmp-1700000000")
+    (saving / checkpoint.STATE).mkdir(parents=True)
+    if gcs:  # orbax tests a step by the commit file when its path starts with gs://
+        monkeypatch.setattr(gcs_utils, "is_gcs_path", lambda path: True)
+    directory, step = checkpoint.resolve(tmp_path / "run")
+    assert (str(directory), step) == (str(run), 5)
+    if gcs:
+        with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/10 is not finalized"):
+            checkpoint.resolve(saving)
+        (saving / "commit_success.txt").write_text("done")
+        assert checkpoint.resolve(tmp_path / "run")[1] == 10 and checkpoint.resolve(saving)[1] == 10
+    else:
+        for name in ("5/state", "5/commit_success.txt", "5"):
+            (run / name).rmdir() if (run / name).is_dir() else (run / name).unlink()
+        with pytest.raises(checkpoint.CheckpointError, match="no checkpoint steps"):
+            checkpoint.resolve(tmp_path / "run")
+
+
+BEFORE_LOADING = [  # (module, args, exit status, message); each ran the model (or loaded it) first
+    ("genmask_jax.segment", ["--out={root}/image.png/mask.png"], 1, "image.png is a file, not a folder"),
+    ("genmask_jax.segment", ["--out={root}/mask.jpg"], 1, "'.jpg' is a lossy format"),  # was PNG bytes
+    ("genmask_jax.segment", ["--overlay={root}/overlay.xyz"], 1, "'.xyz' is not known"),
+    ("genmask_jax.segment", ["--config.data.resolution=(40, 40)"], 1,
+     "config.data.resolution: image size must be H, W in positive multiples of 16"),  # was an error in jit
+    ("genmask_jax.generate", ["--config.data.resolution=(40, 40)"], 1,
+     "config.data.resolution: image size must be H, W in positive multiples of 16"),
+    ("genmask_jax.generate", ["--out={root}/image.png/{{i}}.png", "--prompt=b"], 1, "not a folder"),
+    ("genmask_jax.segment", ["--seed=4294967296"], 2, "4294967296 is not an integer in the range [0, 4294"),
+    ("genmask_jax.generate", ["--seed=-1"], 2, "-1 is not an integer in the range [0, 4294967295]"),
+]
+
+
+def test_evaluate_refuses_a_seed_jax_would_cut_to_32_bits(tmp_path):
+    """--seed=4294967303 drew the noise of --seed=7 (JAX keeps a seed's low 32 bits without x64)."""
+    args = [f"--checkpoint={tmp_path}", "--split=synthetic:test", "--seed=4294967303"]
+    result = cli("genmask_jax.evaluate", *args, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "4294967303 is not an integer in the range [0, 4294967295]" in result.stderr
+
+
+@pytest.mark.parametrize("module,args,status,message", BEFORE_LOADING,
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_outputs_resolution_and_seed_are_checked_before_the_checkpoint_loads(
+    files, saved_run, module, args, status, message
+):
+    """The checkpoint's parameters are placeholders: loading them would end in another error."""
+    args = [a.format(root=files) for a in args]
+    given = {a.split("=")[0] for a in args}
+    default_out = [] if "--out" in given else [f"--out={files}/checked.png"]
+    image = [f"--image={files}/image.png"] if module == "genmask_jax.segment" else []
+    result = cli(module, f"--checkpoint={saved_run}", "--prompt=a", *image, *default_out, *args, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith(f"{module}: error: ") and message in lines[-1], result.stderr
+    assert not glob.glob(f"{files}/checked*") and not glob.glob(f"{files}/mask*")
+
+
+@pytest.mark.parametrize("under", ["taken", "taken/deeper"])
+def test_an_output_under_a_file_made_after_the_check_is_one_line(tmp_path, capsys, under):
+    """mkdir under a file raises FileExistsError or NotADirectoryError: a traceback after the model ran."""
+    from genmask_jax.infer import cli as cli_lib
+    from genmask_jax.infer import images
+
+    (tmp_path / "taken").write_text("")
+    write = lambda: images.write_mask(np.zeros((2, 2), bool), tmp_path / under / "m.png")  # noqa: E731
+    with pytest.raises(SystemExit) as info:
+        cli_lib.report_user_errors(write)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.count("\n") == 1 and "error: " in err and "taken" in err, err
 
 
 def test_generate_refuses_a_size_the_model_cannot_make_before_it_loads(files, saved_run):

@@ -70,3 +70,70 @@ def test_read_image_scales_16_bit_greyscale_to_8_bits(tmp_path):
     assert image.shape == (4, 6, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(image, np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=-1))
     np.testing.assert_array_equal(image, cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
+
+
+def test_read_image_refuses_floating_point_and_signed_pixels(tmp_path):
+    """A float TIFF (mode "F", values in [0, 1]) and signed 32-bit pixels were read as a black image; the
+    array API refuses float images for this reason. 16-bit unsigned PNGs keep working (above)."""
+    floats = tmp_path / "float.tif"
+    Image.fromarray(np.random.default_rng(0).random((6, 8)).astype(np.float32), "F").save(floats)
+    with pytest.raises(images.InputError, match=r"float.tif: an image of floating-point pixels \(mode F\)"):
+        images.read_image(floats)
+    signed = tmp_path / "signed.tif"
+    Image.fromarray(np.array([[-300, -1, 0, 100]], np.int32), "I").save(signed)
+    with pytest.raises(images.InputError, match=r"32-bit pixels from -300 to 100 \(mode I\)"):
+        images.read_image(signed)
+
+
+@pytest.mark.parametrize("name, image_format", [("a.png", "PNG"), ("a", "PNG"), ("a.jpg", "JPEG"),
+                                                ("a.JPEG", "JPEG"), ("a.webp", "WEBP"), ("a.bmp", "BMP"),
+                                                ("a.tiff", "TIFF")])
+def test_an_image_is_written_in_the_format_of_its_extension(tmp_path, name, image_format):
+    """Every output was PNG bytes whatever its name (a.jpg held a PNG)."""
+    image = np.random.default_rng(0).integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    images.write_image(image, tmp_path / name)
+    with Image.open(tmp_path / name) as written:
+        assert written.format == image_format and written.size == (10, 8)
+        if image_format not in images.LOSSY_FORMATS:
+            np.testing.assert_array_equal(np.asarray(written), image)
+
+
+@pytest.mark.parametrize("name", ["m.png", "m.bmp", "m.tif", "m"])
+def test_a_mask_is_written_losslessly_in_the_format_of_its_extension(tmp_path, name):
+    mask = np.random.default_rng(0).random((8, 10)) > 0.5
+    images.write_mask(mask, tmp_path / name)
+    with Image.open(tmp_path / name) as written:
+        np.testing.assert_array_equal(np.asarray(written), mask.astype(np.uint8) * 255)
+
+
+@pytest.mark.parametrize(
+    "name, lossless, message",
+    [
+        ("m.jpg", True, r"cannot write a mask to .*m.jpg: '.jpg' is a lossy .*; use .png, .bmp, .tif$"),
+        ("m.jpeg", True, "'.jpeg' is a lossy format"),
+        ("m.webp", True, "'.webp' is a lossy format"),
+        ("m.xyz", True, "'.xyz' is not known"),
+        ("m.gif", False, r"cannot write an image to .*m.gif: '.gif' is not known; use .png, .bmp, .tif, "),
+        ("m.txt", False, "'.txt' is not known"),
+    ],
+)
+def test_outputs_of_lossy_or_unknown_formats_are_refused(tmp_path, name, lossless, message):
+    with pytest.raises(images.InputError, match=message):
+        images.check_output(tmp_path / name, lossless)
+    write = images.write_mask if lossless else images.write_image
+    with pytest.raises(images.InputError, match=message):
+        write(np.zeros((4, 4, 3) if not lossless else (4, 4), np.uint8), tmp_path / name)
+    assert not (tmp_path / name).exists()
+
+
+def test_check_output_refuses_paths_under_a_file_and_folders_but_creates_nothing(tmp_path):
+    (tmp_path / "image.png").write_bytes(b"")
+    with pytest.raises(images.InputError, match=r"image.png/deeper/m.png: .*image.png is a file, not a"):
+        images.check_output(tmp_path / "image.png" / "deeper" / "m.png")
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(images.InputError, match="folder.png: it is a folder"):
+        images.check_output(tmp_path / "folder.png")
+    images.check_output(tmp_path / "new" / "deeper" / "m.png", lossless=True)
+    assert not (tmp_path / "new").exists()
+    assert images.output_paths(str(tmp_path / "new" / "{i}.png"), 2) == [str(tmp_path / "new" / f"{i}.png")
+                                                                         for i in range(2)]

@@ -1,13 +1,15 @@
 """What `Segmenter(...)(images, prompts)` and `Generator(...)(prompts, ...)` accept, without a model:
 the segmenter's device call is replaced by a stand-in that records its batches.
 
-- images: PIL images and uint8 grey (+ alpha), RGB or RGBA arrays, all given to the encoder and the
-  model as uint8 RGB; other dtypes refused (a float image in [0, 1] became black);
+- images: PIL images (as displayed: EXIF orientation applied) and uint8 grey (+ alpha), RGB or RGBA
+  arrays, all given to the encoder and the model as uint8 RGB; other dtypes refused (a float image in
+  [0, 1] became black);
 - one image or one prompt where a list is due, lists of different lengths, no images at all;
 - `batch_size`: every device call the same shape, noise indices those of the whole call;
 - the generator's image size: a multiple of the pixels under one DiT token, not floored to one.
 """
 
+import io
 import types
 
 import jax
@@ -97,6 +99,21 @@ def test_segmenter_refuses_images_it_cannot_read_as_rgb(image, message):
     with pytest.raises(ValueError, match=message):
         segmenter([RGB, image], ["a", "b"])
     assert not segmenter.encoder.images and not batches
+
+
+def test_segmenter_takes_a_pil_image_as_displayed():
+    """A PIL image tagged EXIF orientation 6 (stored 20 x 24, shown 24 x 20) was segmented as stored,
+    while the CLI's `read_image` rotates it: its mask came back in the other orientation."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = io.BytesIO()
+    Image.fromarray(RGB).save(stored, format="JPEG", quality=95, exif=exif.tobytes())
+    photo = Image.open(stored)
+    displayed = np.rot90(np.asarray(photo.convert("RGB")), k=-1)  # orientation 6: 90 degrees clockwise
+    segmenter, batches = segmenter_without_model()
+    masks = segmenter([photo, displayed], ["a", "a"])
+    np.testing.assert_array_equal(segmenter.encoder.images[-1][0], displayed)
+    assert masks[0].shape == (24, 20) and np.array_equal(masks[0], masks[1])
 
 
 def test_segmenter_call_shapes():

@@ -86,14 +86,29 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 def pil_to_rgb(image: Image.Image) -> np.ndarray:
     """uint8 `(H, W, 3)` of a PIL image; 16-bit greyscale keeps its high byte (>> 8, as cv2.imread does).
 
-    Mode "I" (32-bit ints) is 16-bit data only when a value passes 255 (older Pillows open 16-bit PNGs so);
-    otherwise it is taken as 8-bit, as convert("RGB") takes it.
+    Mode "I" (32-bit ints) is 16-bit data when a value passes 255 (older Pillows open 16-bit PNGs so),
+    8-bit data otherwise, as convert("RGB") takes it. Raises `BadExample("bad_image")` (a ValueError) for
+    floating-point pixels (mode "F") and for "I" pixels outside [0, 65535] (signed or 32-bit data):
+    convert("RGB") would clip them to a black image, and where their black and white lie cannot be told.
     """
-    wide = image.mode == "I" and int(np.asarray(image).max(initial=0)) > 255
-    if image.mode in SIXTEEN_BIT_MODES or wide:
-        grey = (np.clip(np.asarray(image, np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
+    if image.mode == "F":
+        raise BadExample("bad_image", "an image of floating-point pixels (mode F): save it as 8- or 16-bit")
+    if image.mode == "I":
+        pixels = np.asarray(image)
+        low, high = (int(pixels.min()), int(pixels.max())) if pixels.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise BadExample("bad_image", f"an image of 32-bit pixels from {low} to {high} (mode I): save it "
+                             "as 8- or 16-bit")
+        if high > 255:
+            return _high_byte_rgb(pixels)
+    if image.mode in SIXTEEN_BIT_MODES:
+        return _high_byte_rgb(np.asarray(image))
     return np.asarray(image.convert("RGB"))
+
+
+def _high_byte_rgb(grey: np.ndarray) -> np.ndarray:
+    """16-bit greyscale `(H, W)` -> uint8 `(H, W, 3)` of its high bytes."""
+    return np.repeat((grey.astype(np.int64) >> 8).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:

@@ -1,14 +1,15 @@
 """Loading a trained GenMask checkpoint for inference.
 
-A checkpoint is named by a training workdir (`<workdir>/checkpoints/<step>`, latest step), a checkpoint
-manager directory (latest step) or one step folder. Only the DiT parameters (EMA if the run kept them)
-are read (orbax partial restore: no optimizer state), directly into their shardings on a mesh of this
-process's devices, or as host numpy arrays (`restore_dit_params(mesh=None)`, for `convert.export`).
-The frozen VAE comes from `config.vae_from`, else it is the run's random VAE (drawn from `config.seed`
-exactly as training drew it). The experiment config is the one saved with the checkpoint unless one
-is given; a given config whose model or VAE differs from the saved one gets a warning, and one that
-would decode with another VAE than the run trained with (a random VAE for a run on converted weights,
-or a random VAE of another seed) is refused: its masks and images would be noise.
+A checkpoint is named by a training workdir (`<workdir>/checkpoints/<step>`, latest finalized step), a
+checkpoint manager directory (latest finalized step) or one step folder; a step still being saved is
+never read. Only the DiT parameters (EMA if the run kept them) are read (orbax partial restore: no
+optimizer state), directly into their shardings on a mesh of this process's devices, or as host numpy
+arrays (`restore_dit_params(mesh=None)`, for `convert.export`). The frozen VAE comes from
+`config.vae_from`, else it is the run's random VAE (drawn from `config.seed` exactly as training drew
+it). The experiment config is the one saved with the checkpoint unless one is given; a given config
+whose model or VAE differs from the saved one gets a warning, and one that would decode with another
+VAE than the run trained with (a random VAE for a run on converted weights, or a random VAE of another
+seed) is refused: its masks and images would be noise.
 """
 
 import dataclasses
@@ -28,6 +29,7 @@ from etils import epath
 
 from genmask_jax.models import build
 from genmask_jax.models.genmask import GenMask
+from genmask_jax.parallel import multihost
 from genmask_jax.parallel.mesh import make_mesh
 from genmask_jax.parallel.sharding import LogicalRules, logical_sharding, rules_from_config
 
@@ -60,21 +62,35 @@ class LoadedModel:
 
 
 def resolve(path: str | os.PathLike) -> tuple[epath.Path, int]:
-    """(manager directory, step) for a workdir, a manager directory or a step folder; a local path is
-    made absolute (orbax restores only absolute paths; the demo's `runs/demo/train` is relative)."""
+    """(manager directory, step) for a workdir, a manager directory (its latest finalized step) or a step
+    folder; a local path is made absolute (orbax restores only absolute paths; the demo's
+    `runs/demo/train` is relative). A training run may be saving meanwhile: see `is_finalized`."""
     path = epath.Path(path if "://" in str(path) else os.path.abspath(path))
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if re.fullmatch(r"\d+", path.name) and (path / STATE).exists():
+        if not is_finalized(path):
+            raise CheckpointError(f"checkpoint {path} is not finalized (still being saved, or its save was "
+                                  "interrupted): pass another step or its parent folder")
         return path.parent, int(path.name)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     steps = sorted(
-        int(p.name) for p in path.iterdir() if re.fullmatch(r"\d+", p.name) and (p / STATE).exists()
+        (int(p.name) for p in path.iterdir() if re.fullmatch(r"\d+", p.name) and (p / STATE).exists()),
+        reverse=True,
     )
-    if not steps:
-        raise CheckpointError(f"no checkpoint steps (folders <step>/{STATE}) in {path}")
-    return path, steps[-1]
+    # Newest first: on GCS each test is a request.
+    step = next((s for s in steps if is_finalized(path / str(s))), None)
+    if step is None:
+        unfinished = f" ({len(steps)} not finalized: still being saved?)" if steps else ""
+        raise CheckpointError(f"no checkpoint steps (folders <step>/{STATE}) in {path}{unfinished}")
+    return path, step
+
+
+def is_finalized(step_dir: epath.Path) -> bool:
+    """orbax's own test of a finished save: a local step is written under a temporary name and renamed
+    when done, while on GCS it is written in place and finalized last by its commit_success.txt."""
+    return ocp.step.is_path_finalized(step_dir)
 
 
 def _manager(directory: epath.Path, item: str, handler) -> ocp.CheckpointManager:
@@ -88,11 +104,17 @@ def saved_config(directory: epath.Path, step: int) -> ml_collections.ConfigDict:
 
     Read by the JSON handler alone: a CheckpointManager would start JAX's backends, and the config
     is needed before `jax.distributed.initialize`, which must come first (its `distributed` section).
+    That section's coordinator address, process count and process id are the training job's (process
+    0's, when given as flags): they are cleared (`multihost.unset_job_fields`) so that this job takes
+    its own from the environment or `--config.distributed.*`, instead of waiting for the old job's peers.
     """
     path = epath.Path(directory) / str(step) / CONFIG
     if not path.exists():
         raise CheckpointError(f"checkpoint {directory}/{step} has no saved config; pass --config")
-    return with_current_data_fields(with_tuples(dict(ocp.JsonCheckpointHandler().restore(path))))
+    saved = with_tuples(dict(ocp.JsonCheckpointHandler().restore(path)))
+    if isinstance(saved.get("distributed"), dict):
+        saved["distributed"] = multihost.unset_job_fields(saved["distributed"])
+    return with_current_data_fields(saved)
 
 
 # The only fields the experiment configs hold as lists; JSON saved every tuple as a list too.

@@ -8,9 +8,9 @@ folder, so a training run that saves a newer step meanwhile cannot give the weig
 the config of another.
 
 Bad input (a misspelt config field, a missing file or checkpoint, an unreadable image, an empty
-prompt, a context the configured encoder or embedding cache cannot give) ends the command with
-`<prog>: error: <one line>` on stderr and exit status 2 (flags) or 1 (inputs), no traceback. Anything
-else is a bug and keeps its traceback.
+prompt, an output that cannot be written, a context the configured encoder or embedding cache cannot
+give) ends the command with `<prog>: error: <one line>` on stderr and exit status 2 (flags) or 1
+(inputs), no traceback. Anything else is a bug and keeps its traceback.
 """
 
 import importlib.util
@@ -40,9 +40,11 @@ class InputError(ValueError):
     """Bad user input, reported as one line."""
 
 
+# FileExistsError and NotADirectoryError: an output path under a file (outputs are checked before the
+# model runs; a file made meanwhile still gets one line).
 USER_ERRORS = (
     InputError, CheckpointError, ContextError, VAEConfigMismatch, FileNotFoundError, PermissionError,
-    IsADirectoryError,
+    IsADirectoryError, FileExistsError, NotADirectoryError,
 )
 
 
@@ -55,6 +57,14 @@ def define_config_flag():
         "fields with --config.field=value (unknown fields are rejected). Inference commands default to "
         "the config saved with the checkpoint.",
         lock_config=True,
+    )
+
+
+def define_seed_flag():
+    """`--seed`, refused when parsed unless in [0, 2**32): without jax_enable_x64 JAX keeps a seed's low
+    32 bits, so --seed=4294967303 would draw the noise of --seed=7 (`segmenter.noise_key`)."""
+    return flags.DEFINE_integer(
+        "seed", 0, "Noise seed (0 to 2**32 - 1).", lower_bound=0, upper_bound=2**32 - 1
     )
 
 
@@ -208,6 +218,19 @@ def check_same_step(directory, step: int) -> None:
             f"the processes resolved --checkpoint to different steps ({steps} by process; a training run "
             f"saved meanwhile): pass one step folder, e.g. --checkpoint={directory}/{max(steps)}"
         )
+
+
+def check_image_size(config: ml_collections.ConfigDict, size: tuple[int, int] | None = None) -> None:
+    """Raises InputError, before the checkpoint loads, for an image size the model of `config` cannot
+    take: `size` (generate's --size) or else `config.data.resolution` (what images are fitted to)."""
+    from genmask_jax.infer.generator import check_image_hw
+    from genmask_jax.models.build import build_model
+
+    model = build_model(config)  # its own errors are the config's, not the size's
+    try:
+        check_image_hw(model, size if size is not None else config.data.resolution)
+    except ValueError as e:
+        raise InputError(f"{'--size' if size is not None else 'config.data.resolution'}: {e}") from e
 
 
 def require(condition: bool, message: str) -> None:

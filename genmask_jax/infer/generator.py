@@ -18,7 +18,7 @@ from genmask_jax.diffusion import flow
 from genmask_jax.encoders import make_encoder
 from genmask_jax.infer.checkpoint import LoadedModel
 from genmask_jax.infer.images import to_uint8
-from genmask_jax.infer.segmenter import example_noise
+from genmask_jax.infer.segmenter import example_noise, noise_key
 from genmask_jax.models.genmask import GenMask
 
 
@@ -67,7 +67,7 @@ def generate_images(
 
 class Generator:
     """`generator(prompts, num_steps, guidance_scale, seed) -> uint8 images (B, H, W, 3)`; prompt `i`
-    gets the noise of `fold_in(key(seed), i)`.
+    gets the noise of `fold_in(key(seed), i)`, seed in [0, 2**32) (`segmenter.noise_key`).
 
     Args:
       loaded: `infer.checkpoint.load(...)`.
@@ -114,11 +114,12 @@ class Generator:
         if not shift > 0:  # shift <= 0 turns the schedule into NaNs, not an error
             raise ValueError(f"shift must be > 0, got {shift}")
         flow.sampler(sampler)  # a bad name fails here, before the prompts are encoded
+        key = noise_key(seed)
         image_hw = check_image_hw(self.loaded.model, image_hw or self.loaded.resolution)
         context, context_mask = self.encoder.encode(None, list(prompts))
         fn = self._function(image_hw, num_steps, guidance_scale, shift, sampler)
         loaded = self.loaded
         index = jnp.arange(len(prompts), dtype=jnp.int32)
         with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(loaded.rules):
-            rgb = fn(loaded.dit_params, loaded.vae_params, context, context_mask, index, jax.random.key(seed))
+            rgb = fn(loaded.dit_params, loaded.vae_params, context, context_mask, index, key)
         return to_uint8(jax.device_get(rgb))

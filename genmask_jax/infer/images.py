@@ -25,20 +25,59 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"cannot read image {path}: {e}") from e
 
 
-def _save(array: np.ndarray, path: str | os.PathLike) -> None:
+# The formats an output may take (PIL's names; its extension chooses, PNG without one) and one
+# extension of each for messages. Masks take only the lossless ones: a JPEG or WebP mask is no longer
+# two-valued.
+OUTPUT_FORMATS = {"PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "JPEG": ".jpg", "WEBP": ".webp"}
+LOSSY_FORMATS = ("JPEG", "WEBP")
+
+
+def output_format(path: str | os.PathLike, lossless: bool = False) -> str:
+    """The PIL format of `path` by its extension, PNG without one; InputError for an extension of none
+    of OUTPUT_FORMATS, or of a lossy one when `lossless`."""
+    ext = os.path.splitext(str(path))[1].lower()
+    image_format = Image.registered_extensions().get(ext) if ext else "PNG"
+    allowed = [f for f in OUTPUT_FORMATS if not (lossless and f in LOSSY_FORMATS)]
+    if image_format in allowed:
+        return image_format
+    what = "a mask" if lossless else "an image"
+    why = "a lossy format (a mask must keep two values)" if image_format in LOSSY_FORMATS else "not known"
+    use = ", ".join(OUTPUT_FORMATS[f] for f in allowed)
+    raise InputError(f"cannot write {what} to {path}: {ext!r} is {why}; use {use}")
+
+
+def check_output(path: str | os.PathLike, lossless: bool = False) -> None:
+    """Raises InputError unless `path` can take an output (`write_mask` when `lossless`, else
+    `write_image`): its format (`output_format`), not a folder, the folders above it there or creatable."""
+    output_format(path, lossless)
+    path = epath.Path(path)
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a folder")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"cannot write {path}: {folder} is a file, not a folder")
+    if "://" not in str(folder) and not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: no permission to write in {folder}")
+
+
+def _save(array: np.ndarray, path: str | os.PathLike, lossless: bool = False) -> None:
+    image_format = output_format(path, lossless)
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
-        Image.fromarray(array).save(f, format="PNG")
+        Image.fromarray(array).save(f, format=image_format)
 
 
 def write_mask(mask: np.ndarray, path: str | os.PathLike) -> None:
-    """bool `(H, W)` -> 8-bit PNG, foreground 255."""
-    _save(np.asarray(mask, bool).astype(np.uint8) * 255, path)
+    """bool `(H, W)` -> 8-bit greyscale, foreground 255, in the lossless format of `path`'s extension
+    (`output_format`)."""
+    _save(np.asarray(mask, bool).astype(np.uint8) * 255, path, lossless=True)
 
 
 def write_image(image: np.ndarray, path: str | os.PathLike) -> None:
-    """uint8 `(H, W, 3)` -> PNG."""
+    """uint8 `(H, W, 3)` in the format of `path`'s extension (`output_format`)."""
     _save(np.asarray(image, np.uint8), path)
 
 
@@ -83,3 +122,12 @@ def numbered(path: str, i: int, n: int) -> str:
         return path
     stem, ext = os.path.splitext(path)
     return f"{stem}_{i}{ext or '.png'}"
+
+
+def output_paths(pattern: str, n: int, lossless: bool = False) -> list[str]:
+    """The paths of `n` outputs named by `pattern` (`numbered`), each checked to take a mask (`lossless`)
+    or an image (`check_output`), so that a bad one stops a command before its model runs."""
+    paths = [numbered(pattern, i, n) for i in range(n)]
+    for path in paths:
+        check_output(path, lossless)
+    return paths

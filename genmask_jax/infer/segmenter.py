@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from genmask_jax.data import preprocess
 from genmask_jax.diffusion import flow
@@ -25,6 +25,16 @@ from genmask_jax.encoders import make_encoder
 from genmask_jax.infer.checkpoint import LoadedModel
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.parallel.sharding import batch_shard_count, batch_sharding
+
+NUM_SEEDS = 2**32
+
+
+def noise_key(seed: int) -> jax.Array:
+    """`jax.random.key(seed)`; ValueError unless 0 <= seed < 2**32: without jax_enable_x64 JAX keeps a
+    seed's low 32 bits, so seed 2**32 + 7 would draw the noise of seed 7 (and -1 that of 2**32 - 1)."""
+    if not 0 <= seed < NUM_SEEDS:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    return jax.random.key(seed)
 
 
 def example_noise(key: jax.Array, index: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -111,10 +121,11 @@ def pad_rows(tree: dict, multiple: int) -> tuple[dict, int]:
 
 
 def as_rgb_uint8(image: np.ndarray | Image.Image) -> np.ndarray:
-    """A PIL image or a uint8 array (`preprocess.as_rgb`) -> uint8 `(H, W, 3)`; ValueError for others:
-    whether a float image's values run to 1 or to 255 cannot be told."""
+    """A PIL image as displayed (EXIF orientation applied, as `images.read_image` reads a file) or a uint8
+    array (`preprocess.as_rgb`) -> uint8 `(H, W, 3)`; ValueError for others: whether a float image's
+    values run to 1 or to 255 cannot be told."""
     if isinstance(image, Image.Image):
-        return preprocess.pil_to_rgb(image)
+        return preprocess.pil_to_rgb(ImageOps.exif_transpose(image))
     return preprocess.as_rgb(np.asarray(image))
 
 
@@ -150,7 +161,8 @@ class Segmenter:
     Args:
       loaded: `infer.checkpoint.load(...)`.
       num_steps: 1 = the paper's single-step inference.
-      seed: noise seed; example `i` of a call (or `batch["index"][i]`) gets `fold_in(key(seed), i)`.
+      seed: noise seed in [0, 2**32) (`noise_key`); example `i` of a call (or `batch["index"][i]`) gets
+        `fold_in(key(seed), i)`.
       shift: schedule shift for `num_steps > 1`.
       encoder: the instruction encoder; default `make_encoder(config.data.encoder)`, built on first use.
       rewrite: two-stage reasoning for `segmenter(images, prompts)`: the VLM first rewrites every prompt
@@ -177,9 +189,9 @@ class Segmenter:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not shift > 0:  # shift <= 0 turns the multi-step schedule into NaNs, not an error
             raise ValueError(f"shift must be > 0, got {shift}")
+        self.key = noise_key(seed)
         self.rewrite = rewrites_prompts(loaded.config.data.encoder, rewrite, getattr(encoder, "name", None))
         self.loaded, self.num_steps, self.batch_size, self._encoder = loaded, num_steps, batch_size, encoder
-        self.key = jax.random.key(seed)
         self.sharding = batch_sharding(loaded.mesh, loaded.rules)
         self.batch_multiple = batch_shard_count(loaded.mesh, loaded.rules)
         self._fn = jax.jit(partial(predict_scores, loaded.model, num_steps=num_steps, shift=shift))
@@ -215,8 +227,8 @@ class Segmenter:
         self, images: Sequence[np.ndarray | Image.Image], prompts: Sequence[str]
     ) -> list[np.ndarray]:
         """Images (uint8 `(H, W, 3)` RGB, `(H, W, 4)` RGBA, `(H, W)` grey, or PIL images) and one prompt
-        each -> bool masks `(H, W)` at each image's size. Image `i` gets the noise of index `i` whatever
-        `batch_size`."""
+        each -> bool masks `(H, W)` at each image's size; a PIL image and its mask as displayed (EXIF
+        orientation applied). Image `i` gets the noise of index `i` whatever `batch_size`."""
         check_inputs(images, prompts)
         rgb = [as_rgb_uint8(image) for image in images]
         masks = []

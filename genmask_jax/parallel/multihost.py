@@ -24,6 +24,15 @@ import jax
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "GENMASK_"
+# The fields of `config.distributed` that say where one job's processes meet and which one this is; a
+# saved run's (its process 0's) describe that job only, and `unset_job_fields` clears them.
+JOB_FIELDS = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
+
+
+def unset_job_fields(distributed: Mapping) -> dict:
+    """`distributed` (a config section, as a dict) with `JOB_FIELDS` at their "from the environment"
+    values; `mode` and anything else kept."""
+    return {**dict(distributed), **JOB_FIELDS}
 
 
 def distributed_args(config: Mapping | None, environ: Mapping[str, str] = os.environ) -> dict:

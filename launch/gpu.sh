@@ -4,14 +4,16 @@
 # One node:
 #   bash launch/gpu.sh -- python -m genmask_jax.train --config=configs/genmask.py --workdir=runs/x
 # Several nodes (run the same line on every node, or under SLURM: `srun --ntasks-per-node=1 bash
-# launch/gpu.sh -- ...`, which fills the three flags from SLURM_* variables):
+# launch/gpu.sh -- ...`, which fills the three flags from the step's SLURM_* variables; outside an srun
+# step, in a batch script or an salloc shell, it runs one process):
 #   bash launch/gpu.sh --coordinator node0:12355 --num-processes 4 --process-id $RANK -- python -m ...
 # Flags: --cuda 12|13 (the jax extra, default 12), --venv DIR (default .venv-cuda), --no-install,
 #        --dry-run (print the set-up and the command instead of running them).
 # Process 0 installs into the venv (skipped while requirements.txt and pyproject.toml are unchanged);
 # the others wait up to GENMASK_INSTALL_WAIT_S seconds (default 1800) for it, so several nodes can share
 # one venv on a shared file system (a venv on node-local disks: set it up on each node first, then
-# --no-install). The venv is made with $PYTHON (default python3), which must be Python >= 3.11.
+# --no-install). The venv is made with $PYTHON (default python3), which must be Python >= 3.11. The command
+# runs with the venv first on PATH, so `env VAR=1 python ...` or `nsys profile python ...` use its python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,16 +41,22 @@ done
 CMD=("$@")
 [[ ${#CMD[@]} -gt 0 ]] || { echo "gpu.sh: give the command to run after --" >&2; exit 2; }
 [[ "$CUDA" == 12 || "$CUDA" == 13 ]] || { echo "gpu.sh: --cuda must be 12 or 13" >&2; exit 2; }
+# Absolute, since the venv goes on PATH and the command may change directory.
+[[ "$VENV" == /* ]] || VENV="$PWD/$VENV"
 
-# Under SLURM with several tasks, the first node of this step (of the allocation, outside a step)
-# coordinates.
-if [[ -z "$COORD" && -n "${SLURM_NTASKS:-}" && "${SLURM_NTASKS}" -gt 1 ]]; then
+# Inside an srun step of several tasks, the step's first node coordinates. A batch script or an salloc
+# shell also has SLURM_NTASKS > 1 but is one process: making it process 0 of SLURM_NTASKS would leave it
+# waiting for peers that never start.
+if [[ -z "$COORD" && -n "${SLURM_STEP_ID:-}" && "${SLURM_STEP_NUM_TASKS:-1}" -gt 1 ]]; then
   if [[ "${SLURM_LOCALID:-0}" -gt 0 ]]; then
     echo "gpu.sh: runs one process per node that owns all its GPUs; start it with srun --ntasks-per-node=1" >&2
     exit 2
   fi
-  first="$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n1)"
-  COORD="$first:$PORT" NPROC="$SLURM_NTASKS" PID="$SLURM_PROCID"
+  first="$(scontrol show hostnames "$SLURM_STEP_NODELIST" | head -n1)"
+  COORD="$first:$PORT" NPROC="$SLURM_STEP_NUM_TASKS" PID="$SLURM_PROCID"
+elif [[ -z "$COORD" && "${SLURM_NTASKS:-1}" -gt 1 ]]; then
+  echo "[gpu.sh] SLURM_NTASKS=$SLURM_NTASKS but not in an srun step of several tasks: running one process on" \
+    "this node's GPUs (a multi-process run needs srun --ntasks-per-node=1 bash launch/gpu.sh ...)" >&2
 fi
 if [[ -n "$COORD" || -n "$NPROC" || -n "$PID" ]]; then
   [[ -n "$COORD" && -n "$NPROC" && -n "$PID" ]] || {
@@ -94,8 +102,10 @@ if [[ $INSTALL -eq 1 ]]; then
     done
   fi
 fi
+export PATH="$VENV/bin:$PATH" VIRTUAL_ENV="$VENV"
 if [[ $DRY -eq 1 ]]; then
   env | grep -E '^GENMASK_' | sort | sed 's/^/+ export /' || true
+  echo "+ export PATH=$VENV/bin:\$PATH VIRTUAL_ENV=$VENV"
 fi
 if [[ "${CMD[0]}" == python || "${CMD[0]}" == python3 ]]; then CMD[0]="$VENV/bin/python"; fi
 run "${CMD[@]}"

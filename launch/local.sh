@@ -3,6 +3,8 @@
 #   bash launch/local.sh demo [flags]   the built-in demo on synthetic data, tiny model, CPU
 #   bash launch/local.sh test [pytest args]
 #   bash launch/local.sh python -m genmask_jax.<module> [flags]
+# The venv is made with $PYTHON (default python3), which must be Python >= 3.11 (jax 0.10); a venv
+# with an older Python is made again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,12 +22,27 @@ requirement_files() {  # $1 and the files it includes with -r, recursively (all 
   done
 }
 
+python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+python_version() { if command -v "$1" >/dev/null; then "$1" --version 2>&1 | head -n1; else echo "not found"; fi; }
+check_python() {
+  python_ok "$PYTHON" || { echo "local.sh: jax 0.10 needs Python >= 3.11, $PYTHON is $(python_version "$PYTHON");" \
+    "run with PYTHON=python3.12 (or another python >= 3.11)" >&2; exit 2; }
+}
+
 setup() {  # $1: requirements file
   local req="$1" stamp want
   stamp="$VENV/.installed-$(basename "$1")"
   want="$(requirement_files "$req" | sort -u | xargs cat | sha256sum | cut -d' ' -f1)"
+  if [[ -x "$VENV/bin/python" ]] && ! python_ok "$VENV/bin/python"; then
+    [[ -f "$VENV/pyvenv.cfg" ]] || { echo "local.sh: $VENV has $(python_version "$VENV/bin/python")," \
+      "jax 0.10 needs Python >= 3.11, and it is not a venv this script may remove" >&2; exit 2; }
+    check_python  # before the old venv goes
+    echo "[setup] $VENV has $(python_version "$VENV/bin/python"), jax 0.10 needs >= 3.11: making it again"
+    rm -rf "$VENV"
+  fi
   if [[ ! -x "$VENV/bin/python" ]]; then
-    echo "[setup] creating $VENV with $($PYTHON --version)"
+    check_python
+    echo "[setup] creating $VENV with $(python_version "$PYTHON")"
     "$PYTHON" -m venv "$VENV"
   fi
   if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then

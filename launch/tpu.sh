@@ -9,7 +9,8 @@
 # tree's changes) to every worker; make a venv there with uv (Python $PYTHON_VERSION, default 3.12) and
 # install jax[tpu] and requirements.txt, any failing step stopping the worker; run the command on all
 # workers at once with JAX's distributed runtime on (jax.distributed.initialize() finds the coordinator
-# on TPU by itself); stream every worker's output; delete the slice if --delete.
+# on TPU by itself); stream every worker's output; delete the slice if --delete, whether the command or
+# an earlier step failed or was interrupted (the exit status stays the command's or the failed step's).
 # --dry-run prints each gcloud command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,7 @@ CMD=("$@")
 [[ -n "$NAME" && -n "$ZONE" ]] || { echo "tpu.sh: --name and --zone are required" >&2; exit 2; }
 [[ ${#CMD[@]} -gt 0 || $CREATE -eq 1 || $DELETE -eq 1 ]] || {
   echo "tpu.sh: nothing to do (give a command after --, or --create / --delete)" >&2; exit 2; }
+[[ $CREATE -eq 0 || -n "$ACCEL" ]] || { echo "tpu.sh: --create needs --accelerator" >&2; exit 2; }
 
 if [[ -z "$VERSION" ]]; then
   case "$ACCEL" in
@@ -61,8 +63,23 @@ run() {  # prints in dry-run mode, runs otherwise
   if [[ $DRY -eq 1 ]]; then printf '+'; printf ' %q' "$@"; printf '\n'; else "$@"; fi
 }
 
+bundle_dir=""
+finish() {
+  local rc=$? delete_rc=0
+  [[ -z "$bundle_dir" ]] || rm -rf "$bundle_dir"
+  if [[ $DELETE -eq 1 ]]; then
+    # A failed command must not leave the slice billing.
+    run "${GC[@]}" delete "$NAME" "${LOC[@]}" --quiet || delete_rc=$?
+    if [[ $delete_rc -ne 0 ]]; then
+      echo "tpu.sh: deleting $NAME failed; delete it with: ${GC[*]} delete $NAME ${LOC[*]}" >&2
+      [[ $rc -ne 0 ]] || rc=$delete_rc
+    fi
+  fi
+  exit "$rc"
+}
+trap finish EXIT
+
 if [[ $CREATE -eq 1 ]]; then
-  [[ -n "$ACCEL" ]] || { echo "tpu.sh: --create needs --accelerator" >&2; exit 2; }
   if [[ $DRY -eq 1 ]] || ! "${GC[@]}" describe "$NAME" "${LOC[@]}" >/dev/null 2>&1; then
     extra=(); [[ $SPOT -eq 1 ]] && extra+=(--spot)
     run "${GC[@]}" create "$NAME" "${LOC[@]}" --accelerator-type "$ACCEL" --version "$VERSION" "${extra[@]}"
@@ -72,11 +89,16 @@ if [[ $CREATE -eq 1 ]]; then
 fi
 
 if [[ ${#CMD[@]} -gt 0 ]]; then
-  bundle="$(mktemp -d)/genmask_jax.tar.gz"
   if [[ $DRY -eq 1 ]]; then
-    echo "+ tar -czf $bundle (git ls-files: tracked and untracked-not-ignored files)"
+    bundle="${TMPDIR:-/tmp}/tmp.XXXXXXXXXX/genmask_jax.tar.gz"
+    echo "+ tar -czf $bundle (git ls-files: tracked and untracked-not-ignored files that exist)"
   else
-    git ls-files -z --cached --others --exclude-standard | tar -czf "$bundle" --null -T -
+    bundle_dir="$(mktemp -d)"
+    bundle="$bundle_dir/genmask_jax.tar.gz"
+    # --cached also lists tracked files deleted in the working tree, which tar cannot read.
+    git ls-files -z --cached --others --exclude-standard |
+      while IFS= read -r -d '' f; do if [[ -e $f || -L $f ]]; then printf '%s\0' "$f"; fi; done |
+      tar -czf "$bundle" --null -T -
   fi
   run "${GC[@]}" scp "$bundle" "$NAME:~/genmask_jax.tar.gz" "${LOC[@]}" --worker=all
   quoted="$(printf ' %q' "${CMD[@]}")"
@@ -107,8 +129,4 @@ if [[ ${#CMD[@]} -gt 0 ]]; then
   )
   remote="$(IFS=';'; echo "${steps[*]}")"
   run "${GC[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command "$remote"
-fi
-
-if [[ $DELETE -eq 1 ]]; then
-  run "${GC[@]}" delete "$NAME" "${LOC[@]}" --quiet
 fi

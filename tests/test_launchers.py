@@ -13,10 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["launch/tpu.sh", "launch/gpu.sh", "launch/local.sh", ".ci/run"]
 
 
-def _run(args, env=None):
+def _run(args, env=None, cwd=ROOT):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GENMASK_"))}
     full_env.update(env or {})
-    return subprocess.run(["bash", *args], cwd=ROOT, capture_output=True, text=True, env=full_env)
+    return subprocess.run(["bash", *args], cwd=cwd, capture_output=True, text=True, env=full_env)
+
+
+def _executable(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -77,6 +84,23 @@ def test_runtime_requirements_include_gcsfs():
     names = [re.split(r"[\s<>=!~\[;#]", line.strip(), maxsplit=1)[0].lower()
              for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert "gcsfs" in names
+
+
+def test_libtpu_is_required_only_where_it_has_wheels():
+    """libtpu ships Linux x86_64 wheels only: unconditional, it stopped `launch/local.sh test` from
+    installing on macOS and Linux aarch64 (the tests that need it skip there)."""
+    from packaging.requirements import Requirement
+
+    lines = (ROOT / "requirements-tpu.txt").read_text().splitlines()
+    libtpu = next(Requirement(line) for line in lines if line.startswith("libtpu"))
+    assert libtpu.marker is not None
+
+    def wanted(platform, machine):
+        return libtpu.marker.evaluate({"sys_platform": platform, "platform_machine": machine})
+
+    assert wanted("linux", "x86_64")
+    assert not any(wanted(*where) for where in [("darwin", "arm64"), ("darwin", "x86_64"),
+                                                ("linux", "aarch64"), ("win32", "AMD64")])
 
 
 def test_gs_paths_get_the_gcsfs_backend_without_network():
@@ -184,13 +208,87 @@ def test_tpu_worker_removes_files_the_previous_bundle_shipped_and_this_one_does_
     assert (run_dir / "runs" / "metrics.jsonl").exists() and (run_dir / ".venv" / "bin" / "python").exists()
 
 
+# launch/tpu.sh on this machine: a throwaway repository and a gcloud that logs its calls.
+
+_FAKE_GCLOUD = """#!/bin/bash
+echo "gcloud $*" >> "$GCLOUD_LOG"
+case "$4" in
+  describe) exit 1 ;;
+  scp) tar -tzf "$5" > "$GCLOUD_LOG.bundle" ;;
+  ssh) exit "${FAKE_SSH_RC:-0}" ;;
+  delete) exit "${FAKE_DELETE_RC:-0}" ;;
+esac
+"""
+
+
+def _tpu_repo(tmp_path):
+    """A git repository with launch/tpu.sh and two tracked files, and the env to run it with a fake gcloud."""
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    shutil.copy(ROOT / "launch" / "tpu.sh", repo / "launch")
+    for name in ("kept.py", "gone.py"):
+        (repo / name).write_text("")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "files"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    _executable(tmp_path / "bin" / "gcloud", _FAKE_GCLOUD)
+    (tmp_path / "tmp").mkdir()
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "TMPDIR": str(tmp_path / "tmp"),
+           "GCLOUD_LOG": str(tmp_path / "gcloud.log")}
+    return repo, env
+
+
+def _gcloud_calls(env):
+    return [line.split()[4] for line in Path(env["GCLOUD_LOG"]).read_text().splitlines()]
+
+
+def test_tpu_bundle_leaves_out_tracked_files_deleted_in_the_working_tree(tmp_path):
+    """`git ls-files --cached` still lists them; tar could not read them and the launch stopped."""
+    repo, env = _tpu_repo(tmp_path)
+    (repo / "gone.py").unlink()
+    out = _run(["launch/tpu.sh", "--name", "gm", "--zone", "z", "--", "python", "-c", "1"], env, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    bundle = Path(env["GCLOUD_LOG"] + ".bundle").read_text().split()
+    assert "kept.py" in bundle and "launch/tpu.sh" in bundle and "gone.py" not in bundle
+
+
+@pytest.mark.parametrize(("ssh_rc", "delete_rc"), [(0, 0), (3, 0), (0, 5), (3, 5)])
+def test_tpu_delete_runs_whatever_the_command_returns(tmp_path, ssh_rc, delete_rc):
+    """A failed command must not leave the slice billing; tpu.sh exits with the command's status (the
+    delete's when only the delete failed)."""
+    repo, env = _tpu_repo(tmp_path)
+    env.update(FAKE_SSH_RC=str(ssh_rc), FAKE_DELETE_RC=str(delete_rc))
+    out = _run(["launch/tpu.sh", "--name", "gm", "--zone", "z", "--accelerator", "v5litepod-8", "--create",
+                "--delete", "--", "python", "-c", "1"], env, cwd=repo)
+    assert _gcloud_calls(env) == ["describe", "create", "scp", "ssh", "delete"]
+    assert out.returncode == (ssh_rc or delete_rc)
+    assert ("deleting gm failed" in out.stderr) == bool(delete_rc)
+
+
+def test_tpu_create_without_accelerator_deletes_nothing(tmp_path):
+    repo, env = _tpu_repo(tmp_path)
+    out = _run(["launch/tpu.sh", "--name", "gm", "--zone", "z", "--create", "--delete"], env, cwd=repo)
+    assert out.returncode == 2 and "--create needs --accelerator" in out.stderr
+    assert not Path(env["GCLOUD_LOG"]).exists()
+
+
+def test_tpu_leaves_no_temporary_files(tmp_path):
+    repo, env = _tpu_repo(tmp_path)
+    for dry in (["--dry-run"], []):
+        out = _run(["launch/tpu.sh", *dry, "--name", "gm", "--zone", "z", "--", "true"], env, cwd=repo)
+        assert out.returncode == 0, out.stderr
+        assert list((tmp_path / "tmp").iterdir()) == []
+
+
 # launch/gpu.sh: one install per shared venv.
 
 
 def _fake_venv(tmp_path):
     venv, log = tmp_path / "venv", tmp_path / "calls.log"
     (venv / "bin").mkdir(parents=True)
-    for tool in ("pip", "python"):
+    for tool in ("pip", "python", "python3"):
         (venv / "bin" / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n')
         (venv / "bin" / tool).chmod(0o755)
     return venv, log
@@ -226,14 +324,40 @@ def _fake_scontrol(tmp_path):
 
 def test_gpu_under_slurm_the_step_nodes_coordinate_and_only_process_zero_installs(tmp_path):
     slurm = {"PATH": _fake_scontrol(tmp_path), "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
-             "SLURM_JOB_NODELIST": "login,gpu1,gpu2", "SLURM_STEP_NODELIST": "gpu1,gpu2"}
+             "SLURM_JOB_NODELIST": "login,gpu1,gpu2", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2",
+             "SLURM_STEP_NODELIST": "gpu1,gpu2"}
     out = _run(["launch/gpu.sh", "--dry-run", "--", "python", "-c", "1"], env=slurm)
     assert out.returncode == 0, out.stderr
     assert "+ export GENMASK_COORDINATOR_ADDRESS=gpu1:12355" in out.stdout
+    assert "+ export GENMASK_NUM_PROCESSES=2" in out.stdout and "+ export GENMASK_PROCESS_ID=1" in out.stdout
     assert "pip" not in out.stdout and "(process 0 installs)" in out.stdout
 
     out = _run(["launch/gpu.sh", "--dry-run", "--", "python", "-c", "1"], env={**slurm, "SLURM_LOCALID": "1"})
     assert out.returncode == 2 and "--ntasks-per-node=1" in out.stderr
+
+
+@pytest.mark.parametrize("batch_step_ids", [{"SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, {}])
+def test_gpu_in_a_slurm_batch_script_or_salloc_shell_runs_one_process(tmp_path, batch_step_ids):
+    """Outside an srun step SLURM_NTASKS is the allocation's, but one process runs: as process 0 of 8 it
+    would wait for peers that never start (and without SLURM_PROCID, an salloc shell, it died)."""
+    slurm = {"PATH": _fake_scontrol(tmp_path), "SLURM_JOB_ID": "77", "SLURM_NTASKS": "8",
+             "SLURM_JOB_NODELIST": "gpu1", **batch_step_ids}
+    out = _run(["launch/gpu.sh", "--dry-run", "--no-install", "--", "python", "-c", "1"], env=slurm)
+    assert out.returncode == 0, out.stderr
+    assert "GENMASK_" not in out.stdout
+    assert len(out.stderr.splitlines()) == 1 and "srun --ntasks-per-node=1" in out.stderr
+
+
+def test_gpu_command_runs_with_the_venv_first_on_path(tmp_path):
+    """Not only a leading `python`: `env VAR=1 python`, `bash -c`, a profiler's child get the venv's python,
+    also after changing directory (a relative --venv is made absolute)."""
+    venv, log = _fake_venv(tmp_path)
+    flags = ["launch/gpu.sh", "--no-install", "--venv", os.path.relpath(venv, ROOT), "--"]
+    assert _run([*flags, "env", "FOO=1", "python", "-c", "1"]).returncode == 0
+    out = _run([*flags, "bash", "-c", 'cd / && python3 -c 2 && python -c 3 && echo "$VIRTUAL_ENV"'])
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).resolve() == venv.resolve()
+    assert log.read_text().splitlines() == ["python -c 1", "python3 -c 2", "python -c 3"]
 
 
 @pytest.mark.parametrize("script", ["launch/tpu.sh", "launch/gpu.sh"])
@@ -246,12 +370,17 @@ def test_help_prints_the_header_comment_only(script):
 # launch/local.sh: the venv stamp.
 
 
-def test_local_test_venv_reinstalls_when_an_included_requirements_file_changes(tmp_path):
+def _local_repo(tmp_path):
     repo = tmp_path / "repo"
     (repo / "launch").mkdir(parents=True)
     shutil.copy(ROOT / "launch" / "local.sh", repo / "launch")
     for name in ("requirements.txt", "requirements-tpu.txt", "requirements-test.txt"):
         shutil.copy(ROOT / name, repo)
+    return repo
+
+
+def test_local_test_venv_reinstalls_when_an_included_requirements_file_changes(tmp_path):
+    repo = _local_repo(tmp_path)
     venv, log = _fake_venv(tmp_path)
 
     def run_tests():
@@ -267,3 +396,42 @@ def test_local_test_venv_reinstalls_when_an_included_requirements_file_changes(t
     with open(repo / "requirements-tpu.txt", "a") as f:  # included by requirements-test.txt
         f.write("# a changed pin\n")
     assert run_tests() == 3
+
+
+def _fake_python(path, version, log):
+    """A python that says it is `version`, logs its calls, and copies itself into DIR/bin on -m venv DIR."""
+    old = tuple(map(int, version.split(".")[:2])) < (3, 11)
+    return _executable(path, f"""#!/bin/sh
+echo "python{version} $*" >> "{log}"
+case "$1 $2" in
+  "--version "*) echo "Python {version}" ;;
+  "-c "*version_info*) exit {int(old)} ;;
+  "-m venv") mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && touch "$3/pyvenv.cfg" ;;
+esac
+""")
+
+
+def test_local_needs_python_311_or_newer(tmp_path):
+    repo, venv, log = _local_repo(tmp_path), tmp_path / "venv", tmp_path / "calls.log"
+    env = {"GENMASK_TEST_VENV": str(venv), "PYTHON": str(_fake_python(tmp_path / "py310", "3.10.13", log))}
+    out = _run(["launch/local.sh", "test"], env, cwd=repo)
+    assert out.returncode == 2 and not venv.exists()
+    assert len(out.stderr.splitlines()) == 1 and "Python 3.10.13" in out.stderr and "PYTHON=" in out.stderr
+
+
+def test_local_makes_a_venv_with_an_older_python_again(tmp_path):
+    """A venv left by a Python 3.10 used to stay, whatever PYTHON the rerun was given."""
+    repo, venv, log = _local_repo(tmp_path), tmp_path / "venv", tmp_path / "calls.log"
+    subprocess.run([_fake_python(tmp_path / "py310", "3.10.13", log), "-m", "venv", venv], check=True)
+    env = {"GENMASK_TEST_VENV": str(venv)}
+
+    out = _run(["launch/local.sh", "test"], {**env, "PYTHON": str(tmp_path / "py310")}, cwd=repo)
+    assert out.returncode == 2 and "PYTHON=" in out.stderr  # no newer python: the old venv stays
+    assert (venv / "bin" / "python").exists()
+
+    py312 = _fake_python(tmp_path / "py312", "3.12.1", log)
+    out = _run(["launch/local.sh", "test"], {**env, "PYTHON": str(py312)}, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert subprocess.run([venv / "bin" / "python", "--version"], capture_output=True, text=True).stdout == \
+        "Python 3.12.1\n"
+    assert any(line.startswith("python3.12.1 -m pip install") for line in log.read_text().splitlines())

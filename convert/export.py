@@ -9,6 +9,7 @@ VAE weights (`config.vae_from`), `vae/`; both load with diffusers' `from_pretrai
 
 import argparse
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -27,12 +28,16 @@ CONTEXT_MASK_WARNING = (
     "the prompt's tokens) and the all-zero null context give the same outputs.")
 
 
+# What a killed export leaves beside its parts: `io._atomic_folder`'s temporary folders.
+_EXPORT_TEMPORARY = re.compile(r"\.(transformer|vae)\.tmp-.+")
+
+
 def is_export_folder(path: Path) -> bool:
-    """A folder as `export_checkpoint` writes it (diffusers-style transformer/ and vae/ and nothing else),
-    or an empty one."""
+    """A folder as `export_checkpoint` writes it (diffusers-style transformer/ and vae/ and nothing else,
+    but the temporary folders of an export that was killed), or an empty one."""
     if not path.is_dir() or path.is_symlink():
         return False
-    names = {p.name for p in path.iterdir()}
+    names = {p.name for p in path.iterdir() if not _EXPORT_TEMPORARY.fullmatch(p.name)}
     return names <= {"transformer", "vae"} and all(io.is_safetensors_folder(path / name) for name in names)
 
 

@@ -441,6 +441,14 @@ def export_diffusers(params: dict, config, dst: str | Path, max_shard_bytes: int
 # CLI.
 
 
+def _seed(text: str) -> int:
+    """A seed JAX takes whole: without jax_enable_x64 it keeps the low 32 bits (2**32 + 7 draws as 7)."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 2**32)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("src", help="diffusers transformer/ folder, original folder or single file")
@@ -452,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-dim", type=int, default=None)
     parser.add_argument("--reinit-text-embedding", action="store_true",
                         help="fresh random text embedder of --text-dim inputs (e.g. 3584 for Qwen2.5-VL)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0, help="of the re-initialised text embedder")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it is an earlier checkpoint")
     args = parser.parse_args(argv)
     return io.convert_and_save(args.dst, args.overwrite, lambda: convert_checkpoint(

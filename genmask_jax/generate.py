@@ -64,8 +64,9 @@ def main() -> None:
     cli.require(_STEPS.value >= 1, f"--steps must be >= 1, got {_STEPS.value}")
     cli.require(_SHIFT.value > 0, f"--shift must be > 0, got {_SHIFT.value}")
     size = parse_size(_SIZE.value)
-    outs = images.output_paths(_OUT.value, len(prompts))  # checked before the model runs
+    outs = images.output_paths(_OUT.value, len(prompts))  # formats before the model runs
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
+    cli.check_on_writer(lambda: [images.check_writable(p) for p in outs])
     cli.check_image_size(config, size)
     check_available(config.data.encoder)  # the prompts are encoded after the checkpoint loads
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)

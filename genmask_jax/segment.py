@@ -82,10 +82,11 @@ def main() -> None:
     cli.require(_STEPS.value >= 1, f"--steps must be >= 1, got {_STEPS.value}")
     cli.require(_BATCH_SIZE.value >= 1, f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
     pairs = pair_inputs(list(_IMAGE.value), prompts)
-    outs = images.output_paths(_OUT.value, len(pairs), lossless=True)  # checked before the model runs
+    outs = images.output_paths(_OUT.value, len(pairs), lossless=True)  # formats before the model runs
     overlays = images.output_paths(_OVERLAY.value, len(pairs)) if _OVERLAY.value else [None] * len(pairs)
     pixels = {path: images.read_image(path) for path in dict.fromkeys(_IMAGE.value)}
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
+    cli.check_on_writer(lambda: [images.check_writable(p) for p in outs + overlays if p])
     try:  # before the checkpoint loads
         rewrites_prompts(config.data.encoder, _REWRITE.value)
     except ValueError as e:

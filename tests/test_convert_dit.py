@@ -505,6 +505,13 @@ def test_run_export_replaces_only_an_earlier_export(tmp_path):
     for sub in ("transformer", "vae"):
         _write("safetensors", earlier / sub, WEIGHTS)
     assert export.is_export_folder(earlier)
+    # A killed export leaves io._atomic_folder's temporary folder in DST: --overwrite must still work.
+    (earlier / ".vae.tmp-abc123").mkdir()
+    (earlier / ".vae.tmp-abc123" / "diffusion_pytorch_model.safetensors").write_bytes(b"partial")
+    assert export.is_export_folder(earlier)
+    killed_early = tmp_path / "killed"
+    (killed_early / ".transformer.tmp-xyz").mkdir(parents=True)
+    assert export.is_export_folder(killed_early)
     (earlier / "README.md").write_text("mine")
     assert not export.is_export_folder(earlier)
 
@@ -688,3 +695,9 @@ def test_bad_options(tmp_path):
     existing.mkdir()
     assert wan_dit.main([str(src), str(existing), "--num-heads", "2"]) == 1
     assert listing(existing) == set()
+
+
+def test_cli_refuses_a_seed_jax_would_cut_to_32_bits(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        wan_dit.main([str(tmp_path / "src"), str(tmp_path / "dst"), "--seed", str(2**32 + 7)])
+    assert info.value.code == 2 and "4294967303 is not in [0, 2**32)" in capsys.readouterr().err

@@ -742,7 +742,7 @@ def test_a_step_still_being_saved_is_never_read(tmp_path, monkeypatch, gcs):
 BEFORE_LOADING = [  # (module, args, exit status, message); each ran the model (or loaded it) first
     ("genmask_jax.segment", ["--out={root}/image.png/mask.png"], 1, "image.png is a file, not a folder"),
     ("genmask_jax.segment", ["--out={root}/mask.jpg"], 1, "'.jpg' is a lossy format"),  # was PNG bytes
-    ("genmask_jax.segment", ["--overlay={root}/overlay.xyz"], 1, "'.xyz' is not known"),
+    ("genmask_jax.segment", ["--overlay={root}/overlay.gif"], 1, "'.gif' is not offered"),
     ("genmask_jax.segment", ["--config.data.resolution=(40, 40)"], 1,
      "config.data.resolution: image size must be H, W in positive multiples of 16"),  # was an error in jit
     ("genmask_jax.generate", ["--config.data.resolution=(40, 40)"], 1,

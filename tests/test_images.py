@@ -112,28 +112,75 @@ def test_a_mask_is_written_losslessly_in_the_format_of_its_extension(tmp_path, n
         ("m.jpg", True, r"cannot write a mask to .*m.jpg: '.jpg' is a lossy .*; use .png, .bmp, .tif$"),
         ("m.jpeg", True, "'.jpeg' is a lossy format"),
         ("m.webp", True, "'.webp' is a lossy format"),
-        ("m.xyz", True, "'.xyz' is not known"),
-        ("m.gif", False, r"cannot write an image to .*m.gif: '.gif' is not known; use .png, .bmp, .tif, "),
-        ("m.txt", False, "'.txt' is not known"),
+        ("m.gif", False, r"cannot write an image to .*m.gif: '.gif' is not offered; use .png, .bmp, .tif, "),
+        ("m.pdf", True, "'.pdf' is not offered"),
     ],
 )
-def test_outputs_of_lossy_or_unknown_formats_are_refused(tmp_path, name, lossless, message):
+def test_outputs_of_lossy_or_other_formats_are_refused(tmp_path, name, lossless, message):
     with pytest.raises(images.InputError, match=message):
-        images.check_output(tmp_path / name, lossless)
+        images.output_format(tmp_path / name, lossless)
     write = images.write_mask if lossless else images.write_image
     with pytest.raises(images.InputError, match=message):
         write(np.zeros((4, 4, 3) if not lossless else (4, 4), np.uint8), tmp_path / name)
     assert not (tmp_path / name).exists()
 
 
-def test_check_output_refuses_paths_under_a_file_and_folders_but_creates_nothing(tmp_path):
+@pytest.mark.parametrize("name", ["frame.0001", "mask_thr0.5", "m.xyz"])
+def test_a_suffix_that_is_no_image_extension_is_part_of_the_name_and_written_as_png(tmp_path, name):
+    images.write_mask(np.ones((4, 4), bool), tmp_path / name)
+    with Image.open(tmp_path / name) as written:
+        assert written.format == "PNG"
+
+
+def test_check_writable_refuses_paths_under_a_file_and_folders_but_creates_nothing(tmp_path):
     (tmp_path / "image.png").write_bytes(b"")
     with pytest.raises(images.InputError, match=r"image.png/deeper/m.png: .*image.png is a file, not a"):
-        images.check_output(tmp_path / "image.png" / "deeper" / "m.png")
+        images.check_writable(tmp_path / "image.png" / "deeper" / "m.png")
     (tmp_path / "folder.png").mkdir()
     with pytest.raises(images.InputError, match="folder.png: it is a folder"):
-        images.check_output(tmp_path / "folder.png")
-    images.check_output(tmp_path / "new" / "deeper" / "m.png", lossless=True)
+        images.check_writable(tmp_path / "folder.png")
+    images.check_writable(tmp_path / "new" / "deeper" / "m.png")
     assert not (tmp_path / "new").exists()
     assert images.output_paths(str(tmp_path / "new" / "{i}.png"), 2) == [str(tmp_path / "new" / f"{i}.png")
                                                                          for i in range(2)]
+
+
+def test_an_existing_writable_file_is_writable_in_a_folder_that_is_not(tmp_path, monkeypatch):
+    """/dev/stdout, or a file kept writable in a read-only folder: the old writer wrote them, and only
+    the file's own permission matters (os.access is faked: as root every test passes)."""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "mask.png").write_bytes(b"")
+    writable = {str(tmp_path / "ro" / "mask.png")}
+    monkeypatch.setattr(images.os, "access", lambda path, mode: str(path) in writable)
+    images.check_writable(tmp_path / "ro" / "mask.png")
+    with pytest.raises(images.InputError, match="no permission to write in .*ro$"):
+        images.check_writable(tmp_path / "ro" / "new.png")
+    writable.clear()
+    with pytest.raises(images.InputError, match="mask.png: no permission to write it"):
+        images.check_writable(tmp_path / "ro" / "mask.png")
+
+
+def test_outputs_are_checked_on_the_writing_process_and_a_failure_stops_all(monkeypatch):
+    """Only process 0 writes, and other hosts may not see its disks: they skip the check, and learn of
+    its failure through one gather, so that no process waits alone in a collective."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from genmask_jax.infer import cli
+
+    checked = []
+
+    def check():
+        checked.append(True)
+        raise images.InputError("cannot write /mnt/x.png: no permission to write in /mnt")
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.array([1, 0], np.int32))
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with pytest.raises(images.InputError, match="process 0 cannot write the outputs"):
+        cli.check_on_writer(check)
+    assert not checked
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    with pytest.raises(images.InputError, match="no permission to write in /mnt"):
+        cli.check_on_writer(check)
+    assert checked

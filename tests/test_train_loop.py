@@ -177,6 +177,15 @@ class ObjectStorePath:
         return upload()
 
 
+@pytest.mark.parametrize("seed", [2**32 + 7, -1])
+def test_a_seed_jax_would_cut_to_32_bits_is_refused_before_anything_is_written(tmp_path, seed):
+    config = tiny_config()
+    config.seed = seed
+    with pytest.raises(ValueError, match=r"config.seed must be in \[0, 2\*\*32\)"):
+        loop.train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_metrics_on_an_object_store_keep_every_line(tmp_path):
     """gs://: the lines of an earlier run and every logged step survive; local: appended as before."""
     earlier = '{"step": 1, "loss": 3.0}\n'

@@ -220,6 +220,28 @@ def check_same_step(directory, step: int) -> None:
         )
 
 
+def check_on_writer(check: Callable[[], None]) -> None:
+    """Runs `check` (which raises InputError) on process 0, the one that writes the outputs, and stops
+    every process when it fails there: other hosts may not see process 0's disks, and one process
+    leaving alone would leave the others waiting in a collective. Call after `checkpoint_and_config`."""
+    import jax
+
+    problem = None
+    if jax.process_index() == 0:
+        try:
+            check()
+        except InputError as e:
+            problem = str(e)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = np.ravel(multihost_utils.process_allgather(np.int32(problem is not None)))
+        if failed.any() and problem is None:
+            raise InputError("process 0 cannot write the outputs (its error says why)")
+    if problem is not None:
+        raise InputError(problem)
+
+
 def check_image_size(config: ml_collections.ConfigDict, size: tuple[int, int] | None = None) -> None:
     """Raises InputError, before the checkpoint loads, for an image size the model of `config` cannot
     take: `size` (generate's --size) or else `config.data.resolution` (what images are fitted to)."""

@@ -25,40 +25,45 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"cannot read image {path}: {e}") from e
 
 
-# The formats an output may take (PIL's names; its extension chooses, PNG without one) and one
-# extension of each for messages. Masks take only the lossless ones: a JPEG or WebP mask is no longer
-# two-valued.
+# The formats an output may take (PIL's names; its extension chooses) and one extension of each for
+# messages. Masks take only the lossless ones: a JPEG or WebP mask is no longer two-valued. A name whose
+# suffix is no image extension PIL knows (none, `frame.0001`, `mask_thr0.5`) is written as PNG.
 OUTPUT_FORMATS = {"PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "JPEG": ".jpg", "WEBP": ".webp"}
 LOSSY_FORMATS = ("JPEG", "WEBP")
 
 
 def output_format(path: str | os.PathLike, lossless: bool = False) -> str:
-    """The PIL format of `path` by its extension, PNG without one; InputError for an extension of none
-    of OUTPUT_FORMATS, or of a lossy one when `lossless`."""
+    """The PIL format of `path` by its extension, PNG when PIL knows no format of that extension;
+    InputError for a format not in OUTPUT_FORMATS (`.gif`, `.pdf`), or a lossy one when `lossless`."""
     ext = os.path.splitext(str(path))[1].lower()
-    image_format = Image.registered_extensions().get(ext) if ext else "PNG"
+    image_format = Image.registered_extensions().get(ext, "PNG")
     allowed = [f for f in OUTPUT_FORMATS if not (lossless and f in LOSSY_FORMATS)]
     if image_format in allowed:
         return image_format
     what = "a mask" if lossless else "an image"
-    why = "a lossy format (a mask must keep two values)" if image_format in LOSSY_FORMATS else "not known"
+    why = "a lossy format (a mask must keep two values)" if image_format in LOSSY_FORMATS else "not offered"
     use = ", ".join(OUTPUT_FORMATS[f] for f in allowed)
     raise InputError(f"cannot write {what} to {path}: {ext!r} is {why}; use {use}")
 
 
-def check_output(path: str | os.PathLike, lossless: bool = False) -> None:
-    """Raises InputError unless `path` can take an output (`write_mask` when `lossless`, else
-    `write_image`): its format (`output_format`), not a folder, the folders above it there or creatable."""
-    output_format(path, lossless)
+def check_writable(path: str | os.PathLike) -> None:
+    """Raises InputError unless a file can be written at `path`, creating nothing: an existing file must
+    be writable, and otherwise it must not be a folder and the nearest existing folder above it must be
+    a folder this process may write in (gs:// paths: only that it is not under a file)."""
     path = epath.Path(path)
+    remote = "://" in str(path)
     if path.is_dir():
         raise InputError(f"cannot write {path}: it is a folder")
+    if path.exists():
+        if not remote and not os.access(path, os.W_OK):
+            raise InputError(f"cannot write {path}: no permission to write it")
+        return
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
         raise InputError(f"cannot write {path}: {folder} is a file, not a folder")
-    if "://" not in str(folder) and not os.access(folder, os.W_OK | os.X_OK):
+    if not remote and not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {path}: no permission to write in {folder}")
 
 
@@ -125,9 +130,10 @@ def numbered(path: str, i: int, n: int) -> str:
 
 
 def output_paths(pattern: str, n: int, lossless: bool = False) -> list[str]:
-    """The paths of `n` outputs named by `pattern` (`numbered`), each checked to take a mask (`lossless`)
-    or an image (`check_output`), so that a bad one stops a command before its model runs."""
+    """The paths of `n` outputs named by `pattern` (`numbered`), each of a format that takes a mask
+    (`lossless`) or an image (`output_format`), so that a bad name stops a command before its model runs.
+    Whether they can be written is `check_writable`'s (on the process that writes them)."""
     paths = [numbered(pattern, i, n) for i in range(n)]
     for path in paths:
-        check_output(path, lossless)
+        output_format(path, lossless)
     return paths

@@ -332,6 +332,8 @@ def train(
         every process of a group: `parallel.data_groups`); default `group_data_iterator`.
         To be checkpointed it needs grain's `get_state()` / `set_state()`.
     """
+    if not 0 <= config.seed < 2**32:  # JAX keeps a seed's low 32 bits: 2**32 + 7 would train as seed 7
+        raise ValueError(f"config.seed must be in [0, 2**32), got {config.seed}")
     multihost.maybe_initialize(config.get("distributed"))
     mesh = mesh or make_mesh(tuple(config.mesh.shape))
     rules = rules_from_config(config.sharding.logical_axis_rules)

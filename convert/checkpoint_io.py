@@ -379,17 +379,21 @@ def is_replaceable_folder(path: str | os.PathLike) -> bool:
             or (is_flax_checkpoint(path) and names <= FLAX_CHECKPOINT_ENTRIES))
 
 
-def check_destination(dst: str | os.PathLike, overwrite: bool) -> None:
-    """Raises ConversionError unless a checkpoint may be written at `dst`: nothing is there, or `overwrite`
-    and it is a folder `is_replaceable_folder` accepts."""
+CHECKPOINT_FOLDER = "a checkpoint folder (only params/ + config.json, or config.json + *.safetensors)"
+
+
+def check_destination(dst: str | os.PathLike, overwrite: bool,
+                      replaceable: Callable[[Path], bool] = is_replaceable_folder,
+                      what: str = CHECKPOINT_FOLDER) -> None:
+    """Raises ConversionError unless something may be written at `dst`: nothing is there, or `overwrite`
+    and `replaceable(dst)` (a folder we wrote, by default `is_replaceable_folder`; `what` names it)."""
     dst = Path(dst)
     if not dst.exists() and not dst.is_symlink():
         return
     if not overwrite:
-        raise ConversionError(f"{dst} already exists (pass overwrite to replace it)")
-    if not is_replaceable_folder(dst):
-        raise ConversionError(f"{dst} is not a checkpoint folder (only params/ + config.json, or "
-                              "config.json + *.safetensors): it is left alone, choose another destination")
+        raise ConversionError(f"{dst} already exists (--overwrite, or overwrite=True, replaces it)")
+    if not replaceable(dst):
+        raise ConversionError(f"{dst} is not {what}: it is left alone, choose another destination")
 
 
 @contextlib.contextmanager
@@ -526,9 +530,7 @@ def convert_and_save(dst: str | os.PathLike, overwrite: bool, convert: Callable[
     writes them. Returns the exit status; a ConversionError becomes one `error:` line on stderr.
     """
     try:
-        if Path(dst).exists() and not overwrite:
-            raise ConversionError(f"{dst} already exists (pass --overwrite to replace it)")
-        check_destination(dst, overwrite)  # a folder not ours is refused before converting
+        check_destination(dst, overwrite)  # before converting
         config, params = convert()
         out = save(dst, config, params, overwrite=overwrite)
     except ConversionError as e:

@@ -43,13 +43,8 @@ def is_export_folder(path: Path) -> bool:
 
 def check_destination(dst: Path, overwrite: bool) -> None:
     """Raises ConversionError unless DST is new or, with `overwrite`, an earlier export."""
-    if not dst.exists() and not dst.is_symlink():
-        return
-    if not overwrite:
-        raise ConversionError(f"{dst} already exists (pass --overwrite to replace it)")
-    if not is_export_folder(dst):
-        raise ConversionError(f"{dst} is not an exported folder (only diffusers transformer/ and vae/): "
-                              "it is left alone, choose another destination")
+    io.check_destination(dst, overwrite, is_export_folder,
+                         "an exported folder (only diffusers transformer/ and vae/)")
 
 
 def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,

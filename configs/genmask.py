@@ -3,7 +3,8 @@
     get_config()                       the tiny synthetic CPU run (shapes data, toy encoder, 32x32)
     get_config("variant=paper")        the paper's setting: WAN 1.3B + Qwen2.5-VL-7B (3584-d),
                                        512x512, global batch 1024 at 1:1, a = 0.05, 8000 steps
-    get_config("variant=paper,runlocal=True")   the paper's structure shrunk to run on one host
+    get_config("variant=paper,runlocal=True")   the paper's config with the tiny run's sizes (model,
+                                       images, batch, steps, data): the same as the tiny config
 
 Model sub-configs are plain dicts mapping to `DiTConfig.from_dict` / `VAEConfig.from_dict`; the mesh
 shape and the logical->mesh rules are data here.

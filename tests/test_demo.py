@@ -250,6 +250,14 @@ def test_vae_pretrain_save_replaces_only_an_earlier_checkpoint(tmp_path):
         "config.json", "notes.txt", "params", "pretrain.json"]
 
 
+@pytest.mark.parametrize("seed", [2**32 - 1, 2**32 + 7, -1])
+def test_vae_pretrain_refuses_a_seed_jax_would_cut_to_32_bits(seed):
+    from genmask_jax.train import vae_pretrain
+
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32 - 1\)"):
+        vae_pretrain.pretrain(vae_pretrain.PretrainConfig(seed=seed), progress=False)
+
+
 def test_vae_pretrain_records_its_parent(tmp_path, monkeypatch):
     from genmask_jax.train import vae_pretrain
 

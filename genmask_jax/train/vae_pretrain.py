@@ -203,6 +203,8 @@ def parent_record(path: str) -> dict | None:
 
 def pretrain(cfg: PretrainConfig, progress: bool = True):
     """Returns (VAEConfig with latent statistics, float32 params, history, held-out mask IoU)."""
+    if not 0 <= cfg.seed < 2**32 - 1:  # seed and seed + 1 as JAX keys, which keep a seed's low 32 bits
+        raise ValueError(f"seed must be in [0, 2**32 - 1), got {cfg.seed}")
     config = vae_config(cfg)
     if cfg.init_from:
         check_parent(cfg.init_from, config)

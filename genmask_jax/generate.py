@@ -66,7 +66,7 @@ def main() -> None:
     size = parse_size(_SIZE.value)
     outs = images.output_paths(_OUT.value, len(prompts))  # formats before the model runs
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
-    cli.check_on_writer(lambda: [images.check_writable(p) for p in outs])
+    cli.check_on_writer(images.check_writable, outs)
     cli.check_image_size(config, size)
     check_available(config.data.encoder)  # the prompts are encoded after the checkpoint loads
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)

@@ -86,7 +86,7 @@ def main() -> None:
     overlays = images.output_paths(_OVERLAY.value, len(pairs)) if _OVERLAY.value else [None] * len(pairs)
     pixels = {path: images.read_image(path) for path in dict.fromkeys(_IMAGE.value)}
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
-    cli.check_on_writer(lambda: [images.check_writable(p) for p in outs + overlays if p])
+    cli.check_on_writer(images.check_writable, [p for p in outs + overlays if p])
     try:  # before the checkpoint loads
         rewrites_prompts(config.data.encoder, _REWRITE.value)
     except ValueError as e:

@@ -170,17 +170,17 @@ def test_outputs_are_checked_on_the_writing_process_and_a_failure_stops_all(monk
 
     checked = []
 
-    def check():
-        checked.append(True)
-        raise images.InputError("cannot write /mnt/x.png: no permission to write in /mnt")
+    def check(path):
+        checked.append(path)
+        raise images.InputError(f"cannot write {path}: no permission to write in /mnt")
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.array([1, 0], np.int32))
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     with pytest.raises(images.InputError, match="process 0 cannot write the outputs"):
-        cli.check_on_writer(check)
+        cli.check_on_writer(check, ["/mnt/x.png"])
     assert not checked
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     with pytest.raises(images.InputError, match="no permission to write in /mnt"):
-        cli.check_on_writer(check)
+        cli.check_on_writer(check, ["/mnt/x.png"])
     assert checked

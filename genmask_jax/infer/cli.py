@@ -18,10 +18,9 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_collections
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -29,7 +28,7 @@ from genmask_jax.encoders.base import ContextError
 from genmask_jax.infer import checkpoint
 from genmask_jax.infer.checkpoint import CheckpointError
 from genmask_jax.models.build import VAEConfigMismatch
-from genmask_jax.parallel import host
+from genmask_jax.parallel import host, multihost
 
 FLAGS = flags.FLAGS
 # `define_config_flag` defines --config for the command that calls it: that module's --help lists it.
@@ -193,8 +192,6 @@ def checkpoint_and_config(path: str, config: ml_collections.ConfigDict | None):
     one saved with that step), after starting JAX's distributed runtime from its `distributed` section
     as training does (it must come before anything starts JAX's backends). Under a multi-process launch
     the processes must have resolved the same step (`check_same_step`)."""
-    from genmask_jax.parallel import multihost
-
     directory, step = checkpoint.resolve(path)
     config = config if config is not None else checkpoint.saved_config(directory, step)
     if multihost.maybe_initialize(config.get("distributed")):
@@ -206,13 +203,7 @@ def check_same_step(directory, step: int) -> None:
     """Raises InputError when the processes resolved `--checkpoint` to different steps: each resolves
     it on its own, before the distributed runtime that could share one answer exists (its settings are
     in the config saved with the step), so a training run saving meanwhile can split them."""
-    import jax
-
-    if jax.process_count() == 1:
-        return
-    from jax.experimental import multihost_utils
-
-    steps = [int(s) for s in np.ravel(multihost_utils.process_allgather(np.int32(step)))]
+    steps = [int(s) for s in multihost.gather_ints(step)]
     if len(set(steps)) > 1:
         raise InputError(
             f"the processes resolved --checkpoint to different steps ({steps} by process; a training run "
@@ -220,24 +211,22 @@ def check_same_step(directory, step: int) -> None:
         )
 
 
-def check_on_writer(check: Callable[[], None]) -> None:
-    """Runs `check` (which raises InputError) on process 0, the one that writes the outputs, and stops
-    every process when it fails there: other hosts may not see process 0's disks, and one process
-    leaving alone would leave the others waiting in a collective. Call after `checkpoint_and_config`."""
+def check_on_writer(check: Callable[[str], None], paths: Sequence[str]) -> None:
+    """Runs `check` (which raises InputError) on each output path on process 0, the one that writes the
+    outputs, and stops every process when it fails there: other hosts may not see process 0's disks, and
+    one process leaving alone would leave the others waiting in a collective. Call after
+    `checkpoint_and_config`."""
     import jax
 
     problem = None
     if jax.process_index() == 0:
         try:
-            check()
+            for path in paths:
+                check(path)
         except InputError as e:
             problem = str(e)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        failed = np.ravel(multihost_utils.process_allgather(np.int32(problem is not None)))
-        if failed.any() and problem is None:
-            raise InputError("process 0 cannot write the outputs (its error says why)")
+    if multihost.gather_ints(problem is not None).any() and problem is None:
+        raise InputError("process 0 cannot write the outputs (its error says why)")
     if problem is not None:
         raise InputError(problem)
 

@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,16 @@ def unset_job_fields(distributed: Mapping) -> dict:
     """`distributed` (a config section, as a dict) with `JOB_FIELDS` at their "from the environment"
     values; `mode` and anything else kept."""
     return {**dict(distributed), **JOB_FIELDS}
+
+
+def gather_ints(value: int) -> np.ndarray:
+    """`(process_count,)` int32: `value` of every process, in process order. With several processes a
+    collective that every process must enter."""
+    if jax.process_count() == 1:
+        return np.asarray([value], np.int32)
+    from jax.experimental import multihost_utils
+
+    return np.ravel(multihost_utils.process_allgather(np.int32(value)))
 
 
 def distributed_args(config: Mapping | None, environ: Mapping[str, str] = os.environ) -> dict:

@@ -40,6 +40,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from genmask_jax.flops import devices_per_chip, peak_bf16_flops, train_step_model_flops
+from genmask_jax.parallel import multihost
 from genmask_jax.parallel.sharding import batch_shard_count, batch_sharding
 
 log = logging.getLogger(__name__)
@@ -202,11 +203,7 @@ class Preemption:
 def _gather_flags(ok: bool) -> np.ndarray:
     """`(process_count,)` bool: `ok` of every process, in process order. With several processes a collective
     that every process must enter."""
-    if jax.process_count() == 1:
-        return np.asarray([ok])
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1).astype(bool)
+    return multihost.gather_ints(int(ok)).astype(bool)
 
 
 def inference_params(state) -> Any:

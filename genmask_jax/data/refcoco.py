@@ -45,7 +45,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
-from genmask_jax.data.tfds_prepared import check_prepared, prepared_infos
+from genmask_jax.data.tfds_prepared import check_prepared
 
 log = logging.getLogger(__name__)
 
@@ -343,31 +343,9 @@ def prepare_command(tfds_name: str, data_dir: str | None) -> str:
     )
 
 
-def prepared_splits(tfds_name: str, data_dir: str | None) -> list[str]:
-    """The split names in the dataset_info.json of `tfds_name`'s prepared versions."""
-    names = set()
-    for path in prepared_infos(tfds_name, data_dir):
-        names |= {split["name"] for split in json.loads(path.read_text()).get("splits", [])}
-    return sorted(names)
-
-
-def check_split(tfds_name: str, tfds_split: str, data_dir: str | None) -> None:
-    """Raises ValueError naming the prepared splits when `tfds_split` (`val`, `testA[:10%]`, `a+b`) asks
-    for one that `tfds_name` lacks."""
-    available = prepared_splits(tfds_name, data_dir)
-    requested = [part.split("[")[0].strip() for part in tfds_split.split("+")]
-    missing = [name for name in requested if name not in available]
-    if available and missing:
-        raise ValueError(
-            f"{tfds_name} in {data_dir or 'the TFDS data dirs'} has no split {missing[0]!r}; "
-            f"its prepared splits are {', '.join(available)}"
-        )
-
-
 def open_records(tfds_name: str, tfds_split: str, data_dir: str | None, raw: bool = False):
     """The split's TFDS data source; `raw` gives each record's serialized bytes (nothing decoded)."""
-    check_prepared(tfds_name, data_dir, prepare_command(tfds_name, data_dir))
-    check_split(tfds_name, tfds_split, data_dir)
+    check_prepared(tfds_name, data_dir, prepare_command(tfds_name, data_dir), split=tfds_split)
     method = tfds.decode.DeserializeMethod
     try:
         return tfds.data_source(

@@ -45,21 +45,30 @@ def prepared_infos(tfds_name: str, data_dir: str | None) -> list[epath.Path]:
     return sorted(found)
 
 
-def check_prepared(tfds_name: str, data_dir: str | None, how: str) -> None:
+def check_prepared(tfds_name: str, data_dir: str | None, how: str, split: str | None = None) -> None:
     """Raises FileNotFoundError `no prepared <tfds_name> in <data_dir>: <how>` when no version of it is
-    prepared there, or when every prepared version is in a format that `tfds.data_source` cannot read.
+    prepared there, or when every prepared version is in a format that `tfds.data_source` cannot read;
+    ValueError naming the prepared splits when `split` (`val`, `testA[:10%]`, `a+b`) asks for another.
 
     how: what to run to prepare it."""
     where = data_dir or " or ".join(str(d) for d in data_dirs(None))
     infos = prepared_infos(tfds_name, data_dir)
     if not infos:
         raise FileNotFoundError(f"no prepared {tfds_name} in {where} (no dataset_info.json): {how}")
-    formats = set()
+    formats, splits = set(), set()
     for path in infos:  # `tfds convert_format` keeps the main format and lists its copy as alternative
         info = json.loads(path.read_text())
         formats |= {info.get("fileFormat") or "tfrecord", *info.get("alternativeFileFormats", [])}
+        splits |= {entry["name"] for entry in info.get("splits", [])}
     if not formats & set(RANDOM_ACCESS_FORMATS):
         raise FileNotFoundError(
             f"{tfds_name} in {where} is prepared as {', '.join(sorted(formats))}; random access needs "
             f"{' or '.join(RANDOM_ACCESS_FORMATS)}: {how}"
+        )
+    requested = [part.split("[")[0].strip() for part in (split or "").split("+") if part.strip()]
+    missing = [name for name in requested if name not in splits]
+    if splits and missing:
+        raise ValueError(
+            f"{tfds_name} in {data_dir or 'the TFDS data dirs'} has no split {missing[0]!r}; "
+            f"its prepared splits are {', '.join(sorted(splits))}"
         )

@@ -32,7 +32,10 @@ def main() -> None:
 
     from genmask_jax.encoders import make_encoder
     from genmask_jax.infer import checkpoint
+    from genmask_jax.infer.segmenter import noise_key
     from genmask_jax.train.latent_data import shapes_source
+
+    key = noise_key(args.seed)  # before the checkpoint loads: a seed JAX would cut to 32 bits is refused
 
     loaded = checkpoint.load(args.checkpoint)
     config, model = loaded.config, loaded.model
@@ -45,7 +48,7 @@ def main() -> None:
         fn = jax.jit(
             lambda p, c, m, k: model.generate_latents(p, c, m, k, hw, steps, args.cfg, args.shift, sampler)
         )
-        inputs = (loaded.dit_params, context, context_mask, jax.random.key(args.seed))
+        inputs = (loaded.dit_params, context, context_mask, key)
         with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(loaded.rules):
             jax.block_until_ready(fn(*inputs))
             start = time.perf_counter()

@@ -97,6 +97,8 @@ def test_tfds_captions_without_tensorflow(tmp_path):
     assert texts == ["caption 0", "caption 1", "caption 2"]
     assert source[0]["image"].shape == (8, 8, 3)
     assert "tensorflow" not in sys.modules
+    with pytest.raises(ValueError, match="has no split 'validation'; its prepared splits are train"):
+        TfdsCaptions("tiny_captions", split="validation", data_dir=str(tmp_path))
 
 
 def test_a_tfds_set_that_is_not_prepared_says_so(tmp_path):

@@ -172,6 +172,7 @@ class TfdsCaptions:
             data_dir,
             f"prepare it with its TFDS builder (`tfds.builder({name!r}, data_dir=...).download_and_prepare("
             "file_format='array_record')`), or set data.captions.tfds_data_dir to where it is",
+            split=split,
         )
         try:
             self.records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)

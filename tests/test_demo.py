@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.linen import meta as nn_meta
 
 from configs import demo as demo_config
 from genmask_jax.eval.inprocess import all_shapes_mask
@@ -130,6 +131,54 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert len(report["train"]["history"]) >= 1
 
 
+def test_in_process_evaluation_equals_the_batch_job_at_any_batch_size(tmp_path):
+    """The demo's evaluator draws each example's noise from its index and thresholds after the
+    bilinear resize to the original size, as the batch job does: the same numbers at every batch size,
+    and the job's, on a split rendered at another size than the model's."""
+    from genmask_jax.eval import job
+    from genmask_jax.eval.inprocess import evaluate_segmentation
+    from genmask_jax.infer.segmenter import predict_scores
+    from genmask_jax.models.build import dit_initializer
+
+    config = demo_config.get_config("variant=smoke")
+    config.data.shapes.test_size = 6
+    config.data.shapes.render_resolution = (48, 40)
+    config.data.num_threads = 1
+    vae_config, vae_params = pipeline.load_toy_vae(config, str(tmp_path))
+    model = pipeline.genmask_model(config, vae_config)
+    params = nn_meta.unbox(dit_initializer(model)(jax.random.key(1)))
+    # The DiT's head starts at zero; a perturbation makes the prediction depend on the noise.
+    params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), params)
+
+    def in_process(batch_size):
+        result = evaluate_segmentation(
+            model, params, vae_params, config.data, "test", batch_size, seed=0, keep=6, progress=False
+        )
+        return result.metrics, [e["pred"] for e in result.examples]
+
+    predict = jax.jit(
+        lambda image, context, mask, index: predict_scores(
+            model, params, vae_params, image, context, mask, index, jax.random.key(0)
+        )
+    )
+    offline = job.evaluate_split(
+        lambda b: predict(b["image"], b["context"], b["context_mask"], b["index"]),
+        config.data,
+        job.SplitSpec("synthetic", "test"),
+        str(tmp_path / "job"),
+        4,
+        progress=False,
+    )
+    first, preds = in_process(4)
+    assert first["num_samples"] == offline["num_samples"] == 6
+    assert first["giou"] > 0  # the predictions overlap some targets: the comparison is not of zeros
+    for name in ("giou", "ciou"):
+        assert first[name] == pytest.approx(offline[name], abs=1e-12)
+    again, preds_again = in_process(3)
+    assert again == first
+    np.testing.assert_array_equal(np.stack(preds_again), np.stack(preds))
+
+
 @pytest.mark.slow
 def test_vae_pretrain_runs(tmp_path):
     from genmask_jax.train import vae_pretrain
@@ -152,7 +201,9 @@ def test_ablation_trains_the_shared_base_model_once():
         for name, variant in variants.items()
     }
     shared = {
-        keys["timestep_law", "a=0.05"], keys["mixing", "seg:gen 1:1"], keys["shortcut", "with image frame"]
+        keys["timestep_law", "a=0.05"],
+        keys["mixing", "seg:gen 1:1"],
+        keys["shortcut", "with image frame"],
     }
     assert len(shared) == 1 and {keys["steps", n] for n in ("1 step", "4 steps", "16 steps")} == shared
     assert len(set(keys.values())) == 6  # the base, a = 0.1, a = 0.5, logit-normal, 1:0, no image frame
@@ -247,7 +298,11 @@ def test_vae_pretrain_save_replaces_only_an_earlier_checkpoint(tmp_path):
     with pytest.raises(ConversionError, match="is not a checkpoint folder"):
         vae_pretrain.save(parent, config, params)
     assert sorted(p.name for p in (tmp_path / "parent").iterdir()) == [
-        "config.json", "notes.txt", "params", "pretrain.json"]
+        "config.json",
+        "notes.txt",
+        "params",
+        "pretrain.json",
+    ]
 
 
 @pytest.mark.parametrize("seed", [2**32 - 1, 2**32 + 7, -1])

@@ -372,6 +372,23 @@ def test_examples_that_fail_for_other_reasons_are_retried(tmp_path, monkeypatch)
     assert metrics == run(tmp_path / "fresh", Predict())
 
 
+def test_a_failure_past_the_skip_logs_id_cap_is_still_retried(tmp_path, monkeypatch):
+    """The skip log keeps the ids of only its first 10,000 skips; a passing failure after those must
+    not be taken for a data error (and recorded "unreadable" for good)."""
+    from genmask_jax.data.skips import SkipLog
+
+    add = SkipLog.add
+
+    def add_past_the_cap(self, example_id, reason):
+        add(self, example_id, reason)
+        self.examples.clear()
+
+    monkeypatch.setattr(SkipLog, "add", add_past_the_cap)
+    failing_example(monkeypatch, 5, MemoryError("out of host memory"))
+    with pytest.raises(job.EvaluationError, match="9 of 10 examples have predictions"):
+        run(tmp_path, Predict())
+
+
 def test_a_rerun_with_a_smaller_batch_keeps_the_shards_it_does_not_redo(tmp_path, monkeypatch):
     """Example 1 lost to memory in batches of 4 leaves shard [0, 2, 3]; the rerun in batches of 2 redoes
     [0, 1], whose shard starts at index 0 too. It must not replace [0, 2, 3] (before, shards were named

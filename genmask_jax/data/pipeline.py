@@ -514,6 +514,9 @@ class EvalIterator:
         per_step = batch_size * self.process_count
         self.num_batches = -(-self.num_examples // per_step)
         self.skips = SkipLog(f"eval/{split}")
+        # index -> skip reason of each example that could not be read (SkipLog keeps only the first
+        # 10,000 ids; the evaluation job tells data errors from passing ones by this, for all of them)
+        self.failures: dict[int, str] = {}
         self.contexts = _ContextProvider(data_config)
         self.loader = _Loader(
             self.source, "seg", data_config, self.contexts, self.skips, split, evaluation=True
@@ -543,7 +546,9 @@ class EvalIterator:
             out, meta = self.loader.load(index if valid else 0)
         except ContextError:
             raise
-        except Exception:  # noqa: BLE001  (already logged and counted by the loader)
+        except Exception as e:  # noqa: BLE001  (already logged and counted by the loader)
+            if valid:
+                self.failures[index] = skip_reason(e)
             out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.shapes.items()}
             out["ignore"] = np.ones_like(out["ignore"])
             out.update(valid=False, index=np.int64(index))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import collections
 import logging
 import threading
@@ -21,6 +22,23 @@ def skip_reason(error: Exception) -> str:
     """ "kind: detail" for the skip log; `kind` is BadExample's kind or the exception's class name."""
     kind = error.kind if isinstance(error, BadExample) else type(error).__name__
     return f"{kind}: {error}"
+
+
+# Exceptions that do not blame an example's data (skip reasons name the class): the evaluation job
+# gives an example that failed so no record and the embedding precompute caches no skip for it, so that a
+# rerun retries it instead of leaving it out for good. (A `ContextError`, a setting or a cache to fix,
+# never gets this far: the data pipeline raises it.)
+RETRIED_ERRORS = (MemoryError, ConnectionError, TimeoutError, InterruptedError)
+
+
+def is_data_error(reason: str | None) -> bool:
+    """Whether a skip reason ("kind: detail", `skip_reason`) blames the example's data; an unknown
+    reason (None) does."""
+    if reason is None:
+        return True
+    kind = reason.split(":", 1)[0].strip()
+    error = getattr(builtins, kind, None)
+    return not (isinstance(error, type) and issubclass(error, RETRIED_ERRORS))
 
 
 class SkipLog:

@@ -14,10 +14,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from genmask_jax.data import preprocess
 from genmask_jax.data.pipeline import make_eval_iterator
 from genmask_jax.eval.metrics import MetricsAccumulator
-from genmask_jax.infer.segmenter import segment_mask_latents
+from genmask_jax.infer.segmenter import example_noise, noise_key, original_size_mask, segment_mask_latents
 from genmask_jax.models import mask_codec
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.train.latent_data import shapes_source
@@ -42,22 +41,26 @@ def all_shapes_mask(scene, height: int, width: int) -> np.ndarray:
 
 
 def make_predict_fn(model: GenMask, num_steps: int = 1, image_frame: bool = True):
-    """jitted `(dit_params, vae_params, image, context, context_mask, rng) -> (pred bool, vae ceiling
-    bool, given the true mask)`, all `(B, H, W)`."""
+    """jitted `(dit_params, vae_params, image, mask, context, context_mask, index, key) -> (prediction
+    score, VAE ceiling score)`, float32 `(B, H, W)` at the model resolution, foreground where > 0.
+
+    The noise of example `index[b]` is `fold_in(key, index[b])`, as in the batch evaluation job
+    (`infer.segmenter.predict_scores`): a result depends neither on the batch size nor on the batch an
+    example falls in. The ceiling is the true mask encoded and decoded by the frozen VAE."""
 
     @jax.jit
-    def predict(dit_params, vae_params, image, mask, context, context_mask, rng):
+    def predict(dit_params, vae_params, image, mask, context, context_mask, index, key):
         image_latent = model.encode(vae_params, image)
+        noise = example_noise(key, index, image_latent.shape[1:])
         if not image_frame:
             image_latent = jnp.zeros_like(image_latent)
-        noise = jax.random.normal(rng, image_latent.shape, jnp.float32)
         latents = segment_mask_latents(
             model, dit_params, image_latent, context, context_mask, noise, num_steps
         )
-        pred = mask_codec.rgb_to_mask(model.decode(vae_params, latents))
+        score = jnp.mean(model.decode(vae_params, latents).astype(jnp.float32), axis=-1)
         mask_latent = model.encode(vae_params, mask_codec.mask_to_rgb(mask))
-        ceiling = mask_codec.rgb_to_mask(model.decode(vae_params, mask_latent))
-        return pred, ceiling
+        ceiling = jnp.mean(model.decode(vae_params, mask_latent).astype(jnp.float32), axis=-1)
+        return score, ceiling
 
     return predict
 
@@ -88,10 +91,10 @@ def evaluate_segmentation(
     baselines = {name: MetricsAccumulator() for name in BASELINES}
     kinds: dict[str, list[float]] = {}
     examples = []
-    rng = jax.random.key(seed)
+    key = noise_key(seed)
     bar = tqdm(iterator.iter_with_meta(), total=len(iterator), desc=f"evaluate {split}", disable=not progress)
-    for step, (batch, metas) in enumerate(bar):
-        pred, ceiling = jax.device_get(
+    for batch, metas in bar:
+        score, ceiling = jax.device_get(
             predict(
                 dit_params,
                 vae_params,
@@ -99,25 +102,27 @@ def evaluate_segmentation(
                 batch["mask"],
                 batch["context"],
                 batch["context_mask"],
-                jax.random.fold_in(rng, step),
+                batch["index"],
+                key,
             )
         )
         for row, meta in enumerate(metas):
             if meta is None:
                 continue
             gt, ignore = meta["mask"], meta["ignore"]
-            iou = acc.add(preprocess.unfit_mask(pred[row], meta["geometry"]), gt, ignore)
+            # Thresholded after the bilinear resize to the original size, as the batch job and LISA do.
+            iou = acc.add(original_size_mask(score[row], meta["geometry"]), gt, ignore)
             scene = scenes.scene(int(batch["index"][row]))
             kinds.setdefault(scene.expression_kind, []).append(iou)
             baselines["empty_mask"].add(np.zeros_like(gt, bool), gt, ignore)
             baselines["all_shapes_mask"].add(all_shapes_mask(scene, *gt.shape), gt, ignore)
-            baselines["vae_ceiling"].add(preprocess.unfit_mask(ceiling[row], meta["geometry"]), gt, ignore)
+            baselines["vae_ceiling"].add(original_size_mask(ceiling[row], meta["geometry"]), gt, ignore)
             if len(examples) < keep:
                 examples.append(
                     {
                         "image": _to_uint8(batch["image"][row]),
                         "mask": batch["mask"][row] > 0.5,
-                        "pred": pred[row],
+                        "pred": score[row] > 0,
                         "text": meta["text"],
                         "iou": iou,
                     }

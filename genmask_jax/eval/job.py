@@ -22,7 +22,6 @@ EMA or raw parameters, sampler settings, a digest of the config fields that chan
 rerun with other settings is refused.
 """
 
-import builtins
 import hashlib
 import json
 import logging
@@ -38,6 +37,7 @@ import numpy as np
 from etils import epath
 
 from genmask_jax.data.pipeline import make_eval_iterator
+from genmask_jax.data.skips import is_data_error
 from genmask_jax.data.splits import (  # noqa: F401  (re-exported: the split table lived here before data/)
     BIG_VISION_REFCOCO,
     DATASETS,
@@ -216,29 +216,13 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-# Exceptions that do not blame an example's data (skip reasons name the class): an example that failed
-# so gets no record, and a rerun retries it instead of leaving it out of the metrics for good. (A
-# `ContextError`, a setting or a cache to fix, never gets this far: the data pipeline raises it.)
-RETRIED_ERRORS = (MemoryError, ConnectionError, TimeoutError, InterruptedError)
-
-
-def is_data_error(reason: str | None) -> bool:
-    """Whether a skip reason ("kind: detail", `data.skips.skip_reason`) blames the example's data;
-    an unknown reason (None) does."""
-    if reason is None:
-        return True
-    kind = reason.split(":", 1)[0].strip()
-    error = getattr(builtins, kind, None)
-    return not (isinstance(error, type) and issubclass(error, RETRIED_ERRORS))
-
-
 def to_records(
-    scores, batch: dict, metas: list, num_examples: int, example_id=str, reason=lambda example_id: None
+    scores, batch: dict, metas: list, num_examples: int, example_id=str, reason=lambda index: None
 ) -> tuple[list[dict], list[np.ndarray | None], list[tuple[str, str]]]:
     """Maps each valid row's score back to its image's original size, thresholds and scores it.
 
     Rows of examples that could not be read (no meta, an index inside the split) become records
-    marked "unreadable" when their data is to blame (`reason(id)`, `is_data_error`), so a rerun does
+    marked "unreadable" when their data is to blame (`reason(index)`, `is_data_error`), so a rerun does
     not retry them forever; the others get no record (a rerun retries them) and are returned as
     (id, reason) in the third list. Padding rows are dropped.
     """
@@ -251,7 +235,7 @@ def to_records(
         if meta is None:
             if 0 <= index < num_examples:
                 name = example_id(index)
-                cause = reason(name)
+                cause = reason(index)
                 if is_data_error(cause):
                     records.append({"index": index, "id": name, "unreadable": True, "reason": cause})
                     originals.append(None)
@@ -333,14 +317,11 @@ def evaluate_split(
         except Exception:  # noqa: BLE001  (the id only labels an unreadable example)
             return f"<index {index}>"
 
-    def reason(name: str) -> str | None:
-        return dict(iterator.skips.examples).get(name)
-
     retried = []
 
     def finish(batch, metas, scores):
         records, originals, failed = to_records(
-            scores, batch, metas, iterator.num_examples, example_id, reason
+            scores, batch, metas, iterator.num_examples, example_id, iterator.failures.get
         )
         retried.extend(failed)
         if records:

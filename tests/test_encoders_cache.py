@@ -14,9 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genmask_jax.data.pipeline import default_data_config, make_eval_iterator, make_train_iterator
+from genmask_jax.data.pipeline import (
+    default_data_config,
+    iterator_skips,
+    make_eval_iterator,
+    make_train_iterator,
+)
+from genmask_jax.data.skips import BadExample
 from genmask_jax.data.sources import make_task_source
-from genmask_jax.encoders import fingerprint, make_encoder
+from genmask_jax.encoders import fingerprint, make_encoder, model_digest
 from genmask_jax.encoders.base import ContextError, EncoderUnavailable
 from genmask_jax.encoders.cache import (
     CacheLocked,
@@ -24,10 +30,12 @@ from genmask_jax.encoders.cache import (
     CacheMiss,
     CacheWriter,
     EmbeddingCache,
+    SkippedExample,
     completed_shards,
     missing_from_sample,
 )
 from genmask_jax.encoders.precompute import PrecomputeError, plan_jobs, precompute
+from genmask_jax.encoders.toy import ToyEncoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,6 +203,25 @@ def test_an_interrupt_between_a_write_and_its_id_leaves_a_readable_resumable_cac
         assert cache.record(f"id{i}")[1][0, 0] == i
 
 
+def test_a_resume_after_a_shard_was_deleted_from_the_middle_keeps_the_later_shards(tmp_path):
+    """The next shard was numbered by the count of complete shards: with shard 1 of 3 deleted (to have
+    it recomputed), the resume wrote its records over shard 2, and the ids shard 2 held were lost."""
+    folder = str(tmp_path)
+    with CacheWriter(folder, dim=2, context_length=4, dtype="float32", shard_size=2) as writer:
+        for i in range(6):
+            writer.add(f"id{i}", _states(i))
+    os.remove(os.path.join(folder, "shard-00001.array_record"))
+    os.remove(os.path.join(folder, "shard-00001.ids.json"))
+    with CacheWriter(folder, dim=2, context_length=4, dtype="float32", shard_size=2) as writer:
+        assert writer.done == {"id0", "id1", "id4", "id5"}
+        for i in (2, 3):
+            writer.add(f"id{i}", _states(i))
+    cache = EmbeddingCache(folder)
+    assert sorted(cache.index) == [f"id{i}" for i in range(6)]
+    for i in range(6):
+        assert cache.record(f"id{i}")[1][0, 0] == i
+
+
 class _RepeatingSource:
     """Example 2 repeats example 1's id (a source bug: both would be stored under one key)."""
 
@@ -219,11 +246,100 @@ def test_precompute_refuses_a_source_whose_ids_repeat_within_a_batch(tmp_path, m
         precompute(c, str(tmp_path), ["train"], batch_size=4)
 
 
+class _FailingToyEncoder(ToyEncoder):
+    """The toy encoder, failing on some texts as Qwen's image processor fails on some images (a
+    ValueError for an aspect ratio over 200): a bad example, not a setting to fix."""
+
+    def __init__(self, config, bad_texts, error=ValueError):
+        super().__init__(config.context_length, config.dim, config.seed)
+        self.bad_texts, self.error = set(bad_texts), error
+
+    def encode(self, images, texts):
+        for text in texts:
+            if text in self.bad_texts:
+                raise self.error(f"cannot encode {text!r}")
+        return super().encode(images, texts)
+
+
+def test_an_example_the_encoder_fails_on_is_skipped_by_precompute_and_by_the_pipelines(tmp_path, monkeypatch):
+    """One example the encoder raised on stopped the whole precompute with a traceback (and a resume at
+    the same example), where the pipelines running the encoder skip it. Precompute now skips it too and
+    records it, so the pipelines reading the cache skip it as they do running the encoder (a cache miss
+    would stop them)."""
+    import genmask_jax.encoders
+
+    c = small_config()
+    train, val = make_task_source("shapes", "train", c, "seg"), make_task_source("shapes", "val", c, "seg")
+    bad_texts = {train[3]["text"], val[1]["text"]}
+    bad_ids = {s[i]["id"] for s in (train, val) for i in range(len(s)) if s[i]["text"] in bad_texts}
+    encoder = _FailingToyEncoder(c.encoder, bad_texts)
+    out = str(tmp_path / "cache")
+    result = precompute(
+        c, out, ["train", "val"], batch_size=4, shard_size=7, dtype="float32", encoder=encoder
+    )
+    assert result["written"] == 29 - len(bad_ids)
+    assert result["skips"] == f"precompute: {len(bad_ids)} examples skipped (ValueError: {len(bad_ids)})"
+    cache = EmbeddingCache(out, fingerprint(c.encoder))
+    assert cache.missing(sorted(bad_ids)) == []  # recorded, not a gap of the cache
+    for example_id in bad_ids:
+        with pytest.raises(SkippedExample, match="cannot encode") as skipped:
+            cache.lookup(example_id)
+        assert isinstance(skipped.value, BadExample) and not isinstance(skipped.value, ContextError)
+    again = precompute(c, out, ["train", "val"], batch_size=4, shard_size=7, dtype="float32", encoder=encoder)
+    assert (again["written"], again["already"]) == (0, 29)  # a resume goes past them
+
+    def read(config):  # a training batch of every training example, its skips, an evaluation batch
+        it = make_train_iterator(config, 12, 0, seed=0, process_index=0, process_count=1)
+        batch = next(it)["seg"]
+        evaluated = next(iter(make_eval_iterator(config, "val", 5, process_index=0, process_count=1)))
+        return batch, dict(iterator_skips(it)["seg"].counts), evaluated
+
+    monkeypatch.setattr(genmask_jax.encoders, "make_encoder", lambda config: encoder)
+    live, live_skips, live_eval = read(c)  # the pipelines run the failing encoder
+    cached = small_config()
+    cached.encoder.cache_dir = out
+    batch, skips, evaluated = read(cached)
+    assert skips == live_skips and live_skips["ValueError"] >= 1
+    for key in live:
+        np.testing.assert_array_equal(batch[key], live[key])
+    valid = [val[i]["text"] not in bad_texts for i in range(5)]
+    assert not all(valid)
+    np.testing.assert_array_equal(live_eval["valid"], valid)
+    np.testing.assert_array_equal(evaluated["valid"], valid)
+    np.testing.assert_array_equal(evaluated["context"], live_eval["context"])
+
+
+def test_a_passing_encoder_failure_is_not_cached_and_a_rerun_encodes_the_example(tmp_path):
+    """Out of memory on one example does not blame the example: precompute logs it but records no
+    skip, so that the cache has a gap (the pipelines stop at it) and a rerun encodes the example."""
+    c = small_config()
+    train = make_task_source("shapes", "train", c, "seg")
+    bad_id, bad_text = train[3]["id"], train[3]["text"]
+    out = str(tmp_path / "cache")
+    failing = _FailingToyEncoder(c.encoder, {bad_text}, error=MemoryError)
+    result = precompute(c, out, ["train"], batch_size=4, shard_size=7, dtype="float32", encoder=failing)
+    assert "MemoryError: 1" in result["skips"]
+    cache = EmbeddingCache(out, fingerprint(c.encoder))
+    assert cache.missing([bad_id]) == [bad_id]
+    again = precompute(c, out, ["train"], batch_size=4, shard_size=7, dtype="float32")
+    assert again["written"] == 1
+    context, mask = EmbeddingCache(out, fingerprint(c.encoder)).lookup(bad_id, bad_text)
+    expected, expected_mask = ToyEncoder(c.encoder.context_length, c.encoder.dim, c.encoder.seed).encode(
+        None, [bad_text]
+    )
+    np.testing.assert_array_equal(mask, expected_mask[0])
+    np.testing.assert_allclose(context, expected[0], rtol=0, atol=0)
+
+
 def test_coco_style_captions_each_get_their_own_context(tmp_path):
     for i in range(3):
         Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(tmp_path / f"im{i}.jpg")
-    lines = [("im0.jpg", "a red circle"), ("im0.jpg", "a blue star"), ("im1.jpg", "a green square"),
-             ("im2.jpg", "a yellow triangle")]
+    lines = [
+        ("im0.jpg", "a red circle"),
+        ("im0.jpg", "a blue star"),
+        ("im1.jpg", "a green square"),
+        ("im2.jpg", "a yellow triangle"),
+    ]
     jsonl = "".join(json.dumps({"image": image, "caption": text}) + "\n" for image, text in lines)
     (tmp_path / "caps.jsonl").write_text(jsonl)
     c = small_config()
@@ -254,9 +370,14 @@ def test_a_cache_of_other_encoder_settings_is_refused(cache_dir):
         precompute(c, cache_dir, ["train"], dtype="float32")
 
 
-QWEN_FINGERPRINT = {  # the shape of fingerprint(data.encoder) for qwen2_5_vl: it has a `dtype` too
-    "encoder": "qwen2_5_vl", "model": "Qwen2.5-VL-7B-Instruct", "context_length": 4, "dtype": "bfloat16",
-    "max_pixels": 448 * 448, "rewrite_reasoning": False, "rewrite_prompt": None,
+QWEN_FINGERPRINT = {  # a qwen2_5_vl fingerprint as written before `prompt_version`: it has a `dtype` too
+    "encoder": "qwen2_5_vl",
+    "model": "Qwen2.5-VL-7B-Instruct",
+    "context_length": 4,
+    "dtype": "bfloat16",
+    "max_pixels": 448 * 448,
+    "rewrite_reasoning": False,
+    "rewrite_prompt": None,
     "rewrite_max_new_tokens": None,
 }
 
@@ -294,10 +415,12 @@ def test_the_fingerprint_tells_apart_models_in_folders_of_the_same_name(tmp_path
         path.mkdir(parents=True)
         (path / "config.json").write_text(json.dumps(config))
         for name, size in weights:
-            (path / name).write_bytes(b"w" * size)
+            save_file({"w": np.full(size, ord("w"), np.uint8)}, path / name)
         if index is not None:
             (path / "model.safetensors.index.json").write_text(json.dumps(index))
         return path
+
+    from safetensors.numpy import save_file
 
     layers = lambda n: {"num_hidden_layers": n}
     a = model_folder(tmp_path / "exp_a" / "checkpoint-1000", layers(28))
@@ -310,12 +433,10 @@ def test_the_fingerprint_tells_apart_models_in_folders_of_the_same_name(tmp_path
     d = model_folder(tmp_path / "d" / "checkpoint-1000", layers(28), shards, index(1))
     e = model_folder(tmp_path / "e" / "checkpoint-1000", layers(28), shards, index(2))
     assert qwen(d) != qwen(e)
-    # Two fine-tunes of one base: same config and file sizes, other weights (a byte near the middle).
+    # Two fine-tunes of one base: same config and file sizes, other weights.
     tuned = model_folder(tmp_path / "f" / "checkpoint-1000", layers(28), (("model.safetensors", 100_000),))
-    retuned = shutil.copytree(tuned, tmp_path / "g" / "checkpoint-1000")
-    with open(retuned / "model.safetensors", "r+b") as f:
-        f.seek(4096 * 4)
-        f.write(b"v")
+    retuned = model_folder(tmp_path / "g" / "checkpoint-1000", layers(28), ())
+    save_file({"w": np.full(100_000, ord("v"), np.uint8)}, retuned / "model.safetensors")
     assert qwen(tuned) != qwen(retuned)
     # A host that only reads the cache may hold the config alone, or a copied snapshot's dangling links:
     # unknown, not different.
@@ -325,6 +446,9 @@ def test_the_fingerprint_tells_apart_models_in_folders_of_the_same_name(tmp_path
     dangling = shutil.copytree(config_only, tmp_path / "i" / "checkpoint-1000")
     (dangling / "model.safetensors").symlink_to(tmp_path / "blobs" / "missing")
     assert qwen(config_only)["model_digest"] is None and qwen(dangling)["model_digest"] is None
+    not_safetensors = shutil.copytree(config_only, tmp_path / "j" / "checkpoint-1000")
+    (not_safetensors / "model.safetensors").write_bytes(b"w" * 10)
+    assert qwen(not_safetensors)["model_digest"] is None
     absent = tmp_path / "absent" / "checkpoint-1000"
     assert qwen(absent)["model_digest"] is None and qwen("Qwen/Qwen2.5-VL-7B")["model_digest"] is None
 
@@ -348,6 +472,26 @@ def test_the_fingerprint_tells_apart_models_in_folders_of_the_same_name(tmp_path
     assert "settings (model: cache 'Qwen2.5-VL-7B-Instruct', config 'checkpoint-1000'):" in str(refused.value)
 
 
+def test_the_model_digest_sees_a_change_to_any_one_tensor(tmp_path):
+    """The digest read 8 x 4 KiB of each weight file: a merged LoRA that changes some tensors (Qwen's q/v
+    projections) kept its base's digest whenever no read fell in them. It now reads a sample of every
+    tensor, found through the safetensors header: 256 bytes of each here, of a 64 KiB file."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    base = {f"layers.{i}.weight": rng.standard_normal((16, 16)).astype(np.float32) for i in range(64)}
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    save_file(base, weights)
+    digest = model_digest(str(tmp_path))
+    assert digest is not None
+    for name in base:
+        save_file(dict(base, **{name: base[name] + 0.01}), weights)
+        assert model_digest(str(tmp_path)) != digest, name
+    save_file(base, weights)
+    assert model_digest(str(tmp_path)) == digest
+
+
 def test_the_fingerprint_holds_every_setting_that_changes_a_qwen_context():
     base = default_data_config().encoder
     base.name, base.model_path, base.context_length = "qwen2_5_vl", "/models/Qwen2.5-VL-7B-Instruct", 512
@@ -367,6 +511,31 @@ def test_the_fingerprint_holds_every_setting_that_changes_a_qwen_context():
     longer = type(base)(dict(rewriting.to_dict(), rewrite_max_new_tokens=64))
     assert fingerprint(longer) != fingerprint(rewriting)
     assert "Answer with a short referring expression" in fingerprint(rewriting)["rewrite_prompt"]
+
+
+def test_a_qwen_cache_written_before_the_prompt_fields_is_refused_clearly(tmp_path):
+    """The fingerprint now records how prompts are built (`PROMPT_VERSION`), the tokenizer, chat template
+    and processor files and the processor's pixel bounds: a cache written before cannot vouch for them
+    and is refused with the fields that differ, where it was accepted. The toy fingerprint is unchanged,
+    so toy caches stay valid."""
+    c = default_data_config().encoder
+    c.name, c.model_path, c.context_length = "qwen2_5_vl", "/models/Qwen2.5-VL-7B-Instruct", 4
+    folder = str(tmp_path)
+    with CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=QWEN_FINGERPRINT) as w:
+        w.add("a", _states(1))
+    with pytest.raises(
+        CacheMismatch, match=r"other encoder settings \(prompt_version: cache None, config 1\)"
+    ):
+        EmbeddingCache(folder, fingerprint(c))
+    with pytest.raises(CacheMismatch, match=r"\(encoder.prompt_version: cache None, config 1\)"):
+        CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=fingerprint(c))
+    toy = default_data_config().encoder
+    assert fingerprint(toy) == {
+        "encoder": "toy",
+        "context_length": toy.context_length,
+        "dim": toy.dim,
+        "seed": 0,
+    }
 
 
 def test_changed_data_is_caught_on_lookup(tmp_path):
@@ -512,11 +681,21 @@ def test_evaluation_splits_of_data_sets_the_run_does_not_train_on():
 def test_command_line_with_config_overrides(tmp_path):
     def run(*args):
         return subprocess.run(
-            [sys.executable, "-m", "genmask_jax.encoders.precompute", "--config=configs/genmask.py",
-             "--config.data.shapes.val_size=3", "--config.data.shapes.test_size=2", f"--out={tmp_path}",
-             *args],
-            cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
-            capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "genmask_jax.encoders.precompute",
+                "--config=configs/genmask.py",
+                "--config.data.shapes.val_size=3",
+                "--config.data.shapes.test_size=2",
+                f"--out={tmp_path}",
+                *args,
+            ],
+            cwd=REPO,
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
 
     done = run("--splits=val", "--eval=synthetic:test", "--batch_size=2")

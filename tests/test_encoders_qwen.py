@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from genmask_jax.data.pipeline import default_data_config, make_eval_iterator  # noqa: E402
-from genmask_jax.encoders import ContextError, PromptTooLong, make_encoder  # noqa: E402
-from genmask_jax.encoders.cache import EmbeddingCache  # noqa: E402
+from genmask_jax.encoders import ContextError, PromptTooLong, fingerprint, make_encoder  # noqa: E402
+from genmask_jax.encoders.cache import CacheMismatch, CacheWriter, EmbeddingCache, SkippedExample  # noqa: E402
 from genmask_jax.encoders.precompute import precompute  # noqa: E402
 from genmask_jax.encoders.qwen2_5_vl import Qwen25VLEncoder  # noqa: E402
 
@@ -106,8 +106,14 @@ def qwen_config(tiny_qwen, **encoder_fields):
     processor's own 56*56*4, at most 16 image tokens)."""
     c = default_data_config()
     c.resolution, c.num_threads = (32, 32), 1
-    fields = dict(name="qwen2_5_vl", model_path=tiny_qwen, context_length=40, dtype="float32",
-                  rewrite_max_new_tokens=6, max_pixels=0)
+    fields = dict(
+        name="qwen2_5_vl",
+        model_path=tiny_qwen,
+        context_length=40,
+        dtype="float32",
+        rewrite_max_new_tokens=6,
+        max_pixels=0,
+    )
     c.encoder.update({**fields, **encoder_fields})
     return c
 
@@ -257,6 +263,117 @@ def test_a_config_saved_before_max_pixels_uses_its_default(tiny_qwen, tmp_path):
     assert encoder.image_processor.size["longest_edge"] == DEFAULT_MAX_PIXELS
     with pytest.raises(ValueError, match="max_pixels=12845056 .*max_pixels 0: the model's preprocessor"):
         make_encoder(type(old)(dict(old.to_dict(), max_pixels=0)))  # the documented refusal of 0
+
+
+def test_a_thin_image_is_read_channels_last(encoder):
+    """The image processor guessed the channel axis: an (H, W, 3) image with H = 1 or 3 was read as
+    (C, H, W), a 150 x 3 strip for a 1 x 150 one, and the VLM saw a transposed image."""
+    for height in (1, 3):
+        image = np.zeros((height, 150, 3), np.uint8)
+        inputs = encoder.model_inputs([image], ["the star"], generation_prompt=False)
+        _, grid_height, grid_width = inputs["image_grid_thw"][0].tolist()
+        assert grid_height < grid_width, height
+
+
+class _BannerSource:
+    """Segmentation examples; example 2 is a 2 x 500 banner, which Qwen's image processor refuses
+    (a ValueError: aspect ratio over 200)."""
+
+    shapes = ((60, 70), (40, 50), (2, 500), (60, 70))
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def example_id(self, i):
+        return f"banner-{i}"
+
+    def __getitem__(self, i):
+        image = _image(i, *self.shapes[i])
+        return {"id": self.example_id(i), "image": image, "mask": image[..., 0] > 0, "text": "the red circle"}
+
+
+def test_precompute_skips_an_image_the_processor_refuses(encoder, tiny_qwen, tmp_path, monkeypatch):
+    """One such image stopped the whole precompute with a traceback, and every resume at the same
+    example, where the pipelines running the encoder skip it: it is now skipped and recorded."""
+    from genmask_jax.encoders import precompute as module
+
+    monkeypatch.setattr(module, "make_task_source", lambda *args: _BannerSource())
+    c = qwen_config(tiny_qwen)
+    c.gen_sources = ""
+    result = precompute(c, str(tmp_path), ["train"], batch_size=2, dtype="float32", encoder=encoder)
+    assert result["written"] == 3 and "1 examples skipped (ValueError: 1)" in result["skips"]
+    cache = EmbeddingCache(str(tmp_path), fingerprint(c.encoder))
+    with pytest.raises(SkippedExample, match="aspect ratio"):
+        cache.lookup("banner-2", "the red circle")
+    for i in (0, 1, 3):  # the batch with the banner was encoded one example at a time
+        raw = _BannerSource()[i]
+        direct, direct_mask = encoder.encode([raw["image"]], [raw["text"]])
+        context, mask = cache.lookup(raw["id"], raw["text"])
+        np.testing.assert_array_equal(mask, direct_mask[0])
+        np.testing.assert_allclose(context, direct[0], atol=1e-4)
+    again = precompute(c, str(tmp_path), ["train"], batch_size=2, dtype="float32", encoder=encoder)
+    assert (again["written"], again["already"]) == (0, 4)
+
+
+def test_the_fingerprint_holds_the_prompt_files_and_the_processor_pixel_bounds(tiny_qwen, tmp_path):
+    """The fingerprint left out the tokenizer, the chat template (its system prompt) and the image
+    processor's settings, and said 0 for `max_pixels` 0 (the processor's own), with no `min_pixels`: a
+    folder of the same name with another system prompt or pixel bounds resumed a cache written with the
+    first, mixing two kinds of contexts."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    name = "Qwen2.5-VL-7B-Instruct"
+    base = shutil.copytree(tiny_qwen, tmp_path / "base" / name)
+
+    def fields(path, max_pixels=0):
+        return fingerprint(qwen_config(str(path), max_pixels=max_pixels).encoder)
+
+    def changed(path, max_pixels=0):  # the fields in which `path` differs from `base`
+        a, b = fields(base, max_pixels), fields(path, max_pixels)
+        return sorted(k for k in a if a[k] != b[k])
+
+    for max_pixels in (0, 56 * 56):  # the bounds the encoder's image processor resizes into
+        size = make_encoder(qwen_config(str(base), max_pixels=max_pixels).encoder).image_processor.size
+        got = fields(base, max_pixels)
+        assert (got["min_pixels"], got["max_pixels"]) == (size["shortest_edge"], size["longest_edge"])
+    assert fields(base)["max_pixels"] == 56 * 56 * 4  # the tiny processor's own, not 0
+
+    def copy(label, edit=None):
+        path = shutil.copytree(base, tmp_path / label / name)
+        if edit is not None:
+            edit(path)
+        return path
+
+    assert changed(copy("copy")) == []
+    system = lambda p: (p / "chat_template.jinja").write_text("system prompt\n" + CHAT_TEMPLATE)
+    assert changed(copy("system", system)) == ["prompt_files_digest"]
+    for file_name in ("tokenizer.json", "tokenizer_config.json"):
+        edited = copy(file_name)
+        (edited / file_name).write_text((edited / file_name).read_text() + "\n")
+        assert changed(edited) == ["prompt_files_digest"], file_name
+
+    def processor(**bounds):
+        return lambda p: Qwen2VLImageProcessorPil(**bounds).save_pretrained(p)
+
+    smaller_min = copy("min", processor(min_pixels=28 * 28, max_pixels=56 * 56 * 4))
+    assert changed(smaller_min) == ["min_pixels", "prompt_files_digest"]
+    assert fields(smaller_min)["min_pixels"] == 28 * 28
+    larger_max = copy("max", processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 32))
+    assert changed(larger_max) == ["max_pixels", "prompt_files_digest"]
+    assert changed(larger_max, max_pixels=56 * 56) == ["prompt_files_digest"]  # the config's max wins
+    hub_layout = tmp_path / "hub" / "preprocessor_config.json"  # the hub's: bounds at the top level
+    hub_layout.parent.mkdir()
+    hub_layout.write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14}))
+    size = Qwen2VLImageProcessorPil.from_pretrained(str(hub_layout.parent)).size
+    assert (size["shortest_edge"], size["longest_edge"]) == (3136, 12845056)
+    got = fields(hub_layout.parent)
+    assert (got["min_pixels"], got["max_pixels"]) == (3136, 12845056)
+
+    folder = str(tmp_path / "cache")  # a resume with another system prompt is refused
+    with CacheWriter(folder, dim=64, context_length=40, dtype="float32", fingerprint=fields(base)) as writer:
+        writer.add("a", np.zeros((3, 64), np.float32))
+    with pytest.raises(CacheMismatch, match=r"\(encoder.prompt_files_digest: cache '[0-9a-f]{16}', config"):
+        CacheWriter(folder, dim=64, context_length=40, dtype="float32", fingerprint=fields(copy("b", system)))
 
 
 def test_two_stage_rewrite(encoder):

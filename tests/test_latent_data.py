@@ -43,3 +43,32 @@ def test_pool_replaces_a_scene_whose_target_the_fit_cuts_away_as_the_train_itera
     np.testing.assert_array_equal(pool.image_latent[:, 0], batch["image"])
     np.testing.assert_array_equal(pool.mask_latent[:, 0], np.asarray(mask_codec.mask_to_rgb(batch["mask"])))
     np.testing.assert_array_equal(pool.seg_context, batch["context"])
+
+
+def test_pool_gives_a_vlm_the_scene_image_with_the_expression_as_the_pipelines_do(monkeypatch):
+    """The pool encoded the expressions without their images, where every other path (`encoder_input`:
+    the pipelines, the precompute) gives a VLM the image: a demo with the Qwen encoder trained on other
+    contexts than it was evaluated on. The toy encoder reads no image, so its pool is unchanged."""
+    from genmask_jax.encoders import encoder_input
+
+    calls = []
+
+    class RecordingVLM:  # stands for qwen2_5_vl
+        name, context_length, dim = "qwen2_5_vl", 4, 2
+
+        def encode(self, images, texts):
+            calls.append((images, texts))
+            return np.zeros((len(texts), 4, 2), np.float32), np.ones((len(texts), 4), bool)
+
+    monkeypatch.setattr(latent_data, "make_encode_fn", lambda vae_config: lambda params, rgb: rgb[:, None])
+    monkeypatch.setattr(latent_data, "make_encoder", lambda config: RecordingVLM())
+    c = default_data_config()
+    c.resolution, c.encoder.name, c.shapes.train_size = (32, 32), "qwen2_5_vl", 3
+    latent_data.build_latent_pool(c, 3, None, None, batch_size=2, progress=False, chunk=2)
+    (seg_images, seg_texts), (gen_images, gen_texts) = calls
+    source = latent_data.shapes_source(c, c.train_split, 3)
+    for i in range(3):
+        image, text, _ = encoder_input(source[i], "seg", c.encoder)
+        np.testing.assert_array_equal(seg_images[i], image)
+        assert seg_texts[i] == text == source[i]["expression"]
+    assert gen_images is None and gen_texts == [source[i]["caption"] for i in range(3)]

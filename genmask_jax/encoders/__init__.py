@@ -15,8 +15,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import struct
 
 import numpy as np
 
@@ -47,19 +49,44 @@ def model_name(model_path: str) -> str:
     return os.path.basename(os.path.normpath(model_path)) if model_path else ""
 
 
-# Reads per weight file for `model_digest`: a fine-tune changes every tensor, so any sample tells it
-# apart from its base; the first read also covers the safetensors header.
-_SAMPLES, _SAMPLE_BYTES = 8, 4096
+# Bytes read from the middle of every tensor for `model_digest`: a fine-tune (a merged LoRA, a tuned
+# vision tower) changes every element of the tensors it touches, so one sample of each tensor tells it
+# apart from its base, where a few reads per file miss the tensors that changed.
+_TENSOR_SAMPLE_BYTES = 256
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
+def safetensors_samples(path: str) -> list[bytes]:
+    """The JSON header of a `.safetensors` file, then `_TENSOR_SAMPLE_BYTES` from the middle of each
+    tensor's data, in file order: the header plus 256 bytes a tensor (about 0.3 MiB for Qwen2.5-VL-7B's
+    ~730 tensors). Raises ValueError for a file that is not safetensors (layout: uint64 header length
+    N | N bytes of JSON {name: {"data_offsets": [begin, end], ...}} | data, offsets from its start)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+        if not 0 < n <= min(size - 8, _MAX_HEADER_BYTES):
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        header_bytes = f.read(n)
+        header = json.loads(header_bytes)
+        ranges = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+        samples = [header_bytes]
+        for begin, end in ranges:
+            start = max(begin, (begin + end - _TENSOR_SAMPLE_BYTES) // 2)
+            f.seek(8 + n + start)
+            samples.append(f.read(min(_TENSOR_SAMPLE_BYTES, end - start)))
+    return samples
 
 
 def model_digest(model_path: str) -> str | None:
-    """A digest of a local model folder: its config.json, its weight index and, of each `*.safetensors`
-    file, the name, the size and `_SAMPLES` evenly spaced 4 KiB reads. None for a hub id, a missing
-    folder, or one whose weights are absent or unreadable (a host that only reads the cache may hold
-    the config alone): "unknown", which the cache does not compare, rather than "different".
+    """A digest of a local model folder's weights: its config.json, its weight index and, of each
+    `*.safetensors` file, the name, the size, the header (names, shapes, dtypes) and a sample of every
+    tensor (`safetensors_samples`). None for a hub id, a missing folder, or one whose weights are absent
+    or unreadable (a host that only reads the cache may hold the config alone): "unknown", which the
+    cache does not compare, rather than "different".
 
     Tells apart models in folders of the same name (`model_name`: two runs' `checkpoint-1000`, whose
-    configs and file sizes agree) while reading well under 1 MiB; copies of one folder share it."""
+    configs and file sizes agree, or a base and its merged LoRA) while reading well under 1 MiB; copies
+    of one folder share it."""
     if not model_path or not os.path.isdir(model_path):
         return None
     weights = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
@@ -73,16 +100,70 @@ def model_digest(model_path: str) -> str | None:
                 with open(path, "rb") as f:
                     h.update(name.encode() + b"\0" + f.read())
         for path in weights:
-            size = os.path.getsize(path)
-            h.update(f"{os.path.basename(path)}\0{size}\0".encode())
-            with open(path, "rb") as f:
-                for i in range(_SAMPLES):
-                    f.seek(max(0, size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
-                    h.update(f.read(_SAMPLE_BYTES))
-    except OSError as e:  # a dangling link of a copied HF snapshot, a half-synced folder
+            h.update(f"{os.path.basename(path)}\0{os.path.getsize(path)}\0".encode())
+            for sample in safetensors_samples(path):
+                h.update(sample)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a dangling link, a half-synced folder
         log.warning("cannot read the model files in %s (%s): the cache compares the name", model_path, e)
         return None
     return h.hexdigest()[:16]
+
+
+# The files that turn an instruction and an image into the model's input ids and pixels: the tokenizer,
+# the chat template (which holds the system prompt) and the image processor's settings.
+PROMPT_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+def prompt_files_digest(model_path: str) -> str | None:
+    """A digest of the `PROMPT_FILES` a local model folder holds (names and contents); None for a hub
+    id, a missing folder or one that holds none of them (unknown, as in `model_digest`)."""
+    if not model_path or not os.path.isdir(model_path):
+        return None
+    present = [n for n in PROMPT_FILES if os.path.isfile(os.path.join(model_path, n))]
+    if not present:
+        return None
+    h = hashlib.sha256()
+    try:
+        for name in present:
+            with open(os.path.join(model_path, name), "rb") as f:
+                content = f.read()
+            h.update(f"{name}\0{len(content)}\0".encode() + content)
+    except OSError as e:
+        log.warning("cannot read the prompt files in %s (%s): the cache compares the rest", model_path, e)
+        return None
+    return h.hexdigest()[:16]
+
+
+# Qwen2VLImageProcessor's bounds where a preprocessor_config.json leaves one out.
+_PROCESSOR_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
+
+
+def image_pixel_bounds(model_path: str, max_pixels: int) -> tuple[int | None, int | None]:
+    """(min, max) pixels of an image after the Qwen image processor's resize: `max_pixels` where set
+    (the encoder passes it on; 0 = the model's own), the rest as transformers reads the folder's
+    preprocessor_config.json (a top-level `min_pixels` / `max_pixels` over `size`'s `shortest_edge` /
+    `longest_edge`). None where it is unknown here: a hub id or a folder not on this machine."""
+    path = os.path.join(model_path, "preprocessor_config.json") if model_path else ""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None, max_pixels or None
+    size = {**_PROCESSOR_PIXELS, **(saved.get("size") or {})}
+    low = saved.get("min_pixels") if saved.get("min_pixels") is not None else size["shortest_edge"]
+    high = saved.get("max_pixels") if saved.get("max_pixels") is not None else size["longest_edge"]
+    return int(low), int(max_pixels or high)
 
 
 # Packages each encoder imports that requirements.txt may leave out (torch: its build depends on the
@@ -141,23 +222,32 @@ def encoder_input(example: dict, task: str, config) -> tuple[np.ndarray | None, 
 
 
 def fingerprint(config) -> dict:
-    """Every `data.encoder` setting that changes a context, as a JSON-able dict (the cache's key)."""
+    """Every `data.encoder` setting and model file that changes a context, as a JSON-able dict (the
+    cache's key); for Qwen also `PROMPT_VERSION`, how this code builds its prompts."""
     if config.name == "toy":
-        return {"encoder": "toy", "context_length": config.context_length, "dim": config.dim,
-                "seed": config.seed}
+        return {
+            "encoder": "toy",
+            "context_length": config.context_length,
+            "dim": config.dim,
+            "seed": config.seed,
+        }
     if config.name == "qwen2_5_vl":
-        from genmask_jax.encoders.qwen2_5_vl import REWRITE_PROMPT
+        from genmask_jax.encoders.qwen2_5_vl import PROMPT_VERSION, REWRITE_PROMPT
 
         rewrite = bool(config.get("rewrite_reasoning", False))
+        min_pixels, max_pixels = image_pixel_bounds(config.model_path, configured_max_pixels(config))
+        # The digests and pixel bounds are None where the folder is not on this machine (a host that
+        # only reads the cache): the cache then compares what is known (`cache._WHEN_KNOWN`).
         return {
             "encoder": "qwen2_5_vl",
+            "prompt_version": PROMPT_VERSION,
             "model": model_name(config.model_path),
-            # None where the folder is not on this machine (a host that only reads the cache): the cache
-            # then compares the name alone (`cache._WHEN_KNOWN`)
             "model_digest": model_digest(config.model_path),
+            "prompt_files_digest": prompt_files_digest(config.model_path),
             "context_length": config.context_length,
             "dtype": config.dtype,
-            "max_pixels": configured_max_pixels(config),
+            "min_pixels": min_pixels,
+            "max_pixels": max_pixels,
             "rewrite_reasoning": rewrite,
             "rewrite_prompt": REWRITE_PROMPT if rewrite else None,
             "rewrite_max_new_tokens": config.rewrite_max_new_tokens if rewrite else None,
@@ -176,8 +266,10 @@ __all__ = [
     "configured_max_pixels",
     "encoder_input",
     "fingerprint",
+    "image_pixel_bounds",
     "make_encoder",
     "model_digest",
     "model_name",
     "pad_or_truncate",
+    "prompt_files_digest",
 ]

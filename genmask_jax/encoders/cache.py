@@ -13,6 +13,10 @@ A record is `uint32 header length | JSON header | contexts`: the header holds `i
 number of valid tokens T), `text` (the example's text) and `rewrite` (the VLM's two-stage description,
 or null); the contexts are the `(T, dim)` valid token states in `dtype` (bfloat16 by default).
 `lookup(id, text)` pads them back to `(context_length, dim)` float32 with a prefix mask.
+An example the encoder failed on (an image the processor refuses) has a record with `skip` (the reason)
+in place of `length` and no contexts: `lookup` raises `SkippedExample`, a bad example that the
+pipelines skip as they skip it when they run the encoder themselves (a reader older than skip records
+fails on the missing `length`, which its pipelines skip too).
 
 The cache is checked, not trusted: opening it compares its encoder fingerprint
 (`genmask_jax.encoders.fingerprint`) with the config's, a record's header must carry the id it is
@@ -33,6 +37,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from genmask_jax.data.skips import BadExample
 from genmask_jax.encoders.base import ContextError
 
 log = logging.getLogger(__name__)
@@ -40,9 +45,10 @@ log = logging.getLogger(__name__)
 FORMAT = 2  # 1: records indexed by unique id and a partial fingerprint (misreads after a repeated id)
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _PRECOMPUTE = "python -m genmask_jax.encoders.precompute"
-# Fingerprint fields that a machine without the model files cannot compute (the Qwen folder's digest on
-# a host that only reads the cache): compared only where both sides have them.
-_WHEN_KNOWN = ("model_digest",)
+# Fingerprint fields that a machine without the model files cannot compute (the Qwen folder's digests and
+# the processor's pixel bounds on a host that only reads the cache): compared only where both sides have
+# them.
+_WHEN_KNOWN = ("model_digest", "prompt_files_digest", "min_pixels", "max_pixels")
 
 
 class CacheMiss(ContextError, KeyError):
@@ -60,6 +66,10 @@ class CacheLocked(RuntimeError):
     """Another writer holds the cache folder."""
 
 
+class SkippedExample(BadExample):
+    """An example the precompute could not encode (`CacheWriter.add_skip`); `kind` is its error's."""
+
+
 def encode_record(
     example_id: str, states: np.ndarray, dtype: str, text: str = "", rewrite: str | None = None
 ) -> bytes:
@@ -69,10 +79,17 @@ def encode_record(
     return struct.pack("<I", len(header_bytes)) + header_bytes + payload
 
 
+def encode_skip_record(example_id: str, reason: str, text: str = "") -> bytes:
+    """The record of an example that was not encoded: `reason` ("kind: detail") in place of contexts."""
+    header = json.dumps({"id": example_id, "skip": reason, "text": text, "rewrite": None}).encode("utf-8")
+    return struct.pack("<I", len(header)) + header
+
+
 def decode_record(record: bytes, dim: int, dtype: str) -> tuple[dict, np.ndarray]:
+    """(header, states float32 `(T, dim)`); T = 0 for a skip record."""
     (n,) = struct.unpack("<I", record[:4])
     header = json.loads(record[4 : 4 + n].decode("utf-8"))
-    states = np.frombuffer(record[4 + n :], dtype=_DTYPES[dtype]).reshape(header["length"], dim)
+    states = np.frombuffer(record[4 + n :], dtype=_DTYPES[dtype]).reshape(header.get("length", 0), dim)
     return header, states.astype(np.float32)
 
 
@@ -156,8 +173,13 @@ class CacheWriter:
             raise
 
     def _open_folder(self, context_length: int, fingerprint: dict) -> None:
-        meta = {"format": FORMAT, "dim": self.dim, "context_length": context_length, "dtype": self.dtype,
-                "encoder": fingerprint}
+        meta = {
+            "format": FORMAT,
+            "dim": self.dim,
+            "context_length": context_length,
+            "dtype": self.dtype,
+            "encoder": fingerprint,
+        }
         meta_path = os.path.join(self.folder, "meta.json")
         if os.path.exists(meta_path):
             diff = meta_differences(read_meta(self.folder), meta)
@@ -170,7 +192,8 @@ class CacheWriter:
             _write_json_atomic(meta_path, meta)
         shards = completed_shards(self.folder)
         self.done = {i for _, ids in shards for i in ids}
-        self.next_shard = len(shards)
+        # after the last one, not at their count: a shard deleted from the middle leaves a gap
+        self.next_shard = 1 + max((_shard_number(s) for s, _ in shards), default=-1)
         for stale in glob.glob(os.path.join(self.folder, "shard-*.array_record")):
             if stale not in {s for s, _ in shards}:
                 os.remove(stale)  # an interrupted shard of this folder's (single) writer
@@ -185,8 +208,7 @@ class CacheWriter:
         """`states` float `(T, dim)`: the valid tokens only. An id already in the cache is refused."""
         if states.ndim != 2 or states.shape[1] != self.dim:
             raise ValueError(f"states {states.shape} do not match dim {self.dim}")
-        if example_id in self.done:
-            raise ValueError(f"example {example_id!r} is already in cache {self.folder}: ids must be unique")
+        self._check_new(example_id)
         with np.errstate(over="ignore"):
             finite = np.isfinite(np.asarray(states, _DTYPES[self.dtype])).all()
         if not finite:
@@ -194,9 +216,22 @@ class CacheWriter:
                 f"the context of {example_id!r} is not finite in {self.dtype} (the cache's dtype): not "
                 "cached; float16 overflows Qwen2.5's activations: encode and store in bfloat16 or float32"
             )
+        self._write(example_id, encode_record(example_id, states, self.dtype, text, rewrite))
+
+    def add_skip(self, example_id: str, reason: str, text: str = "") -> None:
+        """Records that `example_id` could not be encoded (`reason`: "kind: detail", `skip_reason`):
+        readers raise `SkippedExample` for it, and a resume does not try it again."""
+        self._check_new(example_id)
+        self._write(example_id, encode_skip_record(example_id, reason, text))
+
+    def _check_new(self, example_id: str) -> None:
+        if example_id in self.done:
+            raise ValueError(f"example {example_id!r} is already in cache {self.folder}: ids must be unique")
+
+    def _write(self, example_id: str, record: bytes) -> None:
         if self._writer is None:
             self._open()
-        self._writer.write(encode_record(example_id, states, self.dtype, text, rewrite))
+        self._writer.write(record)
         self._ids.append(example_id)
         self.done.add(example_id)
         if len(self._ids) >= self.shard_size:
@@ -236,6 +271,11 @@ class CacheWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _shard_number(path: str) -> int:
+    """5 for ".../shard-00005.array_record"."""
+    return int(os.path.basename(path)[len("shard-") :].split(".", 1)[0])
 
 
 def _num_records(path: str) -> int:
@@ -411,7 +451,8 @@ class EmbeddingCache:
         return header, states
 
     def lookup(self, example_id: str, text: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """`text`: the example's text, checked against the one that was encoded (None: unchecked)."""
+        """`text`: the example's text, checked against the one that was encoded (None: unchecked).
+        Raises `SkippedExample` for an example the precompute could not encode."""
         header, states = self.record(example_id)
         if text is not None and header["text"] != text:
             raise CacheMismatch(
@@ -419,6 +460,9 @@ class EmbeddingCache:
                 f"the data now gives {text[:120]!r}: the data changed since the precompute; write a new "
                 f"cache with `{_PRECOMPUTE}`"
             )
+        if "skip" in header:
+            kind, _, detail = header["skip"].partition(": ")
+            raise SkippedExample(kind, f"{detail} (the precompute could not encode it)")
         n = min(states.shape[0], self.context_length)
         context = np.zeros((self.context_length, self.dim), np.float32)
         context[:n] = states[:n]

@@ -23,9 +23,12 @@ names, each source only the splits it has (a name that no source has is an error
 also of data sets the config does not train on (a run trained on `ref_coco_bv/refcocox_combined` is
 evaluated on `refcoco_unc:val`), each read with the evaluation job's data config for it.
 
-Rerunning the same command resumes: cached ids are skipped. A cache written with other encoder
-settings is refused, and so is a second writer on the same folder (`writer.lock`): run it on one host
-(a lock left by a killed run on this host is taken over).
+An example that does not read, or that the encoder fails on by itself (an image its processor refuses),
+is skipped and logged, as the pipelines skip it; an encoder failure is also recorded in the cache, so
+that the pipelines reading it skip that example too (`cache.SkippedExample`).
+Rerunning the same command resumes: cached ids (and recorded failures) are skipped. A cache written
+with other encoder settings is refused, and so is a second writer on the same folder (`writer.lock`):
+run it on one host (a lock left by a killed run on this host is taken over).
 Then train / evaluate with `--config.data.encoder.cache_dir=CACHE` and the same `data.encoder`
 settings. With `data.encoder.rewrite_reasoning`, ReasonSeg's long queries are first rewritten by the
 VLM (`genmask_jax.encoders.encoder_input`) and the description is stored beside the context.
@@ -39,10 +42,10 @@ from typing import NamedTuple
 
 import tqdm
 
-from genmask_jax.data.skips import SkipLog, skip_reason
+from genmask_jax.data.skips import SkipLog, is_data_error, skip_reason
 from genmask_jax.data.sources import make_task_source, parse_names
 from genmask_jax.data.splits import DATASETS, SplitSpec, parse_splits, refcoco_config, split_data_config
-from genmask_jax.encoders import PromptTooLong, encoder_input, fingerprint, make_encoder
+from genmask_jax.encoders import ContextError, PromptTooLong, encoder_input, fingerprint, make_encoder
 from genmask_jax.encoders.cache import CacheWriter
 
 log = logging.getLogger("genmask_jax.encoders.precompute")
@@ -108,7 +111,8 @@ def _configured_jobs(data_config, splits: Sequence[str]) -> list[Job]:
     return jobs
 
 
-def _encode_batch(encoder, batch: list, writer: CacheWriter, task: str, encoder_config) -> None:
+def _encode(encoder, batch: list, task: str, encoder_config) -> list[tuple]:
+    """`[(valid token states (T, D), rewrite or None)]` of a batch of `(example id, raw example)`."""
     inputs = [encoder_input(raw, task, encoder_config) for _, raw in batch]
     images, texts, flags = (list(column) for column in zip(*inputs))
     try:
@@ -119,8 +123,35 @@ def _encode_batch(encoder, batch: list, writer: CacheWriter, task: str, encoder_
     except PromptTooLong as e:
         raise PromptTooLong(f"example {batch[e.index][0]!r}: {e}", index=e.index) from None
     rewrites = getattr(encoder, "last_rewrites", None) or [None] * len(batch)
-    for (example_id, raw), context, mask, rewrite in zip(batch, contexts, masks, rewrites):
-        writer.add(example_id, context[mask], text=raw["text"], rewrite=rewrite)
+    return [(context[mask], rewrite) for context, mask, rewrite in zip(contexts, masks, rewrites)]
+
+
+def _encode_batch(
+    encoder, batch: list, writer: CacheWriter, task: str, encoder_config, skips: SkipLog
+) -> int:
+    """Encodes `batch` into `writer`; returns how many examples were written.
+
+    A batch that fails with anything but a ContextError (a setting to fix) is encoded again one example
+    at a time; an example that fails alone (an image the processor refuses) is a bad example, as in the
+    pipelines: logged in `skips` and recorded in the cache (`CacheWriter.add_skip`), so that pipelines
+    reading the cache skip it as they would skip it running the encoder, and a resume goes past it. A
+    failure that does not blame the example (`skips.is_data_error`: memory, network) is logged only: a
+    rerun tries it again, and until then the pipelines stop at it as at any cache miss."""
+    try:
+        results = _encode(encoder, batch, task, encoder_config)
+    except ContextError:
+        raise
+    except Exception as e:  # noqa: BLE001  (any failure of one example becomes a logged skip)
+        if len(batch) > 1:
+            return sum(_encode_batch(encoder, [one], writer, task, encoder_config, skips) for one in batch)
+        example_id, raw = batch[0]
+        skips.add(example_id, skip_reason(e))
+        if is_data_error(skip_reason(e)):  # a passing failure (memory, network) is tried again by a rerun
+            writer.add_skip(example_id, skip_reason(e), text=raw["text"])
+        return 0
+    for (example_id, raw), (states, rewrite) in zip(batch, results):
+        writer.add(example_id, states, text=raw["text"], rewrite=rewrite)
+    return len(batch)
 
 
 def precompute(
@@ -170,11 +201,10 @@ def precompute(
                     skips.add(example_id, skip_reason(e))
                     continue
                 if len(batch) == batch_size:
-                    _encode_batch(encoder, batch, writer, job.task, data_config.encoder)
-                    written, batch = written + len(batch), []
+                    written += _encode_batch(encoder, batch, writer, job.task, data_config.encoder, skips)
+                    batch = []
             if batch:
-                _encode_batch(encoder, batch, writer, job.task, data_config.encoder)
-                written += len(batch)
+                written += _encode_batch(encoder, batch, writer, job.task, data_config.encoder, skips)
             writer.flush()
     log.info("cache %s: %d written, %d already there; %s", out, written, already, skips.summary())
     return {"written": written, "already": already, "skips": skips.summary()}
@@ -203,7 +233,6 @@ def _define_flags():
 def main(config) -> None:
     from absl import flags
 
-    from genmask_jax.encoders.base import ContextError
     from genmask_jax.encoders.cache import CacheLocked
     from genmask_jax.infer import cli
 

@@ -42,6 +42,10 @@ REWRITE_PROMPT = (
     "{query}\nAnswer with a short referring expression (a few words) that names the object in the image "
     "that this request is about."
 )
+# The version of how `model_inputs` builds the model's input from an instruction and an image (the chat
+# turn, the image placeholder's expansion, the cut of long captions): bump it with any change there,
+# which changes contexts; the cache fingerprint records it, so that caches written before are refused.
+PROMPT_VERSION = 1
 _TORCH_DTYPES = ("float32", "bfloat16", "float16")
 _MARK = "\ue000"  # stands for the user text in a rendered chat template
 
@@ -119,7 +123,10 @@ class Qwen25VLEncoder:
         present = [np.asarray(im, np.uint8) for im in images if im is not None]
         inputs = {}
         if present:
-            pixels = self.image_processor(images=present, return_tensors="pt")
+            # left to guess, the processor reads an (H, W, 3) image with H = 1 or 3 as (C, H, W)
+            pixels = self.image_processor(
+                images=present, return_tensors="pt", input_data_format="channels_last"
+            )
             counts = iter((pixels["image_grid_thw"].prod(-1) // self.merge_size**2).tolist())
             prompts = [
                 p.replace(self.image_token, self.image_token * next(counts), 1) if im is not None else p

@@ -2,7 +2,8 @@
 
 For CPU runs (the demo, the small experiments) the frozen VAE dominates a train step, and the same
 scenes are seen many times: so each scene is rendered, its texts encoded (referring expression for
-segmentation, caption for generation) and its image and target mask VAE-encoded once. Batches then
+segmentation, with the scene's image where the encoder reads one, as in the pipelines; caption for
+generation) and its image and target mask VAE-encoded once. Batches then
 carry `image_latent` / `mask_latent` (normalised VAE means, `(B, 1, h, w, z)`), which
 `models.genmask.GenMask` uses instead of encoding, so the train step needs no VAE at all.
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from genmask_jax.data import preprocess
 from genmask_jax.data.shapes import SyntheticShapes
-from genmask_jax.encoders import make_encoder
+from genmask_jax.encoders import encoder_input, make_encoder
 from genmask_jax.models import mask_codec
 from genmask_jax.models import vae as vae_lib
 
@@ -108,15 +109,33 @@ def _fitted_scene(source: SyntheticShapes, index: int, resolution: tuple[int, in
     raise RuntimeError(f"{max_skips} scenes from {index} have no target left at {resolution} (fit {fit})")
 
 
-def _render(source: SyntheticShapes, lo: int, hi: int, resolution: tuple[int, int], fit: str, max_skips: int):
+def _render(
+    source: SyntheticShapes,
+    lo: int,
+    hi: int,
+    resolution: tuple[int, int],
+    fit: str,
+    max_skips: int,
+    encoder_config,
+):
     """Scenes `lo..hi-1` fitted to `resolution` (H, W) exactly as the grain pipelines fit them: images
-    `(n, H, W, 3)` in [-1, 1], masks `(n, H, W)` float32 in {0, 1}, expressions, captions, and how many
-    scenes were replaced by a later one (`_fitted_scene`)."""
+    `(n, H, W, 3)` in [-1, 1], masks `(n, H, W)` float32 in {0, 1}, what the encoder reads for each
+    expression (`encoder_input`: `(image or None, text, rewrite)`, the image for a VLM as the pipelines
+    give it), captions, and how many scenes were replaced by a later one (`_fitted_scene`)."""
     scenes = [_fitted_scene(source, i, resolution, fit, max_skips) for i in range(lo, hi)]
     used, examples, images, masks = zip(*scenes)
     replaced = sum(k != i for k, i in zip(used, range(lo, hi)))
-    expressions, captions = [e["expression"] for e in examples], [e["caption"] for e in examples]
+    expressions = [encoder_input(e, "seg", encoder_config) for e in examples]  # text: the expression
+    captions = [e["caption"] for e in examples]
     return np.stack(images), np.stack(masks).astype(np.float32), expressions, captions, replaced
+
+
+def _encode_expressions(encoder, inputs: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """Contexts `(N, L, D)` and masks `(N, L)` of `encoder_input` triples, as the pipelines encode them."""
+    images, texts, flags = (list(column) for column in zip(*inputs))
+    if any(flags):
+        return encoder.encode(images, texts, rewrite=flags)
+    return encoder.encode(images, texts)
 
 
 def build_latent_pool(
@@ -140,21 +159,22 @@ def build_latent_pool(
     """
     source = shapes_source(data_config, data_config.train_split, num_scenes)
     fit_to = (tuple(data_config.resolution), data_config.fit, data_config.max_consecutive_skips)
+    render_args = (*fit_to, data_config.encoder)
     encode = make_encode_fn(vae_config)
     copies = [jax.device_put(vae_params, d) for d in jax.local_devices()]
     bounds = [(lo, min(lo + chunk, num_scenes)) for lo in range(0, num_scenes, chunk)]
-    image_latents, mask_latents, expressions, captions, replaced = [], [], [], [], 0
+    image_latents, mask_latents, seg_inputs, captions, replaced = [], [], [], [], 0
     bar = tqdm(total=num_scenes, desc="render + VAE-encode scenes", disable=not progress, mininterval=1.0)
     with ThreadPoolExecutor(max_workers=1) as worker:
-        pending = worker.submit(_render, source, *bounds[0], *fit_to) if bounds else None
+        pending = worker.submit(_render, source, *bounds[0], *render_args) if bounds else None
         for k, (lo, hi) in enumerate(bounds):
-            images, masks, exprs, caps, chunk_replaced = pending.result()
+            images, masks, chunk_inputs, caps, chunk_replaced = pending.result()
             if k + 1 < len(bounds):
-                pending = worker.submit(_render, source, *bounds[k + 1], *fit_to)
+                pending = worker.submit(_render, source, *bounds[k + 1], *render_args)
             image_latents.append(_encode_all(encode, copies, images, batch_size))
             mask_rgb = np.asarray(mask_codec.mask_to_rgb(masks))
             mask_latents.append(_encode_all(encode, copies, mask_rgb, batch_size))
-            expressions += exprs
+            seg_inputs += chunk_inputs
             captions += caps
             replaced += chunk_replaced
             bar.update(hi - lo)
@@ -167,7 +187,7 @@ def build_latent_pool(
             *fit_to[:2],
         )
     encoder = make_encoder(data_config.encoder)
-    seg_context, seg_mask = encoder.encode(None, expressions)
+    seg_context, seg_mask = _encode_expressions(encoder, seg_inputs)
     gen_context, gen_mask = encoder.encode(None, captions)
     if trim_padding:
         seg_context, seg_mask = trim_to_longest(seg_context, seg_mask)

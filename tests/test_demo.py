@@ -131,6 +131,13 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert len(report["train"]["history"]) >= 1
 
 
+def test_the_demo_refuses_to_train_in_several_processes(monkeypatch, tmp_path):
+    # Every process would draw the same global batch from its own copy of the pool.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="train in one process"):
+        pipeline.train_dit(demo_config.get_config("variant=smoke"), str(tmp_path), pool=None)
+
+
 def test_in_process_evaluation_equals_the_batch_job_at_any_batch_size(tmp_path):
     """The demo's evaluator draws each example's noise from its index and thresholds after the
     bilinear resize to the original size, as the batch job does: the same numbers at every batch size,

@@ -121,6 +121,12 @@ def train_dit(
     vae_dir: the frozen VAE's folder. The batches carry latents either way; with the VAE in the train
     state the loop's quick evaluation (`eval_every`, `sample_every`) can encode and decode pixels.
     """
+    if jax.process_count() > 1:  # LatentBatches hands out the global batch, which each process would draw
+        raise ValueError(
+            f"the demo and the experiments train in one process (this is process {jax.process_index()} of "
+            f"{jax.process_count()}): their latent pool holds every scene, and each process would draw the "
+            "same global batch; train on several hosts with `python -m genmask_jax.train`"
+        )
     if vae_dir is None:
         train_config = _without_vae(config)
     else:
@@ -180,9 +186,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
     tick = lap("vae_s", tick)
     pool = latent_pool(config, int(config.demo.num_train_scenes), vae_config, vae_params, progress)
     tick = lap("data_s", tick)
-    dit_params, history = train_dit(
-        config, os.path.join(workdir, "train"), pool, progress, vae_dir=vae_dir
-    )
+    dit_params, history = train_dit(config, os.path.join(workdir, "train"), pool, progress, vae_dir=vae_dir)
     tick = lap("train_s", tick)
     model = genmask_model(config, vae_config)
     result = evaluate_segmentation(

@@ -38,8 +38,9 @@ def test_bfloat16_error_at_most_jax_nn():
         return (fn(q, k, v), *jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2))(q, k, v))
 
     ours = lambda q, k, v: xla_attention(q, k, v, mask)
-    jax_nn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :],
-                                                          implementation="xla")
+    jax_nn = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None, None, :], implementation="xla"
+    )
     reference = forward_and_grads(jax_nn, q, k, v)
     low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     got, baseline = forward_and_grads(ours, *low), forward_and_grads(jax_nn, *low)
@@ -113,8 +114,9 @@ def test_cudnn_masking_matches_xla(monkeypatch):
 
     got = dot_product_attention(q, k, v, mask, implementation="cudnn")
     want = dot_product_attention(q, k, v, mask, implementation="xla")
-    np.testing.assert_allclose(np.asarray(got[2]), np.broadcast_to(np.mean(v[2], axis=0), got[2].shape),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(got[2]), np.broadcast_to(np.mean(v[2], axis=0), got[2].shape), atol=1e-6
+    )
     # fp32 throughout; only the summation order differs.
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
     got = jax.grad(functools.partial(loss, "cudnn"), argnums=(0, 1, 2))(q, k, v)
@@ -122,3 +124,37 @@ def test_cudnn_masking_matches_xla(monkeypatch):
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
 
+
+def test_cudnn_mask_is_read_as_key_counts(monkeypatch):
+    """The documented contract (dot_product_attention): the cuDNN path keeps the first `sum(mask)` keys of
+    each row, so a left-padded mask attends to the same keys as the prefix mask of its counts, not to
+    the keys it names. Kernel stood in for as in test_cudnn_masking_matches_xla."""
+    kernel = jax.nn.dot_product_attention
+    xla_kernel = lambda *args, implementation=None, **kwargs: kernel(*args, implementation="xla", **kwargs)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_kernel)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 5, 2, 16))
+    k, v = (jax.random.normal(key, (2, 8, 2, 16)) for key in keys[1:])
+    counts = jnp.array([[8], [5]])
+    left_padded = jnp.arange(8)[None, :] >= 8 - counts
+    prefix = jnp.arange(8)[None, :] < counts
+    got = dot_product_attention(q, k, v, left_padded, implementation="cudnn")
+    np.testing.assert_allclose(got, dot_product_attention(q, k, v, prefix, implementation="xla"), atol=2e-6)
+    named = dot_product_attention(q, k, v, left_padded, implementation="xla")
+    assert float(jnp.max(jnp.abs(got[1] - named[1]))) > 0.1  # the row with padding: other keys
+
+
+def test_splash_scales_queries_with_one_rounding(monkeypatch):
+    """Splash takes q pre-scaled by 1/sqrt(d): in bf16, `q / sqrt(d)` rounded once. `q * bf16(1/sqrt(d))`
+    in bf16 rounded the scale (1/sqrt(32) by 1.1e-4 relative) and then the product. The kernel is stood
+    in for by one that returns its queries, which splash_attention then hands back."""
+    from genmask_jax.models import attention
+
+    monkeypatch.setattr(attention, "_splash_kernel", lambda *args: lambda q, k, v, segment_ids: q)
+    d = 32  # 1/sqrt(32) is not a power of two, so bf16 rounds it
+    q = jax.random.normal(jax.random.key(0), (2, 40, 2, d)).astype(jnp.bfloat16)
+    kv = jnp.zeros((2, 24, 2, d), jnp.bfloat16)
+    got = attention.splash_attention(q, kv, kv, interpret=True)
+    want = (np.asarray(q, np.float64) / np.sqrt(d)).astype(jnp.bfloat16)  # correctly rounded
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want.astype(np.float32))

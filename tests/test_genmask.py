@@ -28,8 +28,11 @@ class EchoDiT(GenMask):
 def latent_batch(seed, n, hw=4, z=16, text_dim=32):
     rng = np.random.default_rng(seed)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    sub = {"image_latent": f(n, 1, hw, hw, z), "context": f(n, 8, text_dim),
-           "context_mask": jnp.ones((n, 8), bool)}
+    sub = {
+        "image_latent": f(n, 1, hw, hw, z),
+        "context": f(n, 8, text_dim),
+        "context_mask": jnp.ones((n, 8), bool),
+    }
     return {"seg": {**sub, "mask_latent": f(n, 1, hw, hw, z)}, "gen": dict(sub)}
 
 
@@ -68,12 +71,33 @@ def test_text_dropout_applies_to_generation_only():
     # Generation with every context dropped equals generation with a zero context...
     zero_ctx = {**batch["gen"], "context": jnp.zeros_like(batch["gen"]["context"])}
     kept = {**draws["gen"], "drop_text": jnp.zeros(4, bool)}
-    np.testing.assert_allclose(model.generation_loss(None, None, batch["gen"], draws["gen"]),
-                               model.generation_loss(None, None, zero_ctx, kept), rtol=1e-6)
+    np.testing.assert_allclose(
+        model.generation_loss(None, None, batch["gen"], draws["gen"]),
+        model.generation_loss(None, None, zero_ctx, kept),
+        rtol=1e-6,
+    )
     # ...while segmentation still sees its context (the loss changes with it).
     seg_zero = {**batch["seg"], "context": jnp.zeros_like(batch["seg"]["context"])}
-    assert not np.allclose(model.segmentation_loss(None, None, batch["seg"], draws["seg"]),
-                           model.segmentation_loss(None, None, seg_zero, draws["seg"]))
+    assert not np.allclose(
+        model.segmentation_loss(None, None, batch["seg"], draws["seg"]),
+        model.segmentation_loss(None, None, seg_zero, draws["seg"]),
+    )
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.2, float("nan")])
+def test_text_dropout_outside_0_1_is_refused(bad):
+    """A probability: 1.5 dropped every text and -0.2 none, silently (bernoulli clips)."""
+    dit = tiny_model().dit
+    for ok in (0.0, 1.0):
+        assert GenMask(dit, None, text_dropout=ok).text_dropout == ok
+    with pytest.raises(ValueError, match="text_dropout is a probability in"):
+        GenMask(dit, None, text_dropout=bad)
+    from configs.genmask import get_config
+
+    config = get_config("variant=tiny")
+    config.model.text_dropout = bad
+    with pytest.raises(ValueError, match=f"text_dropout is a probability in .*got {bad}"):
+        build.build_model(config)
 
 
 def test_drop_text_and_null_text():
@@ -105,15 +129,21 @@ def test_vae_latents_in_the_step_equal_precomputed_latents():
     batch = jax.tree.map(jnp.asarray, make_batch(0, 2, 2))
     image_latent = model.encode(vae, batch["seg"]["image"])
     assert image_latent.shape == (2, 1, 4, 4, 16)
-    pre = {"seg": {**batch["seg"], "image_latent": image_latent,
-                   "mask_latent": model.mask_latents(vae, batch["seg"])},
-           "gen": {**batch["gen"], "image_latent": model.encode(vae, batch["gen"]["image"])}}
+    pre = {
+        "seg": {
+            **batch["seg"],
+            "image_latent": image_latent,
+            "mask_latent": model.mask_latents(vae, batch["seg"]),
+        },
+        "gen": {**batch["gen"], "image_latent": model.encode(vae, batch["gen"]["image"])},
+    }
     for task in ("seg", "gen"):
         for key in ("image", "mask"):
             pre[task].pop(key, None)
     dit = jax.jit(build.dit_initializer(model))(jax.random.key(0))
-    dit = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, dit,
-                       is_leaf=lambda x: hasattr(x, "value"))
+    dit = jax.tree.map(
+        lambda x: x.value if hasattr(x, "value") else x, dit, is_leaf=lambda x: hasattr(x, "value")
+    )
     draws = model.draw(jax.random.key(2), batch)
     from_pixels = model.per_example_losses(dit, vae, batch, draws)
     from_latents = model.per_example_losses(dit, None, pre, draws)
@@ -126,11 +156,19 @@ def test_segment_and_generate_shapes():
     vae = random_vae(model)
     dit = nn.meta.unbox(jax.jit(build.dit_initializer(model))(jax.random.key(0)))
     batch = make_batch(1, 2, 0)["seg"]
-    mask, score = jax.jit(model.segment)(dit, vae, batch["image"], batch["context"], batch["context_mask"],
-                                         jax.random.key(0))
+    mask, score = jax.jit(model.segment)(
+        dit, vae, batch["image"], batch["context"], batch["context_mask"], jax.random.key(0)
+    )
     assert mask.shape == (2, 32, 32) and mask.dtype == bool and score.shape == (2, 32, 32)
-    latents = model.generate_latents(dit, batch["context"], batch["context_mask"], jax.random.key(0),
-                                     (4, 4), num_steps=2, guidance_scale=3.0)
+    latents = model.generate_latents(
+        dit,
+        batch["context"],
+        batch["context_mask"],
+        jax.random.key(0),
+        (4, 4),
+        num_steps=2,
+        guidance_scale=3.0,
+    )
     assert latents.shape == (2, 1, 4, 4, 16) and bool(jnp.all(jnp.isfinite(latents)))
 
 
@@ -146,8 +184,9 @@ def test_generation_cfg_calls_conditional_and_null_context():
 
     model = Spy(tiny_model().dit, None)
     ctx, mask = jnp.ones((2, 8, 32)), jnp.ones((2, 8), bool)
-    latents = model.generate_latents(None, ctx, mask, jax.random.key(0), (4, 4), num_steps=1,
-                                     guidance_scale=2.0)
+    latents = model.generate_latents(
+        None, ctx, mask, jax.random.key(0), (4, 4), num_steps=1, guidance_scale=2.0
+    )
     # One batch of 2B (conditional + null); v = v_null + 2 (v_cond - v_null) = 0 + 2 * 8; one Euler step
     # from t = 1 to 0 gives noise - 16.
     assert seen == [(4, 8, 32)]
@@ -213,8 +252,10 @@ def test_shipped_configs_build_with_valid_timestep_laws():
 
     configs = [get_config(f"variant={v}") for v in ("tiny", "paper")]
     configs += [demo.get_config(arg) for arg in ("", "dit=coarse", "variant=smoke")]
-    configs += [ablation.variant_config(demo.get_config(), variant, steps=10, seed=0)
-                for variant in ablation.STUDIES["timestep_law"].values()]
+    configs += [
+        ablation.variant_config(demo.get_config(), variant, steps=10, seed=0)
+        for variant in ablation.STUDIES["timestep_law"].values()
+    ]
     for config in configs:
         ts.check_timestep_config(build.build_model(config).timesteps)
 

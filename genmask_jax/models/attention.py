@@ -1,10 +1,11 @@
 """Multi-head attention with a choice of kernel: XLA, cuDNN (GPU) or Pallas splash attention (TPU).
 
 All take `(B, T, N, d)` queries and `(B, S, N, d)` keys/values and an optional key mask `(B, S)` (True =
-attend) and return `(B, T, N, d)` in the query dtype. Softmax scale is `1 / sqrt(d)`; logits and softmax
-are float32 whatever the input dtype. An example with no key kept (the null text of classifier-free
-guidance, all padding) gets the mean of v over its S keys in every query row, in every implementation:
-XLA's softmax over S equal (masked) logits, the semantics of `jax.nn.dot_product_attention`.
+attend; any pattern for XLA and splash, a prefix of the keys for cuDNN) and return `(B, T, N, d)` in the
+query dtype. Softmax scale is `1 / sqrt(d)`; logits and softmax are float32 whatever the input dtype.
+An example with no key kept (the null text of classifier-free guidance, all padding) gets the mean of v
+over its S keys in every query row, in every implementation: XLA's softmax over S equal (masked)
+logits, the semantics of `jax.nn.dot_product_attention`.
 """
 
 import math
@@ -26,6 +27,10 @@ def dot_product_attention(
 ) -> jax.Array:
     """Softmax attention; `implementation` is one of IMPLEMENTATIONS.
 
+    mask: `(B, S)` bool, True = attend to that key. "xla" and "splash" take any pattern. "cudnn" needs
+    each row to keep a prefix of the keys (right padding): it passes only the per-example key counts
+    `sum(mask)` to the kernel, so a left-padded or holed mask silently attends to the first `sum(mask)`
+    keys instead (`cudnn_attention`).
     spec: the mesh partitioning of q/k/v `(batch, length, heads, head_dim)`. Splash is a Pallas
     kernel that XLA cannot partition, so under a mesh it runs per shard (shard_map) over batch and
     heads; the sequence axes must not be sharded. XLA and cuDNN are partitioned by the compiler.
@@ -48,10 +53,12 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     """cuDNN flash attention (GPU, bf16 or fp16 inputs) through `jax.nn.dot_product_attention`.
 
     The mask must keep a prefix of the keys (right padding, as the DiT's text context has): cuDNN takes
-    it as per-example key lengths `sum(mask)`, its padding mask, which skips the padded tiles. A boolean
-    mask would have to be a `(B, 1, T, S)` bias (JAX's cuDNN path checks for T rows) read by every tile,
-    with a bias gradient computed in the backward. An example with no key kept runs on all its keys
-    and its output is replaced with the mean of v (the module's semantics), so its gradient is finite.
+    it as per-example key lengths `sum(mask)`, its padding mask, which skips the padded tiles. Any other
+    pattern (left padding, holes) attends to the first `sum(mask)` keys instead, silently: a check
+    would need the mask's values, which are traced here. A boolean mask would have to be a
+    `(B, 1, T, S)` bias (JAX's cuDNN path checks for T rows) read by every tile, with a bias gradient
+    computed in the backward. An example with no key kept runs on all its keys and its output is
+    replaced with the mean of v (the module's semantics), so its gradient is finite.
     """
     if mask is None:
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
@@ -125,8 +132,12 @@ def _attention_bwd(residuals, d_out):
     q, k, v, mask, weights, inv_sum, out = residuals
     d_out32 = d_out.astype(jnp.float32)
     # Every product accumulates in float32 and is rounded once, to its input's dtype.
-    d_v = jnp.einsum("bnts,btnd->bsnd", weights.astype(v.dtype), (d_out32 * inv_sum).astype(v.dtype),
-                     preferred_element_type=jnp.float32).astype(v.dtype)
+    d_v = jnp.einsum(
+        "bnts,btnd->bsnd",
+        weights.astype(v.dtype),
+        (d_out32 * inv_sum).astype(v.dtype),
+        preferred_element_type=jnp.float32,
+    ).astype(v.dtype)
     d_probs = jnp.einsum("btnd,bsnd->bnts", d_out, v, preferred_element_type=jnp.float32)
     row = jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1, keepdims=True)  # (B, T, N, 1)
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -234,7 +245,8 @@ def splash_attention(
     block_q, block_kv = _block_size(t, max_block), _block_size(s, max_block)
     keep = jnp.ones((b, s), jnp.int32) if mask is None else mask.astype(jnp.int32)
     values = v
-    q = _pad_to(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), 1, block_q)
+    # Scaled in float32, rounded once: `q * bf16(1 / sqrt(d))` rounds the scale and then the product.
+    q = _pad_to((q.astype(jnp.float32) * np.float32(1.0 / math.sqrt(d))).astype(q.dtype), 1, block_q)
     k, v, keep = _pad_to(k, 1, block_kv), _pad_to(v, 1, block_kv), _pad_to(keep, 1, block_kv)
     kernel = _splash_kernel(n, q.shape[1], k.shape[1], block_q, block_kv, interpret)
     q_segments = jnp.ones((b, q.shape[1]), jnp.int32)

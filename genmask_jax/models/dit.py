@@ -41,6 +41,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
 }
 
+# The jax.checkpoint_policies that are policies themselves; the others (save_only_these_names,
+# offload_dot_with_no_batch_dims, ...) are factories that take names or memory kinds and make one.
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots_with_no_batch_dims",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
@@ -59,6 +70,12 @@ class DiTConfig:
     rope_theta: float = 1e4
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # The residual stream's dtype (patch embedding output, the blocks' residual adds) and the time
+    # projection's, which modulates it; None: `dtype`. float32 as in the original WAN code
+    # (wan/modules/model.py runs `x = x + y * e[k]` and time_projection under autocast(float32)), where
+    # diffusers cast to bfloat16 rounds the stream to bfloat16 after every sub-layer. In a bfloat16 model
+    # float32 doubles the memory of the stream's saved values (the block inputs under remat).
+    residual_dtype: str | None = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
     attention: str = "xla"
@@ -80,14 +97,22 @@ class DiTConfig:
             raise ValueError(f"freq_dim {self.freq_dim} must be even")
         if not (self.eps > 0 and self.rope_theta > 0):
             raise ValueError(f"eps and rope_theta must be > 0, got {self.eps} and {self.rope_theta}")
-        for name in ("dtype", "param_dtype"):
+        for name in ("dtype", "param_dtype", "residual_dtype"):
+            value = getattr(self, name)
+            if name == "residual_dtype" and value is None:
+                continue
             try:
-                floating = jnp.issubdtype(jnp.dtype(getattr(self, name)), jnp.floating)
+                floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
             except TypeError:
                 floating = False
             if not floating:
-                raise ValueError(f"{name} must name a floating dtype (float32, bfloat16, ...), got "
-                                 f"{getattr(self, name)!r}")
+                raise ValueError(f"{name} must name a floating dtype (float32, bfloat16, ...), got {value!r}")
+        residual = _residual_dtype(self)
+        if jnp.promote_types(self.dtype, residual) != residual:
+            raise ValueError(
+                f"residual_dtype {self.residual_dtype!r} is narrower than dtype {self.dtype!r}: "
+                "it would round every sub-layer's output below its own precision"
+            )
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of num_heads {self.num_heads}")
         if self.head_dim % 2 or self.head_dim < 6:
@@ -95,10 +120,15 @@ class DiTConfig:
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention {self.attention!r} not in {IMPLEMENTATIONS}")
         if self.attention == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
-            raise ValueError(f"attention 'cudnn' needs dtype bfloat16 or float16 (cuDNN flash attention has "
-                             f"no float32 kernel), got dtype {self.dtype!r}")
-        if self.remat_policy != "none" and not hasattr(jax.checkpoint_policies, self.remat_policy):
-            raise ValueError(f"remat_policy {self.remat_policy!r} is not in jax.checkpoint_policies")
+            raise ValueError(
+                f"attention 'cudnn' needs dtype bfloat16 or float16 (cuDNN flash attention has "
+                f"no float32 kernel), got dtype {self.dtype!r}"
+            )
+        if self.remat_policy not in ("none", *REMAT_POLICIES):
+            raise ValueError(
+                f"remat_policy {self.remat_policy!r} is not one of {('none', *REMAT_POLICIES)} "
+                "(jax.checkpoint_policies that take no arguments)"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -132,6 +162,10 @@ def _dtypes(config: DiTConfig) -> tuple[jnp.dtype, jnp.dtype]:
     return jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
 
 
+def _residual_dtype(config: DiTConfig) -> jnp.dtype:
+    return jnp.dtype(config.residual_dtype or config.dtype)
+
+
 def _scale_shift_table(module: nn.Module, rows: int, dim: int, param_dtype) -> jax.Array:
     """WAN's learned modulation offsets `(1, rows, dim)`, initialised as `randn / sqrt(dim)`."""
     init = lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / math.sqrt(dim)
@@ -142,7 +176,8 @@ def _scale_shift_table(module: nn.Module, rows: int, dim: int, param_dtype) -> j
 class PatchEmbedding(nn.Module):
     """Conv3d with stride = kernel = patch, as one matmul over flattened patches.
 
-    `(B, F, H, W, C)` -> `(B, F/p_t * H/p_h * W/p_w, D)` tokens in (f, h, w) order.
+    `(B, F, H, W, C)` -> `(B, F/p_t * H/p_h * W/p_w, D)` tokens in (f, h, w) order, in the residual
+    dtype (the matmul's inputs in `dtype`, its accumulation returned unrounded).
     """
 
     config: DiTConfig
@@ -164,8 +199,10 @@ class PatchEmbedding(nn.Module):
         bias = logical_param(self, "bias", nn.initializers.zeros_init(), (cfg.dim,), ("embed",), param_dtype)
         x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
         x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, pt * ph * pw * c)
-        y = jnp.dot(x.astype(dtype), kernel.reshape(-1, cfg.dim).astype(dtype)) + bias.astype(dtype)
-        return y.reshape(b, -1, cfg.dim)
+        residual = _residual_dtype(cfg)
+        kernel = kernel.reshape(-1, cfg.dim).astype(dtype)
+        y = jnp.dot(x.astype(dtype), kernel, preferred_element_type=residual)
+        return (y + bias.astype(residual)).reshape(b, -1, cfg.dim)
 
 
 class Mlp(nn.Module):
@@ -190,7 +227,8 @@ class ConditionEmbedder(nn.Module):
     """Timestep and text embeddings.
 
     t `(B, Lt)` (Lt = 1 for one timestep per example, or per token) -> temb `(B, Lt, D)` and
-    proj `(B, Lt, 6, D)`, both float32; context `(B, S, text_dim)` -> `(B, S, D)`.
+    proj `(B, Lt, 6, D)`, both float32 (proj computed in the residual dtype); context
+    `(B, S, text_dim)` -> `(B, S, D)`.
     """
 
     config: DiTConfig
@@ -205,8 +243,9 @@ class ConditionEmbedder(nn.Module):
         temb = Mlp(cfg.dim, ("freq", "mlp", "embed"), nn.silu, f32, param_dtype, name="time_embedder")(
             sinusoid
         )
-        proj = dense(6 * cfg.dim, ("embed", "mlp"), dtype, param_dtype, "time_proj")(
-            nn.silu(temb).astype(dtype)
+        residual = _residual_dtype(cfg)
+        proj = dense(6 * cfg.dim, ("embed", "mlp"), residual, param_dtype, "time_proj")(
+            nn.silu(temb).astype(residual)
         )
         proj = proj.astype(f32).reshape(*proj.shape[:-1], 6, cfg.dim)
         # Per-token timesteps make these (B, L, ...) tensors as large as the activations: pin them to
@@ -275,14 +314,15 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float, dtyp
 
 @functools.partial(recomputed, static_argnums=(3,))
 def _gated_add(x: jax.Array, h: jax.Array, gate: jax.Array, dtype) -> jax.Array:
-    """The residual update `x + h * gate` in float32, cast to `dtype`."""
+    """The residual update `x + h * gate` in float32, cast to `dtype` (the residual dtype)."""
     return (x.astype(jnp.float32) + h.astype(jnp.float32) * gate).astype(dtype)
 
 
 class Block(nn.Module):
     """One WAN block: modulated self-attention, cross-attention, modulated gelu-tanh FFN.
 
-    x `(B, L, D)`; context `(B, S, D)`; proj `(B, Lt, 6, D)` float32 with Lt in {1, L}.
+    x `(B, L, D)` in the residual dtype (returned in it); context `(B, S, D)`; proj `(B, Lt, 6, D)`
+    float32 with Lt in {1, L}.
     """
 
     config: DiTConfig
@@ -291,6 +331,7 @@ class Block(nn.Module):
     def __call__(self, x, context, proj, rope, context_mask):
         cfg = self.config
         dtype, param_dtype = _dtypes(cfg)
+        residual = _residual_dtype(cfg)
         f32 = jnp.float32
         table = _scale_shift_table(self, 6, cfg.dim, param_dtype)
         # One cotangent buffer per residual add (layers.materialize_cotangent: XLA:CPU otherwise
@@ -302,17 +343,17 @@ class Block(nn.Module):
         scan = cfg.scan_layers  # the blocks run inside nn.scan (layers.recomputed)
         h = _modulate(x, shift, scale, cfg.eps, dtype, in_scan=scan)
         h = Attention(cfg, name="attn1")(h, rope=rope)
-        x = _gated_add(x, h, gate, dtype, in_scan=scan)
+        x = _gated_add(x, h, gate, residual, in_scan=scan)
 
         x = materialize_cotangent(x)
         h = LayerNorm(cfg.eps, dtype, param_dtype, in_scan=scan, name="norm2")(x)
         mask = context_mask if cfg.use_context_mask else None
-        x = x + Attention(cfg, name="attn2")(h, context=context, context_mask=mask)
+        x = x + Attention(cfg, name="attn2")(h, context=context, context_mask=mask).astype(residual)
 
         x = materialize_cotangent(x)
         h = _modulate(x, c_shift, c_scale, cfg.eps, dtype, in_scan=scan)
         h = FeedForward(cfg, name="ffn")(h)
-        x = _gated_add(x, h, c_gate, dtype, in_scan=scan)
+        x = _gated_add(x, h, c_gate, residual, in_scan=scan)
         return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
 
 
@@ -347,7 +388,10 @@ class WanDiT(nn.Module):
             latent frame `(B, F/p_t)` (the same as per token with each frame's value repeated over its
             tokens, but the time embedding MLP and projection run once per frame, not per token).
           context: text states `(B, S, text_dim)`.
-          context_mask: `(B, S)` bool, True = real token; used only when config.use_context_mask.
+          context_mask: `(B, S)` bool, True = real token; used only when config.use_context_mask. With
+            attention "cudnn" it must keep a prefix of the tokens (right padding, as genmask_jax.encoders
+            pads the context): cuDNN reads it as per-example lengths `sum(mask)`, so a left-padded or
+            holed mask attends to the wrong keys, silently. "xla" and "splash" take any pattern.
         Returns:
           `(B, F, H, W, C_out)` float32.
         """

@@ -57,6 +57,10 @@ class GenMask:
     timesteps: Mapping = dataclasses.field(default_factory=lambda: copy.deepcopy(ts.DEFAULT_TIMESTEP_CONFIG))
     text_dropout: float = 0.1
 
+    def __post_init__(self):
+        if not 0.0 <= self.text_dropout <= 1.0:  # NaN fails too
+            raise ValueError(f"text_dropout is a probability in [0, 1], got {self.text_dropout!r}")
+
     @property
     def downsample(self) -> int:
         return self.vae.spatial_factor if self.vae is not None else 8

@@ -66,7 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.eps = 1e-8
     config.optimizer.weight_decay = 0.01
     config.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables.
-    config.ema_decay = 0.0  # 0 = no EMA parameters.
+    config.ema_decay = 0.0  # 0 = no EMA parameters (kept in float32 whatever model.dit.param_dtype).
+    # The EMA's decay at step t is min(ema_decay, (1 + t) / (10 + t)), so it forgets the initial weights.
+    config.ema_warmup = True
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices.

@@ -64,7 +64,7 @@ from genmask_jax.parallel.data_groups import data_loading_groups  # noqa: E402
 from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
 from genmask_jax.parallel.sharding import logical_sharding, rules_from_config  # noqa: E402
 from genmask_jax.train import loop  # noqa: E402
-from genmask_jax.train.state import TrainState, make_optimizer, state_shardings  # noqa: E402
+from genmask_jax.train.state import TrainState, initial_ema, make_optimizer, state_shardings  # noqa: E402
 from genmask_jax.train.step import batch_sharding, make_configured_train_step, optimizer_config  # noqa: E402
 
 REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "none")
@@ -197,7 +197,7 @@ def abstract_state(model: GenMask, tx, mesh, rules, use_ema: bool) -> tuple[Trai
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=params,
         opt_state=jax.eval_shape(tx.init, params),
-        ema_params=params if use_ema else None,
+        ema_params=jax.eval_shape(initial_ema, params) if use_ema else None,  # float32, as training keeps it
         frozen=nn.meta.unbox(boxed_frozen),
     )
     return _abstract(state, shardings), shardings

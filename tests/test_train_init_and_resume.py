@@ -14,14 +14,16 @@ from test_train_step import max_abs_diff, setup
 from train_helpers import make_batch, mesh_of, tiny_config
 
 from convert import wan_dit
-from genmask_jax.infer.checkpoint import CheckpointError
+from genmask_jax.infer.checkpoint import CheckpointError, restore_dit_params
 from genmask_jax.models import build
 from genmask_jax.models.dit import init_params
 from genmask_jax.train import checkpointing, loop
+from genmask_jax.train.hooks import inference_params
 from genmask_jax.train.state import abstract_train_state, make_optimizer
 
 P = jax.sharding.PartitionSpec
 EMA_DECAY = 0.9
+BF16, F32 = np.dtype(jnp.bfloat16), np.dtype(np.float32)
 
 
 def leaves_equal(a, b) -> list[str]:
@@ -151,6 +153,86 @@ def test_converted_weights_load_into_the_other_scan_layout(tmp_path, saved_scan)
     assert origin.startswith("converted")
     assert leaves_equal(out.params, converted if saved_scan else stack_layers(converted)) == []
     assert jax.tree.map(lambda x: x.sharding, out.params) == run.shardings.params
+
+
+@pytest.mark.multidevice
+def test_host_weights_stay_on_the_host_until_put_into_the_parameter_shardings(tmp_path, monkeypatch):
+    """PyTorch files converted on the fly come as host arrays: merging them into the experiment's dtype
+    keeps them on the host (not the whole model committed to device 0 first), and restore_or_init puts
+    each leaf straight into its parameter's sharding."""
+    overrides = {"model.dit.param_dtype": "bfloat16"}
+    run = run_of(mesh_of((1, 8, 1)), **overrides)
+    host = random_converted(dataclasses.replace(run.model.dit, param_dtype="float32"))
+    merged = loop.merge_converted_params(run.state.params, host, run.model.dit, run.model.dit)
+    assert {(type(x), x.dtype) for x in jax.tree.leaves(merged)} == {(np.ndarray, BF16)}
+
+    monkeypatch.setattr(wan_dit, "load", lambda path, target=None, **kwargs: (run.model.dit, host))
+    config = tiny_config(**overrides, init_from=str(tmp_path / "transformer"))  # read as PyTorch files
+    workdir = checkpointing.Checkpointer(tmp_path / "work", async_save=False)
+    out, origin = loop.restore_or_init(config, run.state, run.shardings, workdir, None, run.model)
+    workdir.close()
+    assert origin.startswith("converted")
+    assert jax.tree.map(lambda x: x.sharding, out.params) == run.shardings.params
+    kernel = out.params["blocks_0"]["ffn"]["proj_in"]["kernel"]
+    assert kernel.sharding.spec == P("fsdp", "tensor") and len(kernel.sharding.device_set) == 8
+    assert leaves_equal(out.params, jax.tree.map(lambda x: x.astype(jnp.bfloat16), host)) == []
+
+
+@pytest.fixture(scope="module")
+def bf16_ema_run():
+    """A tiny one-device run with bfloat16 parameters and EMA decay 0.999."""
+    return run_of(mesh_of((1, 1, 1)), ema_decay=0.999, **{"model.dit.param_dtype": "bfloat16"})
+
+
+def dtypes(tree) -> set:
+    return {x.dtype for x in jax.tree.leaves(tree)}
+
+
+def test_the_ema_of_bfloat16_params_is_float32_and_moves(bf16_ema_run):
+    """In bfloat16 a 0.999 EMA would never move: its steps (1 - 0.999) * (p - ema) fall below bfloat16's
+    resolution."""
+    run = bf16_ema_run
+    state = fresh_state(run)
+    assert dtypes(state.params) == {BF16} and dtypes(state.ema_params) == {F32}
+    assert dtypes(abstract_train_state(run.shardings, state).ema_params) == {F32}
+    assert jax.tree.map(lambda x: x.sharding, state.ema_params) == run.shardings.ema_params
+    assert dtypes(inference_params(state)) == {BF16}  # the quick evaluation's, as inference's
+    p0 = jax.device_get(state.params)
+    for _ in range(2):  # the first has lr 0 (warmup)
+        state, loss = train_one_step(run, state)
+    assert np.isfinite(loss) and dtypes(state.ema_params) == {F32}
+    p2, ema = jax.device_get((state.params, state.ema_params))
+    # A constant decay (setup's step has no warmup): ema = 0.999 p0 + 0.001 p2 (p1 = p0), up to XLA
+    # handing the EMA the new params before their bfloat16 rounding (0.001 x 2^-9 |p| <= 4e-6 here).
+    expected = jax.tree.map(lambda a, b: 0.999 * a.astype(np.float32) + 0.001 * b.astype(np.float32), p0, p2)
+    assert max_abs_diff(ema, p0) > 0 and max_abs_diff(ema, expected) < 1e-5
+
+
+def test_a_bfloat16_ema_saved_before_it_was_float32_resumes(bf16_ema_run, tmp_path):
+    run = bf16_ema_run
+    state = fresh_state(run)
+    old_ema = jax.tree.map(lambda x: (x + 0.5).astype(jnp.bfloat16), state.ema_params)
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(3, state.replace(step=state.step + 3, ema_params=old_ema).trainable())
+    out, origin = loop.restore_or_init(run.config, fresh_state(run), run.shardings, ckpt, None, run.model)
+    ckpt.close()
+    assert origin == "workdir step 3" and dtypes(out.ema_params) == {F32}
+    assert leaves_equal(out.ema_params, jax.tree.map(lambda x: x.astype(jnp.float32), old_ema)) == []
+    assert jax.tree.map(lambda x: x.sharding, out.ema_params) == run.shardings.ema_params
+
+
+def test_inference_reads_the_float32_ema_in_the_param_dtype(bf16_ema_run, tmp_path):
+    run = bf16_ema_run
+    state = fresh_state(run)
+    ema = jax.tree.map(lambda x: x + 1e-3, state.ema_params)  # not representable in bfloat16
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, state.replace(ema_params=ema).trainable())
+    ckpt.close()
+    expected = jax.tree.map(lambda x: x.astype(jnp.bfloat16), ema)
+    for mesh in (run.mesh, None):  # sharded, and as host arrays (convert.export)
+        params, key = restore_dit_params(tmp_path, 1, run.model, mesh, run.rules)
+        assert key == "ema_params" and dtypes(params) == {BF16}
+        assert leaves_equal(params, expected) == []
 
 
 @pytest.mark.torch

@@ -1,5 +1,7 @@
 """The sharded train step: mesh invariance, microbatch accumulation, task ratios, optimizer pieces."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,12 +16,20 @@ from genmask_jax.train import loop
 from genmask_jax.train.state import (
     attach_frozen,
     create_train_state,
+    ema_decay_at,
     ema_update,
+    initial_ema,
     make_optimizer,
     make_schedule,
     weight_decay_mask,
 )
-from genmask_jax.train.step import make_train_step, split_microbatches
+from genmask_jax.train.step import (
+    check_microbatch_split,
+    make_configured_train_step,
+    make_train_step,
+    optimizer_config,
+    split_microbatches,
+)
 
 
 def setup(mesh, microbatches=1, ema_decay=0.0, **overrides):
@@ -33,6 +43,25 @@ def setup(mesh, microbatches=1, ema_decay=0.0, **overrides):
     state = attach_frozen(state, shardings, {"vae": random_vae(model)})
     step = make_train_step(model, tx, shardings, mesh, rules, microbatches, ema_decay, make_schedule(opt_cfg))
     return state, shardings, step, rules
+
+
+def configured_setup(mesh, **overrides):
+    """`setup` with the step that `train.loop.train` builds from the config (`make_configured_train_step`)."""
+    config = tiny_config(**overrides)
+    model = tiny_model(config)
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    tx = make_optimizer(optimizer_config(config))
+    state, shardings = create_train_state(
+        build.dit_initializer(model),
+        tx,
+        jax.random.key(0),
+        mesh,
+        rules,
+        use_ema=config.ema_decay > 0,
+        abstract_frozen=build.abstract_frozen(model),
+    )
+    state = attach_frozen(state, shardings, {"vae": random_vae(model)})
+    return state, make_configured_train_step(config, model, tx, shardings, mesh, rules), rules
 
 
 def run(mesh, batches, **kwargs):
@@ -96,6 +125,71 @@ def test_microbatches_keep_the_task_ratio_and_stride():
     np.testing.assert_array_equal(split["seg"][1], [1, 5])
     with pytest.raises(ValueError, match="does not split"):
         split_microbatches({"seg": jnp.arange(6)}, 4)
+
+
+def test_microbatch_split_check():
+    check_microbatch_split({"seg": 16, "gen": 8}, 2, 4)
+    check_microbatch_split({"seg": 4}, 1, 4)
+    with pytest.raises(
+        ValueError,
+        match=r"^sub-batches \{'seg': 16, 'gen': 8\} in 4 microbatches: .* the 4 "
+        r"batch shards \(data x fsdp\), not gen 8 / 4 = 2 examples$",
+    ):
+        check_microbatch_split({"seg": 16, "gen": 8}, 4, 4)
+    with pytest.raises(ValueError, match=r"not seg 6 / 4 = 1.5 examples$"):
+        check_microbatch_split({"seg": 6}, 4, 1)
+
+
+@pytest.mark.multidevice
+def test_microbatches_that_do_not_split_over_the_batch_shards_fail_in_one_line():
+    """4 + 4 examples in 4 microbatches on 2 FSDP shards: each microbatch holds one example per task, which
+    XLA would silently gather onto both devices at every microstep instead of splitting it."""
+    mesh = mesh_of((1, 2, 1))
+    state, _, step, rules = setup(mesh, microbatches=4)
+    batch = loop.global_batch(make_batch(0, 4, 4), mesh, rules)
+    with pytest.raises(ValueError) as error:
+        step(state, batch, jax.random.key(0))
+    # Raised while tracing: JAX appends its note on filtered frames below the message.
+    first_line = str(error.value).splitlines()[0]
+    assert re.fullmatch(
+        r"sub-batches \{'seg': 4, 'gen': 4\} in 4 microbatches: .* 2 batch shards \(data x "
+        r"fsdp\), not seg 4 / 4 = 1, gen 4 / 4 = 1 examples",
+        first_line,
+    )
+
+
+def test_configured_step_warms_the_ema_up_and_logs_muons_rate():
+    """ema_warmup: the decay of update t is min(ema_decay, (1 + t) / (10 + t)). With lr 0 at the first
+    update (warmup) the params and the EMA stay p0; the second update (t = 1) gives the EMA
+    2/11 p0 + 9/11 p2, where a constant 0.9999 would leave it at p0. Under Muon both rates are logged."""
+    mesh = mesh_of((1, 1, 1))
+    optimizer = {
+        "optimizer.name": "muon",
+        "optimizer.muon_lr": 0.02,
+        "optimizer.lr": 1e-3,
+        "optimizer.warmup_steps": 2,
+    }
+    state, step, rules = configured_setup(mesh, ema_decay=0.9999, ema_warmup=True, **optimizer)
+    p0 = jax.device_get(state.params)
+    logged = []
+    for i in range(2):
+        state, metrics = step(state, loop.global_batch(make_batch(i, 2, 2), mesh, rules), jax.random.key(7))
+        logged.append({k: float(metrics[k]) for k in ("lr", "muon_lr")})
+    p2, ema = jax.device_get((state.params, state.ema_params))
+    expected = jax.tree.map(lambda a, b: 2 / 11 * a + 9 / 11 * b, p0, p2)
+    assert max_abs_diff(p0, p2) > 1e-4
+    assert max_abs_diff(ema, expected) < 1e-6
+    # Warmup over 2 steps: 0, then half of each rate.
+    assert logged == [{"lr": 0.0, "muon_lr": 0.0}, pytest.approx({"lr": 5e-4, "muon_lr": 1e-2})]
+
+
+def test_configured_adamw_step_logs_no_muon_rate():
+    mesh = mesh_of((1, 1, 1))
+    state, step, rules = configured_setup(mesh)
+    batch = loop.global_batch(make_batch(0, 2, 2), mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        _, metrics = jax.eval_shape(step.jitted, state, batch, jax.random.key(0))
+    assert "lr" in metrics and "muon_lr" not in metrics
 
 
 def test_segmentation_only_batches():
@@ -199,3 +293,30 @@ def test_weight_decay_mask_and_clipping():
 def test_ema_update():
     out = ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 0.9)
     np.testing.assert_allclose(out["w"], 0.1)
+
+
+def test_the_ema_of_bfloat16_params_moves():
+    """At decay 0.999 the EMA's steps (1 - 0.999) * (p - ema) fall below bfloat16's resolution: an EMA in
+    the params' bfloat16 would stay where it started."""
+    start, target = jnp.bfloat16(0.02), jnp.bfloat16(0.03)
+    ema = initial_ema({"w": jnp.full((4,), start)})
+    for _ in range(1000):
+        ema = ema_update(ema, {"w": jnp.full((4,), target)}, 0.999)
+    expected = float(target) + (float(start) - float(target)) * 0.999**1000
+    assert ema["w"].dtype == jnp.float32
+    np.testing.assert_allclose(ema["w"], expected, rtol=1e-4)
+
+
+def test_ema_decay_warmup_schedule():
+    warm = [float(ema_decay_at(t, 0.9999, warmup=True)) for t in (0, 8, 90, 10**6)]
+    np.testing.assert_allclose(warm, [0.1, 0.5, 0.91, 0.9999], rtol=1e-6)
+    assert float(ema_decay_at(100, 0.5, warmup=True)) == 0.5  # capped by ema_decay
+    assert ema_decay_at(0, 0.9999, warmup=False) == 0.9999
+    assert float(ema_decay_at(5, 0.0, warmup=True)) == 0.0  # ema_decay 0 (no EMA) stays 0
+
+
+def test_the_shipped_configs_warm_the_ema_up():
+    from configs import demo, genmask
+
+    for config in (genmask.get_config(), genmask.get_config("variant=paper"), demo.get_config()):
+        assert config.ema_warmup is True and config.ema_decay == 0.0

@@ -27,7 +27,7 @@ from genmask_jax.eval import report as report_lib
 from genmask_jax.eval.inprocess import evaluate_segmentation
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.models.vae import VAEConfig
-from genmask_jax.train import loop, vae_pretrain
+from genmask_jax.train import hooks, loop, vae_pretrain
 from genmask_jax.train.latent_data import LatentBatches, LatentPool, build_latent_pool, shapes_source
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,7 @@ def train_dit(
         state, history = loop.train(train_config, workdir, data_iterator=batches)
     finally:
         bar.close()
-    params = state.ema_params if state.ema_params is not None else state.params
-    return jax.device_get(params), history
+    return jax.device_get(hooks.inference_params(state)), history
 
 
 def generate_images(

@@ -207,8 +207,11 @@ def _gather_flags(ok: bool) -> np.ndarray:
 
 
 def inference_params(state) -> Any:
-    """The EMA parameters when the run keeps them, else the live ones."""
-    return state.ema_params if state.ema_params is not None else state.params
+    """The EMA parameters when the run keeps them, else the live ones; in the live ones' dtypes, as
+    inference restores them (the EMA is kept in float32: train/state.py)."""
+    if state.ema_params is None:
+        return state.params
+    return jax.tree.map(lambda e, p: e.astype(p.dtype), state.ema_params, state.params)
 
 
 def _global_array(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -14,7 +14,6 @@ import os
 from collections.abc import Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -88,7 +87,8 @@ def global_batch(
 
 def merge_converted_params(fresh, loaded, fresh_cfg: DiTConfig, loaded_cfg: DiTConfig):
     """Converted WAN weights in the experiment's layout (blocks stacked or not, as `fresh_cfg.scan_layers`
-    says) and dtypes, with the text-embedding MLP taken from `fresh` when text_dim differs."""
+    says) and dtypes, with the text-embedding MLP taken from `fresh` when text_dim differs. jax.Array
+    leaves keep their sharding, host (numpy) leaves stay numpy."""
     from convert import wan_dit
 
     for name in ARCHITECTURE_FIELDS:
@@ -118,11 +118,20 @@ def merge_converted_params(fresh, loaded, fresh_cfg: DiTConfig, loaded_cfg: DiTC
             "converted DiT parameters do not match the model: "
             f"{checkpointing.tree_equal_report(fresh_shapes, loaded_shapes)[:5]}"
         )
+    # Host arrays (PyTorch files converted on the fly) stay on the host until `put_sharded` puts them in the
+    # parameters' shardings: jnp.asarray would first put the whole model on one device.
     return jax.tree.map(
-        lambda f, x: x if isinstance(x, jax.Array) and x.dtype == f.dtype else jnp.asarray(x, f.dtype),
-        fresh,
-        loaded,
+        lambda f, x: x.astype(f.dtype) if isinstance(x, jax.Array) else np.asarray(x, f.dtype), fresh, loaded
     )
+
+
+def put_sharded(x, sharding: NamedSharding) -> jax.Array:
+    """`x` in `sharding`. A host array, the same on every process, goes by its shards: each device gets
+    its own, never the whole array; with several processes `jax.device_put` would first check that the
+    processes agree by all-gathering the whole array."""
+    if isinstance(x, jax.Array):
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def _slash_path(key_path) -> str:
@@ -224,7 +233,7 @@ def restore_or_init(
             param_dtype=model.dit.param_dtype,
         )
         params = merge_converted_params(state.params, loaded, model.dit, loaded_cfg)
-        params = jax.device_put(params, shardings.params)
+        params = jax.tree.map(put_sharded, params, shardings.params)
         ema = initial_ema(params) if state.ema_params is not None else None
         return state.replace(params=params, ema_params=ema), f"converted weights {config.init_from}"
     return state, "scratch"

@@ -2,7 +2,9 @@
 
 `TrainState` holds what training changes (step, DiT params, optimizer state, optional EMA) and the frozen
 parameters (the VAE) that the step only reads; `frozen` is outside the optimizer and outside checkpoints
-(it is rebuilt from its own source on restore).
+(it is rebuilt from its own source on restore). The EMA is kept in float32 whatever the params' dtype: at
+decay 0.999 a bfloat16 EMA never moves, its increments (1 - decay) * (p - ema) falling below bfloat16's
+resolution.
 """
 
 from collections.abc import Callable, Mapping
@@ -19,6 +21,7 @@ from genmask_jax.parallel.sharding import LogicalRules
 from genmask_jax.train import muon
 
 NO_DECAY_NAMES = ("bias", "scale", "scale_shift_table")
+EMA_DTYPE = jnp.float32
 # The DiT's nn.scan module (models/dit.py, scan_layers=True): its parameters carry a leading layer axis.
 LAYER_STACKS = ("blocks",)
 
@@ -58,6 +61,11 @@ def make_schedule(cfg: Mapping) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+def make_muon_schedule(cfg: Mapping) -> optax.Schedule:
+    """Muon's rate for its matrices: `make_schedule`'s shape at `muon_lr`."""
+    return make_schedule({**dict(cfg), "lr": float(cfg["muon_lr"])})
+
+
 def weight_decay_mask(params) -> dict:
     """True for matrices and conv kernels; biases, norm scales and modulation tables are not decayed.
 
@@ -92,7 +100,7 @@ def make_optimizer(cfg: Mapping) -> optax.GradientTransformation:
         tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
     elif name == "muon":
         tx = muon.muon(
-            make_schedule({**dict(cfg), "lr": float(cfg["muon_lr"])}),
+            make_muon_schedule(cfg),
             adam_learning_rate=schedule,
             beta=float(cfg.get("muon_beta", 0.95)),
             ns_steps=int(cfg.get("muon_ns_steps", 5)),
@@ -110,20 +118,31 @@ def make_optimizer(cfg: Mapping) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 
 
-def ema_update(ema, params, decay: float):
+def ema_update(ema, params, decay):
     """ema <- decay * ema + (1 - decay) * params, in the EMA's dtype."""
     return jax.tree.map(
         lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params
     )
 
 
+def ema_decay_at(step, decay: float, warmup: bool):
+    """The EMA decay of update `step` (0 for the first): `decay`, or with `warmup`
+    min(decay, (1 + step) / (10 + step)) (tf.train.ExponentialMovingAverage's `num_updates`). Without it
+    a decay of 0.9999 leaves 0.9999 ** 8000 = 45% of the EMA on the initial weights after 8000 steps."""
+    if not warmup:
+        return decay
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def initial_ema(params):
-    """The EMA's starting point: `params` copied into buffers of their own, each array on its sharding.
+    """The EMA's starting point: `params` in float32 (EMA_DTYPE) buffers of their own, each array on its
+    sharding; abstract `params` under `jax.eval_shape` give the EMA's shapes and dtypes.
 
     Not `jax.device_put(params, shardings)`: onto an array's own sharding it returns the same buffers, and
     the train step, which donates its state, then fails with "Attempt to donate the same buffer twice".
     """
-    return jax.tree.map(lambda x: x.copy(), params)
+    return jax.tree.map(lambda x: x.copy() if x.dtype == EMA_DTYPE else x.astype(EMA_DTYPE), params)
 
 
 def _opt_state_specs(opt_state, boxed_params, param_specs):
@@ -213,12 +232,13 @@ def create_train_state(
                 step=jnp.zeros((), jnp.int32),
                 params=params,
                 opt_state=tx.init(params),
-                ema_params=params if use_ema else None,
                 frozen={},
             )
 
-        state = jax.jit(init, out_shardings=shardings.replace(frozen={}))(rng)
-    return state, shardings
+        state = jax.jit(init, out_shardings=shardings.replace(frozen={}, ema_params=None))(rng)
+    # Not in `init`: there XLA (xla_allow_excess_precision) would start a float32 EMA of bfloat16 params
+    # from the initialiser's values before their rounding, not from the params.
+    return state.replace(ema_params=initial_ema(state.params) if use_ema else None), shardings
 
 
 def attach_frozen(state: TrainState, shardings: TrainState, frozen: Any) -> TrainState:

@@ -16,8 +16,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from genmask_jax.models.genmask import GenMask, present_tasks
-from genmask_jax.parallel.sharding import LogicalRules, batch_sharding
-from genmask_jax.train.state import TrainState, ema_update, make_schedule
+from genmask_jax.parallel.sharding import LogicalRules, batch_shard_count, batch_sharding
+from genmask_jax.train.state import TrainState, ema_decay_at, ema_update, make_muon_schedule, make_schedule
 
 
 def split_microbatches(tree, k: int):
@@ -34,6 +34,18 @@ def split_microbatches(tree, k: int):
     return jax.tree.map(split, tree)
 
 
+def check_microbatch_split(sizes: Mapping[str, int], k: int, batch_shards: int) -> None:
+    """ValueError unless each task's `sizes[task] / k` examples of a microbatch split over the
+    `batch_shards` (data x fsdp) blocks of the batch: otherwise XLA silently gathers the global batch onto
+    every device at every microstep."""
+    bad = [f"{task} {n} / {k} = {n / k:g}" for task, n in sizes.items() if n % k or (n // k) % batch_shards]
+    if bad:
+        raise ValueError(
+            f"sub-batches {dict(sizes)} in {k} microbatches: each task's microbatch must split over the "
+            f"{batch_shards} batch shards (data x fsdp), not {', '.join(bad)} examples"
+        )
+
+
 def count_examples(batch) -> int:
     return sum(int(jax.tree.leaves(batch[task])[0].shape[0]) for task in present_tasks(batch))
 
@@ -45,13 +57,15 @@ def _loss_sums(model: GenMask, params, frozen, batch, draws, num_examples: int):
     return sum(sums.values()) / num_examples, sums
 
 
-def _gradients(model: GenMask, params, frozen, batch, draws, microbatches: int, constrain):
+def _gradients(model: GenMask, params, frozen, batch, draws, microbatches: int, constrain, batch_shards: int):
     """Gradient of the global-batch mean loss and per-task loss sums, accumulated in fp32."""
     num_examples = count_examples(batch)
     grad_fn = jax.grad(functools.partial(_loss_sums, model), has_aux=True)
     if microbatches == 1:
         return grad_fn(params, frozen, batch, draws, num_examples)
 
+    sizes = {task: int(jax.tree.leaves(batch[task])[0].shape[0]) for task in present_tasks(batch)}
+    check_microbatch_split(sizes, microbatches, batch_shards)
     inputs = split_microbatches({"batch": batch, "draws": draws}, microbatches)
 
     def body(carry, micro):
@@ -78,8 +92,11 @@ def train_step(
     tx: optax.GradientTransformation,
     microbatches: int = 1,
     ema_decay: float = 0.0,
+    ema_warmup: bool = False,
     schedule: Callable | None = None,
+    muon_schedule: Callable | None = None,
     constrain: Callable = lambda x: x,
+    batch_shards: int = 1,
 ):
     """One optimizer update on the global batch; see the module docstring.
 
@@ -87,16 +104,22 @@ def train_step(
       state: the TrainState (donated by the jitted wrapper).
       batch: {"seg": {...}, "gen": {...}} of global arrays (interfaces.md); "gen" may be absent.
       rng: the run's base key; the step number is folded in here.
+      ema_warmup: the EMA decay ramps up as `ema_decay_at` says.
+      batch_shards: how many blocks the batch axes split a batch into (each microbatch must split too).
     Returns:
       (new state, metrics): loss (global mean), loss_seg / loss_gen (per-task means),
-      grad_norm, param_norm, update_norm, and lr if `schedule` is given.
+      grad_norm, param_norm, update_norm, and lr / muon_lr if `schedule` / `muon_schedule` is given.
     """
     rng = jax.random.fold_in(rng, state.step)
     draws = model.draw(rng, batch)
-    grads, sums = _gradients(model, state.params, state.frozen, batch, draws, microbatches, constrain)
+    grads, sums = _gradients(
+        model, state.params, state.frozen, batch, draws, microbatches, constrain, batch_shards
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, ema_decay) if state.ema_params is not None else None
+    ema = None
+    if state.ema_params is not None:
+        ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay, ema_warmup))
 
     num_examples = count_examples(batch)
     metrics = {
@@ -109,6 +132,8 @@ def train_step(
         metrics[f"loss_{task}"] = total / jax.tree.leaves(batch[task])[0].shape[0]
     if schedule is not None:
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    if muon_schedule is not None:
+        metrics["muon_lr"] = jnp.asarray(muon_schedule(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     return new_state, metrics
 
@@ -122,6 +147,8 @@ def make_train_step(
     microbatches: int = 1,
     ema_decay: float = 0.0,
     schedule: Callable | None = None,
+    ema_warmup: bool = False,
+    muon_schedule: Callable | None = None,
 ):
     """`train_step` jitted with in/out shardings and the state donated.
 
@@ -137,8 +164,11 @@ def make_train_step(
         tx=tx,
         microbatches=microbatches,
         ema_decay=ema_decay,
+        ema_warmup=ema_warmup,
         schedule=schedule,
+        muon_schedule=muon_schedule,
         constrain=constrain,
+        batch_shards=batch_shard_count(mesh, rules),
     )
     jitted = jax.jit(
         step,
@@ -155,12 +185,30 @@ def make_train_step(
     return step_fn
 
 
-def make_configured_train_step(config, model: GenMask, tx: optax.GradientTransformation, shardings,
-                               mesh: jax.sharding.Mesh, rules: LogicalRules):
-    """`make_train_step` with the experiment config's accumulation, EMA and learning-rate schedule:
+def make_configured_train_step(
+    config,
+    model: GenMask,
+    tx: optax.GradientTransformation,
+    shardings,
+    mesh: jax.sharding.Mesh,
+    rules: LogicalRules,
+):
+    """`make_train_step` with the experiment config's accumulation, EMA and learning-rate schedules:
     the one step that `train.loop.train` runs and `genmask_jax.aot` compiles."""
-    return make_train_step(model, tx, shardings, mesh, rules, microbatches=config.microbatches,
-                           ema_decay=config.ema_decay, schedule=make_schedule(optimizer_config(config)))
+    optimizer = optimizer_config(config)
+    muon_schedule = make_muon_schedule(optimizer) if optimizer.get("name") == "muon" else None
+    return make_train_step(
+        model,
+        tx,
+        shardings,
+        mesh,
+        rules,
+        microbatches=config.microbatches,
+        ema_decay=config.ema_decay,
+        schedule=make_schedule(optimizer),
+        ema_warmup=bool(config.get("ema_warmup", False)),  # False: configs saved before the field
+        muon_schedule=muon_schedule,
+    )
 
 
 def optimizer_config(config) -> dict:

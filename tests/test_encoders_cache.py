@@ -299,7 +299,8 @@ def test_an_example_the_encoder_fails_on_is_skipped_by_precompute_and_by_the_pip
     cached = small_config()
     cached.encoder.cache_dir = out
     batch, skips, evaluated = read(cached)
-    assert skips == live_skips and live_skips["ValueError"] >= 1
+    # the counts depend on how far grain's threads read ahead; the kinds do not
+    assert set(skips) == set(live_skips) == {"ValueError"}
     for key in live:
         np.testing.assert_array_equal(batch[key], live[key])
     valid = [val[i]["text"] not in bad_texts for i in range(5)]
@@ -309,26 +310,37 @@ def test_an_example_the_encoder_fails_on_is_skipped_by_precompute_and_by_the_pip
     np.testing.assert_array_equal(evaluated["context"], live_eval["context"])
 
 
-def test_a_passing_encoder_failure_is_not_cached_and_a_rerun_encodes_the_example(tmp_path):
-    """Out of memory on one example does not blame the example: precompute logs it but records no
-    skip, so that the cache has a gap (the pipelines stop at it) and a rerun encodes the example."""
+def test_an_encoder_failure_that_is_not_a_refusal_stops_the_precompute_and_records_nothing(tmp_path):
+    """Out of memory (or a CUDA error) on one example does not blame the example: the precompute stops
+    without a skip record for it, and a rerun encodes it."""
     c = small_config()
     train = make_task_source("shapes", "train", c, "seg")
     bad_id, bad_text = train[3]["id"], train[3]["text"]
     out = str(tmp_path / "cache")
     failing = _FailingToyEncoder(c.encoder, {bad_text}, error=MemoryError)
-    result = precompute(c, out, ["train"], batch_size=4, shard_size=7, dtype="float32", encoder=failing)
-    assert "MemoryError: 1" in result["skips"]
-    cache = EmbeddingCache(out, fingerprint(c.encoder))
-    assert cache.missing([bad_id]) == [bad_id]
+    with pytest.raises(MemoryError):
+        precompute(c, out, ["train"], batch_size=4, shard_size=7, dtype="float32", encoder=failing)
     again = precompute(c, out, ["train"], batch_size=4, shard_size=7, dtype="float32")
-    assert again["written"] == 1
+    everything = precompute(c, str(tmp_path / "fresh"), ["train"], batch_size=4, dtype="float32")["written"]
+    assert (again["written"], again["skips"]) == (everything, "precompute: no examples skipped")
     context, mask = EmbeddingCache(out, fingerprint(c.encoder)).lookup(bad_id, bad_text)
-    expected, expected_mask = ToyEncoder(c.encoder.context_length, c.encoder.dim, c.encoder.seed).encode(
-        None, [bad_text]
-    )
+    toy = ToyEncoder(c.encoder.context_length, c.encoder.dim, c.encoder.seed)
+    expected, expected_mask = toy.encode(None, [bad_text])
     np.testing.assert_array_equal(mask, expected_mask[0])
-    np.testing.assert_allclose(context, expected[0], rtol=0, atol=0)
+    np.testing.assert_array_equal(context, expected[0])
+
+
+def test_an_encoder_that_refuses_every_example_of_a_batch_alone_stops_the_precompute(tmp_path):
+    """A refusal of every example (a setting or a broken encoder, not the data) is not recorded as
+    skips, which a rerun would never retry."""
+    c = small_config()
+    train = make_task_source("shapes", "train", c, "seg")
+    failing = _FailingToyEncoder(c.encoder, {train[i]["text"] for i in range(len(train))})
+    out = str(tmp_path / "cache")
+    with pytest.raises(PrecomputeError, match="refused each of the 4 examples of a batch alone"):
+        precompute(c, out, ["train"], batch_size=4, shard_size=7, dtype="float32", encoder=failing)
+    again = precompute(c, out, ["train"], batch_size=4, shard_size=7, dtype="float32")
+    assert again["written"] == 2 * len(train)  # nothing of the refused run was recorded: seg + gen now
 
 
 def test_coco_style_captions_each_get_their_own_context(tmp_path):
@@ -737,6 +749,32 @@ def test_training_sample_prompts_come_from_the_cache(tmp_path):
     texts, context, mask = quick._load_generation_inputs()
     source = make_task_source("shapes", "train", c, "gen")
     assert texts == [source[i]["text"] for i in range(quick.num_examples)]  # 3, rounded up to the devices
+    want_context, want_mask = make_encoder(c.encoder).encode(None, texts)
+    np.testing.assert_array_equal(context, want_context)
+    np.testing.assert_array_equal(mask, want_mask)
+
+
+def test_training_sample_prompts_pass_over_a_caption_the_precompute_could_not_encode(tmp_path):
+    """A skip record among the first captions turned the run's generation samples off; the samples now
+    pass over it, as training does."""
+    import ml_collections
+
+    from genmask_jax.parallel.mesh import make_mesh
+    from genmask_jax.train.hooks import MetricsLogger, QuickEval
+
+    c = small_config()
+    source = make_task_source("shapes", "train", c, "gen")
+    out = str(tmp_path / "cache")
+    failing = _FailingToyEncoder(c.encoder, {source[1]["text"]})
+    precompute(c, out, ["train"], batch_size=4, dtype="float32", encoder=failing)
+    c.encoder.cache_dir = out
+    config = ml_collections.ConfigDict({"data": c})
+    logger = MetricsLogger(tmp_path, total_steps=1, examples_per_step=1, enabled=False)
+    quick = QuickEval(config, None, make_mesh((1, -1, 1)), (), tmp_path, logger, num_examples=3)
+    texts, context, mask = quick._load_generation_inputs()
+    kept = [i for i in range(len(source)) if source[i]["text"] != source[1]["text"]][: quick.num_examples]
+    assert len(kept) == quick.num_examples and 1 not in kept
+    assert texts == [source[i]["text"] for i in kept]
     want_context, want_mask = make_encoder(c.encoder).encode(None, texts)
     np.testing.assert_array_equal(context, want_context)
     np.testing.assert_array_equal(mask, want_mask)

@@ -24,10 +24,9 @@ def skip_reason(error: Exception) -> str:
     return f"{kind}: {error}"
 
 
-# Exceptions that do not blame an example's data (skip reasons name the class): the evaluation job
-# gives an example that failed so no record and the embedding precompute caches no skip for it, so that a
-# rerun retries it instead of leaving it out for good. (A `ContextError`, a setting or a cache to fix,
-# never gets this far: the data pipeline raises it.)
+# Exceptions that do not blame an example's data (skip reasons name the class): the evaluation job gives
+# an example that failed so no record, so that a rerun retries it instead of leaving it out for good. (A
+# `ContextError`, a setting or a cache to fix, never gets this far: the data pipeline raises it.)
 RETRIED_ERRORS = (MemoryError, ConnectionError, TimeoutError, InterruptedError)
 
 

@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import tqdm
 
-from genmask_jax.data.skips import SkipLog, is_data_error, skip_reason
+from genmask_jax.data.skips import SkipLog, skip_reason
 from genmask_jax.data.sources import make_task_source, parse_names
 from genmask_jax.data.splits import DATASETS, SplitSpec, parse_splits, refcoco_config, split_data_config
 from genmask_jax.encoders import ContextError, PromptTooLong, encoder_input, fingerprint, make_encoder
@@ -126,29 +126,52 @@ def _encode(encoder, batch: list, task: str, encoder_config) -> list[tuple]:
     return [(context[mask], rewrite) for context, mask, rewrite in zip(contexts, masks, rewrites)]
 
 
+def _encode_one_by_one(encoder, batch: list, writer: CacheWriter, task: str, encoder_config):
+    """Encodes each example of `batch` alone into `writer`; returns ([(example, ValueError) of those the
+    encoder refused], how many were written)."""
+    refused = []
+    for example in batch:
+        try:
+            [(states, rewrite)] = _encode(encoder, [example], task, encoder_config)
+        except ContextError:
+            raise
+        except ValueError as e:
+            refused.append((example, e))
+            continue
+        writer.add(example[0], states, text=example[1]["text"], rewrite=rewrite)
+    return refused, len(batch) - len(refused)
+
+
 def _encode_batch(
     encoder, batch: list, writer: CacheWriter, task: str, encoder_config, skips: SkipLog
 ) -> int:
     """Encodes `batch` into `writer`; returns how many examples were written.
 
-    A batch that fails with anything but a ContextError (a setting to fix) is encoded again one example
-    at a time; an example that fails alone (an image the processor refuses) is a bad example, as in the
-    pipelines: logged in `skips` and recorded in the cache (`CacheWriter.add_skip`), so that pipelines
-    reading the cache skip it as they would skip it running the encoder, and a resume goes past it. A
-    failure that does not blame the example (`skips.is_data_error`: memory, network) is logged only: a
-    rerun tries it again, and until then the pipelines stop at it as at any cache miss."""
+    A batch that the encoder refuses with a ValueError (an input it cannot take: Qwen's image processor
+    and an aspect ratio over 200) is encoded again one example at a time; an example refused alone is a
+    bad example, as in the pipelines: logged in `skips` and recorded in the cache (`CacheWriter.add_skip`),
+    so that pipelines reading the cache skip it as they would skip it running the encoder, and a resume
+    goes past it. Any other failure (out of memory, a CUDA error, a broken model) stops the precompute
+    and records nothing, and so does a batch of several whose every example is refused alone: the
+    encoder is to blame, not the data; a rerun resumes."""
     try:
         results = _encode(encoder, batch, task, encoder_config)
     except ContextError:
         raise
-    except Exception as e:  # noqa: BLE001  (any failure of one example becomes a logged skip)
-        if len(batch) > 1:
-            return sum(_encode_batch(encoder, [one], writer, task, encoder_config, skips) for one in batch)
-        example_id, raw = batch[0]
-        skips.add(example_id, skip_reason(e))
-        if is_data_error(skip_reason(e)):  # a passing failure (memory, network) is tried again by a rerun
-            writer.add_skip(example_id, skip_reason(e), text=raw["text"])
-        return 0
+    except ValueError as e:
+        if len(batch) == 1:
+            refused, written = [(batch[0], e)], 0
+        else:
+            refused, written = _encode_one_by_one(encoder, batch, writer, task, encoder_config)
+            if len(refused) == len(batch):
+                raise PrecomputeError(
+                    f"the encoder refused each of the {len(batch)} examples of a batch alone "
+                    f"({skip_reason(e)}): a setting or the encoder to fix, not the data; nothing recorded"
+                ) from e
+        for (example_id, raw), error in refused:
+            skips.add(example_id, skip_reason(error))
+            writer.add_skip(example_id, skip_reason(error), text=raw["text"])
+        return written
     for (example_id, raw), (states, rewrite) in zip(batch, results):
         writer.add(example_id, states, text=raw["text"], rewrite=rewrite)
     return len(batch)

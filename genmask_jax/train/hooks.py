@@ -312,27 +312,44 @@ class QuickEval:
             examples = self._generation_examples(data.train_split, cache)
         if examples is None:
             return None
+        texts = [e["text"] for e, _ in examples]
         if cache is not None:
-            pairs = [cache.lookup(e["id"], e["text"]) for e in examples]
-            context, mask = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+            context, mask = np.stack([p[0] for _, p in examples]), np.stack([p[1] for _, p in examples])
         else:
             from genmask_jax.encoders import make_encoder
 
-            context, mask = make_encoder(data.encoder).encode(None, [e["text"] for e in examples])
-        return [e["text"] for e in examples], context.astype(np.float32), mask.astype(bool)
+            context, mask = make_encoder(data.encoder).encode(None, texts)
+        return texts, context.astype(np.float32), mask.astype(bool)
 
-    def _generation_examples(self, split: str, cache) -> list[dict] | None:
-        """The first `num_examples` of the generation sources' `split`; None if it has fewer or (with a
-        cache) the cache lacks one of them."""
+    def _generation_examples(self, split: str, cache) -> list[tuple[dict, tuple | None]] | None:
+        """The first `num_examples` usable examples of the generation sources' `split`, each with its
+        (context, mask) from the cache (None without one). A bad example (an unreadable image, one the
+        precompute could not encode) is passed over, as training passes over it; None if the split has
+        too few, or (with a cache) the cache lacks one of them."""
+        from genmask_jax.data.skips import skip_reason
         from genmask_jax.data.sources import make_task_source
+        from genmask_jax.encoders.base import ContextError
 
         data = self.config.data
         source = make_task_source(data.gen_sources, split, data, "gen")
-        if source is None or len(source) < self.num_examples:
+        if source is None:
             return None
-        if cache is not None and cache.missing([source.example_id(i) for i in range(self.num_examples)]):
-            return None
-        return [source[i] for i in range(self.num_examples)]
+        examples = []
+        for index in range(min(len(source), self.num_examples + data.max_consecutive_skips)):
+            if len(examples) == self.num_examples:
+                break
+            if cache is not None and cache.missing([source.example_id(index)]):
+                return None
+            try:
+                example = source[index]
+                pair = cache.lookup(example["id"], example["text"]) if cache is not None else None
+            except ContextError:  # a setting or a cache to fix
+                raise
+            except Exception as e:  # noqa: BLE001  (a bad example is passed over, as training does)
+                log.info("generation samples: example %d of %s passed over: %s", index, split, skip_reason(e))
+                continue
+            examples.append((example, pair))
+        return examples if len(examples) == self.num_examples else None
 
     # Compiled functions.
 
@@ -459,8 +476,11 @@ class TrainHooks:
         the checkpoint); else runs the periodic evaluations that are due at `step` and returns False."""
         start = time.perf_counter()
         self.profiler.after_step(step, state)
-        due = [name for name, every in (("segmentation", self.eval_every), ("generation", self.sample_every))
-               if every and step % every == 0]
+        due = [
+            name
+            for name, every in (("segmentation", self.eval_every), ("generation", self.sample_every))
+            if every and step % every == 0
+        ]
         if self.preemption is not None and self.preemption.should_stop(step):
             if due:
                 log.info("stopping: no quick evaluation (%s) at step %d", ", ".join(due), step)
@@ -480,8 +500,13 @@ class TrainHooks:
         ready = _gather_flags(self.quick_eval.prepare(name))
         if not ready.all():
             if ready.any():  # else no process has them (no generation data, or the same error everywhere)
-                log.warning("quick evaluation %s at step %d skipped on every process: its inputs are missing "
-                            "on process(es) %s", name, step, ", ".join(map(str, np.flatnonzero(~ready))))
+                log.warning(
+                    "quick evaluation %s at step %d skipped on every process: its inputs are missing "
+                    "on process(es) %s",
+                    name,
+                    step,
+                    ", ".join(map(str, np.flatnonzero(~ready))),
+                )
             self.quick_eval.inputs_failed(name)
             return
         try:

@@ -5,7 +5,7 @@ r"""Ahead-of-time compilation of the GenMask train and evaluation steps for a na
     python -m genmask_jax.aot --config=configs/genmask.py:variant=paper --topology=v5p:2x4x4 \
         --config.mesh.shape="(1,8,4)" --remat=dots_with_no_batch_dims_saveable --skip_eval
     python -m genmask_jax.aot --config=configs/genmask.py:variant=paper --topology=v5e:16x16 --sweep \
-        --meshes=1x256x1,1x64x4 --remat=nothing_saveable --microbatches=1,2,4
+        --meshes=1x256x1,1x64x4 --remat=nothing_saveable --microbatches=1,2
 
 libtpu (`requirements-tpu.txt`) compiles for `--topology` on any machine. Every input is abstract
 (`jax.ShapeDtypeStruct` with its sharding; the state comes from `jax.eval_shape`), so no weight or batch is
@@ -65,9 +65,14 @@ from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
 from genmask_jax.parallel.sharding import logical_sharding, rules_from_config  # noqa: E402
 from genmask_jax.train import loop  # noqa: E402
 from genmask_jax.train.state import TrainState, initial_ema, make_optimizer, state_shardings  # noqa: E402
-from genmask_jax.train.step import batch_sharding, make_configured_train_step, optimizer_config  # noqa: E402
+from genmask_jax.train.step import (  # noqa: E402
+    batch_sharding,
+    check_microbatch_split,
+    make_configured_train_step,
+    optimizer_config,
+)
 
-REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "none")
+SWEEP_REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "none")
 
 
 class LibtpuMissing(RuntimeError):
@@ -562,16 +567,21 @@ def sweep_meshes(num_devices: int, config) -> list[tuple[int, int, int]]:
 
 
 def _microbatches_ok(config, shape: Sequence[int], k: int) -> bool:
-    """Every sub-batch splits into k microbatches that each split evenly over the batch axes."""
-    sizes = [int(config.batch[t]) for t in ("seg", "gen") if int(config.batch[t])]
-    return all(n % k == 0 and (n // k) % (shape[0] * shape[1]) == 0 for n in sizes)
+    """Whether the train step takes k microbatches on mesh `shape` (`step.check_microbatch_split`, the
+    batch split over the data and fsdp axes as the default rules do)."""
+    sizes = {t: int(config.batch[t]) for t in ("seg", "gen") if int(config.batch[t])}
+    try:
+        check_microbatch_split(sizes, k, shape[0] * shape[1])
+    except ValueError:
+        return False
+    return True
 
 
 def sweep(
     config,
     topology: str,
     meshes: Sequence[Sequence[int]] | None = None,
-    remats: Sequence[str] = REMAT_POLICIES[:3],
+    remats: Sequence[str] = SWEEP_REMAT_POLICIES[:3],
     microbatches: Sequence[int] = (1, 2, 4, 8),
     log=print,
 ) -> list[Analysis]:
@@ -641,7 +651,7 @@ def main(argv) -> int:
         return 2
     try:
         if f.sweep:
-            remats = f.remat.split(",") if f.remat else REMAT_POLICIES[:3]
+            remats = f.remat.split(",") if f.remat else SWEEP_REMAT_POLICIES[:3]
             meshes = [tuple(_ints(m, "x")) for m in f.meshes.split(",")] if f.meshes else None
             print(f"sweep on {f.topology}:", flush=True)
             results = sweep(

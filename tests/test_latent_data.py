@@ -64,11 +64,15 @@ def test_pool_gives_a_vlm_the_scene_image_with_the_expression_as_the_pipelines_d
     monkeypatch.setattr(latent_data, "make_encoder", lambda config: RecordingVLM())
     c = default_data_config()
     c.resolution, c.encoder.name, c.shapes.train_size = (32, 32), "qwen2_5_vl", 3
-    latent_data.build_latent_pool(c, 3, None, None, batch_size=2, progress=False, chunk=2)
-    (seg_images, seg_texts), (gen_images, gen_texts) = calls
+    monkeypatch.setattr(latent_data, "ENCODE_CHUNK", 2)  # a VLM's one forward pass per call: in chunks
+    pool = latent_data.build_latent_pool(c, 3, None, None, batch_size=2, progress=False, chunk=2)
+    assert [len(texts) for _, texts in calls] == [2, 1, 2, 1]
+    assert pool.seg_context.shape == pool.gen_context.shape == (3, 4, 2)
+    seg_images, seg_texts = calls[0][0] + calls[1][0], calls[0][1] + calls[1][1]
+    gen_images, gen_texts = calls[2][0] + calls[3][0], calls[2][1] + calls[3][1]
     source = latent_data.shapes_source(c, c.train_split, 3)
     for i in range(3):
         image, text, _ = encoder_input(source[i], "seg", c.encoder)
         np.testing.assert_array_equal(seg_images[i], image)
         assert seg_texts[i] == text == source[i]["expression"]
-    assert gen_images is None and gen_texts == [source[i]["caption"] for i in range(3)]
+    assert gen_images == [None] * 3 and gen_texts == [source[i]["caption"] for i in range(3)]

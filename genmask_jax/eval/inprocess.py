@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from genmask_jax.data.pipeline import make_eval_iterator
 from genmask_jax.eval.metrics import MetricsAccumulator
-from genmask_jax.infer.segmenter import example_noise, noise_key, original_size_mask, segment_mask_latents
+from genmask_jax.infer.segmenter import latent_scores, noise_key, original_size_mask
 from genmask_jax.models import mask_codec
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.train.latent_data import shapes_source
@@ -44,20 +44,18 @@ def make_predict_fn(model: GenMask, num_steps: int = 1, image_frame: bool = True
     """jitted `(dit_params, vae_params, image, mask, context, context_mask, index, key) -> (prediction
     score, VAE ceiling score)`, float32 `(B, H, W)` at the model resolution, foreground where > 0.
 
-    The noise of example `index[b]` is `fold_in(key, index[b])`, as in the batch evaluation job
-    (`infer.segmenter.predict_scores`): a result depends neither on the batch size nor on the batch an
+    The noise of example `index[b]` is `fold_in(key, index[b])` (`infer.segmenter.latent_scores`), as in
+    the batch evaluation job: a result depends neither on the batch size nor on the batch an
     example falls in. The ceiling is the true mask encoded and decoded by the frozen VAE."""
 
     @jax.jit
     def predict(dit_params, vae_params, image, mask, context, context_mask, index, key):
         image_latent = model.encode(vae_params, image)
-        noise = example_noise(key, index, image_latent.shape[1:])
         if not image_frame:
             image_latent = jnp.zeros_like(image_latent)
-        latents = segment_mask_latents(
-            model, dit_params, image_latent, context, context_mask, noise, num_steps
+        score = latent_scores(
+            model, dit_params, vae_params, image_latent, context, context_mask, index, key, num_steps
         )
-        score = jnp.mean(model.decode(vae_params, latents).astype(jnp.float32), axis=-1)
         mask_latent = model.encode(vae_params, mask_codec.mask_to_rgb(mask))
         ceiling = jnp.mean(model.decode(vae_params, mask_latent).astype(jnp.float32), axis=-1)
         return score, ceiling

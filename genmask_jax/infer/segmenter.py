@@ -95,6 +95,25 @@ def predict_scores(
     """Image `(B, H, W, 3)` in [-1, 1] + instruction states `(B, L, D)` -> float32 scores `(B, H, W)`:
     the decoded mask image's channel mean in [-1, 1], foreground where > 0."""
     image_latent = model.encode(vae_params, image)
+    return latent_scores(
+        model, dit_params, vae_params, image_latent, context, context_mask, index, key, num_steps, shift
+    )
+
+
+def latent_scores(
+    model: GenMask,
+    dit_params,
+    vae_params,
+    image_latent: jax.Array,
+    context: jax.Array,
+    context_mask: jax.Array,
+    index: jax.Array,
+    key: jax.Array,
+    num_steps: int = 1,
+    shift: float = 1.0,
+) -> jax.Array:
+    """`predict_scores` from the image latent `(B, 1, h, w, z)`; the noise of example `index[b]` is
+    `fold_in(key, index[b])`, whatever the batch."""
     noise = example_noise(key, index, image_latent.shape[1:])
     latents = segment_mask_latents(
         model, dit_params, image_latent, context, context_mask, noise, num_steps, shift
@@ -133,8 +152,10 @@ def check_inputs(images, prompts) -> None:
     """Raises TypeError for one image or one prompt where a sequence of them is due, ValueError for
     sequences of different lengths."""
     if isinstance(images, np.ndarray | Image.Image | jax.Array) or not isinstance(images, Sequence):
-        raise TypeError(f"images: a list of images, one per prompt, got {type(images).__name__} (wrap one "
-                        "image in a list)")
+        raise TypeError(
+            f"images: a list of images, one per prompt, got {type(images).__name__} (wrap one "
+            "image in a list)"
+        )
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts: a list of strings, one per image, got {type(prompts).__name__}")
     if len(images) != len(prompts):

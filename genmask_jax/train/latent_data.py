@@ -130,12 +130,24 @@ def _render(
     return np.stack(images), np.stack(masks).astype(np.float32), expressions, captions, replaced
 
 
-def _encode_expressions(encoder, inputs: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
-    """Contexts `(N, L, D)` and masks `(N, L)` of `encoder_input` triples, as the pipelines encode them."""
-    images, texts, flags = (list(column) for column in zip(*inputs))
-    if any(flags):
-        return encoder.encode(images, texts, rewrite=flags)
-    return encoder.encode(images, texts)
+# Examples per encoder call: a VLM runs one forward pass per call, which the whole pool would not fit.
+ENCODE_CHUNK = 256
+
+
+def _encode_inputs(encoder, inputs: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """Contexts `(N, L, D)` and masks `(N, L)` of `encoder_input` triples `(image or None, text,
+    rewrite)`, as the pipelines encode them, `ENCODE_CHUNK` at a time."""
+    if not inputs:
+        return encoder.encode([], [])
+    contexts, masks = [], []
+    for lo in range(0, len(inputs), ENCODE_CHUNK):
+        images, texts, flags = (list(column) for column in zip(*inputs[lo : lo + ENCODE_CHUNK]))
+        context, mask = (
+            encoder.encode(images, texts, rewrite=flags) if any(flags) else encoder.encode(images, texts)
+        )
+        contexts.append(context)
+        masks.append(mask)
+    return np.concatenate(contexts), np.concatenate(masks)
 
 
 def build_latent_pool(
@@ -187,8 +199,8 @@ def build_latent_pool(
             *fit_to[:2],
         )
     encoder = make_encoder(data_config.encoder)
-    seg_context, seg_mask = _encode_expressions(encoder, seg_inputs)
-    gen_context, gen_mask = encoder.encode(None, captions)
+    seg_context, seg_mask = _encode_inputs(encoder, seg_inputs)
+    gen_context, gen_mask = _encode_inputs(encoder, [(None, caption, False) for caption in captions])
     if trim_padding:
         seg_context, seg_mask = trim_to_longest(seg_context, seg_mask)
         gen_context, gen_mask = trim_to_longest(gen_context, gen_mask)

@@ -236,11 +236,12 @@ def test_overrides_without_config_apply_to_the_saved_config(saved_run):
         assert cli_lib.with_checkpoint_config(unchanged, flag_values) == unchanged
 
 
-def test_a_config_saved_before_new_data_fields_gets_them_and_takes_overrides(tmp_path):
-    """A checkpoint whose saved `data` predates `encoder.max_pixels` and `refcoco.exclude_eval_images`:
-    the inference commands read it laid over today's data defaults (saved values win), so the new fields
-    exist, hold their defaults and take `--config.data...` overrides (a locked ConfigDict adds no field:
-    the override was an unknown-field error)."""
+def test_a_config_saved_before_new_fields_gets_them_and_takes_overrides(tmp_path):
+    """A checkpoint whose saved config predates `data.encoder.max_pixels`, `data.refcoco.exclude_eval_images`,
+    `model.dit.residual_dtype` and `ema_warmup`: the inference commands read it laid over today's defaults
+    (saved values win; `ema_warmup` False, as such a run trained), so the new fields exist, hold their
+    defaults and take `--config...` overrides (a locked ConfigDict adds no field: the override was an
+    unknown-field error)."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -252,6 +253,7 @@ def test_a_config_saved_before_new_data_fields_gets_them_and_takes_overrides(tmp
 
     config = get_config("variant=tiny").to_dict()
     del config["data"]["encoder"]["max_pixels"], config["data"]["refcoco"]["exclude_eval_images"]
+    del config["model"]["dit"]["residual_dtype"], config["ema_warmup"]
     config["data"]["encoder"]["context_length"] = 24  # a saved value, not today's default
     ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", async_save=False)
     ckpt.save(3, {"step": np.asarray(3, np.int32), "params": {"w": np.ones(2, np.float32)}}, config=config)
@@ -260,14 +262,23 @@ def test_a_config_saved_before_new_data_fields_gets_them_and_takes_overrides(tmp
     assert saved.data.encoder.max_pixels == DEFAULT_MAX_PIXELS
     assert saved.data.refcoco.exclude_eval_images is False
     assert saved.data.encoder.context_length == 24 and saved.data.encoder.name == "toy"
+    assert (saved.model.dit.residual_dtype, saved.ema_warmup) == ("float32", False)
+    assert saved.model.dit.dim == config["model"]["dit"]["dim"]
 
-    argv = ["prog", f"--checkpoint={tmp_path}", "--config.data.encoder.max_pixels=50176"]
+    argv = [
+        "prog",
+        f"--checkpoint={tmp_path}",
+        "--config.data.encoder.max_pixels=50176",
+        "--config.model.dit.residual_dtype=bfloat16",
+        "--config.ema_warmup=true",
+    ]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv, lock_config=True)
     flags.DEFINE_string("checkpoint", None, "", flag_values=flag_values)
     flag_values(cli_lib.with_checkpoint_config(argv, flag_values))
     assert flag_values.config.data.encoder.max_pixels == 50176
     assert flag_values.config.data.encoder.context_length == 24
+    assert flag_values.config.model.dit.residual_dtype == "bfloat16" and flag_values.config.ema_warmup is True
 
 
 def test_a_saved_config_leaves_the_training_jobs_coordinator_and_process_id_behind(tmp_path):

@@ -100,7 +100,8 @@ def _manager(directory: epath.Path, item: str, handler) -> ocp.CheckpointManager
 
 def saved_config(directory: epath.Path, step: int) -> ml_collections.ConfigDict:
     """The experiment config saved with checkpoint `step`, its `data` section laid over today's
-    `default_data_config()` (`with_current_data_fields`) and its tuples tuples again (`with_tuples`).
+    `default_data_config()` and every field added since filled in (`with_current_fields`) and its tuples
+    tuples again (`with_tuples`).
 
     Read by the JSON handler alone: a CheckpointManager would start JAX's backends, and the config
     is needed before `jax.distributed.initialize`, which must come first (its `distributed` section).
@@ -114,7 +115,7 @@ def saved_config(directory: epath.Path, step: int) -> ml_collections.ConfigDict:
     saved = with_tuples(dict(ocp.JsonCheckpointHandler().restore(path)))
     if isinstance(saved.get("distributed"), dict):
         saved["distributed"] = multihost.unset_job_fields(saved["distributed"])
-    return with_current_data_fields(saved)
+    return with_current_fields(saved)
 
 
 # The only fields the experiment configs hold as lists; JSON saved every tuple as a list too.
@@ -132,16 +133,24 @@ def with_tuples(saved: Any, path: str = "") -> Any:
     return saved
 
 
-def with_current_data_fields(saved: dict) -> ml_collections.ConfigDict:
-    """A saved experiment config (plain dict) as a ConfigDict whose `data` has every field of today's
-    `default_data_config()`: the saved values win, fields added since it was saved get their defaults.
-    Without them a config saved before a field existed cannot be overridden (`--config.data.x=...`:
-    a locked ConfigDict adds no field) and code reading it needs a second copy of each default."""
+def with_current_fields(saved: dict) -> ml_collections.ConfigDict:
+    """A saved experiment config (plain dict) as a ConfigDict with every field added since it was saved:
+    `data` laid over today's `default_data_config()`, `model.dit` over `DiTConfig`'s defaults (e.g.
+    `residual_dtype`), `ema_warmup` False (the EMA of a run saved before it had no warmup); the saved
+    values win. Without them a config saved before a field existed cannot be overridden
+    (`--config.data.x=...`: a locked ConfigDict adds no field) and code reading it needs a second copy of
+    each default."""
     from genmask_jax.data.pipeline import default_data_config
+    from genmask_jax.models.dit import DiTConfig
 
     if isinstance(saved.get("data"), dict):
         saved = {**saved, "data": _merged(default_data_config().to_dict(), saved["data"])}
-    return ml_collections.ConfigDict(saved)
+    model = saved.get("model")
+    if isinstance(model, dict) and isinstance(model.get("dit"), dict):
+        fields = dataclasses.fields(DiTConfig)
+        defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+        saved = {**saved, "model": {**model, "dit": {**defaults, **model["dit"]}}}
+    return ml_collections.ConfigDict({"ema_warmup": False, **saved})
 
 
 def _merged(defaults: dict, saved: dict) -> dict:

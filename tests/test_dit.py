@@ -12,7 +12,7 @@ import pytest
 
 from convert import wan_dit
 from genmask_jax.models.attention import dot_product_attention
-from genmask_jax.models.dit import DiTConfig, WanDiT, init_params
+from genmask_jax.models.dit import REMAT_POLICIES, DiTConfig, WanDiT, init_params
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.models.layers import materialize_cotangent
 from genmask_jax.parallel.mesh import make_mesh
@@ -371,17 +371,7 @@ def test_structural_config_errors_are_value_errors(overrides, message):
         DiTConfig.from_variant("tiny", **overrides)
 
 
-@pytest.mark.parametrize(
-    "policy",
-    [
-        "nothing_saveable",
-        "everything_saveable",
-        "dots_saveable",
-        "checkpoint_dots",
-        "dots_with_no_batch_dims_saveable",
-        "checkpoint_dots_with_no_batch_dims",
-    ],
-)
+@pytest.mark.parametrize("policy", REMAT_POLICIES)
 def test_argument_free_remat_policies_are_accepted_and_run(policy):
     config = DiTConfig.from_variant("tiny", remat_policy=policy, num_layers=1)
     params = init_params(config, jax.random.key(0))

@@ -323,12 +323,12 @@ class QuickEval:
 
     def _generation_examples(self, split: str, cache) -> list[tuple[dict, tuple | None]] | None:
         """The first `num_examples` usable examples of the generation sources' `split`, each with its
-        (context, mask) from the cache (None without one). A bad example (an unreadable image, one the
-        precompute could not encode) is passed over, as training passes over it; None if the split has
-        too few, or (with a cache) the cache lacks one of them."""
-        from genmask_jax.data.skips import skip_reason
+        (context, mask) from the cache (None without one). A bad example (`BadExample`: one the precompute
+        could not encode, a caption missing) is passed over, as training passes over it, the same on every
+        process; None if the split has too few, or (with a cache) the cache lacks one of them. Other
+        errors propagate: the caller turns the samples off on every process."""
+        from genmask_jax.data.skips import BadExample, skip_reason
         from genmask_jax.data.sources import make_task_source
-        from genmask_jax.encoders.base import ContextError
 
         data = self.config.data
         source = make_task_source(data.gen_sources, split, data, "gen")
@@ -343,9 +343,7 @@ class QuickEval:
             try:
                 example = source[index]
                 pair = cache.lookup(example["id"], example["text"]) if cache is not None else None
-            except ContextError:  # a setting or a cache to fix
-                raise
-            except Exception as e:  # noqa: BLE001  (a bad example is passed over, as training does)
+            except BadExample as e:  # its data, the same on every process (not a passing read error)
                 log.info("generation samples: example %d of %s passed over: %s", index, split, skip_reason(e))
                 continue
             examples.append((example, pair))

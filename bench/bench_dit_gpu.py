@@ -207,6 +207,12 @@ def main(argv=None):
     parser.add_argument("--remat", default="none", help="a jax.checkpoint_policies name, or none")
     parser.add_argument("--unrolled", action="store_true", help="unrolled blocks instead of nn.scan")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--residual-dtype",
+        default="float32",
+        help="the residual stream's (the model's default float32, as the original WAN code; none: --dtype, "
+        "as diffusers cast to bf16 runs)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--only", choices=("jax", "torch"), default=None, help="one framework (default both)")
     parser.add_argument("--no-torch", action="store_true", help="the same as --only jax")
@@ -221,9 +227,10 @@ def main(argv=None):
 
     shape = (args.frames, args.height, args.width, args.text_len)
     batches = [int(b) for b in args.batches.split(",")]
-    results = {"variant": args.variant, "dtype": args.dtype, "frames": args.frames,
-               "latent": [args.height, args.width], "text_len": args.text_len, "remat": args.remat,
-               "scan_layers": not args.unrolled,
+    residual_dtype = None if args.residual_dtype.lower() == "none" else args.residual_dtype
+    results = {"variant": args.variant, "dtype": args.dtype, "residual_dtype": residual_dtype,
+               "frames": args.frames, "latent": [args.height, args.width], "text_len": args.text_len,
+               "remat": args.remat, "scan_layers": not args.unrolled,
                "tokens_definition": "video tokens per example (text excluded)"}
 
     def save():
@@ -234,8 +241,8 @@ def main(argv=None):
 
     def config_for(attention):
         return DiTConfig.from_variant(args.variant, dtype=args.dtype, param_dtype=args.dtype,
-                                      attention=attention, remat_policy=args.remat,
-                                      scan_layers=not args.unrolled)
+                                      residual_dtype=residual_dtype, attention=attention,
+                                      remat_policy=args.remat, scan_layers=not args.unrolled)
 
     if only == "torch":  # the child: no jax backend is started here
         import torch

@@ -22,6 +22,7 @@ def test_bench_dit_gpu_runs_both_frameworks(tmp_path):
     assert [run["batch"] for run in results["jax"]] == [1, 2]
     assert [run["batch"] for run in results["torch"]] == [1, 2]
     assert results["tokens"] == 2 * 8 * 8 // 4 and results["jax_attention"] == "xla"
+    assert results["residual_dtype"] == "float32"  # the model's default, as the original WAN code
     assert results["flops_per_example"] > 0 and results["torch_device"] == "cpu"
     for run in results["jax"] + results["torch"]:
         assert run["ms"] > 0 and run["tokens_per_s"] == pytest.approx(run["batch"] * 32 / (run["ms"] / 1e3))

@@ -138,6 +138,7 @@ def test_the_demo_refuses_to_train_in_several_processes(monkeypatch, tmp_path):
         pipeline.train_dit(demo_config.get_config("variant=smoke"), str(tmp_path), pool=None)
 
 
+@pytest.mark.slow
 def test_in_process_evaluation_equals_the_batch_job_at_any_batch_size(tmp_path):
     """The demo's evaluator draws each example's noise from its index and thresholds after the
     bilinear resize to the original size, as the batch job does: the same numbers at every batch size,

@@ -188,6 +188,7 @@ def dtypes(tree) -> set:
     return {x.dtype for x in jax.tree.leaves(tree)}
 
 
+@pytest.mark.slow
 def test_the_ema_of_bfloat16_params_is_float32_and_moves(bf16_ema_run):
     """In bfloat16 a 0.999 EMA would never move: its steps (1 - 0.999) * (p - ema) fall below bfloat16's
     resolution."""

@@ -158,6 +158,7 @@ def test_microbatches_that_do_not_split_over_the_batch_shards_fail_in_one_line()
     )
 
 
+@pytest.mark.slow
 def test_configured_step_warms_the_ema_up_and_logs_muons_rate():
     """ema_warmup: the decay of update t is min(ema_decay, (1 + t) / (10 + t)). With lr 0 at the first
     update (warmup) the params and the EMA stay p0; the second update (t = 1) gives the EMA

@@ -13,9 +13,10 @@ from genmask_jax.data.pipeline import default_data_config, make_eval_iterator, m
 from genmask_jax.data.reasonseg import LONG_TEMPLATE, SHORT_TEMPLATE, ReasonSeg, rasterise_shapes
 
 
-def _write(folder, stem, shapes, texts, is_sentence, size=(40, 30)):
+def _write(folder, stem, shapes, texts, is_sentence, size=(40, 30), suffix=".jpg"):
     folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((size[1], size[0], 3), 90, np.uint8)).save(folder / f"{stem}.jpg")
+    image = Image.fromarray(np.full((size[1], size[0], 3), 90, np.uint8))
+    image.save(folder / f"{stem}{suffix}", format="PNG" if suffix == ".png" else "JPEG")
     (folder / f"{stem}.json").write_text(
         json.dumps({"text": texts, "is_sentence": is_sentence, "shapes": shapes})
     )
@@ -101,6 +102,30 @@ def test_source_texts_templates_and_skips(reasonseg_root, caplog):
     assert len(val) == 1 and val[0]["query"] == "first text"
     assert "reasonseg-val-broken" in caplog.text and val.skips.total == 1
     assert len(ReasonSeg(str(reasonseg_root), "val", all_texts=True)) == 2
+
+
+def test_split_is_what_lisas_glob_jpg_finds(tmp_path, caplog):
+    """LISA's ValDataset lists `glob('<split>/*.jpg')`: case-sensitive, no hidden files."""
+    target = [_rect("target", 2, 2, 20, 20)]
+    for stem, suffix in [("a", ".jpg"), ("b", ".JPG"), ("c", ".png"), ("d", ".jpeg"), (".e", ".jpg")]:
+        _write(tmp_path / "val", stem, target, ["the thing"], False, suffix=suffix)
+    with caplog.at_level(logging.WARNING):
+        val = ReasonSeg(str(tmp_path), "val")
+    assert [val.example_id(i) for i in range(len(val))] == ["reasonseg-val-a-0"]
+    assert caplog.text.count("left out") == 1
+    assert "ReasonSeg val: 4 image files left out as LISA's glob('*.jpg') leaves them out" in caplog.text
+
+
+def test_a_text_that_is_not_a_list_is_a_bad_example(tmp_path, caplog):
+    """A string would be iterated letter by letter: one-letter queries from corrupt data."""
+    target = [_rect("target", 2, 2, 20, 20)]
+    _write(tmp_path / "val", "a", target, ["the thing"], False)
+    _write(tmp_path / "val", "b", target, "what keeps the rain off", True)
+    with caplog.at_level(logging.WARNING):
+        val = ReasonSeg(str(tmp_path), "val")
+    assert [val.example_id(i) for i in range(len(val))] == ["reasonseg-val-a-0"]
+    assert val.skips.counts == {"bad_text": 1}
+    assert "skipped reasonseg-val-b (bad_text: 'text' is a str, not a list of queries)" in caplog.text
 
 
 def test_through_the_pipelines(reasonseg_root, caplog):

@@ -314,6 +314,21 @@ def test_prepare_writes_the_image_index(union_dir):
         assert ids == [int(records[i]["image_id"]) for i in range(len(records))]
 
 
+def test_a_set_without_train_refs_is_prepared_with_its_image_index(refer, tmp_path):
+    """A REFER val/test subset: the index is written from the splits there are, not from "train"."""
+    root = _refer_copy(refer, tmp_path)
+    refs = [_ref(102, 12, 2, "val", ["wide box", "middle thing"]), _ref(105, 15, 4, "testA", ["square"])]
+    with open(root / "refer" / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f)
+    out = tmp_path / "tfds"
+    result = prepare.prepare_refcoco(str(root / "refer"), str(root / "train2014"), str(out), "refcoco_unc")
+    assert result["counts"] == {"val": 2, "testA": 1}
+    index = json.loads(
+        (out / "ref_coco_seg" / "refcoco_unc" / "1.0.0" / refcoco.IMAGE_INDEX_FILE).read_text()
+    )
+    assert index["splits"] == {"testA": [4], "val": [2, 2]}
+
+
 def test_exclude_eval_images_on_a_union_and_on_one_set(union_dir, monkeypatch, caplog):
     assert len(_train_source(union_dir, UNION, False)) == 6 + 4  # LISA's plain union
     with caplog.at_level(logging.INFO):

@@ -1,6 +1,7 @@
 """Synthetic referring shapes: determinism, any resolution, disjoint splits, unambiguous expressions."""
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -19,9 +20,12 @@ def test_deterministic_and_any_resolution():
         np.testing.assert_array_equal(ea["image"], eb["image"])
         np.testing.assert_array_equal(ea["mask"], eb["mask"])
         assert ea["text"] == eb["text"] and ea["id"] == eb["id"]
-    big = S.SyntheticShapes("train", (48, 80), seed=3)[0]
-    assert big["image"].shape == (48, 80, 3) and big["mask"].shape == (48, 80)
-    assert big["text"] == a[0]["text"]  # the scene does not depend on the resolution
+    big = S.SyntheticShapes("train", 512, seed=3)[0]
+    assert big["image"].shape == (512, 512, 3) and big["mask"].shape == (512, 512)
+    assert big["text"] == a[0]["text"]  # the scene depends on the aspect ratio, not the resolution
+    wide, wider = S.SyntheticShapes("train", (24, 40), seed=3), S.SyntheticShapes("train", (48, 80), seed=3)
+    assert wider[0]["image"].shape == (48, 80, 3) and wider[0]["mask"].shape == (48, 80)
+    assert [wide.scene(i) for i in range(20)] == [wider.scene(i) for i in range(20)]
 
 
 def test_examples_are_well_formed():
@@ -51,8 +55,9 @@ def test_splits_are_disjoint():
     assert not digests["val"] & digests["test"]
 
 
-def _referents(scene, expression):
-    """Independent check: which shapes does an expression describe, by brute force over its words."""
+def _referents(scene, expression, extent=(1.0, 1.0)):
+    """Independent check: which shapes does an expression describe, by brute force over its words, in
+    a picture of `extent` (`S.picture_extent`)."""
     shapes = scene.shapes
     words = expression.split()[1:]
 
@@ -84,16 +89,46 @@ def _referents(scene, expression):
         i
         for i in group
         if i != anchors[0]
-        and S._relation_strength(shapes[i], shapes[anchors[0]], axis, sign) >= S.RELATION_MARGIN / 3
+        and S._relation_strength(shapes[i], shapes[anchors[0]], axis, sign, extent) >= S.RELATION_MARGIN / 3
     ]
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_expressions_pick_exactly_the_target(split):
-    ds = S.SyntheticShapes(split, 32, seed=1)
+@pytest.mark.parametrize(
+    "split, resolution", [("train", (32, 32)), ("test", (32, 32)), ("train", (480, 832))]
+)
+def test_expressions_pick_exactly_the_target(split, resolution):
+    ds = S.SyntheticShapes(split, resolution, seed=1)
+    extent = S.picture_extent(*resolution)
     for i in range(200):
         scene = ds.scene(i)
-        assert _referents(scene, scene.expression) == [scene.target], (i, scene.expression)
+        assert _referents(scene, scene.expression, extent) == [scene.target], (i, scene.expression)
+
+
+@pytest.mark.parametrize("resolution", [(480, 832), (832, 480)])
+def test_relations_name_the_dominant_direction_of_the_pixel_offset(resolution):
+    """Shapes sit at (cx * W, cy * H): at WAN's 480x832 a relation judged on the normalised offset could
+    name a direction that is not the dominant one in the picture."""
+    height, width = resolution
+    ds = S.SyntheticShapes("train", resolution, seed=0)
+    directions = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
+    checked = 0
+    for i in range(300):
+        scene = ds.scene(i)
+        if scene.expression_kind != "relation":
+            continue
+        rel, anchor_words = re.fullmatch(
+            r"the .+? (left of|right of|above|below) the (.+)", scene.expression
+        ).groups()
+        (anchor,) = [
+            s for s in scene.shapes if all(w in ("shape", s.kind, s.colour) for w in anchor_words.split())
+        ]
+        target = scene.shapes[scene.target]
+        dx, dy = (target.cx - anchor.cx) * width, (target.cy - anchor.cy) * height
+        ux, uy = directions[rel]
+        along, across = ux * dx + uy * dy, abs(uy * dx + ux * dy)
+        assert along > across, (i, scene.expression, f"offset dx={dx:+.0f} dy={dy:+.0f} px")
+        checked += 1
+    assert checked > 50
 
 
 def test_expression_kinds_subset():

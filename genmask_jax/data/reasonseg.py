@@ -1,5 +1,8 @@
 """ReasonSeg in LISA's layout: `root/{train,val,test}/NAME.jpg` with `NAME.json` beside it.
 
+A split is the images LISA's `glob('<split>/*.jpg')` finds: `.JPG`, `.jpeg`, `.png` and hidden files
+are left out (with a warning), so the examples are LISA's.
+
 The JSON holds `text` (a list of queries), `is_sentence` (long reasoning sentence vs short phrase) and
 `shapes` (labelme polygons: `label`, `points` [[x, y], ...]). As in LISA's `get_mask_from_json`: shapes
 labelled `flag` are skipped; the others are painted largest first (so smaller shapes win where they
@@ -13,7 +16,8 @@ Images are read with their EXIF orientation applied, as LISA's `cv2.imread` does
 polygons on the image as displayed, so a JPEG with Orientation 6 has its mask on the rotated canvas.
 
 Training uses every text of an image (one example each); evaluation uses `text[0]` (LISA's protocol)
-unless `all_texts`. With `use_templates`, queries are wrapped in LISA's first question template.
+unless `all_texts`. A `text` that is not a list (LISA would iterate a string letter by letter) skips the
+image as a bad example. With `use_templates`, queries are wrapped in LISA's first question template.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SHORT_TEMPLATE = "What is {query} in this image? Please output segmentation mask."
 LONG_TEMPLATE = "{query} Please output segmentation mask."
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # only to warn about those left out
 
 
 def query_text(text: str, is_sentence: bool, use_templates: bool = True) -> str:
@@ -41,6 +45,18 @@ def query_text(text: str, is_sentence: bool, use_templates: bool = True) -> str:
     if not use_templates:
         return text
     return (LONG_TEMPLATE if is_sentence else SHORT_TEMPLATE).format(query=text)
+
+
+def lisa_images(names: list[str]) -> tuple[list[str], list[str]]:
+    """A split folder's file names -> (those LISA's `glob('<split>/*.jpg')` finds: case-sensitive, no
+    hidden names; the other image files, which it leaves out), both sorted."""
+    taken, left_out = [], []
+    for name in sorted(names):
+        if name.endswith(".jpg") and not name.startswith("."):
+            taken.append(name)
+        elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            left_out.append(name)
+    return taken, left_out
 
 
 def read_annotation(path: str) -> dict:
@@ -110,14 +126,23 @@ class ReasonSeg:
         self.items: list[
             tuple[str, str, int, str, bool]
         ] = []  # (image path, json path, text index, text, long)
-        for name in sorted(os.listdir(folder)):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() not in IMAGE_EXTENSIONS:
-                continue
+        names, left_out = lisa_images(os.listdir(folder))
+        if left_out:
+            log.warning(
+                "ReasonSeg %s: %d image files left out as LISA's glob('*.jpg') leaves them out, e.g. %r",
+                split,
+                len(left_out),
+                left_out[0],
+            )
+        for name in names:
+            stem = os.path.splitext(name)[0]
             image_path, json_path = os.path.join(folder, name), os.path.join(folder, stem + ".json")
             try:
                 annotation = read_annotation(json_path)
-                texts = [t for t in annotation["text"] if str(t).strip()]
+                texts = annotation["text"]
+                if not isinstance(texts, list):
+                    raise BadExample("bad_text", f"'text' is a {type(texts).__name__}, not a list of queries")
+                texts = [t for t in texts if str(t).strip()]
                 if not texts:
                     raise BadExample("no_text", "empty text list")
             except Exception as e:  # noqa: BLE001  (a bad annotation file is a logged skip)

@@ -7,7 +7,9 @@ prepares straight from the REFER folders (`refcoco/refs(unc).p`, `refcoco+/refs(
 once to check it and its size against instances.json: one record per expression (each sentence of each
 ref) holding the image's JPEG bytes as read from disk, the referred annotation's mask as PNG bytes (all
 its polygons, or its RLE, rasterised with pycocotools as REFER's `getMask` does), the sentence, the ids,
-box and category.
+box and category. The mask is the union of the polygons (as pycocotools' `annToMask` and big_vision);
+LISA's refer_seg evaluation sums them instead (`np.sum(decode(rle), axis=2)`), so the rare pixels two
+polygons of one annotation both cover are 2 there and fall out of its target, and are target here.
 
 Every encoded field is a `Tensor(shape=(), dtype=np.object_)` (TFDS's `Image` feature would call
 TensorFlow), files are array_record, and reading uses `tfds.data_source` (random access); TensorFlow
@@ -343,8 +345,9 @@ def prepare_command(tfds_name: str, data_dir: str | None) -> str:
     )
 
 
-def open_records(tfds_name: str, tfds_split: str, data_dir: str | None, raw: bool = False):
-    """The split's TFDS data source; `raw` gives each record's serialized bytes (nothing decoded)."""
+def open_records(tfds_name: str, tfds_split: str | None, data_dir: str | None, raw: bool = False):
+    """The split's TFDS data source, or with `tfds_split` None a dict of every prepared split's; `raw`
+    gives each record's serialized bytes (nothing decoded)."""
     check_prepared(tfds_name, data_dir, prepare_command(tfds_name, data_dir), split=tfds_split)
     method = tfds.decode.DeserializeMethod
     try:
@@ -384,14 +387,17 @@ def _indexed_splits(name: str, tfds_splits) -> list[str]:
 
 
 def write_image_index(name: str, data_dir: str | None) -> str:
-    """Writes `IMAGE_INDEX_FILE` beside `name`'s prepared files (one pass over them); returns its path."""
-    tfds_name, train_split = tfds_name_and_split(name, "train")
-    info = open_records(tfds_name, train_split, data_dir, raw=True).dataset_info
+    """Writes `IMAGE_INDEX_FILE` beside `name`'s prepared files (one pass over them); returns its path.
+    Any splits will do: a REFER subset may have no train refs."""
+    tfds_name, _ = tfds_name_and_split(name, "train")
+    records = open_records(tfds_name, None, data_dir, raw=True)
+    if not records:
+        raise FileNotFoundError(f"{tfds_name} in {data_dir!r} has no prepared split")
     splits = {
-        split: scan_image_ids(open_records(tfds_name, split, data_dir, raw=True), image_id_key(name)).tolist()
-        for split in _indexed_splits(name, info.splits)
+        str(split): scan_image_ids(records[split], image_id_key(name)).tolist()
+        for split in _indexed_splits(name, records)
     }
-    path = epath.Path(info.data_dir) / IMAGE_INDEX_FILE
+    path = epath.Path(next(iter(records.values())).dataset_info.data_dir) / IMAGE_INDEX_FILE
     path.write_text(json.dumps({"splits": splits}))
     log.info("%s: wrote the image ids of %s to %s", name, {s: len(v) for s, v in splits.items()}, path)
     return os.fspath(path)

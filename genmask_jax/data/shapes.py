@@ -4,9 +4,17 @@ Each example is a scene of 2-5 flat coloured shapes on a softly shaded dark back
 expression that picks out exactly one shape (by colour, shape, size, position or a relation to another
 shape), that shape's mask, and a caption of the whole scene for the generation task.
 
-Everything is a pure function of `(seed, split, index)`: scenes are drawn in normalised coordinates and
-rendered at any resolution, so the same example exists at 32x32 and at 512x512. The splits draw from
-disjoint random streams (`numpy.random.default_rng([seed, split_code, index])`).
+Everything is a pure function of `(seed, split, index)` and the picture's aspect ratio: scenes are drawn
+in normalised coordinates and rendered at any resolution, so the same example exists at 32x32 and at
+512x512, or at 240x416 and 480x832. Relations are judged in pixels, so another aspect ratio can give
+another scene (at every square size it is the same). The splits draw from disjoint random streams
+(`numpy.random.default_rng([seed, split_code, index])`).
+
+A relation ("the star left of the red circle") names the dominant axis of the target's pixel offset from
+its anchor: the target lies at least RELATION_MARGIN in the named direction, and further in it than
+across it. Every other shape the phrase could mean fails: its offset's dominant direction is not the
+named one (a tie counts as not), or it lies less than RELATION_MARGIN / 3 in the named direction. So a
+shape diagonal to the anchor fails even when it lies well on the named side.
 """
 
 from __future__ import annotations
@@ -36,9 +44,9 @@ BACKGROUNDS = {
 SPLIT_CODES = {"train": 0, "val": 1, "validation": 1, "test": 2}
 DEFAULT_SIZES = {"train": 100_000, "val": 1_000, "validation": 1_000, "test": 1_000}
 
-# Margins (in units of the image side) that make positional words unambiguous: the extreme shape must
-# beat the runner-up by POSITION_MARGIN; a relation holds beyond RELATION_MARGIN and must clearly fail
-# (below RELATION_MARGIN / 3) for every other candidate.
+# Margins that make positional words unambiguous: the extreme shape must beat the runner-up by
+# POSITION_MARGIN (in units of that axis's side); relations use RELATION_MARGIN as the module docstring
+# says (in units of the picture's shorter side, the unit of `Shape.radius`).
 POSITION_MARGIN = 0.12
 RELATION_MARGIN = 0.15
 SHAPE_GAP = 0.04
@@ -154,14 +162,25 @@ def _position_expressions(shapes: tuple[Shape, ...], target: int) -> list[str]:
 _RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
 
 
-def _relation_strength(shape: Shape, anchor: Shape, axis: int, sign: int) -> float:
-    """How far `shape` lies in the direction (axis, sign) of `anchor`, 0 unless mostly along that axis."""
-    d = (shape.cx - anchor.cx, shape.cy - anchor.cy)
+def picture_extent(height: int, width: int) -> tuple[float, float]:
+    """(x, y) size of a `height` x `width` picture in units of its shorter side: (1.0, 1.0) if square."""
+    side = min(height, width)
+    return width / side, height / side
+
+
+def _relation_strength(
+    shape: Shape, anchor: Shape, axis: int, sign: int, extent: tuple[float, float] = (1.0, 1.0)
+) -> float:
+    """How far `shape` lies in the direction (axis, sign) of `anchor`, in units of the shorter side of a
+    picture of `extent` (`picture_extent`); 0 unless mostly along that axis."""
+    d = ((shape.cx - anchor.cx) * extent[0], (shape.cy - anchor.cy) * extent[1])
     along, across = sign * d[axis], abs(d[1 - axis])
     return along if along > across else 0.0
 
 
-def _relation_expressions(shapes: tuple[Shape, ...], target: int) -> list[str]:
+def _relation_expressions(
+    shapes: tuple[Shape, ...], target: int, extent: tuple[float, float] = (1.0, 1.0)
+) -> list[str]:
     t = shapes[target]
     out = []
     for a_index, anchor in enumerate(shapes):
@@ -172,14 +191,16 @@ def _relation_expressions(shapes: tuple[Shape, ...], target: int) -> list[str]:
             continue
         anchor_text = _describe(*anchor_keys[-1], None)
         for rel, (axis, sign) in _RELATIONS.items():
-            if _relation_strength(t, anchor, axis, sign) < RELATION_MARGIN:
+            if _relation_strength(t, anchor, axis, sign, extent) < RELATION_MARGIN:
                 continue
             for key in ((t.kind, None), (None, t.colour), (None, None)):
                 group = [
                     i for i, s in enumerate(shapes) if i != a_index and _matches(s, key[0], key[1], None)
                 ]
                 others = [shapes[i] for i in group if i != target]
-                if all(_relation_strength(o, anchor, axis, sign) < RELATION_MARGIN / 3 for o in others):
+                if all(
+                    _relation_strength(o, anchor, axis, sign, extent) < RELATION_MARGIN / 3 for o in others
+                ):
                     out.append(f"the {_describe(key[0], key[1], None)} {rel} the {anchor_text}")
                     break
     return out
@@ -211,8 +232,10 @@ def sample_scene(
     min_shapes: int = 2,
     max_shapes: int = 5,
     expression_kinds: tuple[str, ...] = EXPRESSION_KINDS,
+    extent: tuple[float, float] = (1.0, 1.0),
 ) -> Scene:
-    """Draws shapes until one of them has an unambiguous referring expression of an allowed kind."""
+    """Draws shapes until one of them has an unambiguous referring expression of an allowed kind in a
+    picture of `extent` (`picture_extent` of the render's height and width)."""
     while True:
         shapes = _sample_shapes(rng, int(rng.integers(min_shapes, max_shapes + 1)))
         if shapes is None:
@@ -221,7 +244,7 @@ def sample_scene(
         candidates = {
             "attribute": _attribute_expressions(shapes, target),
             "position": _position_expressions(shapes, target),
-            "relation": _relation_expressions(shapes, target),
+            "relation": _relation_expressions(shapes, target, extent),
         }
         kinds = [k for k, v in candidates.items() if v and k in expression_kinds]
         if not kinds:
@@ -300,7 +323,8 @@ class SyntheticShapes:
 
     def scene(self, index: int) -> Scene:
         rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], index])
-        return sample_scene(rng, self.min_shapes, self.max_shapes, self.expression_kinds)
+        extent = picture_extent(*self.resolution)
+        return sample_scene(rng, self.min_shapes, self.max_shapes, self.expression_kinds, extent)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_examples:

@@ -3,7 +3,8 @@
 Shared by the DiT and VAE converters. Reading streams: one tensor is materialised at a time from a
 memory-mapped safetensors file, so converting holds about one copy of the weights on the host.
 Our checkpoint is a folder: `params/` (orbax) + `config.json`, written to a temporary sibling and
-renamed into place, so a failed conversion leaves nothing behind.
+renamed into place, so a failed conversion leaves nothing behind; its folders and files get the
+permissions the umask gives new ones.
 """
 
 import contextlib
@@ -60,7 +61,7 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
         plain = all(_PLAIN_FILE.fullmatch(f.name) for f in unindexed)
         copies[" and ".join(f.name for f in unindexed)] = (unindexed, plain)
     if not copies:
-        raise ConversionError(f"{path}: no .safetensors files")
+        raise ConversionError(f"{path}: no .safetensors files (nor one {'/'.join(TORCH_SUFFIXES)} file)")
     chosen = next(iter(copies))
     if len(copies) > 1:
         plain = [name for name, (_, is_plain) in copies.items() if is_plain]
@@ -244,13 +245,29 @@ def _is_zip(path: str | os.PathLike) -> bool:
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
+def torch_file(path: Path) -> Path | None:
+    """The PyTorch file to read for `path`: `path` itself if it is one, or the one PyTorch file of a
+    folder without safetensors files (diffusers' `save_pretrained(safe_serialization=False)` writes
+    `diffusion_pytorch_model.bin`); None when `path` is read as safetensors."""
+    if path.is_file():
+        return path if path.suffix in TORCH_SUFFIXES else None
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return None
+    files = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES and p.is_file())
+    if len(files) > 1:
+        raise ConversionError(f"{path}: {' and '.join(f.name for f in files)} may each hold weights (sharded "
+                              "or variant PyTorch files are not read); point SRC at one file")
+    return files[0] if files else None
+
+
 def iter_checkpoint(path: str | os.PathLike, select: Callable[[str], bool] | None = None
                     ) -> Iterator[tuple[str, np.ndarray]]:
-    """Streams tensors from safetensors (file or folder) or a torch file; only keys where
-    `select(key)`, if given."""
+    """Streams tensors from safetensors (file or folder) or a torch file (or a folder holding one); only
+    keys where `select(key)`, if given."""
     path = Path(path)
-    if path.is_file() and path.suffix in TORCH_SUFFIXES:
-        return iter_torch_file(path, select)
+    torch_path = torch_file(path)
+    if torch_path is not None:
+        return iter_torch_file(torch_path, select)
     return iter_safetensors(safetensors_files(path), select)
 
 
@@ -258,8 +275,9 @@ def tensor_entries(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], 
     """Key -> (shape, dtype name, e.g. 'bfloat16' or 'float8_e4m3fn') of a checkpoint's tensors:
     from the headers for safetensors; a torch file is memory-mapped and its tensors' metadata read."""
     path = Path(path)
-    if path.is_file() and path.suffix in TORCH_SUFFIXES:
-        return {k: (tuple(v.shape), v.dtype.name) for k, v in iter_torch_file(path)}
+    torch_path = torch_file(path)
+    if torch_path is not None:
+        return {k: (tuple(v.shape), v.dtype.name) for k, v in iter_torch_file(torch_path)}
     return safetensors_entries(safetensors_files(path))
 
 
@@ -396,22 +414,46 @@ def check_destination(dst: str | os.PathLike, overwrite: bool,
         raise ConversionError(f"{dst} is not {what}: it is left alone, choose another destination")
 
 
-@contextlib.contextmanager
-def _atomic_folder(dst: Path, config: Mapping[str, Any], overwrite: bool = False) -> Iterator[Path]:
-    """Yields an empty sibling of `dst` to fill; on success adds `config.json` and renames it to `dst`.
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc/self/status; elsewhere the only way to read it is
+    to set it (os.umask) and put it back, which is process-wide: a file another thread creates meanwhile
+    gets the temporary mask, so it is a strict one (0o077) rather than 0."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
-    An existing `dst` is replaced only when `overwrite` and `check_destination` accepts it, checked before
-    anything is written and again before the rename. On any error the sibling is removed and an existing
-    `dst` is left as it was.
+
+def give_default_mode(path: Path) -> None:
+    """Gives `path` the permissions a new file or folder gets under the umask (0o666 or 0o777 masked, as
+    `open` and `os.makedirs` give): readable by the group and others as the umask allows."""
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: Path, config: Mapping[str, Any] | None, overwrite: bool = False,
+                  replaceable: Callable[[Path], bool] = is_replaceable_folder,
+                  what: str = CHECKPOINT_FOLDER) -> Iterator[Path]:
+    """Yields an empty sibling of `dst` to fill; on success adds `config.json` (unless `config` is None)
+    and renames it to `dst`.
+
+    An existing `dst` is replaced only when `overwrite` and `check_destination(dst, overwrite, replaceable,
+    what)` accepts it, checked before anything is written and again before the rename. On any error the
+    sibling is removed and an existing `dst` is left as it was.
     """
-    check_destination(dst, overwrite)
+    check_destination(dst, overwrite, replaceable, what)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
+        give_default_mode(tmp)  # mkdtemp makes it 0o700: DST would be private to this user
         yield tmp
-        with open(tmp / "config.json", "w") as f:
-            json.dump(dict(config), f, indent=2, sort_keys=True)
-        check_destination(dst, overwrite)  # it may have appeared or changed while we wrote
+        if config is not None:
+            with open(tmp / "config.json", "w") as f:
+                json.dump(dict(config), f, indent=2, sort_keys=True)
+        check_destination(dst, overwrite, replaceable, what)  # it may have appeared or changed meanwhile
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
@@ -435,7 +477,7 @@ def save_flax_checkpoint(dst: str | os.PathLike, params: Any, config: Mapping[st
     quiet = _NoOcdbtMergeNotice()
     logging.getLogger("absl").addFilter(quiet)
     try:
-        with _atomic_folder(dst, config, overwrite) as tmp, _host_array_checkpointer() as ckptr:
+        with atomic_folder(dst, config, overwrite) as tmp, _host_array_checkpointer() as ckptr:
             ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(host, save_args=chunked_save_args(host)))
     finally:
         logging.getLogger("absl").removeFilter(quiet)
@@ -508,11 +550,12 @@ def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.nd
     stem = weights_name.removesuffix(".safetensors")
     files = [weights_name] if len(shards) == 1 else [
         f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    with _atomic_folder(dst, config, overwrite) as tmp:
+    with atomic_folder(dst, config, overwrite) as tmp:
         total = 0
         for keys, file in zip(shards, files):
             shard = {name(k): np.ascontiguousarray(layout(k, tensors[k])) for k in keys}
             save_file(shard, str(tmp / file))
+            give_default_mode(tmp / file)  # safetensors 0.8 writes 0o600 whatever the umask (its issue #782)
             total += sum(a.nbytes for a in shard.values())
             del shard  # before the next shard is built
         if len(shards) > 1:

@@ -4,13 +4,13 @@
 
 CHECKPOINT is a training workdir, its checkpoints/ folder or one step folder. DST gets `transformer/`
 (the DiT, with its text embedder of the instruction encoder's width) and, when the run used converted
-VAE weights (`config.vae_from`), `vae/`; both load with diffusers' `from_pretrained`.
+VAE weights (`config.vae_from`), `vae/`; both load with diffusers' `from_pretrained`. DST appears only
+when both are written; --overwrite replaces an earlier export, and nothing else.
 """
 
 import argparse
 import logging
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,8 +28,10 @@ CONTEXT_MASK_WARNING = (
     "the prompt's tokens) and the all-zero null context give the same outputs.")
 
 
-# What a killed export leaves beside its parts: `io._atomic_folder`'s temporary folders.
+# What an export killed by an earlier version, which wrote the parts one after the other in DST, leaves
+# beside them: `io.atomic_folder`'s temporary folders.
 _EXPORT_TEMPORARY = re.compile(r"\.(transformer|vae)\.tmp-.+")
+EXPORT_FOLDER = "an exported folder (only diffusers transformer/ and vae/)"
 
 
 def is_export_folder(path: Path) -> bool:
@@ -43,18 +45,21 @@ def is_export_folder(path: Path) -> bool:
 
 def check_destination(dst: Path, overwrite: bool) -> None:
     """Raises ConversionError unless DST is new or, with `overwrite`, an earlier export."""
-    io.check_destination(dst, overwrite, is_export_folder,
-                         "an exported folder (only diffusers transformer/ and vae/)")
+    io.check_destination(dst, overwrite, is_export_folder, EXPORT_FOLDER)
 
 
 def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
                       overwrite: bool = False) -> Path:
-    """Writes DST/transformer (and DST/vae when the run loaded converted VAE weights); returns DST."""
+    """Writes DST/transformer (and DST/vae when the run loaded converted VAE weights); returns DST.
+
+    Both are written in one temporary sibling of DST, renamed to DST when complete: a failed export
+    leaves an earlier one as it was (never a transformer/ without its vae/, or the other way round).
+    """
     from genmask_jax.infer import checkpoint as ckpt
     from genmask_jax.models import build
 
     dst = Path(dst)
-    check_destination(dst, overwrite)
+    check_destination(dst, overwrite)  # before the run is read
     directory, step = ckpt.resolve(checkpoint)
     config = ckpt.saved_config(directory, step)
     model = build.build_model(config)
@@ -62,14 +67,12 @@ def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
         logger.warning(CONTEXT_MASK_WARNING, checkpoint)
     # Host arrays only: no device holds the run's weights, and nothing else is read.
     dit_params, _ = ckpt.restore_dit_params(directory, step, model, None, None, use_ema)
-    check_destination(dst, overwrite)  # again: restoring took a while
-    if dst.exists():
-        shutil.rmtree(dst)  # an earlier export: its vae/ must not outlive a run without one
-    wan_dit.export_diffusers(dit_params, model.dit, dst / "transformer")
-    del dit_params
-    if config.get("vae_from") and model.vae is not None:
-        vae_params, _ = build.frozen_vae(config, model)
-        wan_vae.export_diffusers(vae_params, model.vae, dst / "vae")
+    with io.atomic_folder(dst, None, overwrite, is_export_folder, EXPORT_FOLDER) as tmp:
+        wan_dit.export_diffusers(dit_params, model.dit, tmp / "transformer")
+        del dit_params
+        if config.get("vae_from") and model.vae is not None:
+            vae_params, _ = build.frozen_vae(config, model)
+            wan_vae.export_diffusers(vae_params, model.vae, tmp / "vae")
     return dst
 
 

@@ -2,12 +2,13 @@
 
     python -m convert.wan_vae SRC DST [--layout auto|diffusers|original] [--overwrite]
 
-SRC is a diffusers `vae/` folder (or the pipeline folder above it), the original `Wan2.1_VAE.pth`, or
-an original-layout safetensors file (ComfyUI's `wan_2.1_vae.safetensors`, bf16 is fine). A diffusers
-folder brings its config.json; otherwise the config is inferred from the tensor shapes (latent
-statistics: WAN 2.1's when z_dim is 16). DST gets `params/` (orbax) and `config.json`, written
-atomically after every check passed. `export_diffusers` writes our params back as a diffusers
-folder, bit-exactly. Parameters are `{"params": ...}`, ready for `WanVAE(config).apply`.
+SRC is a diffusers `vae/` folder (safetensors or `.bin` weights; or the pipeline folder above it) or its
+weights file, the original `Wan2.1_VAE.pth`, or an original-layout safetensors file (ComfyUI's
+`wan_2.1_vae.safetensors`, bf16 is fine). Diffusers weights bring the config.json of their folder;
+otherwise the config is inferred from the tensor shapes (latent statistics: WAN 2.1's when z_dim is
+16). DST gets `params/` (orbax) and `config.json`, written atomically after every check passed.
+`export_diffusers` writes our params back as a diffusers folder, bit-exactly. Parameters are
+`{"params": ...}`, ready for `WanVAE(config).apply`.
 """
 
 import argparse
@@ -23,6 +24,7 @@ from convert import checkpoint_io as io
 from convert.checkpoint_io import ConversionError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_CLASS = "AutoencoderKLWan"
 ORIGINAL_PREFIXES = ("first_stage_model.", "vae.", "model.")
 _INDEXED = ("down_blocks", "up_blocks", "resnets", "attentions", "upsamplers")
 _INDEXED_PATH = re.compile(rf"^({'|'.join(_INDEXED)})_(\d+)$")
@@ -208,15 +210,25 @@ def infer_config(shapes: dict[str, tuple[int, ...]], layout: str, where: str):
         raise ConversionError(f"{where}: inferred an invalid config ({e})") from e
 
 
+def _config_path(path: Path) -> Path:
+    """The config.json of a folder, or the one beside a weights file (a file of a diffusers vae/ folder)."""
+    return (path if path.is_dir() else path.parent) / "config.json"
+
+
 def _json_config(path: Path) -> dict[str, Any] | None:
-    candidate = path / "config.json" if path.is_dir() else None
-    if candidate is None or not candidate.is_file():
+    """`_config_path(path)` read; None without one, or beside a file when it is another model's (the
+    original Wan2.1 release keeps Wan2.1_VAE.pth beside its DiT's config.json)."""
+    candidate = _config_path(path)
+    if not candidate.is_file():
         return None
     try:
         with open(candidate) as f:
-            return json.load(f)
+            config = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConversionError(f"{candidate}: unreadable config.json ({e})") from e
+    if path.is_file() and config.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
+        return None
+    return config
 
 
 def convert_checkpoint(src: str | Path, layout: str = "auto"):
@@ -232,7 +244,7 @@ def convert_checkpoint(src: str | Path, layout: str = "auto"):
         layout = detect_layout(set(shapes))
     json_config = _json_config(path)
     if layout == "diffusers" and json_config is not None:
-        config = config_from_diffusers(json_config, f"{path}/config.json")
+        config = config_from_diffusers(json_config, str(_config_path(path)))
     else:
         config = infer_config(shapes, layout, str(path))
     return config, params_from_state_dict(tensors, config, layout, f"{path} ({layout} layout)")
@@ -276,7 +288,7 @@ def load(path: str | Path, layout: str = "auto", target: Any = None):
 def diffusers_config(config) -> dict[str, Any]:
     """config.json of the equivalent diffusers AutoencoderKLWan."""
     return {
-        "_class_name": "AutoencoderKLWan", "base_dim": config.base_dim, "decoder_base_dim": None,
+        "_class_name": DIFFUSERS_CLASS, "base_dim": config.base_dim, "decoder_base_dim": None,
         "z_dim": config.z_dim, "dim_mult": list(config.dim_mult),
         "num_res_blocks": config.num_res_blocks, "attn_scales": [],
         "temperal_downsample": list(config.temporal_downsample), "dropout": 0.0,

@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -225,6 +227,19 @@ def test_diffusers_pipeline_folder_and_cli(diffusers_folder, tmp_path):
     assert_same_outputs(model, config, params)
 
 
+@pytest.mark.torch
+def test_diffusers_folder_saved_as_bin(diffusers_folder, tmp_path):
+    """diffusers' save_pretrained(safe_serialization=False) writes diffusion_pytorch_model.bin: the folder
+    was refused ("no .safetensors files") while the file itself converted."""
+    model, path = diffusers_folder
+    model.save_pretrained(tmp_path / "transformer", safe_serialization=False)
+    assert listing(tmp_path / "transformer") == {"config.json", "diffusion_pytorch_model.bin"}
+    config, params = wan_dit.load(path)
+    bin_config, bin_params = wan_dit.load(tmp_path / "transformer")
+    assert bin_config == config
+    jax.tree.map(np.testing.assert_array_equal, bin_params, params)
+
+
 def test_reinit_text_embedding(diffusers_folder):
     _, path = diffusers_folder
     config, params = wan_dit.load(path)
@@ -416,6 +431,43 @@ def test_failed_write_leaves_the_old_folder_and_no_temporary(tmp_path, writer):
                             {"config.json", "params"})
 
 
+def permissions(folder: Path) -> dict[str, int]:
+    """Path under folder's parent -> permission bits, for `folder` and everything in it."""
+    entries = [folder, *folder.rglob("*")]
+    return {str(p.relative_to(folder.parent)): stat.S_IMODE(p.stat().st_mode) for p in entries}
+
+
+def default_permissions(folder: Path, umask: int) -> dict[str, int]:
+    """What `os.makedirs` and `open` give each entry of `permissions(folder)` under `umask`."""
+    root = folder.parent
+    return {name: (0o777 if (root / name).is_dir() else 0o666) & ~umask for name in permissions(folder)}
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "orbax"])
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_folders_have_the_umask_s_permissions(tmp_path, writer, umask):
+    """mkdtemp made every written folder 0o700 (and safetensors makes its files 0o600): converted
+    checkpoints were unreadable by the group and others on shared storage, whatever the umask."""
+    old = os.umask(umask)
+    try:
+        dst = _write(writer, tmp_path / "dst", WEIGHTS)
+    finally:
+        os.umask(old)
+    assert permissions(dst) == default_permissions(dst, umask)
+
+
+def test_umask_is_read_back_unchanged_without_proc(monkeypatch):
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(io, "open", no_proc, raising=False)
+    old = os.umask(0o027)
+    try:
+        assert io._umask() == 0o027 and os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
+
+
 def _not_checkpoints(root: Path) -> dict[str, Path]:
     """Existing destinations no writer may replace, even with overwrite."""
     pipeline = root / "pipeline"  # a diffusers pipeline: the folder above transformer/ and vae/
@@ -505,7 +557,8 @@ def test_run_export_replaces_only_an_earlier_export(tmp_path):
     for sub in ("transformer", "vae"):
         _write("safetensors", earlier / sub, WEIGHTS)
     assert export.is_export_folder(earlier)
-    # A killed export leaves io._atomic_folder's temporary folder in DST: --overwrite must still work.
+    # An export killed by an earlier version left io.atomic_folder's temporary folder in DST: --overwrite
+    # must still work.
     (earlier / ".vae.tmp-abc123").mkdir()
     (earlier / ".vae.tmp-abc123" / "diffusion_pytorch_model.safetensors").write_bytes(b"partial")
     assert export.is_export_folder(earlier)
@@ -514,6 +567,56 @@ def test_run_export_replaces_only_an_earlier_export(tmp_path):
     assert export.is_export_folder(killed_early)
     (earlier / "README.md").write_text("mine")
     assert not export.is_export_folder(earlier)
+
+
+def run_with_a_converted_vae(root: Path) -> Path:
+    """A one-step run of the tiny config whose frozen VAE came from converted weights (config.vae_from)."""
+    import flax.linen as nn
+
+    from configs.genmask import get_config
+    from convert import wan_vae
+    from genmask_jax.models import build
+    from genmask_jax.train.checkpointing import Checkpointer
+
+    config = get_config()
+    model = build.build_model(config)
+    vae_params, _ = build.frozen_vae(config, model)  # random: no vae_from yet
+    config.vae_from = str(wan_vae.save(root / "converted_vae", model.vae, vae_params))
+    params = jax.jit(lambda key: nn.meta.unbox(build.dit_initializer(model)(key)))(jax.random.key(0))
+    checkpointer = Checkpointer(root / "run", async_save=False)
+    checkpointer.save(1, {"params": params}, config=config)
+    checkpointer.close()
+    return root / "run"
+
+
+def test_failed_run_export_leaves_the_earlier_export(tmp_path, monkeypatch):
+    """The export deleted an earlier one, then wrote transformer/ and vae/ one after the other in DST: a
+    failure in the VAE step left a transformer/ alone. Now both are renamed into place together."""
+    from convert import export, wan_vae
+
+    run = run_with_a_converted_vae(tmp_path)
+    out = tmp_path / "export"
+    old = os.umask(0o022)
+    try:
+        export.export_checkpoint(run, out)
+    finally:
+        os.umask(old)
+    assert listing(out) == {"transformer", "vae"}
+    assert permissions(out) == default_permissions(out, 0o022)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(wan_vae, "export_diffusers", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export.export_checkpoint(run, out, overwrite=True)
+    assert listing(tmp_path) == {"run", "converted_vae", "export"}  # no temporary folder
+    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    shutil.rmtree(out)
+    with pytest.raises(OSError, match="No space left"):
+        export.export_checkpoint(run, out)
+    assert listing(tmp_path) == {"run", "converted_vae"}
 
 
 _MEASURE = """
@@ -639,17 +742,23 @@ def _broken(tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
                          folder / "diffusion_pytorch_model.fp16.safetensors")
         return folder, ["diffusion_pytorch_model.fp16.safetensors and diffusion_pytorch_model.safetensors",
                         "point SRC at one file"]
+    if kind == "two_pth_files":  # a folder without safetensors is read from its one PyTorch file
+        folder = tmp_path / "weights"
+        folder.mkdir()
+        save_torch(state, folder / "a.pth")
+        save_torch(state, folder / "b.bin")
+        return folder, ["a.pth and b.bin may each hold weights", "point SRC at one file"]
     raise ValueError(kind)
 
 
 BAD = ["missing_path", "unknown_layout", "truncated_safetensors", "truncated_pth",
        "missing_and_unexpected_keys", "shape_mismatch", "i2v", "unsupported_quantisation",
-       "two_copies"]
+       "two_copies", "two_pth_files"]
 
 
 @pytest.mark.parametrize("kind", BAD)
 def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, capsys, kind):
-    if kind == "truncated_pth":
+    if kind in ("truncated_pth", "two_pth_files"):
         pytest.importorskip("torch")
     src, phrases = _broken(tmp_path, kind)
     out_parent = tmp_path / "out"

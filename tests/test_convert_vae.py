@@ -122,6 +122,43 @@ def test_original_pth_and_bf16_safetensors(reference, tmp_path):
     _assert_trees_equal(bf16_params, io.unflatten(rounded))
 
 
+@pytest.fixture(scope="module")
+def own_statistics(tmp_path_factory):
+    """A tiny AutoencoderKLWan with latent statistics of its own, saved as safetensors and as .bin."""
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, latents_mean=[0.5] * 16, latents_std=[2.0] * 16)
+    root = tmp_path_factory.mktemp("own_statistics")
+    model.save_pretrained(root / "safetensors")
+    model.save_pretrained(root / "bin", safe_serialization=False)
+    return root
+
+
+def test_weights_file_and_bin_folder_bring_their_config(own_statistics):
+    """Given its weights file, the converter ignored the config.json beside it and took WAN 2.1's latent
+    statistics for z_dim 16; a folder saved with safe_serialization=False was refused (no .safetensors)."""
+    root = own_statistics
+    assert listing(root / "bin") == {"config.json", "diffusion_pytorch_model.bin"}
+    config, params = wan_vae.load(root / "safetensors")
+    assert config.latents_mean == (0.5,) * 16 and config.latents_std == (2.0,) * 16
+    for src in (root / "safetensors" / wan_vae.WEIGHTS_NAME, root / "bin",
+                root / "bin" / "diffusion_pytorch_model.bin"):
+        other_config, other_params = wan_vae.load(src)
+        assert other_config == config, src
+        _assert_trees_equal(other_params, params)
+
+
+def test_weights_file_beside_another_model_s_config_is_inferred(own_statistics, tmp_path):
+    """The original Wan2.1 release keeps its VAE file beside the DiT's config.json: not the VAE's."""
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanModel", "in_dim": 16}))
+    shutil.copy(own_statistics / "safetensors" / wan_vae.WEIGHTS_NAME, tmp_path)
+    config, _ = wan_vae.load(tmp_path / wan_vae.WEIGHTS_NAME)
+    assert config.latents_mean == wan_vae._vae().WAN21_LATENTS_MEAN  # inferred: z_dim 16 gets WAN's
+
+
+def listing(folder) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
 def test_cli_writes_a_loadable_checkpoint(reference, tmp_path, capsys):
     root, _ = reference
     dst = tmp_path / "ours"

@@ -112,6 +112,11 @@ BAD_INPUT = [
     ("genmask_jax.generate", ["--checkpoint={root}/empty_dir", "--prompt=a"], "no checkpoint steps"),
     ("genmask_jax.generate", ["--checkpoint={root}", "--prompt=   "], "prompt 1 is empty"),
     ("genmask_jax.generate", ["--checkpoint={root}", "--prompt=a", "--shift=0"], "--shift must be > 0"),
+    (
+        "genmask_jax.generate",
+        ["--checkpoint={root}", "--prompt=a", "--batch_size=0"],
+        "--batch_size must be >= 1",
+    ),
 ]
 
 
@@ -491,6 +496,24 @@ def test_generated_image_of_a_prompt_does_not_depend_on_the_others():
         )
     alone = generator(["a red circle"], num_steps=2, guidance_scale=2.0, seed=3)
     assert np.abs(alone.astype(int) - to_uint8(np.asarray(rgb)).astype(int)).max() <= 1
+
+
+def test_generated_images_do_not_depend_on_the_batch_size():
+    """All prompts went to one device call (two DiT rows each with guidance), compiled again for each
+    number of prompts. Now `batch_size` at a time, the last call padded to it: one compile."""
+    from genmask_jax.infer.generator import Generator
+
+    loaded = tiny_loaded()
+    prompts = ["a red circle", "a blue star", "a green square", "a grey triangle"]
+    settings = dict(num_steps=2, guidance_scale=2.0, seed=3)
+    images = {}
+    for batch_size in (1, 3):
+        generator = Generator(loaded, batch_size=batch_size)
+        images[batch_size] = generator(prompts, **settings)
+        generator(prompts[:2], **settings)
+        assert [fn._cache_size() for fn in generator._compiled.values()] == [1]
+    assert images[1].shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(images[1], images[3])
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ the segmenter's device call is replaced by a stand-in that records its batches.
   [0, 1] became black);
 - one image or one prompt where a list is due, lists of different lengths, no images at all;
 - `batch_size`: every device call the same shape, noise indices those of the whole call;
-- the generator's image size: a multiple of the pixels under one DiT token, not floored to one.
+- the generator's image size: a multiple of the pixels under one DiT token, not floored to one;
+- the generator's prompts: a list (a string is not one prompt per character), an empty one no images.
 """
 
 import io
@@ -163,3 +164,21 @@ def test_generator_refuses_a_size_its_model_cannot_make():
     assert check_image_hw(model, (40, 48)) == (40, 48)
     with pytest.raises(ValueError, match=r"multiples of 8 \(H\) and 16 \(W\)"):
         check_image_hw(model, (48, 40))
+
+
+def test_generator_call_shapes():
+    """A string was one image per character, and no prompts a ZeroDivisionError: now a TypeError, and no
+    images (as the segmenter gives no masks for no images), without encoding anything."""
+    config = get_config()
+    loaded = types.SimpleNamespace(config=config, model=build_model(config), resolution=(32, 32))
+    encoder = RecordingEncoder()
+    generator = Generator(loaded, encoder=encoder)
+    for prompts in ("a cat", None):
+        with pytest.raises(TypeError, match="prompts: a list of strings, one per image"):
+            generator(prompts, num_steps=1)
+    images = generator([], num_steps=1)
+    assert images.shape == (0, 32, 32, 3) and images.dtype == np.uint8
+    assert generator((), num_steps=1, image_hw=(48, 64)).shape == (0, 48, 64, 3)
+    assert not encoder.images
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        Generator(loaded, batch_size=0)

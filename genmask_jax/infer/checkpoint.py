@@ -4,12 +4,13 @@ A checkpoint is named by a training workdir (`<workdir>/checkpoints/<step>`, lat
 checkpoint manager directory (latest finalized step) or one step folder; a step still being saved is
 never read. Only the DiT parameters (EMA if the run kept them) are read (orbax partial restore: no
 optimizer state), directly into their shardings on a mesh of this process's devices, or as host numpy
-arrays (`restore_dit_params(mesh=None)`, for `convert.export`). The frozen VAE comes from
-`config.vae_from`, else it is the run's random VAE (drawn from `config.seed` exactly as training drew
-it). The experiment config is the one saved with the checkpoint unless one is given; a given config
-whose model or VAE differs from the saved one gets a warning, and one that would decode with another
-VAE than the run trained with (a random VAE for a run on converted weights, or a random VAE of another
-seed) is refused: its masks and images would be noise.
+arrays (`restore_dit_params(mesh=None)`, for `convert.export`); saved with the other
+`model.dit.scan_layers`, their blocks are stacked or unstacked into the config's layout. The frozen VAE
+comes from `config.vae_from`, else it is the run's random VAE (drawn from `config.seed` exactly as
+training drew it). The experiment config is the one saved with the checkpoint unless one is given; a
+given config whose model or VAE differs from the saved one gets a warning, and one that would decode with
+another VAE than the run trained with (a random VAE for a run on converted weights, or a random VAE of
+another seed) is refused: its masks and images would be noise.
 """
 
 import dataclasses
@@ -244,6 +245,42 @@ def check_saved_params(saved: Any, abstract: Any, where: str) -> None:
         raise CheckpointError(f"{where} does not match the config's model: {'; '.join(problems)}")
 
 
+def abstract_dit_params(model: GenMask, mesh: jax.sharding.Mesh | None, rules: LogicalRules | None) -> Any:
+    """The DiT's parameters as ShapeDtypeStructs, sharded by their logical axes under `rules` on `mesh`
+    (with `mesh=None`, without shardings)."""
+    if mesh is None:
+        return nn.meta.unbox(jax.eval_shape(build.dit_initializer(model), jax.random.key(0)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(build.dit_initializer(model), jax.random.key(0))
+        shardings = logical_sharding(boxed, mesh, rules)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
+    )
+
+
+def saved_scan_layers(saved_params: Any) -> bool | None:
+    """Whether saved DiT parameters (or their metadata) are in the nn.scan layout (`blocks`, a leading
+    layer axis) or not (`blocks_0` ... `blocks_{L-1}`); None when they hold no blocks."""
+    if not isinstance(saved_params, dict):
+        return None
+    if "blocks" in saved_params:
+        return True
+    return False if any(re.fullmatch(r"blocks_\d+", name) for name in saved_params) else None
+
+
+def with_scan_layers(params: Any, model: GenMask, target: Any) -> Any:
+    """DiT parameters in the other scan layout -> `model.dit.scan_layers`'s, as `target` (abstract
+    parameters with shardings, or without for host numpy arrays) lays them out: the same weights."""
+    from convert import wan_dit  # lazily, as train.loop: the converter pulls in the file readers
+
+    scan_layers = model.dit.scan_layers
+    if jax.tree.leaves(target)[0].sharding is None:
+        return wan_dit.with_scan_layers(params, scan_layers)
+    shardings = jax.tree.map(lambda x: x.sharding, target)
+    relayout = jax.jit(lambda p: wan_dit.with_scan_layers(p, scan_layers), out_shardings=shardings)
+    return relayout(params)
+
+
 def restore_dit_params(
     directory: epath.Path,
     step: int,
@@ -255,24 +292,25 @@ def restore_dit_params(
     """DiT parameters of checkpoint `step` and their key ("ema_params" | "params").
 
     On `mesh`, sharded by their logical axes under `rules`; with `mesh=None`, as host numpy arrays
-    (exporting needs no device: a run's weights need not fit one).
+    (exporting needs no device: a run's weights need not fit one). Parameters saved with the other
+    `scan_layers` (a config override at inference) are restored as saved, then stacked or unstacked.
     """
-    if mesh is None:
-        abstract = nn.meta.unbox(jax.eval_shape(build.dit_initializer(model), jax.random.key(0)))
-        host = lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)  # noqa: E731
-        restore_args = jax.tree.map(host, abstract)
-    else:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            boxed = jax.eval_shape(build.dit_initializer(model), jax.random.key(0))
-            shardings = logical_sharding(boxed, mesh, rules)
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
-        )
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:
         saved = state_metadata(manager, step)
     key = "ema_params" if use_ema and saved.get("ema_params") is not None else "params"
-    check_saved_params(saved.get(key) or {}, abstract, f"checkpoint {directory}/{step} ({key})")
+    saved_params = saved.get(key) or {}
+    scanned = saved_scan_layers(saved_params)
+    as_saved = model
+    if scanned is not None and scanned != model.dit.scan_layers:
+        as_saved = dataclasses.replace(model, dit=dataclasses.replace(model.dit, scan_layers=scanned))
+        log.info("%s/%d: saved with scan_layers=%s, converted to the config's", directory, step, scanned)
+    abstract = abstract_dit_params(as_saved, mesh, rules)
+    check_saved_params(saved_params, abstract, f"checkpoint {directory}/{step} ({key})")
+    if mesh is None:
+        host = lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)  # noqa: E731
+        restore_args = jax.tree.map(host, abstract)
+    else:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     args = ocp.args.PyTreeRestore({key: abstract}, restore_args={key: restore_args}, partial_restore=True)
     try:
         with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:
@@ -282,7 +320,10 @@ def restore_dit_params(
             f"checkpoint {directory}/{step} does not match the config's model ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:300]})"
         ) from e
-    return restored[STATE][key], key
+    params = restored[STATE][key]
+    if as_saved is not model:
+        params = with_scan_layers(params, model, abstract_dit_params(model, mesh, rules))
+    return params, key
 
 
 def load_vae(config, model: GenMask, mesh, rules: LogicalRules) -> Any:

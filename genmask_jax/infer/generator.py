@@ -3,7 +3,8 @@
 Euler or UniPC (`diffusion.flow.SAMPLERS`) over WAN's shifted schedule with classifier-free guidance
 against the null context (as `GenMask.generate_latents`); the prompt alone conditions the image (no
 input image). Prompt `i` of a call starts from the noise of `fold_in(key(seed), i)`, as the
-segmenter's examples do, so its image does not depend on the other prompts of the call.
+segmenter's examples do, so its image does not depend on the other prompts of the call. `generator(prompts)`
+runs `batch_size` prompts per device call, the last call padded, so calls of any length compile once.
 """
 
 from collections.abc import Sequence
@@ -11,14 +12,13 @@ from functools import partial
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from genmask_jax.diffusion import flow
 from genmask_jax.encoders import make_encoder
 from genmask_jax.infer.checkpoint import LoadedModel
 from genmask_jax.infer.images import to_uint8
-from genmask_jax.infer.segmenter import example_noise, noise_key
+from genmask_jax.infer.segmenter import example_noise, noise_key, pad_rows
 from genmask_jax.models.genmask import GenMask
 
 
@@ -65,6 +65,16 @@ def generate_images(
     )
 
 
+def check_prompts(prompts) -> None:
+    """Raises TypeError for one prompt where a sequence of them is due (a string would be read as one
+    prompt per character)."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(
+            f"prompts: a list of strings, one per image, got {type(prompts).__name__} (wrap one prompt in "
+            "a list)"
+        )
+
+
 class Generator:
     """`generator(prompts, num_steps, guidance_scale, seed) -> uint8 images (B, H, W, 3)`; prompt `i`
     gets the noise of `fold_in(key(seed), i)`, seed in [0, 2**32) (`segmenter.noise_key`).
@@ -72,10 +82,14 @@ class Generator:
     Args:
       loaded: `infer.checkpoint.load(...)`.
       encoder: the instruction encoder; default `make_encoder(config.data.encoder)`, built on first use.
+      batch_size: prompts per encoder and device call (each row two DiT rows with guidance), every call
+        padded to it: one compile whatever the number of prompts, and images that do not depend on it.
     """
 
-    def __init__(self, loaded: LoadedModel, encoder=None):
-        self.loaded, self._encoder = loaded, encoder
+    def __init__(self, loaded: LoadedModel, encoder=None, batch_size: int = 8):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.loaded, self._encoder, self.batch_size = loaded, encoder, batch_size
         self._compiled = {}
 
     @property
@@ -109,6 +123,8 @@ class Generator:
         image_hw: tuple[int, int] | None = None,
         sampler: str = "euler",
     ) -> np.ndarray:
+        """uint8 images `(len(prompts), H, W, 3)`, `batch_size` prompts at a time; no prompts, no images."""
+        check_prompts(prompts)
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if not shift > 0:  # shift <= 0 turns the schedule into NaNs, not an error
@@ -116,10 +132,31 @@ class Generator:
         flow.sampler(sampler)  # a bad name fails here, before the prompts are encoded
         key = noise_key(seed)
         image_hw = check_image_hw(self.loaded.model, image_hw or self.loaded.resolution)
-        context, context_mask = self.encoder.encode(None, list(prompts))
         fn = self._function(image_hw, num_steps, guidance_scale, shift, sampler)
+        chunks = [
+            self._generate_chunk(fn, list(prompts[start : start + self.batch_size]), start, key)
+            for start in range(0, len(prompts), self.batch_size)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, *image_hw, 3), np.uint8)
+
+    def _generate_chunk(self, fn, prompts: list[str], start: int, key: jax.Array) -> np.ndarray:
+        """uint8 images of `prompts`, the first of which is prompt `start` of the call; padded to
+        `batch_size` rows."""
+        context, context_mask = self.encoder.encode(None, prompts)
+        rows = {
+            "context": context,
+            "context_mask": context_mask,
+            "index": np.arange(start, start + len(prompts), dtype=np.int32),
+        }
+        rows, n = pad_rows(rows, self.batch_size)
         loaded = self.loaded
-        index = jnp.arange(len(prompts), dtype=jnp.int32)
         with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(loaded.rules):
-            rgb = fn(loaded.dit_params, loaded.vae_params, context, context_mask, index, key)
-        return to_uint8(jax.device_get(rgb))
+            rgb = fn(
+                loaded.dit_params,
+                loaded.vae_params,
+                rows["context"],
+                rows["context_mask"],
+                rows["index"],
+                key,
+            )
+        return to_uint8(jax.device_get(rgb)[:n])

@@ -191,7 +191,11 @@ class GenMask:
         rng: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
         """Image `(B, H, W, 3)` in [-1, 1] + instruction states -> (mask bool `(B, H, W)`,
-        score `(B, H, W)` = mean decoded RGB in [-1, 1], thresholded at 0)."""
+        score `(B, H, W)` = mean decoded RGB in [-1, 1], thresholded at 0).
+
+        The noise is one draw from `rng` for the whole batch, so an example's mask depends on the batch
+        it is in (its size and position); `infer.segmenter.Segmenter` and `latent_scores` draw each
+        example's from `fold_in(key, index)` instead."""
         image_latent = self.encode(vae_params, image)
         noise = jax.random.normal(rng, image_latent.shape, jnp.float32)
         latents = self.predict_mask_latents(dit_params, image_latent, context, context_mask, noise)
@@ -212,7 +216,9 @@ class GenMask:
         noise: jax.Array | None = None,
     ) -> jax.Array:
         """Text-to-image latents `(B, 1, h, w, z)` with CFG; `sampler` names one of `flow.SAMPLERS`.
-        The start `noise` `(B, 1, h, w, z)` is drawn from `rng` unless given."""
+        The start `noise` `(B, 1, h, w, z)` is drawn from `rng` unless given: one draw for the batch, so
+        an image depends on the batch it is in; `infer.generator.generate_images` passes per-prompt noise
+        from `fold_in(key, index)` (as `infer.segmenter.latent_scores` does for masks)."""
         sample = flow.sampler(sampler)
         if noise is None:
             noise = jax.random.normal(rng, (context.shape[0], 1, *latent_hw, self.z_dim), jnp.float32)

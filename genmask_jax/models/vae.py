@@ -1,7 +1,8 @@
 """The WAN 2.1 causal video VAE in Flax (channels-last), with an image fast path.
 
-Layout `(B, T, H, W, C)`. The encoder maps `T = 1 + 4k` frames at `H x W` to `1 + k` latent frames at
-`H/8 x W/8`; the decoder inverts that. Semantics follow the original (`wan/modules/vae.py`, equal to
+Layout `(B, T, H, W, C)`. The encoder maps `T = 1 + t k` frames at `H x W` to `1 + k` latent frames at
+`H/s x W/s`, t and s the config's `temporal_factor` and `spatial_factor` (WAN 2.1's: 4 and 8); the decoder
+inverts that. Semantics follow the original (`wan/modules/vae.py`, equal to
 diffusers' `AutoencoderKLWan`), including how it streams a video:
 
 * encode chunks `[0], [1:5], [5:9], ...`, each giving one latent frame; decode one latent frame at a
@@ -390,7 +391,8 @@ def _dims(config: VAEConfig) -> list[int]:
 
 
 class Encoder(nn.Module):
-    """`(B, T, H, W, 3)` chunk -> `(B, T', H/8, W/8, 2 z_dim)` (mean and logvar, before quant_conv)."""
+    """`(B, T, H, W, 3)` chunk -> `(B, T', H/s, W/s, 2 z_dim)` (mean and logvar, before quant_conv); s the
+    config's `spatial_factor`."""
 
     config: VAEConfig
 
@@ -500,9 +502,10 @@ class WanVAE(nn.Module):
         return self.decode(mean)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x `(B, T, H, W, 3)` in [-1, 1], `T = 1 + 4k`, `H, W` multiples of 8.
+        """x `(B, T, H, W, 3)` in [-1, 1], `T = 1 + t k`, `H, W` multiples of s, where t and s are the
+        config's `temporal_factor` and `spatial_factor` (WAN 2.1's: 4 and 8).
 
-        Returns `(mean, logvar)`, each `(B, 1 + k, H/8, W/8, z_dim)` float32; logvar in [-30, 20].
+        Returns `(mean, logvar)`, each `(B, 1 + k, H/s, W/s, z_dim)` float32; logvar in [-30, 20].
         """
         b, t, h, w, c = x.shape
         step, factor = self.config.temporal_factor, self.config.spatial_factor
@@ -521,8 +524,9 @@ class WanVAE(nn.Module):
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
     def decode(self, z: jax.Array, clamp: bool = True) -> jax.Array:
-        """z `(B, F, h, w, z_dim)` (un-normalised) -> `(B, 1 + 4 (F - 1), 8h, 8w, 3)` float32, clamped to
-        [-1, 1] as diffusers does. A training loss takes the raw output (`clamp=False`): through the clamp a
+        """z `(B, F, h, w, z_dim)` (un-normalised) -> `(B, 1 + t (F - 1), s h, s w, 3)` float32, t and s the
+        config's `temporal_factor` and `spatial_factor` (WAN 2.1's: 4 and 8), clamped to [-1, 1] as
+        diffusers does. A training loss takes the raw output (`clamp=False`): through the clamp a
         pixel past the wrong bound would get no gradient."""
         f = z.shape[1]
         x, _ = self.post_quant_conv(z)

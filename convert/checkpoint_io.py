@@ -371,47 +371,91 @@ class _NoOcdbtMergeNotice(logging.Filter):
 
 
 # What our writers leave in a folder: `save_flax_checkpoint` params/ + config.json (and vae_pretrain's
-# record, pretrain.json); `write_safetensors_folder` config.json + safetensors files (+ their index).
+# record, pretrain.json); `write_safetensors_folder` config.json, safetensors files (+ their index) and
+# EXPORT_MARKER, which lists them all.
 FLAX_CHECKPOINT_ENTRIES = frozenset({"config.json", "params", "pretrain.json"})
+# A diffusers folder downloaded from the Hub holds the same files as one we exported; only this file
+# (which diffusers' from_pretrained ignores) tells them apart, so that --overwrite never deletes a download.
+EXPORT_MARKER = "genmask_export.json"
 _SAFETENSORS_FOLDER_ENTRY = re.compile(r"config\.json|.+\.safetensors|.+\.safetensors\.index\.json")
 
 
-def is_safetensors_folder(path: str | os.PathLike) -> bool:
-    """A diffusers-style folder as `write_safetensors_folder` writes it, and nothing else in it."""
+def folder_names(path: str | os.PathLike) -> set[str] | None:
+    """The names in the folder `path`; None when it is not a folder, or is a link to one."""
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
-        return False
-    names = [p.name for p in path.iterdir()]
+        return None
+    return {p.name for p in path.iterdir()}
+
+
+def is_safetensors_folder(path: str | os.PathLike) -> bool:
+    """A diffusers-style folder, ours or not: config.json + safetensors files (+ their index), only."""
+    names = folder_names(path) or set()
     return ("config.json" in names and any(n.endswith(".safetensors") for n in names)
             and all(_SAFETENSORS_FOLDER_ENTRY.fullmatch(n) for n in names))
 
 
-def is_replaceable_folder(path: str | os.PathLike) -> bool:
-    """Whether `path` may be deleted to write a checkpoint in its place: an empty folder, or a checkpoint
-    folder of ours (Flax or diffusers-style) holding nothing else."""
-    path = Path(path)
-    if not path.is_dir() or path.is_symlink():
+def is_exported_folder(path: str | os.PathLike) -> bool:
+    """A folder `write_safetensors_folder` wrote: exactly the files its EXPORT_MARKER lists, and it."""
+    names = folder_names(path) or set()
+    if EXPORT_MARKER not in names:
         return False
-    names = {p.name for p in path.iterdir()}
-    return (not names or is_safetensors_folder(path)
-            or (is_flax_checkpoint(path) and names <= FLAX_CHECKPOINT_ENTRIES))
+    try:
+        with open(Path(path) / EXPORT_MARKER) as f:
+            listed = set(json.load(f)["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return names == listed | {EXPORT_MARKER}
 
 
-CHECKPOINT_FOLDER = "a checkpoint folder (only params/ + config.json, or config.json + *.safetensors)"
+def converted_checkpoint_refusal(path: str | os.PathLike) -> str | None:
+    """None when a converted checkpoint may replace `path`: an empty folder, or a converted checkpoint of
+    ours holding nothing else; otherwise why not. A diffusers folder never qualifies: it may be SRC."""
+    names = folder_names(path)
+    if names is not None and (not names or (is_flax_checkpoint(path) and names <= FLAX_CHECKPOINT_ENTRIES)):
+        return None
+    return "is not a checkpoint folder of ours (only params/ + config.json)"
+
+
+def export_refusal(path: str | os.PathLike) -> str | None:
+    """None when an exported diffusers folder may replace `path`: an empty folder, or an earlier export
+    (`is_exported_folder`); otherwise why not."""
+    names = folder_names(path)
+    if names is not None and (not names or is_exported_folder(path)):
+        return None
+    if is_safetensors_folder(path):
+        return (f"holds diffusers weights without {EXPORT_MARKER}, which every export writes (a downloaded "
+                "model, or an export made before that file, which you may delete yourself)")
+    return f"is not an exported diffusers folder (only the files its {EXPORT_MARKER} lists)"
 
 
 def check_destination(dst: str | os.PathLike, overwrite: bool,
-                      replaceable: Callable[[Path], bool] = is_replaceable_folder,
-                      what: str = CHECKPOINT_FOLDER) -> None:
+                      refusal: Callable[[Path], str | None] = converted_checkpoint_refusal) -> None:
     """Raises ConversionError unless something may be written at `dst`: nothing is there, or `overwrite`
-    and `replaceable(dst)` (a folder we wrote, by default `is_replaceable_folder`; `what` names it)."""
+    and `refusal(dst)` finds no reason against replacing it (by default: it is a converted checkpoint)."""
     dst = Path(dst)
     if not dst.exists() and not dst.is_symlink():
         return
     if not overwrite:
         raise ConversionError(f"{dst} already exists (--overwrite, or overwrite=True, replaces it)")
-    if not replaceable(dst):
-        raise ConversionError(f"{dst} is not {what}: it is left alone, choose another destination")
+    reason = refusal(dst)
+    if reason:
+        raise ConversionError(f"{dst} {reason}: it is left alone, choose another destination")
+
+
+def check_apart(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Raises ConversionError when DST is SRC, inside it or holds it (after resolving links): replacing
+    DST would delete what is read, and writing into SRC would change it."""
+    source, target = Path(src).resolve(), Path(dst).resolve()
+    if target == source:
+        relation = "is"
+    elif source in target.parents:
+        relation = "is inside"
+    elif target in source.parents:
+        relation = "holds"
+    else:
+        return
+    raise ConversionError(f"{dst} {relation} the source {src}: choose a destination apart from it")
 
 
 def _umask() -> int:
@@ -434,17 +478,16 @@ def give_default_mode(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(dst: Path, config: Mapping[str, Any] | None, overwrite: bool = False,
-                  replaceable: Callable[[Path], bool] = is_replaceable_folder,
-                  what: str = CHECKPOINT_FOLDER) -> Iterator[Path]:
+def atomic_folder(dst: Path, config: Mapping[str, Any] | None, overwrite: bool,
+                  refusal: Callable[[Path], str | None]) -> Iterator[Path]:
     """Yields an empty sibling of `dst` to fill; on success adds `config.json` (unless `config` is None)
     and renames it to `dst`.
 
-    An existing `dst` is replaced only when `overwrite` and `check_destination(dst, overwrite, replaceable,
-    what)` accepts it, checked before anything is written and again before the rename. On any error the
-    sibling is removed and an existing `dst` is left as it was.
+    An existing `dst` is replaced only when `check_destination(dst, overwrite, refusal)` accepts it,
+    checked before anything is written and again before the rename. On any error the sibling is
+    removed and an existing `dst` is left as it was.
     """
-    check_destination(dst, overwrite, replaceable, what)
+    check_destination(dst, overwrite, refusal)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
@@ -453,7 +496,7 @@ def atomic_folder(dst: Path, config: Mapping[str, Any] | None, overwrite: bool =
         if config is not None:
             with open(tmp / "config.json", "w") as f:
                 json.dump(dict(config), f, indent=2, sort_keys=True)
-        check_destination(dst, overwrite, replaceable, what)  # it may have appeared or changed meanwhile
+        check_destination(dst, overwrite, refusal)  # it may have appeared or changed meanwhile
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
@@ -477,7 +520,8 @@ def save_flax_checkpoint(dst: str | os.PathLike, params: Any, config: Mapping[st
     quiet = _NoOcdbtMergeNotice()
     logging.getLogger("absl").addFilter(quiet)
     try:
-        with atomic_folder(dst, config, overwrite) as tmp, _host_array_checkpointer() as ckptr:
+        with (atomic_folder(dst, config, overwrite, converted_checkpoint_refusal) as tmp,
+              _host_array_checkpointer() as ckptr):
             ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(host, save_args=chunked_save_args(host)))
     finally:
         logging.getLogger("absl").removeFilter(quiet)
@@ -530,8 +574,8 @@ def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.nd
                              overwrite: bool = False) -> Path:
     """A diffusers-style folder: config.json + one or several safetensors (with an index).
 
-    An existing `dst` is replaced only with `overwrite`, and only if it is a checkpoint folder of ours
-    (`check_destination`).
+    Beside them, EXPORT_MARKER lists the folder's files. An existing `dst` is replaced only with
+    `overwrite`, and only if it is empty or such a folder (`export_refusal`).
 
     Each tensor is stored under `name(key)` in `layout(key, array)` (a transpose, say; same byte size),
     made when its shard is written: one shard of laid-out copies exists at a time, so the writer needs
@@ -550,7 +594,7 @@ def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.nd
     stem = weights_name.removesuffix(".safetensors")
     files = [weights_name] if len(shards) == 1 else [
         f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    with atomic_folder(dst, config, overwrite) as tmp:
+    with atomic_folder(dst, config, overwrite, export_refusal) as tmp:
         total = 0
         for keys, file in zip(shards, files):
             shard = {name(k): np.ascontiguousarray(layout(k, tensors[k])) for k in keys}
@@ -560,20 +604,26 @@ def write_safetensors_folder(dst: str | os.PathLike, tensors: Mapping[str, np.nd
             del shard  # before the next shard is built
         if len(shards) > 1:
             weight_map = {name(k): file for keys, file in zip(shards, files) for k in keys}
-            with open(tmp / f"{weights_name}.index.json", "w") as f:
+            files.append(f"{weights_name}.index.json")
+            with open(tmp / files[-1], "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(tmp / EXPORT_MARKER, "w") as f:
+            json.dump({"written_by": "GenMask-JAX convert.checkpoint_io.write_safetensors_folder",
+                       "files": sorted([*files, "config.json"])}, f, indent=2)
     return dst
 
 
-def convert_and_save(dst: str | os.PathLike, overwrite: bool, convert: Callable[[], tuple[Any, Any]],
-                     save: Callable[..., Path]) -> int:
-    """The converter CLIs' common tail: refuse an existing DST, convert, save, say so in one line.
+def convert_and_save(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool,
+                     convert: Callable[[], tuple[Any, Any]], save: Callable[..., Path]) -> int:
+    """The converter CLIs' common tail: refuse a DST overlapping SRC or existing, convert, save, say so in
+    one line.
 
     `convert()` returns (config with `to_dict()`, params); `save(dst, config, params, overwrite=...)`
     writes them. Returns the exit status; a ConversionError becomes one `error:` line on stderr.
     """
     try:
-        check_destination(dst, overwrite)  # before converting
+        check_apart(src, dst)  # before converting
+        check_destination(dst, overwrite)
         config, params = convert()
         out = save(dst, config, params, overwrite=overwrite)
     except ConversionError as e:

@@ -5,7 +5,8 @@
 CHECKPOINT is a training workdir, its checkpoints/ folder or one step folder. DST gets `transformer/`
 (the DiT, with its text embedder of the instruction encoder's width) and, when the run used converted
 VAE weights (`config.vae_from`), `vae/`; both load with diffusers' `from_pretrained`. DST appears only
-when both are written; --overwrite replaces an earlier export, and nothing else.
+when both are written; it may not be CHECKPOINT, inside it or hold it. --overwrite replaces an earlier
+export, and nothing else: each part holds a `genmask_export.json` that tells it from a downloaded model.
 """
 
 import argparse
@@ -34,18 +35,24 @@ _EXPORT_TEMPORARY = re.compile(r"\.(transformer|vae)\.tmp-.+")
 EXPORT_FOLDER = "an exported folder (only diffusers transformer/ and vae/)"
 
 
-def is_export_folder(path: Path) -> bool:
-    """A folder as `export_checkpoint` writes it (diffusers-style transformer/ and vae/ and nothing else,
-    but the temporary folders of an export that was killed), or an empty one."""
-    if not path.is_dir() or path.is_symlink():
-        return False
-    names = {p.name for p in path.iterdir() if not _EXPORT_TEMPORARY.fullmatch(p.name)}
-    return names <= {"transformer", "vae"} and all(io.is_safetensors_folder(path / name) for name in names)
+def export_folder_refusal(path: Path) -> str | None:
+    """None when an export may replace `path`: an empty folder, or one `export_checkpoint` wrote (its
+    transformer/ and vae/ exports, beside the temporary folders of an export that was killed); otherwise
+    why not."""
+    names = io.folder_names(path)
+    parts = sorted(n for n in names or () if not _EXPORT_TEMPORARY.fullmatch(n))
+    if names is None or not set(parts) <= {"transformer", "vae"}:
+        return f"is not {EXPORT_FOLDER}"
+    for part in parts:
+        reason = io.export_refusal(path / part)
+        if reason:
+            return f"is not {EXPORT_FOLDER}: its {part}/ {reason}"
+    return None
 
 
 def check_destination(dst: Path, overwrite: bool) -> None:
     """Raises ConversionError unless DST is new or, with `overwrite`, an earlier export."""
-    io.check_destination(dst, overwrite, is_export_folder, EXPORT_FOLDER)
+    io.check_destination(dst, overwrite, export_folder_refusal)
 
 
 def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
@@ -59,7 +66,8 @@ def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
     from genmask_jax.models import build
 
     dst = Path(dst)
-    check_destination(dst, overwrite)  # before the run is read
+    io.check_apart(checkpoint, dst)  # before the run is read
+    check_destination(dst, overwrite)
     directory, step = ckpt.resolve(checkpoint)
     config = ckpt.saved_config(directory, step)
     model = build.build_model(config)
@@ -67,7 +75,7 @@ def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
         logger.warning(CONTEXT_MASK_WARNING, checkpoint)
     # Host arrays only: no device holds the run's weights, and nothing else is read.
     dit_params, _ = ckpt.restore_dit_params(directory, step, model, None, None, use_ema)
-    with io.atomic_folder(dst, None, overwrite, is_export_folder, EXPORT_FOLDER) as tmp:
+    with io.atomic_folder(dst, None, overwrite, export_folder_refusal) as tmp:
         wan_dit.export_diffusers(dit_params, model.dit, tmp / "transformer")
         del dit_params
         if config.get("vae_from") and model.vae is not None:

@@ -7,10 +7,11 @@ SRC is a diffusers `transformer/` folder (or the pipeline folder above it), an o
 or a single `.safetensors` / `.pth` file (keys optionally prefixed `model.diffusion_model.`), in fp32,
 bf16 or fp8, upcast to --param-dtype. Scaled-fp8 repackagings (ComfyUI's `scaled_fp8` files and its
 per-layer `comfy_quant` ones) are dequantised: an fp8 weight times its per-tensor scale. The config
-is inferred from the tensor shapes; the head count comes from a `config.json` next to the weights,
-`--num-heads`, or head_dim 128 (true of every released WAN 2.1 model). DST gets `params/` (orbax) and
-`config.json`, written atomically after every check passed. `export_diffusers` writes our params back
-as a diffusers folder, bit-exactly.
+is inferred from the tensor shapes. The head count cannot be: it is read from a `config.json` next to
+the weights (--num-heads, if given, must agree with it); without one (original-layout files) it is
+--num-heads, else head_dim 128 (true of every released WAN 2.1 model). DST gets `params/` (orbax) and
+`config.json`, written atomically after every check passed; it may not be SRC, inside it or hold it.
+`export_diffusers` writes our params back as a diffusers folder, bit-exactly.
 """
 
 import argparse
@@ -216,8 +217,11 @@ def infer_config(source: Source, num_heads: int | None = None, **overrides):
         raise ConversionError(f"{source.path}: cannot infer the config, missing keys: {', '.join(missing)}")
     dim, in_channels, *patch = shapes[k("patch_embedding.weight")]
     cfg_json = source.json_config
-    if num_heads is None:
-        num_heads = cfg_json.get("num_attention_heads") or cfg_json.get("num_heads")
+    json_heads = cfg_json.get("num_attention_heads") or cfg_json.get("num_heads")
+    if num_heads is not None and json_heads is not None and num_heads != json_heads:
+        raise ConversionError(f"--num-heads {num_heads} disagrees with the config.json of {source.path} "
+                              f"({json_heads} heads): leave --num-heads out")
+    num_heads = num_heads if num_heads is not None else json_heads
     if num_heads is None:
         if dim % 128:
             raise ConversionError(f"{source.path}: dim {dim} is not a multiple of 128; pass --num-heads")
@@ -423,10 +427,10 @@ def export_diffusers(params: dict, config, dst: str | Path, max_shard_bytes: int
     """Writes params as a diffusers `transformer/` folder (config.json + safetensors), exactly.
 
     Tensors take the PyTorch layout shard by shard: about `max_shard_bytes` of host memory on top of
-    the params (BENCHMARKS.md). An existing `dst` is replaced only with `overwrite`, and only if it is a
-    checkpoint folder of ours.
+    the params (BENCHMARKS.md). An existing `dst` is replaced only with `overwrite`, and only if it is
+    an earlier export (`io.export_refusal`).
     """
-    io.check_destination(dst, overwrite)  # before the params are copied to the host
+    io.check_destination(dst, overwrite, io.export_refusal)  # before the params are copied to the host
     flat = unstack(params, config)
     expected = expected_shapes(config)
     io.check_keys(set(flat), set(expected), "params")
@@ -454,16 +458,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="diffusers transformer/ folder, original folder or single file")
     parser.add_argument("dst", help="output folder (params/ + config.json)")
     parser.add_argument("--layout", default="auto", help="auto | diffusers | original")
-    parser.add_argument("--num-heads", type=int, default=None)
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="for a SRC without config.json (default: dim / 128); with one, it must agree")
     parser.add_argument("--scan-layers", action="store_true", help="stack the blocks for nn.scan")
     parser.add_argument("--param-dtype", default="float32")
     parser.add_argument("--text-dim", type=int, default=None)
     parser.add_argument("--reinit-text-embedding", action="store_true",
                         help="fresh random text embedder of --text-dim inputs (e.g. 3584 for Qwen2.5-VL)")
     parser.add_argument("--seed", type=_seed, default=0, help="of the re-initialised text embedder")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is an earlier checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST if it is empty or a checkpoint converted here")
     args = parser.parse_args(argv)
-    return io.convert_and_save(args.dst, args.overwrite, lambda: convert_checkpoint(
+    return io.convert_and_save(args.src, args.dst, args.overwrite, lambda: convert_checkpoint(
         args.src, layout=args.layout, num_heads=args.num_heads, scan_layers=args.scan_layers,
         param_dtype=args.param_dtype, text_dim=args.text_dim,
         reinit_text_embedding=args.reinit_text_embedding, seed=args.seed), save)

@@ -6,9 +6,9 @@ SRC is a diffusers `vae/` folder (safetensors or `.bin` weights; or the pipeline
 weights file, the original `Wan2.1_VAE.pth`, or an original-layout safetensors file (ComfyUI's
 `wan_2.1_vae.safetensors`, bf16 is fine). Diffusers weights bring the config.json of their folder;
 otherwise the config is inferred from the tensor shapes (latent statistics: WAN 2.1's when z_dim is
-16). DST gets `params/` (orbax) and `config.json`, written atomically after every check passed.
-`export_diffusers` writes our params back as a diffusers folder, bit-exactly. Parameters are
-`{"params": ...}`, ready for `WanVAE(config).apply`.
+16). DST gets `params/` (orbax) and `config.json`, written atomically after every check passed; it
+may not be SRC, inside it or hold it. `export_diffusers` writes our params back as a diffusers folder,
+bit-exactly. Parameters are `{"params": ...}`, ready for `WanVAE(config).apply`.
 """
 
 import argparse
@@ -301,7 +301,8 @@ def diffusers_config(config) -> dict[str, Any]:
 def export_diffusers(params: dict, config, dst: str | Path, overwrite: bool = False) -> Path:
     """Writes params (`{"params": ...}` or the inner tree) as a diffusers `vae/` folder, exactly.
 
-    An existing `dst` is replaced only with `overwrite`, and only if it is a checkpoint folder of ours.
+    An existing `dst` is replaced only with `overwrite`, and only if it is an earlier export
+    (`io.export_refusal`).
     """
     params = params.get("params", params)
     flat = {p: np.asarray(v) for p, v in io.flatten(params).items()}
@@ -322,10 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="diffusers vae/ folder, Wan2.1_VAE.pth or original-layout safetensors")
     parser.add_argument("dst", help="output folder (params/ + config.json)")
     parser.add_argument("--layout", default="auto", help="auto | diffusers | original")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is an earlier checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST if it is empty or a checkpoint converted here")
     args = parser.parse_args(argv)
     return io.convert_and_save(
-        args.dst, args.overwrite, lambda: convert_checkpoint(args.src, layout=args.layout), save)
+        args.src, args.dst, args.overwrite, lambda: convert_checkpoint(args.src, layout=args.layout), save)
 
 if __name__ == "__main__":
     sys.exit(main())

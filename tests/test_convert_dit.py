@@ -427,7 +427,7 @@ def test_failed_write_leaves_the_old_folder_and_no_temporary(tmp_path, writer):
     assert listing(tmp_path) == {"dst"} and tree(dst) == before
     _write(writer, dst, WEIGHTS, overwrite=True)
     assert listing(tmp_path) == {"dst"}
-    assert listing(dst) == ({"config.json", "m.safetensors"} if writer == "safetensors" else
+    assert listing(dst) == ({"config.json", "m.safetensors", io.EXPORT_MARKER} if writer == "safetensors" else
                             {"config.json", "params"})
 
 
@@ -468,8 +468,21 @@ def test_umask_is_read_back_unchanged_without_proc(monkeypatch):
         os.umask(old)
 
 
-def _not_checkpoints(root: Path) -> dict[str, Path]:
-    """Existing destinations no writer may replace, even with overwrite."""
+def contents(folder: Path) -> dict[str, bytes | None]:
+    """Path under `folder` -> its bytes (None for a folder): what 'left byte-identical' compares."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+def downloaded(folder: Path) -> Path:
+    """A diffusers folder as the Hub gives it: config.json + safetensors, without our EXPORT_MARKER."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+    save_safetensors({"w": np.ones(3, np.float32)}, folder / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+def _not_checkpoints(root: Path, writer: str) -> dict[str, Path]:
+    """Existing destinations `writer` may not replace, even with overwrite."""
     pipeline = root / "pipeline"  # a diffusers pipeline: the folder above transformer/ and vae/
     _write("safetensors", pipeline / "vae", WEIGHTS)
     (pipeline / "model_index.json").write_text("{}")
@@ -480,25 +493,32 @@ def _not_checkpoints(root: Path) -> dict[str, Path]:
     (root / "file").write_text("a file")
     linked = root / "linked"
     linked.symlink_to(_write("orbax", root / "link-target", WEIGHTS), target_is_directory=True)
+    other = "orbax" if writer == "safetensors" else "safetensors"  # converters and exports replace their own
     return {"work": someones_work(root / "runs"), "pipeline": pipeline, "file": root / "file",
-            "symlink": linked, **{f"{kind}+notes": folder for kind, folder in stray.items()}}
+            "symlink": linked, **{f"{kind}+notes": folder for kind, folder in stray.items()},
+            "downloaded": downloaded(root / "downloaded"),
+            "other kind": _write(other, root / "other", WEIGHTS)}
 
 
 @pytest.mark.parametrize("writer", ["safetensors", "orbax"])
 def test_overwrite_refuses_what_is_not_a_checkpoint_and_deletes_nothing(tmp_path, writer):
-    targets = _not_checkpoints(tmp_path)
-    before = tree(tmp_path)
+    targets = _not_checkpoints(tmp_path, writer)
+    before = contents(tmp_path)
+    what = "a checkpoint folder of ours" if writer == "orbax" else "an exported diffusers folder"
     for name, dst in targets.items():
-        with pytest.raises(ConversionError, match=r"is not a checkpoint folder .* left alone"):
+        message = ("holds diffusers weights without genmask_export.json" if writer == "safetensors" and
+                   name == "downloaded" else f"is not {what}")
+        with pytest.raises(ConversionError, match=rf"{message}.* left alone"):
             _write(writer, dst, WEIGHTS, overwrite=True)
-        assert tree(tmp_path) == before, name  # nothing deleted, no temporary left
+        assert contents(tmp_path) == before, name  # nothing deleted or changed, no temporary left
     with pytest.raises(ConversionError, match="already exists"):
         _write(writer, targets["work"], WEIGHTS)
-    assert tree(tmp_path) == before
+    assert contents(tmp_path) == before
 
 
-@pytest.mark.parametrize("writer", ["safetensors", "orbax"])
-@pytest.mark.parametrize("earlier", ["safetensors", "orbax", "sharded", "pretrain.json", "empty"])
+@pytest.mark.parametrize("writer,earlier", [
+    ("orbax", "orbax"), ("orbax", "pretrain.json"), ("orbax", "empty"),
+    ("safetensors", "safetensors"), ("safetensors", "sharded"), ("safetensors", "empty")])
 def test_overwrite_replaces_an_earlier_checkpoint(tmp_path, writer, earlier):
     dst = tmp_path / "dst"
     if earlier == "empty":
@@ -508,10 +528,11 @@ def test_overwrite_replaces_an_earlier_checkpoint(tmp_path, writer, earlier):
                                     max_shard_bytes=64)
         assert "m.safetensors.index.json" in listing(dst)
     else:
-        _write("safetensors" if earlier == "safetensors" else "orbax", dst, WEIGHTS)
+        _write(earlier if earlier == "safetensors" else "orbax", dst, WEIGHTS)
         if earlier == "pretrain.json":  # genmask_jax.train.vae_pretrain's record beside the checkpoint
             (dst / "pretrain.json").write_text("{}")
-    assert io.is_replaceable_folder(dst)
+    refusal = io.export_refusal if writer == "safetensors" else io.converted_checkpoint_refusal
+    assert refusal(dst) is None
     if earlier != "empty":
         with pytest.raises(ConversionError, match="already exists"):
             _write(writer, dst, WEIGHTS)
@@ -534,9 +555,14 @@ def test_export_diffusers_replaces_only_an_earlier_export(tmp_path):
     before = tree(tmp_path)
     with pytest.raises(ConversionError, match="already exists"):
         wan_dit.export_diffusers(params, config, pipeline / "transformer")
-    with pytest.raises(ConversionError, match=r"is not a checkpoint folder .* left alone"):
+    with pytest.raises(ConversionError, match=r"is not an exported diffusers folder .* left alone"):
         wan_dit.export_diffusers(params, config, pipeline, overwrite=True)  # not its transformer/
     assert tree(tmp_path) == before
+    hub = downloaded(tmp_path / "hub" / "transformer")
+    hub_before = contents(hub)
+    with pytest.raises(ConversionError, match=rf"holds diffusers weights without {io.EXPORT_MARKER}"):
+        wan_dit.export_diffusers(params, config, hub, overwrite=True)
+    assert contents(hub) == hub_before and listing(tmp_path / "hub") == {"transformer"}
     out = wan_dit.export_diffusers(params, config, pipeline / "transformer", max_shard_bytes=50_000,
                                    overwrite=True)
     assert (out / f"{wan_dit.WEIGHTS_NAME}.index.json").exists()
@@ -556,17 +582,106 @@ def test_run_export_replaces_only_an_earlier_export(tmp_path):
     earlier = tmp_path / "export"
     for sub in ("transformer", "vae"):
         _write("safetensors", earlier / sub, WEIGHTS)
-    assert export.is_export_folder(earlier)
+    assert export.export_folder_refusal(earlier) is None
     # An export killed by an earlier version left io.atomic_folder's temporary folder in DST: --overwrite
     # must still work.
     (earlier / ".vae.tmp-abc123").mkdir()
     (earlier / ".vae.tmp-abc123" / "diffusion_pytorch_model.safetensors").write_bytes(b"partial")
-    assert export.is_export_folder(earlier)
+    assert export.export_folder_refusal(earlier) is None
     killed_early = tmp_path / "killed"
     (killed_early / ".transformer.tmp-xyz").mkdir(parents=True)
-    assert export.is_export_folder(killed_early)
+    assert export.export_folder_refusal(killed_early) is None
     (earlier / "README.md").write_text("mine")
-    assert not export.is_export_folder(earlier)
+    assert "is not an exported folder" in export.export_folder_refusal(earlier)
+
+
+def test_run_export_refuses_a_downloaded_or_unmarked_diffusers_folder(tmp_path):
+    """--overwrite deleted any folder of diffusers-style transformer/ and vae/: a model downloaded from the
+    Hub has the same files as an export, so only the marker every export now writes makes one ours."""
+    from convert import export
+
+    hub = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
+    downloaded(hub / "transformer")
+    old_export = tmp_path / "old-export"  # as exports were written before the marker
+    for sub in ("transformer", "vae"):
+        _write("safetensors", old_export / sub, WEIGHTS)
+        (old_export / sub / io.EXPORT_MARKER).unlink()
+    before = contents(tmp_path)
+    unmarked = rf"its transformer/ holds diffusers weights without {io.EXPORT_MARKER}.* delete .* left alone"
+    for dst, message in ((hub, unmarked), (old_export, unmarked), (hub / "transformer", "not an exported")):
+        with pytest.raises(ConversionError, match=message):
+            export.export_checkpoint(str(tmp_path / "no-run"), dst, overwrite=True)
+    assert contents(tmp_path) == before
+
+
+@pytest.mark.parametrize("relation", ["is", "is inside", "holds"])
+def test_run_export_refuses_a_destination_overlapping_the_run(tmp_path, relation):
+    from convert import export
+
+    run = someones_work(tmp_path / "run")
+    dst = {"is": run, "is inside": run / "export", "holds": tmp_path}[relation]
+    before = contents(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(ConversionError, match=rf"{relation} the source .*: choose a destination apart"):
+            export.export_checkpoint(str(run), dst, overwrite=overwrite)
+    assert contents(tmp_path) == before
+
+
+@pytest.mark.torch
+def test_converter_replaces_only_its_own_checkpoints(diffusers_folder, tmp_path, capsys):
+    """`cp -r transformer hf_copy; convert.wan_dit transformer hf_copy --overwrite` deleted the copy: any
+    config.json + *.safetensors folder counted as replaceable, a downloaded one (or SRC itself) too."""
+    _, path = diffusers_folder
+    hf_copy = shutil.copytree(path, tmp_path / "hf_copy")
+    config, params = wan_dit.load(path)
+    ours = wan_dit.export_diffusers(params, config, tmp_path / "exported")
+    before = contents(tmp_path)
+    ours_refused = "is not a checkpoint folder of ours"
+    for src, dst, message in ((path, hf_copy, ours_refused), (path, ours, ours_refused),
+                              (hf_copy, hf_copy, "is the source")):
+        assert wan_dit.main([str(src), str(dst), "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert contents(tmp_path) == before
+    converted = tmp_path / "converted"
+    for overwrite in ([], ["--overwrite"]):
+        assert wan_dit.main([str(path), str(converted), *overwrite]) == 0
+        assert listing(converted) == {"params", "config.json"}
+
+
+def overlapping(tmp_path: Path, relation: str) -> tuple[Path, Path]:
+    """(SRC, DST) in `relation`. SRC is unreadable: a converter that reads it fails with another error."""
+    src = tmp_path / "transformer"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "diffusion_pytorch_model.safetensors").write_bytes(b"not read")
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    dst = {"is": src, "is inside": src / "converted", "holds": tmp_path, "is (a link to)": tmp_path / "link"}
+    return src, dst[relation]
+
+
+@pytest.mark.parametrize("relation", ["is", "is inside", "holds", "is (a link to)"])
+def test_converter_refuses_a_destination_overlapping_the_source(tmp_path, capsys, relation):
+    src, dst = overlapping(tmp_path, relation)
+    before = contents(tmp_path)
+    for overwrite in ([], ["--overwrite"]):
+        assert wan_dit.main([str(src), str(dst), *overwrite]) == 1
+        err = capsys.readouterr().err
+        relation_said = relation.replace(" (a link to)", "")
+        assert err.count("\n") == 1 and f"{dst} {relation_said} the source {src}" in err, err
+    assert contents(tmp_path) == before
+
+
+@pytest.mark.torch
+def test_num_heads_must_agree_with_the_config_json(diffusers_folder, tmp_path, capsys):
+    """--num-heads 4 silently overrode the 2 heads of the config.json beside the weights."""
+    _, path = diffusers_folder
+    assert wan_dit.main([str(path), str(tmp_path / "four"), "--num-heads", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--num-heads 4 disagrees with the config.json" in err, err
+    assert "(2 heads)" in err and listing(tmp_path) == set()
+    assert wan_dit.main([str(path), str(tmp_path / "two"), "--num-heads", "2"]) == 0
+    assert wan_dit.load(tmp_path / "two")[0].num_heads == 2
 
 
 def run_with_a_converted_vae(root: Path) -> Path:

@@ -63,21 +63,64 @@ def test_export_round_trip_is_exact(reference, tmp_path):
     assert reloaded.config.base_dim == 8 and list(reloaded.config.latents_std) == list(config.latents_std)
 
 
-def test_export_replaces_only_an_earlier_vae_folder(reference, tmp_path):
+def contents(folder) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+def test_export_replaces_only_an_earlier_export(reference, tmp_path):
+    """A diffusers vae/ folder from save_pretrained (or the Hub) has the files an export has: only the
+    export's marker lets --overwrite replace it."""
     root, _ = reference
     config, params = wan_vae.load(root / "vae")
     pipeline = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
     shutil.copytree(root, pipeline)
     (pipeline / "model_index.json").write_text("{}")
     (pipeline / "transformer").mkdir()
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    with pytest.raises(ConversionError, match=r"is not a checkpoint folder .* left alone"):
+    before = contents(tmp_path)
+    with pytest.raises(ConversionError, match=r"is not an exported diffusers folder .* left alone"):
         wan_vae.export_diffusers(params, config, pipeline, overwrite=True)  # the pipeline, not its vae/
     with pytest.raises(ConversionError, match="already exists"):
         wan_vae.export_diffusers(params, config, pipeline / "vae")
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
-    out = wan_vae.export_diffusers(params, config, pipeline / "vae", overwrite=True)  # diffusers' own vae/
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", wan_vae.WEIGHTS_NAME]
+    with pytest.raises(ConversionError, match=rf"vae holds diffusers weights without {io.EXPORT_MARKER}"):
+        wan_vae.export_diffusers(params, config, pipeline / "vae", overwrite=True)  # diffusers' own vae/
+    assert contents(tmp_path) == before
+    out = wan_vae.export_diffusers(params, config, tmp_path / "exported")
+    wan_vae.export_diffusers(params, config, out, overwrite=True)  # an earlier export
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", wan_vae.WEIGHTS_NAME, io.EXPORT_MARKER]
+    assert wan_vae.load(out)[0] == config
+
+
+def test_converter_replaces_only_its_own_checkpoints(reference, tmp_path, capsys):
+    """`cp -r transformer hf_copy; convert.wan_vae vae hf_copy --overwrite` deleted the copy: any
+    config.json + *.safetensors folder counted as replaceable, a downloaded one (or SRC itself) too."""
+    root, _ = reference
+    hf_copy = shutil.copytree(root / "vae", tmp_path / "hf_copy")
+    config, params = wan_vae.load(root / "vae")
+    ours = wan_vae.export_diffusers(params, config, tmp_path / "exported")
+    before = contents(tmp_path)
+    ours_refused = "is not a checkpoint folder of ours"
+    for src, dst, message in ((root / "vae", hf_copy, ours_refused), (root / "vae", ours, ours_refused),
+                              (hf_copy, hf_copy, "is the source")):
+        assert wan_vae.main([str(src), str(dst), "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert contents(tmp_path) == before
+    assert wan_vae.main([str(root / "vae"), str(tmp_path / "converted")]) == 0
+    assert wan_vae.main([str(root / "vae"), str(tmp_path / "converted"), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("relation", ["is", "is inside", "holds"])
+def test_converter_refuses_a_destination_overlapping_the_source(tmp_path, capsys, relation):
+    src = tmp_path / "vae"
+    src.mkdir()
+    (src / wan_vae.WEIGHTS_NAME).write_bytes(b"not read")  # a converter that reads it fails otherwise
+    dst = {"is": src, "is inside": src / "converted", "holds": tmp_path}[relation]
+    before = contents(tmp_path)
+    for overwrite in ([], ["--overwrite"]):
+        assert wan_vae.main([str(src), str(dst), *overwrite]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{dst} {relation} the source {src}" in err, err
+    assert contents(tmp_path) == before
 
 
 def test_original_names_match_diffusers_converter(reference):

@@ -92,6 +92,11 @@ BAD_INPUT = [
         [*TINY, "--config.model.dit.patch_size=(1, 2)", "--workdir={root}/w"],
         "config.model: patch_size must be 3 positive ints (frames, height, width): (1, 2)",
     ),
+    (
+        "genmask_jax.train",
+        [*TINY, "--config.init_from={root}/moved/wan_dit", "--workdir={root}/w"],
+        "config.init_from: {root}/moved/wan_dit: no such file or folder",
+    ),
     ("genmask_jax.evaluate", ["--checkpoint={root}/nothing", "--split=synthetic:test"], "does not exist"),
     (
         "genmask_jax.evaluate",
@@ -122,7 +127,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("module,args,message", BAD_INPUT, ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_input_is_one_line(files, module, args, message):
-    args = [a.format(root=files) for a in args]
+    args, message = [a.format(root=files) for a in args], message.format(root=files)
     out = files / "out.png"
     if module == "genmask_jax.segment":
         args += [f"--out={out}"] + ([] if any(a.startswith("--prompt") for a in args) else ["--prompt=x"])
@@ -391,8 +396,12 @@ def test_a_given_config_is_checked_against_the_saved_one(caplog):
     checkpoint.check_against_saved(given, saved, "ckpt")
     warnings = [r.getMessage() for r in caplog.records]
     assert any("config.model.dit differs" in w for w in warnings)
-    assert any("'/elsewhere/wan_vae', the run was trained with '/ckpt/wan_vae'" in w for w in warnings)
+    assert "ckpt: this config decodes with the converted VAE /elsewhere/wan_vae, the run was trained with " \
+        "the converted VAE /ckpt/wan_vae" in warnings
     random_run = ml_collections.ConfigDict(checkpoint.as_json(get_config()))
+    checkpoint.check_against_saved(given, random_run, "ckpt")  # was "..., the run was trained with 0"
+    assert "ckpt: this config decodes with the converted VAE /elsewhere/wan_vae, the run was trained with " \
+        "a random VAE of seed 0" in [r.getMessage() for r in caplog.records]
     other_seed = get_config()
     other_seed.seed = 4
     with pytest.raises(checkpoint.CheckpointError, match="random VAE of seed 0.*--config.seed=0"):

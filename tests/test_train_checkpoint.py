@@ -123,7 +123,7 @@ def test_converted_weights_with_other_architecture_fail():
     model = tiny_model()
     fresh = jax.eval_shape(lambda: init_params(model.dit, jax.random.key(0)))
     other = model.dit.__class__.from_dict({**model.dit.to_dict(), "num_layers": 3})
-    with pytest.raises(ValueError, match="num_layers"):
+    with pytest.raises(CheckpointError, match="converted DiT has num_layers=3, the experiment 2"):
         loop.merge_converted_params(fresh, {}, model.dit, other)
 
 

@@ -104,7 +104,7 @@ def default_data_config() -> ConfigDict:
     c.encoder.context_length = 32
     c.encoder.dim = 64  # D for `toy`; Qwen2.5-VL-7B gives 3584.
     c.encoder.seed = 0  # `toy` word-embedding seed.
-    c.encoder.model_path = ""  # Qwen2.5-VL local folder or hub id.
+    c.encoder.model_path = ""  # the local Qwen2.5-VL folder (nothing is downloaded)
     c.encoder.dtype = "bfloat16"  # torch dtype for the VLM ("float32" on CPU tests).
     # The VLM sees the *original* image resized to at most this many pixels (aspect kept), one token
     # per 28x28 patch: 448*448 -> at most 256 image tokens, which leaves 256 of the paper's 512-token

@@ -173,14 +173,31 @@ _INSTALL = {"torch": "torch==2.13.0", "transformers": "'transformers>=5.24.0,<6'
 
 
 def check_available(config) -> None:
-    """Raises EncoderUnavailable when a package the `data.encoder` config's encoder needs is missing:
-    cheap (nothing is imported), so commands call it before they load a checkpoint or build a model."""
+    """Raises EncoderUnavailable when the `data.encoder` config's encoder cannot run here: a package it
+    needs is missing, or its model folder (`check_model_folder`). Cheap (nothing is imported), so commands
+    call it before they load a checkpoint or build a model."""
     missing = [p for p in _PACKAGES.get(config.name, ()) if importlib.util.find_spec(p) is None]
     if missing:
         raise EncoderUnavailable(
             f"the {config.name!r} encoder (data.encoder.name) needs {' and '.join(missing)}, which is not "
             f"installed: pip install {' '.join(_INSTALL[p] for p in missing)} (requirements.txt leaves torch "
             "out: pick the build for this machine, e.g. --index-url https://download.pytorch.org/whl/cpu)"
+        )
+    if config.name == "qwen2_5_vl":
+        check_model_folder(config.model_path)
+
+
+def check_model_folder(model_path: str) -> None:
+    """Raises EncoderUnavailable unless `model_path` (`data.encoder.model_path`) is a local model folder
+    with a config.json. Models are never downloaded: given anything else, transformers would take it for
+    a hub id and fail with a long traceback about repo ids."""
+    if not model_path:
+        raise EncoderUnavailable("data.encoder.model_path is empty: give the local Qwen2.5-VL model folder")
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        what = "holds no config.json" if os.path.isdir(model_path) else "is not a folder on this machine"
+        raise EncoderUnavailable(
+            f"data.encoder.model_path {model_path} {what}: give the local Qwen2.5-VL model folder (models "
+            "are not downloaded)"
         )
 
 
@@ -263,6 +280,7 @@ __all__ = [
     "InstructionEncoder",
     "PromptTooLong",
     "check_available",
+    "check_model_folder",
     "configured_max_pixels",
     "encoder_input",
     "fingerprint",

@@ -37,7 +37,8 @@ class ContextError(Exception):
 
 
 class EncoderUnavailable(ContextError):
-    """The configured encoder cannot run here: a package it needs is not installed."""
+    """The configured encoder cannot run here: a package it needs is not installed, or its model folder
+    is not on this machine."""
 
 
 class PromptTooLong(ContextError, ValueError):

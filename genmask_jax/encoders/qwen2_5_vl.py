@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from genmask_jax.encoders import check_model_folder
 from genmask_jax.encoders.base import ContextError, PromptTooLong, TruncationWarner, pad_or_truncate
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,11 @@ class Qwen25VLEncoder:
         max_pixels: int | None = None,
         add_generation_prompt: bool = False,
     ):
+        check_model_folder(model_path)
         import torch
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        if not model_path:
-            raise ValueError("data.encoder.model_path is empty: give a local Qwen2.5-VL folder or a hub id")
         if dtype not in _TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {_TORCH_DTYPES}, got {dtype!r}")
         self.torch = torch

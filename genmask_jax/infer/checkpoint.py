@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from convert.checkpoint_io import ConversionError
 from genmask_jax.models import build
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.parallel import multihost
@@ -188,15 +189,21 @@ def check_against_saved(config, saved, where: str) -> None:
     if used == given or used is None or given is None:
         return
     if given[0] == "random":
-        if used[0] == "converted":
-            trained, fix = f"the converted VAE {used[1]}", "pass --config.vae_from=<the converted VAE>"
-        else:
-            trained, fix = f"a random VAE of seed {used[1]}", f"pass --config.seed={used[1]}"
+        fix = (f"pass --config.seed={used[1]}" if used[0] == "random"
+               else "pass --config.vae_from=<the converted VAE>")
         raise CheckpointError(
-            f"{where} was trained with {trained}; this config would decode with a random VAE of seed "
-            f"{given[1]}, and its outputs would be noise: {fix}, or leave out --config to use the saved one"
+            f"{where} was trained with {describe_vae(used)}; this config would decode with "
+            f"{describe_vae(given)}, and its outputs would be noise: {fix}, or leave out --config to use the "
+            "saved one"
         )
-    log.warning("%s: config.vae_from %r, the run was trained with %r", where, given[1], used[1])
+    log.warning("%s: this config decodes with %s, the run was trained with %s", where, describe_vae(given),
+                describe_vae(used))
+
+
+def describe_vae(source: tuple[str, Any]) -> str:
+    """A `vae_source` in words: 'the converted VAE <path>' or 'a random VAE of seed <seed>'."""
+    kind, value = source
+    return f"the converted VAE {value}" if kind == "converted" else f"a random VAE of seed {value}"
 
 
 def inference_mesh(config: ml_collections.ConfigDict, devices: Sequence | None = None) -> jax.sharding.Mesh:
@@ -334,6 +341,10 @@ def load_vae(config, model: GenMask, mesh, rules: LogicalRules) -> Any:
         variables, abstract = build.frozen_vae(config, model)
     except build.VAEConfigMismatch as e:
         raise CheckpointError(str(e)) from e  # one line from the inference commands, not a traceback
+    except ConversionError as e:  # the saved config names the VAE where training found it
+        raise CheckpointError(
+            f"config.vae_from: {e} (pass --config.vae_from=<the converted VAE on this machine>)"
+        ) from e
     return jax.device_put(variables, logical_sharding(abstract, mesh, rules))
 
 
@@ -364,7 +375,7 @@ def load(
         )
     mesh = mesh or inference_mesh(config)
     rules = rules_from_config(config.sharding.logical_axis_rules)
+    vae_params = load_vae(config, model, mesh, rules)  # first: a moved vae_from fails before the DiT loads
     dit_params, key = restore_dit_params(directory, step, model, mesh, rules, use_ema)
     log.info("loaded %s of %s/%d", key, directory, step)
-    vae_params = load_vae(config, model, mesh, rules)
     return LoadedModel(config, model, dit_params, vae_params, mesh, rules, step, directory, key)

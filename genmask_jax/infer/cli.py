@@ -7,10 +7,10 @@ parser adds `--config=configs/checkpoint.py:<step folder>` and pins `--checkpoin
 folder, so a training run that saves a newer step meanwhile cannot give the weights of one step and
 the config of another.
 
-Bad input (a misspelt config field, a missing file or checkpoint, an unreadable image, an empty
-prompt, an output that cannot be written, a context the configured encoder or embedding cache cannot
-give) ends the command with `<prog>: error: <one line>` on stderr and exit status 2 (flags) or 1
-(inputs), no traceback. Anything else is a bug and keeps its traceback.
+Bad input (a misspelt config field, a missing file, checkpoint or converted weights, an unreadable
+image, an empty prompt, an output that cannot be written, a context the configured encoder or embedding
+cache cannot give) ends the command with `<prog>: error: <one line>` on stderr and exit status 2
+(flags) or 1 (inputs), no traceback. Anything else is a bug and keeps its traceback.
 """
 
 import importlib.util
@@ -24,6 +24,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from convert.checkpoint_io import ConversionError
 from genmask_jax.encoders.base import ContextError
 from genmask_jax.infer import checkpoint
 from genmask_jax.infer.checkpoint import CheckpointError
@@ -40,10 +41,11 @@ class InputError(ValueError):
 
 
 # FileExistsError and NotADirectoryError: an output path under a file (outputs are checked before the
-# model runs; a file made meanwhile still gets one line).
+# model runs; a file made meanwhile still gets one line). ConversionError: converted or PyTorch weights
+# (`config.init_from`, `config.vae_from`) that are missing or unreadable.
 USER_ERRORS = (
-    InputError, CheckpointError, ContextError, VAEConfigMismatch, FileNotFoundError, PermissionError,
-    IsADirectoryError, FileExistsError, NotADirectoryError,
+    InputError, CheckpointError, ContextError, VAEConfigMismatch, ConversionError, FileNotFoundError,
+    PermissionError, IsADirectoryError, FileExistsError, NotADirectoryError,
 )
 
 

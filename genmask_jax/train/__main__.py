@@ -2,8 +2,10 @@
 
 Trains (or resumes from DIR) with `train.loop.train`; logs go to stdout, metrics to DIR/metrics.jsonl
 and TensorBoard (DIR/tensorboard), checkpoints to DIR/checkpoints. A bad model config, a missing
-encoder package, or an embedding cache of other settings or without the training split is refused in
-one line before the model is built or DIR is made (`train.loop.train` makes the data iterator first).
+encoder package or model folder, or an embedding cache of other settings or without the training split
+(or the quick evaluation's) is refused in one line before the model is built or DIR is made
+(`train.loop.train` makes the data iterator first); so are `config.init_from` weights that are missing or
+of another architecture and a missing `config.vae_from`, before DIR is made.
 """
 
 from absl import flags

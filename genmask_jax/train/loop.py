@@ -91,12 +91,7 @@ def merge_converted_params(fresh, loaded, fresh_cfg: DiTConfig, loaded_cfg: DiTC
     leaves keep their sharding, host (numpy) leaves stay numpy."""
     from convert import wan_dit
 
-    for name in ARCHITECTURE_FIELDS:
-        if getattr(fresh_cfg, name) != getattr(loaded_cfg, name):
-            raise ValueError(
-                f"converted DiT has {name}={getattr(loaded_cfg, name)!r}, the experiment "
-                f"{getattr(fresh_cfg, name)!r}"
-            )
+    check_architecture(loaded_cfg, fresh_cfg)
     if loaded_cfg.scan_layers != fresh_cfg.scan_layers:
         log.info("converted DiT has scan_layers=%s: %s its blocks", loaded_cfg.scan_layers,
                  "stacking" if fresh_cfg.scan_layers else "unstacking")
@@ -114,7 +109,7 @@ def merge_converted_params(fresh, loaded, fresh_cfg: DiTConfig, loaded_cfg: DiTC
     fresh_shapes = jax.tree.map(lambda x: tuple(x.shape), fresh)
     loaded_shapes = jax.tree.map(lambda x: tuple(np.shape(x)), loaded)
     if fresh_shapes != loaded_shapes:
-        raise ValueError(
+        raise CheckpointError(
             "converted DiT parameters do not match the model: "
             f"{checkpointing.tree_equal_report(fresh_shapes, loaded_shapes)[:5]}"
         )
@@ -123,6 +118,63 @@ def merge_converted_params(fresh, loaded, fresh_cfg: DiTConfig, loaded_cfg: DiTC
     return jax.tree.map(
         lambda f, x: x.astype(f.dtype) if isinstance(x, jax.Array) else np.asarray(x, f.dtype), fresh, loaded
     )
+
+
+def check_architecture(loaded_cfg: DiTConfig, fresh_cfg: DiTConfig, what: str = "converted DiT") -> None:
+    """Raises CheckpointError (one line) naming the first `ARCHITECTURE_FIELDS` field where converted
+    weights (`loaded_cfg`) and the experiment's DiT differ."""
+    for name in ARCHITECTURE_FIELDS:
+        if getattr(fresh_cfg, name) != getattr(loaded_cfg, name):
+            loaded, fresh = getattr(loaded_cfg, name), getattr(fresh_cfg, name)
+            raise CheckpointError(f"{what} has {name}={loaded!r}, the experiment {fresh!r}")
+
+
+def converted_dit_config(path: str) -> DiTConfig:
+    """The DiTConfig of the weights `config.init_from` names, from our checkpoint's config.json or a
+    PyTorch checkpoint's tensor headers: no weight is read. ConversionError if they cannot be."""
+    from convert import checkpoint_io, wan_dit
+
+    if not checkpoint_io.is_flax_checkpoint(path):
+        return wan_dit.infer_config(wan_dit.open_source(path))
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return DiTConfig.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:  # another model's config.json (a VAE's) included
+        raise checkpoint_io.ConversionError(f"{path}/config.json: not a converted DiT's config ({e})") from e
+
+
+def check_init_from(config, fresh_cfg: DiTConfig) -> None:
+    """Refuses `config.init_from` before the workdir is written: weights that are missing, unreadable or
+    of another architecture than the experiment's DiT."""
+    from convert.checkpoint_io import ConversionError
+
+    try:
+        loaded_cfg = converted_dit_config(config.init_from)
+    except ConversionError as e:
+        raise ConversionError(f"config.init_from: {e}") from e
+    check_architecture(loaded_cfg, fresh_cfg, f"converted DiT {config.init_from} (config.init_from)")
+
+
+def check_quick_eval_cached(config) -> None:
+    """Raises CacheMiss, as `make_train_iterator` does for the training split, when the quick evaluation
+    (`config.eval_every`) would read its split from an embedding cache that lacks it; else each quick
+    evaluation fails, logged, and training goes on without it."""
+    if not config.get("eval_every") or not config.data.encoder.cache_dir or not config.data.seg_sources:
+        return
+    from genmask_jax.data.pipeline import CACHE_SPOT_CHECKS, make_eval_iterator
+
+    split = dict(config.get("quick_eval") or {}).get("split", "val")
+    batches = make_eval_iterator(config.data, split, 1, process_index=0, process_count=1)
+    batches.contexts.check_covers(batches.source, "seg", split, CACHE_SPOT_CHECKS)
+
+
+def _has_checkpoint(workdir: epath.Path) -> bool:
+    """Whether `workdir` holds a finalized checkpoint to resume (then `config.init_from` is not read)."""
+    try:
+        resolve_checkpoint(workdir / "checkpoints")
+    except CheckpointError:
+        return False
+    return True
 
 
 def put_sharded(x, sharding: NamedSharding) -> jax.Array:
@@ -239,12 +291,23 @@ def restore_or_init(
     return state, "scratch"
 
 
-def load_frozen(config, model: GenMask, state: TrainState, shardings: TrainState) -> TrainState:
-    """The frozen VAE from `config.vae_from` (converted weights), else random (with a warning)."""
+def host_frozen(config, model: GenMask) -> dict | None:
+    """{"vae": host variables}: the converted weights of `config.vae_from`, else random (with a
+    warning); None without a VAE."""
+    from convert.checkpoint_io import ConversionError
+
     if model.vae is None:
-        return state
-    variables, _ = frozen_vae(config, model)
-    return attach_frozen(state, shardings, {"vae": variables})
+        return None
+    try:
+        return {"vae": frozen_vae(config, model)[0]}
+    except ConversionError as e:
+        raise ConversionError(f"config.vae_from: {e}") from e
+
+
+def load_frozen(config, model: GenMask, state: TrainState, shardings: TrainState) -> TrainState:
+    """`state` with the frozen VAE of `host_frozen` in its shardings."""
+    frozen = host_frozen(config, model)
+    return state if frozen is None else attach_frozen(state, shardings, frozen)
 
 
 class MetricsWriter:
@@ -349,9 +412,14 @@ def train(
     group_index, group_count = data_group(mesh, rules)  # raises for a mesh that host data cannot feed
     if data_iterator is None:  # first: a data or embedding-cache error stops before anything is built
         data_iterator = group_data_iterator(config, group_index, group_count)
+    check_quick_eval_cached(config)
     workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     model = build_model(config)
+    # Before the workdir is made: a moved or mismatched init_from or vae_from leaves nothing there.
+    if config.get("init_from") and not config.get("resume") and not _has_checkpoint(workdir):
+        check_init_from(config, model.dit)
+    frozen = host_frozen(config, model)
+    workdir.mkdir(parents=True, exist_ok=True)
     tx = make_optimizer(optimizer_config(config))
     base_rng = jax.random.key(config.seed)
     state, shardings = create_train_state(
@@ -363,7 +431,7 @@ def train(
         use_ema=config.ema_decay > 0,
         abstract_frozen=abstract_frozen(model),
     )
-    state = load_frozen(config, model, state, shardings)
+    state = state if frozen is None else attach_frozen(state, shardings, frozen)
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )

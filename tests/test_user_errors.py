@@ -1,0 +1,94 @@
+"""Bad input met after the flags parse ends a command with one `<prog>: error: ...` line, exit status 1
+(`cli.USER_ERRORS`), before anything is written: converted weights that moved or do not fit the
+experiment, a Qwen model folder that is not there, an embedding cache without the quick evaluation's
+split."""
+
+import importlib.util
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import tiny_config
+
+from genmask_jax.infer import cli
+
+
+def one_line_error(capsys, main) -> str:
+    """The error line `main` ends with, run as `cli.run` runs a command's main."""
+    with pytest.raises(SystemExit) as info:
+        cli.report_user_errors(main)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("field", ["init_from", "vae_from"])
+def test_training_from_weights_that_moved_writes_nothing(tmp_path, capsys, field):
+    from genmask_jax.train import loop
+
+    config = tiny_config(**{field: str(tmp_path / "moved")})
+    err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w"))
+    assert f"config.{field}: {tmp_path}/moved: no such file or folder" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_converted_weights_of_another_depth_are_refused_before_the_workdir(tmp_path, capsys):
+    from convert import wan_dit
+    from genmask_jax.models.build import build_model
+    from genmask_jax.models.dit import init_params
+    from genmask_jax.train import loop
+
+    dit = build_model(tiny_config()).dit
+    shapes = jax.eval_shape(lambda: init_params(dit, jax.random.key(0)))
+    wan_dit.save(tmp_path / "dit", dit, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes))
+    config = tiny_config(init_from=str(tmp_path / "dit"), **{"model.dit.num_layers": 3})
+    err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w"))
+    assert f"converted DiT {tmp_path}/dit (config.init_from) has num_layers=2, the experiment 3" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_inference_with_a_vae_that_moved_stops_before_the_dit_loads(tmp_path, capsys):
+    """The checkpoint's parameters are placeholders: reading them first would end in another error."""
+    from genmask_jax.infer import checkpoint
+    from genmask_jax.train import checkpointing
+
+    ckpt = checkpointing.Checkpointer(tmp_path / "run", async_save=False)
+    placeholder = {"step": np.asarray(5, np.int32), "params": {"w": np.ones(2, np.float32)}}
+    ckpt.save(5, placeholder, config=tiny_config(vae_from=str(tmp_path / "moved")))
+    ckpt.close()
+    err = one_line_error(capsys, lambda: checkpoint.load(tmp_path / "run"))
+    assert f"config.vae_from: {tmp_path}/moved: no such file or folder (pass --config.vae_from=" in err
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(p) for p in ("torch", "transformers")),
+                    reason="the model folder is checked after the packages")
+@pytest.mark.parametrize("made", [False, True], ids=["missing", "empty"])
+@pytest.mark.parametrize("call", ["check_available", "make_encoder"])
+def test_a_qwen_model_path_that_is_no_model_folder_is_refused_before_transformers(tmp_path, capsys, made,
+                                                                                  call):
+    """transformers took such a path for a hub id: a 90-line traceback about repo ids."""
+    from genmask_jax import encoders
+    from genmask_jax.data.pipeline import default_data_config
+
+    config = default_data_config().encoder
+    config.name, config.model_path = "qwen2_5_vl", str(tmp_path / "Qwen2.5-VL-7B-Instruct")
+    if made:
+        (tmp_path / "Qwen2.5-VL-7B-Instruct").mkdir()
+    err = one_line_error(capsys, lambda: getattr(encoders, call)(config))
+    what = "holds no config.json" if made else "is not a folder on this machine"
+    assert f"data.encoder.model_path {config.model_path} {what}: give the local Qwen2.5-VL" in err
+
+
+def test_a_cache_without_the_quick_evaluation_split_is_refused_before_the_workdir(tmp_path, capsys):
+    from genmask_jax.encoders.precompute import precompute
+    from genmask_jax.train import loop
+
+    cache = str(tmp_path / "cache")
+    config = tiny_config(eval_every=1, total_steps=1, **{
+        "batch.seg": 8, "batch.gen": 8, "data.shapes.train_size": 16, "data.shapes.val_size": 4,
+        "data.encoder.cache_dir": cache})
+    precompute(config.data, cache, ["train"])
+    capsys.readouterr()
+    err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w"))
+    assert "examples of split 'val'" in err and "precompute split 'val'" in err and f"--out={cache}" in err
+    assert not (tmp_path / "w").exists()

@@ -1,7 +1,9 @@
 """The built-in demo: its config, the latent-pool iterator, the baselines, and one drastically reduced
 end-to-end run that writes the report (the shipped toy VAE, a 2-layer width-64 DiT, 4 steps)."""
 
+import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -331,3 +333,19 @@ def test_vae_pretrain_records_its_parent(tmp_path, monkeypatch):
     with open(tmp_path / "child" / "pretrain.json") as f:
         child = json.load(f)
     assert child["parent"] == record and child["pretrain"]["init_from"] == parent
+
+
+
+def test_vae_pretrain_help_describes_every_flag(capsys):
+    from genmask_jax.train import vae_pretrain
+
+    with pytest.raises(SystemExit):
+        vae_pretrain.main(["--help"])
+    options = capsys.readouterr().out.split("\noptions:\n")[1].strip("\n")
+    entry = re.compile(r"\s*(-\S+(?: [A-Z_]+)?(?:, -\S+(?: [A-Z_]+)?)*)(.*)", re.S)  # names, metavar, help
+    described = {}
+    for names, text in (entry.fullmatch(e).groups() for e in re.split(r"\n  (?=-)", options)):
+        described[names.split(",")[0].split()[0]] = re.sub(r"\(default:[^)]*\)", "", text).strip()
+    fields = [f"--{f.name}" for f in dataclasses.fields(vae_pretrain.PretrainConfig)]
+    undescribed = [flag for flag in ["--out", "--store_dtype", *fields] if not described.get(flag)]
+    assert not undescribed

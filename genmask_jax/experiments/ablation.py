@@ -11,16 +11,27 @@ number of steps and segmentation examples per step, then is evaluated on the hel
 single-step inference (the `steps` study evaluates one model with several step counts). The base
 model (a = 0.05, seg:gen 1:1, with the image frame) appears in three studies and is trained once. Results go
 to `<out>/<study>.json` and `<out>/<study>.png`.
+
+    python -m genmask_jax.experiments.ablation --study steps --trained_run runs/demo
+
+evaluates a demo run's final checkpoint with 1, 4 and 16 steps instead, under the config saved with it;
+the run's folder is only read.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
 
+import jax
+import ml_collections
+
 from configs import demo as demo_config
 from genmask_jax.eval.inprocess import evaluate_segmentation
 from genmask_jax.experiments import pipeline
+from genmask_jax.infer import checkpoint
+from genmask_jax.models.build import VAEConfigMismatch
 
 STUDIES = {
     "timestep_law": {
@@ -33,6 +44,59 @@ STUDIES = {
     "shortcut": {"with image frame": {"image_frame": True}, "without image frame": {"image_frame": False}},
     "steps": {"1 step": {"num_steps": 1}, "4 steps": {"num_steps": 4}, "16 steps": {"num_steps": 16}},
 }
+
+
+class TrainedRunError(ValueError):
+    """A `--trained_run` the steps study cannot evaluate (the message says why, in one line)."""
+
+
+def base_config(
+    dit: str = "fine",
+    optimizer: str = "",
+    lr: float | None = None,
+    batch: int | None = None,
+    context_mask: bool | None = None,
+    scan_layers: bool | None = None,
+) -> ml_collections.ConfigDict:
+    """The demo config (`configs/demo.py`, `dit` "fine" | "coarse") with the given fields replaced; None
+    or "" keeps the demo's. `optimizer` "adamw" | "muon"; `lr` AdamW's learning rate (Muon's other
+    parameters'); `batch` segmentation examples per step, generation as many; `context_mask` masks the
+    text padding; `scan_layers` runs the DiT's blocks under nn.scan (the same function, another random
+    initialisation)."""
+    base = demo_config.get_config(f"dit={dit}")
+    if optimizer:
+        base.optimizer.name = optimizer
+    if lr is not None:
+        base.optimizer.lr = lr
+    if batch is not None:
+        base.batch.seg = base.batch.gen = batch
+    if context_mask is not None:
+        base.model.dit.use_context_mask = context_mask
+    if scan_layers is not None:
+        base.model.dit.scan_layers = scan_layers
+    return base
+
+
+def load_trained_run(run: str, test_size: int) -> checkpoint.LoadedModel:
+    """The latest checkpoint of demo workdir `run` (or of its `train` folder given directly), with host
+    DiT parameters and its saved config, the test split cut to `test_size`. Nothing is written there.
+
+    Raises TrainedRunError (or checkpoint.CheckpointError) for a run that is not the demo's: the study
+    evaluates on the synthetic test split through the run's own frozen VAE (`vae_from`)."""
+    train = os.path.join(run, "train")
+    directory, step = checkpoint.resolve(train if os.path.isdir(train) else run)
+    where = f"{directory}/{step}"
+    config = checkpoint.saved_config(directory, step)
+    if not config.get("demo"):
+        raise TrainedRunError(f"{where} is not a demo run (its config has no `demo` section)")
+    if not config.get("vae_from") or not config.model.get("vae"):
+        raise TrainedRunError(f"{where}: its config names no frozen VAE (model.vae, vae_from) to decode with")
+    if not os.path.isfile(os.path.join(config.vae_from, "config.json")):
+        raise TrainedRunError(f"{where} was trained with the VAE {config.vae_from}, which is not there now")
+    # load() refuses a vae_from whose VAE differs from the one saved in the config (VAEConfigMismatch).
+    loaded = checkpoint.load(os.path.join(directory, str(step)))
+    loaded.config.data.shapes.test_size = test_size
+    return dataclasses.replace(loaded, dit_params=jax.device_get(loaded.dit_params))
 
 
 def variant_config(base, variant: dict, steps: int, seed: int):
@@ -67,31 +131,27 @@ def run_studies(
     out: str,
     trained_run: str = "",
     log=print,
-    optimizer: str = "",
-    dit: str = "fine",
+    base: ml_collections.ConfigDict | None = None,
 ) -> dict[str, dict]:
     """Trains each distinct variant of `studies` once per seed (a = 0.05 with 1:1 and the image frame
     is the same model in three studies) and evaluates it; returns {study: summary}.
 
-    `trained_run` (the `steps` study only): a demo workdir whose final checkpoint is evaluated
-    instead of training a model here (its config must be the demo's default). `optimizer` ("adamw" |
-    "muon") replaces the demo's optimizer for every variant; `dit` is the demo config's DiT ("fine" |
-    "coarse", configs/demo.py)."""
-    base = demo_config.get_config(f"dit={dit}")
-    if optimizer:
-        base.optimizer.name = optimizer
-    base.data.shapes.test_size = test_size
-    vae_config, vae_params = pipeline.load_toy_vae(base, out)
+    `base`: the config every variant starts from (default `base_config()`, the demo's).
+    `trained_run` (the `steps` study only): a demo workdir whose latest checkpoint is evaluated under
+    its saved config (`load_trained_run`) instead of training a model here; `steps`, `num_scenes` and
+    `base` then do not apply."""
     trained: dict = {}
     if trained_run:
         if studies != ["steps"]:
-            raise ValueError("--trained_run only applies to --study steps")
-        steps, num_scenes = int(base.total_steps), int(base.demo.num_train_scenes)
-        small = pipeline.latent_pool(base, 8, vae_config, vae_params, progress=False)
-        params, _ = pipeline.train_dit(base, os.path.join(trained_run, "train"), small, progress=False)
-        trained = {(variant_key(base, {}), seed): (base, params, 0.0) for seed in seeds}
-        pool = small
+            raise TrainedRunError("--trained_run only applies to --study steps")
+        loaded = load_trained_run(trained_run, test_size)
+        base, vae_config, vae_params = loaded.config, loaded.model.vae, loaded.vae_params
+        steps, num_scenes = loaded.step, int(base.demo.num_train_scenes)
+        trained = {(variant_key(base, {}), seed): (base, loaded.dit_params, 0.0) for seed in seeds}
     else:
+        base = (base_config() if base is None else base).copy_and_resolve_references()
+        base.data.shapes.test_size = test_size
+        vae_config, vae_params = pipeline.load_toy_vae(base, out)
         pool = pipeline.latent_pool(base, num_scenes, vae_config, vae_params)
     summaries = {}
     for study in studies:
@@ -136,6 +196,7 @@ def run_studies(
                 log(study, name, seed, results[name][-1])
         summaries[study] = {
             "study": study,
+            **({"trained_run": os.path.abspath(trained_run)} if trained_run else {}),
             "steps": steps,
             "seeds": seeds,
             "num_train_scenes": num_scenes,
@@ -180,28 +241,52 @@ def main(argv=None) -> None:
     parser.add_argument("--num_train_scenes", type=int, default=6000)
     parser.add_argument("--test_size", type=int, default=300)
     parser.add_argument("--out", default="docs/findings")
-    parser.add_argument("--trained_run", default="", help="steps study: evaluate this demo workdir's model")
-    parser.add_argument("--optimizer", default="", choices=["", "adamw", "muon"], help="default: the demo's")
-    parser.add_argument("--dit", default="fine", choices=["fine", "coarse"], help="the demo config's DiT")
+    parser.add_argument(
+        "--trained_run", default="", help="steps study: evaluate this demo workdir's model (read only)"
+    )
+    model = parser.add_argument_group("the base model (default: the demo's, configs/demo.py)")
+    model.add_argument("--dit", default=None, choices=["fine", "coarse"], help="the demo config's DiT")
+    model.add_argument("--optimizer", default=None, choices=["adamw", "muon"])
+    model.add_argument("--lr", type=float, help="AdamW's learning rate (with Muon: the other parameters')")
+    model.add_argument("--batch", type=int, help="segmentation examples per step (generation: as many)")
+    model.add_argument(
+        "--context_mask", action=argparse.BooleanOptionalAction, help="mask the text padding in attention"
+    )
+    model.add_argument(
+        "--scan_layers", action=argparse.BooleanOptionalAction, help="nn.scan over the DiT's blocks"
+    )
     args = parser.parse_args(argv)
     studies = sorted(STUDIES) if args.study == "all" else args.study.split(",")
     unknown = set(studies) - set(STUDIES)
     if unknown:
         parser.error(f"unknown studies {sorted(unknown)}; choose from {sorted(STUDIES)} or 'all'")
+    overrides = {
+        name: getattr(args, name)
+        for name in ("dit", "optimizer", "lr", "batch", "context_mask", "scan_layers")
+        if getattr(args, name) is not None
+    }
+    if args.trained_run:
+        if overrides:
+            parser.error(f"--trained_run evaluates the run's own model: drop --{', --'.join(overrides)}")
+        run, out = os.path.abspath(args.trained_run), os.path.abspath(args.out)
+        if os.path.commonpath([run, out]) == run:
+            parser.error(f"--out {args.out} is inside --trained_run {args.trained_run}, which is only read")
     os.makedirs(args.out, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    summaries = run_studies(
-        studies,
-        args.steps,
-        seeds,
-        args.num_train_scenes,
-        args.test_size,
-        args.out,
-        args.trained_run,
-        log=lambda *a: print(*a, flush=True),
-        optimizer=args.optimizer,
-        dit=args.dit,
-    )
+    try:
+        summaries = run_studies(
+            studies,
+            args.steps,
+            seeds,
+            args.num_train_scenes,
+            args.test_size,
+            args.out,
+            args.trained_run,
+            log=lambda *a: print(*a, flush=True),
+            base=None if args.trained_run else base_config(**overrides),
+        )
+    except (TrainedRunError, checkpoint.CheckpointError, VAEConfigMismatch) as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     for study, summary in summaries.items():
         with open(os.path.join(args.out, f"{study}.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -66,6 +66,26 @@ class PretrainConfig:
     init_from: str = ""  # a folder written by `save` to continue from ("" = random init).
 
 
+FLAG_HELP = {
+    "resolution": "side of the square synthetic scenes rendered for training and validation, in pixels",
+    "base_dim": "the VAE's base channel width (the released WAN 2.1 VAE: 96)",
+    "num_res_blocks": "residual blocks per resolution level",
+    "pool_size": "distinct training scenes, rendered once and sampled from",
+    "batch_size": "examples per step, half images and half rendered masks",
+    "crop": "side of the random crop each batch trains on (a multiple of 8, at most --resolution)",
+    "steps": "optimizer steps",
+    "lr": "peak Adam learning rate (linear warmup, then cosine decay to 5%%)",
+    "warmup_steps": "linear warmup steps (at most half of --steps)",
+    "kl_weight": "weight of KL(q(z|x) || N(0, I)) in the loss",
+    "mask_weight": "weight of a mask example's reconstruction loss (an image's is 1)",
+    "sample_posterior": "decode a posterior sample (--no-sample_posterior: the posterior mean)",
+    "clamped_loss": "reconstruction loss on the decode clamped to [-1, 1] (--no-clamped_loss: the raw one)",
+    "seed": "seed of the rendered scenes, the initialisation, the batches and the posterior noise",
+    "init_from": "a folder written by this script to continue from (same --base_dim and --num_res_blocks; "
+    "fresh optimizer); empty: random initialisation",
+}
+
+
 def render_pool(
     num: int, resolution: int, seed: int = 0, split: str = "train"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -261,16 +281,25 @@ def load(path: str) -> tuple[VAEConfig, dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="genmask_jax/assets/toy_vae")
-    parser.add_argument("--store_dtype", default="bfloat16")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        default="genmask_jax/assets/toy_vae",
+        help="folder to write (params/, config.json, pretrain.json): one written here before is replaced, "
+        "any other existing path refused",
+    )
+    parser.add_argument(
+        "--store_dtype", default="bfloat16", help="dtype the parameters are stored in (loaded as float32)"
+    )
     for field in dataclasses.fields(PretrainConfig):
-        kind = type(field.default)
+        kind, text = type(field.default), FLAG_HELP[field.name]
         if kind is bool:
             flag = argparse.BooleanOptionalAction
-            parser.add_argument(f"--{field.name}", action=flag, default=field.default)
+            parser.add_argument(f"--{field.name}", action=flag, default=field.default, help=text)
         else:
-            parser.add_argument(f"--{field.name}", type=kind, default=field.default)
+            parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=text)
     args = parser.parse_args(argv)
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
     from convert import checkpoint_io

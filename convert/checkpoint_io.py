@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -443,13 +444,13 @@ def check_destination(dst: str | os.PathLike, overwrite: bool,
         raise ConversionError(f"{dst} {reason}: it is left alone, choose another destination")
 
 
-def check_apart(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Raises ConversionError when DST is SRC, inside it or holds it (after resolving links): replacing
-    DST would delete what is read, and writing into SRC would change it."""
+def check_apart(src: str | os.PathLike, dst: str | os.PathLike, inside_ok: bool = False) -> None:
+    """Raises ConversionError when DST is SRC, inside it (unless `inside_ok`) or holds it (after resolving
+    links): replacing DST would delete what is read, and writing into SRC would change it."""
     source, target = Path(src).resolve(), Path(dst).resolve()
     if target == source:
         relation = "is"
-    elif source in target.parents:
+    elif source in target.parents and not inside_ok:
         relation = "is inside"
     elif target in source.parents:
         relation = "holds"
@@ -473,8 +474,11 @@ def _umask() -> int:
 
 def give_default_mode(path: Path) -> None:
     """Gives `path` the permissions a new file or folder gets under the umask (0o666 or 0o777 masked, as
-    `open` and `os.makedirs` give): readable by the group and others as the umask allows."""
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
+    `open` and `os.makedirs` give): readable by the group and others as the umask allows. A folder keeps
+    its setgid bit, which it inherits in a shared-group parent, so what is written in it keeps the group."""
+    mode = path.stat().st_mode
+    default = (0o777 if stat.S_ISDIR(mode) else 0o666) & ~_umask()
+    path.chmod(default | (mode & stat.S_ISGID if stat.S_ISDIR(mode) else 0))
 
 
 @contextlib.contextmanager

@@ -66,9 +66,12 @@ def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
     from genmask_jax.models import build
 
     dst = Path(dst)
-    io.check_apart(checkpoint, dst)  # before the run is read
+    # Before the run is read. DST may lie in a workdir given as CHECKPOINT, beside its checkpoints/
+    # (evaluate writes <workdir>/eval there too), but not inside the checkpoints folder that is read.
+    io.check_apart(checkpoint, dst, inside_ok=True)
     check_destination(dst, overwrite)
     directory, step = ckpt.resolve(checkpoint)
+    io.check_apart(directory, dst)
     config = ckpt.saved_config(directory, step)
     model = build.build_model(config)
     if model.dit.use_context_mask:

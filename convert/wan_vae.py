@@ -216,8 +216,9 @@ def _config_path(path: Path) -> Path:
 
 
 def _json_config(path: Path) -> dict[str, Any] | None:
-    """`_config_path(path)` read; None without one, or beside a file when it is another model's (the
-    original Wan2.1 release keeps Wan2.1_VAE.pth beside its DiT's config.json)."""
+    """`_config_path(path)` read; None without one, or beside a file unless it is an AutoencoderKLWan's
+    (the original Wan2.1 release keeps Wan2.1_VAE.pth beside its DiT's config.json; other tools write
+    config.json files without a `_class_name`)."""
     candidate = _config_path(path)
     if not candidate.is_file():
         return None
@@ -226,7 +227,7 @@ def _json_config(path: Path) -> dict[str, Any] | None:
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConversionError(f"{candidate}: unreadable config.json ({e})") from e
-    if path.is_file() and config.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
+    if path.is_file() and config.get("_class_name") != DIFFUSERS_CLASS:
         return None
     return config
 

@@ -614,12 +614,26 @@ def test_run_export_refuses_a_downloaded_or_unmarked_diffusers_folder(tmp_path):
     assert contents(tmp_path) == before
 
 
-@pytest.mark.parametrize("relation", ["is", "is inside", "holds"])
+def test_run_export_goes_beside_the_checkpoints_in_a_workdir_not_inside_them(tmp_path):
+    """A workdir given as CHECKPOINT holds the checkpoints folder read: DST may sit beside it."""
+    from convert import export
+
+    checkpoints = run_with_a_converted_vae(tmp_path, "work/checkpoints")
+    out = export.export_checkpoint(str(tmp_path / "work"), tmp_path / "work" / "export")
+    assert listing(out) == {"transformer", "vae"}
+    before = contents(tmp_path / "work")
+    with pytest.raises(ConversionError, match="is inside the source .*: choose a destination apart"):
+        export.export_checkpoint(str(tmp_path / "work"), checkpoints / "export")
+    assert contents(tmp_path / "work") == before
+
+
+@pytest.mark.parametrize("relation", ["is", "holds"])
 def test_run_export_refuses_a_destination_overlapping_the_run(tmp_path, relation):
+    """Before the run is read (there is none here); inside it: the test above."""
     from convert import export
 
     run = someones_work(tmp_path / "run")
-    dst = {"is": run, "is inside": run / "export", "holds": tmp_path}[relation]
+    dst = {"is": run, "holds": tmp_path}[relation]
     before = contents(tmp_path)
     for overwrite in (False, True):
         with pytest.raises(ConversionError, match=rf"{relation} the source .*: choose a destination apart"):
@@ -684,8 +698,9 @@ def test_num_heads_must_agree_with_the_config_json(diffusers_folder, tmp_path, c
     assert wan_dit.load(tmp_path / "two")[0].num_heads == 2
 
 
-def run_with_a_converted_vae(root: Path) -> Path:
-    """A one-step run of the tiny config whose frozen VAE came from converted weights (config.vae_from)."""
+def run_with_a_converted_vae(root: Path, checkpoints: str = "run") -> Path:
+    """A one-step run of the tiny config whose frozen VAE came from converted weights (config.vae_from),
+    saved in `root/checkpoints` (returned)."""
     import flax.linen as nn
 
     from configs.genmask import get_config
@@ -698,10 +713,10 @@ def run_with_a_converted_vae(root: Path) -> Path:
     vae_params, _ = build.frozen_vae(config, model)  # random: no vae_from yet
     config.vae_from = str(wan_vae.save(root / "converted_vae", model.vae, vae_params))
     params = jax.jit(lambda key: nn.meta.unbox(build.dit_initializer(model)(key)))(jax.random.key(0))
-    checkpointer = Checkpointer(root / "run", async_save=False)
+    checkpointer = Checkpointer(root / checkpoints, async_save=False)
     checkpointer.save(1, {"params": params}, config=config)
     checkpointer.close()
-    return root / "run"
+    return root / checkpoints
 
 
 def test_failed_run_export_leaves_the_earlier_export(tmp_path, monkeypatch):
@@ -925,3 +940,16 @@ def test_cli_refuses_a_seed_jax_would_cut_to_32_bits(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         wan_dit.main([str(tmp_path / "src"), str(tmp_path / "dst"), "--seed", str(2**32 + 7)])
     assert info.value.code == 2 and "4294967303 is not in [0, 2**32)" in capsys.readouterr().err
+
+
+def test_folders_keep_the_setgid_bit_of_a_shared_group_parent(tmp_path):
+    """A folder made in a setgid parent inherits the bit (files written in it keep the project's group);
+    giving it the umask's mode must not clear it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    if not os.stat(shared).st_mode & stat.S_ISGID:
+        pytest.skip("this file system does not keep the setgid bit")
+    dst = _write("safetensors", shared / "dst", WEIGHTS)
+    assert os.stat(dst).st_mode & stat.S_ISGID
+    assert not os.stat(dst / "m.safetensors").st_mode & stat.S_ISGID

@@ -190,9 +190,11 @@ def test_weights_file_and_bin_folder_bring_their_config(own_statistics):
         _assert_trees_equal(other_params, params)
 
 
-def test_weights_file_beside_another_model_s_config_is_inferred(own_statistics, tmp_path):
-    """The original Wan2.1 release keeps its VAE file beside the DiT's config.json: not the VAE's."""
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanModel", "in_dim": 16}))
+@pytest.mark.parametrize("other", [{"_class_name": "WanModel", "in_dim": 16}, {"foo": 1}])
+def test_weights_file_beside_another_model_s_config_is_inferred(own_statistics, tmp_path, other):
+    """The original Wan2.1 release keeps its VAE file beside the DiT's config.json, and other tools write
+    config.json files without a `_class_name`: neither is the VAE's."""
+    (tmp_path / "config.json").write_text(json.dumps(other))
     shutil.copy(own_statistics / "safetensors" / wan_vae.WEIGHTS_NAME, tmp_path)
     config, _ = wan_vae.load(tmp_path / wan_vae.WEIGHTS_NAME)
     assert config.latents_mean == wan_vae._vae().WAN21_LATENTS_MEAN  # inferred: z_dim 16 gets WAN's

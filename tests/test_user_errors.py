@@ -4,6 +4,7 @@ experiment, a Qwen model folder that is not there, an embedding cache without th
 split."""
 
 import importlib.util
+import logging
 
 import jax
 import numpy as np
@@ -91,4 +92,34 @@ def test_a_cache_without_the_quick_evaluation_split_is_refused_before_the_workdi
     capsys.readouterr()
     err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w"))
     assert "examples of split 'val'" in err and "precompute split 'val'" in err and f"--out={cache}" in err
+    assert "quick_eval.split='val'" in err and "--config.eval_every=0" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_quick_evaluation_data_missing_on_this_machine_is_only_warned_about(tmp_path, caplog):
+    """Training needs only its own split: a quick-evaluation split whose data is not here (ReasonSeg
+    with train/ only) is warned about, not refused, with a cache as without one."""
+    import json
+
+    from PIL import Image
+
+    from genmask_jax.encoders.precompute import precompute
+    from genmask_jax.train import loop
+
+    split_dir = tmp_path / "ReasonSeg" / "train"
+    split_dir.mkdir(parents=True)
+    square = [[2, 2], [20, 2], [20, 20], [2, 20]]
+    for i in range(3):
+        Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)).save(split_dir / f"im{i}.jpg")
+        shapes = [{"label": "target", "points": square}]
+        annotation = {"text": [f"thing {i}"], "is_sentence": False, "shapes": shapes}
+        (split_dir / f"im{i}.json").write_text(json.dumps(annotation))
+    config = tiny_config(eval_every=500, **{
+        "data.seg_sources": "reasonseg", "data.gen_sources": "",
+        "data.reasonseg.root": str(tmp_path / "ReasonSeg")})
+    precompute(config.data, str(tmp_path / "cache"), ["train"])
+    config.data.encoder.cache_dir = str(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING):
+        loop.check_quick_eval_cached(config)
+    assert "quick evaluation's split 'val' cannot be opened" in caplog.text
+    assert "--config.eval_every=0" in caplog.text

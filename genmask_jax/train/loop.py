@@ -158,14 +158,29 @@ def check_init_from(config, fresh_cfg: DiTConfig) -> None:
 def check_quick_eval_cached(config) -> None:
     """Raises CacheMiss, as `make_train_iterator` does for the training split, when the quick evaluation
     (`config.eval_every`) would read its split from an embedding cache that lacks it; else each quick
-    evaluation fails, logged, and training goes on without it."""
+    evaluation would fail, logged, and training go on without it. Data of that split missing on this
+    machine is only warned about: training does not need it."""
     if not config.get("eval_every") or not config.data.encoder.cache_dir or not config.data.seg_sources:
         return
     from genmask_jax.data.pipeline import CACHE_SPOT_CHECKS, make_eval_iterator
+    from genmask_jax.encoders.cache import CacheMiss
 
     split = dict(config.get("quick_eval") or {}).get("split", "val")
-    batches = make_eval_iterator(config.data, split, 1, process_index=0, process_count=1)
-    batches.contexts.check_covers(batches.source, "seg", split, CACHE_SPOT_CHECKS)
+    try:
+        batches = make_eval_iterator(config.data, split, 1, process_index=0, process_count=1)
+    except Exception as e:  # noqa: BLE001  (the quick evaluation is optional; its own reads say why again)
+        log.warning(
+            "the quick evaluation's split %r cannot be opened (%s: %s): each quick evaluation will fail and "
+            "training goes on (--config.eval_every=0 turns it off)", split, type(e).__name__, e,
+        )
+        return
+    try:
+        batches.contexts.check_covers(batches.source, "seg", split, CACHE_SPOT_CHECKS)
+    except CacheMiss as e:
+        raise CacheMiss(
+            f"the quick evaluation (config.eval_every, quick_eval.split={split!r}): {e}; or turn it off with "
+            "--config.eval_every=0"
+        ) from None
 
 
 def _has_checkpoint(workdir: epath.Path) -> bool:

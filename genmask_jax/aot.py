@@ -189,7 +189,7 @@ def _abstract(tree, shardings):
 def abstract_state(model: GenMask, tx, mesh, rules, use_ema: bool) -> tuple[TrainState, TrainState]:
     """(TrainState of sharded ShapeDtypeStructs, TrainState of NamedShardings); nothing is allocated.
 
-    Mirrors `train.state.create_train_state` + `load_frozen` (same shardings via `state_shardings`).
+    Mirrors `train.state.create_train_state` + `loop.host_frozen` (same shardings via `state_shardings`).
     """
     init, rng = loop.dit_initializer(model), jax.random.key(0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -1158,7 +1158,7 @@ def test_quick_eval_hooks_write_samples(tmp_path):
     from genmask_jax.parallel.sharding import rules_from_config
     from genmask_jax.train import loop
     from genmask_jax.train.hooks import TrainHooks
-    from genmask_jax.train.state import create_train_state, make_optimizer
+    from genmask_jax.train.state import attach_frozen, create_train_state, make_optimizer
 
     config = get_config()
     config.eval_every, config.sample_every = 2, 4
@@ -1175,7 +1175,7 @@ def test_quick_eval_hooks_write_samples(tmp_path):
         rules,
         abstract_frozen=build.abstract_frozen(model),
     )
-    state = loop.load_frozen(config, model, state, shardings)
+    state = attach_frozen(state, shardings, loop.host_frozen(config, model))
     hooks = TrainHooks(config, model, tmp_path, mesh, rules)
     try:
         assert hooks.quick_eval.num_examples == 4  # rounded up to the 2 batch shards

@@ -18,7 +18,7 @@ from genmask_jax.diffusion import flow
 from genmask_jax.encoders import make_encoder
 from genmask_jax.infer.checkpoint import LoadedModel
 from genmask_jax.infer.images import to_uint8
-from genmask_jax.infer.segmenter import example_noise, noise_key, pad_rows
+from genmask_jax.infer.segmenter import check_prompts, example_noise, noise_key, pad_rows
 from genmask_jax.models.genmask import GenMask
 
 
@@ -63,16 +63,6 @@ def generate_images(
         dit_params, vae_params, context, context_mask, None, image_hw, num_steps, guidance_scale, shift,
         sampler, noise,
     )
-
-
-def check_prompts(prompts) -> None:
-    """Raises TypeError for one prompt where a sequence of them is due (a string would be read as one
-    prompt per character)."""
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError(
-            f"prompts: a list of strings, one per image, got {type(prompts).__name__} (wrap one prompt in "
-            "a list)"
-        )
 
 
 class Generator:

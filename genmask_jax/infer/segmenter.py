@@ -148,6 +148,16 @@ def as_rgb_uint8(image: np.ndarray | Image.Image) -> np.ndarray:
     return preprocess.as_rgb(np.asarray(image))
 
 
+def check_prompts(prompts) -> None:
+    """Raises TypeError for one prompt where a sequence of them is due (a string would be read as one
+    prompt per character)."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(
+            f"prompts: a list of strings, one per image, got {type(prompts).__name__} (wrap one prompt in "
+            "a list)"
+        )
+
+
 def check_inputs(images, prompts) -> None:
     """Raises TypeError for one image or one prompt where a sequence of them is due, ValueError for
     sequences of different lengths."""
@@ -156,8 +166,7 @@ def check_inputs(images, prompts) -> None:
             f"images: a list of images, one per prompt, got {type(images).__name__} (wrap one "
             "image in a list)"
         )
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts: a list of strings, one per image, got {type(prompts).__name__}")
+    check_prompts(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one prompt per image")
 

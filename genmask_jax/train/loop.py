@@ -319,12 +319,6 @@ def host_frozen(config, model: GenMask) -> dict | None:
         raise ConversionError(f"config.vae_from: {e}") from e
 
 
-def load_frozen(config, model: GenMask, state: TrainState, shardings: TrainState) -> TrainState:
-    """`state` with the frozen VAE of `host_frozen` in its shardings."""
-    frozen = host_frozen(config, model)
-    return state if frozen is None else attach_frozen(state, shardings, frozen)
-
-
 class MetricsWriter:
     """JSON lines on process 0: one {"step": s, name: value, ...} per logged step.
 
@@ -446,7 +440,8 @@ def train(
         use_ema=config.ema_decay > 0,
         abstract_frozen=abstract_frozen(model),
     )
-    state = state if frozen is None else attach_frozen(state, shardings, frozen)
+    if frozen is not None:
+        state = attach_frozen(state, shardings, frozen)
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )

@@ -15,7 +15,10 @@ figures.
 
 MFU = model FLOPs / (step time x peak bf16 FLOP/s of the card). Model FLOPs are those of every matmul
 in the forward+backward, attention's included, counted from the jaxpr of the same model with XLA
-attention (`genmask_jax.flops.count_flops`; a cuDNN attention call is opaque to it). The peak comes from
+attention and without rematerialisation (`genmask_jax.flops.count_flops`; a cuDNN attention call is
+opaque to it): `--remat` changes the work done, not the model's, so MFU compares across remat policies.
+With `--remat`, HFU (hardware FLOPs utilisation) also counts the forward work recomputed in the
+backward, from the jaxpr under that policy. The peak comes from
 `--peak-tflops`, else `genmask_jax.flops.peak_bf16_flops` (vendors' dense bf16 figures). tokens/s counts the
 video tokens (frames x patches), not the text tokens.
 
@@ -71,8 +74,10 @@ def sweep(name: str, batches, time_batch, record) -> None:
         record({"batch": batch, "ms": ms})
 
 
-def step_flops(config, shape) -> float:
-    """Forward+backward FLOPs of one example, counted from the jaxpr with XLA attention (no device memory)."""
+def step_flops(config, shape, executed: bool = False) -> float:
+    """Forward+backward FLOPs of one example, counted from the jaxpr with XLA attention (no device memory):
+    the model's (no rematerialisation), or with `executed` those run under `config.remat_policy` (the
+    forward work that remat recomputes counted again)."""
     import jax
     import jax.numpy as jnp
 
@@ -80,6 +85,8 @@ def step_flops(config, shape) -> float:
     from genmask_jax.models.dit import WanDiT, init_params
 
     config = dataclasses.replace(config, attention="xla")  # a cuDNN call is opaque to the counter
+    if not executed:
+        config = dataclasses.replace(config, remat_policy="none")
     model = WanDiT(config)
     params = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
     one = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in make_inputs(1, *shape, config)]
@@ -180,8 +187,11 @@ def torch_in_child(argv, timeout_s: float, out: str | None = None) -> dict:
     return child
 
 
-def derive(run: dict, flops: float | None, tokens: int, peak_tflops: float | None) -> dict:
-    """Adds tokens/s, achieved TFLOP/s and MFU to a measured run."""
+def derive(
+    run: dict, flops: float | None, tokens: int, peak_tflops: float | None, executed: float | None = None
+) -> dict:
+    """Adds tokens/s, achieved TFLOP/s and MFU to a measured run, and HFU given `executed` (FLOPs per
+    example with the rematerialised forward work)."""
     if "ms" not in run:
         return run
     seconds = run["ms"] / 1e3
@@ -190,6 +200,8 @@ def derive(run: dict, flops: float | None, tokens: int, peak_tflops: float | Non
         run["tflops_per_s"] = flops * run["batch"] / seconds / 1e12
         if peak_tflops:
             run["mfu"] = run["tflops_per_s"] / peak_tflops
+    if executed and peak_tflops:
+        run["hfu"] = executed * run["batch"] / seconds / 1e12 / peak_tflops
     return run
 
 
@@ -275,17 +287,21 @@ def main(argv=None):
           f"{'unrolled' if args.unrolled else 'scanned'} blocks; peak {results['peak_tflops']} TFLOP/s",
           flush=True)
     save()
+    flops = executed = None  # executed: with remat's recomputed forward, for jax's HFU
     try:
         results["flops_per_example"] = flops = step_flops(config, shape)
         print(f"forward+backward: {flops / 1e9:,.1f} GFLOP per example (matmuls, attention included)",
               flush=True)
+        executed = step_flops(config, shape, executed=True) if args.remat != "none" else flops
+        results["executed_flops_per_example"] = executed
+        print(f"  {executed / 1e9:,.1f} GFLOP executed with remat {args.remat} (HFU's)", flush=True)
     except Exception as e:  # noqa: BLE001  (no FLOPs: the times still stand)
-        flops, results["flops_error"] = None, f"{type(e).__name__}: {str(e)[:2000]}"
+        results["flops_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
     save()
 
     def recorder(name, **extra):
         def record(run):
-            results[name].append(derive({**run, **extra}, flops, tokens, results["peak_tflops"]))
+            results[name].append(derive({**run, **extra}, flops, tokens, results["peak_tflops"], executed))
             save()
         return record
 
@@ -305,14 +321,14 @@ def main(argv=None):
         if "error" not in first or len(results["jax"]) > 1 or first["error"] == "out of memory":
             break  # measured, or only out of memory: another attention would not help
 
-    print("| framework | batch | step | tokens/s | TFLOP/s | MFU |\n|---|---|---|---|---|---|")
+    print("| framework | batch | step | tokens/s | TFLOP/s | MFU | HFU |\n|---|---|---|---|---|---|---|")
     for name in ("jax", "torch"):
         for run in results.get(name, []):
             if "ms" in run:
-                mfu = f"{run['mfu']:.1%}" if "mfu" in run else "-"
+                mfu, hfu = (f"{run[k]:.1%}" if k in run else "-" for k in ("mfu", "hfu"))
                 tflops = f"{run['tflops_per_s']:.1f}" if "tflops_per_s" in run else "-"
                 print(f"| {name} | {run['batch']} | {run['ms']:.1f} ms | {run['tokens_per_s']:,.0f} | "
-                      f"{tflops} | {mfu} |")
+                      f"{tflops} | {mfu} | {hfu} |")
     return results
 
 

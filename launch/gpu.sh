@@ -7,31 +7,36 @@
 # launch/gpu.sh -- ...`, which fills the three flags from the step's SLURM_* variables; outside an srun
 # step, in a batch script or an salloc shell, it runs one process):
 #   bash launch/gpu.sh --coordinator node0:12355 --num-processes 4 --process-id $RANK -- python -m ...
-# Flags: --cuda 12|13 (the jax extra, default 12), --venv DIR (default .venv-cuda), --no-install,
-#        --dry-run (print the set-up and the command instead of running them).
+# Flags: --cuda 12|13 (the jax extra, default 12), --venv DIR (default .venv-cuda in the repository),
+#        --no-install, --dry-run (print the set-up and the command instead of running them).
+# The command runs in the directory this script is called from: its relative paths (--workdir=runs/x,
+# data paths, a --venv DIR) are the caller's, wherever the repository is.
 # Process 0 installs into the venv (skipped while requirements.txt and pyproject.toml are unchanged);
 # the others wait up to GENMASK_INSTALL_WAIT_S seconds (default 1800) for it, so several nodes can share
 # one venv on a shared file system (a venv on node-local disks: set it up on each node first, then
 # --no-install). The venv is made with $PYTHON (default python3), which must be Python >= 3.11. The command
 # runs with the venv first on PATH, so `env VAR=1 python ...` or `nsys profile python ...` use its python.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 
-CUDA=12 VENV=".venv-cuda" INSTALL=1 DRY=0 COORD="" NPROC="" PID=""
+CUDA=12 VENV="$ROOT/.venv-cuda" INSTALL=1 DRY=0 COORD="" NPROC="" PID=""
 PORT="${GENMASK_COORDINATOR_PORT:-12355}"
 INSTALL_WAIT_S="${GENMASK_INSTALL_WAIT_S:-1800}"
 PYTHON="${PYTHON:-python3}"
 
 usage() { sed -n '2,/^set -/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+die() { echo "gpu.sh: $*" >&2; exit 2; }
+# A flag's value must be there: `--process-id --` would otherwise take the next flag as its value.
+need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$1 needs a value"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --cuda) CUDA="$2"; shift 2 ;;
-    --venv) VENV="$2"; shift 2 ;;
+    --cuda) need_value "$@"; CUDA="$2"; shift 2 ;;
+    --venv) need_value "$@"; VENV="$2"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
-    --coordinator) COORD="$2"; shift 2 ;;
-    --num-processes) NPROC="$2"; shift 2 ;;
-    --process-id) PID="$2"; shift 2 ;;
+    --coordinator) need_value "$@"; COORD="$2"; shift 2 ;;
+    --num-processes) need_value "$@"; NPROC="$2"; shift 2 ;;
+    --process-id) need_value "$@"; PID="$2"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; break ;;
@@ -39,8 +44,10 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 CMD=("$@")
-[[ ${#CMD[@]} -gt 0 ]] || { echo "gpu.sh: give the command to run after --" >&2; exit 2; }
-[[ "$CUDA" == 12 || "$CUDA" == 13 ]] || { echo "gpu.sh: --cuda must be 12 or 13" >&2; exit 2; }
+[[ ${#CMD[@]} -gt 0 ]] || die "give the command to run after --"
+[[ "$CUDA" == 12 || "$CUDA" == 13 ]] || die "--cuda must be 12 or 13"
+[[ "$INSTALL_WAIT_S" =~ ^[0-9]+$ ]] ||
+  die "GENMASK_INSTALL_WAIT_S must be a whole number of seconds, got '$INSTALL_WAIT_S'"
 # Absolute, since the venv goes on PATH and the command may change directory.
 [[ "$VENV" == /* ]] || VENV="$PWD/$VENV"
 
@@ -59,8 +66,11 @@ elif [[ -z "$COORD" && "${SLURM_NTASKS:-1}" -gt 1 ]]; then
     "this node's GPUs (a multi-process run needs srun --ntasks-per-node=1 bash launch/gpu.sh ...)" >&2
 fi
 if [[ -n "$COORD" || -n "$NPROC" || -n "$PID" ]]; then
-  [[ -n "$COORD" && -n "$NPROC" && -n "$PID" ]] || {
-    echo "gpu.sh: multi-node needs --coordinator, --num-processes and --process-id together" >&2; exit 2; }
+  [[ -n "$COORD" && -n "$NPROC" && -n "$PID" ]] ||
+    die "multi-node needs --coordinator, --num-processes and --process-id together"
+  [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "--num-processes must be a whole number >= 1, got '$NPROC'"
+  [[ "$PID" =~ ^(0|[1-9][0-9]*)$ && "$PID" -lt "$NPROC" ]] ||
+    die "--process-id must be a whole number from 0 to $((NPROC - 1)) (--num-processes $NPROC), got '$PID'"
   export GENMASK_DISTRIBUTED=1 GENMASK_COORDINATOR_ADDRESS="$COORD" \
     GENMASK_NUM_PROCESSES="$NPROC" GENMASK_PROCESS_ID="$PID"
 fi
@@ -73,7 +83,7 @@ run() { if [[ $DRY -eq 1 ]]; then printf '+'; printf ' %q' "$@"; printf '\n'; el
 if [[ $INSTALL -eq 1 ]]; then
   JAX_SPEC="jax[cuda$CUDA]>=0.10.2,<0.11"
   stamp="$VENV/.installed-gpu"
-  want="$({ echo "$JAX_SPEC"; cat requirements.txt pyproject.toml; } | sha256sum | cut -d' ' -f1)"
+  want="$({ echo "$JAX_SPEC"; cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml"; } | sha256sum | cut -d' ' -f1)"
   have() { [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; }
   if [[ "${PID:-0}" -eq 0 ]]; then
     if ! have; then
@@ -84,8 +94,8 @@ if [[ $INSTALL -eq 1 ]]; then
         run "$PYTHON" -m venv "$VENV"
       fi
       run rm -f "$stamp"
-      run "$VENV/bin/pip" install -q "$JAX_SPEC" -r requirements.txt
-      run "$VENV/bin/pip" install -q --no-deps -e .
+      run "$VENV/bin/pip" install -q "$JAX_SPEC" -r "$ROOT/requirements.txt"
+      run "$VENV/bin/pip" install -q --no-deps -e "$ROOT"
       if [[ $DRY -eq 1 ]]; then echo "+ echo $want > $stamp"; else echo "$want" > "$stamp"; fi
     fi
   elif [[ $DRY -eq 1 ]]; then

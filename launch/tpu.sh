@@ -13,7 +13,8 @@
 # an earlier step failed or was interrupted (the exit status stays the command's or the failed step's).
 # --dry-run prints each gcloud command instead of running it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SCRIPT="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$0")/.."  # the bundle is this repository's files (git ls-files)
 
 NAME="" ZONE="" ACCEL="" VERSION="" PROJECT="" SPOT=0 CREATE=0 DELETE=0 DRY=0
 JAX_TPU_SPEC="${JAX_TPU_SPEC:-jax[tpu]>=0.10.2,<0.11}"
@@ -21,15 +22,17 @@ REMOTE_DIR="${REMOTE_DIR:-genmask_jax_run}"
 UV_SPEC="${UV_SPEC:-uv>=0.9,<1}"
 PYTHON_VERSION="${PYTHON_VERSION:-3.12}"
 
-usage() { sed -n '2,/^set -/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,/^set -/p' "$SCRIPT" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+# A flag's value must be there: `--zone --create` would otherwise take the next flag as its value.
+need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || { echo "tpu.sh: $1 needs a value" >&2; exit 2; }; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) NAME="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --accelerator) ACCEL="$2"; shift 2 ;;
-    --version) VERSION="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
+    --name) need_value "$@"; NAME="$2"; shift 2 ;;
+    --zone) need_value "$@"; ZONE="$2"; shift 2 ;;
+    --accelerator) need_value "$@"; ACCEL="$2"; shift 2 ;;
+    --version) need_value "$@"; VERSION="$2"; shift 2 ;;
+    --project) need_value "$@"; PROJECT="$2"; shift 2 ;;
     --spot) SPOT=1; shift ;;
     --create) CREATE=1; shift ;;
     --delete) DELETE=1; shift ;;

@@ -435,3 +435,106 @@ def test_local_makes_a_venv_with_an_older_python_again(tmp_path):
     assert subprocess.run([venv / "bin" / "python", "--version"], capture_output=True, text=True).stdout == \
         "Python 3.12.1\n"
     assert any(line.startswith("python3.12.1 -m pip install") for line in log.read_text().splitlines())
+
+
+# Where the command runs: the caller's directory, so that its relative paths are the caller's.
+
+
+def test_gpu_runs_the_command_in_the_callers_directory(tmp_path):
+    """gpu.sh changed into the repository first: `--workdir=runs/a` (and a relative --venv) landed in the
+    checkout, not where the user stood."""
+    venv, log = _fake_venv(tmp_path)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    script = str(ROOT / "launch" / "gpu.sh")
+    out = _run([script, "--no-install", "--venv", "../venv", "--", "bash", "-c", "pwd && python -c 1"],
+               cwd=caller)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).resolve() == caller.resolve()
+    assert log.read_text().splitlines() == ["python -c 1"]
+
+    command = ["python", "-m", "genmask_jax.train", "--workdir=runs/a"]
+    out = _run([script, "--dry-run", "--venv", "v", "--", *command], cwd=caller)
+    assert out.returncode == 0, out.stderr
+    assert f"-r {ROOT}/requirements.txt" in out.stdout and f"-e {ROOT}\n" in out.stdout
+    assert out.stdout.splitlines()[-1] == f"+ {caller}/v/bin/python -m genmask_jax.train --workdir=runs/a"
+
+
+def _cwd_python(path, log):
+    """A Python 3.12 that logs `cwd | args` and copies itself into DIR/bin on -m venv DIR."""
+    return _executable(path, f"""#!/bin/sh
+echo "$(pwd -P) | $*" >> "{log}"
+case "$1 $2" in
+  "--version "*) echo "Python 3.12.1" ;;
+  "-m venv") mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && touch "$3/pyvenv.cfg" ;;
+esac
+""")
+
+
+def test_local_runs_demo_and_python_in_the_callers_directory_and_tests_in_the_repository(tmp_path):
+    """The venvs stay in the repository and `test` runs the repository's tests from its root (the README
+    and CI call `bash launch/local.sh demo|test` from there); `demo` and `python` run where they are
+    called, so their relative paths are the caller's."""
+    repo, caller, log = _local_repo(tmp_path), tmp_path / "caller", tmp_path / "calls.log"
+    caller.mkdir()
+    env = {"PYTHON": str(_cwd_python(tmp_path / "py312", log))}
+    script = str(repo / "launch" / "local.sh")
+    runs = {  # the arguments, and the venv python's
+        ("python", "-m", "genmask_jax.train", "--workdir=runs/a"): "-m genmask_jax.train --workdir=runs/a",
+        ("demo", "--workdir", "runs/d"): "-m genmask_jax.demo --workdir runs/d",
+        ("test", "-q", "tests/test_launchers.py"): "-m pytest -q tests/test_launchers.py",
+    }
+    for args, ran in runs.items():
+        for cwd in (caller, repo):
+            out = _run([script, *args], env, cwd=cwd)
+            assert out.returncode == 0, out.stderr
+            where = repo if args[0] == "test" else cwd
+            assert log.read_text().splitlines()[-1] == f"{where.resolve()} | {ran}", args
+    assert (repo / ".venv" / "bin" / "python").exists() and (repo / ".venv-test" / "bin" / "python").exists()
+    assert not (caller / ".venv").exists() and not (caller / ".venv-test").exists()
+    installs = [line.split(" | ")[1] for line in log.read_text().splitlines() if "pip install -q -" in line]
+    assert f"-m pip install -q -r {repo.resolve()}/requirements.txt" in installs
+    assert f"-m pip install -q --no-deps -e {repo.resolve()}" in installs
+
+
+@pytest.mark.parametrize("script", ["launch/tpu.sh", "launch/gpu.sh"])
+def test_help_from_another_directory(script):
+    out = _run([f"{ROOT.name}/{script}", "--help"], cwd=ROOT.parent)
+    assert out.returncode == 0 and out.stdout.startswith("Runs a GenMask-JAX command"), out.stderr
+
+
+# Flag values: a clear line, not bash's "$2: unbound variable" or an arithmetic error.
+
+
+def _multi(nproc, pid):
+    return ["--coordinator", "n0:1", "--num-processes", nproc, "--process-id", pid, "--", "python"]
+
+
+PROCESS_ID = "--process-id must be a whole number from 0 to 1"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--process-id"], {}, "--process-id needs a value"),
+        (["--venv", "--", "python"], {}, "--venv needs a value"),
+        (["--coordinator", "--num-processes", "2", "--", "python"], {}, "--coordinator needs a value"),
+        (_multi("two", "0"), {}, "--num-processes must be a whole number >= 1"),
+        (_multi("2", "x"), {}, PROCESS_ID),
+        (_multi("2", "2"), {}, PROCESS_ID),
+        (_multi("2", "1"), {"GENMASK_INSTALL_WAIT_S": "30m"}, "GENMASK_INSTALL_WAIT_S must be a whole"),
+    ],
+)
+def test_gpu_flag_values_are_checked(args, env, message):
+    out = _run(["launch/gpu.sh", "--dry-run", *args], env)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(f"gpu.sh: {message}")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--name"], "--name needs a value"), (["--name", "gm", "--zone", "--create"], "--zone needs a value")],
+)
+def test_tpu_flag_values_are_checked(args, message):
+    out = _run(["launch/tpu.sh", "--dry-run", *args])
+    assert out.returncode == 2 and out.stderr == f"tpu.sh: {message}\n"

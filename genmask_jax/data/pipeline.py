@@ -188,10 +188,11 @@ class _ContextProvider:
         return context[0], mask[0]
 
     def _lookup(self, raw: dict, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+        from genmask_jax.encoders import encoder_input
         from genmask_jax.encoders.cache import CacheMiss
 
         try:
-            return self.cache.lookup(raw["id"], raw["text"])
+            return self.cache.lookup(raw["id"], raw["text"], image=encoder_input(raw, task, self.config)[0])
         except CacheMiss as e:
             raise CacheMiss(f"{e}: {self._precompute_advice(task, split)}") from None
 

@@ -4,15 +4,17 @@ Layout of a cache folder:
   meta.json                         {"format", "dim", "context_length", "dtype", "encoder": fingerprint}
   shard-00000.array_record          one record per example (below)
   shard-00000.ids.json              the ids of that shard in record order; written last, atomically,
-                                    so a shard without it is incomplete and is rewritten on resume
+                                    so a shard without it is incomplete and is rewritten on resume (and
+                                    so is a published one that no longer reads as its ids list)
   writer.lock                       while a `CacheWriter` is open (one writer per folder): its host, pid,
                                     boot and pid namespace; a lock of this host, boot and namespace
                                     whose process is gone is taken over
 
 A record is `uint32 header length | JSON header | contexts`: the header holds `id`, `length` (the
-number of valid tokens T), `text` (the example's text) and `rewrite` (the VLM's two-stage description,
-or null); the contexts are the `(T, dim)` valid token states in `dtype` (bfloat16 by default).
-`lookup(id, text)` pads them back to `(context_length, dim)` float32 with a prefix mask.
+number of valid tokens T), `text` (the example's text), `rewrite` (the VLM's two-stage description,
+or null) and, when the encoder read an image, `image` (`image_digest`: its shape, dtype and a hash of its
+pixels); the contexts are the `(T, dim)` valid token states in `dtype` (bfloat16 by default).
+`lookup(id, text, image)` pads them back to `(context_length, dim)` float32 with a prefix mask.
 An example the encoder failed on (an image the processor refuses) has a record with `skip` (the reason)
 in place of `length` and no contexts: `lookup` raises `SkippedExample`, a bad example that the
 pipelines skip as they skip it when they run the encoder themselves (a reader older than skip records
@@ -20,14 +22,18 @@ fails on the missing `length`, which its pipelines skip too).
 
 The cache is checked, not trusted: opening it compares its encoder fingerprint
 (`genmask_jax.encoders.fingerprint`) with the config's, a record's header must carry the id it is
-read for, and a lookup with the example's text must find that text in the record (a data change since
-the precompute). Each failure, and an id that is not cached (`CacheMiss`), is a `ContextError`: the
-pipelines stop on it instead of skipping the example.
+read for, a lookup with the example's text must find that text in the record and one with its image
+that image's digest (a data change since the precompute; a record written before digests has none and
+its image is not checked), and a damaged shard (truncated, deleted, an unreadable ids.json) is named.
+Each failure, and an id that is not cached (`CacheMiss`), is a `ContextError`: the pipelines stop on it
+instead of skipping the example.
 """
 
 from __future__ import annotations
 
+import bisect
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -70,18 +76,37 @@ class SkippedExample(BadExample):
     """An example the precompute could not encode (`CacheWriter.add_skip`); `kind` is its error's."""
 
 
+def image_digest(image) -> str:
+    """`"<shape> <dtype> <blake2b-128 of its pixels>"` of an image an encoder reads: "56x56x3 uint8 9f0c…"."""
+    pixels = np.ascontiguousarray(image)
+    shape = "x".join(str(n) for n in pixels.shape)
+    return f"{shape} {pixels.dtype} {hashlib.blake2b(pixels.data, digest_size=16).hexdigest()}"
+
+
+def _header(example_id: str, text: str, rewrite: str | None, image: str | None, **fields) -> bytes:
+    header = {"id": example_id, **fields, "text": text, "rewrite": rewrite}
+    if image is not None:  # absent, not null: the records of text-only examples are as before
+        header["image"] = image
+    return json.dumps(header).encode("utf-8")
+
+
 def encode_record(
-    example_id: str, states: np.ndarray, dtype: str, text: str = "", rewrite: str | None = None
+    example_id: str,
+    states: np.ndarray,
+    dtype: str,
+    text: str = "",
+    rewrite: str | None = None,
+    image: str | None = None,
 ) -> bytes:
-    header = json.dumps({"id": example_id, "length": int(states.shape[0]), "text": text, "rewrite": rewrite})
-    header_bytes = header.encode("utf-8")
+    """`image`: the `image_digest` of the image the encoder read (None: it read none)."""
+    header = _header(example_id, text, rewrite, image, length=int(states.shape[0]))
     payload = np.ascontiguousarray(states, dtype=_DTYPES[dtype]).tobytes()
-    return struct.pack("<I", len(header_bytes)) + header_bytes + payload
+    return struct.pack("<I", len(header)) + header + payload
 
 
-def encode_skip_record(example_id: str, reason: str, text: str = "") -> bytes:
+def encode_skip_record(example_id: str, reason: str, text: str = "", image: str | None = None) -> bytes:
     """The record of an example that was not encoded: `reason` ("kind: detail") in place of contexts."""
-    header = json.dumps({"id": example_id, "skip": reason, "text": text, "rewrite": None}).encode("utf-8")
+    header = _header(example_id, text, None, image, skip=reason)
     return struct.pack("<I", len(header)) + header
 
 
@@ -93,14 +118,73 @@ def decode_record(record: bytes, dim: int, dtype: str) -> tuple[dict, np.ndarray
     return header, states.astype(np.float32)
 
 
-def completed_shards(folder: str) -> list[tuple[str, list[str]]]:
-    """(shard path, ids) of every complete shard, in shard order."""
-    out = []
-    for ids_path in sorted(glob.glob(os.path.join(folder, "shard-*.ids.json"))):
-        shard = ids_path[: -len(".ids.json")] + ".array_record"
+def published_shards(folder: str) -> list[tuple[str, str]]:
+    """(shard path, ids.json path) of every published shard (one with an ids.json), in shard order."""
+    return [
+        (ids_path[: -len(".ids.json")] + ".array_record", ids_path)
+        for ids_path in sorted(glob.glob(os.path.join(folder, "shard-*.ids.json")))
+    ]
+
+
+def read_ids(ids_path: str) -> list[str] | None:
+    """The ids an ids.json lists; None when it is not a JSON list of strings (emptied, cut short)."""
+    try:
         with open(ids_path) as f:
-            out.append((shard, json.load(f)))
+            ids = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return ids if isinstance(ids, list) and all(isinstance(i, str) for i in ids) else None
+
+
+def shard_damage(shard: str, ids: list[str] | None, count: bool = True) -> str | None:
+    """Why a published shard cannot be read as its ids.json lists `ids` (None: it can). `count` opens
+    the shard and compares its number of records (reads its footer, not its records)."""
+    if ids is None:
+        return "its ids.json is not a JSON list of ids"
+    if not os.path.exists(shard):
+        return "its file is missing"
+    if not count:
+        return None
+    try:
+        records = _num_records(shard)
+    except Exception as e:  # noqa: BLE001  (whatever the reader says, the shard is unusable)
+        return f"it does not open: {_first_line(e)}"
+    return None if records == len(ids) else f"it holds {records} records, its ids.json lists {len(ids)}"
+
+
+def damaged_shard(shard: str, reason: str, found_by_writer: bool = True) -> CacheMismatch:
+    """The error of a damaged published shard. `found_by_writer`: a resumed precompute finds the damage
+    itself (`shard_damage`); one inside a record it does not (it reads no records), so the message then
+    says to delete the shard first."""
+    folder = os.path.dirname(shard)
+    rerun = f"`{_PRECOMPUTE} --config=... --out={folder}` with the flags that wrote it"
+    repair = (
+        f"rerun the precompute ({rerun}): it encodes a damaged shard's examples again"
+        if found_by_writer
+        else f"delete it and {os.path.basename(shard)[: -len('.array_record')]}.ids.json, then rerun the "
+        f"precompute ({rerun}): it encodes their examples again"
+    )
+    return CacheMismatch(
+        f"embedding cache {folder}: {os.path.basename(shard)} is damaged ({reason}): {repair}"
+    )
+
+
+def completed_shards(folder: str) -> list[tuple[str, list[str]]]:
+    """(shard path, ids) of every published shard, in shard order; raises CacheMismatch naming a shard
+    whose ids.json does not read or whose file is gone (`shard_damage` without opening the shards)."""
+    out = []
+    for shard, ids_path in published_shards(folder):
+        ids = read_ids(ids_path)
+        reason = shard_damage(shard, ids, count=False)
+        if reason is not None:
+            raise damaged_shard(shard, reason)
+        out.append((shard, ids))
     return out
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def differences(cached: dict, expected: dict, prefix: str = "") -> list[str]:
@@ -190,13 +274,36 @@ class CacheWriter:
                 )
         else:
             _write_json_atomic(meta_path, meta)
-        shards = completed_shards(self.folder)
+        shards = self._readable_shards()
         self.done = {i for _, ids in shards for i in ids}
         # after the last one, not at their count: a shard deleted from the middle leaves a gap
         self.next_shard = 1 + max((_shard_number(s) for s, _ in shards), default=-1)
         for stale in glob.glob(os.path.join(self.folder, "shard-*.array_record")):
             if stale not in {s for s, _ in shards}:
                 os.remove(stale)  # an interrupted shard of this folder's (single) writer
+        for tmp in glob.glob(os.path.join(self.folder, "*.tmp-*")):
+            os.remove(tmp)  # an interrupted `_write_json_atomic`
+
+    def _readable_shards(self) -> list[tuple[str, list[str]]]:
+        """(shard, ids) of the published shards that read as their ids.json lists. Any other is
+        unpublished (both files deleted, with a warning), so that this run encodes its examples again."""
+        readable = []
+        for shard, ids_file in published_shards(self.folder):
+            ids = read_ids(ids_file)
+            reason = shard_damage(shard, ids)
+            if reason is None:
+                readable.append((shard, ids))
+                continue
+            log.warning(
+                "%s is damaged (%s): unpublished (%s deleted), its examples are encoded again",
+                shard,
+                reason,
+                ids_file,
+            )
+            for path in (ids_file, shard):  # the ids first: a shard without them is unpublished
+                if os.path.exists(path):
+                    os.remove(path)
+        return readable
 
     def _open(self):
         from array_record.python.array_record_module import ArrayRecordWriter
@@ -204,8 +311,16 @@ class CacheWriter:
         path = os.path.join(self.folder, f"shard-{self.next_shard:05d}.array_record")
         self._writer = ArrayRecordWriter(path, "group_size:1")
 
-    def add(self, example_id: str, states: np.ndarray, text: str = "", rewrite: str | None = None) -> None:
-        """`states` float `(T, dim)`: the valid tokens only. An id already in the cache is refused."""
+    def add(
+        self,
+        example_id: str,
+        states: np.ndarray,
+        text: str = "",
+        rewrite: str | None = None,
+        image: np.ndarray | None = None,
+    ) -> None:
+        """`states` float `(T, dim)`: the valid tokens only; `image`: the one the encoder read (None:
+        none), whose digest a lookup compares. An id already in the cache is refused."""
         if states.ndim != 2 or states.shape[1] != self.dim:
             raise ValueError(f"states {states.shape} do not match dim {self.dim}")
         self._check_new(example_id)
@@ -216,13 +331,15 @@ class CacheWriter:
                 f"the context of {example_id!r} is not finite in {self.dtype} (the cache's dtype): not "
                 "cached; float16 overflows Qwen2.5's activations: encode and store in bfloat16 or float32"
             )
-        self._write(example_id, encode_record(example_id, states, self.dtype, text, rewrite))
+        digest = None if image is None else image_digest(image)
+        self._write(example_id, encode_record(example_id, states, self.dtype, text, rewrite, digest))
 
-    def add_skip(self, example_id: str, reason: str, text: str = "") -> None:
+    def add_skip(self, example_id: str, reason: str, text: str = "", image: np.ndarray | None = None) -> None:
         """Records that `example_id` could not be encoded (`reason`: "kind: detail", `skip_reason`):
         readers raise `SkippedExample` for it, and a resume does not try it again."""
         self._check_new(example_id)
-        self._write(example_id, encode_skip_record(example_id, reason, text))
+        digest = None if image is None else image_digest(image)
+        self._write(example_id, encode_skip_record(example_id, reason, text, digest))
 
     def _check_new(self, example_id: str) -> None:
         if example_id in self.done:
@@ -243,6 +360,7 @@ class CacheWriter:
             return
         self._writer.close()
         path = os.path.join(self.folder, f"shard-{self.next_shard:05d}.array_record")
+        _fsync(path)  # on disk before its ids.json publishes it: a crash must not leave it short
         records = _num_records(path)
         if records == len(self._ids):
             _write_json_atomic(path[: -len(".array_record")] + ".ids.json", self._ids)
@@ -376,10 +494,26 @@ def _take_over(path: str, holder: str) -> None:
 
 
 def _write_json_atomic(path: str, value) -> None:
+    """Writes `value` to `path` whole or not at all, on disk when it returns (a power loss after an
+    unsynced rename can leave an empty file under the new name)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(os.path.dirname(path) or ".", directory=True)
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:  # some file systems (network mounts) refuse to sync a directory
+            raise
+    finally:
+        os.close(fd)
 
 
 class EmbeddingCache:
@@ -421,11 +555,16 @@ class EmbeddingCache:
                 self.index[example_id] = position
                 position += 1
         self._shards = [s for s, _ in shards]
-        self._source = ArrayRecordDataSource(self._shards) if self._shards else None
-        if position != (len(self._source) if self._source is not None else 0):
-            raise CacheMismatch(
-                f"embedding cache {folder}: its ids.json files list {position} ids, its shards hold "
-                f"{len(self._source)} records"
+        # the first position of each shard, to name the shard of a record that does not read
+        self._starts = np.cumsum([0] + [len(ids) for _, ids in shards[:-1]]).tolist()
+        try:
+            self._source = ArrayRecordDataSource(self._shards) if self._shards else None
+        except Exception as e:  # noqa: BLE001  (a shard that does not open; named below)
+            raise _find_damage(folder, shards, _first_line(e)) from e
+        records = len(self._source) if self._source is not None else 0
+        if position != records:
+            raise _find_damage(
+                folder, shards, f"its ids.json files list {position} ids, its shards {records}"
             )
 
     def __len__(self) -> int:
@@ -442,7 +581,13 @@ class EmbeddingCache:
         """(header with text / rewrite, states float32 (T, D)) of one example."""
         if example_id not in self.index:
             raise CacheMiss(f"example {example_id!r} is not in the embedding cache {self.folder}")
-        header, states = decode_record(self._source[self.index[example_id]], self.dim, self.dtype)
+        position = self.index[example_id]
+        try:
+            header, states = decode_record(self._source[position], self.dim, self.dtype)
+        except Exception as e:  # noqa: BLE001  (a record cut short or overwritten: its shard is damaged)
+            shard = self._shards[bisect.bisect_right(self._starts, position) - 1]
+            reason = f"the record of {example_id!r} does not read: {_first_line(e)}"
+            raise damaged_shard(shard, reason, found_by_writer=False) from e
         if header["id"] != example_id:
             raise CacheMismatch(
                 f"embedding cache {self.folder}: the record indexed as {example_id!r} holds "
@@ -450,8 +595,12 @@ class EmbeddingCache:
             )
         return header, states
 
-    def lookup(self, example_id: str, text: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """`text`: the example's text, checked against the one that was encoded (None: unchecked).
+    def lookup(
+        self, example_id: str, text: str | None = None, image: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`text`: the example's text, checked against the one that was encoded; `image`: the image the
+        encoder reads (`encoder_input(...)[0]`), checked against the digest of the one it read where the
+        record has one (records written before digests have none). None: unchecked.
         Raises `SkippedExample` for an example the precompute could not encode."""
         header, states = self.record(example_id)
         if text is not None and header["text"] != text:
@@ -460,6 +609,8 @@ class EmbeddingCache:
                 f"the data now gives {text[:120]!r}: the data changed since the precompute; write a new "
                 f"cache with `{_PRECOMPUTE}`"
             )
+        if image is not None and "image" in header:
+            self._check_image(example_id, header["image"], image_digest(image))
         if "skip" in header:
             kind, _, detail = header["skip"].partition(": ")
             raise SkippedExample(kind, f"{detail} (the precompute could not encode it)")
@@ -469,6 +620,35 @@ class EmbeddingCache:
         mask = np.zeros((self.context_length,), bool)
         mask[:n] = True
         return context, mask
+
+    def _check_image(self, example_id: str, cached: str, given: str) -> None:
+        """Raises CacheMismatch unless two `image_digest`s are equal, naming the shapes where they differ."""
+        if cached == given:
+            return
+        cached_shape, given_shape = (digest.rsplit(" ", 1)[0] for digest in (cached, given))
+        change = (
+            f"a {cached_shape} image, the data now gives {given_shape}"
+            if cached_shape != given_shape
+            else f"a {cached_shape} image with other pixels than the data's now"
+        )
+        raise CacheMismatch(
+            f"embedding cache {self.folder}: {example_id!r} was encoded from {change}: the images changed "
+            f"since the precompute (another data.resolution, re-rendered or replaced files); write a new "
+            f"cache with `{_PRECOMPUTE}`"
+        )
+
+
+def _find_damage(folder: str, shards: list[tuple[str, list[str]]], detail: str) -> CacheMismatch:
+    """The error naming the first shard that does not read as its ids.json lists; `detail` (what went
+    wrong with all of them together) where each shard alone reads."""
+    for shard, ids in shards:
+        reason = shard_damage(shard, ids)
+        if reason is not None:
+            return damaged_shard(shard, reason)
+    return CacheMismatch(
+        f"embedding cache {folder} does not read ({detail}): rerun the precompute that wrote it "
+        f"(`{_PRECOMPUTE} --config=... --out={folder}`)"
+    )
 
 
 def missing_from_sample(cache: EmbeddingCache, source, num_samples: int) -> tuple[list[str], int]:

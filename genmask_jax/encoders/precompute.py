@@ -23,10 +23,14 @@ names, each source only the splits it has (a name that no source has is an error
 also of data sets the config does not train on (a run trained on `ref_coco_bv/refcocox_combined` is
 evaluated on `refcoco_unc:val`), each read with the evaluation job's data config for it.
 
-An example that does not read, or that the encoder fails on by itself (an image its processor refuses),
-is skipped and logged, as the pipelines skip it; an encoder failure is also recorded in the cache, so
-that the pipelines reading it skip that example too (`cache.SkippedExample`).
-Rerunning the same command resumes: cached ids (and recorded failures) are skipped. A cache written
+A bad example (the data layer's `BadExample`: a polygon without points, an empty caption), or one that
+the encoder fails on by itself (an image its processor refuses), is skipped and logged, as the pipelines
+skip it; an encoder failure is also recorded in the cache, so that the pipelines reading it skip that
+example too (`cache.SkippedExample`). A read that raises anything else (an I/O error) is tried again
+(3 tries); examples that still do not read are not cached, and once every other example is written the
+command fails naming them: a pipeline that reads one later would stop on a cache miss.
+Rerunning the same command resumes: cached ids (and recorded failures) are skipped, unread ones tried,
+and a shard damaged since it was written (cut short, deleted) is written again. A cache written
 with other encoder settings is refused, and so is a second writer on the same folder (`writer.lock`):
 run it on one host (a lock left by a killed run on this host is taken over).
 Then train / evaluate with `--config.data.encoder.cache_dir=CACHE` and the same `data.encoder`
@@ -37,12 +41,13 @@ VLM (`genmask_jax.encoders.encoder_input`) and the description is stored beside 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import tqdm
 
-from genmask_jax.data.skips import SkipLog, skip_reason
+from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
 from genmask_jax.data.sources import make_task_source, parse_names
 from genmask_jax.data.splits import DATASETS, SplitSpec, parse_splits, refcoco_config, split_data_config
 from genmask_jax.encoders import ContextError, PromptTooLong, encoder_input, fingerprint, make_encoder
@@ -53,6 +58,10 @@ log = logging.getLogger("genmask_jax.encoders.precompute")
 
 class PrecomputeError(ValueError):
     """A request that cannot be precomputed as given (an unknown split, ids that repeat)."""
+
+
+class UnreadExamples(PrecomputeError):
+    """Examples whose read kept failing: everything else was written, a rerun tries them again."""
 
 
 class Job(NamedTuple):
@@ -112,7 +121,8 @@ def _configured_jobs(data_config, splits: Sequence[str]) -> list[Job]:
 
 
 def _encode(encoder, batch: list, task: str, encoder_config) -> list[tuple]:
-    """`[(valid token states (T, D), rewrite or None)]` of a batch of `(example id, raw example)`."""
+    """`[(valid token states (T, D), rewrite or None, image read or None)]` of a batch of
+    `(example id, raw example)`."""
     inputs = [encoder_input(raw, task, encoder_config) for _, raw in batch]
     images, texts, flags = (list(column) for column in zip(*inputs))
     try:
@@ -123,7 +133,10 @@ def _encode(encoder, batch: list, task: str, encoder_config) -> list[tuple]:
     except PromptTooLong as e:
         raise PromptTooLong(f"example {batch[e.index][0]!r}: {e}", index=e.index) from None
     rewrites = getattr(encoder, "last_rewrites", None) or [None] * len(batch)
-    return [(context[mask], rewrite) for context, mask, rewrite in zip(contexts, masks, rewrites)]
+    return [
+        (context[mask], rewrite, image)
+        for context, mask, rewrite, image in zip(contexts, masks, rewrites, images)
+    ]
 
 
 def _encode_one_by_one(encoder, batch: list, writer: CacheWriter, task: str, encoder_config):
@@ -132,13 +145,13 @@ def _encode_one_by_one(encoder, batch: list, writer: CacheWriter, task: str, enc
     refused = []
     for example in batch:
         try:
-            [(states, rewrite)] = _encode(encoder, [example], task, encoder_config)
+            [(states, rewrite, image)] = _encode(encoder, [example], task, encoder_config)
         except ContextError:
             raise
         except ValueError as e:
             refused.append((example, e))
             continue
-        writer.add(example[0], states, text=example[1]["text"], rewrite=rewrite)
+        writer.add(example[0], states, text=example[1]["text"], rewrite=rewrite, image=image)
     return refused, len(batch) - len(refused)
 
 
@@ -170,11 +183,36 @@ def _encode_batch(
                 ) from e
         for (example_id, raw), error in refused:
             skips.add(example_id, skip_reason(error))
-            writer.add_skip(example_id, skip_reason(error), text=raw["text"])
+            image = encoder_input(raw, task, encoder_config)[0]
+            writer.add_skip(example_id, skip_reason(error), text=raw["text"], image=image)
         return written
-    for (example_id, raw), (states, rewrite) in zip(batch, results):
-        writer.add(example_id, states, text=raw["text"], rewrite=rewrite)
+    for (example_id, raw), (states, rewrite, image) in zip(batch, results):
+        writer.add(example_id, states, text=raw["text"], rewrite=rewrite, image=image)
     return len(batch)
+
+
+def _read(source, index: int, tries: int, retry_wait_s: float) -> dict:
+    """`source[index]`, read up to `tries` times while it raises anything but a `BadExample` (an I/O
+    error of a network file system may pass; a bad example stays bad), waiting `retry_wait_s`, twice
+    that, ... in between. Raises the last error."""
+    for attempt in range(tries - 1):
+        try:
+            return source[index]
+        except BadExample:
+            raise
+        except Exception as e:  # noqa: BLE001  (tried again; the last try raises)
+            log.info("reading %s failed (%s): trying again", source.example_id(index), skip_reason(e))
+            time.sleep(retry_wait_s * 2**attempt)
+    return source[index]
+
+
+def _unread_error(unread: list[tuple[str, str]], tries: int, show: int = 10) -> UnreadExamples:
+    ids = ", ".join(example_id for example_id, _ in unread[:show]) + (", ..." if len(unread) > show else "")
+    return UnreadExamples(
+        f"{len(unread)} examples did not read after {tries} tries and are not cached ({ids}; first error "
+        f"{unread[0][1][:300]}); every other example is: rerun the same command to try them again (one "
+        "that never reads, a damaged file, is skipped by the pipelines too: fix or remove it)"
+    )
 
 
 def precompute(
@@ -186,9 +224,13 @@ def precompute(
     dtype: str = "bfloat16",
     encoder=None,
     evals: str | Sequence[str] = (),
+    read_tries: int = 3,
+    retry_wait_s: float = 2.0,
 ) -> dict:
     """Fills the cache at `out` with the jobs of `plan_jobs(data_config, splits, evals)`; returns
-    {"written": n, "already": n, "skips": summary}.
+    {"written": n, "already": n, "skips": summary}. Raises `UnreadExamples` after writing everything
+    else when some examples did not read in `read_tries` tries (`retry_wait_s` seconds before the
+    second, doubling).
 
     `encoder`: an encoder built from `data_config.encoder` (tests pass one to reuse a loaded model).
     """
@@ -201,6 +243,7 @@ def precompute(
     # fails first and leaves nothing behind.
     sources = [make_task_source(job.names, job.split, job.data_config, job.task) for job in jobs]
     skips = SkipLog("precompute")
+    unread: list[tuple[str, str]] = []  # (example id, "kind: detail")
     written = already = 0
     with CacheWriter(
         out, encoder.dim, encoder.context_length, dtype, fingerprint(data_config.encoder), shard_size
@@ -219,9 +262,13 @@ def precompute(
                     already += 1
                     continue
                 try:
-                    batch.append((example_id, source[index]))
-                except Exception as e:  # noqa: BLE001  (a bad example is a logged skip)
+                    batch.append((example_id, _read(source, index, read_tries, retry_wait_s)))
+                except BadExample as e:  # skipped by the pipelines as well
                     skips.add(example_id, skip_reason(e))
+                    continue
+                except Exception as e:  # noqa: BLE001  (reported once the rest is written)
+                    log.warning("%s did not read in %d tries: %s", example_id, read_tries, skip_reason(e))
+                    unread.append((example_id, skip_reason(e)))
                     continue
                 if len(batch) == batch_size:
                     written += _encode_batch(encoder, batch, writer, job.task, data_config.encoder, skips)
@@ -229,7 +276,10 @@ def precompute(
             if batch:
                 written += _encode_batch(encoder, batch, writer, job.task, data_config.encoder, skips)
             writer.flush()
-    log.info("cache %s: %d written, %d already there; %s", out, written, already, skips.summary())
+    counts = f"{written} written, {already} already there, {len(unread)} unread"
+    log.info("cache %s: %s; %s", out, counts, skips.summary())
+    if unread:
+        raise _unread_error(unread, read_tries)
     return {"written": written, "already": already, "skips": skips.summary()}
 
 

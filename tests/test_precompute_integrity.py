@@ -1,0 +1,305 @@
+"""A cache that no longer holds what it says: shards damaged after they were published, examples whose
+read failed during the precompute, contexts of other images. Each is named by the reader instead of
+surfacing as a raw error (or as a cache miss hours into training), and a rerun of the precompute repairs
+what it can."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from genmask_jax.data import shapes
+from genmask_jax.data.pipeline import default_data_config
+from genmask_jax.data.skips import BadExample
+from genmask_jax.data.sources import make_task_source
+from genmask_jax.encoders import encoder_input, fingerprint, make_encoder
+from genmask_jax.encoders.cache import CacheMismatch, CacheWriter, EmbeddingCache, encode_record
+from genmask_jax.encoders.precompute import PrecomputeError, precompute
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = dict(splits=["train"], batch_size=4, shard_size=4, dtype="float32")  # seg 12 + gen 12: six shards
+
+
+def small_config():
+    c = default_data_config()
+    c.resolution, c.num_threads = (16, 16), 1
+    c.shapes.train_size = 12
+    c.encoder.context_length, c.encoder.dim = 12, 8
+    return c
+
+
+def assert_complete(folder, c):
+    """Every training example of `c` reads from the cache as the encoder encodes it."""
+    cache, encoder = EmbeddingCache(folder, fingerprint(c.encoder)), make_encoder(c.encoder)
+    assert len(cache) == 24
+    for task in ("seg", "gen"):
+        source = make_task_source("shapes", "train", c, task)
+        for i in range(len(source)):
+            raw = source[i]
+            context, mask = cache.lookup(raw["id"], raw["text"])
+            want_context, want_mask = encoder.encode(None, [raw["text"]])
+            np.testing.assert_array_equal(context, want_context[0])
+            np.testing.assert_array_equal(mask, want_mask[0])
+
+
+# Damaged shards.
+
+
+def _truncate(shard):
+    os.truncate(shard, os.path.getsize(shard) // 2)
+
+
+def _empty_ids(shard):
+    open(shard.replace(".array_record", ".ids.json"), "w").close()
+
+
+def _garbled_ids(shard):
+    with open(shard.replace(".array_record", ".ids.json"), "w") as f:
+        f.write('["shapes-0-train-4", "shap')
+
+
+DAMAGE = {
+    "truncated shard": (_truncate, "it does not open"),
+    "empty ids.json": (_empty_ids, "its ids.json is not a JSON list of ids"),
+    "cut ids.json": (_garbled_ids, "its ids.json is not a JSON list of ids"),
+    "deleted shard, ids.json kept": (os.remove, "its file is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_shard_is_named_by_the_reader_and_rewritten_by_a_rerun(tmp_path, damage, caplog):
+    """A truncated array_record surfaced as RuntimeError("Corrupted Riegeli ..."), an empty ids.json as a
+    JSONDecodeError; a rerun trusted every ids.json and called the cache complete."""
+    c, folder = small_config(), str(tmp_path / "cache")
+    precompute(c, folder, **RUN)
+    damage_fn, reason = DAMAGE[damage]
+    shard = os.path.join(folder, "shard-00001.array_record")
+    damage_fn(shard)
+
+    with pytest.raises(CacheMismatch) as error:
+        EmbeddingCache(folder, fingerprint(c.encoder))
+    message = str(error.value)
+    assert "\n" not in message and "shard-00001.array_record is damaged" in message and reason in message
+    assert f"python -m genmask_jax.encoders.precompute --config=... --out={folder}" in message
+
+    with caplog.at_level(logging.WARNING, logger="genmask_jax.encoders.cache"):
+        again = precompute(c, folder, **RUN)
+    assert (again["written"], again["already"]) == (4, 20)  # the damaged shard's examples only
+    assert "shard-00001.array_record is damaged" in caplog.text and "shard-00001.ids.json" in caplog.text
+    assert_complete(folder, c)
+
+
+def test_a_record_that_does_not_read_names_its_shard(tmp_path):
+    """A record overwritten inside a shard that still opens (its count is right): the reader's lookup
+    names the shard, and says to delete it, since a resumed writer does not read records."""
+    folder = str(tmp_path)
+    with CacheWriter(folder, dim=4, context_length=4, dtype="float32", shard_size=3) as writer:
+        for i in range(9):
+            writer.add(f"id{i}", np.full((2, 4), i, np.float32))
+    shard = os.path.join(folder, "shard-00001.array_record")
+    data = bytearray(open(shard, "rb").read())
+    at = data.index(b'"id3"')
+    data[at + 1 : at + 4] = b"xx9"
+    open(shard, "wb").write(bytes(data))
+    cache = EmbeddingCache(folder)
+    assert cache.record("id8")[1][0, 0] == 8
+    with pytest.raises(CacheMismatch, match=r"shard-00001.array_record is damaged \(the record of 'id3' "
+                                            r"does not read: .*delete it and shard-00001.ids.json"):
+        cache.lookup("id3")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names synced files from /proc")
+def test_a_resume_leaves_readable_shards_alone_and_syncs_what_it_publishes(tmp_path, monkeypatch):
+    """Every published shard and ids.json reaches the disk (fsync) before the ids.json that publishes it
+    replaces its temporary file."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                  real_fsync(fd)))
+    folder = str(tmp_path / "cache")
+    with CacheWriter(folder, dim=2, context_length=4, dtype="float32", shard_size=2) as writer:
+        for i in range(3):
+            writer.add(f"id{i}", np.full((1, 2), i, np.float32))
+    names = [os.path.basename(path) for path in synced]
+    for shard in ("shard-00000", "shard-00001"):
+        assert names.index(f"{shard}.array_record") < names.index(next(
+            n for n in names if n.startswith(f"{shard}.ids.json.tmp-")))
+    assert "cache" in names  # the folder, after each rename
+    before = {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)}
+    with CacheWriter(folder, dim=2, context_length=4, dtype="float32", shard_size=2) as writer:
+        assert writer.done == {"id0", "id1", "id2"}
+    assert {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)} == before
+
+
+# Examples whose read fails during the precompute.
+
+
+def _failing_read(monkeypatch, index, times):
+    """Makes reading seg example `index` of the synthetic shapes raise OSError `times` times; returns
+    the list of failures so far."""
+    real, failures = shapes.SyntheticShapes.__getitem__, []
+
+    def read(self, i):
+        if i == index and self.task == "seg" and len(failures) < times:
+            failures.append(i)
+            raise OSError(5, "Input/output error")
+        return real(self, i)
+
+    monkeypatch.setattr(shapes.SyntheticShapes, "__getitem__", read)
+    return failures
+
+
+def test_a_read_that_fails_once_is_tried_again(tmp_path, monkeypatch):
+    """It was logged as a skip and left out of the cache: training stopped on a cache miss when it met the
+    example, hours in."""
+    c, folder = small_config(), str(tmp_path / "cache")
+    failures = _failing_read(monkeypatch, 5, times=1)
+    result = precompute(c, folder, **RUN, retry_wait_s=0)
+    assert failures == [5] and result["written"] == 24 and "no examples skipped" in result["skips"]
+    monkeypatch.undo()
+    assert_complete(folder, c)
+
+
+def test_a_read_that_keeps_failing_fails_the_precompute_after_the_rest_is_written(tmp_path, monkeypatch):
+    c, folder = small_config(), str(tmp_path / "cache")
+    failures = _failing_read(monkeypatch, 5, times=100)
+    with pytest.raises(PrecomputeError) as error:
+        precompute(c, folder, **RUN, read_tries=2, retry_wait_s=0)
+    message = str(error.value)
+    assert failures == [5, 5] and "\n" not in message
+    assert "1 examples did not read after 2 tries" in message and "shapes-0-train-5" in message
+    assert "OSError" in message and "rerun the same command" in message
+    cache = EmbeddingCache(folder, fingerprint(c.encoder))
+    assert len(cache) == 23 and cache.missing(["shapes-0-train-5"]) == ["shapes-0-train-5"]
+
+    monkeypatch.undo()  # the file system is back
+    again = precompute(c, folder, **RUN)
+    assert (again["written"], again["already"]) == (1, 23)
+    assert_complete(folder, c)
+
+
+def test_a_bad_example_is_still_a_skip_not_a_failure(tmp_path, monkeypatch):
+    real, calls = shapes.SyntheticShapes.__getitem__, []
+
+    def read(self, i):
+        if i == 5 and self.task == "seg":
+            calls.append(i)
+            raise BadExample("bad_polygon", "no points")
+        return real(self, i)
+
+    monkeypatch.setattr(shapes.SyntheticShapes, "__getitem__", read)
+    result = precompute(small_config(), str(tmp_path), **RUN, retry_wait_s=0)
+    assert calls == [5] and result["written"] == 23  # not tried again: bad data stays bad
+    assert result["skips"] == "precompute: 1 examples skipped (bad_polygon: 1)"
+
+
+_CLI = """
+import sys
+from genmask_jax.data import shapes
+from genmask_jax.encoders import precompute as module
+from genmask_jax.infer import cli
+
+real = shapes.SyntheticShapes.__getitem__
+def read(self, i):
+    if i == 5 and self.task == "seg":
+        raise OSError(5, "Input/output error")
+    return real(self, i)
+shapes.SyntheticShapes.__getitem__ = read
+module.time.sleep = lambda seconds: None
+config = module._define_flags()
+cli.run(lambda: module.main(config.value), prog="genmask_jax.encoders.precompute")
+"""
+
+
+def test_the_command_exits_non_zero_naming_the_unread_examples(tmp_path):
+    out = tmp_path / "cache"
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI, "--config=configs/genmask.py", "--config.data.shapes.train_size=6",
+         "--config.data.gen_sources=", f"--out={out}", "--splits=train", "--batch_size=2"],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "1 examples did not read after 3 tries" in done.stderr and "shapes-0-train-5" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(EmbeddingCache(str(out))) == 5
+
+
+# Contexts of other images.
+
+
+def test_a_lookup_with_another_image_is_refused(tmp_path):
+    """Only the id and the text were compared: a cache written at one resolution served contexts of the
+    old images at another."""
+    folder = str(tmp_path)
+    small = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    with CacheWriter(folder, dim=2, context_length=4, dtype="float32") as writer:
+        writer.add("a", np.ones((1, 2), np.float32), text="the red circle", image=small)
+        writer.add_skip("b", "ValueError: aspect ratio", text="the star", image=small)
+        writer.add("text only", np.ones((1, 2), np.float32), text="a caption")
+    cache = EmbeddingCache(folder)
+    assert cache.lookup("a", "the red circle", small)[1].sum() == 1
+    big = np.zeros((24, 24, 3), np.uint8)
+    shape_changed = r"'a' was encoded from a 16x16x3 uint8 image, the data now gives 24x24x3 uint8"
+    with pytest.raises(CacheMismatch, match=shape_changed + ".*write a new cache"):
+        cache.lookup("a", "the red circle", big)
+    with pytest.raises(CacheMismatch, match="16x16x3 uint8 image with other pixels"):
+        cache.lookup("a", "the red circle", small[::-1])
+    with pytest.raises(CacheMismatch, match="'b' was encoded from a 16x16x3"):
+        cache.lookup("b", "the star", big)
+    assert cache.lookup("a", "the red circle")[1].sum() == 1  # no image given: unchecked
+    assert cache.lookup("text only", "a caption", big)[1].sum() == 1  # no image read: nothing to compare
+
+
+def test_records_written_before_image_digests_are_still_read(tmp_path):
+    folder = str(tmp_path)
+    with CacheWriter(folder, dim=2, context_length=4, dtype="float32") as writer:
+        writer.add("new", np.ones((1, 2), np.float32), text="t")
+    writer = CacheWriter(folder, dim=2, context_length=4, dtype="float32")
+    writer._write("old", encode_record("old", np.ones((2, 2), np.float32), "float32", "t"))  # no digest
+    writer.close()
+    cache = EmbeddingCache(folder)
+    assert "image" not in cache.record("old")[0]
+    assert cache.lookup("old", "t", np.zeros((8, 8, 3), np.uint8))[1].sum() == 2
+
+
+def test_a_cache_precomputed_at_one_resolution_is_refused_at_another(tmp_path, monkeypatch):
+    """The precompute records the image the encoder reads (the toy encoder reads none: made to here)."""
+    from genmask_jax.encoders import precompute as module
+
+    with_image = lambda raw, task, config: (raw["image"] if task == "seg" else None, raw["text"], False)
+    monkeypatch.setattr(module, "encoder_input", with_image)
+    c, folder = small_config(), str(tmp_path)
+    precompute(c, folder, **RUN)
+    cache = EmbeddingCache(folder, fingerprint(c.encoder))
+    at_16 = make_task_source("shapes", "train", c, "seg")[0]
+    c.resolution = (24, 24)
+    at_24 = make_task_source("shapes", "train", c, "seg")[0]
+    assert (at_24["id"], at_24["text"]) == (at_16["id"], at_16["text"])
+    assert cache.lookup(at_16["id"], at_16["text"], at_16["image"])[1].any()
+    with pytest.raises(CacheMismatch, match="16x16x3 uint8 image, the data now gives 24x24x3 uint8"):
+        cache.lookup(at_24["id"], at_24["text"], at_24["image"])
+    assert encoder_input(at_24, "seg", c.encoder)[0] is None  # what the pipelines pass for the toy encoder
+
+
+def test_the_training_pipeline_checks_the_image_it_looks_up(tmp_path, monkeypatch):
+    """The pipelines pass the image the encoder reads to `lookup`: a cache written at 16x16 stops a
+    training run at 24x24 instead of serving the old images' contexts."""
+    import genmask_jax.encoders as encoders
+    from genmask_jax.data.pipeline import make_train_iterator
+    from genmask_jax.encoders import precompute as module
+
+    with_image = lambda raw, task, config: (raw["image"] if task == "seg" else None, raw["text"], False)
+    monkeypatch.setattr(module, "encoder_input", with_image)
+    monkeypatch.setattr(encoders, "encoder_input", with_image)
+    c, folder = small_config(), str(tmp_path)
+    precompute(c, folder, **RUN)
+    c.encoder.cache_dir = folder
+    batch = next(make_train_iterator(c, 2, 2, seed=0, process_index=0, process_count=1))
+    assert all(batch[task]["context_mask"].any(axis=-1).all() for task in ("seg", "gen"))
+    c.resolution = (24, 24)
+    with pytest.raises(CacheMismatch, match="16x16x3 uint8 image, the data now gives 24x24x3 uint8"):
+        next(make_train_iterator(c, 2, 2, seed=0, process_index=0, process_count=1))

@@ -12,12 +12,16 @@ moved converted VAE: `--config.vae_from`). `--config=configs/<exp>.py[:args]` re
 warning when its model or VAE differs from the run's; an error when it would decode with a random VAE
 the run was not trained with).
 Results (per split: metrics.json, masks/*.png or predictions.json) go to --out, by default
-<workdir>/eval/step_<N>; an interrupted run resumes where it stopped, and a rerun into the same --out
-with other settings (checkpoint, step, EMA or raw parameters, steps, seed, prediction-relevant config;
-data paths left out, weights named by their folder) is refused. Under launch/gpu.sh or launch/tpu.sh
-every process evaluates its share of each split (`config.distributed`, as training); each process
-resolves `--checkpoint=WORKDIR` to its latest step itself, and if a training run saved meanwhile and
-they disagree, the command stops: pass a step folder (`WORKDIR/checkpoints/<step>`).
+<workdir>/eval/step_<N>, and <out>/metrics.json gathers every split's metrics with the checkpoint and
+step beside them. An interrupted run resumes where it stopped; another evaluation into the same --out,
+of any split, with other settings (checkpoint, step, EMA or raw parameters, steps, seed,
+prediction-relevant config; data paths left out, weights named by their folder) is refused, and so is a
+rerun of a split whose examples changed (the ids its finished results recorded; the same data moved
+elsewhere keeps them). Under launch/gpu.sh or launch/tpu.sh every process evaluates its share of each
+split (`config.distributed` as training reads it, with the mode "auto" whatever the run trained with:
+this launch decides); each process resolves `--checkpoint=WORKDIR` to its latest step itself, and if a
+training run saved meanwhile and they disagree, the command stops: pass a step folder
+(`WORKDIR/checkpoints/<step>`).
 A split missing from the embedding cache (`data.encoder.cache_dir`) is refused before the model loads,
 with the command that adds it (`python -m genmask_jax.encoders.precompute ... --eval=<split>`).
 """
@@ -67,6 +71,7 @@ def main() -> None:
     cli.require(_BATCH.value >= 0, f"--batch_size must be >= 0, got {_BATCH.value}")
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
     out = _OUT.value or str(default_out(directory, step))
+    cli.check_image_size(config)
     try:
         job.check_sources(config.data, splits)
         if not config.data.encoder.cache_dir:

@@ -8,8 +8,9 @@ steps): a second-order multistep method at one model call a step, as Euler (the 
 model in BENCHMARKS.md).
 
 Several --prompt give several images (`{i}` in --out, else `_<i>` before the extension), generated
---batch_size at a time; prompt i starts from the noise of `fold_in(key(seed), i)`, so its image does not
-depend on the batch size or on the other prompts.
+--batch_size at a time; prompt i starts from the noise of `fold_in(key(seed), i)`: its image depends on
+its place i (the same prompt repeated gives different images) but not on the batch size or on the other
+prompts.
 The config is the one saved with the checkpoint; `--config.field=value` overrides apply to it, and
 `--config=configs/<exp>.py[:args]` replaces it. Under a multi-process launch every process computes
 the same images and process 0 writes them.

@@ -7,8 +7,9 @@ r"""Referring segmentation of image files with a trained checkpoint.
 
 Images and prompts pair up one to one, or one of them is shared by all the others. With several
 outputs, --out/--overlay get the output number: `{i}` in the name, else `_<i>` before the extension.
-They are encoded and segmented --batch_size at a time; image i gets the noise of `fold_in(key(seed), i)`,
-so its mask does not depend on the batch size or on the other images.
+They are encoded and segmented --batch_size at a time; every image gets the same noise, drawn from
+--seed alone, so its mask depends neither on the batch size nor on the other images or its place
+among them.
 Masks are written at each image's original size (foreground 255; PNG, BMP or TIFF by the extension of
 --out, lossless formats only): the model's score is resized bilinearly to it and thresholded there.
 The config is the one saved with the checkpoint; `--config.field=value` overrides apply to it (e.g.
@@ -42,7 +43,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size",
     8,
     "Images per encoder and device call (fewer when there are fewer images; the last call padded). "
-    "The masks do not depend on it: image i gets the noise of fold_in(key(seed), i).",
+    "The masks do not depend on it: every image gets the same noise, drawn from --seed.",
 )
 _EMA = flags.DEFINE_bool("ema", True, "Use the EMA parameters when the checkpoint has them.")
 _REWRITE = flags.DEFINE_bool(

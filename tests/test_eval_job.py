@@ -226,6 +226,68 @@ def test_refuses_to_mix_runs(tmp_path):
         run(tmp_path, Predict(), settings={"step": 4})
 
 
+def write_reasonseg(root, texts: dict[str, list[str]]) -> None:
+    """ReasonSeg's val split under `root`: one 40x40 image per name, a square target of its own size;
+    an image with no text is left out of the split's listing."""
+    folder = root / "val"
+    folder.mkdir(parents=True, exist_ok=True)
+    for size, (name, text) in enumerate(texts.items(), start=1):
+        Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(folder / f"{name}.jpg")
+        side = 10 * size
+        shape = {"label": "target", "points": [[0, 0], [side, 0], [side, side], [0, side]]}
+        annotation = {"text": text, "is_sentence": False, "shapes": [shape]}
+        (folder / f"{name}.json").write_text(json.dumps(annotation))
+
+
+def test_a_rerun_on_changed_data_is_refused_and_moved_data_keeps_its_results(tmp_path):
+    """Finished work is found by index: after an example joined the split's listing, a rerun reused the
+    records of other examples under shifted indices (one counted twice, one never evaluated). It is
+    refused whether the count changed or not, also for a run.json written before counts were recorded;
+    the same data under another root keeps its results."""
+    import shutil
+
+    spec = job.SplitSpec("reasonseg", "val")
+    config = data_config()
+    config.reasonseg.root = str(tmp_path / "v1")
+    write_reasonseg(tmp_path / "v1", {"a": ["the a"], "b": [], "c": ["the c"]})  # b: no text yet
+    first = job.evaluate_split(Predict(), config, spec, tmp_path / "out", 2, progress=False)
+    split_dir = tmp_path / "out" / spec.dirname
+    assert json.loads((split_dir / "run.json").read_text())["num_examples"] == 2
+
+    shutil.copytree(tmp_path / "v1", tmp_path / "moved")
+    config.reasonseg.root = str(tmp_path / "moved")
+    again = Predict()
+    assert job.evaluate_split(again, config, spec, tmp_path / "out", 2, progress=False) == first
+    assert again.calls == 0
+
+    write_reasonseg(tmp_path / "moved", {"a": ["the a"], "b": ["the b"], "c": ["the c"]})  # b fixed
+    changed = r"^reasonseg:val: the data behind the split changed since .*\(2 examples then, 3 now\); use"
+    with pytest.raises(job.EvaluationError, match=changed + " a new --out"):
+        job.evaluate_split(Predict(), config, spec, tmp_path / "out", 2, progress=False)
+
+    write_reasonseg(tmp_path / "moved", {"a": ["the a"], "b": ["the b"], "c": []})  # and c broken: 2 again
+    with pytest.raises(job.EvaluationError, match="example 1 was reasonseg-val-c-0, now reasonseg-val-b-0"):
+        job.evaluate_split(Predict(), config, spec, tmp_path / "out", 2, progress=False)
+    settings = json.loads((split_dir / "run.json").read_text())
+    del settings["num_examples"]  # a folder written before run.json recorded the count
+    (split_dir / "run.json").write_text(json.dumps(settings))
+    write_reasonseg(tmp_path / "moved", {"a": ["the a"], "b": ["the b"], "c": ["the c"]})
+    with pytest.raises(job.EvaluationError, match="example 1 was reasonseg-val-c-0, now reasonseg-val-b-0"):
+        job.evaluate_split(Predict(), config, spec, tmp_path / "out", 2, progress=False)
+    fresh = job.evaluate_split(Predict(), config, spec, tmp_path / "fresh", 2, progress=False)
+    assert fresh["num_samples"] == 3
+
+
+def test_a_run_json_written_before_counts_were_recorded_keeps_its_results(tmp_path):
+    metrics = run(tmp_path, Predict(), settings={"step": 3})
+    path = tmp_path / SPEC.dirname / "run.json"
+    settings = json.loads(path.read_text())
+    assert settings.pop("num_examples") == NUM_EXAMPLES
+    path.write_text(json.dumps(settings))
+    again = Predict()
+    assert run(tmp_path, again, settings={"step": 3}) == metrics and again.calls == 0
+
+
 def with_field(config, field: str, value):
     """`config` with the dotted `field` set to `value`."""
     *parents, name = field.split(".")
@@ -299,9 +361,10 @@ def test_moving_the_weights_keeps_the_prediction_config_digest():
     assert digest("vae_from", "/ckpt/wan2.2_vae") != base  # another folder: other converted weights
 
 
-def test_run_refuses_other_parameters_or_config(tmp_path, monkeypatch):
-    """A rerun into the same --out with the raw instead of the EMA parameters, or a config that
-    changes predictions, must not re-report the first run's metrics."""
+@pytest.fixture
+def fake_loaded(tmp_path, monkeypatch):
+    """`loaded(params_key, step, checkpoint, **data fields)`: what `job.run` reads of a loaded checkpoint,
+    with a Segmenter whose `predict` is `Predict` (no model)."""
     import types
 
     from configs.genmask import get_config
@@ -315,14 +378,22 @@ def test_run_refuses_other_parameters_or_config(tmp_path, monkeypatch):
 
     monkeypatch.setattr(segmenter, "Segmenter", FakeSegmenter)
 
-    def loaded(params_key="ema_params", **data):
+    def loaded(params_key="ema_params", step=8, checkpoint="ckpt", **data):
         config = get_config()
         config.data = data_config()
         config.data.update(data)
+        directory = tmp_path / checkpoint
         return types.SimpleNamespace(
-            config=config, directory=tmp_path / "ckpt", step=8, params_key=params_key, resolution=(32, 32)
+            config=config, directory=directory, step=step, params_key=params_key, resolution=(32, 32)
         )
 
+    return loaded
+
+
+def test_run_refuses_other_parameters_or_config(tmp_path, fake_loaded):
+    """A rerun into the same --out with the raw instead of the EMA parameters, or a config that
+    changes predictions, must not re-report the first run's metrics."""
+    loaded = fake_loaded
     out = tmp_path / "eval"
     first = job.run(loaded(), [SPEC], out, batch_size=BATCH, progress=False)
     assert job.run(loaded(), [SPEC], out, batch_size=BATCH, progress=False) == first
@@ -332,6 +403,33 @@ def test_run_refuses_other_parameters_or_config(tmp_path, monkeypatch):
         job.run(loaded(fit="crop"), [SPEC], out, batch_size=BATCH, progress=False)
     moved = job.run(loaded(num_threads=2), [SPEC], out, batch_size=BATCH, progress=False)
     assert moved == first
+
+
+def test_one_out_holds_the_splits_of_one_evaluation(tmp_path, fake_loaded):
+    """README: another evaluation into an --out is refused. Only each split's folder was guarded, so
+    another checkpoint (or step, parameters, seed, shared config) evaluating another split into the
+    same --out was merged into its metrics.json with nothing saying which produced which."""
+    val = job.SplitSpec("synthetic", "val")
+    out = tmp_path / "eval"
+    small = {"shapes": {**data_config().shapes.to_dict(), "val_size": 6}}
+    test = job.run(fake_loaded(**small), [SPEC], out, batch_size=BATCH, progress=False)
+    for loaded, field in (
+        (fake_loaded(checkpoint="other", **small), "checkpoint"),
+        (fake_loaded(step=9, **small), "step"),
+        (fake_loaded(params_key="params", **small), "params"),
+        (fake_loaded(fit="crop", **small), "config"),
+    ):
+        with pytest.raises(job.EvaluationError, match=f"^{out} holds .*differs in {field}\\)"):
+            job.run(loaded, [val], out, batch_size=BATCH, progress=False)
+        assert not (out / val.dirname).exists()
+    with pytest.raises(job.EvaluationError, match="differs in seed"):
+        job.run(fake_loaded(**small), [val], out, batch_size=BATCH, seed=1, progress=False)
+    # Another split of the same evaluation joins it; its source's settings are the split's own.
+    job.run(fake_loaded(**small), [val], out, batch_size=BATCH, progress=False)
+    merged = json.loads((out / "metrics.json").read_text())
+    source = {"checkpoint": str(tmp_path / "ckpt"), "step": 8, "params": "ema_params"}
+    assert merged[SPEC.name] == {**source, **test[SPEC.name]}
+    assert merged[val.name]["num_samples"] == 6 and merged[val.name]["step"] == 8
 
 
 def failing_example(monkeypatch, lost: int, error: Exception):

@@ -18,8 +18,14 @@ cannot be read is recorded as "unreadable" (left out of the metrics, listed in `
 that failed for another reason (memory, a lost connection) gets no record, so a rerun retries it. When
 every process is done, process 0 merges the shards into `metrics.json` (and, for RLE,
 `predictions.json`). `run.json` in each split's folder says what produced its shards (checkpoint, step,
-EMA or raw parameters, sampler settings, a digest of the config fields that change predictions); a
-rerun with other settings is refused.
+EMA or raw parameters, sampler settings, a digest of the config fields that change predictions, the
+split's example count); a rerun with other settings is refused. Results are found by index, so a rerun
+also checks that every finished example is still the one at its index (the ids its shards recorded):
+when the data behind a split changed (an example added or dropped from a listing, another copy of a
+data set) it is refused, while the same data moved elsewhere keeps its results. `<out>/run.json` holds
+what every split of one `--out` shares (checkpoint, step, parameters, sampler settings, the digest of
+the config less the split sources' sections): an evaluation of another checkpoint into it is refused,
+so the `<out>/metrics.json` that gathers the splits' metrics describes one evaluation.
 """
 
 import hashlib
@@ -29,6 +35,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -166,9 +173,6 @@ class ShardStore:
                 by_index[int(record["index"])] = record
         return [by_index[i] for i in sorted(by_index)]
 
-    def done_indices(self) -> set[int]:
-        return {int(r["index"]) for r in self.records()}
-
     def write(self, records: list[dict], masks: Sequence[np.ndarray]) -> epath.Path:
         """Writes the predictions of one batch, then its shard JSON (the commit)."""
         self.shards.mkdir(parents=True, exist_ok=True)
@@ -188,20 +192,69 @@ class ShardStore:
         return path
 
 
+# Fields run.json has held only since 2026-12-07: a folder written before lacks them and keeps its results.
+RECORDED_SINCE = ("num_examples",)
+
+
+def recorded_settings(directory: epath.Path) -> dict | None:
+    """The settings `check_settings` recorded in `directory` (its run.json), None if none yet."""
+    path = directory / "run.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def check_settings(directory: epath.Path, settings: dict) -> None:
     """Refuses to mix results of different runs (checkpoint, steps, seed, ...) in one output folder."""
-    path = directory / "run.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    previous = recorded_settings(directory)
+    if previous is not None:
+        changed = sorted(
+            k
+            for k in set(previous) | set(settings)
+            if previous.get(k) != settings.get(k) and (k in previous or k not in RECORDED_SINCE)
+        )
+        if changed:
             raise EvaluationError(
                 f"{directory} holds results of a different evaluation (differs in {', '.join(changed)}); "
                 "use another --out or delete it"
             )
     elif jax.process_index() == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, json.dumps(settings, indent=1, sort_keys=True))
+        _write_atomic(directory / "run.json", json.dumps(settings, indent=1, sort_keys=True))
+
+
+def source_example_id(source, index: int) -> str:
+    """The id of example `index` of `source`, `<index N>` when even that cannot be read (the id only
+    labels the record of an unreadable example; the same placeholder is compared on a rerun)."""
+    try:
+        return str(source.example_id(index))
+    except Exception:  # noqa: BLE001
+        return f"<index {index}>"
+
+
+def check_same_examples(
+    directory: epath.Path, spec: SplitSpec, records: Sequence[dict], num_examples: int, example_id
+) -> None:
+    """Raises EvaluationError when the split's examples are no longer those `records` were made of: a
+    count other than the one run.json recorded, or a finished record whose id is not that of the
+    example now at its index (`example_id(index)`; ReasonSeg's and the synthetic split's are look-ups,
+    RefCOCO's reads the record, as `check_sources` does with an embedding cache). Results are found by
+    index, and would otherwise be reused for other examples (one counted twice, another never
+    evaluated)."""
+    previous = (recorded_settings(directory) or {}).get("num_examples", num_examples)
+    change = None
+    if previous != num_examples:
+        change = f"{previous} examples then, {num_examples} now"
+    else:
+        for record in records:
+            index = int(record["index"])
+            now = example_id(index) if index < num_examples else None
+            if now != record["id"]:
+                change = f"example {index} was {record['id']}, now {now or 'past the end of the split'}"
+                break
+    if change is not None:
+        raise EvaluationError(
+            f"{spec.name}: the data behind the split changed since {directory} was written ({change}); "
+            "use a new --out, or delete that folder to evaluate the split again"
+        )
 
 
 def _batch_indices(iterator, step: int) -> list[int]:
@@ -284,7 +337,6 @@ def evaluate_split(
     from tqdm import tqdm
 
     store = ShardStore(epath.Path(out_dir) / spec.dirname, fmt)
-    check_settings(store.directory, {"split": spec.name, "format": fmt, **(settings or {})})
     iterator = make_eval_iterator(
         split_data_config(data_config, spec),
         spec.split,
@@ -292,7 +344,12 @@ def evaluate_split(
         process_index=process_index,
         process_count=process_count,
     )
-    done = store.done_indices()
+    example_id = partial(source_example_id, iterator.source)
+    records = store.records()
+    count = {"num_examples": iterator.num_examples}
+    check_same_examples(store.directory, spec, records, iterator.num_examples, example_id)
+    check_settings(store.directory, {"split": spec.name, "format": fmt, **(settings or {}), **count})
+    done = {int(r["index"]) for r in records}
     todo = [s for s in range(len(iterator)) if not set(_batch_indices(iterator, s)) <= done]
     skipped = len(iterator) - len(todo)
     log.info(
@@ -310,12 +367,6 @@ def evaluate_split(
         unit="batch",
         disable=not progress or iterator.process_index != 0,
     )
-
-    def example_id(index: int) -> str:
-        try:
-            return str(iterator.source.example_id(index))
-        except Exception:  # noqa: BLE001  (the id only labels an unreadable example)
-            return f"<index {index}>"
 
     retried = []
 
@@ -404,16 +455,23 @@ NON_PREDICTION_DATA_FIELDS = (
 )
 
 
-def prediction_config(config: ml_collections.ConfigDict, spec: SplitSpec) -> dict:
-    """The fields of an experiment config that change `spec`'s predictions, as plain JSON data.
+# The data config sections that say which examples a split is (its source's settings): each split's own
+# digest covers them, the one an --out's splits share leaves them out.
+SPLIT_SOURCE_DATA_FIELDS = ("seg_sources", "shapes", "reasonseg", "refcoco")
+
+
+def prediction_config(config: ml_collections.ConfigDict, spec: SplitSpec | None = None) -> dict:
+    """The fields of an experiment config that change `spec`'s predictions, as plain JSON data; with
+    `spec` None those that change the predictions of every split (`SPLIT_SOURCE_DATA_FIELDS` left out).
 
     Weights are named by their folder, not their path (`encoders.model_name`): moving the converted VAE
     (`--config.vae_from`) or the Qwen weights to another machine or folder keeps finished shards."""
     from genmask_jax.encoders import model_name
     from genmask_jax.infer.checkpoint import as_json, vae_source
 
-    data = as_json(split_data_config(config.data, spec))
-    for field in NON_PREDICTION_DATA_FIELDS:
+    data = as_json(config.data if spec is None else split_data_config(config.data, spec))
+    left_out = NON_PREDICTION_DATA_FIELDS + (SPLIT_SOURCE_DATA_FIELDS if spec is None else ())
+    for field in left_out:
         *parents, name = field.split(".")
         node = data
         for parent in parents:
@@ -427,7 +485,7 @@ def prediction_config(config: ml_collections.ConfigDict, spec: SplitSpec) -> dic
     return {"model": as_json(config.model), "vae": as_json(vae), "data": data}
 
 
-def prediction_config_digest(config: ml_collections.ConfigDict, spec: SplitSpec) -> str:
+def prediction_config_digest(config: ml_collections.ConfigDict, spec: SplitSpec | None = None) -> str:
     text = json.dumps(prediction_config(config, spec), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -451,14 +509,14 @@ def run(
     progress: bool = True,
 ) -> dict[str, dict]:
     """Evaluates a loaded checkpoint (`infer.checkpoint.load`) on `splits`; returns {split: metrics}
-    on process 0 and writes `out_dir/metrics.json` with all of them.
+    on process 0 and adds them to `out_dir/metrics.json`, each with the checkpoint, step and parameters
+    beside its metrics. Refuses (EvaluationError) an `out_dir` whose run.json names another checkpoint,
+    parameters, sampler settings or shared config.
 
     batch_size: per process (`process_batch_size`).
     """
     from genmask_jax.infer.segmenter import Segmenter
 
-    segmenter = Segmenter(loaded, num_steps=num_steps, seed=seed)
-    batch_size = process_batch_size(segmenter.batch_multiple, batch_size)
     settings = {
         "checkpoint": str(loaded.directory),
         "step": loaded.step,
@@ -467,6 +525,9 @@ def run(
         "seed": seed,
         "resolution": list(loaded.resolution),
     }
+    check_settings(epath.Path(out_dir), {**settings, "config": prediction_config_digest(loaded.config)})
+    segmenter = Segmenter(loaded, num_steps=num_steps, seed=seed)
+    batch_size = process_batch_size(segmenter.batch_multiple, batch_size)
     results = {}
     for spec in splits:
         split_settings = {**settings, "config": prediction_config_digest(loaded.config, spec)}
@@ -479,6 +540,7 @@ def run(
         out = epath.Path(out_dir)
         path = out / "metrics.json"
         merged = json.loads(path.read_text()) if path.exists() else {}
-        merged.update(results)
+        source = {k: settings[k] for k in ("checkpoint", "step", "params")}
+        merged.update({name: {**source, **metrics} for name, metrics in results.items()})
         _write_atomic(path, json.dumps(merged, indent=1))
     return results

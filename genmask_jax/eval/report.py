@@ -61,7 +61,11 @@ def generation_grid(
     return grid(cells, columns, "generated from the caption | the scene it describes")
 
 
-def summary_markdown(report: dict) -> str:
+GRIDS = {"segmentation_grid.png": "segmentations", "generated.png": "generated"}  # file -> alt text
+
+
+def summary_markdown(report: dict, grids: Sequence[str] = tuple(GRIDS)) -> str:
+    """The report as Markdown, with a link to each of `grids` (the files of `GRIDS` written beside it)."""
     seg, base = report["segmentation"], report["baselines"]
     rows = [("GenMask, single step", seg)] + [(name, m) for name, m in base.items()]
     lines = [
@@ -94,28 +98,30 @@ def summary_markdown(report: dict) -> str:
         )
         + ")."
     ]
-    lines += ["", "![segmentations](segmentation_grid.png)", "", "![generated](generated.png)", ""]
-    return "\n".join(lines)
+    for name in grids:
+        lines += ["", f"![{GRIDS[name]}]({name})"]
+    return "\n".join([*lines, ""])
 
 
 def write_report(workdir: str, report: dict, examples: Sequence[dict], generated=None) -> dict[str, str]:
-    """Writes metrics.json, report.md, segmentation_grid.png and (if given) generated.png.
+    """Writes metrics.json, report.md, segmentation_grid.png (if there are `examples`) and generated.png
+    (if given); report.md links the grids written.
 
+    examples: the segmentations to draw (`segmentation_grid`), possibly none (`demo.num_grid=0`).
     generated: (images uint8 (N, H, W, 3), reference images uint8 (N, H, W, 3), captions) or None.
-    Returns name -> path.
+    Returns name -> path of the files written.
     """
     os.makedirs(workdir, exist_ok=True)
-    paths = {
-        name: os.path.join(workdir, name)
-        for name in ("metrics.json", "report.md", "segmentation_grid.png", "generated.png")
-    }
+    grids = {}
+    if len(examples):
+        grids["segmentation_grid.png"] = segmentation_grid(examples)
+    if generated is not None:
+        grids["generated.png"] = generation_grid(*generated)
+    paths = {name: os.path.join(workdir, name) for name in ("metrics.json", "report.md", *grids)}
     with open(paths["metrics.json"], "w") as f:
         json.dump(report, f, indent=2)
     with open(paths["report.md"], "w") as f:
-        f.write(summary_markdown(report))
-    segmentation_grid(examples).save(paths["segmentation_grid.png"])
-    if generated is not None:
-        generation_grid(*generated).save(paths["generated.png"])
-    else:
-        paths.pop("generated.png")
+        f.write(summary_markdown(report, list(grids)))
+    for name, image in grids.items():
+        image.save(paths[name])
     return paths

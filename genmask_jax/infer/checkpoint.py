@@ -107,16 +107,19 @@ def saved_config(directory: epath.Path, step: int) -> ml_collections.ConfigDict:
 
     Read by the JSON handler alone: a CheckpointManager would start JAX's backends, and the config
     is needed before `jax.distributed.initialize`, which must come first (its `distributed` section).
-    That section's coordinator address, process count and process id are the training job's (process
-    0's, when given as flags): they are cleared (`multihost.unset_job_fields`) so that this job takes
-    its own from the environment or `--config.distributed.*`, instead of waiting for the old job's peers.
+    That section describes the training job: its coordinator address, process count and process id
+    (process 0's, when given as flags) are cleared (`multihost.unset_job_fields`) and its mode is
+    "auto", so that this job's own launch decides (the environment, launch/gpu.sh's
+    GENMASK_DISTRIBUTED=1, or `--config.distributed.*`): the demo's "off" made every process of a
+    multi-process evaluation evaluate the whole split, and a run trained with "on" failed on one machine
+    for want of a coordinator.
     """
     path = epath.Path(directory) / str(step) / CONFIG
     if not path.exists():
         raise CheckpointError(f"checkpoint {directory}/{step} has no saved config; pass --config")
     saved = with_tuples(dict(ocp.JsonCheckpointHandler().restore(path)))
     if isinstance(saved.get("distributed"), dict):
-        saved["distributed"] = multihost.unset_job_fields(saved["distributed"])
+        saved["distributed"] = {**multihost.unset_job_fields(saved["distributed"]), "mode": "auto"}
     return with_current_fields(saved)
 
 

@@ -2,9 +2,10 @@
 
 Euler or UniPC (`diffusion.flow.SAMPLERS`) over WAN's shifted schedule with classifier-free guidance
 against the null context (as `GenMask.generate_latents`); the prompt alone conditions the image (no
-input image). Prompt `i` of a call starts from the noise of `fold_in(key(seed), i)`, as the
-segmenter's examples do, so its image does not depend on the other prompts of the call. `generator(prompts)`
-runs `batch_size` prompts per device call, the last call padded, so calls of any length compile once.
+input image). Prompt `i` of a call starts from the noise of `fold_in(key(seed), i)` (as the evaluation
+job's example `i` does), so its image depends on its place `i` in the call (a prompt repeated gives
+different images) but not on the other prompts or the batch size. `generator(prompts)` runs
+`batch_size` prompts per device call, the last call padded, so calls of any length compile once.
 """
 
 from collections.abc import Sequence
@@ -67,7 +68,8 @@ def generate_images(
 
 class Generator:
     """`generator(prompts, num_steps, guidance_scale, seed) -> uint8 images (B, H, W, 3)`; prompt `i`
-    gets the noise of `fold_in(key(seed), i)`, seed in [0, 2**32) (`segmenter.noise_key`).
+    gets the noise of `fold_in(key(seed), i)` (its image depends on `i`, not on the other prompts), seed
+    in [0, 2**32) (`segmenter.noise_key`).
 
     Args:
       loaded: `infer.checkpoint.load(...)`.

@@ -5,9 +5,11 @@ Single-step by default (DESIGN.md 1: start at t = 1 from noise, one DiT call, x0
 the mean of the decoded RGB in [-1, 1]; as LISA upsamples its logits, the score is mapped back to the
 image's original size bilinearly (the fit's padding or crop undone) and thresholded at 0 there
 (`original_size_mask`). Each example's noise is drawn from `fold_in(key(seed), index)`, so a prediction
-does not depend on the batch it was computed in, the batch size or the number of devices.
-`segmenter(images, prompts)` runs `batch_size` images per device call, the last chunk padded, so calls
-of any length compile once.
+does not depend on the batch it was computed in, the batch size or the number of devices: the evaluation
+job gives each example of a split its own index. `segmenter(images, prompts)` gives every image index
+0, the same noise drawn from the seed alone, so an image's mask does not depend on the other images of
+the call or on its place among them; it runs `batch_size` images per device call, the last chunk
+padded, so calls of any length compile once.
 """
 
 from collections.abc import Sequence
@@ -191,8 +193,8 @@ class Segmenter:
     Args:
       loaded: `infer.checkpoint.load(...)`.
       num_steps: 1 = the paper's single-step inference.
-      seed: noise seed in [0, 2**32) (`noise_key`); example `i` of a call (or `batch["index"][i]`) gets
-        `fold_in(key(seed), i)`.
+      seed: noise seed in [0, 2**32) (`noise_key`); every image of `segmenter(images, prompts)` gets
+        `fold_in(key(seed), 0)`, row `i` of `predict(batch)` gets `fold_in(key(seed), batch["index"][i])`.
       shift: schedule shift for `num_steps > 1`.
       encoder: the instruction encoder; default `make_encoder(config.data.encoder)`, built on first use.
       rewrite: two-stage reasoning for `segmenter(images, prompts)`: the VLM first rewrites every prompt
@@ -258,18 +260,18 @@ class Segmenter:
     ) -> list[np.ndarray]:
         """Images (uint8 `(H, W, 3)` RGB, `(H, W, 4)` RGBA, `(H, W)` grey, or PIL images) and one prompt
         each -> bool masks `(H, W)` at each image's size; a PIL image and its mask as displayed (EXIF
-        orientation applied). Image `i` gets the noise of index `i` whatever `batch_size`."""
+        orientation applied). Every image gets the same noise (index 0), so its mask is the one it gets
+        alone, whatever the other images, its place among them or `batch_size`."""
         check_inputs(images, prompts)
         rgb = [as_rgb_uint8(image) for image in images]
         masks = []
         for start in range(0, len(rgb), self.batch_size):
             end = start + self.batch_size
-            masks += self._segment_chunk(rgb[start:end], list(prompts[start:end]), start)
+            masks += self._segment_chunk(rgb[start:end], list(prompts[start:end]))
         return masks
 
-    def _segment_chunk(self, images: list[np.ndarray], prompts: list[str], start: int) -> list[np.ndarray]:
-        """Masks of uint8 RGB `images`, the first of which is image `start` of the call; padded to
-        `batch_size` rows."""
+    def _segment_chunk(self, images: list[np.ndarray], prompts: list[str]) -> list[np.ndarray]:
+        """Masks of uint8 RGB `images`, padded to `batch_size` rows."""
         config = self.loaded.config
         fitted = [preprocess.fit_image(im, self.loaded.resolution, config.data.fit) for im in images]
         # `rewrite` only when asked: the InstructionEncoder interface (the toy encoder) has no such argument.
@@ -279,7 +281,7 @@ class Segmenter:
             "image": np.stack([f[0] for f in fitted]),
             "context": context,
             "context_mask": context_mask,
-            "index": np.arange(start, start + len(images)),
+            "index": np.zeros(len(images), np.int32),
         }
         batch, n = pad_rows(batch, self.batch_size)
         scores = np.asarray(self.predict(batch))[:n]

@@ -371,6 +371,42 @@ def test_exclude_eval_images_without_or_with_a_stale_index(union_dir, tmp_path, 
     assert "disagrees with the records of train" in caplog.text
 
 
+def _no_decoding(monkeypatch):
+    """Makes reading a decoded record (or decoding an image or mask) fail the test."""
+    import tensorflow_datasets as tfds
+
+    def decoded(*args, **kwargs):
+        pytest.fail("a record was deserialized or decoded")
+
+    monkeypatch.setattr(tfds.features.FeaturesDict, "deserialize_example_np", decoded)
+    for decoder in ("decode_image", "decode_mask"):
+        monkeypatch.setattr(refcoco, decoder, decoded)
+
+
+def test_example_id_is_the_example_s_id_read_without_decoding(union_dir, monkeypatch):
+    # An evaluation resume asks the id of every finished example: it must not decode ~10k images.
+    excluded = refcoco.eval_image_ids(UNION.split(","), "train", str(union_dir))
+    sources = [
+        refcoco.RefCocoSource(name, split, data_dir=str(union_dir), exclude_image_ids=exclude)
+        for name in UNION.split(",")
+        for split in ("train", "val")
+        for exclude in (frozenset(), excluded)
+    ]
+    assert sum(s.num_excluded for s in sources if s.split == "train") == 7
+    ids = [[s[i]["id"] for i in range(len(s))] for s in sources]
+    _no_decoding(monkeypatch)
+    assert [[s.example_id(i) for i in range(len(s))] for s in sources] == ids
+    copy = pickle.loads(pickle.dumps(sources[1]))  # its serialized records already open
+    assert [copy.example_id(i) for i in range(len(copy))] == ids[1]
+
+
+def test_example_id_of_a_record_serialized_otherwise_is_read_decoded(union_dir, monkeypatch):
+    """A layout without the expected int64 feature costs a decode, not the id."""
+    source = refcoco.RefCocoSource("refcoco_unc", "val", data_dir=str(union_dir))
+    monkeypatch.setattr(refcoco, "sent_id_key", lambda name: "no/such/feature")
+    assert [source.example_id(i) for i in range(len(source))] == [source[i]["id"] for i in range(len(source))]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -241,3 +241,31 @@ def test_exclude_eval_images_reads_no_image(bv_dir, tmp_path, monkeypatch, caplo
     indexed = _source(data_dir, UNION, exclude=True)
     monkeypatch.undo()
     assert _kept(indexed) == expected
+
+
+def test_example_id_is_the_example_s_id_read_without_decoding(bv_dir, monkeypatch):
+    # An evaluation resume asks the id of every finished example: it must not decode ~10k images.
+    from genmask_jax.data.refcoco import RefCocoSource, eval_image_ids
+
+    excluded = eval_image_ids(UNION.split(","), "train", str(bv_dir))
+    sources = [
+        RefCocoSource(name, split, data_dir=str(bv_dir), exclude_image_ids=exclude)
+        for name in UNION.split(",")
+        for split in ("train", "val")
+        for exclude in (frozenset(), excluded)
+    ]
+    assert sum(s.num_excluded for s in sources if s.split == "train") == 1 + 1  # image 7 in both sets
+    ids = [[s[i]["id"] for i in range(len(s))] for s in sources]
+    # the merged config's ids carry the record's position (sentence ids repeat across its REFER sets)
+    assert {(s.name, "-at" in i) for s, split_ids in zip(sources, ids) for i in split_ids} == {
+        ("ref_coco_bv/refcoco_unc", False),
+        ("ref_coco_bv/refcocox_combined", True),
+    }
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("a record was deserialized or decoded")
+
+    monkeypatch.setattr(tfds.features.FeaturesDict, "deserialize_example_np", decoded)
+    for method in ("decode_example_np", "decode_batch_example_np"):
+        monkeypatch.setattr(tfds.features.Image, method, decoded)
+    assert [[s.example_id(i) for i in range(len(s))] for s in sources] == ids

@@ -329,6 +329,13 @@ def image_id_key(name: str) -> str:
     return "id" if is_big_vision(name) else "image_id"
 
 
+def sent_id_key(name: str) -> str:
+    """The int64 feature of a serialized record whose first value is the sentence id. TFDS stores
+    big_vision's `objects/refs/id` (a sequence in a sequence) as a ragged tensor: its values flattened
+    under `/ragged_flat_values`, the first the only ref of the only object of a `_flat` record."""
+    return "objects/refs/id/ragged_flat_values" if is_big_vision(name) else "sent_id"
+
+
 def prepare_command(tfds_name: str, data_dir: str | None) -> str:
     """What prepares `tfds_name` (ours: `ref_coco_seg/<config>`; big_vision's: `ref_coco_bv/<config>`)."""
     config = tfds_name.split("/")[-1].split(":")[0]
@@ -365,9 +372,12 @@ def open_records(tfds_name: str, tfds_split: str | None, data_dir: str | None, r
         ) from e
 
 
-def record_image_id(raw_record: bytes, key: str) -> int:
-    """The int64 feature `key` of a serialized record; nothing else is decoded."""
-    return int(tf_example_pb2.Example.FromString(raw_record).features.feature[key].int64_list.value[0])
+def record_int(raw_record: bytes, key: str) -> int:
+    """The first value of the int64 feature `key` of a serialized record; nothing else is decoded."""
+    features = tf_example_pb2.Example.FromString(raw_record).features.feature
+    if key not in features or not features[key].int64_list.value:
+        raise KeyError(f"the record has no int64 feature {key!r}; its features: {sorted(features)}")
+    return int(features[key].int64_list.value[0])
 
 
 def scan_image_ids(raw_records, key: str, threads: int = 16, chunk: int = 2048) -> np.ndarray:
@@ -375,7 +385,7 @@ def scan_image_ids(raw_records, key: str, threads: int = 16, chunk: int = 2048) 
     n = len(raw_records)
 
     def read(start: int) -> list[int]:
-        return [record_image_id(raw_records[i], key) for i in range(start, min(start + chunk, n))]
+        return [record_int(raw_records[i], key) for i in range(start, min(start + chunk, n))]
 
     with ThreadPoolExecutor(threads) as pool:
         return np.fromiter(itertools.chain.from_iterable(pool.map(read, range(0, n, chunk))), np.int64, n)
@@ -414,7 +424,7 @@ def _indexed_image_ids(raw_records, tfds_split: str, key: str) -> np.ndarray | N
         log.warning("%s has no usable ids for %s (%s: %s)", path, tfds_split, type(e).__name__, e)
         return None
     checked = np.unique(np.linspace(0, len(ids) - 1, INDEX_SPOT_CHECKS).astype(int)) if len(ids) else []
-    if len(ids) != len(raw_records) or any(record_image_id(raw_records[i], key) != ids[i] for i in checked):
+    if len(ids) != len(raw_records) or any(record_int(raw_records[i], key) != ids[i] for i in checked):
         log.warning("%s disagrees with the records of %s (prepared again?); ignoring it", path, tfds_split)
         return None
     return ids
@@ -474,14 +484,15 @@ class RefCocoSource:
         self.records = open_records(tfds_name, tfds_split, data_dir)
         if "mask" not in self._feature_keys():
             raise ValueError(f"{tfds_name!r} has no masks: {STOCK_REF_COCO_MESSAGE}")
+        # The serialized records, opened on first use: `example_id` reads its ids there, decoding nothing.
+        self._raw_location, self._raw = (tfds_name, tfds_split, data_dir), None
         config = name.split("/")[-1].split(":")[0]
         self.position_in_id = self.big_vision and config in MERGED_BV_CONFIGS
         # Positions in the TFDS split of the records read; ids use these, so excluding leaves them unchanged.
         self.positions = np.arange(len(self.records))
         self.num_excluded = 0
         if exclude_image_ids:
-            raw = open_records(tfds_name, tfds_split, data_dir, raw=True)
-            image_ids = split_image_ids(raw, tfds_split, image_id_key(name))
+            image_ids = split_image_ids(self._raw_records(), tfds_split, image_id_key(name))
             excluded = np.isin(image_ids, np.fromiter(exclude_image_ids, np.int64, len(exclude_image_ids)))
             self.positions = np.flatnonzero(~excluded)
             self.num_excluded = int(excluded.sum())
@@ -504,17 +515,23 @@ class RefCocoSource:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def _id(self, record: dict, position: int) -> str:
-        if not self.big_vision:
-            return f"{self.name}-{self.split}-{int(record['sent_id'])}"
-        sent_id = int(np.asarray(record["objects"]["refs"]["id"]).reshape(-1)[0])
+    def _raw_records(self):
+        if self._raw is None:
+            self._raw = open_records(*self._raw_location, raw=True)
+        return self._raw
+
+    def _id(self, sent_id: int, position: int) -> str:
         if self.position_in_id:  # the id keys the embedding cache, so it must be unique
             return f"{self.name}-{self.split}-{sent_id}-at{position}"
         return f"{self.name}-{self.split}-{sent_id}"
 
     def example_id(self, index: int) -> str:
         position = int(self.positions[index])
-        return self._id(self.records[position], position)
+        try:
+            sent_id = record_int(self._raw_records()[position], sent_id_key(self.name))
+        except KeyError:  # serialized in a layout other than this TFDS's: read the decoded record
+            return self[index]["id"]
+        return self._id(sent_id, position)
 
     def __getitem__(self, index: int) -> dict:
         position = int(self.positions[index])
@@ -524,11 +541,13 @@ class RefCocoSource:
             image = np.asarray(record["image"])
             mask = (np.asarray(objects["mask"])[0][..., 0] > 0).astype(np.uint8)
             sentence = np.asarray(objects["refs"]["sentence"]).reshape(-1)[0]
+            sent_id = np.asarray(objects["refs"]["id"]).reshape(-1)[0]
         else:
             image, mask, sentence = (
                 decode_image(record["image"]),
                 decode_mask(record["mask"]),
                 record["sentence"],
             )
+            sent_id = record["sent_id"]
         text = sentence.decode() if isinstance(sentence, bytes) else str(sentence)
-        return {"id": self._id(record, position), "image": image, "mask": mask, "text": text}
+        return {"id": self._id(int(sent_id), position), "image": image, "mask": mask, "text": text}

@@ -28,6 +28,7 @@ from genmask_jax.encoders.cache import (
     CacheLocked,
     CacheMismatch,
     CacheMiss,
+    CacheUnreadable,
     CacheWriter,
     EmbeddingCache,
     SkippedExample,
@@ -856,7 +857,12 @@ def test_other_errors_keep_their_traceback():
 
 @pytest.mark.parametrize(
     "error",
-    [CacheMiss("example 'x' is not cached"), CacheMismatch("other settings"), EncoderUnavailable("torch")],
+    [
+        CacheMiss("example 'x' is not cached"),
+        CacheMismatch("other settings"),
+        EncoderUnavailable("torch"),
+        CacheUnreadable("shard-00001.array_record does not read"),  # an OSError too
+    ],
 )
 def test_context_errors_cross_process_boundaries_as_themselves(error):
     # A Grain worker process sends its exception pickled; the parent re-raises that object.

@@ -5,7 +5,7 @@ Layout of a cache folder:
   shard-00000.array_record          one record per example (below)
   shard-00000.ids.json              the ids of that shard in record order; written last, atomically,
                                     so a shard without it is incomplete and is rewritten on resume (and
-                                    so is a published one that no longer reads as its ids list)
+                                    so is a published one shown damaged: below)
   writer.lock                       while a `CacheWriter` is open (one writer per folder): its host, pid,
                                     boot and pid namespace; a lock of this host, boot and namespace
                                     whose process is gone is taken over
@@ -23,22 +23,33 @@ fails on the missing `length`, which its pipelines skip too).
 The cache is checked, not trusted: opening it compares its encoder fingerprint
 (`genmask_jax.encoders.fingerprint`) with the config's, a record's header must carry the id it is
 read for, a lookup with the example's text must find that text in the record and one with its image
-that image's digest (a data change since the precompute; a record written before digests has none and
-its image is not checked), and a damaged shard (truncated, deleted, an unreadable ids.json) is named.
-Each failure, and an id that is not cached (`CacheMiss`), is a `ContextError`: the pipelines stop on it
-instead of skipping the example.
+an image of the shape encoded (another `data.resolution`, other images; a record written before digests
+has none and its image is not checked), and a damaged shard is named. Each failure, and an id that is not
+cached (`CacheMiss`), is a `ContextError`: the pipelines stop on it instead of skipping the example.
+An image of that shape with other pixels only logs a warning (`EmbeddingCache.pixel_mismatches`): the
+same files decoded by another JPEG decoder (a cache written on one machine and read on another) differ
+in a few pixels, and refusing them would stop training over contexts that are right.
+
+A shard is damaged only on evidence that it is: an ids.json that reads but is not a JSON list of ids, a
+shard file that is gone, a record count other than its ids.json's, or an array_record error that is not
+a failed system call on a file that reads. A file the file system does not let us read (permissions, an
+I/O error) raises `CacheUnreadable` naming it, and a resumed writer deletes nothing: re-encoding a
+shard of a 7B encoder costs GPU hours.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
 import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import struct
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -48,6 +59,7 @@ from genmask_jax.encoders.base import ContextError
 
 log = logging.getLogger(__name__)
 
+PIXEL_WARNING_EVERY = 1000  # `EmbeddingCache._check_image` logs the 1st, 1000th, 2000th, ... mismatch
 FORMAT = 2  # 1: records indexed by unique id and a partial fingerprint (misreads after a repeated id)
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _PRECOMPUTE = "python -m genmask_jax.encoders.precompute"
@@ -66,6 +78,11 @@ class CacheMiss(ContextError, KeyError):
 
 class CacheMismatch(ContextError, ValueError):
     """The cache does not match the config or the data (other encoder settings, texts, a bad index)."""
+
+
+class CacheUnreadable(ContextError, OSError):
+    """A cache file that the file system does not let us read (permissions, an I/O error): not damage,
+    nothing is deleted."""
 
 
 class CacheLocked(RuntimeError):
@@ -126,28 +143,67 @@ def published_shards(folder: str) -> list[tuple[str, str]]:
     ]
 
 
+# riegeli (array_record's files, tfds data sources) reports a failed system call as a RuntimeError
+# "pread() failed: Input/output error; reading /path ..."
+_SYSTEM_CALL_FAILED = re.compile(r"\w+\(\) failed: ([^;\[\n]+)")
+_ERRNOS = {os.strerror(code): code for code in errno.errorcode}
+
+
+def io_errno(error: BaseException) -> int | None:
+    """The errno of the failed system call behind `error`: an OSError's, or the one riegeli's RuntimeError
+    names by its message; None for any other error (corrupt data)."""
+    if isinstance(error, OSError):
+        return error.errno
+    match = _SYSTEM_CALL_FAILED.search(str(error)) if isinstance(error, RuntimeError) else None
+    return _ERRNOS.get(match.group(1).strip()) if match else None
+
+
+def unreadable(path: str, error: BaseException) -> CacheUnreadable:
+    """The error of a cache file that a system call failed on (`io_errno`, or any OSError)."""
+    folder = os.path.dirname(path)
+    return CacheUnreadable(
+        f"embedding cache {folder}: {os.path.basename(path)} does not read ({_first_line(error)}): a "
+        "permission or file system problem, not damage (nothing deleted); make it readable by this user, "
+        "or wait for the storage to read again, and rerun"
+    )
+
+
 def read_ids(ids_path: str) -> list[str] | None:
-    """The ids an ids.json lists; None when it is not a JSON list of strings (emptied, cut short)."""
+    """The ids an ids.json lists; None when it reads but is not a JSON list of strings (emptied, cut
+    short). Raises `CacheUnreadable` when it does not read (permissions, an I/O error)."""
     try:
-        with open(ids_path) as f:
-            ids = json.load(f)
-    except (OSError, ValueError):
+        with open(ids_path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise unreadable(ids_path, e) from e
+    try:
+        ids = json.loads(text)
+    except ValueError:
         return None
     return ids if isinstance(ids, list) and all(isinstance(i, str) for i in ids) else None
 
 
 def shard_damage(shard: str, ids: list[str] | None, count: bool = True) -> str | None:
     """Why a published shard cannot be read as its ids.json lists `ids` (None: it can). `count` opens
-    the shard and compares its number of records (reads its footer, not its records)."""
+    the shard and compares its number of records (reads its footer, not its records). Only evidence of
+    damage is returned; a shard that the file system does not let us read raises `CacheUnreadable`."""
     if ids is None:
         return "its ids.json is not a JSON list of ids"
-    if not os.path.exists(shard):
+    try:
+        os.stat(shard)
+    except FileNotFoundError:  # its folder lists (its ids.json was found): the file is gone
         return "its file is missing"
+    except OSError as e:
+        raise unreadable(shard, e) from e
     if not count:
         return None
     try:
+        with open(shard, "rb") as f:  # array_record reads a file it may not open as one without records
+            f.read(1)
         records = _num_records(shard)
-    except Exception as e:  # noqa: BLE001  (whatever the reader says, the shard is unusable)
+    except Exception as e:  # noqa: BLE001  (sorted below)
+        if isinstance(e, OSError) or io_errno(e) is not None:
+            raise unreadable(shard, e) from e
         return f"it does not open: {_first_line(e)}"
     return None if records == len(ids) else f"it holds {records} records, its ids.json lists {len(ids)}"
 
@@ -401,7 +457,7 @@ def _num_records(path: str) -> int:
 
     reader = ArrayRecordReader(path)
     try:
-        return reader.num_records()
+        return reader.num_records()  # 0 for a file that failed to open: close() raises its error
     finally:
         reader.close()
 
@@ -555,6 +611,8 @@ class EmbeddingCache:
                 self.index[example_id] = position
                 position += 1
         self._shards = [s for s, _ in shards]
+        self.pixel_mismatches, self._first_pixel_mismatch = 0, None  # `_check_image`
+        self._mismatch_lock = threading.Lock()
         # the first position of each shard, to name the shard of a record that does not read
         self._starts = np.cumsum([0] + [len(ids) for _, ids in shards[:-1]]).tolist()
         try:
@@ -586,6 +644,8 @@ class EmbeddingCache:
             header, states = decode_record(self._source[position], self.dim, self.dtype)
         except Exception as e:  # noqa: BLE001  (a record cut short or overwritten: its shard is damaged)
             shard = self._shards[bisect.bisect_right(self._starts, position) - 1]
+            if isinstance(e, OSError) or io_errno(e) is not None:
+                raise unreadable(shard, e) from e
             reason = f"the record of {example_id!r} does not read: {_first_line(e)}"
             raise damaged_shard(shard, reason, found_by_writer=False) from e
         if header["id"] != example_id:
@@ -600,7 +660,8 @@ class EmbeddingCache:
     ) -> tuple[np.ndarray, np.ndarray]:
         """`text`: the example's text, checked against the one that was encoded; `image`: the image the
         encoder reads (`encoder_input(...)[0]`), checked against the digest of the one it read where the
-        record has one (records written before digests have none). None: unchecked.
+        record has one (records written before digests have none): another shape is refused, other
+        pixels are a logged warning (`_check_image`). None: unchecked.
         Raises `SkippedExample` for an example the precompute could not encode."""
         header, states = self.record(example_id)
         if text is not None and header["text"] != text:
@@ -622,20 +683,31 @@ class EmbeddingCache:
         return context, mask
 
     def _check_image(self, example_id: str, cached: str, given: str) -> None:
-        """Raises CacheMismatch unless two `image_digest`s are equal, naming the shapes where they differ."""
+        """Compares two `image_digest`s: raises CacheMismatch when the shapes (or dtypes) differ; when only
+        the pixels do, counts it in `pixel_mismatches` and logs a warning at the first and every
+        `PIXEL_WARNING_EVERY`th: another JPEG decoder (another Pillow or libjpeg build, TFDS's decoder)
+        gives the same file slightly other pixels, so this is no proof that the data changed."""
         if cached == given:
             return
         cached_shape, given_shape = (digest.rsplit(" ", 1)[0] for digest in (cached, given))
-        change = (
-            f"a {cached_shape} image, the data now gives {given_shape}"
-            if cached_shape != given_shape
-            else f"a {cached_shape} image with other pixels than the data's now"
-        )
-        raise CacheMismatch(
-            f"embedding cache {self.folder}: {example_id!r} was encoded from {change}: the images changed "
-            f"since the precompute (another data.resolution, re-rendered or replaced files); write a new "
-            f"cache with `{_PRECOMPUTE}`"
-        )
+        if cached_shape != given_shape:
+            raise CacheMismatch(
+                f"embedding cache {self.folder}: {example_id!r} was encoded from a {cached_shape} image, the "
+                f"data now gives {given_shape}: the images changed since the precompute (another "
+                f"data.resolution, other files); write a new cache with `{_PRECOMPUTE}`"
+            )
+        with self._mismatch_lock:
+            self.pixel_mismatches += 1
+            count = self.pixel_mismatches
+            self._first_pixel_mismatch = self._first_pixel_mismatch or example_id
+        if count == 1 or count % PIXEL_WARNING_EVERY == 0:
+            log.warning(
+                "embedding cache %s: %d looked-up images (the first: %r) have other pixels than the images "
+                "of the same shapes that their contexts were encoded from: replaced images, or another JPEG "
+                "decoder on this machine than on the one that ran the precompute; contexts may be stale: if "
+                "the images changed, precompute again (`%s`) [logged at the first, then every %d]",
+                self.folder, count, self._first_pixel_mismatch, _PRECOMPUTE, PIXEL_WARNING_EVERY,
+            )
 
 
 def _find_damage(folder: str, shards: list[tuple[str, list[str]]], detail: str) -> CacheMismatch:

@@ -23,12 +23,14 @@ names, each source only the splits it has (a name that no source has is an error
 also of data sets the config does not train on (a run trained on `ref_coco_bv/refcocox_combined` is
 evaluated on `refcoco_unc:val`), each read with the evaluation job's data config for it.
 
-A bad example (the data layer's `BadExample`: a polygon without points, an empty caption), or one that
-the encoder fails on by itself (an image its processor refuses), is skipped and logged, as the pipelines
-skip it; an encoder failure is also recorded in the cache, so that the pipelines reading it skip that
-example too (`cache.SkippedExample`). A read that raises anything else (an I/O error) is tried again
-(3 tries); examples that still do not read are not cached, and once every other example is written the
-command fails naming them: a pipeline that reads one later would stop on a cache miss.
+An example that does not read (the data layer's `BadExample`: a polygon without points, an empty caption;
+a corrupt or missing image file), or that the encoder fails on by itself (an image its processor
+refuses), is skipped and logged, as the pipelines skip it; an encoder failure is also recorded in the
+cache, so that the pipelines reading it skip that example too (`cache.SkippedExample`). A read that
+fails in a way that may pass (`transient`: an I/O error or stale handle of a network file system, a
+timeout, a dropped connection, memory) is tried again (3 tries); examples that still do not read are
+not cached, and once every other example is written the command fails naming them: a pipeline that
+reads one later would stop on a cache miss.
 Rerunning the same command resumes: cached ids (and recorded failures) are skipped, unread ones tried,
 and a shard damaged since it was written (cut short, deleted) is written again. A cache written
 with other encoder settings is refused, and so is a second writer on the same folder (`writer.lock`):
@@ -40,6 +42,7 @@ VLM (`genmask_jax.encoders.encoder_input`) and the description is stored beside 
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Sequence
@@ -47,11 +50,11 @@ from typing import NamedTuple
 
 import tqdm
 
-from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
+from genmask_jax.data.skips import RETRIED_ERRORS, SkipLog, skip_reason
 from genmask_jax.data.sources import make_task_source, parse_names
 from genmask_jax.data.splits import DATASETS, SplitSpec, parse_splits, refcoco_config, split_data_config
 from genmask_jax.encoders import ContextError, PromptTooLong, encoder_input, fingerprint, make_encoder
-from genmask_jax.encoders.cache import CacheWriter
+from genmask_jax.encoders.cache import CacheWriter, io_errno
 
 log = logging.getLogger("genmask_jax.encoders.precompute")
 
@@ -61,7 +64,19 @@ class PrecomputeError(ValueError):
 
 
 class UnreadExamples(PrecomputeError):
-    """Examples whose read kept failing: everything else was written, a rerun tries them again."""
+    """Examples whose read kept failing with a `transient` error: everything else was written, a rerun
+    tries them again."""
+
+
+# Errors of a read that can pass on their own: an I/O error (a network file system's, a disk's), a stale
+# NFS handle (the server restarted), a resource busy or temporarily unavailable (soft mounts), the network
+# under a mount down or reset, a timeout, an interrupted call. (ETIMEDOUT, ECONNRESET and EINTR are
+# usually raised as RETRIED_ERRORS' TimeoutError, ConnectionResetError, InterruptedError already.) Any other
+# error (a missing file, EACCES, an image that does not decode) fails the same way on every try.
+_TRANSIENT_ERRNOS = frozenset({
+    errno.EIO, errno.ESTALE, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.EINTR,
+    errno.ENETDOWN, errno.ENETUNREACH,
+})
 
 
 class Job(NamedTuple):
@@ -191,17 +206,24 @@ def _encode_batch(
     return len(batch)
 
 
-def _read(source, index: int, tries: int, retry_wait_s: float) -> dict:
-    """`source[index]`, read up to `tries` times while it raises anything but a `BadExample` (an I/O
-    error of a network file system may pass; a bad example stays bad), waiting `retry_wait_s`, twice
-    that, ... in between. Raises the last error."""
+def transient(error: BaseException) -> bool:
+    """Whether a failed read may succeed when tried again: one of `RETRIED_ERRORS` (memory, a connection,
+    a timeout, an interrupt) or an I/O error whose errno is in `_TRANSIENT_ERRNOS`, raised as an OSError
+    or, by array_record files (tfds data sources), as the RuntimeError of a failed system call."""
+    return isinstance(error, RETRIED_ERRORS) or io_errno(error) in _TRANSIENT_ERRNOS
+
+
+def _read(source, index: int, example_id: str, tries: int, retry_wait_s: float) -> dict:
+    """`source[index]`, read up to `tries` times while it raises a `transient` error, waiting
+    `retry_wait_s`, twice that, ... in between. Raises the last error, and any other one at once (a bad
+    example, a corrupt image: they fail the same way again)."""
     for attempt in range(tries - 1):
         try:
             return source[index]
-        except BadExample:
-            raise
-        except Exception as e:  # noqa: BLE001  (tried again; the last try raises)
-            log.info("reading %s failed (%s): trying again", source.example_id(index), skip_reason(e))
+        except Exception as e:  # noqa: BLE001  (a transient error is tried again; the last try raises)
+            if not transient(e):
+                raise
+            log.info("reading %s failed (%s): trying again", example_id, skip_reason(e))
             time.sleep(retry_wait_s * 2**attempt)
     return source[index]
 
@@ -209,9 +231,10 @@ def _read(source, index: int, tries: int, retry_wait_s: float) -> dict:
 def _unread_error(unread: list[tuple[str, str]], tries: int, show: int = 10) -> UnreadExamples:
     ids = ", ".join(example_id for example_id, _ in unread[:show]) + (", ..." if len(unread) > show else "")
     return UnreadExamples(
-        f"{len(unread)} examples did not read after {tries} tries and are not cached ({ids}; first error "
-        f"{unread[0][1][:300]}); every other example is: rerun the same command to try them again (one "
-        "that never reads, a damaged file, is skipped by the pipelines too: fix or remove it)"
+        f"{len(unread)} examples did not read after {tries} tries (an I/O error that may pass: a network "
+        f"file system, a timeout, memory) and are not cached ({ids}; first error {unread[0][1][:300]}); "
+        "every other example is: rerun the same command to try them again once the storage reads (an "
+        "error that stays, a bad disk block, needs its file fixed or removed)"
     )
 
 
@@ -229,8 +252,8 @@ def precompute(
 ) -> dict:
     """Fills the cache at `out` with the jobs of `plan_jobs(data_config, splits, evals)`; returns
     {"written": n, "already": n, "skips": summary}. Raises `UnreadExamples` after writing everything
-    else when some examples did not read in `read_tries` tries (`retry_wait_s` seconds before the
-    second, doubling).
+    else when some examples did not read in `read_tries` tries of a `transient` error (`retry_wait_s`
+    seconds before the second, doubling); an example whose read fails otherwise is a logged skip.
 
     `encoder`: an encoder built from `data_config.encoder` (tests pass one to reuse a loaded model).
     """
@@ -262,13 +285,13 @@ def precompute(
                     already += 1
                     continue
                 try:
-                    batch.append((example_id, _read(source, index, read_tries, retry_wait_s)))
-                except BadExample as e:  # skipped by the pipelines as well
-                    skips.add(example_id, skip_reason(e))
-                    continue
-                except Exception as e:  # noqa: BLE001  (reported once the rest is written)
-                    log.warning("%s did not read in %d tries: %s", example_id, read_tries, skip_reason(e))
-                    unread.append((example_id, skip_reason(e)))
+                    batch.append((example_id, _read(source, index, example_id, read_tries, retry_wait_s)))
+                except Exception as e:  # noqa: BLE001  (the pipelines' read fails too: they skip it)
+                    if transient(e):  # reported once the rest is written
+                        log.warning("%s did not read in %d tries: %s", example_id, read_tries, skip_reason(e))
+                        unread.append((example_id, skip_reason(e)))
+                    else:  # a bad example, a corrupt image: it fails every time, no record needed
+                        skips.add(example_id, skip_reason(e))
                     continue
                 if len(batch) == batch_size:
                     written += _encode_batch(encoder, batch, writer, job.task, data_config.encoder, skips)

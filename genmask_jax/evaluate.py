@@ -73,10 +73,15 @@ def main() -> None:
     out = _OUT.value or str(default_out(directory, step))
     cli.check_image_size(config)
     try:
+        # A refused --out costs no model load. Whether --ema finds EMA parameters is known once they load:
+        # job.run checks every setting again then.
+        params, resolution = (None if _EMA.value else "params"), config.data.resolution
+        shared = job.shared_settings(directory, step, params, _STEPS.value, _SEED.value, resolution)
+        job.check_out(out, shared, config, record=False)
         job.check_sources(config.data, splits)
         if not config.data.encoder.cache_dir:
             check_available(config.data.encoder)
-    except (job.EvaluationError, ContextError) as e:  # a split, its embedding cache or the encoder to fix
+    except (job.EvaluationError, ContextError) as e:  # another run's --out, a split, its cache, the encoder
         raise cli.InputError(str(e)) from e
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
     print(

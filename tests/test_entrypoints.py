@@ -574,8 +574,9 @@ def test_generator_refuses_bad_settings_before_it_touches_the_model(kwargs, mess
 
 
 def test_segmented_mask_of_an_image_does_not_depend_on_the_batch_size():
-    """Image i of a call gets the noise of index i in every chunk of `batch_size`, and the chunks are
-    padded to one shape: one compile for calls of any length (each new length compiled again)."""
+    """Every image of a call gets the seed's noise (index 0), whichever chunk of `batch_size` it falls in,
+    and the chunks are padded to one shape: one compile for calls of any length (each new length compiled
+    again)."""
     from genmask_jax.infer.segmenter import Segmenter
 
     loaded = tiny_loaded()
@@ -888,6 +889,34 @@ def test_evaluate_checks_the_resolution_before_the_checkpoint_loads(saved_run, t
                                 "H, W in positive multiples of 16"), result.stderr
     assert lines[-1].endswith("got (40, 40)"), result.stderr
     assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_refuses_another_evaluations_out_before_the_checkpoint_loads(saved_run, tmp_path):
+    """A refused --out cost a model load first (the checkpoint's parameters are placeholders here: loading
+    them ends in another error). An --out written before <out>/run.json existed is checked against its
+    split folders' run.json, and is left without one."""
+    from genmask_jax.eval import job
+    from genmask_jax.infer import checkpoint
+
+    config = checkpoint.saved_config(saved_run / "checkpoints", 5)
+    checkpoint_dir, resolution = str(saved_run / "checkpoints"), list(config.data.resolution)
+    made = {"checkpoint": checkpoint_dir, "step": 5, "params": "params", "num_steps": 1, "seed": 0,
+            "resolution": resolution}
+    split_dir = tmp_path / "old" / "synthetic-test"
+    split_dir.mkdir(parents=True)
+    (split_dir / "run.json").write_text(json.dumps({**made, "split": "synthetic:test", "seed": 1}))
+    (tmp_path / "new").mkdir()
+    shared = {**made, "config": job.prediction_config_digest(config), "step": 4}
+    (tmp_path / "new" / "run.json").write_text(json.dumps(shared))  # this version's, for step 4
+    new = tmp_path / "new"
+    for out, refused, field in ((tmp_path / "old", split_dir, "seed"), (new, new, "step")):
+        args = [f"--checkpoint={saved_run}", "--split=synthetic:test", f"--out={out}"]
+        result = cli("genmask_jax.evaluate", *args, timeout=120)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        message = f"{refused} holds results of a different evaluation (differs in {field}); use another --out"
+        assert lines[-1] == f"genmask_jax.evaluate: error: {message} or delete it", result.stderr
+    assert not (tmp_path / "old" / "run.json").exists()
 
 
 @pytest.mark.parametrize("under", ["taken", "taken/deeper"])

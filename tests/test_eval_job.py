@@ -3,6 +3,7 @@ the mapping of predictions back to each image's original size (a fake `predict` 
 model, so nothing is compiled)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -430,6 +431,66 @@ def test_one_out_holds_the_splits_of_one_evaluation(tmp_path, fake_loaded):
     source = {"checkpoint": str(tmp_path / "ckpt"), "step": 8, "params": "ema_params"}
     assert merged[SPEC.name] == {**source, **test[SPEC.name]}
     assert merged[val.name]["num_samples"] == 6 and merged[val.name]["step"] == 8
+
+
+def test_an_out_written_before_its_run_json_records_one_only_when_its_splits_agree(tmp_path, fake_loaded):
+    """In an --out written before <out>/run.json existed (each split's run.json only), a rerun with another
+    seed recorded its settings there before the split's run.json refused it; from then on the settings
+    that made the split were refused by the --out's run.json, whose message said to delete the results."""
+    out = tmp_path / "eval"
+    first = job.run(fake_loaded(), [SPEC], out, batch_size=BATCH, progress=False)
+    (out / "run.json").unlink()
+    split_run = out / SPEC.dirname / "run.json"
+    settings = json.loads(split_run.read_text())
+    del settings["num_examples"]
+    split_run.write_text(json.dumps(settings))
+    val = job.SplitSpec("synthetic", "val")
+    reruns = (
+        (fake_loaded(), SPEC, 1, "seed"),
+        (fake_loaded(step=9), val, 0, "step"),
+        (fake_loaded(fit="crop"), SPEC, 0, "config"),  # found by the split's own check only
+    )
+    for loaded, spec, seed, field in reruns:
+        refused = f"{out / SPEC.dirname} holds results of a different evaluation (differs in {field}); use"
+        with pytest.raises(job.EvaluationError, match="^" + re.escape(refused)):
+            job.run(loaded, [spec], out, batch_size=BATCH, seed=seed, progress=False)
+        assert not (out / "run.json").exists() and not (out / val.dirname).exists()
+    again = job.run(fake_loaded(), [SPEC], out, batch_size=BATCH, progress=False)
+    assert again == first
+    assert json.loads((out / "run.json").read_text())["seed"] == 0
+    assert len(list((out / SPEC.dirname / "shards").iterdir())) == -(-NUM_EXAMPLES // BATCH)  # none redone
+
+
+def test_an_id_that_could_not_be_read_is_not_taken_for_changed_data(tmp_path, monkeypatch):
+    """An example whose data and id could not be read for a moment is recorded unreadable as `<index 5>`;
+    a rerun compared that placeholder with the id read now and refused the whole split as changed data.
+    So did a rerun during which a finished example's id could not be read (each process of a launch
+    reads them: one refusing alone would leave the others waiting). A real change is still refused."""
+    from genmask_jax.data.shapes import SyntheticShapes
+
+    original = SyntheticShapes.example_id
+
+    def failing_id(lost):
+        def example_id(self, index):
+            if index == lost:
+                raise OSError("connection reset")
+            return original(self, index)
+
+        monkeypatch.setattr(SyntheticShapes, "example_id", example_id)
+
+    recover = failing_example(monkeypatch, 5, OSError("connection reset"))
+    failing_id(5)
+    metrics = run(tmp_path, Predict())
+    saved = json.loads((tmp_path / SPEC.dirname / "metrics.json").read_text())
+    assert saved["unreadable"] == ["<index 5>"]
+    recover()
+    for lost in (None, 2):
+        failing_id(lost)
+        again = Predict()
+        assert run(tmp_path, again) == metrics and again.calls == 0
+    monkeypatch.setattr(SyntheticShapes, "example_id", lambda self, index: f"other-{index}")
+    with pytest.raises(job.EvaluationError, match="example 0 was shapes-0-test-0, now other-0"):
+        run(tmp_path, Predict())
 
 
 def failing_example(monkeypatch, lost: int, error: Exception):

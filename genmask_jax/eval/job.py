@@ -25,7 +25,8 @@ when the data behind a split changed (an example added or dropped from a listing
 data set) it is refused, while the same data moved elsewhere keeps its results. `<out>/run.json` holds
 what every split of one `--out` shares (checkpoint, step, parameters, sampler settings, the digest of
 the config less the split sources' sections): an evaluation of another checkpoint into it is refused,
-so the `<out>/metrics.json` that gathers the splits' metrics describes one evaluation.
+so the `<out>/metrics.json` that gathers the splits' metrics describes one evaluation. An `--out`
+written before `<out>/run.json` existed gets one only once its split folders' run.json agree with it.
 """
 
 import hashlib
@@ -202,43 +203,113 @@ def recorded_settings(directory: epath.Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def differing_fields(previous: dict, settings: dict, fields=None) -> list[str]:
+    """The fields (default: all of both) whose values in `previous` (a run.json) and `settings` differ; one
+    that `previous` lacks counts unless it is in RECORDED_SINCE."""
+    fields = set(previous) | set(settings) if fields is None else fields
+    return sorted(
+        k for k in fields if previous.get(k) != settings.get(k) and (k in previous or k not in RECORDED_SINCE)
+    )
+
+
+def _refuse(directory: epath.Path, changed: Sequence[str]) -> None:
+    raise EvaluationError(
+        f"{directory} holds results of a different evaluation (differs in {', '.join(changed)}); "
+        "use another --out or delete it"
+    )
+
+
 def check_settings(directory: epath.Path, settings: dict) -> None:
     """Refuses to mix results of different runs (checkpoint, steps, seed, ...) in one output folder."""
     previous = recorded_settings(directory)
     if previous is not None:
-        changed = sorted(
-            k
-            for k in set(previous) | set(settings)
-            if previous.get(k) != settings.get(k) and (k in previous or k not in RECORDED_SINCE)
-        )
+        changed = differing_fields(previous, settings)
         if changed:
-            raise EvaluationError(
-                f"{directory} holds results of a different evaluation (differs in {', '.join(changed)}); "
-                "use another --out or delete it"
-            )
+            _refuse(directory, changed)
     elif jax.process_index() == 0:
         directory.mkdir(parents=True, exist_ok=True)
         _write_atomic(directory / "run.json", json.dumps(settings, indent=1, sort_keys=True))
 
 
+def shared_settings(
+    directory, step: int, params_key: str | None, num_steps: int, seed: int, resolution
+) -> dict:
+    """What every split of one --out shares, in `<out>/run.json` and each split's: the checkpoint (manager
+    directory, step, "ema_params" | "params"), the sampler settings and the model resolution `(H, W)`.
+    `params_key` None (not known before the checkpoint loads) leaves "params" out."""
+    settings = {
+        "checkpoint": str(directory),
+        "step": step,
+        "params": params_key,
+        "num_steps": num_steps,
+        "seed": seed,
+        "resolution": [int(x) for x in resolution],
+    }
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def check_out(
+    out_dir: str | os.PathLike, settings: dict, config: ml_collections.ConfigDict, record: bool = True
+) -> None:
+    """Refuses (EvaluationError) an --out holding another evaluation than `settings` (`shared_settings`)
+    of `config` (`prediction_config_digest`), then, with `record`, has process 0 write `<out>/run.json`
+    if it has none. An --out written before `<out>/run.json` existed is checked against each split
+    folder's run.json first (in the fields both hold: a split's config digest covers its own source),
+    so a mistaken rerun there does not record its settings and then refuse the ones that made the splits.
+    Without `record` only the fields of `settings` are compared and nothing is written (`evaluate` before
+    the checkpoint loads; `run` before a split's own check has passed). Every process decides alike:
+    one that finds the run.json process 0 has just written finds the settings it checks, written only if
+    the split folders agreed with them."""
+    out = epath.Path(out_dir)
+    settings = {**settings, "config": prediction_config_digest(config)}
+    previous = recorded_settings(out)
+    if previous is None and out.is_dir():
+        for split_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+            recorded = recorded_settings(split_dir)
+            if recorded is None or "split" not in recorded:
+                continue
+            changed = differing_fields(recorded, settings, (set(recorded) & set(settings)) - {"config"})
+            if changed:
+                _refuse(split_dir, changed)
+    if record:
+        check_settings(out, settings)
+    elif previous is not None:
+        changed = differing_fields(previous, settings, set(settings))
+        if changed:
+            _refuse(out, changed)
+
+
+def placeholder_id(index: int) -> str:
+    """The id recorded for example `index` when even its id cannot be read."""
+    return f"<index {index}>"
+
+
 def source_example_id(source, index: int) -> str:
-    """The id of example `index` of `source`, `<index N>` when even that cannot be read (the id only
-    labels the record of an unreadable example; the same placeholder is compared on a rerun)."""
+    """The id of example `index` of `source`, `placeholder_id(index)` when even that cannot be read (the
+    id only labels the record of an unreadable example)."""
     try:
         return str(source.example_id(index))
     except Exception:  # noqa: BLE001
-        return f"<index {index}>"
+        return placeholder_id(index)
 
 
 def check_same_examples(
     directory: epath.Path, spec: SplitSpec, records: Sequence[dict], num_examples: int, example_id
 ) -> None:
     """Raises EvaluationError when the split's examples are no longer those `records` were made of: a
-    count other than the one run.json recorded, or a finished record whose id is not that of the
-    example now at its index (`example_id(index)`; ReasonSeg's and the synthetic split's are look-ups,
-    RefCOCO's reads the record, as `check_sources` does with an embedding cache). Results are found by
-    index, and would otherwise be reused for other examples (one counted twice, another never
-    evaluated)."""
+    count other than the one run.json recorded, a record past the split's end, or a finished record whose
+    id is not that of the example now at its index (`example_id(index)`; ReasonSeg's and the synthetic
+    split's are look-ups, RefCOCO's parses its serialized record, decoding nothing).
+    Results are found by index, and would otherwise be reused for other examples (one counted twice,
+    another never evaluated). An id that could not be read, then or now (`placeholder_id`), is not
+    compared: a read that failed briefly says nothing about the data.
+
+    Every process runs this at its start on the same shard files, run.json and source, so all refuse or
+    none does (one leaving alone would keep the others waiting at the split's barrier): an id read that
+    fails on one process only is not compared, and the shards that faster processes of this run write
+    meanwhile hold the ids read now. Processes could decide differently only when reading different copies
+    of the data (which would evaluate different examples anyway) or when another evaluation writes into
+    the same folder at the same time (which nothing guards against)."""
     previous = (recorded_settings(directory) or {}).get("num_examples", num_examples)
     change = None
     if previous != num_examples:
@@ -246,9 +317,12 @@ def check_same_examples(
     else:
         for record in records:
             index = int(record["index"])
-            now = example_id(index) if index < num_examples else None
-            if now != record["id"]:
-                change = f"example {index} was {record['id']}, now {now or 'past the end of the split'}"
+            if index >= num_examples:
+                change = f"example {index} was {record['id']}, now past the end of the split"
+                break
+            now = example_id(index)
+            if placeholder_id(index) not in (now, record["id"]) and now != record["id"]:
+                change = f"example {index} was {record['id']}, now {now}"
                 break
     if change is not None:
         raise EvaluationError(
@@ -510,22 +584,19 @@ def run(
 ) -> dict[str, dict]:
     """Evaluates a loaded checkpoint (`infer.checkpoint.load`) on `splits`; returns {split: metrics}
     on process 0 and adds them to `out_dir/metrics.json`, each with the checkpoint, step and parameters
-    beside its metrics. Refuses (EvaluationError) an `out_dir` whose run.json names another checkpoint,
-    parameters, sampler settings or shared config.
+    beside its metrics. Refuses (EvaluationError) an `out_dir` whose run.json (or, without one, a split
+    folder's) names another checkpoint, parameters, sampler settings or shared config (`check_out`).
 
     batch_size: per process (`process_batch_size`).
     """
     from genmask_jax.infer.segmenter import Segmenter
 
-    settings = {
-        "checkpoint": str(loaded.directory),
-        "step": loaded.step,
-        "params": loaded.params_key,
-        "num_steps": num_steps,
-        "seed": seed,
-        "resolution": list(loaded.resolution),
-    }
-    check_settings(epath.Path(out_dir), {**settings, "config": prediction_config_digest(loaded.config)})
+    settings = shared_settings(
+        loaded.directory, loaded.step, loaded.params_key, num_steps, seed, loaded.resolution
+    )
+    # Recorded only once a split's own check (its config digest included) has passed: a rerun that
+    # differs in the config alone must not record itself in an --out written before <out>/run.json.
+    check_out(out_dir, settings, loaded.config, record=False)
     segmenter = Segmenter(loaded, num_steps=num_steps, seed=seed)
     batch_size = process_batch_size(segmenter.batch_multiple, batch_size)
     results = {}
@@ -534,6 +605,7 @@ def run(
         metrics = evaluate_split(
             segmenter.predict, loaded.config.data, spec, out_dir, batch_size, fmt, split_settings, progress
         )
+        check_out(out_dir, settings, loaded.config)
         if metrics is not None:
             results[spec.name] = metrics
     if jax.process_index() == 0:

@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.total_steps = 8000
-    config.log_every = 50
+    config.log_every = 50  # >= 1; the first step and each checkpointed step are logged too.
     config.eval_every = 500  # quick evaluation of a fixed `val` batch (train/hooks.py); 0 = never.
     config.sample_every = 500  # generated sample images; 0 = never.
     config.quick_eval = ml_collections.ConfigDict(
@@ -40,7 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Global example counts per task and step; gen = 0 is the "without generation data" ablation.
     config.batch = ml_collections.ConfigDict({"seg": 512, "gen": 512})
-    config.microbatches = 1  # gradient accumulation: each step's batch in k task-balanced slices.
+    # Gradient accumulation: each step's batch in k >= 1 task-balanced slices. Each task's count must be a
+    # multiple of k x the batch shards (mesh data x fsdp), checked before the workdir is made.
+    config.microbatches = 1
 
     config.model = ml_collections.ConfigDict()
     config.model.dit = DiTConfig.from_variant("1.3b", text_dim=3584, dtype="bfloat16", scan_layers=True,
@@ -58,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.muon_beta = 0.95
     config.optimizer.muon_ns_steps = 5
     config.optimizer.muon_conv_kernels = False  # Muon also on conv kernels (the patch embedding)
+    # Linear warmup of lr (and muon_lr) from 0: the first update, at lr 0, only fills the optimizer's moments.
     config.optimizer.warmup_steps = 250
     config.optimizer.schedule = "constant"  # "constant" | "cosine"
     config.optimizer.end_lr_factor = 0.0  # cosine floor as a fraction of lr.
@@ -82,8 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.distributed.process_id = -1  # -1 = from env / auto-detection.
 
     config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_steps = 500
-    config.checkpoint.keep = 3
+    config.checkpoint.every_steps = 500  # >= 1; the last step and a SIGTERM stop are saved too.
+    config.checkpoint.keep = 3  # the newest N >= 1 checkpoints stay; None (in Python, not a flag) keeps all.
     config.checkpoint.async_save = True
     config.resume = ""  # if the workdir has none: a run's workdir, its checkpoints/ or one step folder.
     config.init_from = ""  # converted WAN DiT weights (`python -m convert.wan_dit`); "" = random init.

@@ -215,6 +215,14 @@ def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
     ckpt.close()
 
 
+@pytest.mark.parametrize("keep", [0, -1])
+def test_keeping_no_checkpoint_is_refused(tmp_path, keep):
+    """orbax's max_to_keep=0 deleted every step as it was saved: a run "finished" with none on disk."""
+    with pytest.raises(ValueError, match=rf"keep must be >= 1 \(or None: keep all\), got {keep}"):
+        checkpointing.Checkpointer(tmp_path / "run", keep=keep, async_save=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_resuming_with_another_model_names_the_parameters(tmp_path):
     """A run resumed after its model changed fails in one line that names what differs (orbax's own
     message gives a shape mismatch without the parameter's name)."""

@@ -1,7 +1,7 @@
 """Bad input met after the flags parse ends a command with one `<prog>: error: ...` line, exit status 1
 (`cli.USER_ERRORS`), before anything is written: converted weights that moved or do not fit the
 experiment, a Qwen model folder that is not there, an embedding cache without the quick evaluation's
-split."""
+split, a checkpoint count or interval the training loop cannot use, a batch its mesh cannot split."""
 
 import importlib.util
 import logging
@@ -9,7 +9,7 @@ import logging
 import jax
 import numpy as np
 import pytest
-from train_helpers import tiny_config
+from train_helpers import mesh_of, tiny_config
 
 from genmask_jax.infer import cli
 
@@ -28,7 +28,8 @@ def test_training_from_weights_that_moved_writes_nothing(tmp_path, capsys, field
     from genmask_jax.train import loop
 
     config = tiny_config(**{field: str(tmp_path / "moved")})
-    err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w"))
+    # One device: the tiny batch of 4 does not split over the 8 test devices, which is refused first.
+    err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w", mesh=mesh_of((1, 1, 1))))
     assert f"config.{field}: {tmp_path}/moved: no such file or folder" in err
     assert not (tmp_path / "w").exists()
 
@@ -43,8 +44,43 @@ def test_converted_weights_of_another_depth_are_refused_before_the_workdir(tmp_p
     shapes = jax.eval_shape(lambda: init_params(dit, jax.random.key(0)))
     wan_dit.save(tmp_path / "dit", dit, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes))
     config = tiny_config(init_from=str(tmp_path / "dit"), **{"model.dit.num_layers": 3})
-    err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w"))
+    err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w", mesh=mesh_of((1, 1, 1))))
     assert f"converted DiT {tmp_path}/dit (config.init_from) has num_layers=2, the experiment 3" in err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("checkpoint.keep", 0, "config.checkpoint.keep must be >= 1 (or None: keep all), got 0"),
+    ("checkpoint.keep", -1, "config.checkpoint.keep must be >= 1 (or None: keep all), got -1"),
+    ("checkpoint.every_steps", 0, "config.checkpoint.every_steps must be >= 1, got 0; the last step is"),
+    ("checkpoint.every_steps", -5, "config.checkpoint.every_steps must be >= 1, got -5"),
+    ("log_every", 0, "config.log_every must be >= 1, got 0"),
+    ("microbatches", 0, "config.microbatches must be >= 1, got 0"),
+], ids=["keep=0", "keep=-1", "every_steps=0", "every_steps=-5", "log_every=0", "microbatches=0"])
+def test_a_count_the_loop_cannot_use_is_refused_before_the_workdir(tmp_path, capsys, field, value, message):
+    """keep=0 trained to the end with every checkpoint deleted; the others divided by zero after init."""
+    from genmask_jax.train import loop
+
+    config = tiny_config(total_steps=1, eval_every=0, sample_every=0, **{field: value})
+    err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w", mesh=mesh_of((1, 1, 1))))
+    assert message in err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("shape,batch,microbatches,multiple", [
+    ((2, 1, 1), 3, 1, 2),  # failed at the first step's sharding (IndivisibleError), after init
+    ((2, 2, 1), 4, 2, 8),  # failed when the first step was traced
+], ids=["3 on 2 shards", "4 in 2 microbatches on 4 shards"])
+def test_a_batch_the_mesh_cannot_split_is_refused_before_the_workdir(tmp_path, capsys, shape, batch,
+                                                                    microbatches, multiple):
+    from genmask_jax.train import loop
+
+    config = tiny_config(total_steps=1, eval_every=0, sample_every=0, microbatches=microbatches,
+                         **{"batch.seg": batch, "batch.gen": batch})
+    err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w", mesh=mesh_of(shape)))
+    assert f"config.batch on mesh {{'data': {shape[0]}, 'fsdp': {shape[1]}, 'tensor': 1}}" in err
+    assert f"make config.batch.seg and config.batch.gen multiples of {multiple}" in err
     assert not (tmp_path / "w").exists()
 
 

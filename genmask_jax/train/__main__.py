@@ -5,7 +5,9 @@ and TensorBoard (DIR/tensorboard), checkpoints to DIR/checkpoints. A bad model c
 encoder package or model folder, or an embedding cache of other settings or without the training split
 (or the quick evaluation's) is refused in one line before the model is built or DIR is made
 (`train.loop.train` makes the data iterator first); so are `config.init_from` weights that are missing or
-of another architecture and a missing `config.vae_from`, before DIR is made.
+of another architecture and a missing `config.vae_from`, before DIR is made, and so are checkpoint and
+logging intervals or counts below 1 and a batch the mesh cannot split (`train.loop.check_loop_fields`,
+`check_batch_split`).
 """
 
 from absl import flags

@@ -52,7 +52,8 @@ def _drop_none(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` with the three items above."""
+    """Thin wrapper over `ocp.CheckpointManager` with the three items above; `keep` newest steps stay
+    (None: all)."""
 
     def __init__(
         self,
@@ -61,6 +62,8 @@ class Checkpointer:
         async_save: bool = True,
         read_only: bool = False,
     ):
+        if keep is not None and keep < 1:  # orbax's max_to_keep=0 deletes every checkpoint as it is saved
+            raise ValueError(f"keep must be >= 1 (or None: keep all), got {keep}")
         # orbax needs absolute paths; a relative workdir (the demo's `runs/demo`) is taken from the cwd.
         directory = os.fspath(directory)
         self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))

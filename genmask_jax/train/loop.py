@@ -27,7 +27,7 @@ from genmask_jax.models.genmask import TASKS, GenMask
 from genmask_jax.parallel import multihost
 from genmask_jax.parallel.data_groups import data_group
 from genmask_jax.parallel.mesh import make_mesh
-from genmask_jax.parallel.sharding import batch_sharding, rules_from_config
+from genmask_jax.parallel.sharding import batch_shard_count, batch_sharding, rules_from_config
 from genmask_jax.train import checkpointing
 from genmask_jax.train.hooks import TrainHooks
 from genmask_jax.train.state import (
@@ -38,7 +38,7 @@ from genmask_jax.train.state import (
     initial_ema,
     make_optimizer,
 )
-from genmask_jax.train.step import make_configured_train_step, optimizer_config
+from genmask_jax.train.step import check_microbatch_split, make_configured_train_step, optimizer_config
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,44 @@ def check_init_from(config, fresh_cfg: DiTConfig) -> None:
     except ConversionError as e:
         raise ConversionError(f"config.init_from: {e}") from e
     check_architecture(loaded_cfg, fresh_cfg, f"converted DiT {config.init_from} (config.init_from)")
+
+
+def check_loop_fields(config) -> None:
+    """Raises InputError (one line) for a seed, interval or checkpoint count the loop cannot use, before
+    anything is built or written."""
+    from genmask_jax.infer.cli import InputError
+
+    if not 0 <= config.seed < 2**32:  # JAX keeps a seed's low 32 bits: 2**32 + 7 would train as seed 7
+        raise InputError(f"config.seed must be in [0, 2**32), got {config.seed}")
+    counts = {
+        "log_every": (config.log_every, ""),
+        "checkpoint.every_steps": (config.checkpoint.every_steps,
+                                   "; the last step is saved anyway, so total_steps saves only at the end"),
+        "microbatches": (config.microbatches, ""),
+    }
+    for name, (value, hint) in counts.items():
+        if value < 1:
+            raise InputError(f"config.{name} must be >= 1, got {value}{hint}")
+    keep = config.checkpoint.keep
+    if keep is not None and keep < 1:  # orbax's max_to_keep=0 deletes every checkpoint as it is saved
+        raise InputError(f"config.checkpoint.keep must be >= 1 (or None: keep all), got {keep}")
+
+
+def check_batch_split(config, mesh: jax.sharding.Mesh, rules) -> None:
+    """Raises InputError (one line) unless each task's global batch splits into `config.microbatches`
+    microbatches that each split over the mesh's batch shards; else the first step fails to shard it."""
+    from genmask_jax.infer.cli import InputError
+
+    shards = batch_shard_count(mesh, rules)
+    try:
+        check_microbatch_split(dict(config.batch), config.microbatches, shards)
+    except ValueError as e:
+        multiple = config.microbatches * shards
+        raise InputError(
+            f"config.batch on mesh {dict(mesh.shape)}: {e}; make config.batch.seg and config.batch.gen "
+            f"multiples of {multiple} (microbatches x batch shards), or change config.microbatches or "
+            "config.mesh.shape"
+        ) from None
 
 
 def check_quick_eval_cached(config) -> None:
@@ -413,12 +451,12 @@ def train(
         every process of a group: `parallel.data_groups`); default `group_data_iterator`.
         To be checkpointed it needs grain's `get_state()` / `set_state()`.
     """
-    if not 0 <= config.seed < 2**32:  # JAX keeps a seed's low 32 bits: 2**32 + 7 would train as seed 7
-        raise ValueError(f"config.seed must be in [0, 2**32), got {config.seed}")
+    check_loop_fields(config)
     multihost.maybe_initialize(config.get("distributed"))
     mesh = mesh or make_mesh(tuple(config.mesh.shape))
     rules = rules_from_config(config.sharding.logical_axis_rules)
     group_index, group_count = data_group(mesh, rules)  # raises for a mesh that host data cannot feed
+    check_batch_split(config, mesh, rules)
     if data_iterator is None:  # first: a data or embedding-cache error stops before anything is built
         data_iterator = group_data_iterator(config, group_index, group_count)
     check_quick_eval_cached(config)

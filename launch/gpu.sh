@@ -2,7 +2,7 @@
 # Runs a GenMask-JAX command on GPUs with jax[cuda]: one process per node, owning all its GPUs.
 #
 # One node:
-#   bash launch/gpu.sh -- python -m genmask_jax.train --config=configs/genmask.py --workdir=runs/x
+#   bash launch/gpu.sh -- python -m genmask_jax.train --config=configs/genmask.py:variant=paper --workdir=runs/x
 # Several nodes (run the same line on every node, or under SLURM: `srun --ntasks-per-node=1 bash
 # launch/gpu.sh -- ...`, which fills the three flags from the step's SLURM_* variables; outside an srun
 # step, in a batch script or an salloc shell, it runs one process):

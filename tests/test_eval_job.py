@@ -2,6 +2,7 @@
 the mapping of predictions back to each image's original size (a fake `predict` stands in for the
 model, so nothing is compiled)."""
 
+import errno
 import json
 import re
 
@@ -518,10 +519,20 @@ def test_unreadable_examples_are_reported_not_retried(tmp_path, monkeypatch):
     assert run(tmp_path, again) == metrics and again.calls == 0
 
 
-def test_examples_that_fail_for_other_reasons_are_retried(tmp_path, monkeypatch):
-    """An example lost to memory (not to its data) gets no record: the split is reported incomplete
-    in one line, and a rerun predicts only that example's batch."""
-    recover = failing_example(monkeypatch, 5, MemoryError("out of host memory"))
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError("out of host memory"),
+        OSError(errno.EIO, "Input/output error"),  # a network file system's: it may pass
+        RuntimeError("pread() failed: Input/output error; reading /data/ref_coco-val.array_record"),
+    ],
+    ids=["memory", "EIO", "riegeli EIO"],
+)
+def test_examples_that_fail_for_other_reasons_are_retried(tmp_path, monkeypatch, error):
+    """An example lost to memory or to an I/O error that may pass (not to its data) gets no record: the
+    split is reported incomplete in one line, and a rerun predicts only that example's batch. (An I/O
+    error was recorded "unreadable" for good, left out of every rerun's metrics.)"""
+    recover = failing_example(monkeypatch, 5, error)
     with pytest.raises(job.EvaluationError, match="9 of 10 examples have predictions"):
         run(tmp_path, Predict())
     recover()

@@ -17,7 +17,7 @@ from PIL import UnidentifiedImageError
 
 from genmask_jax.data import shapes
 from genmask_jax.data.pipeline import default_data_config
-from genmask_jax.data.skips import BadExample
+from genmask_jax.data.skips import BadExample, io_errno, is_data_error, skip_reason, transient
 from genmask_jax.data.sources import make_task_source
 from genmask_jax.encoders import cache as cache_module
 from genmask_jax.encoders import encoder_input, fingerprint, make_encoder
@@ -28,9 +28,8 @@ from genmask_jax.encoders.cache import (
     CacheWriter,
     EmbeddingCache,
     encode_record,
-    io_errno,
 )
-from genmask_jax.encoders.precompute import PrecomputeError, precompute, transient
+from genmask_jax.encoders.precompute import PrecomputeError, precompute
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = dict(splits=["train"], batch_size=4, shard_size=4, dtype="float32")  # seg 12 + gen 12: six shards
@@ -74,10 +73,16 @@ def _garbled_ids(shard):
         f.write('["shapes-0-train-4", "shap')
 
 
+def _binary_ids(shard):
+    with open(shard.replace(".array_record", ".ids.json"), "wb") as f:
+        f.write(b'["shapes-0-train-4", "\xff\xfe\x80')
+
+
 DAMAGE = {
     "truncated shard": (_truncate, "it does not open"),
     "empty ids.json": (_empty_ids, "its ids.json is not a JSON list of ids"),
     "cut ids.json": (_garbled_ids, "its ids.json is not a JSON list of ids"),
+    "ids.json not UTF-8": (_binary_ids, "its ids.json is not a JSON list of ids"),
     "deleted shard, ids.json kept": (os.remove, "its file is missing"),
 }
 
@@ -222,6 +227,29 @@ def test_a_record_that_does_not_read_names_its_shard(tmp_path):
         cache.lookup("id3")
 
 
+def test_a_shard_gone_since_the_cache_opened_is_damage_not_a_file_system_problem(tmp_path):
+    """array_record reports a missing file as a failed open() (ENOENT), which names a file-system problem
+    for a file that is there; for one that is gone, the shard is damaged and a rerun writes it again."""
+    folder = str(tmp_path)
+    with CacheWriter(folder, dim=4, context_length=4, dtype="float32", shard_size=3) as writer:
+        for i in range(6):
+            writer.add(f"id{i}", np.full((2, 4), i, np.float32))
+    cache = EmbeddingCache(folder)
+
+    class Gone:
+        def __getitem__(self, position):
+            raise RuntimeError(f"open() failed: No such file or directory; opening {shard}")
+
+    shard = os.path.join(folder, "shard-00001.array_record")
+    cache._source = Gone()
+    with pytest.raises(CacheUnreadable, match="shard-00001.array_record does not read"):
+        cache.record("id4")  # the file is there: not called damage
+    os.remove(shard)
+    with pytest.raises(CacheMismatch, match=r"shard-00001.array_record is damaged") as error:
+        cache.record("id4")
+    assert not isinstance(error.value, CacheUnreadable)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names synced files from /proc")
 def test_a_resume_leaves_readable_shards_alone_and_syncs_what_it_publishes(tmp_path, monkeypatch):
     """Every published shard and ids.json reaches the disk (fsync) before the ids.json that publishes it
@@ -316,6 +344,15 @@ def test_which_errors_are_transient():
     assert not any(transient(e) for e in PERMANENT.values())
     assert not transient(BadExample("bad_polygon", "no points"))
     assert transient(InterruptedError()) and transient(OSError(errno.EAGAIN, "Try again"))
+
+
+
+def test_the_evaluation_job_reads_the_same_rule_from_skip_reasons():
+    """The evaluation job decides from a skip reason ("kind: detail") whether to record an example as
+    unreadable for good; it must agree with `transient` on the errors themselves."""
+    for error in [*TRANSIENT.values(), *PERMANENT.values(), BadExample("bad_polygon", "no points")]:
+        assert is_data_error(skip_reason(error)) == (not transient(error)), error
+    assert is_data_error(None) and is_data_error("UnidentifiedImageError: cannot identify image file")
 
 
 def test_the_retry_log_names_the_example_without_reading_it_again(tmp_path, monkeypatch, caplog):

@@ -56,7 +56,8 @@ def test_converted_weights_of_another_depth_are_refused_before_the_workdir(tmp_p
     ("checkpoint.every_steps", -5, "config.checkpoint.every_steps must be >= 1, got -5"),
     ("log_every", 0, "config.log_every must be >= 1, got 0"),
     ("microbatches", 0, "config.microbatches must be >= 1, got 0"),
-], ids=["keep=0", "keep=-1", "every_steps=0", "every_steps=-5", "log_every=0", "microbatches=0"])
+    ("batch.seg", -8, "config.batch must count >= 0 examples per task and >= 1 in all, got {'gen': 4, 'seg"),
+], ids=["keep=0", "keep=-1", "every_steps=0", "every_steps=-5", "log_every=0", "microbatches=0", "seg=-8"])
 def test_a_count_the_loop_cannot_use_is_refused_before_the_workdir(tmp_path, capsys, field, value, message):
     """keep=0 trained to the end with every checkpoint deleted; the others divided by zero after init."""
     from genmask_jax.train import loop

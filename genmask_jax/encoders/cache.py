@@ -40,13 +40,11 @@ shard of a 7B encoder costs GPU hours.
 from __future__ import annotations
 
 import bisect
-import errno
 import glob
 import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import struct
 import threading
@@ -54,7 +52,7 @@ import threading
 import ml_dtypes
 import numpy as np
 
-from genmask_jax.data.skips import BadExample
+from genmask_jax.data.skips import BadExample, io_errno
 from genmask_jax.encoders.base import ContextError
 
 log = logging.getLogger(__name__)
@@ -143,21 +141,6 @@ def published_shards(folder: str) -> list[tuple[str, str]]:
     ]
 
 
-# riegeli (array_record's files, tfds data sources) reports a failed system call as a RuntimeError
-# "pread() failed: Input/output error; reading /path ..."
-_SYSTEM_CALL_FAILED = re.compile(r"\w+\(\) failed: ([^;\[\n]+)")
-_ERRNOS = {os.strerror(code): code for code in errno.errorcode}
-
-
-def io_errno(error: BaseException) -> int | None:
-    """The errno of the failed system call behind `error`: an OSError's, or the one riegeli's RuntimeError
-    names by its message; None for any other error (corrupt data)."""
-    if isinstance(error, OSError):
-        return error.errno
-    match = _SYSTEM_CALL_FAILED.search(str(error)) if isinstance(error, RuntimeError) else None
-    return _ERRNOS.get(match.group(1).strip()) if match else None
-
-
 def unreadable(path: str, error: BaseException) -> CacheUnreadable:
     """The error of a cache file that a system call failed on (`io_errno`, or any OSError)."""
     folder = os.path.dirname(path)
@@ -172,13 +155,13 @@ def read_ids(ids_path: str) -> list[str] | None:
     """The ids an ids.json lists; None when it reads but is not a JSON list of strings (emptied, cut
     short). Raises `CacheUnreadable` when it does not read (permissions, an I/O error)."""
     try:
-        with open(ids_path, encoding="utf-8") as f:
-            text = f.read()
+        with open(ids_path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise unreadable(ids_path, e) from e
     try:
-        ids = json.loads(text)
-    except ValueError:
+        ids = json.loads(data)
+    except ValueError:  # UnicodeDecodeError included: bytes that are not UTF-8 are damage too
         return None
     return ids if isinstance(ids, list) and all(isinstance(i, str) for i in ids) else None
 
@@ -644,8 +627,8 @@ class EmbeddingCache:
             header, states = decode_record(self._source[position], self.dim, self.dtype)
         except Exception as e:  # noqa: BLE001  (a record cut short or overwritten: its shard is damaged)
             shard = self._shards[bisect.bisect_right(self._starts, position) - 1]
-            if isinstance(e, OSError) or io_errno(e) is not None:
-                raise unreadable(shard, e) from e
+            if os.path.exists(shard) and (isinstance(e, OSError) or io_errno(e) is not None):
+                raise unreadable(shard, e) from e  # a shard gone since the cache opened is damage
             reason = f"the record of {example_id!r} does not read: {_first_line(e)}"
             raise damaged_shard(shard, reason, found_by_writer=False) from e
         if header["id"] != example_id:

@@ -42,7 +42,6 @@ VLM (`genmask_jax.encoders.encoder_input`) and the description is stored beside 
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from collections.abc import Sequence
@@ -50,11 +49,11 @@ from typing import NamedTuple
 
 import tqdm
 
-from genmask_jax.data.skips import RETRIED_ERRORS, SkipLog, skip_reason
+from genmask_jax.data.skips import SkipLog, skip_reason, transient
 from genmask_jax.data.sources import make_task_source, parse_names
 from genmask_jax.data.splits import DATASETS, SplitSpec, parse_splits, refcoco_config, split_data_config
 from genmask_jax.encoders import ContextError, PromptTooLong, encoder_input, fingerprint, make_encoder
-from genmask_jax.encoders.cache import CacheWriter, io_errno
+from genmask_jax.encoders.cache import CacheWriter
 
 log = logging.getLogger("genmask_jax.encoders.precompute")
 
@@ -66,17 +65,6 @@ class PrecomputeError(ValueError):
 class UnreadExamples(PrecomputeError):
     """Examples whose read kept failing with a `transient` error: everything else was written, a rerun
     tries them again."""
-
-
-# Errors of a read that can pass on their own: an I/O error (a network file system's, a disk's), a stale
-# NFS handle (the server restarted), a resource busy or temporarily unavailable (soft mounts), the network
-# under a mount down or reset, a timeout, an interrupted call. (ETIMEDOUT, ECONNRESET and EINTR are
-# usually raised as RETRIED_ERRORS' TimeoutError, ConnectionResetError, InterruptedError already.) Any other
-# error (a missing file, EACCES, an image that does not decode) fails the same way on every try.
-_TRANSIENT_ERRNOS = frozenset({
-    errno.EIO, errno.ESTALE, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.EINTR,
-    errno.ENETDOWN, errno.ENETUNREACH,
-})
 
 
 class Job(NamedTuple):
@@ -204,13 +192,6 @@ def _encode_batch(
     for (example_id, raw), (states, rewrite, image) in zip(batch, results):
         writer.add(example_id, states, text=raw["text"], rewrite=rewrite, image=image)
     return len(batch)
-
-
-def transient(error: BaseException) -> bool:
-    """Whether a failed read may succeed when tried again: one of `RETRIED_ERRORS` (memory, a connection,
-    a timeout, an interrupt) or an I/O error whose errno is in `_TRANSIENT_ERRNOS`, raised as an OSError
-    or, by array_record files (tfds data sources), as the RuntimeError of a failed system call."""
-    return isinstance(error, RETRIED_ERRORS) or io_errno(error) in _TRANSIENT_ERRNOS
 
 
 def _read(source, index: int, example_id: str, tries: int, retry_wait_s: float) -> dict:

@@ -156,8 +156,8 @@ def check_init_from(config, fresh_cfg: DiTConfig) -> None:
 
 
 def check_loop_fields(config) -> None:
-    """Raises InputError (one line) for a seed, interval or checkpoint count the loop cannot use, before
-    anything is built or written."""
+    """Raises InputError (one line) for a seed, interval, batch or checkpoint count the loop cannot use,
+    before anything is built or written."""
     from genmask_jax.infer.cli import InputError
 
     if not 0 <= config.seed < 2**32:  # JAX keeps a seed's low 32 bits: 2**32 + 7 would train as seed 7
@@ -171,6 +171,9 @@ def check_loop_fields(config) -> None:
     for name, (value, hint) in counts.items():
         if value < 1:
             raise InputError(f"config.{name} must be >= 1, got {value}{hint}")
+    batch = dict(config.batch)
+    if any(n < 0 for n in batch.values()) or sum(batch.values()) < 1:
+        raise InputError(f"config.batch must count >= 0 examples per task and >= 1 in all, got {batch}")
     keep = config.checkpoint.keep
     if keep is not None and keep < 1:  # orbax's max_to_keep=0 deletes every checkpoint as it is saved
         raise InputError(f"config.checkpoint.keep must be >= 1 (or None: keep all), got {keep}")

@@ -174,10 +174,9 @@ def test_a_shard_that_does_not_read_for_the_file_system_is_named_not_deleted(tmp
     assert_complete(folder, c)
 
 
-def test_a_record_that_the_file_system_does_not_read_is_not_called_damage(tmp_path):
-    """A lookup whose read fails in a system call (an I/O error) said the shard was damaged and to delete
-    it."""
-    folder = str(tmp_path)
+def _cache_whose_records_raise(folder: str, message: str) -> EmbeddingCache:
+    """A cache of 4 examples in shards of 2 whose every record read raises RuntimeError(`message`), as
+    array_record reports a failed system call."""
     with CacheWriter(folder, dim=2, context_length=4, dtype="float32", shard_size=2) as writer:
         for i in range(4):
             writer.add(f"id{i}", np.full((1, 2), i, np.float32))
@@ -185,9 +184,18 @@ def test_a_record_that_the_file_system_does_not_read_is_not_called_damage(tmp_pa
 
     class FailingSource:
         def __getitem__(self, position):
-            raise RuntimeError(f"pread() failed: Input/output error; reading {folder}/shard-00001")
+            raise RuntimeError(message)
 
     cache._source = FailingSource()
+    return cache
+
+
+def test_a_record_that_the_file_system_does_not_read_is_not_called_damage(tmp_path):
+    """A lookup whose read fails in a system call (an I/O error) said the shard was damaged and to delete
+    it."""
+    folder = str(tmp_path)
+    message = f"pread() failed: Input/output error; reading {folder}/shard-00001"
+    cache = _cache_whose_records_raise(folder, message)
     with pytest.raises(CacheUnreadable, match=r"shard-00001.array_record does not read \(RuntimeError: pread"
                                               r".*not damage \(nothing deleted\)"):
         cache.lookup("id3")
@@ -230,23 +238,14 @@ def test_a_record_that_does_not_read_names_its_shard(tmp_path):
 def test_a_shard_gone_since_the_cache_opened_is_damage_not_a_file_system_problem(tmp_path):
     """array_record reports a missing file as a failed open() (ENOENT), which names a file-system problem
     for a file that is there; for one that is gone, the shard is damaged and a rerun writes it again."""
-    folder = str(tmp_path)
-    with CacheWriter(folder, dim=4, context_length=4, dtype="float32", shard_size=3) as writer:
-        for i in range(6):
-            writer.add(f"id{i}", np.full((2, 4), i, np.float32))
-    cache = EmbeddingCache(folder)
-
-    class Gone:
-        def __getitem__(self, position):
-            raise RuntimeError(f"open() failed: No such file or directory; opening {shard}")
-
-    shard = os.path.join(folder, "shard-00001.array_record")
-    cache._source = Gone()
+    shard = os.path.join(str(tmp_path), "shard-00001.array_record")
+    message = f"open() failed: No such file or directory; opening {shard}"
+    cache = _cache_whose_records_raise(str(tmp_path), message)
     with pytest.raises(CacheUnreadable, match="shard-00001.array_record does not read"):
-        cache.record("id4")  # the file is there: not called damage
+        cache.record("id3")  # the file is there: not called damage
     os.remove(shard)
     with pytest.raises(CacheMismatch, match=r"shard-00001.array_record is damaged") as error:
-        cache.record("id4")
+        cache.record("id3")
     assert not isinstance(error.value, CacheUnreadable)
 
 

@@ -417,6 +417,53 @@ def test_a_bad_example_is_still_a_skip_not_a_failure(tmp_path, monkeypatch):
     assert result["skips"] == "precompute: 1 examples skipped (bad_polygon: 1)"
 
 
+@pytest.mark.parametrize("error", ["permission denied", "EIO"])
+def test_a_source_whose_reads_all_fail_stops_the_precompute(tmp_path, monkeypatch, error):
+    """An image folder this user may not read skipped every example and the command exited 0 with an
+    empty cache (an EIO: 3 tries each, 6 s apart, through the whole split); training then stopped on the
+    first cache miss. As many failures in a row as stop a pipeline stop the command, naming the job."""
+    c, folder = small_config(), str(tmp_path / "cache")
+    c.max_consecutive_skips = 3
+    fault = {**PERMANENT, **TRANSIENT}[error]
+    real, reads = shapes.SyntheticShapes.__getitem__, []
+
+    def read(self, i):
+        if self.task == "seg" and i >= 4:  # the folder became unreadable after 4 examples
+            reads.append(i)
+            raise fault
+        return real(self, i)
+
+    monkeypatch.setattr(shapes.SyntheticShapes, "__getitem__", read)
+    monkeypatch.setattr(precompute_module, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+    with pytest.raises(PrecomputeError) as stopped:
+        precompute(c, folder, **RUN, read_tries=2)
+    message = str(stopped.value)
+    assert "seg/train: 3 examples in a row did not read" in message and "\n" not in message
+    assert type(fault).__name__ in message and "rerun the same command" in message
+    assert sorted(set(reads)) == [4, 5, 6]  # stopped there, not at the end of the split
+    assert len(EmbeddingCache(folder, fingerprint(c.encoder))) == 4  # what was read is kept
+
+    monkeypatch.undo()  # the folder reads again: the rerun goes on
+    again = precompute(c, folder, **RUN)
+    assert (again["written"], again["already"]) == (20, 4)
+    assert_complete(folder, c)
+
+
+def test_failures_apart_from_each_other_are_skips(tmp_path, monkeypatch):
+    c = small_config()
+    c.max_consecutive_skips = 2
+    real = shapes.SyntheticShapes.__getitem__
+
+    def read(self, i):
+        if self.task == "seg" and i % 2:
+            raise BadExample("bad_polygon", "no points")
+        return real(self, i)
+
+    monkeypatch.setattr(shapes.SyntheticShapes, "__getitem__", read)
+    result = precompute(c, str(tmp_path / "cache"), **RUN)
+    assert result["written"] == 18 and result["skips"] == "precompute: 6 examples skipped (bad_polygon: 6)"
+
+
 _CLI = """
 import sys
 from genmask_jax.data import shapes

@@ -30,7 +30,9 @@ cache, so that the pipelines reading it skip that example too (`cache.SkippedExa
 fails in a way that may pass (`transient`: an I/O error or stale handle of a network file system, a
 timeout, a dropped connection, memory) is tried again (3 tries); examples that still do not read are
 not cached, and once every other example is written the command fails naming them: a pipeline that
-reads one later would stop on a cache miss.
+reads one later would stop on a cache miss. `data.max_consecutive_skips` reads in a row that fail, either
+way, stop the command at once, as they stop a pipeline: a folder this user may not read, images not where
+the annotations say or storage that is down, not bad examples (what was read is cached; a rerun goes on).
 Rerunning the same command resumes: cached ids (and recorded failures) are skipped, unread ones tried,
 and a shard damaged since it was written (cut short, deleted) is written again. A cache written
 with other encoder settings is refused, and so is a second writer on the same folder (`writer.lock`):
@@ -219,6 +221,15 @@ def _unread_error(unread: list[tuple[str, str]], tries: int, show: int = 10) -> 
     )
 
 
+def _failing_source_error(job: Job, count: int, reason: str) -> PrecomputeError:
+    return PrecomputeError(
+        f"{job.label}: {count} examples in a row did not read (the last: {reason[:300]}); that is the data "
+        "set's files or paths (a folder this user may not read, images not where the annotations say, "
+        "storage that is down), not bad examples, as in the pipelines (data.max_consecutive_skips); "
+        "what was read before is cached: fix it and rerun the same command to go on"
+    )
+
+
 def precompute(
     data_config,
     out: str,
@@ -234,7 +245,8 @@ def precompute(
     """Fills the cache at `out` with the jobs of `plan_jobs(data_config, splits, evals)`; returns
     {"written": n, "already": n, "skips": summary}. Raises `UnreadExamples` after writing everything
     else when some examples did not read in `read_tries` tries of a `transient` error (`retry_wait_s`
-    seconds before the second, doubling); an example whose read fails otherwise is a logged skip.
+    seconds before the second, doubling); an example whose read fails otherwise is a logged skip. Raises
+    `PrecomputeError` at once when `data_config.max_consecutive_skips` reads of a job fail in a row.
 
     `encoder`: an encoder built from `data_config.encoder` (tests pass one to reuse a loaded model).
     """
@@ -247,13 +259,14 @@ def precompute(
     # fails first and leaves nothing behind.
     sources = [make_task_source(job.names, job.split, job.data_config, job.task) for job in jobs]
     skips = SkipLog("precompute")
+    max_failed = data_config.max_consecutive_skips  # as many as stop a pipeline reading the source
     unread: list[tuple[str, str]] = []  # (example id, "kind: detail")
     written = already = 0
     with CacheWriter(
         out, encoder.dim, encoder.context_length, dtype, fingerprint(data_config.encoder), shard_size
     ) as writer:
         for job, source in zip(jobs, sources):
-            batch, seen = [], set()
+            batch, seen, failed_in_a_row = [], set(), 0
             for index in tqdm.trange(len(source), desc=job.label, unit="ex"):
                 example_id = source.example_id(index)
                 if example_id in seen:
@@ -267,12 +280,16 @@ def precompute(
                     continue
                 try:
                     batch.append((example_id, _read(source, index, example_id, read_tries, retry_wait_s)))
+                    failed_in_a_row = 0
                 except Exception as e:  # noqa: BLE001  (the pipelines' read fails too: they skip it)
                     if transient(e):  # reported once the rest is written
                         log.warning("%s did not read in %d tries: %s", example_id, read_tries, skip_reason(e))
                         unread.append((example_id, skip_reason(e)))
                     else:  # a bad example, a corrupt image: it fails every time, no record needed
                         skips.add(example_id, skip_reason(e))
+                    failed_in_a_row += 1
+                    if failed_in_a_row == max_failed:
+                        raise _failing_source_error(job, failed_in_a_row, skip_reason(e)) from e
                     continue
                 if len(batch) == batch_size:
                     written += _encode_batch(encoder, batch, writer, job.task, data_config.encoder, skips)

@@ -330,6 +330,38 @@ def recorded_hooks(tmp_path, monkeypatch, others_ok=True, fails=()):
     return hooks
 
 
+def test_the_wait_for_queued_steps_before_a_quick_eval_counts_as_training(tmp_path, monkeypatch):
+    """The quick evaluation reads the live parameters, so it first waits for the train steps still queued
+    on the device; that wait was timed with the evaluation and left out of the rates (steps/s, MFU and
+    ETA up to 2x too high in the window holding an evaluation). Only the evaluation itself is paused."""
+    from genmask_jax.train import hooks as train_hooks
+
+    clock = {"now": 0.0, "queued": 5.0}  # seconds of device work still queued when after_step starts
+
+    def wait_for_device(state):
+        clock["now"] += clock["queued"]
+        clock["queued"] = 0.0
+        return state
+
+    monkeypatch.setattr(train_hooks, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    monkeypatch.setattr(jax, "block_until_ready", wait_for_device)
+    hooks = recorded_hooks(tmp_path, monkeypatch)
+
+    def evaluate(name):
+        def run(step, state):  # reads the parameters (waits for the queue), then takes 1 s
+            wait_for_device(state)
+            clock["now"] += 1.0
+
+        return run
+
+    hooks.quick_eval.segmentation, hooks.quick_eval.generation = evaluate("seg"), evaluate("gen")
+    paused = []
+    monkeypatch.setattr(hooks.logger, "pause", paused.append)
+    assert not hooks.after_step(1, object())
+    hooks.close()
+    assert paused == [2.0]  # the two evaluations, not the 5 s of queued training
+
+
 def test_quick_eval_runs_only_when_every_process_read_its_inputs(tmp_path, monkeypatch, caplog):
     """An input read that fails on one host only must not leave the others in the evaluation's collective
     (they would wait forever): every process takes part in the agreement and all skip together."""

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from array_record.python.array_record_data_source import ArrayRecordDataSource as ArrayDataSource
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -461,6 +462,31 @@ def test_rerun_reuses_the_preparation_and_reports_its_skips_and_overwrite_prepar
     assert len(refcoco.RefCocoSource("refcoco_unc", "val", data_dir=str(out))) == 3
     stored = out / "ref_coco_seg" / "refcoco_unc" / "1.0.0" / prepare.PREPARE_REPORT_FILE
     assert json.loads(stored.read_text())["skip_counts"] == {"empty_mask": 1}
+
+
+def test_prepare_refuses_an_out_without_room_for_the_prepared_sets(refer, tmp_path, monkeypatch, capsys):
+    """Each expression's record holds its image's JPEG (all four configs: about 75 GB against 13 GB of
+    train2014/): an --out without room filled up hours in. The estimate is checked before anything is
+    written, and is close to what a preparation takes."""
+    root, out = _refer_copy(refer, tmp_path), tmp_path / "tfds"
+    _write_image_3(root)
+    estimate = refcoco.check_refer_inputs(str(root / "refer"), str(root / "train2014"), "refcoco_unc")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=estimate - 1))
+    with pytest.raises(SystemExit) as exit_info:
+        _prepare_cli(root, out)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and "GB free" in err[0] and "--configs" in err[0]
+    assert not out.exists()
+
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=estimate))
+    assert _prepare_cli(root, out) == 0
+    records = ArrayDataSource([str(f) for f in sorted(out.rglob("*.array_record-*"))])
+    written = sum(len(records[i]) for i in range(len(records)))  # files are padded to 64 KiB blocks
+    # The JPEGs are most of it (masks and text the rest); one expression (ref 103) has an empty mask.
+    assert 0.8 * written < estimate < 1.2 * written
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=0))
+    assert _prepare_cli(root, out) == 0  # already prepared: reused, nothing more to write
 
 
 def test_truncated_or_resized_images_are_refused_at_preparation(refer, tmp_path):

@@ -7,7 +7,8 @@ writes `DATA_DIR/ref_coco_seg/<config>/1.0.0/*.array_record-*` (read with `tfds.
 `data.refcoco.{name,data_dir}`), the COCO image id of each record (`genmask_image_ids.json`, read by
 `data.refcoco.exclude_eval_images`) and the skip summary (`genmask_prepare.json`), checks each split's
 expression count against the published counts and exits with status 1 when one differs (unless
---no-count-check). COCO's train2017/ folder works too. A config already prepared in DATA_DIR is reused,
+--no-count-check). Each expression's record holds its image's JPEG (all four configs: about 75 GB), so the
+free space of DATA_DIR is checked first. COCO's train2017/ folder works too. A config already prepared in DATA_DIR is reused,
 with the skip summary of its preparation, unless --overwrite.
 
   python -m genmask_jax.data.prepare refcoco-index --data-dir DATA_DIR --names ref_coco_bv/refcoco_unc,...
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 
 from etils import epath
@@ -105,6 +108,32 @@ def prepare_refcoco(refer_dir: str, coco_images: str, out: str, config: str, ove
     return {"counts": counts, "skips": summary, "report": report, "ok": ok, "index": index, "reused": reused}
 
 
+def _prepared(out: str, config: str) -> bool:
+    from genmask_jax.data.refcoco import RefCocoSeg
+
+    return (epath.Path(out) / RefCocoSeg.name / config / str(RefCocoSeg.VERSION)).exists()
+
+
+def check_free_space(out: str, needed: int) -> None:
+    """Raises ValueError when the file system of a local `out` has less than `needed` bytes free (TFDS
+    would fill it hours in); logs the estimate. Remote paths (gs://) are not checked."""
+    if needed <= 0:
+        return
+    log.info("the prepared sets take about %.1f GB in %s", needed / 1e9, out)
+    if "://" in out:
+        return
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the nearest folder that exists holds the file system
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ValueError(
+            f"the prepared sets need about {needed / 1e9:.1f} GB (every expression's record holds its "
+            f"image's JPEG) and {existing} has {free / 1e9:.1f} GB free: free space, choose another --out "
+            "or prepare fewer --configs at a time"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m genmask_jax.data.prepare",
@@ -146,8 +175,12 @@ def _run(args) -> int:
     from genmask_jax.data.refcoco import check_refer_inputs
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    needed = 0
     for config in configs:  # every config's inputs before anything is written
-        check_refer_inputs(args.refer_dir, args.coco_images, config)
+        size = check_refer_inputs(args.refer_dir, args.coco_images, config)
+        if args.overwrite or not _prepared(args.out, config):
+            needed += size
+    check_free_space(args.out, needed)
     all_ok = True
     for config in configs:
         result = prepare_refcoco(args.refer_dir, args.coco_images, args.out, config, args.overwrite)

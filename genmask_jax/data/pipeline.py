@@ -1,7 +1,8 @@
 """Grain pipelines: the stratified seg/gen training mix and the deterministic evaluation iterator.
 
 Training (`make_train_iterator`): one grain `MapDataset` per task,
-`range(len(source)) -> shuffle(seed) -> repeat() -> slice(process_index::process_count) -> load`, where
+`range(len(source)) -> shuffle(seed) -> repeat() -> slice(process_index::process_count) -> load`
+(with `data.seg_repeats` / `gen_repeats`, the range holds a source's indices k times), where
 `load` reads, fits to the model resolution and attaches the instruction-encoder context (the `toy`
 encoder in-process, or the embedding cache by example id). Here a "process" is a data shard: a jax
 process, or, when a mesh axis other than the batch's spans hosts, a data-loading group of processes
@@ -44,7 +45,7 @@ from ml_collections import ConfigDict
 
 from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
-from genmask_jax.data.sources import make_task_source
+from genmask_jax.data.sources import make_task_source, parse_names
 from genmask_jax.data.splits import precompute_selection
 from genmask_jax.encoders import DEFAULT_MAX_PIXELS
 from genmask_jax.encoders.base import ContextError
@@ -59,6 +60,12 @@ def default_data_config() -> ConfigDict:
     c.fit = "pad"  # "pad": resize keeping aspect, pad with 0 (mid grey); "crop": resize and centre-crop.
     c.seg_sources = "shapes"  # comma-separated segmentation sources: shapes, reasonseg, refcoco.
     c.gen_sources = "shapes"  # comma-separated generation sources: shapes, captions, tfds_captions.
+    # "name:k,...": training reads source `name` of the task k times per epoch (an integer >= 1), to give a
+    # small set a share beside a large one, as LISA samples its data sets by weight: with the RefCOCO
+    # union (about 320,000 expressions) and ReasonSeg train (about a thousand texts), "reasonseg:30" makes
+    # ReasonSeg about 9% of the segmentation examples instead of 0.3%. Evaluation reads each once.
+    c.seg_repeats = ""
+    c.gen_repeats = ""
     c.train_split = "train"  # split the training iterator reads from every source.
     c.shuffle = True  # reshuffle every epoch (seeded); False reads sources in order (debugging).
     c.num_threads = 4  # decode/fit threads per process.
@@ -378,6 +385,36 @@ def _process_index_count(process_index, process_count) -> tuple[int, int]:
     return process_index, process_count
 
 
+def parse_repeats(text: str, names: Sequence[str], field: str) -> list[int]:
+    """The repeat count of each of `names` (a task's sources, in order) from `field`'s "name:k,..."
+    (unnamed sources: 1)."""
+    repeats = {}
+    for item in parse_names(text):
+        name, _, count = (part.strip() for part in item.partition(":"))
+        if name not in names or not count.isdigit() or int(count) < 1 or name in repeats:
+            raise ValueError(
+                f"data.{field}={text!r}: expected 'name:k,...' with each name once, a source of this task "
+                f"({', '.join(names)}) and k an integer >= 1"
+            )
+        repeats[name] = int(count)
+    return [repeats.get(name, 1) for name in names]
+
+
+def _source_indices(sizes: Sequence[int], repeats: Sequence[int]) -> grain.MapDataset:
+    """The indices of a concatenation of sources of `sizes`, source k's `repeats[k]` times over
+    (consecutively, in source order): `range(sum(sizes))` when nothing repeats."""
+    if all(r == 1 for r in repeats):
+        return grain.MapDataset.range(sum(sizes))
+    starts = np.cumsum([0, *sizes])
+    repeated_starts = np.cumsum([0, *(n * r for n, r in zip(sizes, repeats))])
+
+    def source_index(index: int) -> int:
+        k = int(np.searchsorted(repeated_starts, index, side="right")) - 1
+        return int(starts[k] + (index - repeated_starts[k]) % sizes[k])
+
+    return grain.MapDataset.range(int(repeated_starts[-1])).map(source_index)
+
+
 def _task_dataset(
     source,
     task: str,
@@ -387,11 +424,16 @@ def _task_dataset(
     process_count: int,
     loader: _Loader,
     skips: SkipLog,
+    sizes: Sequence[int] | None = None,
+    repeats: Sequence[int] | None = None,
 ) -> grain.MapDataset:
-    n = len(source)
-    if n == 0:
+    """`sizes`: the lengths of the sources that `source` concatenates, read `repeats` times each per
+    epoch (default: `source` once)."""
+    sizes = [len(source)] if sizes is None else list(sizes)
+    if sum(sizes) == 0:
         raise ValueError(f"the {task} source is empty")
-    ds = grain.MapDataset.range(n)
+    ds = _source_indices(sizes, repeats or [1] * len(sizes))
+    n = len(ds)  # an epoch
     if shuffle:
         ds = ds.shuffle(seed=_task_seed(seed, task))
     ds = ds.repeat()[process_index::process_count]
@@ -439,14 +481,30 @@ def make_train_iterator(
     ):
         if count == 0:
             continue
+        names = parse_names(names)
+        repeats = parse_repeats(data_config.get(f"{task}_repeats", ""), names, f"{task}_repeats")
         source = make_task_source(names, data_config.train_split, data_config, task)
         if source is None:
             raise ValueError(f"batch_{task}={count} but data.{task}_sources is empty")
+        sizes = [len(source)] if len(names) == 1 else [len(part) for part in source.sources]
+        if any(r > 1 for r in repeats):
+            epoch = sum(n * r for n, r in zip(sizes, repeats))
+            shares = ", ".join(f"{name} {n * r / epoch:.1%}" for name, n, r in zip(names, sizes, repeats))
+            log.info("train/%s: source shares per epoch with data.%s_repeats: %s", task, task, shares)
         contexts.check_covers(source, task, data_config.train_split, CACHE_SPOT_CHECKS)
         skip_logs[task] = SkipLog(f"train/{task}")
         loader = _Loader(source, task, data_config, contexts, skip_logs[task], data_config.train_split)
         datasets[task] = _task_dataset(
-            source, task, seed, data_config.shuffle, process_index, process_count, loader, skip_logs[task]
+            source,
+            task,
+            seed,
+            data_config.shuffle,
+            process_index,
+            process_count,
+            loader,
+            skip_logs[task],
+            sizes,
+            repeats,
         )
     mix = _StratifiedMix(datasets.get("seg"), datasets.get("gen"), batch_seg, batch_gen)
     shapes = {

@@ -7,9 +7,9 @@ writes `DATA_DIR/ref_coco_seg/<config>/1.0.0/*.array_record-*` (read with `tfds.
 `data.refcoco.{name,data_dir}`), the COCO image id of each record (`genmask_image_ids.json`, read by
 `data.refcoco.exclude_eval_images`) and the skip summary (`genmask_prepare.json`), checks each split's
 expression count against the published counts and exits with status 1 when one differs (unless
---no-count-check). Each expression's record holds its image's JPEG (all four configs: about 75 GB), so the
-free space of DATA_DIR is checked first. COCO's train2017/ folder works too. A config already prepared in DATA_DIR is reused,
-with the skip summary of its preparation, unless --overwrite.
+--no-count-check). Each expression's record holds its image's JPEG (all four configs: about 75 GB), so
+the free space of DATA_DIR is checked first. COCO's train2017/ folder works too. A config already prepared
+in DATA_DIR is reused, with the skip summary of its preparation, unless --overwrite.
 
   python -m genmask_jax.data.prepare refcoco-index --data-dir DATA_DIR --names ref_coco_bv/refcoco_unc,...
 

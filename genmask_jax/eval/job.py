@@ -516,6 +516,8 @@ def finish_split(store: ShardStore, spec: SplitSpec, num_examples: int, settings
 # model and the frozen VAE's kind go into the digest of `prediction_config_digest`.
 NON_PREDICTION_DATA_FIELDS = (
     "gen_sources",
+    "seg_repeats",
+    "gen_repeats",
     "train_split",
     "shuffle",
     "num_threads",

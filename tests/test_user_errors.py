@@ -68,6 +68,22 @@ def test_a_count_the_loop_cannot_use_is_refused_before_the_workdir(tmp_path, cap
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("data.seg_sources", "shape", "data.seg_sources: unknown seg source 'shape'; expected one of"),
+    ("data.seg_repeats", "reasonseg:30", "data.seg_repeats='reasonseg:30': expected 'name:k,...'"),
+], ids=["unknown source", "repeats of a source not read"])
+def test_a_data_source_the_pipeline_cannot_read_is_refused_before_the_workdir(
+    tmp_path, capsys, field, value, message
+):
+    """Both ended in a ValueError traceback."""
+    from genmask_jax.train import loop
+
+    config = tiny_config(total_steps=1, eval_every=0, sample_every=0, **{field: value})
+    err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w", mesh=mesh_of((1, 1, 1))))
+    assert message in err
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.multidevice
 @pytest.mark.parametrize("shape,batch,microbatches,multiple", [
     ((2, 1, 1), 3, 1, 2),  # failed at the first step's sharding (IndivisibleError), after init

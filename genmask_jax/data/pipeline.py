@@ -45,7 +45,7 @@ from ml_collections import ConfigDict
 
 from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
-from genmask_jax.data.sources import make_task_source, parse_names
+from genmask_jax.data.sources import DataConfigError, make_task_source, parse_names
 from genmask_jax.data.splits import precompute_selection
 from genmask_jax.encoders import DEFAULT_MAX_PIXELS
 from genmask_jax.encoders.base import ContextError
@@ -392,7 +392,7 @@ def parse_repeats(text: str, names: Sequence[str], field: str) -> list[int]:
     for item in parse_names(text):
         name, _, count = (part.strip() for part in item.partition(":"))
         if name not in names or not count.isdigit() or int(count) < 1 or name in repeats:
-            raise ValueError(
+            raise DataConfigError(
                 f"data.{field}={text!r}: expected 'name:k,...' with each name once, a source of this task "
                 f"({', '.join(names)}) and k an integer >= 1"
             )

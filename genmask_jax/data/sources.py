@@ -26,6 +26,10 @@ GEN_SOURCES = ("shapes", "captions", "tfds_captions")
 log = logging.getLogger(__name__)
 
 
+class DataConfigError(ValueError):
+    """A data config the pipelines cannot read as given: a name that is no source, a malformed field."""
+
+
 class ConcatSource:
     """Several sources read as one (indices run through them in order)."""
 
@@ -65,7 +69,7 @@ def make_source(name: str, split: str, data_config, task: str):
     """One source by name for `task` ("seg" | "gen") and `split`."""
     valid = SEG_SOURCES if task == "seg" else GEN_SOURCES
     if name not in valid:
-        raise ValueError(f"unknown {task} source {name!r}; expected one of {valid}")
+        raise DataConfigError(f"data.{task}_sources: unknown {task} source {name!r}; expected one of {valid}")
     if name == "shapes":
         from genmask_jax.data.shapes import SyntheticShapes
 

@@ -25,6 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from convert.checkpoint_io import ConversionError
+from genmask_jax.data.sources import DataConfigError
 from genmask_jax.encoders.base import ContextError
 from genmask_jax.infer import checkpoint
 from genmask_jax.infer.checkpoint import CheckpointError
@@ -42,10 +43,11 @@ class InputError(ValueError):
 
 # FileExistsError and NotADirectoryError: an output path under a file (outputs are checked before the
 # model runs; a file made meanwhile still gets one line). ConversionError: converted or PyTorch weights
-# (`config.init_from`, `config.vae_from`) that are missing or unreadable.
+# (`config.init_from`, `config.vae_from`) that are missing or unreadable. DataConfigError: a data source
+# name or data field the pipelines cannot read.
 USER_ERRORS = (
-    InputError, CheckpointError, ContextError, VAEConfigMismatch, ConversionError, FileNotFoundError,
-    PermissionError, IsADirectoryError, FileExistsError, NotADirectoryError,
+    InputError, CheckpointError, ContextError, VAEConfigMismatch, ConversionError, DataConfigError,
+    FileNotFoundError, PermissionError, IsADirectoryError, FileExistsError, NotADirectoryError,
 )
 
 

@@ -6,6 +6,10 @@
 Loads the shipped toy WAN VAE, trains a tiny WAN DiT on segmentation (mask generation) mixed 1:1
 with caption->image generation, evaluates single-step segmentation on the held-out test split and
 writes a report (metrics.json, report.md, segmentation_grid.png, generated.png) to the workdir.
+
+Rerun with the same config, it resumes the training in `<workdir>/train` (a finished run is evaluated
+again); with a config that changes the trained model (`--config.total_steps`, the optimizer, the seed,
+...) it stops at once: pass another --workdir, or delete `<workdir>/train`.
 """
 
 import logging
@@ -15,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from genmask_jax.experiments import pipeline
+from genmask_jax.infer import cli
 from genmask_jax.parallel import mesh
 
 _DEFAULT_CONFIG = os.path.join(
@@ -35,7 +40,10 @@ def main(argv) -> None:
     if config.demo.device_per_core and "XLA_FLAGS" not in os.environ:
         cores = len(os.sched_getaffinity(0))
         os.environ["XLA_FLAGS"] = mesh.cpu_device_flags(config.batch.seg, config.batch.gen, cores)
-    report = pipeline.run_demo(config, _WORKDIR.value, progress=_PROGRESS.value)
+    try:
+        report = pipeline.run_demo(config, _WORKDIR.value, progress=_PROGRESS.value)
+    except pipeline.WorkdirConfigMismatch as e:
+        cli.fail(f"{e}: pass another --workdir, or delete {os.path.join(_WORKDIR.value, 'train')}")
     seg, base = report["segmentation"], report["baselines"]
     print(
         f"held-out {report['eval_split']}: gIoU {seg['giou']:.4f} cIoU {seg['ciou']:.4f} (single step); "

@@ -169,3 +169,34 @@ def test_exif_rotated_jpeg_is_read_as_displayed_like_lisa(tmp_path):
     np.testing.assert_array_equal(example["mask"], expected_mask)
     np.testing.assert_array_equal(example["ignore"], expected_ignore)
     assert example["mask"][31:39, 2:13].all() and example["ignore"][2:7, 20:26].all()
+
+
+def test_evaluation_picks_text0_before_dropping_blanks_like_lisa(tmp_path, caplog):
+    """LISA's ValDataset evaluates `sampled_sents[0]`: a blank text[0] skips the image (no_text) rather
+    than letting text[1] stand in. Training keeps every non-blank text."""
+    target = [_rect("target", 2, 2, 20, 20)]
+    for stem, texts in [("a", ["", "the dog on the left"]), ("b", ["  "]), ("c", ["the cup", " "])]:
+        _write(tmp_path / "val", stem, target, texts, False)
+    with caplog.at_level(logging.WARNING):
+        val = ReasonSeg(str(tmp_path), "val", all_texts=False)
+    queries = [(val.example_id(i), val[i]["query"]) for i in range(len(val))]
+    assert queries == [("reasonseg-val-c-0", "the cup")]
+    assert val.skips.counts == {"no_text": 2}
+    assert "skipped reasonseg-val-a (no_text: text[0] is blank)" in caplog.text
+    every = ReasonSeg(str(tmp_path), "val", all_texts=True)
+    assert [every[i]["query"] for i in range(len(every))] == ["the dog on the left", "the cup"]
+
+
+def test_the_configured_training_split_reads_every_text(reasonseg_root):
+    """Only a split named literally "train" read every text: with `data.train_split="trainval"` training
+    got text[0] of each image, a third of ReasonSeg's training queries."""
+    import shutil
+
+    from genmask_jax.data.sources import make_source
+
+    shutil.copytree(reasonseg_root / "train", reasonseg_root / "trainval")
+    c = default_data_config()
+    c.reasonseg.root, c.train_split = str(reasonseg_root), "trainval"
+    texts = sorted(item[3] for item in make_source("reasonseg", "trainval", c, "seg").items)  # (.., text, ..)
+    assert texts == ["a mug", "off the image", "the cup", "what holds coffee?"]
+    assert len(make_source("reasonseg", "val", c, "seg")) == 1  # evaluation: text[0]

@@ -3,7 +3,10 @@ end-to-end run that writes the report (the shipped toy VAE, a 2-layer width-64 D
 
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +134,34 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert saved["baselines"]["empty_mask"]["giou"] == 0.0
     assert saved["baselines"]["all_shapes_mask"]["giou"] > 0.0
     assert len(report["train"]["history"]) >= 1
+
+
+@pytest.mark.slow
+def test_a_demo_rerun_resumes_its_run_and_refuses_another_config_in_one_line(tmp_path):
+    """The same config resumes `<workdir>/train` (finished: evaluated again, the report saying it trained
+    nothing now); one that changes the trained model would resume a run that is not the one asked for."""
+    config = demo_config.get_config("variant=smoke")
+    config.demo.num_generated = 0
+    first = pipeline.run_demo(config, str(tmp_path), progress=False)
+    assert first["train"]["resumed_from_step"] == 0 and first["train"]["history"]
+    config.demo.num_grid = 0  # what is done with the trained model may change
+    again = pipeline.run_demo(config, str(tmp_path), progress=False)
+    steps = config.total_steps
+    assert again["train"] == {"steps": steps, "resumed_from_step": steps, "history": []}
+    assert again["segmentation"] == first["segmentation"]
+    metrics = (tmp_path / "train" / "metrics.jsonl").read_text()
+    flags = ["--config=configs/demo.py:variant=smoke", "--config.demo.num_generated=0", "--noprogress"]
+    flags += ["--config.total_steps=2", f"--workdir={tmp_path}"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "genmask_jax.demo", *flags]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.endswith(
+        f"holds step {steps} of a run with another config (total_steps: {steps} saved, 2 now), which this "
+        f"run would resume: pass another --workdir, or delete {tmp_path}/train"
+    )
+    assert (tmp_path / "train" / "metrics.jsonl").read_text() == metrics
 
 
 def test_the_demo_refuses_to_train_in_several_processes(monkeypatch, tmp_path):

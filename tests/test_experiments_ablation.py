@@ -104,3 +104,68 @@ def test_base_config_flags_restore_the_recorded_ablation_setting():
     assert base.model.dit.patch_size == (1, 2, 2) and base.model.dit.dim == 128
     assert not base.model.dit.use_context_mask and base.model.dit.scan_layers
     assert ablation.base_config().to_dict() == demo_config.get_config().to_dict()
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_its_models_and_refuses_other_settings_before_training(tmp_path, monkeypatch):
+    """Each model trains in a folder named by study, variant and seed alone: a rerun into the same --out
+    with other settings would resume the old checkpoint (and evaluate it, with 0 steps left), so it is
+    refused before anything is built; the same settings resume (re-evaluate) and say so."""
+    monkeypatch.setitem(
+        ablation.STUDIES, "mini", {"a=0.05": {"segmentation": {"law": "heavy_tailed", "a": 0.05}}}
+    )
+    base = demo_config.get_config("variant=smoke")
+    out = str(tmp_path / "out")
+    run = lambda steps, num_scenes, base: ablation.run_studies(
+        ["mini"], steps, [0], num_scenes, 8, out, log=lambda *a: None, base=base
+    )
+    [first] = run(2, 16, base)["mini"]["results"]["a=0.05"]
+    [again] = run(2, 16, base)["mini"]["results"]["a=0.05"]
+    assert "resumed_from_step" not in first and again["resumed_from_step"] == 2
+    assert (again["giou"], again["ciou"]) == (first["giou"], first["ciou"])
+
+    def not_before_the_check(*args, **kwargs):
+        raise AssertionError("built the latent pool before checking the models' folders")
+
+    monkeypatch.setattr(pipeline, "latent_pool", not_before_the_check)
+    other_lr = base.copy_and_resolve_references()
+    other_lr.optimizer.lr = 1.0
+    for steps, num_scenes, config, changed in [
+        (1, 16, base, "total_steps: 2 saved, 1 now"),
+        (2, 12, base, "demo.num_train_scenes: 16 saved, 12 now"),
+        (2, 16, other_lr, "optimizer.lr: 0.005 saved, 1.0 now"),
+    ]:
+        with pytest.raises(pipeline.WorkdirConfigMismatch, match=f"a=0.05-seed0 holds step 2 .*{changed}"):
+            run(steps, num_scenes, config)
+
+
+def test_main_reports_a_mismatched_run_folder_in_one_line(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise pipeline.WorkdirConfigMismatch(
+            "out/runs/mixing/x-seed0 holds step 800 of a run with another config"
+        )
+
+    monkeypatch.setattr(ablation, "run_studies", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main(["--study", "mixing", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith("pass another --out, or delete that folder")
+
+
+@pytest.mark.parametrize(
+    "seeds, name", [([0], "mixing"), ([1, 2], "mixing_seeds_1_2"), ([0, 1], "mixing_seeds_0_1")]
+)
+def test_results_of_other_seeds_keep_the_seed_0_files(seeds, name, tmp_path, monkeypatch):
+    """docs/REPRODUCTION.md reruns `--study mixing --seeds 1,2` into the `--out` of the seed-0 run."""
+    summary = {
+        "study": "mixing",
+        "steps": 1,
+        "seeds": seeds,
+        "results": {"seg:gen 1:1": [{"giou": 0.5, "ciou": 0.5}]},
+    }
+    monkeypatch.setattr(ablation, "run_studies", lambda *args, **kwargs: {"mixing": summary})
+    out = tmp_path / "out"
+    ablation.main(["--study", "mixing", "--seeds", ",".join(map(str, seeds)), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == [f"{name}.json", f"{name}.png"]
+    assert json.loads((out / f"{name}.json").read_text()) == summary

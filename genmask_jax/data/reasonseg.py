@@ -15,9 +15,10 @@ paints nothing; an example whose target is then empty is skipped in training by 
 Images are read with their EXIF orientation applied, as LISA's `cv2.imread` does: labelme draws the
 polygons on the image as displayed, so a JPEG with Orientation 6 has its mask on the rotated canvas.
 
-Training uses every text of an image (one example each); evaluation uses `text[0]` (LISA's protocol)
-unless `all_texts`. A `text` that is not a list (LISA would iterate a string letter by letter) skips the
-image as a bad example. With `use_templates`, queries are wrapped in LISA's first question template.
+Training uses every non-blank text of an image (one example each); evaluation uses `text[0]` (LISA's
+protocol) unless `all_texts`, and skips the image when that text is blank. A `text` that is not a list
+(LISA would iterate a string letter by letter) skips the image as a bad example. With `use_templates`,
+queries are wrapped in LISA's first question template.
 """
 
 from __future__ import annotations
@@ -114,6 +115,18 @@ def rasterise_shapes(
     return (label_map == 1).astype(np.uint8), label_map == 255
 
 
+def usable_texts(texts: list, all_texts: bool) -> list:
+    """The queries of an image: its non-blank texts, or (not `all_texts`) `text[0]` alone, chosen before
+    blanks are dropped as LISA's ValDataset does (`sampled_sents[0]`), so a later text never stands in.
+    Raises BadExample("no_text") when none is left."""
+    if not texts:
+        raise BadExample("no_text", "empty text list")
+    chosen = [t for t in (texts if all_texts else texts[:1]) if str(t).strip()]
+    if not chosen:
+        raise BadExample("no_text", "every text is blank" if all_texts else "text[0] is blank")
+    return chosen
+
+
 class ReasonSeg:
     """Random-access ReasonSeg source (`task` seg)."""
 
@@ -142,14 +155,12 @@ class ReasonSeg:
                 texts = annotation["text"]
                 if not isinstance(texts, list):
                     raise BadExample("bad_text", f"'text' is a {type(texts).__name__}, not a list of queries")
-                texts = [t for t in texts if str(t).strip()]
-                if not texts:
-                    raise BadExample("no_text", "empty text list")
+                texts = usable_texts(texts, all_texts)
             except Exception as e:  # noqa: BLE001  (a bad annotation file is a logged skip)
                 self.skips.add(f"reasonseg-{split}-{stem}", skip_reason(e))
                 continue
             is_sentence = bool(annotation.get("is_sentence", False))
-            for k, text in enumerate(texts if all_texts else texts[:1]):
+            for k, text in enumerate(texts):
                 self.items.append((image_path, json_path, k, str(text), is_sentence))
         log.info("ReasonSeg %s: %d examples; %s", split, len(self.items), self.skips.summary())
 

@@ -90,7 +90,10 @@ def make_source(name: str, split: str, data_config, task: str):
 
         c = data_config.reasonseg
         return ReasonSeg(
-            c.root, split, all_texts=(split == "train" or c.eval_all_texts), use_templates=c.use_templates
+            c.root,
+            split,
+            all_texts=(split == data_config.train_split or c.eval_all_texts),
+            use_templates=c.use_templates,
         )
     if name == "refcoco":
         from genmask_jax.data.refcoco import RefCocoSource, eval_image_ids

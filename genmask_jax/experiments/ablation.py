@@ -10,7 +10,10 @@ Every variant trains from scratch on the same latent pool (same VAE, scenes and 
 number of steps and segmentation examples per step, then is evaluated on the held-out split by
 single-step inference (the `steps` study evaluates one model with several step counts). The base
 model (a = 0.05, seg:gen 1:1, with the image frame) appears in three studies and is trained once. Results go
-to `<out>/<study>.json` and `<out>/<study>.png`.
+to `<out>/<study>.json` and `<out>/<study>.png` (`<study>_seeds_1_2.json` for `--seeds 1,2`: any seeds
+but the default 0). Each model trains in `<out>/runs/<study>/<variant>-seed<seed>`; a rerun into the same
+`--out` resumes (or, finished, re-evaluates) those models, and refuses before training if one was trained
+with other settings (`--steps`, `--lr`, ...): pass another `--out`, or delete that folder.
 
     python -m genmask_jax.experiments.ablation --study steps --trained_run runs/demo
 
@@ -111,6 +114,32 @@ def variant_config(base, variant: dict, steps: int, seed: int):
     return config
 
 
+def variant_workdir(out: str, study: str, name: str, seed: int) -> str:
+    """The training folder of variant `name` of `study` for `seed`."""
+    return os.path.join(out, "runs", study, f"{name}-seed{seed}".replace(" ", "_").replace(":", ""))
+
+
+def planned_runs(studies: list[str], base, steps: int, seeds: list[int], out: str) -> dict:
+    """{(variant_key, seed): (config, workdir, image_frame)} of each distinct model `studies` train, in
+    the folder of the first study that needs it."""
+    runs = {}
+    for study in studies:
+        for name, variant in STUDIES[study].items():
+            for seed in seeds:
+                key = (variant_key(base, variant), seed)
+                if key not in runs:
+                    config = variant_config(base, variant, steps, seed)
+                    workdir = variant_workdir(out, study, name, seed)
+                    runs[key] = (config, workdir, variant.get("image_frame", True))
+    return runs
+
+
+def output_name(study: str, seeds: list[int]) -> str:
+    """`study`, or `<study>_seeds_1_2` for seeds other than the default [0]: a rerun of the same study
+    with more seeds into the same `--out` keeps the first result."""
+    return study if seeds == [0] else f"{study}_seeds_{'_'.join(str(s) for s in seeds)}"
+
+
 def variant_key(base, variant: dict) -> str:
     """Variants that train the same model share one key (unset fields take `base`'s values)."""
     train = {k: v for k, v in variant.items() if k != "num_steps"}
@@ -141,6 +170,7 @@ def run_studies(
     its saved config (`load_trained_run`) instead of training a model here; `steps`, `num_scenes` and
     `base` then do not apply."""
     trained: dict = {}
+    runs, resumed_from = {}, {}
     if trained_run:
         if studies != ["steps"]:
             raise TrainedRunError("--trained_run only applies to --study steps")
@@ -151,6 +181,13 @@ def run_studies(
     else:
         base = (base_config() if base is None else base).copy_and_resolve_references()
         base.data.shapes.test_size = test_size
+        base.demo.num_train_scenes = num_scenes  # saved with each model: a rerun with another pool refuses
+        runs = planned_runs(studies, base, steps, seeds, out)
+        # Every folder before anything trains: one trained under other settings stops the rerun at once.
+        resumed_from = {
+            key: pipeline.check_resumable(pipeline.training_config(config), workdir)
+            for key, (config, workdir, _) in runs.items()
+        }
         vae_config, vae_params = pipeline.load_toy_vae(base, out)
         pool = pipeline.latent_pool(base, num_scenes, vae_config, vae_params)
     summaries = {}
@@ -161,13 +198,8 @@ def run_studies(
                 key = (variant_key(base, variant), seed)
                 if key not in trained:
                     start = time.perf_counter()
-                    config = variant_config(base, variant, steps, seed)
-                    workdir = os.path.join(
-                        out, "runs", study, f"{name}-seed{seed}".replace(" ", "_").replace(":", "")
-                    )
-                    params, _ = pipeline.train_dit(
-                        config, workdir, pool, image_frame=variant.get("image_frame", True)
-                    )
+                    config, workdir, image_frame = runs[key]
+                    params, _ = pipeline.train_dit(config, workdir, pool, image_frame=image_frame)
                     trained[key] = (config, params, time.perf_counter() - start)
                 config, params, train_s = trained[key]
                 start = time.perf_counter()
@@ -189,6 +221,8 @@ def run_studies(
                         "seed": seed,
                         **{k: result.metrics[k] for k in ("giou", "ciou")},
                         "per_kind": result.per_kind,
+                        # A model resumed at step N: train_s covers only this call's steps after N.
+                        **({"resumed_from_step": resumed_from[key]} if resumed_from.get(key) else {}),
                         "train_s": train_s,
                         "eval_s": time.perf_counter() - start,
                     }
@@ -287,10 +321,13 @@ def main(argv=None) -> None:
         )
     except (TrainedRunError, checkpoint.CheckpointError, VAEConfigMismatch) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
+    except pipeline.WorkdirConfigMismatch as e:
+        parser.exit(1, f"{parser.prog}: error: {e}: pass another --out, or delete that folder\n")
     for study, summary in summaries.items():
-        with open(os.path.join(args.out, f"{study}.json"), "w") as f:
+        name = os.path.join(args.out, output_name(study, seeds))
+        with open(f"{name}.json", "w") as f:
             json.dump(summary, f, indent=2)
-        plot(summary, os.path.join(args.out, f"{study}.png"))
+        plot(summary, f"{name}.png")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@
     result = evaluate_segmentation(model, dit_params, vae_params, config.data, ...)
 
 `run_demo(config, workdir)` chains them, generates a few images and writes the report.
+
+A training folder that holds a checkpoint is resumed (a rerun after an interruption goes on; one after
+a finished run trains nothing), but only under the config it was saved with: `check_resumable` refuses
+another one (`RERUN_MAY_CHANGE` lists the fields a rerun may change).
 """
 
 import dataclasses
@@ -20,17 +24,53 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from genmask_jax.encoders import make_encoder
 from genmask_jax.eval import report as report_lib
 from genmask_jax.eval.inprocess import evaluate_segmentation
+from genmask_jax.infer import checkpoint
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.models.vae import VAEConfig
 from genmask_jax.train import hooks, loop, vae_pretrain
 from genmask_jax.train.latent_data import LatentBatches, LatentPool, build_latent_pool, shapes_source
 
 log = logging.getLogger(__name__)
+
+# What a rerun may change and still resume its training folder: how the job is launched and laid out,
+# how the run is watched and checkpointed, what is done with the model after training (the demo's
+# evaluation and generation, the val / test split sizes), and `vae_from`, a path that moves with the
+# repository or the workdir (the VAE itself is compared as `model.vae`, its config and latent statistics).
+# Every other field shapes the trained model; resuming under a changed one would mix two runs.
+RERUN_MAY_CHANGE = (
+    "distributed",
+    "mesh",
+    "sharding",
+    "data.num_threads",
+    "data.prefetch_buffer_size",
+    "demo.device_per_core",
+    "log_every",
+    "eval_every",
+    "sample_every",
+    "quick_eval",
+    "profile",
+    "checkpoint",
+    "demo.eval_split",
+    "demo.eval_batch_size",
+    "demo.num_grid",
+    "demo.num_generated",
+    "demo.generation_steps",
+    "demo.guidance_scale",
+    "demo.generation_shift",
+    "data.shapes.val_size",
+    "data.shapes.test_size",
+    "vae_from",
+)
+
+
+class WorkdirConfigMismatch(ValueError):
+    """A training folder holds a checkpoint saved under another config (one line: the fields that differ)."""
 
 
 def toy_vae_dir(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> str:
@@ -107,6 +147,66 @@ class _Progress:
         self.bar.close()
 
 
+def training_config(
+    config: ml_collections.ConfigDict, vae_dir: str | None = None
+) -> ml_collections.ConfigDict:
+    """The config `train_dit` trains under (and saves with each checkpoint): without a VAE, or with the
+    frozen VAE of `vae_dir` (`vae_from` and `model.vae` set from it)."""
+    if vae_dir is None:
+        return _without_vae(config)
+    out = config.copy_and_resolve_references()
+    out.vae_from = vae_dir
+    out.model.vae = vae_pretrain.load_config(vae_dir).to_dict()
+    return out
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"a.b": leaf} of a nested dict."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flat(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def config_differences(saved: ml_collections.ConfigDict, wanted: ml_collections.ConfigDict) -> list[str]:
+    """`field: <saved> saved, <wanted> now` for each field outside `RERUN_MAY_CHANGE` that differs (absent
+    on one side counts), compared as the checkpoint stores them (JSON)."""
+    a, b = _flat(checkpoint.as_json(saved)), _flat(checkpoint.as_json(wanted))
+    may_change = lambda name: any(name == f or name.startswith(f"{f}.") for f in RERUN_MAY_CHANGE)
+    absent = "absent"
+    return [
+        f"{name}: {a.get(name, absent)!r} saved, {b.get(name, absent)!r} now"
+        for name in sorted(a.keys() | b.keys())
+        if not may_change(name) and a.get(name, absent) != b.get(name, absent)
+    ]
+
+
+def check_resumable(train_config: ml_collections.ConfigDict, workdir: str) -> int:
+    """The step `train.loop.train` would resume `workdir` at (its latest finalized checkpoint; 0 for
+    none). Raises WorkdirConfigMismatch when that checkpoint was saved under another config than
+    `train_config` (see `RERUN_MAY_CHANGE`): the loop would resume it and train the remaining steps, if
+    any, of a run that is not the one asked for."""
+    if not (epath.Path(workdir) / "checkpoints").is_dir():
+        return 0
+    try:
+        directory, step = checkpoint.resolve(workdir)
+    except checkpoint.CheckpointError:  # no finalized step: the loop starts afresh
+        return 0
+    if not (directory / str(step) / checkpoint.CONFIG).exists():
+        raise WorkdirConfigMismatch(f"{directory}/{step} has no saved config to compare this run's with")
+    # Both sides as `saved_config` reads a checkpoint: fields added since it was saved take their defaults.
+    wanted = checkpoint.with_current_fields(checkpoint.as_json(train_config))
+    differences = config_differences(checkpoint.saved_config(directory, step), wanted)
+    if differences:
+        more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+        raise WorkdirConfigMismatch(
+            f"{workdir} holds step {step} of a run with another config ({'; '.join(differences[:3])}{more}), "
+            "which this run would resume"
+        )
+    return step
+
+
 def train_dit(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -116,10 +216,12 @@ def train_dit(
     vae_dir: str | None = None,
 ) -> tuple[dict, list[dict]]:
     """Trains the GenMask DiT on the latent pool with `train.loop.train` (checkpoints and
-    metrics.jsonl in `workdir`); returns (DiT params (EMA ones if configured), logged metrics).
+    metrics.jsonl in `workdir`); returns (DiT params (EMA ones if configured), the metrics logged by this
+    call: none for a finished run resumed).
 
     vae_dir: the frozen VAE's folder. The batches carry latents either way; with the VAE in the train
     state the loop's quick evaluation (`eval_every`, `sample_every`) can encode and decode pixels.
+    Raises WorkdirConfigMismatch, before training, for a workdir checkpoint of another config.
     """
     if jax.process_count() > 1:  # LatentBatches hands out the global batch, which each process would draw
         raise ValueError(
@@ -127,12 +229,8 @@ def train_dit(
             f"{jax.process_count()}): their latent pool holds every scene, and each process would draw the "
             "same global batch; train on several hosts with `python -m genmask_jax.train`"
         )
-    if vae_dir is None:
-        train_config = _without_vae(config)
-    else:
-        train_config = config.copy_and_resolve_references()
-        train_config.vae_from = vae_dir
-        train_config.model.vae = vae_pretrain.load_config(vae_dir).to_dict()
+    train_config = training_config(config, vae_dir)
+    check_resumable(train_config, workdir)
     bar = _Progress(config.total_steps, os.path.join(workdir, "metrics.jsonl"), progress, config.log_every)
     batches = LatentBatches(pool, config.batch.seg, config.batch.gen, config.seed, bar, image_frame)
     try:
@@ -170,7 +268,12 @@ def generate_images(
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
     """VAE -> latent pool -> DiT training -> held-out evaluation -> generation -> report; returns the
-    report dict (also written to `<workdir>/metrics.json`)."""
+    report dict (also written to `<workdir>/metrics.json`).
+
+    A rerun resumes `<workdir>/train` (a finished run is evaluated again); the report's `train` section
+    says at which step (`resumed_from_step`) and its history and `timing.train_s` cover this call's
+    steps only. Raises WorkdirConfigMismatch, before the VAE is loaded, when that folder was trained
+    under another config."""
     os.makedirs(workdir, exist_ok=True)
     timing, start, cpu_start = {}, time.perf_counter(), time.process_time()
 
@@ -181,11 +284,13 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
 
     tick = start
     vae_dir = toy_vae_dir(config, workdir, progress)
+    train_dir = os.path.join(workdir, "train")
+    resumed_from = check_resumable(training_config(config, vae_dir), train_dir)
     vae_config, vae_params = vae_pretrain.load(vae_dir)
     tick = lap("vae_s", tick)
     pool = latent_pool(config, int(config.demo.num_train_scenes), vae_config, vae_params, progress)
     tick = lap("data_s", tick)
-    dit_params, history = train_dit(config, os.path.join(workdir, "train"), pool, progress, vae_dir=vae_dir)
+    dit_params, history = train_dit(config, train_dir, pool, progress, vae_dir=vae_dir)
     tick = lap("train_s", tick)
     model = genmask_model(config, vae_config)
     result = evaluate_segmentation(
@@ -216,7 +321,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
         "eval_split": config.demo.eval_split,
         "expression_kinds": config.data.shapes.expression_kinds,
         "resolution": list(config.data.resolution),
-        "train": {"steps": int(config.total_steps), "history": history},
+        "train": {"steps": int(config.total_steps), "resumed_from_step": resumed_from, "history": history},
         "timing": timing,
         "devices": [str(d) for d in jax.devices()],
         "config": config.to_dict(),

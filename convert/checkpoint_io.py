@@ -1,10 +1,13 @@
 """Reading PyTorch-side checkpoints tensor by tensor, and writing/reading our Flax checkpoints.
 
 Shared by the DiT and VAE converters. Reading streams: one tensor is materialised at a time from a
-memory-mapped safetensors file, so converting holds about one copy of the weights on the host.
+memory-mapped safetensors file, so converting the DiT holds about one copy of the weights on the host.
+The VAE converter reads all its tensors before laying them out: two copies for a moment (about 1 GB
+for WAN 2.1's VAE).
 Our checkpoint is a folder: `params/` (orbax) + `config.json`, written to a temporary sibling and
 renamed into place, so a failed conversion leaves nothing behind; its folders and files get the
-permissions the umask gives new ones.
+permissions the umask gives new ones. One whose files were deleted or cut short since (a half-synced
+copy) is named in one ConversionError line when it is read (`reporting_damage`).
 """
 
 import contextlib
@@ -501,12 +504,27 @@ def atomic_folder(dst: Path, config: Mapping[str, Any] | None, overwrite: bool,
             with open(tmp / "config.json", "w") as f:
                 json.dump(dict(config), f, indent=2, sort_keys=True)
         check_destination(dst, overwrite, refusal)  # it may have appeared or changed meanwhile
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        _replace_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_folder(new: Path, dst: Path) -> None:
+    """Renames `new` to `dst`. An existing `dst` is renamed aside first and deleted once `new` is in its
+    place: deleted first, an interruption (Ctrl-C during the deletion of a large checkpoint) lost it and
+    `new` too. A kill between the two renames leaves both, as hidden siblings of `dst`."""
+    if not dst.exists():
+        os.replace(new, dst)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-old-", dir=dst.parent))
+    os.replace(dst, aside)  # onto the empty folder mkdtemp reserved
+    try:
+        os.replace(new, dst)
+    except BaseException:
+        os.replace(aside, dst)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save_flax_checkpoint(dst: str | os.PathLike, params: Any, config: Mapping[str, Any],
@@ -537,11 +555,12 @@ def load_flax_checkpoint(path: str | os.PathLike, target: Any = None) -> tuple[d
     path = Path(path).absolute()
     if not is_flax_checkpoint(path):
         raise ConversionError(f"{path}: not a converted checkpoint (needs config.json and params/)")
-    with open(path / "config.json") as f:
-        config = json.load(f)
     ocp = _orbax()
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path / "params", target)
+    with reporting_damage(path, CONVERT_AGAIN):
+        with open(path / "config.json") as f:
+            config = json.load(f)
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(path / "params", target)
     return config, params
 
 
@@ -554,8 +573,50 @@ def saved_params_metadata(path: str | os.PathLike) -> Any:
     """The params tree of our checkpoint at `path` with orbax ArrayMetadata leaves (shape, dtype), read
     without loading any array."""
     ocp = _orbax()
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.metadata(Path(path).absolute() / "params").item_metadata.tree
+    path = Path(path).absolute()
+    with reporting_damage(path, CONVERT_AGAIN), ocp.StandardCheckpointer() as ckptr:
+        metadata = ckptr.metadata(path / "params").item_metadata
+        if metadata is None:  # what orbax makes of a missing params/_METADATA
+            raise FileNotFoundError(f"no metadata file {path / 'params' / '_METADATA'}")
+        return metadata.tree
+
+
+# What reading a converted checkpoint with missing or cut files advises.
+CONVERT_AGAIN = "convert it again (or copy it again whole)"
+# tensorstore's statuses (raised as ValueError) for array files that are missing (NOT_FOUND), cut short
+# (FAILED_PRECONDITION: a truncated compressed chunk; OUT_OF_RANGE: a byte range past the end of an OCDBT
+# file) or corrupt (DATA_LOSS).
+DAMAGE_STATUSES = ("NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION", "OUT_OF_RANGE")
+
+
+def storage_damage(error: BaseException) -> BaseException | None:
+    """The error in `error` or its chain of causes saying that files of a checkpoint are missing or damaged
+    (a tensorstore DAMAGE_STATUSES error, a missing file, unreadable JSON), or None. orbax raises
+    tensorstore's errors as they are, or, restoring onto devices, as the cause of a bare Exception."""
+    while error is not None:
+        if isinstance(error, FileNotFoundError | json.JSONDecodeError):
+            return error
+        if isinstance(error, ValueError) and str(error).lstrip().startswith(DAMAGE_STATUSES):
+            return error
+        error = error.__cause__
+    return None
+
+
+@contextlib.contextmanager
+def reporting_damage(where: str | os.PathLike, advice: str,
+                     error_type: type[Exception] = ConversionError) -> Iterator[None]:
+    """Raises an error inside that says files of the checkpoint `where` are missing or cut short
+    (`storage_damage`) as one `error_type` line: "WHERE is damaged or incomplete (its first line); ADVICE".
+    Other errors, and `error_type`'s own, pass unchanged."""
+    try:
+        yield
+    except Exception as e:
+        damage = None if isinstance(e, error_type) else storage_damage(e)
+        if damage is None:
+            raise
+        reason = (str(damage).splitlines() or [""])[0][:200]
+        raise error_type(
+            f"{where} is damaged or incomplete ({type(damage).__name__}: {reason}); {advice}") from e
 
 
 def flatten(params: Mapping) -> dict[str, Any]:

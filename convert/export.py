@@ -59,6 +59,9 @@ def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
                       overwrite: bool = False) -> Path:
     """Writes DST/transformer (and DST/vae when the run loaded converted VAE weights); returns DST.
 
+    Each holds the weights as they were saved: the run's parameters (or float32 EMA), and the converted
+    VAE of `config.vae_from`, whatever the dtypes the experiment computes in.
+
     Both are written in one temporary sibling of DST, renamed to DST when complete: a failed export
     leaves an earlier one as it was (never a transformer/ without its vae/, or the other way round).
     """
@@ -74,16 +77,18 @@ def export_checkpoint(checkpoint: str, dst: str | Path, use_ema: bool = True,
     io.check_apart(directory, dst)
     config = ckpt.saved_config(directory, step)
     model = build.build_model(config)
+    wan_dit.check_exportable(model.dit)  # before the weights are read
     if model.dit.use_context_mask:
         logger.warning(CONTEXT_MASK_WARNING, checkpoint)
-    # Host arrays only: no device holds the run's weights, and nothing else is read.
-    dit_params, _ = ckpt.restore_dit_params(directory, step, model, None, None, use_ema)
+    # Host arrays only, in the dtypes they were saved in (a float32 EMA of bfloat16 params stays float32):
+    # no device holds the run's weights, and nothing else is read.
+    dit_params, _ = ckpt.restore_dit_params(directory, step, model, None, None, use_ema, saved_dtypes=True)
     with io.atomic_folder(dst, None, overwrite, export_folder_refusal) as tmp:
         wan_dit.export_diffusers(dit_params, model.dit, tmp / "transformer")
         del dit_params
         if config.get("vae_from") and model.vae is not None:
-            vae_params, _ = build.frozen_vae(config, model)
-            wan_vae.export_diffusers(vae_params, model.vae, tmp / "vae")
+            # The weights as converted, not the copy in the experiment's model.vae.param_dtype.
+            wan_vae.export_diffusers(build.converted_vae(config, model), model.vae, tmp / "vae")
     return dst
 
 

@@ -365,8 +365,20 @@ def load(path: str | Path, target: Any = None, **convert_kwargs):
     return convert_checkpoint(path, **convert_kwargs)
 
 
+# diffusers' WanTransformer3DModel takes no RoPE theta: its WanRotaryPosEmbed keeps the default 10000.
+DIFFUSERS_ROPE_THETA = 1e4
+
+
+def check_exportable(config) -> None:
+    """Raises ConversionError when diffusers' WanTransformer3DModel cannot compute what `config` does."""
+    if config.rope_theta != DIFFUSERS_ROPE_THETA:
+        raise ConversionError(
+            f"rope_theta {config.rope_theta:g}: diffusers' WanTransformer3DModel always uses "
+            f"{DIFFUSERS_ROPE_THETA:g} (it has no such setting), so the export would compute another model")
+
+
 def diffusers_config(config) -> dict[str, Any]:
-    """config.json of the equivalent diffusers WanTransformer3DModel."""
+    """config.json of the equivalent diffusers WanTransformer3DModel (`check_exportable`)."""
     return {
         "_class_name": "WanTransformer3DModel", "patch_size": list(config.patch_size),
         "num_attention_heads": config.num_heads, "attention_head_dim": config.head_dim,
@@ -428,8 +440,10 @@ def export_diffusers(params: dict, config, dst: str | Path, max_shard_bytes: int
 
     Tensors take the PyTorch layout shard by shard: about `max_shard_bytes` of host memory on top of
     the params (BENCHMARKS.md). An existing `dst` is replaced only with `overwrite`, and only if it is
-    an earlier export (`io.export_refusal`).
+    an earlier export (`io.export_refusal`). A config diffusers cannot represent is refused
+    (`check_exportable`).
     """
+    check_exportable(config)
     io.check_destination(dst, overwrite, io.export_refusal)  # before the params are copied to the host
     flat = unstack(params, config)
     expected = expected_shapes(config)

@@ -542,6 +542,78 @@ def test_overwrite_replaces_an_earlier_checkpoint(tmp_path, writer, earlier):
     np.testing.assert_array_equal(saved["w"], np.full(3, 2.0, np.float32))
 
 
+def _saved(writer: str, dst: Path) -> np.ndarray:
+    saved = dict(io.iter_checkpoint(dst)) if writer == "safetensors" else io.load_flax_checkpoint(dst)[1]
+    return saved["w"]
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "orbax"])
+@pytest.mark.parametrize("moment", ["deleting_the_old", "renaming_the_new"])
+def test_an_interrupted_overwrite_leaves_the_old_or_the_new_folder(tmp_path, monkeypatch, writer, moment):
+    """--overwrite deleted DST, then renamed the new folder into place, and removed the new one on any
+    error: a Ctrl-C while a large DST was being deleted lost both."""
+    dst = _write(writer, tmp_path / "dst", {"w": np.ones(3, np.float32)})
+    real_rmtree, real_replace = shutil.rmtree, os.replace
+    interrupted = []
+
+    def rmtree(path, *args, **kwargs):  # the first deletion beside DST: the old folder
+        real_rmtree(path, *args, **kwargs)
+        if moment == "deleting_the_old" and Path(path).parent == tmp_path and not interrupted:
+            interrupted.append(path)
+            raise KeyboardInterrupt
+
+    def replace(src, target, *args, **kwargs):  # the new folder's rename to DST
+        if moment == "renaming_the_new" and Path(target) == dst and "-old-" not in Path(src).name:
+            interrupted.append(src)
+            raise KeyboardInterrupt
+        return real_replace(src, target, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _write(writer, dst, {"w": np.full(3, 2.0, np.float32)}, overwrite=True)
+    monkeypatch.undo()
+    assert interrupted and listing(tmp_path) == {"dst"}
+    expected = 1.0 if moment == "renaming_the_new" else 2.0
+    np.testing.assert_array_equal(_saved(writer, dst), np.full(3, expected, np.float32))
+
+
+def _random_dit_params(config: DiTConfig) -> dict:
+    rng = np.random.default_rng(0)
+    shapes = wan_dit.expected_shapes(config)
+    return io.unflatten({k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()})
+
+
+@pytest.mark.parametrize("damage", ["truncated_chunk", "deleted_chunk", "deleted_metadata", "empty_params"])
+def test_a_damaged_converted_checkpoint_is_one_clear_error(tmp_path, damage):
+    """A half-copied converted checkpoint raised orbax's or tensorstore's own error (a ValueError, a
+    FileNotFoundError), which the commands loading it showed as a traceback."""
+    config = DiTConfig(dim=DIM, ffn_dim=FFN, num_heads=2, num_layers=LAYERS, text_dim=TEXT)
+    dst = wan_dit.save(tmp_path / "dit", config, _random_dit_params(config))
+    chunk = next((dst / "params").glob("blocks_0.attn1.to_q.kernel/0*"))
+    if damage == "truncated_chunk":
+        chunk.write_bytes(chunk.read_bytes()[:10])
+    elif damage == "deleted_chunk":
+        chunk.unlink()
+    elif damage == "deleted_metadata":
+        (dst / "params" / "_METADATA").unlink()
+    else:
+        shutil.rmtree(dst / "params")
+        (dst / "params").mkdir()
+    message = rf"^{dst} is damaged or incomplete \(\w+: .+\); convert it again \(or copy it again whole\)$"
+    with pytest.raises(ConversionError, match=message) as error:
+        wan_dit.load(dst)
+    assert "\n" not in str(error.value)
+
+
+def test_export_refuses_a_rope_theta_diffusers_cannot_represent(tmp_path):
+    """diffusers' WanTransformer3DModel always rotates with theta 10000: the export computed another model."""
+    config = DiTConfig(dim=DIM, ffn_dim=FFN, num_heads=2, num_layers=LAYERS, text_dim=TEXT, rope_theta=1e6)
+    with pytest.raises(ConversionError, match=r"^rope_theta 1e\+06: diffusers' .* always uses 10000"):
+        wan_dit.export_diffusers(_zero_dit_params(config), config, tmp_path / "transformer")
+    assert listing(tmp_path) == set()
+
+
 def _zero_dit_params(config: DiTConfig) -> dict:
     return io.unflatten({k: np.zeros(s, np.float32) for k, s in wan_dit.expected_shapes(config).items()})
 
@@ -747,6 +819,45 @@ def test_failed_run_export_leaves_the_earlier_export(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         export.export_checkpoint(run, out)
     assert listing(tmp_path) == {"run", "converted_vae"}
+
+
+def test_run_export_writes_the_weights_as_they_were_saved(tmp_path):
+    """The export wrote the float32 EMA of a bfloat16 run, and its converted float32 VAE, rounded to
+    bfloat16 (the experiment's param_dtypes), not the weights saved."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from configs.genmask import get_config
+    from convert import export, wan_vae
+    from genmask_jax.models import build
+    from genmask_jax.train.checkpointing import Checkpointer
+
+    config = get_config()
+    model = build.build_model(config)  # float32
+    vae = jax.tree.map(lambda x: x + 1e-3, build.frozen_vae(config, model)[0])  # not bfloat16 numbers
+    config.vae_from = str(wan_vae.save(tmp_path / "converted_vae", model.vae, vae))
+    config.model.dit.param_dtype = config.model.vae.param_dtype = "bfloat16"
+    model = build.build_model(config)
+    params = jax.jit(lambda key: nn.meta.unbox(build.dit_initializer(model)(key)))(jax.random.key(0))
+    ema = jax.tree.map(lambda x: np.asarray(x, np.float32) + 1e-3, params)  # float32, as training keeps it
+    checkpointer = Checkpointer(tmp_path / "run", async_save=False)
+    checkpointer.save(1, {"params": params, "ema_params": ema}, config=config)
+    checkpointer.close()
+
+    def diffusers_tensors(flat, converter):
+        return {converter.diffusers_key(p): converter.from_flax(p, np.asarray(v)) for p, v in flat.items()}
+
+    for use_ema, dit in ((True, ema), (False, params)):
+        out = export.export_checkpoint(tmp_path / "run", tmp_path / f"out_{use_ema}", use_ema=use_ema)
+        expected = {"transformer": diffusers_tensors(wan_dit.unstack(dit, model.dit), wan_dit),
+                    "vae": diffusers_tensors(io.flatten(vae["params"]), wan_vae)}
+        for part, tensors in expected.items():
+            exported = dict(io.iter_checkpoint(out / part))
+            assert exported.keys() == tensors.keys()
+            for key, value in tensors.items():
+                assert exported[key].dtype == value.dtype, (part, key, exported[key].dtype, value.dtype)
+                np.testing.assert_array_equal(exported[key], value, err_msg=f"{part} {key}")
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
 
 _MEASURE = """

@@ -230,10 +230,12 @@ def test_inference_reads_the_float32_ema_in_the_param_dtype(bf16_ema_run, tmp_pa
     ckpt.save(1, state.replace(ema_params=ema).trainable())
     ckpt.close()
     expected = jax.tree.map(lambda x: x.astype(jnp.bfloat16), ema)
-    for mesh in (run.mesh, None):  # sharded, and as host arrays (convert.export)
+    for mesh in (run.mesh, None):  # sharded, and as host arrays
         params, key = restore_dit_params(tmp_path, 1, run.model, mesh, run.rules)
         assert key == "ema_params" and dtypes(params) == {BF16}
         assert leaves_equal(params, expected) == []
+    saved, _ = restore_dit_params(tmp_path, 1, run.model, None, None, saved_dtypes=True)  # convert.export's
+    assert dtypes(saved) == {F32} and leaves_equal(saved, ema) == []
 
 
 @pytest.mark.torch
@@ -269,16 +271,26 @@ def test_converted_weights_in_the_other_layout_are_read_sharded(tmp_path, model_
         assert kernel(target["blocks"]).sharding.spec == P(None, "fsdp", "tensor")
 
 
-def test_a_damaged_latest_checkpoint_fails_in_one_line(ema_run, tmp_path):
-    """Array files missing from the latest step (a half-synced copy, a deleted object): one line naming
-    its folder, and no silent fall back to the step before."""
+def cut_in_half(file) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["all_deleted", "one_truncated", "one_deleted", "metadata_deleted"])
+def test_a_damaged_latest_checkpoint_fails_in_one_line(ema_run, tmp_path, damage):
+    """Array files missing from the latest step or cut short (a half-synced copy, a deleted object): one
+    line naming its folder, and no silent fall back to the step before. One OCDBT file cut or deleted
+    raised a bare Exception (tensorstore's FAILED_PRECONDITION or OUT_OF_RANGE its cause): a traceback."""
     state = fresh_state(ema_run)
     ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
     for step in (2, 4):
         ckpt.save(step, state.replace(step=state.step + step).trainable())
     data = [f for f in (tmp_path / "4" / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
     assert data
-    for f in data:
+    largest = max(data, key=lambda f: f.stat().st_size)
+    if damage == "one_truncated":
+        cut_in_half(largest)
+    metadata = [tmp_path / "4" / "state" / "_METADATA"]
+    for f in {"all_deleted": data, "one_deleted": [largest], "metadata_deleted": metadata}.get(damage, []):
         f.unlink()
     folder = re.escape(str(tmp_path / "4"))
     message = rf"^checkpoint {folder} is damaged \(.+\); remove that folder to resume from step 2$"
@@ -289,15 +301,53 @@ def test_a_damaged_latest_checkpoint_fails_in_one_line(ema_run, tmp_path):
     ckpt.close()
 
 
+def test_a_damaged_explicit_checkpoint_or_converted_checkpoint_fails_in_one_line(ema_run, tmp_path):
+    """`config.resume` and `config.init_from` with files cut short or missing: one line each, as the
+    workdir's checkpoint, not orbax's traceback."""
+    from convert.checkpoint_io import ConversionError
+
+    other = checkpointing.Checkpointer(tmp_path / "other", async_save=False)
+    other.save(2, fresh_state(ema_run).trainable())
+    other.close()
+    data = [f for f in (tmp_path / "other" / "2" / "state").rglob("*") if f.parent.name == "d"]
+    cut_in_half(max(data, key=lambda f: f.stat().st_size))
+    dit = ema_run.model.dit
+    converted = wan_dit.save(tmp_path / "converted", dit, random_converted(dit))
+    (converted / "params" / "_METADATA").unlink()
+    damaged = "is damaged or incomplete"
+    cases = ((CheckpointError, {"resume": str(tmp_path / "other")},
+              rf"^checkpoint {re.escape(str(tmp_path / 'other'))}/2 {damaged} \(.+\); pass another step's"),
+             (ConversionError, {"init_from": str(converted)},
+              rf"^{re.escape(str(converted))} {damaged} \(FileNotFoundError: .+\); convert it again"))
+    workdir = checkpointing.Checkpointer(tmp_path / "work", async_save=False)
+    run = ema_run
+    for error_type, overrides, message in cases:
+        config = tiny_config(ema_decay=EMA_DECAY, **overrides)
+        with pytest.raises(error_type, match=message) as error:
+            loop.restore_or_init(config, fresh_state(run), run.shardings, workdir, None, run.model)
+        assert "\n" not in str(error.value)
+    workdir.close()
+
+
 def test_only_missing_or_corrupt_files_count_as_damage():
     """A config the saved data position cannot resume (the batch changed with the layout), a permission
     or a network error: their own errors, never the advice to remove a good checkpoint."""
     import json
 
-    assert loop._damaged(ValueError('NOT_FOUND: Error opening "zarr" driver: Metadata at ... not found'))
-    assert loop._damaged(ValueError("DATA_LOSS: Error reading chunk"))
-    assert loop._damaged(FileNotFoundError("params/_METADATA"))
-    assert loop._damaged(json.JSONDecodeError("Expecting value", "", 0))
-    assert not loop._damaged(ValueError("the global batch (3 examples) does not split over the saved run's"))
-    assert not loop._damaged(ValueError("PERMISSION_DENIED: gs://bucket/run/4"))
-    assert not loop._damaged(PermissionError("run/4/state"))
+    from convert.checkpoint_io import storage_damage
+
+    damaged = [ValueError('NOT_FOUND: Error opening "zarr" driver: Metadata at ... not found'),
+               ValueError("DATA_LOSS: Error reading chunk"),
+               ValueError('FAILED_PRECONDITION: Error reading "params.w/0": Truncated Zstd-compressed'),
+               ValueError("OUT_OF_RANGE: Requested byte range [0, 9) is not valid for value of size 4"),
+               FileNotFoundError("params/_METADATA"), json.JSONDecodeError("Expecting value", "", 0)]
+    for error in damaged:
+        assert storage_damage(error) is error
+        try:  # restoring onto devices, orbax raises a bare Exception from tensorstore's
+            raise Exception("Encountered error while reading array index") from error
+        except Exception as wrapped:
+            assert storage_damage(wrapped) is error
+    for error in (ValueError("the global batch (3 examples) does not split over the saved run's"),
+                  ValueError("PERMISSION_DENIED: gs://bucket/run/4"), PermissionError("run/4/state"),
+                  Exception("Encountered error while reading array index")):
+        assert storage_damage(error) is None

@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from convert import checkpoint_io as io
 from convert.checkpoint_io import ConversionError
 from genmask_jax.models import build
 from genmask_jax.models.genmask import GenMask
@@ -38,6 +39,8 @@ from genmask_jax.parallel.sharding import LogicalRules, logical_sharding, rules_
 log = logging.getLogger(__name__)
 
 STATE, CONFIG = "state", "config"
+# What reading a step whose array files are missing or cut short advises.
+ANOTHER_STEP = "pass another step's folder as the checkpoint, or copy this one again whole"
 
 
 class CheckpointError(FileNotFoundError):
@@ -220,8 +223,11 @@ def inference_mesh(config: ml_collections.ConfigDict, devices: Sequence | None =
 
 
 def state_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
-    """The train state of checkpoint `step` as a tree of array metadata (shapes; no array is read)."""
+    """The train state of checkpoint `step` as a tree of array metadata (shapes; no array is read).
+    Raises FileNotFoundError when its metadata file is missing (a damaged copy)."""
     tree = manager.item_metadata(step)[STATE]
+    if tree is None:  # what orbax makes of a missing state/_METADATA
+        raise FileNotFoundError(f"no metadata file {manager.directory}/{step}/{STATE}/_METADATA")
     tree = getattr(tree, "tree", tree)
     return tree if isinstance(tree, dict) else {}
 
@@ -298,14 +304,19 @@ def restore_dit_params(
     mesh: jax.sharding.Mesh | None,
     rules: LogicalRules | None,
     use_ema: bool = True,
+    saved_dtypes: bool = False,
 ) -> tuple[Any, str]:
     """DiT parameters of checkpoint `step` and their key ("ema_params" | "params").
 
     On `mesh`, sharded by their logical axes under `rules`; with `mesh=None`, as host numpy arrays
-    (exporting needs no device: a run's weights need not fit one). Parameters saved with the other
-    `scan_layers` (a config override at inference) are restored as saved, then stacked or unstacked.
+    (exporting needs no device: a run's weights need not fit one), in the model's param_dtype or, with
+    `saved_dtypes`, as saved (the EMA is kept in float32 whatever the param_dtype: an export writes it
+    so). Parameters saved with the other `scan_layers` (a config override at inference) are restored as
+    saved, then stacked or unstacked. Array files missing or cut short raise one CheckpointError line.
     """
-    with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:
+    where = f"checkpoint {directory}/{step}"
+    with (io.reporting_damage(where, ANOTHER_STEP, CheckpointError),
+          _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager):
         saved = state_metadata(manager, step)
     key = "ema_params" if use_ema and saved.get("ema_params") is not None else "params"
     saved_params = saved.get(key) or {}
@@ -315,19 +326,21 @@ def restore_dit_params(
         as_saved = dataclasses.replace(model, dit=dataclasses.replace(model.dit, scan_layers=scanned))
         log.info("%s/%d: saved with scan_layers=%s, converted to the config's", directory, step, scanned)
     abstract = abstract_dit_params(as_saved, mesh, rules)
-    check_saved_params(saved_params, abstract, f"checkpoint {directory}/{step} ({key})")
+    check_saved_params(saved_params, abstract, f"{where} ({key})")
     if mesh is None:
-        host = lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)  # noqa: E731
+        host = lambda x: ocp.RestoreArgs(  # noqa: E731  (dtype None: as saved)
+            restore_type=np.ndarray, dtype=None if saved_dtypes else x.dtype)
         restore_args = jax.tree.map(host, abstract)
     else:
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     args = ocp.args.PyTreeRestore({key: abstract}, restore_args={key: restore_args}, partial_restore=True)
     try:
-        with _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager:
+        with (io.reporting_damage(where, ANOTHER_STEP, CheckpointError),
+              _manager(directory, STATE, ocp.PyTreeCheckpointHandler()) as manager):
             restored = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
     except (ValueError, KeyError) as e:
         raise CheckpointError(
-            f"checkpoint {directory}/{step} does not match the config's model ({type(e).__name__}: "
+            f"{where} does not match the config's model ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:300]})"
         ) from e
     params = restored[STATE][key]

@@ -91,25 +91,32 @@ def vae_config_differences(checkpoint: VAEConfig, experiment: VAEConfig) -> list
 
 def frozen_vae(config, model: GenMask) -> tuple[Any, Any]:
     """(host VAE variables in the model's dtypes, their boxed abstract): the converted weights of
-    `config.vae_from`, else random ones from `config.seed` (with a warning). `model.vae` must be set.
-
-    Raises VAEConfigMismatch when the checkpoint's config differs from `model.vae` in anything but the
-    dtypes: the latent statistics and the structure belong to the weights.
-    """
+    `config.vae_from` (`converted_vae`: VAEConfigMismatch for a VAE of another config), else random ones
+    from `config.seed` (with a warning). `model.vae` must be set."""
     abstract = abstract_frozen(model)["vae"]
     if config.get("vae_from"):
-        from convert import wan_vae  # lazily: the converter pulls in safetensors and the file readers
-
-        vae_cfg, variables = wan_vae.load(config.vae_from)
-        differences = vae_config_differences(vae_cfg, model.vae)
-        if differences:
-            raise VAEConfigMismatch(
-                f"config.vae_from {config.vae_from} holds a VAE whose config differs from config.model.vae "
-                f"({'; '.join(differences)}): latents would be normalised with statistics that do not belong "
-                "to the weights. Set config.model.vae to the checkpoint's config (its config.json, or "
-                "convert.wan_vae.load(path)[0].to_dict()); dtype and param_dtype may stay the experiment's"
-            )
+        variables = converted_vae(config, model)
     else:
         log.warning("no config.vae_from: the frozen VAE is randomly initialised (seed %d)", config.seed)
         variables = random_frozen({"vae": abstract}, config.seed)["vae"]
     return cast_like(variables, abstract), abstract
+
+
+def converted_vae(config, model: GenMask) -> Any:
+    """The VAE variables of `config.vae_from` as stored there (in their saved dtypes), read on the host.
+
+    Raises VAEConfigMismatch when the checkpoint's config differs from `model.vae` in anything but the
+    dtypes: the latent statistics and the structure belong to the weights.
+    """
+    from convert import wan_vae  # lazily: the converter pulls in safetensors and the file readers
+
+    vae_cfg, variables = wan_vae.load(config.vae_from)
+    differences = vae_config_differences(vae_cfg, model.vae)
+    if differences:
+        raise VAEConfigMismatch(
+            f"config.vae_from {config.vae_from} holds a VAE whose config differs from config.model.vae "
+            f"({'; '.join(differences)}): latents would be normalised with statistics that do not belong "
+            "to the weights. Set config.model.vae to the checkpoint's config (its config.json, or "
+            "convert.wan_vae.load(path)[0].to_dict()); dtype and param_dtype may stay the experiment's"
+        )
+    return variables

@@ -19,7 +19,8 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from genmask_jax.infer.checkpoint import CheckpointError
+from convert.checkpoint_io import reporting_damage, storage_damage
+from genmask_jax.infer.checkpoint import ANOTHER_STEP, CheckpointError
 from genmask_jax.infer.checkpoint import resolve as resolve_checkpoint
 from genmask_jax.models.build import abstract_frozen, build_model, dit_initializer, frozen_vae
 from genmask_jax.models.dit import DiTConfig
@@ -295,26 +296,17 @@ def restore_latest(checkpointer: checkpointing.Checkpointer, abstract, data_iter
         return checkpointer.restore(step, abstract, data_iterator)
     except CheckpointError:  # already one line (a changed model or optimizer)
         raise
-    except (OSError, ValueError) as e:
-        if not _damaged(e):  # a permission or network error, or a config the saved data cannot resume
+    except Exception as e:  # on devices orbax wraps tensorstore's error in a bare Exception
+        damage = storage_damage(e)
+        if damage is None:  # a permission or network error, or a config the saved data cannot resume
             raise
         earlier = [s for s in checkpointer.all_steps() if s < step]
         then = f"resume from step {max(earlier)}" if earlier else "start without it (there is no earlier one)"
-        reason = (str(e).splitlines() or [""])[0][:200]
+        reason = (str(damage).splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"checkpoint {checkpointer.directory}/{step} is damaged ({type(e).__name__}: {reason}); "
+            f"checkpoint {checkpointer.directory}/{step} is damaged ({type(damage).__name__}: {reason}); "
             f"remove that folder to {then}"
         ) from e
-
-
-# tensorstore's statuses (raised as ValueError) for a file that is missing or whose bytes are wrong.
-_DAMAGE_STATUSES = ("NOT_FOUND", "DATA_LOSS")
-
-
-def _damaged(error: Exception) -> bool:
-    if isinstance(error, FileNotFoundError | json.JSONDecodeError):
-        return True
-    return isinstance(error, ValueError) and str(error).lstrip().startswith(_DAMAGE_STATUSES)
 
 
 def restore_or_init(
@@ -328,7 +320,8 @@ def restore_or_init(
     if config.get("resume"):
         directory, step = resolve_checkpoint(config.resume)
         explicit = checkpointing.Checkpointer(directory, keep=None, async_save=False, read_only=True)
-        restored = explicit.restore(step, abstract, data_iterator)
+        with reporting_damage(f"checkpoint {directory}/{step}", ANOTHER_STEP, CheckpointError):
+            restored = explicit.restore(step, abstract, data_iterator)
         explicit.close()
         return state.replace(**restored), f"checkpoint {config.resume}"
     if config.get("init_from"):

@@ -8,6 +8,7 @@ import logging
 import pickle
 import shutil
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -472,21 +473,28 @@ def test_prepare_refuses_an_out_without_room_for_the_prepared_sets(refer, tmp_pa
     _write_image_3(root)
     estimate = refcoco.check_refer_inputs(str(root / "refer"), str(root / "train2014"), "refcoco_unc")
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=estimate - 1))
+
+    def free(space):  # as prepare sees it (TFDS checks with the real figure)
+        disk = types.SimpleNamespace(disk_usage=lambda path: usage._replace(free=space))
+        monkeypatch.setattr(prepare, "shutil", disk)
+
+    free(estimate - 1)
     with pytest.raises(SystemExit) as exit_info:
         _prepare_cli(root, out)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and len(err) == 1 and "GB free" in err[0] and "--configs" in err[0]
     assert not out.exists()
 
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=estimate))
+    free(estimate)
     assert _prepare_cli(root, out) == 0
     records = ArrayDataSource([str(f) for f in sorted(out.rglob("*.array_record-*"))])
     written = sum(len(records[i]) for i in range(len(records)))  # files are padded to 64 KiB blocks
     # The JPEGs are most of it (masks and text the rest); one expression (ref 103) has an empty mask.
     assert 0.8 * written < estimate < 1.2 * written
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=0))
+    free(0)
     assert _prepare_cli(root, out) == 0  # already prepared: reused, nothing more to write
+    # --overwrite: TFDS deletes the earlier preparation first, so its space counts as free
+    assert _prepare_cli(root, out, "--overwrite") == 0
 
 
 def test_truncated_or_resized_images_are_refused_at_preparation(refer, tmp_path):

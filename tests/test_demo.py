@@ -145,6 +145,12 @@ def test_a_demo_rerun_resumes_its_run_and_refuses_another_config_in_one_line(tmp
     first = pipeline.run_demo(config, str(tmp_path), progress=False)
     assert first["train"]["resumed_from_step"] == 0 and first["train"]["history"]
     config.demo.num_grid = 0  # what is done with the trained model may change
+    # A run saved before fields existed (dropped from its stored config here) still resumes: it trained
+    # as the code of its day did without them.
+    stored = next((tmp_path / "train" / "checkpoints").glob("*/config/metadata"))
+    saved = json.loads(stored.read_text())
+    del saved["ema_warmup"], saved["optimizer"]["muon_conv_kernels"], saved["data"]["seg_repeats"]
+    stored.write_text(json.dumps(saved))
     again = pipeline.run_demo(config, str(tmp_path), progress=False)
     steps = config.total_steps
     assert again["train"] == {"steps": steps, "resumed_from_step": steps, "history": []}
@@ -162,6 +168,20 @@ def test_a_demo_rerun_resumes_its_run_and_refuses_another_config_in_one_line(tmp
         f"run would resume: pass another --workdir, or delete {tmp_path}/train"
     )
     assert (tmp_path / "train" / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_rerun_compares_the_fields_both_configs_have():
+    """Refused every rerun of a workdir saved before a field was added (`'absent' saved`); the demo sets
+    `ema_warmup` True where the default filled into old saves was False."""
+    config = demo_config.get_config("variant=smoke")
+    saved = json.loads(json.dumps(config.to_dict(), default=list))
+    del saved["ema_warmup"], saved["optimizer"]["muon_conv_kernels"]
+    saved["a_field_removed_since"] = 1
+    assert pipeline.config_differences(saved, config) == []
+    saved["optimizer"]["lr"] = 1.0
+    saved["checkpoint"]["keep"] = 7  # may change
+    lr = f"optimizer.lr: 1.0 saved, {config.optimizer.lr!r} now"
+    assert pipeline.config_differences(saved, config) == [lr]
 
 
 def test_the_demo_refuses_to_train_in_several_processes(monkeypatch, tmp_path):

@@ -462,6 +462,10 @@ def test_failures_apart_from_each_other_are_skips(tmp_path, monkeypatch):
     monkeypatch.setattr(shapes.SyntheticShapes, "__getitem__", read)
     result = precompute(c, str(tmp_path / "cache"), **RUN)
     assert result["written"] == 18 and result["skips"] == "precompute: 6 examples skipped (bad_polygon: 6)"
+    # A rerun reads only the bad ones again (they have no record): the cached ones between them are reads
+    # that succeeded, so the bad ones are still not in a row.
+    again = precompute(c, str(tmp_path / "cache"), **RUN)
+    assert (again["written"], again["already"]) == (0, 18) and again["skips"] == result["skips"]
 
 
 _CLI = """

@@ -108,10 +108,17 @@ def prepare_refcoco(refer_dir: str, coco_images: str, out: str, config: str, ove
     return {"counts": counts, "skips": summary, "report": report, "ok": ok, "index": index, "reused": reused}
 
 
-def _prepared(out: str, config: str) -> bool:
+def _prepared_path(out: str, config: str) -> epath.Path:
     from genmask_jax.data.refcoco import RefCocoSeg
 
-    return (epath.Path(out) / RefCocoSeg.name / config / str(RefCocoSeg.VERSION)).exists()
+    return epath.Path(out) / RefCocoSeg.name / config / str(RefCocoSeg.VERSION)
+
+
+def _local_bytes(folder: epath.Path) -> int:
+    """The bytes of the files under a local `folder` (0 for a remote one: its space is not checked)."""
+    if "://" in str(folder):
+        return 0
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
 
 
 def check_free_space(out: str, needed: int) -> None:
@@ -178,8 +185,11 @@ def _run(args) -> int:
     needed = 0
     for config in configs:  # every config's inputs before anything is written
         size = check_refer_inputs(args.refer_dir, args.coco_images, config)
-        if args.overwrite or not _prepared(args.out, config):
+        prepared = _prepared_path(args.out, config)
+        if not prepared.exists():
             needed += size
+        elif args.overwrite:  # TFDS deletes the earlier preparation before it writes
+            needed += max(0, size - _local_bytes(prepared))
     check_free_space(args.out, needed)
     all_ok = True
     for config in configs:

@@ -275,8 +275,9 @@ def precompute(
                         "ids key the cache, so a source must give every example its own id"
                     )
                 seen.add(example_id)
-                if example_id in writer.done:
+                if example_id in writer.done:  # read before: failures on either side are not in a row
                     already += 1
+                    failed_in_a_row = 0
                     continue
                 try:
                     batch.append((example_id, _read(source, index, example_id, read_tries, retry_wait_s)))

@@ -169,16 +169,16 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(saved: ml_collections.ConfigDict, wanted: ml_collections.ConfigDict) -> list[str]:
-    """`field: <saved> saved, <wanted> now` for each field outside `RERUN_MAY_CHANGE` that differs (absent
-    on one side counts), compared as the checkpoint stores them (JSON)."""
+def config_differences(saved: dict, wanted: ml_collections.ConfigDict) -> list[str]:
+    """`field: <saved> saved, <wanted> now` for each field outside `RERUN_MAY_CHANGE` that differs,
+    compared as the checkpoint stores them (JSON). Fields that one side lacks (added to the code since the
+    save, or removed) are not compared: the saved run trained as the code of its day did without them."""
     a, b = _flat(checkpoint.as_json(saved)), _flat(checkpoint.as_json(wanted))
     may_change = lambda name: any(name == f or name.startswith(f"{f}.") for f in RERUN_MAY_CHANGE)
-    absent = "absent"
     return [
-        f"{name}: {a.get(name, absent)!r} saved, {b.get(name, absent)!r} now"
-        for name in sorted(a.keys() | b.keys())
-        if not may_change(name) and a.get(name, absent) != b.get(name, absent)
+        f"{name}: {a[name]!r} saved, {b[name]!r} now"
+        for name in sorted(a.keys() & b.keys())
+        if not may_change(name) and a[name] != b[name]
     ]
 
 
@@ -195,9 +195,7 @@ def check_resumable(train_config: ml_collections.ConfigDict, workdir: str) -> in
         return 0
     if not (directory / str(step) / checkpoint.CONFIG).exists():
         raise WorkdirConfigMismatch(f"{directory}/{step} has no saved config to compare this run's with")
-    # Both sides as `saved_config` reads a checkpoint: fields added since it was saved take their defaults.
-    wanted = checkpoint.with_current_fields(checkpoint.as_json(train_config))
-    differences = config_differences(checkpoint.saved_config(directory, step), wanted)
+    differences = config_differences(checkpoint.stored_config(directory, step), train_config)
     if differences:
         more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
         raise WorkdirConfigMismatch(

@@ -117,10 +117,7 @@ def saved_config(directory: epath.Path, step: int) -> ml_collections.ConfigDict:
     multi-process evaluation evaluate the whole split, and a run trained with "on" failed on one machine
     for want of a coordinator.
     """
-    path = epath.Path(directory) / str(step) / CONFIG
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {directory}/{step} has no saved config; pass --config")
-    saved = with_tuples(dict(ocp.JsonCheckpointHandler().restore(path)))
+    saved = with_tuples(stored_config(directory, step))
     if isinstance(saved.get("distributed"), dict):
         saved["distributed"] = {**multihost.unset_job_fields(saved["distributed"]), "mode": "auto"}
     return with_current_fields(saved)
@@ -139,6 +136,15 @@ def with_tuples(saved: Any, path: str = "") -> Any:
     if isinstance(saved, list) and path not in LIST_FIELDS:
         return tuple(with_tuples(value, path) for value in saved)
     return saved
+
+
+def stored_config(directory: epath.Path, step: int) -> dict:
+    """The experiment config saved with checkpoint `step` as stored (JSON: lists for tuples, only the
+    fields that existed then)."""
+    path = epath.Path(directory) / str(step) / CONFIG
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {directory}/{step} has no saved config; pass --config")
+    return dict(ocp.JsonCheckpointHandler().restore(path))
 
 
 def with_current_fields(saved: dict) -> ml_collections.ConfigDict:

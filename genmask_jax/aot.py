@@ -330,6 +330,7 @@ def train_step_program(config, devices) -> Program:
     rules = rules_from_config(config.sharding.logical_axis_rules)
     data_loading_groups(mesh, rules)  # raises, as `train` does, for a layout host data cannot feed
     model = loop.build_model(config)
+    loop.check_heads_split(model.dit, mesh, rules)  # as `train` does: splash cannot split them unevenly
     tx = make_optimizer(optimizer_config(config))
     state, shardings = abstract_state(model, tx, mesh, rules, use_ema=config.ema_decay > 0)
     step_fn = make_configured_train_step(config, model, tx, shardings, mesh, rules)
@@ -643,6 +644,8 @@ def _ints(text: str, sep: str = ",") -> list[int]:
 def main(argv) -> int:
     from absl import flags
 
+    from genmask_jax.infer.cli import InputError
+
     del argv
     f = flags.FLAGS
     problem = libtpu_problem()
@@ -672,6 +675,9 @@ def main(argv) -> int:
         )
     except LibtpuMissing as e:
         print(e)
+        return 2
+    except InputError as e:  # a mesh the config cannot train on, as `train` refuses it
+        print(f"error: {e}")
         return 2
     print(format_report(a))
     return 0 if a.fits else 1

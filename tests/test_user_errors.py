@@ -85,6 +85,32 @@ def test_a_data_source_the_pipeline_cannot_read_is_refused_before_the_workdir(
 
 
 @pytest.mark.multidevice
+def test_heads_that_splash_cannot_split_over_the_mesh_are_refused_before_the_workdir(
+    tmp_path, capsys, caplog
+):
+    """12 heads (1.3B) on tensor=8: splash's shard_map failed the first step, after the model, the state
+    and the checkpoint restore were built. XLA attention computes the same numbers gathering every head to
+    every device in each layer: a warning."""
+    from genmask_jax.train import loop
+
+    # The tiny DiT's 2 heads over tensor=4; batch 4 splits over data 1 x fsdp 1.
+    config = tiny_config(total_steps=1, eval_every=0, sample_every=0, **{"model.dit.attention": "splash"})
+    err = one_line_error(capsys, lambda: loop.train(config, tmp_path / "w", mesh=mesh_of((1, 1, 4))))
+    assert "model.dit.num_heads 2 does not split over the 4 shards of the mesh axes that activation_" in err
+    assert "use a tensor size in [1, 2] (splash attention shards the heads)" in err
+    assert not (tmp_path / "w").exists()
+
+    from genmask_jax.models.build import build_model
+    from genmask_jax.parallel.sharding import rules_from_config
+
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    with caplog.at_level(logging.WARNING, logger="genmask_jax.train.loop"):
+        loop.check_heads_split(build_model(tiny_config()).dit, mesh_of((1, 1, 4)), rules)  # xla
+        loop.check_heads_split(build_model(config).dit, mesh_of((1, 2, 2)), rules)  # splits: silent
+    assert caplog.text.count("attention gathers every head to every device") == 1
+
+
+@pytest.mark.multidevice
 @pytest.mark.parametrize("shape,batch,microbatches,multiple", [
     ((2, 1, 1), 3, 1, 2),  # failed at the first step's sharding (IndivisibleError), after init
     ((2, 2, 1), 4, 2, 8),  # failed when the first step was traced

@@ -90,3 +90,32 @@ def batch_shard_count(mesh: jax.sharding.Mesh, rules: LogicalRules) -> int:
     axes = batch_axes(rules)
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
     return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def heads_shard_count(mesh: jax.sharding.Mesh, rules: LogicalRules) -> int:
+    """How many blocks the attention heads are split into: the product of the sizes of the mesh axes
+    of the `activation_heads` rule."""
+    axes = dict(rules).get("activation_heads")
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def heads_split_problem(num_heads: int, mesh: jax.sharding.Mesh, rules: LogicalRules) -> str | None:
+    """Why `num_heads` attention heads do not split over `mesh` under `rules` (one line), else None."""
+    shards = heads_shard_count(mesh, rules)
+    if num_heads % shards == 0:
+        return None
+    sizes = [n for n in range(1, num_heads + 1) if num_heads % n == 0]
+    return (
+        f"model.dit.num_heads {num_heads} does not split over the {shards} shards of the mesh axes that "
+        f"activation_heads maps to (mesh {dict(mesh.shape)}); use a tensor size in {sizes}"
+    )
+
+
+def put_sharded(x, sharding: NamedSharding) -> jax.Array:
+    """`x` in `sharding`. A host array, the same on every process, goes by its shards: each device gets
+    its own, never the whole array; with several processes `jax.device_put` would first check that the
+    processes agree by all-gathering the whole array."""
+    if isinstance(x, jax.Array):
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -28,7 +28,13 @@ from genmask_jax.models.genmask import TASKS, GenMask
 from genmask_jax.parallel import multihost
 from genmask_jax.parallel.data_groups import data_group
 from genmask_jax.parallel.mesh import make_mesh
-from genmask_jax.parallel.sharding import batch_shard_count, batch_sharding, rules_from_config
+from genmask_jax.parallel.sharding import (
+    batch_shard_count,
+    batch_sharding,
+    heads_split_problem,
+    put_sharded,
+    rules_from_config,
+)
 from genmask_jax.train import checkpointing
 from genmask_jax.train.hooks import TrainHooks
 from genmask_jax.train.state import (
@@ -197,6 +203,20 @@ def check_batch_split(config, mesh: jax.sharding.Mesh, rules) -> None:
         ) from None
 
 
+def check_heads_split(dit: DiTConfig, mesh: jax.sharding.Mesh, rules) -> None:
+    """Raises InputError (one line) for splash attention when the DiT's heads do not split over the
+    mesh's head shards: its shard_map fails the first step, after everything is built. Other attention
+    implementations compute the same numbers, XLA gathering every head to every device in each layer
+    (slow, and memory at 14B): a warning."""
+    from genmask_jax.infer.cli import InputError
+
+    problem = heads_split_problem(dit.num_heads, mesh, rules)
+    if problem and dit.attention == "splash":
+        raise InputError(f"{problem} (splash attention shards the heads)")
+    if problem:
+        log.warning("%s: attention gathers every head to every device in each layer", problem)
+
+
 def check_quick_eval_cached(config) -> None:
     """Raises CacheMiss, as `make_train_iterator` does for the training split, when the quick evaluation
     (`config.eval_every`) would read its split from an embedding cache that lacks it; else each quick
@@ -232,15 +252,6 @@ def _has_checkpoint(workdir: epath.Path) -> bool:
     except CheckpointError:
         return False
     return True
-
-
-def put_sharded(x, sharding: NamedSharding) -> jax.Array:
-    """`x` in `sharding`. A host array, the same on every process, goes by its shards: each device gets
-    its own, never the whole array; with several processes `jax.device_put` would first check that the
-    processes agree by all-gathering the whole array."""
-    if isinstance(x, jax.Array):
-        return jax.device_put(x, sharding)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def _slash_path(key_path) -> str:
@@ -458,6 +469,7 @@ def train(
     check_quick_eval_cached(config)
     workdir = epath.Path(workdir)
     model = build_model(config)
+    check_heads_split(model.dit, mesh, rules)
     # Before the workdir is made: a moved or mismatched init_from or vae_from leaves nothing there.
     if config.get("init_from") and not config.get("resume") and not _has_checkpoint(workdir):
         check_init_from(config, model.dit)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from genmask_jax.parallel.sharding import LogicalRules
+from genmask_jax.parallel.sharding import LogicalRules, put_sharded
 from genmask_jax.train import muon
 
 NO_DECAY_NAMES = ("bias", "scale", "scale_shift_table")
@@ -242,8 +242,9 @@ def create_train_state(
 
 
 def attach_frozen(state: TrainState, shardings: TrainState, frozen: Any) -> TrainState:
-    """Puts host (or device) frozen parameters into `state` with their shardings."""
-    return state.replace(frozen=jax.device_put(frozen, shardings.frozen))
+    """Puts host (or device) frozen parameters into `state` with their shardings, each device its shards
+    (`put_sharded`: no all-gather of every leaf from every process)."""
+    return state.replace(frozen=jax.tree.map(put_sharded, frozen, shardings.frozen))
 
 
 def abstract_train_state(shardings: TrainState, state: TrainState) -> TrainState:

@@ -667,6 +667,7 @@ def main(argv) -> int:
             )
             print(format_sweep(results))
             return 0 if results and results[0].fits else 1
+        print(f"compiling on {f.topology} (minutes for a large model):", flush=True)
         a = analyse(
             with_overrides(f.config, remat=f.remat or None),
             f.topology,

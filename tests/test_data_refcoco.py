@@ -553,9 +553,13 @@ def test_a_coco_folder_without_the_referenced_images_or_a_split_left_empty_is_on
 
 
 def test_a_prepared_set_asked_for_a_split_it_lacks_names_its_splits(prepared):
+    from genmask_jax.data.sources import DataConfigError
+    from genmask_jax.infer.cli import USER_ERRORS
+
     out, _ = prepared
+    assert issubclass(DataConfigError, USER_ERRORS)  # evaluate and precompute end in one line, no traceback
     for split in ("test", "validation", "testA[:10%]"):
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(DataConfigError) as info:
             refcoco.RefCocoSource("refcoco_unc", split, data_dir=str(out))
         message = str(info.value)
         assert message.endswith("its prepared splits are train, val") and "prepare refcoco" not in message

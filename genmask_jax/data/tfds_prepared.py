@@ -13,6 +13,8 @@ import json
 
 from etils import epath
 
+from genmask_jax.data.sources import DataConfigError
+
 RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 
 
@@ -68,7 +70,7 @@ def check_prepared(tfds_name: str, data_dir: str | None, how: str, split: str | 
     requested = [part.split("[")[0].strip() for part in (split or "").split("+") if part.strip()]
     missing = [name for name in requested if name not in splits]
     if splits and missing:
-        raise ValueError(
+        raise DataConfigError(
             f"{tfds_name} in {data_dir or 'the TFDS data dirs'} has no split {missing[0]!r}; "
             f"its prepared splits are {', '.join(sorted(splits))}"
         )

@@ -43,7 +43,8 @@ def main(argv) -> None:
     try:
         report = pipeline.run_demo(config, _WORKDIR.value, progress=_PROGRESS.value)
     except pipeline.WorkdirConfigMismatch as e:
-        cli.fail(f"{e}: pass another --workdir, or delete {os.path.join(_WORKDIR.value, 'train')}")
+        where = os.path.join(_WORKDIR.value, "train")
+        cli.fail(f"{e}: pass another --workdir, or delete {where}", prog="genmask_jax.demo")
     seg, base = report["segmentation"], report["baselines"]
     print(
         f"held-out {report['eval_split']}: gIoU {seg['giou']:.4f} cIoU {seg['ciou']:.4f} (single step); "

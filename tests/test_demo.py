@@ -163,7 +163,7 @@ def test_a_demo_rerun_resumes_its_run_and_refuses_another_config_in_one_line(tmp
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert last.endswith(
+    assert last.startswith("genmask_jax.demo: error: ") and last.endswith(
         f"holds step {steps} of a run with another config (total_steps: {steps} saved, 2 now), which this "
         f"run would resume: pass another --workdir, or delete {tmp_path}/train"
     )

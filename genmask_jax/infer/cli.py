@@ -87,8 +87,10 @@ def one_line(error: BaseException) -> str:
 _PROG = {"name": ""}
 
 
-def fail(message: str, status: int = 1) -> None:
-    prog = _PROG["name"] or os.path.basename(sys.argv[0])
+def fail(message: str, status: int = 1, prog: str | None = None) -> None:
+    """Ends the command with `<prog>: error: <message on one line>` on stderr; `prog` defaults to the one
+    `run` was given, else the script's name."""
+    prog = prog or _PROG["name"] or os.path.basename(sys.argv[0])
     message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)

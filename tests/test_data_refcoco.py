@@ -471,7 +471,8 @@ def test_prepare_refuses_an_out_without_room_for_the_prepared_sets(refer, tmp_pa
     written, and is close to what a preparation takes."""
     root, out = _refer_copy(refer, tmp_path), tmp_path / "tfds"
     _write_image_3(root)
-    estimate = refcoco.check_refer_inputs(str(root / "refer"), str(root / "train2014"), "refcoco_unc")
+    refs, images = refcoco.check_refer_inputs(str(root / "refer"), str(root / "train2014"), "refcoco_unc")
+    estimate = refcoco.prepared_bytes(refs, images, str(root / "train2014"))
     usage = shutil.disk_usage(tmp_path)
 
     def free(space):  # as prepare sees it (TFDS checks with the real figure)

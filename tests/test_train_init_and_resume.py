@@ -293,7 +293,8 @@ def test_a_damaged_latest_checkpoint_fails_in_one_line(ema_run, tmp_path, damage
     for f in {"all_deleted": data, "one_deleted": [largest], "metadata_deleted": metadata}.get(damage, []):
         f.unlink()
     folder = re.escape(str(tmp_path / "4"))
-    message = rf"^checkpoint {folder} is damaged \(.+\); remove that folder to resume from step 2$"
+    message = (rf"^checkpoint {folder} is damaged or incomplete \(.+\); "
+               r"remove that folder to resume from step 2$")
     with pytest.raises(CheckpointError, match=message) as error:
         loop.restore_or_init(ema_run.config, fresh_state(ema_run), ema_run.shardings, ckpt, None,
                              ema_run.model)

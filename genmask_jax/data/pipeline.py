@@ -424,15 +424,14 @@ def _task_dataset(
     process_count: int,
     loader: _Loader,
     skips: SkipLog,
-    sizes: Sequence[int] | None = None,
-    repeats: Sequence[int] | None = None,
+    sizes: Sequence[int],
+    repeats: Sequence[int],
 ) -> grain.MapDataset:
     """`sizes`: the lengths of the sources that `source` concatenates, read `repeats` times each per
-    epoch (default: `source` once)."""
-    sizes = [len(source)] if sizes is None else list(sizes)
+    epoch."""
     if sum(sizes) == 0:
         raise ValueError(f"the {task} source is empty")
-    ds = _source_indices(sizes, repeats or [1] * len(sizes))
+    ds = _source_indices(sizes, repeats)
     n = len(ds)  # an epoch
     if shuffle:
         ds = ds.shuffle(seed=_task_seed(seed, task))

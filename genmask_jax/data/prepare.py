@@ -179,12 +179,13 @@ def _run(args) -> int:
         for name in [n.strip() for n in args.names.split(",") if n.strip()]:
             print(write_image_index(name, args.data_dir))
         return 0
-    from genmask_jax.data.refcoco import check_refer_inputs
+    from genmask_jax.data.refcoco import check_refer_inputs, prepared_bytes
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     needed = 0
     for config in configs:  # every config's inputs before anything is written
-        size = check_refer_inputs(args.refer_dir, args.coco_images, config)
+        refs, images = check_refer_inputs(args.refer_dir, args.coco_images, config)
+        size = prepared_bytes(refs, images, args.coco_images)
         prepared = _prepared_path(args.out, config)
         if not prepared.exists():
             needed += size

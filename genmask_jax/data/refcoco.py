@@ -170,10 +170,12 @@ def read_coco_image(coco_images: str, image_info: dict) -> bytes:
     return data
 
 
-def check_refer_inputs(refer_dir: str, coco_images: str, config: str, sample: int = 8) -> int:
+def check_refer_inputs(
+    refer_dir: str, coco_images: str, config: str, sample: int = 8
+) -> tuple[list[dict], dict[int, dict]]:
     """Raises FileNotFoundError naming a missing input of `config`, before anything is written: a REFER
-    file, or a COCO folder holding none of `sample` referenced images under either naming. Returns about
-    how many bytes the prepared config takes: each expression's record holds its image's JPEG."""
+    file, or a COCO folder holding none of `sample` referenced images under either naming. Returns the
+    refs and images it loaded (`load_refer`)."""
     for path in refer_files(refer_dir, config):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist: --refer-dir must hold REFER's {config} files")
@@ -190,6 +192,13 @@ def check_refer_inputs(refer_dir: str, coco_images: str, config: str, sample: in
             f"{checked[0].rsplit('_', 1)[-1]}): --coco-images must be COCO's train2014/ "
             "(COCO_train2014_<12-digit id>.jpg) or train2017/ (<12-digit id>.jpg)"
         )
+    return refs, images
+
+
+def prepared_bytes(refs: list[dict], images: dict[int, dict], coco_images: str) -> int:
+    """About how many bytes a config of `refs` takes prepared: each expression's record holds its image's
+    JPEG (images missing from `coco_images` count 0)."""
+    image_ids = {ref["image_id"] for ref in refs} & set(images)
     paths = {i: coco_image_path(coco_images, images[i]["file_name"]) for i in image_ids}
     sizes = {i: os.path.getsize(path) for i, path in paths.items() if path is not None}
     return sum(len(ref["sentences"]) * sizes.get(ref["image_id"], 0) for ref in refs)

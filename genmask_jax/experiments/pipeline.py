@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from flax import traverse_util
 from tqdm import tqdm
 
 from genmask_jax.encoders import make_encoder
@@ -160,20 +161,11 @@ def training_config(
     return out
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{"a.b": leaf} of a nested dict."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        out.update(_flat(value, f"{name}.") if isinstance(value, dict) else {name: value})
-    return out
-
-
 def config_differences(saved: dict, wanted: ml_collections.ConfigDict) -> list[str]:
     """`field: <saved> saved, <wanted> now` for each field outside `RERUN_MAY_CHANGE` that differs,
     compared as the checkpoint stores them (JSON). Fields that one side lacks (added to the code since the
     save, or removed) are not compared: the saved run trained as the code of its day did without them."""
-    a, b = _flat(checkpoint.as_json(saved)), _flat(checkpoint.as_json(wanted))
+    a, b = (traverse_util.flatten_dict(checkpoint.as_json(c), sep=".") for c in (saved, wanted))
     may_change = lambda name: any(name == f or name.startswith(f"{f}.") for f in RERUN_MAY_CHANGE)
     return [
         f"{name}: {a[name]!r} saved, {b[name]!r} now"

@@ -85,19 +85,21 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: LogicalRules) -> NamedShardin
     return NamedSharding(mesh, PartitionSpec(batch_axes(rules)))
 
 
-def batch_shard_count(mesh: jax.sharding.Mesh, rules: LogicalRules) -> int:
-    """How many blocks `batch_sharding` splits a batch into: the product of the batch axes' sizes."""
-    axes = batch_axes(rules)
+def _shard_count(mesh: jax.sharding.Mesh, axes: str | tuple[str, ...] | None) -> int:
+    """How many blocks a dimension mapped to mesh `axes` is split into: the product of their sizes."""
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
     return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def batch_shard_count(mesh: jax.sharding.Mesh, rules: LogicalRules) -> int:
+    """How many blocks `batch_sharding` splits a batch into: the product of the batch axes' sizes."""
+    return _shard_count(mesh, batch_axes(rules))
 
 
 def heads_shard_count(mesh: jax.sharding.Mesh, rules: LogicalRules) -> int:
     """How many blocks the attention heads are split into: the product of the sizes of the mesh axes
     of the `activation_heads` rule."""
-    axes = dict(rules).get("activation_heads")
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return int(np.prod([mesh.shape[a] for a in names]))
+    return _shard_count(mesh, dict(rules).get("activation_heads"))
 
 
 def heads_split_problem(num_heads: int, mesh: jax.sharding.Mesh, rules: LogicalRules) -> str | None:

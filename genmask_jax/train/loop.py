@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from convert.checkpoint_io import reporting_damage, storage_damage
+from convert.checkpoint_io import reporting_damage
 from genmask_jax.infer.checkpoint import ANOTHER_STEP, CheckpointError
 from genmask_jax.infer.checkpoint import resolve as resolve_checkpoint
 from genmask_jax.models.build import abstract_frozen, build_model, dit_initializer, frozen_vae
@@ -303,21 +303,13 @@ def restore_latest(checkpointer: checkpointing.Checkpointer, abstract, data_iter
     short: a half-synced copy, a deleted object) raises one CheckpointError line naming the step's folder.
     The step is not skipped for an earlier one: training on from there is for the user to decide."""
     step = checkpointer.latest_step()
-    try:
+    earlier = [s for s in checkpointer.all_steps() if s < step]
+    then = f"resume from step {max(earlier)}" if earlier else "start without it (there is no earlier one)"
+    # A CheckpointError (a changed model or optimizer) is already one line; a permission or network
+    # error, or a config the saved data cannot resume, is not damage and passes as it is.
+    with reporting_damage(f"checkpoint {checkpointer.directory}/{step}", f"remove that folder to {then}",
+                          CheckpointError):
         return checkpointer.restore(step, abstract, data_iterator)
-    except CheckpointError:  # already one line (a changed model or optimizer)
-        raise
-    except Exception as e:  # on devices orbax wraps tensorstore's error in a bare Exception
-        damage = storage_damage(e)
-        if damage is None:  # a permission or network error, or a config the saved data cannot resume
-            raise
-        earlier = [s for s in checkpointer.all_steps() if s < step]
-        then = f"resume from step {max(earlier)}" if earlier else "start without it (there is no earlier one)"
-        reason = (str(damage).splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"checkpoint {checkpointer.directory}/{step} is damaged ({type(damage).__name__}: {reason}); "
-            f"remove that folder to {then}"
-        ) from e
 
 
 def restore_or_init(

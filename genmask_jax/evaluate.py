@@ -2,7 +2,7 @@ r"""Batch evaluation of a trained checkpoint on named splits (single-step infere
 
     python -m genmask_jax.evaluate --checkpoint=WORKDIR --split=synthetic:test
     python -m genmask_jax.evaluate --checkpoint=gs://bucket/paper --config.data.refcoco.data_dir=/data/tfds \
-        --split=refcoco_unc:val,refcoco_unc:testA,refcoco_unc:testB --format=rle --out=/results
+        --split=refcoco_unc:val,refcoco_unc:testA,refcoco_unc:testB --format=rle --out=gs://bucket/results
 
 Splits: synthetic:val|test, refcoco_unc:val|testA|testB, refcocoplus_unc:val|testA|testB,
 refcocog_umd:val|test, refcocog_google:val, reasonseg:val|test (comma-separated, or --split repeated).
@@ -19,9 +19,10 @@ prediction-relevant config; data paths left out, weights named by their folder) 
 rerun of a split whose examples changed (the ids its finished results recorded; the same data moved
 elsewhere keeps them). Under launch/gpu.sh or launch/tpu.sh every process evaluates its share of each
 split (`config.distributed` as training reads it, with the mode "auto" whatever the run trained with:
-this launch decides); each process resolves `--checkpoint=WORKDIR` to its latest step itself, and if a
-training run saved meanwhile and they disagree, the command stops: pass a step folder
-(`WORKDIR/checkpoints/<step>`).
+this launch decides) into --out, which must then be one folder every process shares (gs://..., a shared
+file system; one that is not stops every process before the model loads); each process resolves
+`--checkpoint=WORKDIR` to its latest step itself, and if a training run saved meanwhile and they
+disagree, the command stops: pass a step folder (`WORKDIR/checkpoints/<step>`).
 A split missing from the embedding cache (`data.encoder.cache_dir`) is refused before the model loads,
 with the command that adds it (`python -m genmask_jax.encoders.precompute ... --eval=<split>`).
 """
@@ -61,7 +62,7 @@ def main() -> None:
     from genmask_jax.encoders import check_available
     from genmask_jax.encoders.base import ContextError
     from genmask_jax.eval import job
-    from genmask_jax.infer import checkpoint
+    from genmask_jax.infer import checkpoint, images
 
     try:
         splits = parse_splits(_SPLIT.value)
@@ -72,16 +73,20 @@ def main() -> None:
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
     out = _OUT.value or str(default_out(directory, step))
     cli.check_image_size(config)
+    cli.check_on_writer(lambda path: images.check_writable(epath.Path(path) / "run.json"), [out])
     try:
         # A refused --out costs no model load. Whether --ema finds EMA parameters is known once they load:
-        # job.run checks every setting again then.
+        # job.run checks every setting again then. The shared --out first: processes that read different
+        # folders could decide apart below, and one leaving alone would leave the others waiting.
+        job.check_shared_out(out)
         params, resolution = (None if _EMA.value else "params"), config.data.resolution
         shared = job.shared_settings(directory, step, params, _STEPS.value, _SEED.value, resolution)
         job.check_out(out, shared, config, record=False)
         job.check_sources(config.data, splits)
         if not config.data.encoder.cache_dir:
             check_available(config.data.encoder)
-    except (job.EvaluationError, ContextError) as e:  # another run's --out, a split, its cache, the encoder
+    except (job.EvaluationError, ContextError) as e:  # another run's --out, a split, its cache, the encoder,
+        # an --out the processes do not share
         raise cli.InputError(str(e)) from e
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
     print(

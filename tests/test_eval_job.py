@@ -214,6 +214,24 @@ def test_incomplete_split_is_an_error(tmp_path):
         run(tmp_path, Predict(), process_index=0, process_count=2)
 
 
+NOT_SHARED = "--out must be one folder that every process shares"
+
+
+def test_an_out_each_process_has_its_own_copy_of_is_named_not_rerun(tmp_path, monkeypatch):
+    """Each process writing into its own --out (a path on each host's own disk): process 0 said "rerun to
+    complete the missing ones", and every rerun said it again. Examples of process 1 lost to memory in a
+    shared --out still ask for a rerun."""
+    assert run(tmp_path / "host1", Predict(), process_index=1, process_count=2) is None
+    for _ in range(2):
+        with pytest.raises(job.EvaluationError, match=f"6 of 10 .*, none of another process's: {NOT_SHARED}"):
+            run(tmp_path / "host0", Predict(), process_index=0, process_count=2)
+    recover = failing_example(monkeypatch, 5, MemoryError("out of host memory"))  # process 1's batch 4..7
+    assert run(tmp_path / "shared", Predict(), process_index=1, process_count=2) is None
+    recover()
+    with pytest.raises(job.EvaluationError, match="9 of 10 examples .*; rerun to complete the missing ones$"):
+        run(tmp_path / "shared", Predict(), process_index=0, process_count=2)
+
+
 def test_temporary_files_are_unique_per_process(tmp_path):
     """Hosts share --out: two processes must not write a shard through the same temporary file."""
     import os
@@ -320,6 +338,7 @@ def test_prediction_config_digest():
         "data.refcoco.data_dir": "/elsewhere/tfds",
         "data.reasonseg.root": "/elsewhere/ReasonSeg",
         "data.encoder.cache_dir": "/elsewhere/cache",
+        "data.encoder.device": "cpu",  # where the VLM runs: rounding only
         "data.num_threads": 1,
         "data.captions.path": "/x.jsonl",
         "data.seg_sources": "refcoco",  # each split sets its own
@@ -680,45 +699,74 @@ import jax
 jax.distributed.initialize({address!r}, num_processes=2, process_id={pid})
 from test_eval_job import Predict, data_config, SPEC, BATCH
 from genmask_jax.eval import job
+job.check_shared_out({out!r})
 predict = Predict()
 metrics = job.evaluate_split(predict, data_config(), SPEC, {out!r}, BATCH, "png", progress=False)
 with open({out!r} + f"/result.{{jax.process_index()}}.json", "w") as f:
     json.dump({{"metrics": metrics, "rows": predict.rows}}, f)
 """
 
+_CHECK_SHARED = """
+import sys
+sys.path[:0] = [{root!r}]
+import jax
+jax.distributed.initialize({address!r}, num_processes=2, process_id={pid})
+from genmask_jax.eval import job
+try:
+    job.check_shared_out({out!r})
+except job.EvaluationError as e:
+    print("refused:", e)
+"""
 
-@pytest.mark.multidevice
-def test_two_processes_share_a_split(tmp_path):
-    """Real `jax.distributed` processes: each predicts its own examples, process 0 merges after the
-    barrier."""
+
+def start_processes(script: str, tmp_path, outs) -> list:
+    """Two `jax.distributed` processes on this machine running `script` (formatted with root, tests,
+    address, pid and out: `outs[pid]`)."""
     import os
     import subprocess
     import sys
 
-    from train_helpers import free_port, wait_all
+    from train_helpers import free_port
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    procs = [
+    fields = {"root": root, "tests": os.path.join(root, "tests"), "address": address}
+    return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _WORKER.format(
-                    root=root, tests=os.path.join(root, "tests"), address=address, pid=pid, out=str(tmp_path)
-                ),
-            ],
+            [sys.executable, "-c", script.format(**fields, pid=pid, out=str(out))],
             cwd=root,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for pid in range(2)
+        for pid, out in enumerate(outs)
     ]
-    wait_all(procs, timeout=300)
+
+
+@pytest.mark.multidevice
+def test_two_processes_share_a_split(tmp_path):
+    """Real `jax.distributed` processes: each predicts its own examples, process 0 merges after the
+    barrier."""
+    from train_helpers import wait_all
+
+    wait_all(start_processes(_WORKER, tmp_path, [tmp_path, tmp_path]), timeout=300)
     results = [json.loads((tmp_path / f"result.{pid}.json").read_text()) for pid in range(2)]
     assert results[1]["metrics"] is None and results[0]["metrics"]["num_samples"] == NUM_EXAMPLES
     assert results[0]["rows"] + results[1]["rows"] == NUM_EXAMPLES and min(r["rows"] for r in results) > 0
     assert results[0]["metrics"] == run(tmp_path / "single", Predict())
+    assert not list(tmp_path.glob(".shared-check-*"))  # check_shared_out leaves nothing behind
+
+
+@pytest.mark.multidevice
+def test_processes_that_do_not_share_out_all_stop_before_evaluating(tmp_path):
+    """Each process with its own --out (a path on each host's own disk): every process stops with one
+    line saying so (before, process 0 found the others' examples missing on every rerun)."""
+    from train_helpers import wait_all
+
+    logs = wait_all(start_processes(_CHECK_SHARED, tmp_path, [tmp_path / "host0", tmp_path / "host1"]), 300)
+    for pid, log in enumerate(logs):
+        assert "refused: --out {} is not one folder".format(tmp_path / f"host{pid}") in log, log
+        assert "process 1 cannot see what process 0 writes there): under a multi-process launch" in log, log
+    assert not list((tmp_path / "host0").iterdir()) and not (tmp_path / "host1").exists()

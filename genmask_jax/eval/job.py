@@ -17,7 +17,8 @@ in several shards counts once, from the newest. An example whose data
 cannot be read is recorded as "unreadable" (left out of the metrics, listed in `metrics.json`); one
 that failed for another reason (memory, a lost connection) gets no record, so a rerun retries it. When
 every process is done, process 0 merges the shards into `metrics.json` (and, for RLE,
-`predictions.json`). `run.json` in each split's folder says what produced its shards (checkpoint, step,
+`predictions.json`), so the processes must share `<out>`: one folder, gs:// or a shared file system
+(`check_shared_out`). `run.json` in each split's folder says what produced its shards (checkpoint, step,
 EMA or raw parameters, sampler settings, a digest of the config fields that change predictions, the
 split's example count); a rerun with other settings is refused. Results are found by index, so a rerun
 also checks that every finished example is still the one at its index (the ids its shards recorded):
@@ -29,13 +30,14 @@ so the `<out>/metrics.json` that gathers the splits' metrics describes one evalu
 written before `<out>/run.json` existed gets one only once its split folders' run.json agree with it.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from typing import Any
 
@@ -343,6 +345,46 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def check_shared_out(out_dir: str | os.PathLike) -> None:
+    """Stops every process (EvaluationError) when one cannot see a file that process 0 has just written
+    in `out_dir`: each process writes its own examples' shards there and process 0 merges them, so under
+    a multi-process launch `out_dir` must be one folder every process shares (gs://..., a shared file
+    system), not a path on each host's own disk, where process 0 would find the others' examples missing
+    on every rerun. Creates `out_dir` (process 0); no-op on one process."""
+    if jax.process_count() == 1:
+        return
+    import secrets
+
+    from genmask_jax.parallel.multihost import gather_ints
+
+    out, token, problem = epath.Path(out_dir), 0, None
+    if jax.process_index() == 0:
+        try:
+            token = secrets.randbelow(2**31 - 1) + 1  # 0: process 0 wrote nothing
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f".shared-check-{token}").write_text("")
+        except OSError as e:
+            token, problem = 0, f"cannot write in --out {out}: {e.strerror or e}"
+    token = int(gather_ints(token)[0])  # also the barrier: every process looks once process 0 has written
+    if token == 0:
+        raise EvaluationError(problem or f"process 0 cannot write in --out {out} (its error says why)")
+    marker = out / f".shared-check-{token}"
+    try:
+        seen = marker.exists()
+    except OSError:
+        seen = False
+    blind = [i for i, s in enumerate(gather_ints(seen)) if not s]
+    if jax.process_index() == 0:
+        with contextlib.suppress(OSError):  # a marker left behind is harmless, a process leaving alone is not
+            marker.unlink(missing_ok=True)
+    if blind:
+        raise EvaluationError(
+            f"--out {out} is not one folder that every process shares (process {blind[0]} cannot see what "
+            "process 0 writes there): under a multi-process launch --out must be a folder every process "
+            "shares, e.g. gs://... or a shared file system"
+        )
+
+
 def to_records(
     scores, batch: dict, metas: list, num_examples: int, example_id=str, reason=lambda index: None
 ) -> tuple[list[dict], list[np.ndarray | None], list[tuple[str, str]]]:
@@ -472,17 +514,33 @@ def evaluate_split(
     _barrier(f"evaluate {spec.name}")
     if iterator.process_index != 0:
         return None
-    return finish_split(store, spec, iterator.num_examples, settings)
+    own = None
+    if iterator.process_count > 1:
+        own = {i for s in range(len(iterator)) for i in _batch_indices(iterator, s)}
+    return finish_split(store, spec, iterator.num_examples, settings, own)
 
 
-def finish_split(store: ShardStore, spec: SplitSpec, num_examples: int, settings: dict | None = None) -> dict:
-    """Merges the shards into `metrics.json` (+ `predictions.json` for RLE) and returns the metrics."""
+def finish_split(
+    store: ShardStore,
+    spec: SplitSpec,
+    num_examples: int,
+    settings: dict | None = None,
+    own: Collection[int] | None = None,
+) -> dict:
+    """Merges the shards into `metrics.json` (+ `predictions.json` for RLE) and returns the metrics.
+
+    own: the indices this process (0) predicts when there are several; when examples are missing, none
+    of them its own and none of the other processes' in sight, `store` is not a folder they share."""
     records = store.records()
     if len(records) != num_examples:
-        raise EvaluationError(
-            f"{spec.name}: {len(records)} of {num_examples} examples have predictions in {store.shards}; "
-            "rerun to complete the missing ones"
-        )
+        where = f"{spec.name}: {len(records)} of {num_examples} examples have predictions in {store.shards}"
+        found = {int(r["index"]) for r in records}
+        if own is not None and not (set(range(num_examples)) - found) & set(own) and found <= set(own):
+            raise EvaluationError(
+                f"{where}, none of another process's: --out must be one folder that every process shares "
+                "(e.g. gs://... or a shared file system), not a path on each host's own disk"
+            )
+        raise EvaluationError(f"{where}; rerun to complete the missing ones")
     unreadable = [r for r in records if r.get("unreadable")]
     records = [r for r in records if not r.get("unreadable")]
     if not records:
@@ -528,6 +586,7 @@ NON_PREDICTION_DATA_FIELDS = (
     "refcoco.exclude_eval_images",
     "reasonseg.root",
     "encoder.cache_dir",
+    "encoder.device",
 )
 
 

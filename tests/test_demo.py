@@ -180,6 +180,7 @@ def test_a_rerun_compares_the_fields_both_configs_have():
     assert pipeline.config_differences(saved, config) == []
     saved["optimizer"]["lr"] = 1.0
     saved["checkpoint"]["keep"] = 7  # may change
+    saved["data"]["encoder"]["device"] = "cuda:1"  # may change
     lr = f"optimizer.lr: 1.0 saved, {config.optimizer.lr!r} now"
     assert pipeline.config_differences(saved, config) == [lr]
 

@@ -558,8 +558,14 @@ def test_changed_data_is_caught_on_lookup(tmp_path):
     c.shapes.expression_kinds = "position"  # every instruction changes, the ids do not
     c.encoder.cache_dir = str(tmp_path)
     it = make_train_iterator(c, 2, 0, seed=0, process_index=0, process_count=1)
-    with pytest.raises(CacheMismatch, match="the data changed since the precompute"):
+    with pytest.raises(CacheMismatch, match="the data changed since the precompute") as stale:
         next(it)
+    # the advice used to be "write a new cache with `precompute`", and a rerun into the folder kept them
+    assert "--out=NEW_FOLDER" in str(stale.value) and "a rerun into this folder keeps" in str(stale.value)
+    c.encoder.cache_dir = ""
+    stale_resume = r"seg/train: .*'shapes-0-train-0' was encoded from .*NEW_FOLDER"
+    with pytest.raises(PrecomputeError, match=stale_resume):
+        precompute(c, str(tmp_path), ["train"])  # it reported every example "already" cached
 
 
 def test_a_cache_miss_stops_the_pipeline_and_names_the_split(tmp_path):

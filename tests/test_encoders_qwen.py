@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from genmask_jax.data.pipeline import default_data_config, make_eval_iterator  # noqa: E402
 from genmask_jax.encoders import ContextError, PromptTooLong, fingerprint, make_encoder  # noqa: E402
 from genmask_jax.encoders.cache import CacheMismatch, CacheWriter, EmbeddingCache, SkippedExample  # noqa: E402
-from genmask_jax.encoders.precompute import precompute  # noqa: E402
+from genmask_jax.encoders.precompute import PrecomputeError, precompute  # noqa: E402
 from genmask_jax.encoders.qwen2_5_vl import Qwen25VLEncoder  # noqa: E402
 
 SPECIAL = [
@@ -453,3 +453,147 @@ def test_context_shape_reads_the_model_config(tiny_qwen):
     c = default_data_config()
     c.encoder.name, c.encoder.model_path, c.encoder.context_length = "qwen2_5_vl", tiny_qwen, 77
     assert context_shape(c) == (77, 64)
+
+
+def test_an_empty_batch_gives_empty_arrays_as_the_toy_encoder_does(encoder):
+    """`tokenizer.pad` of no prompts raised IndexError; `train/latent_data.py` encodes empty batches."""
+    for images in ([], None):
+        context, mask = encoder.encode(images, [])
+        assert (context.shape, context.dtype) == ((0, 40, 64), np.float32)
+        assert (mask.shape, mask.dtype) == ((0, 40), bool)
+
+
+def test_encode_runs_one_call_at_a_time(encoder, monkeypatch):
+    """`make_encoder` gives every consumer of a process one encoder, and the pipelines' threads call it;
+    a call changes the tokenizer's padding side, `last_rewrites` and the model's `rope_deltas`."""
+    held = []
+    model_inputs = encoder.model_inputs
+
+    def recording(*args, **kwargs):
+        held.append(encoder._lock.locked())
+        return model_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "model_inputs", recording)
+    encoder.encode([_image(4)], ["what is the object that is round?"], rewrite=[True])
+    assert held == [True, True]  # the rewrite's inputs, then the encoded ones
+
+
+def test_make_encoder_reuses_the_loaded_model(tiny_qwen, monkeypatch):
+    import genmask_jax.encoders
+
+    monkeypatch.setattr(genmask_jax.encoders, "_BUILT", {}, raising=False)
+    first = make_encoder(qwen_config(tiny_qwen, device="cpu").encoder)
+    assert make_encoder(qwen_config(tiny_qwen, device="cpu").encoder) is first
+    assert make_encoder(qwen_config(tiny_qwen, device="cpu", rewrite_max_new_tokens=3).encoder) is not first
+
+
+def _gpu_torch(monkeypatch, count=2):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def _jax_backend(monkeypatch, backend, initialized=True):
+    """JAX as this process would have it: `backend` None = not imported."""
+    import sys
+    import types
+
+    from jax._src import xla_bridge
+
+    if backend is None:
+        monkeypatch.delitem(sys.modules, "jax")
+        return
+
+    def default_backend():
+        assert initialized, "asked JAX for its backend before it started one: that starts it"
+        return backend
+
+    monkeypatch.setitem(sys.modules, "jax", types.SimpleNamespace(default_backend=default_backend))
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: initialized)
+
+
+@pytest.mark.parametrize(
+    "jax_backend, initialized, want",
+    [
+        (None, True, "cuda"),  # the precompute: JAX never imported
+        ("gpu", False, "cuda"),  # imported, no backend started yet (and not started by asking)
+        ("cpu", True, "cuda"),
+        ("gpu", True, "cpu"),  # segment, generate, evaluate, train: JAX holds the GPU
+    ],
+)
+def test_auto_puts_the_encoder_on_a_gpu_that_jax_does_not_hold(
+    monkeypatch, caplog, jax_backend, initialized, want
+):
+    """The encoder went to cuda:0 whenever torch had CUDA, beside JAX's 75% (92% under launch/gpu.sh) of
+    the same GPU: Qwen2.5-VL-7B's 16.6 GB did not fit."""
+    from genmask_jax.encoders.qwen2_5_vl import resolve_device
+
+    _gpu_torch(monkeypatch)
+    _jax_backend(monkeypatch, jax_backend, initialized)
+    with caplog.at_level("WARNING", logger="genmask_jax.encoders.qwen2_5_vl"):
+        assert resolve_device("auto") == want
+        assert resolve_device("cuda:1") == "cuda:1"  # asked for: the user lowered JAX's memory fraction
+        assert resolve_device("cpu") == "cpu"
+    if want == "cpu":
+        assert "--config.data.encoder.device=cuda with XLA_PYTHON_CLIENT_MEM_FRACTION lowered" in caplog.text
+        assert len(caplog.records) == 1
+    else:
+        assert caplog.text == ""
+
+
+def test_the_encoder_device_setting(tiny_qwen, monkeypatch):
+    import genmask_jax.encoders
+    from genmask_jax.encoders import EncoderUnavailable, check_available
+    from genmask_jax.encoders.qwen2_5_vl import resolve_device
+
+    _gpu_torch(monkeypatch, count=0)
+    assert resolve_device("auto") == "cpu"
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(EncoderUnavailable, match=f"device={device}, but torch .* sees 0 CUDA devices"):
+            resolve_device(device)
+    _gpu_torch(monkeypatch, count=2)
+    with pytest.raises(EncoderUnavailable, match="sees 2 CUDA devices"):
+        resolve_device("cuda:2")
+    for device in ("gpu", "cuda:", "CPU"):  # refused before anything loads
+        with pytest.raises(EncoderUnavailable, match=f"device={device!r}: use auto, cpu, cuda or cuda:N"):
+            check_available(qwen_config(tiny_qwen, device=device).encoder)
+    # where it runs changes a context by rounding only, as the batch does: the cache key ignores it
+    on_gpu = qwen_config(tiny_qwen, device="cuda").encoder
+    assert fingerprint(on_gpu) == fingerprint(qwen_config(tiny_qwen).encoder)
+
+    _jax_backend(monkeypatch, "gpu")  # a command that runs JAX on the GPU builds the encoder on the CPU
+    monkeypatch.setattr(genmask_jax.encoders, "_BUILT", {}, raising=False)
+    assert make_encoder(qwen_config(tiny_qwen).encoder).device == "cpu"
+
+
+def test_the_rewrite_ignores_the_model_folders_generation_config(encoder, tiny_qwen, tmp_path):
+    """generate() took every setting but the two it was given from the folder's generation_config.json,
+    a file in no digest: a repetition_penalty there changed the rewrites under an unchanged cache key."""
+    path = shutil.copytree(tiny_qwen, tmp_path / "qwen")
+    settings = json.loads((path / "generation_config.json").read_text())
+    settings.update(repetition_penalty=5.0, no_repeat_ngram_size=1)
+    (path / "generation_config.json").write_text(json.dumps(settings))
+    other = Qwen25VLEncoder(
+        str(path), context_length=40, dtype="float32", device="cpu", rewrite_max_new_tokens=6
+    )
+    image, query = _image(4), "what is the object that is round?"
+    context, _ = encoder.encode([image], [query], rewrite=[True])
+    other_context, _ = other.encode([image], [query], rewrite=[True])
+    assert other.last_rewrites == encoder.last_rewrites
+    np.testing.assert_array_equal(other_context, context)
+    assert fingerprint(qwen_config(tiny_qwen, rewrite_reasoning=True).encoder)["rewrite_decoding"] == {
+        "do_sample": False,
+        "num_beams": 1,
+        "repetition_penalty": 1.0,
+    }
+
+
+def test_a_resume_after_the_images_changed_stops(encoder, tiny_qwen, tmp_path):
+    """A rerun into the same folder counted every record "already" cached, and readers then refused them
+    with advice to precompute again, which the user had just done."""
+    c = qwen_config(tiny_qwen)
+    c.gen_sources, c.shapes.val_size = "", 3
+    precompute(c, str(tmp_path), ["val"], batch_size=2, dtype="float32", encoder=encoder)
+    c.resolution = (40, 40)  # the same ids and texts, other images
+    stale = r"synthetic/val: .*from a 32x32x3 uint8 image, the data now gives 40x40x3.*NEW_FOLDER"
+    with pytest.raises(PrecomputeError, match=stale):
+        precompute(c, str(tmp_path), ["val"], batch_size=2, dtype="float32", encoder=encoder)

@@ -61,3 +61,48 @@ def test_an_encoder_whose_package_is_missing_is_refused_before_it_is_built(monke
         with pytest.raises(EncoderUnavailable, match=r"needs torch, .*pip install torch==2\.13\.0"):
             call(config)
     check_available(default_data_config().encoder)  # the toy encoder needs nothing more
+
+
+def test_make_encoder_builds_one_encoder_per_process_for_the_same_settings(monkeypatch):
+    """Each consumer called `make_encoder`: a training run without a cache loaded the VLM three times (two
+    copies alive at once) and an evaluation once per split. Threads asking at once get one encoder too."""
+    import threading
+    import time
+
+    import genmask_jax.encoders
+    from genmask_jax.data.pipeline import default_data_config, make_eval_iterator, make_train_iterator
+    from genmask_jax.encoders import toy
+
+    built = []
+
+    class CountingToyEncoder(ToyEncoder):
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+            time.sleep(0.05)  # a slow load: the other threads ask meanwhile
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(toy, "ToyEncoder", CountingToyEncoder)
+    monkeypatch.setattr(genmask_jax.encoders, "_BUILT", {}, raising=False)
+    config = ConfigDict(dict(name="toy", context_length=5, dim=6, seed=3))
+    start, got = threading.Barrier(4), []
+
+    def build():
+        start.wait()
+        got.append(make_encoder(ConfigDict(config.to_dict())))
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 1 and all(encoder is got[0] for encoder in got)
+    other = make_encoder(ConfigDict(dict(config.to_dict(), seed=4)))
+    assert other is not got[0] and len(built) == 2
+
+    c = default_data_config()
+    c.resolution, c.num_threads, c.shapes.train_size, c.shapes.val_size = (16, 16), 1, 4, 2
+    make_train_iterator(c, 2, 2, seed=0, process_index=0, process_count=1)
+    for split in ("val", "val"):  # the evaluation job builds an iterator per split
+        make_eval_iterator(c, split, 2, process_index=0, process_count=1)
+    assert len(built) == 3  # one for the default settings
+    assert make_encoder(c.encoder) is make_encoder(ConfigDict(c.encoder.to_dict()))

@@ -553,8 +553,9 @@ def test_a_lookup_with_other_pixels_warns_once_and_serves_the_context(tmp_path, 
             f"embedding cache {folder}: 1 looked-up images (the first: 'b') have other pixels than the "
             "images of the same shapes that their contexts were encoded from: replaced images, or another "
             "JPEG decoder on this machine than on the one that ran the precompute; contexts may be stale: "
-            "if the images changed, precompute again (`python -m genmask_jax.encoders.precompute`) [logged "
-            "at the first, then every 3]"
+            "if the images changed, write a new cache (`python -m genmask_jax.encoders.precompute "
+            "--config=... --out=NEW_FOLDER`, or delete this folder first): a rerun into this folder keeps "
+            "its records [logged at the first, then every 3]"
         ]
         cache.lookup("d", "d", decoded_elsewhere)
     assert cache.pixel_mismatches == 3

@@ -113,6 +113,10 @@ def default_data_config() -> ConfigDict:
     c.encoder.seed = 0  # `toy` word-embedding seed.
     c.encoder.model_path = ""  # the local Qwen2.5-VL folder (nothing is downloaded)
     c.encoder.dtype = "bfloat16"  # torch dtype for the VLM ("float32" on CPU tests).
+    # Where the VLM runs: "auto" = CUDA where torch has it and JAX holds no GPU in this process (the
+    # precompute), else the CPU with a warning (segment/generate/evaluate/train without a cache: JAX reserves
+    # 75-92% of the GPU); "cpu", "cuda", "cuda:N" as given. Not part of the cache key.
+    c.encoder.device = "auto"
     # The VLM sees the *original* image resized to at most this many pixels (aspect kept), one token
     # per 28x28 patch: 448*448 -> at most 256 image tokens, which leaves 256 of the paper's 512-token
     # context to the chat template (~20 tokens) and the instruction (a ReasonSeg sentence: a few dozen).

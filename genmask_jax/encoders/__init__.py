@@ -18,7 +18,9 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import struct
+import threading
 
 import numpy as np
 
@@ -184,7 +186,27 @@ def check_available(config) -> None:
             "out: pick the build for this machine, e.g. --index-url https://download.pytorch.org/whl/cpu)"
         )
     if config.name == "qwen2_5_vl":
+        check_device(configured_device(config))
         check_model_folder(config.model_path)
+
+
+# `data.encoder.device`, where the Qwen encoder runs: "auto" (`qwen2_5_vl.resolve_device`), "cpu", "cuda"
+# or "cuda:N". Not in the `fingerprint`: a device changes a context by rounding alone, as the batch does.
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def configured_device(config) -> str:
+    """`data.encoder.device`; "auto" for a config saved before the field existed."""
+    return str(config.get("device", "auto"))
+
+
+def check_device(device: str) -> None:
+    """Raises EncoderUnavailable unless `device` is a `data.encoder.device` value (cheap: no torch)."""
+    if not _DEVICE.fullmatch(device):
+        raise EncoderUnavailable(
+            f"data.encoder.device={device!r}: use auto, cpu, cuda or cuda:N (auto: cuda where torch has "
+            "it and JAX does not run on the GPU in this process)"
+        )
 
 
 def check_model_folder(model_path: str) -> None:
@@ -201,26 +223,52 @@ def check_model_folder(model_path: str) -> None:
         )
 
 
+# The last encoder `make_encoder` built, by its constructor's arguments, and the lock that builds one at
+# a time: the consumers of one process (a run's data pipelines, quick evaluation and sample prompts; the
+# splits of an evaluation) each call `make_encoder`, and each loaded its own copy of the 16.6 GB VLM.
+_BUILT: dict[tuple, InstructionEncoder] = {}
+_BUILD_LOCK = threading.Lock()
+
+
 def make_encoder(config) -> InstructionEncoder:
-    """Builds the encoder named by `config.name` from the `data.encoder` config."""
+    """The encoder named by `config.name` from the `data.encoder` config, built once per process for the
+    same settings: a second call returns the first one's encoder (the Qwen encoder serializes its
+    `encode` calls, so threads may share it). Only the last settings' encoder is kept."""
     check_available(config)
+    if config.name == "toy" and config.get("rewrite_reasoning", False):
+        raise ValueError("data.encoder.rewrite_reasoning needs a VLM: the toy encoder cannot rewrite")
+    if config.name not in ENCODERS:
+        raise ValueError(f"unknown encoder {config.name!r}; expected one of {ENCODERS}")
+    key = (config.name, *sorted(_encoder_arguments(config).items()))
+    with _BUILD_LOCK:
+        if key not in _BUILT:
+            _BUILT.clear()  # the previous settings' encoder goes once its users drop it
+            _BUILT[key] = _build(config.name, _encoder_arguments(config))
+        return _BUILT[key]
+
+
+def _encoder_arguments(config) -> dict:
+    """The constructor's arguments of the encoder `config.name`, from the `data.encoder` config."""
     if config.name == "toy":
+        return dict(context_length=config.context_length, dim=config.dim, seed=config.seed)
+    return dict(
+        model_path=config.model_path,
+        context_length=config.context_length,
+        dtype=config.dtype,
+        rewrite_max_new_tokens=config.rewrite_max_new_tokens,
+        device=configured_device(config),
+        max_pixels=configured_max_pixels(config) or None,
+    )
+
+
+def _build(name: str, arguments: dict) -> InstructionEncoder:
+    if name == "toy":
         from genmask_jax.encoders.toy import ToyEncoder
 
-        if config.get("rewrite_reasoning", False):
-            raise ValueError("data.encoder.rewrite_reasoning needs a VLM: the toy encoder cannot rewrite")
-        return ToyEncoder(context_length=config.context_length, dim=config.dim, seed=config.seed)
-    if config.name == "qwen2_5_vl":
-        from genmask_jax.encoders.qwen2_5_vl import Qwen25VLEncoder
+        return ToyEncoder(**arguments)
+    from genmask_jax.encoders.qwen2_5_vl import Qwen25VLEncoder
 
-        return Qwen25VLEncoder(
-            config.model_path,
-            context_length=config.context_length,
-            dtype=config.dtype,
-            rewrite_max_new_tokens=config.rewrite_max_new_tokens,
-            max_pixels=configured_max_pixels(config) or None,
-        )
-    raise ValueError(f"unknown encoder {config.name!r}; expected one of {ENCODERS}")
+    return Qwen25VLEncoder(**arguments)
 
 
 def encoder_input(example: dict, task: str, config) -> tuple[np.ndarray | None, str, bool]:
@@ -249,7 +297,7 @@ def fingerprint(config) -> dict:
             "seed": config.seed,
         }
     if config.name == "qwen2_5_vl":
-        from genmask_jax.encoders.qwen2_5_vl import PROMPT_VERSION, REWRITE_PROMPT
+        from genmask_jax.encoders.qwen2_5_vl import PROMPT_VERSION, REWRITE_DECODING, REWRITE_PROMPT
 
         rewrite = bool(config.get("rewrite_reasoning", False))
         min_pixels, max_pixels = image_pixel_bounds(config.model_path, configured_max_pixels(config))
@@ -268,6 +316,8 @@ def fingerprint(config) -> dict:
             "rewrite_reasoning": rewrite,
             "rewrite_prompt": REWRITE_PROMPT if rewrite else None,
             "rewrite_max_new_tokens": config.rewrite_max_new_tokens if rewrite else None,
+            # absent from caches written while the model folder's generation_config.json steered it
+            "rewrite_decoding": REWRITE_DECODING if rewrite else None,
         }
     raise ValueError(f"unknown encoder {config.name!r}; expected one of {ENCODERS}")
 
@@ -280,7 +330,9 @@ __all__ = [
     "InstructionEncoder",
     "PromptTooLong",
     "check_available",
+    "check_device",
     "check_model_folder",
+    "configured_device",
     "configured_max_pixels",
     "encoder_input",
     "fingerprint",

@@ -61,6 +61,12 @@ PIXEL_WARNING_EVERY = 1000  # `EmbeddingCache._check_image` logs the 1st, 1000th
 FORMAT = 2  # 1: records indexed by unique id and a partial fingerprint (misreads after a repeated id)
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _PRECOMPUTE = "python -m genmask_jax.encoders.precompute"
+# The advice for records the data no longer gives: a rerun into the same folder resumes it, skipping ids
+# already there, so it would keep them.
+NEW_CACHE = (
+    f"write a new cache (`{_PRECOMPUTE} --config=... --out=NEW_FOLDER`, or delete this folder first): a "
+    "rerun into this folder keeps its records"
+)
 # Fingerprint fields that a machine without the model files cannot compute (the Qwen folder's digests and
 # the processor's pixel bounds on a host that only reads the cache): compared only where both sides have
 # them.
@@ -577,7 +583,8 @@ class EmbeddingCache:
             if diff:
                 raise CacheMismatch(
                     f"embedding cache {folder} was written with other encoder settings ({'; '.join(diff)}): "
-                    f"set these fields as the cache has them, or write a new cache with `{_PRECOMPUTE}`"
+                    f"set these fields as the cache has them, or write a new cache with `{_PRECOMPUTE} "
+                    "--config=... --out=NEW_FOLDER`"
                 )
         if context_length is not None and context_length != self.context_length:
             raise CacheMismatch(
@@ -650,8 +657,7 @@ class EmbeddingCache:
         if text is not None and header["text"] != text:
             raise CacheMismatch(
                 f"embedding cache {self.folder}: {example_id!r} was encoded from {header['text'][:120]!r}, "
-                f"the data now gives {text[:120]!r}: the data changed since the precompute; write a new "
-                f"cache with `{_PRECOMPUTE}`"
+                f"the data now gives {text[:120]!r}: the data changed since the precompute; {NEW_CACHE}"
             )
         if image is not None and "image" in header:
             self._check_image(example_id, header["image"], image_digest(image))
@@ -677,7 +683,7 @@ class EmbeddingCache:
             raise CacheMismatch(
                 f"embedding cache {self.folder}: {example_id!r} was encoded from a {cached_shape} image, the "
                 f"data now gives {given_shape}: the images changed since the precompute (another "
-                f"data.resolution, other files); write a new cache with `{_PRECOMPUTE}`"
+                f"data.resolution, other files); {NEW_CACHE}"
             )
         with self._mismatch_lock:
             self.pixel_mismatches += 1
@@ -688,8 +694,8 @@ class EmbeddingCache:
                 "embedding cache %s: %d looked-up images (the first: %r) have other pixels than the images "
                 "of the same shapes that their contexts were encoded from: replaced images, or another JPEG "
                 "decoder on this machine than on the one that ran the precompute; contexts may be stale: if "
-                "the images changed, precompute again (`%s`) [logged at the first, then every %d]",
-                self.folder, count, self._first_pixel_mismatch, _PRECOMPUTE, PIXEL_WARNING_EVERY,
+                "the images changed, %s [logged at the first, then every %d]",
+                self.folder, count, self._first_pixel_mismatch, NEW_CACHE, PIXEL_WARNING_EVERY,
             )
 
 

@@ -34,9 +34,12 @@ reads one later would stop on a cache miss. `data.max_consecutive_skips` reads i
 way, stop the command at once, as they stop a pipeline: a folder this user may not read, images not where
 the annotations say or storage that is down, not bad examples (what was read is cached; a rerun goes on).
 Rerunning the same command resumes: cached ids (and recorded failures) are skipped, unread ones tried,
-and a shard damaged since it was written (cut short, deleted) is written again. A cache written
-with other encoder settings is refused, and so is a second writer on the same folder (`writer.lock`):
-run it on one host (a lock left by a killed run on this host is taken over).
+and a shard damaged since it was written (cut short, deleted) is written again. A resume first compares a
+few cached examples of each set with the data (`RESUME_SPOT_CHECKS`) and stops when the data changed
+since (another text, an image of another shape): a resume would keep those records, so changed data
+needs a new --out. A cache written with other encoder settings is refused, and so is a second writer on
+the same folder (`writer.lock`): run it in one process on one host (a lock left by a killed run on this
+host is taken over); `--config.data.encoder.device=cuda:N` picks its GPU.
 Then train / evaluate with `--config.data.encoder.cache_dir=CACHE` and the same `data.encoder`
 settings. With `data.encoder.rewrite_reasoning`, ReasonSeg's long queries are first rewritten by the
 VLM (`genmask_jax.encoders.encoder_input`) and the description is stored beside the context.
@@ -49,15 +52,17 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import tqdm
 
 from genmask_jax.data.skips import SkipLog, skip_reason, transient
 from genmask_jax.data.sources import make_task_source, parse_names
 from genmask_jax.data.splits import DATASETS, SplitSpec, parse_splits, refcoco_config, split_data_config
 from genmask_jax.encoders import ContextError, PromptTooLong, encoder_input, fingerprint, make_encoder
-from genmask_jax.encoders.cache import CacheWriter
+from genmask_jax.encoders.cache import CacheMismatch, CacheWriter, EmbeddingCache, SkippedExample
 
 log = logging.getLogger("genmask_jax.encoders.precompute")
+RESUME_SPOT_CHECKS = 8  # cached examples of each set compared with the data before a resume goes on
 
 
 class PrecomputeError(ValueError):
@@ -230,6 +235,28 @@ def _failing_source_error(job: Job, count: int, reason: str) -> PrecomputeError:
     )
 
 
+def _check_resumed(
+    cache: EmbeddingCache, job: Job, source, cached_ids: set, encoder_config, read_tries: int, retry_wait_s
+) -> None:
+    """Raises PrecomputeError when one of `RESUME_SPOT_CHECKS` examples of `source` whose ids are in
+    `cached_ids` (evenly spread over them) was encoded from another text or image shape than the data now
+    gives (`EmbeddingCache.lookup`'s checks): the resume would count the stale records as done."""
+    cached = [i for i in range(len(source)) if source.example_id(i) in cached_ids]
+    picks = np.unique(np.linspace(0, len(cached) - 1, min(RESUME_SPOT_CHECKS, len(cached))).astype(int))
+    for index in (cached[k] for k in picks):
+        example_id = source.example_id(index)
+        try:
+            raw = _read(source, index, example_id, read_tries, retry_wait_s)
+        except Exception:  # noqa: BLE001  (an example that does not read now proves nothing)
+            continue
+        try:
+            cache.lookup(example_id, raw["text"], image=encoder_input(raw, job.task, encoder_config)[0])
+        except SkippedExample:  # its text and image matched: `lookup` checks them first
+            pass
+        except CacheMismatch as e:
+            raise PrecomputeError(f"{job.label}: {e}") from None
+
+
 def precompute(
     data_config,
     out: str,
@@ -265,6 +292,11 @@ def precompute(
     with CacheWriter(
         out, encoder.dim, encoder.context_length, dtype, fingerprint(data_config.encoder), shard_size
     ) as writer:
+        if writer.done:  # a resume: what is cached must still be what the data gives
+            cache = EmbeddingCache(out)
+            for job, source in zip(jobs, sources):
+                _check_resumed(cache, job, source, writer.done, config, read_tries, retry_wait_s)
+            del cache
         for job, source in zip(jobs, sources):
             batch, seen, failed_in_a_row = [], set(), 0
             for index in tqdm.trange(len(source), desc=job.label, unit="ex"):

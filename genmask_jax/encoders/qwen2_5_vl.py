@@ -30,12 +30,20 @@ examples are rewritten is the data's rule (`genmask_jax.encoders.encoder_input`)
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
-from genmask_jax.encoders import check_model_folder
-from genmask_jax.encoders.base import ContextError, PromptTooLong, TruncationWarner, pad_or_truncate
+from genmask_jax.encoders import check_device, check_model_folder
+from genmask_jax.encoders.base import (
+    ContextError,
+    EncoderUnavailable,
+    PromptTooLong,
+    TruncationWarner,
+    pad_or_truncate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +55,70 @@ REWRITE_PROMPT = (
 # turn, the image placeholder's expansion, the cut of long captions): bump it with any change there,
 # which changes contexts; the cache fingerprint records it, so that caches written before are refused.
 PROMPT_VERSION = 1
+# How the rewrite decodes, whatever the model folder's generation_config.json says (the released
+# Qwen2.5-VL-7B-Instruct's sets repetition_penalty 1.05, which greedy decoding applies too): the cache
+# fingerprint records it, and the folder's file is in no digest.
+REWRITE_DECODING = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0}
 _TORCH_DTYPES = ("float32", "bfloat16", "float16")
 _MARK = "\ue000"  # stands for the user text in a rendered chat template
 
 
+def jax_gpu_backend() -> str | None:
+    """The platform of the GPU backend JAX runs on in this process; None where JAX is not imported, has
+    started no backend yet (asking would start one, claiming 75% of the GPU in a process such as the
+    precompute that never uses JAX) or runs on the CPU or a TPU."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return None
+    try:
+        from jax._src import xla_bridge
+
+        if not xla_bridge.backends_are_initialized():
+            return None
+    except (ImportError, AttributeError):  # a JAX without this private check: ask it
+        pass
+    backend = jax.default_backend()
+    return backend if backend in ("gpu", "cuda", "rocm") else None
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The torch device of a `data.encoder.device`: "cpu", "cuda" and "cuda:N" as given (a CUDA one
+    only where torch has that device); "auto" is CUDA where torch has it and JAX does not run on a GPU
+    in this process, else the CPU. Beside JAX the VLM does not fit: JAX reserves 75% of the GPU (92%
+    under launch/gpu.sh), and Qwen2.5-VL-7B's weights alone take 16.6 GB in bfloat16."""
+    import torch
+
+    check_device(device)
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise EncoderUnavailable(
+                f"data.encoder.device={device}, but torch {torch.__version__} sees {count} CUDA devices: "
+                "use cpu or auto (or install torch's CUDA build)"
+            )
+        return device
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    backend = jax_gpu_backend()
+    if backend is None:
+        return "cuda"
+    log.warning(
+        "the Qwen encoder runs on the CPU (data.encoder.device=auto): JAX holds the %s in this process and "
+        "the VLM would not fit beside it; to run it there, --config.data.encoder.device=cuda with "
+        "XLA_PYTHON_CLIENT_MEM_FRACTION lowered to leave it room (Qwen2.5-VL-7B: 17 GB in bfloat16), or "
+        "read contexts from an embedding cache (data.encoder.cache_dir)",
+        backend,
+    )
+    return "cpu"
+
+
 class Qwen25VLEncoder:
-    """`encode(images, texts, rewrite=None) -> (context (B, L, D) float32, mask (B, L) bool)`."""
+    """`encode(images, texts, rewrite=None) -> (context (B, L, D) float32, mask (B, L) bool)`.
+
+    `device`: a `data.encoder.device` (`resolve_device`; None: "auto"). `encode` runs one call at a time,
+    so threads may share the encoder (`make_encoder` gives every consumer of a process the same one).
+    """
 
     name = "qwen2_5_vl"
 
@@ -68,13 +134,13 @@ class Qwen25VLEncoder:
     ):
         check_model_folder(model_path)
         import torch
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         if dtype not in _TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {_TORCH_DTYPES}, got {dtype!r}")
         self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device or "auto")
         self.dtype, self.torch_dtype = dtype, getattr(torch, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "right"
@@ -91,6 +157,12 @@ class Qwen25VLEncoder:
             )
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=self.torch_dtype)
         self.model.to(self.device).eval()
+        self.model.generation_config = GenerationConfig(
+            **REWRITE_DECODING,
+            # Qwen's generation_config.json stops at both, <|im_end|> and <|endoftext|>
+            eos_token_id=sorted({self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} - {None}),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         config = self.model.config
         self.image_token_id = config.image_token_id
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
@@ -101,6 +173,8 @@ class Qwen25VLEncoder:
         self.last_rewrites: list[str | None] = []
         self.model_path = model_path
         self._warn = TruncationWarner(self.name)
+        # the calls change `tokenizer.padding_side`, `last_rewrites` and the model's `rope_deltas`
+        self._lock = threading.Lock()
         log.info("Qwen2.5-VL encoder from %s: hidden %d, %s on %s", model_path, self.dim, dtype, self.device)
 
     def _prompt(self, has_image: bool, text: str, generation_prompt: bool) -> str:
@@ -167,7 +241,7 @@ class Qwen25VLEncoder:
         prompts = [REWRITE_PROMPT.format(query=q) for q in queries]
         inputs = self.model_inputs(images, prompts, generation_prompt=True, padding_side="left")
         with self.torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=self.rewrite_max_new_tokens, do_sample=False)
+            out = self.model.generate(**inputs, max_new_tokens=self.rewrite_max_new_tokens)
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [t.strip() or q for t, q in zip(texts, queries)]
@@ -193,6 +267,14 @@ class Qwen25VLEncoder:
         rewrite: Sequence[bool] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """`rewrite[i]`: rewrite text `i` first (two-stage reasoning); None rewrites nothing."""
+        with self._lock:
+            return self._encode(images, texts, rewrite)
+
+    def _encode(self, images, texts, rewrite) -> tuple[np.ndarray, np.ndarray]:
+        if not texts:
+            self.last_rewrites = []
+            shape = (0, self.context_length)
+            return np.zeros((*shape, self.dim), np.float32), np.zeros(shape, bool)
         images = list(images) if images is not None else [None] * len(texts)
         texts = list(texts)
         flags = [False] * len(texts) if rewrite is None else [bool(r) for r in rewrite]

@@ -50,6 +50,7 @@ RERUN_MAY_CHANGE = (
     "sharding",
     "data.num_threads",
     "data.prefetch_buffer_size",
+    "data.encoder.device",
     "demo.device_per_core",
     "log_every",
     "eval_every",

@@ -19,8 +19,10 @@ layers or not (`--config.model.dit.scan_layers=True` compiles one block instead 
 is quicker, but not the program an unscanned config trains with). Prints per device the compiler's
 memory figures against the chip's HBM, the FLOPs per step (counted from the step's jaxpr, see
 `count_flops`), the FLOP-bound step time and the MFU it implies; exits 1 when a step does not fit, 2 when
-libtpu is missing. A compile of the real 1.3B step for a 64-256 chip slice costs 5-8 CPU-minutes (a
-refusal for lack of HBM comes sooner), so `--sweep` takes a few chosen points, not a grid.
+libtpu is missing or the config is one `train` refuses (one line). TPU v4 is compiled for in megacore
+mode, as a v4 slice runs: one device per chip. A compile of the real 1.3B step for a 64-256 chip slice
+costs 5-8 CPU-minutes (a refusal for lack of HBM comes sooner), so `--sweep` takes a few chosen points,
+not a grid.
 """
 
 import copy
@@ -57,6 +59,7 @@ from genmask_jax.flops import (  # noqa: E402,F401  (count_flops re-exported: ao
     train_step_model_flops,
 )
 from genmask_jax.infer.checkpoint import LoadedModel, inference_mesh  # noqa: E402
+from genmask_jax.infer.cli import InputError  # noqa: E402
 from genmask_jax.infer.segmenter import Segmenter  # noqa: E402
 from genmask_jax.models import build  # noqa: E402
 from genmask_jax.models.genmask import GenMask  # noqa: E402
@@ -104,12 +107,23 @@ def topology_devices(topology: str) -> list:
         raise LibtpuMissing(problem)
     from jax.experimental import topologies
 
-    bounds = {"chips_per_host_bounds": [2, 4, 1]} if _one_host_of_eight(topology) else {}
+    options = {"chips_per_host_bounds": [2, 4, 1]} if _one_host_of_eight(topology) else {}
+    if _is_v4(topology):
+        # libtpu describes v4 as one device per TensorCore unless asked for megacore, the mode a v4 slice
+        # runs in (one device per chip), and jax.make_mesh refuses the per-core layout.
+        options["chip_config_name"] = "megacore"
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **bounds).devices)
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **options).devices)
     except Exception as e:  # libtpu reports bad names and load failures as runtime errors.
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LibtpuMissing(f"libtpu cannot describe topology {topology!r}: {message}") from e
+
+
+def _is_v4(topology: str) -> bool:
+    try:
+        return chip_of(topology) == CHIPS["v4"]
+    except ValueError:
+        return False
 
 
 def _one_host_of_eight(topology: str) -> bool:
@@ -325,11 +339,27 @@ class Program:
 
 
 def train_step_program(config, devices) -> Program:
-    """The train step exactly as `train.loop.train` builds it, on abstract state and batch."""
-    mesh = make_mesh(tuple(config.mesh.shape), devices=devices)
+    """The train step exactly as `train.loop.train` builds it, on abstract state and batch.
+
+    Raises InputError (one line) for a config `train` refuses: loop fields, a mesh shape the devices do not
+    take, a layout host data cannot feed, a batch the microbatches and the mesh do not split, a model
+    config error, heads splash attention cannot split.
+    """
+    loop.check_loop_fields(config)
+    try:
+        mesh = make_mesh(tuple(config.mesh.shape), devices=devices)
+    except ValueError as e:
+        raise InputError(f"config.mesh.shape: {e}") from None
     rules = rules_from_config(config.sharding.logical_axis_rules)
-    data_loading_groups(mesh, rules)  # raises, as `train` does, for a layout host data cannot feed
-    model = loop.build_model(config)
+    try:
+        data_loading_groups(mesh, rules)  # as `train` does
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    loop.check_batch_split(config, mesh, rules)
+    try:
+        model = loop.build_model(config)
+    except ValueError as e:
+        raise InputError(f"config.model: {e}") from None
     loop.check_heads_split(model.dit, mesh, rules)  # as `train` does: splash cannot split them unevenly
     tx = make_optimizer(optimizer_config(config))
     state, shardings = abstract_state(model, tx, mesh, rules, use_ema=config.ema_decay > 0)
@@ -349,7 +379,7 @@ def eval_step_program(config, host_devices, batch_size: int = 0) -> Program:
     rules = rules_from_config(config.sharding.logical_axis_rules)
     model = build.build_model(config)
     if model.vae is None:
-        raise ValueError("config has no VAE (model.vae): genmask_jax.evaluate refuses it")
+        raise InputError("config has no VAE (model.vae): genmask_jax.evaluate refuses it")
     init, rng = build.dit_initializer(model), jax.random.key(0)  # concrete ops: not under the TPU mesh
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed_dit = jax.eval_shape(init, rng)
@@ -644,8 +674,6 @@ def _ints(text: str, sep: str = ",") -> list[int]:
 def main(argv) -> int:
     from absl import flags
 
-    from genmask_jax.infer.cli import InputError
-
     del argv
     f = flags.FLAGS
     problem = libtpu_problem()
@@ -677,7 +705,7 @@ def main(argv) -> int:
     except LibtpuMissing as e:
         print(e)
         return 2
-    except InputError as e:  # a mesh the config cannot train on, as `train` refuses it
+    except InputError as e:  # a config `train` refuses (train_step_program)
         print(f"error: {e}")
         return 2
     print(format_report(a))

@@ -59,7 +59,8 @@ GPU_PEAK_BF16_FLOPS = {
 
 
 def devices_per_chip(devices: Sequence) -> int:
-    """TPU v4 slices show one device per TensorCore (2 per chip); v5e/v5p/v6e one per chip."""
+    """Devices per chip: 1 on TPUs in their default mode (v4 and v5p megacore, v5e, v6e); a chip split
+    into its TensorCores (v4's non-megacore mode) shows one device per core (distinct `core_on_chip`)."""
     return len({getattr(d, "core_on_chip", 0) for d in devices})
 
 
@@ -162,9 +163,9 @@ def dit_forward_flops(
     Counts every dense layer, the patch embedding, self- and cross-attention scores and values;
     elementwise work (norms, RoPE, softmax) is left out, as in the usual 6ND accounting.
     """
-    _, ph, pw = cfg.patch_size
+    pt, ph, pw = cfg.patch_size
     d, f = cfg.dim, cfg.ffn_dim
-    s = frames * (latent_hw[0] // ph) * (latent_hw[1] // pw)
+    s = (frames // pt) * (latent_hw[0] // ph) * (latent_hw[1] // pw)
     block = (
         2 * s * 4 * d * d  # self-attention q, k, v, out
         + 2 * s * 2 * d * d  # cross-attention q, out

@@ -240,3 +240,44 @@ def test_splash_attention_for_a_topology_is_the_mosaic_kernel():
     assert text.count("tpu_custom_call") == 3  # forward, dK/dV and dQ kernels
     assert "stablehlo.while" not in text  # interpret mode runs the grid as while loops
     lowered.compile()
+
+
+def test_v4_is_described_in_megacore_mode_as_a_slice_runs():
+    """libtpu's default v4 description has a device per TensorCore, which jax.make_mesh refuses; a v4 slice
+    runs in megacore mode, one device per chip."""
+    devices = aot.topology_devices("v4:2x2x1")
+    assert len(devices) == 4 and {d.core_on_chip for d in devices} == {0}
+    program = aot.train_step_program(aot.with_overrides(tiny_config(), mesh_shape=(4, 1, 1)), devices)
+    assert program.mesh.devices.shape == (4, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(microbatches=3), r"config.batch on mesh .*multiples of 12 \(microbatches x batch shards\)"),
+        (dict(mesh_shape=(1, 3, 1)), r"config.mesh.shape: mesh shape \(1, 3, 1\) needs 3 devices, have 4"),
+        (dict(mesh_shape=(1, 2, 2), **{"batch.seg": 3}), r"config.batch on mesh .*multiples of 2"),
+        (dict(**{"model.dit.patch_size": (2, 2, 2)}), r"config.model: dit.patch_size .* must patch 1 frame"),
+    ],
+)
+def test_configs_train_refuses_are_input_errors(overrides, message):
+    """As `train` refuses them, before anything is traced; they used to surface as tracebacks (a
+    ValueError, or an IndivisibleError while compiling) that the command reported as "does not fit"."""
+    from genmask_jax.infer.cli import InputError
+
+    fields = {k: v for k, v in overrides.items() if "." in k}
+    mesh_shape, microbatches = overrides.get("mesh_shape", (4, 1, 1)), overrides.get("microbatches")
+    config = aot.with_overrides(tiny_config(**fields), mesh_shape, microbatches=microbatches)
+    with pytest.raises(InputError, match=message):
+        aot.train_step_program(config, aot.topology_devices(TOPOLOGY))
+
+
+def test_a_config_error_is_one_line_and_exit_status_2():
+    command = [
+        sys.executable, "-m", "genmask_jax.aot", "--config=configs/genmask.py:variant=tiny",
+        f"--topology={TOPOLOGY}", "--config.microbatches=3", "--skip_eval",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stdout + result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1].startswith("error: config.batch on mesh {'data': 4, 'fsdp': 1,")
+    assert "Traceback" not in result.stderr

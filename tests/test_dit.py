@@ -236,6 +236,22 @@ def test_per_frame_timesteps_equal_per_token(converted, scan):
         apply({"params": params}, x, per_frame[:, :1].repeat(3, 1), ctx)
 
 
+def test_one_dimensional_timesteps_of_another_batch_are_a_clear_error():
+    # (1,) is one time for the whole batch; any other length but B used to broadcast the residual stream
+    # to its length and fail inside cross-attention with an unrelated reshape error.
+    config = DiTConfig.from_variant("tiny", num_layers=1)
+    params = init_params(config, jax.random.key(0))
+    apply = functools.partial(WanDiT(config).apply, {"params": params})
+    x, ctx = inputs(2, 1, 4, 4)
+    np.testing.assert_array_equal(
+        apply(x, np.array([300.0], np.float32), ctx), apply(x, np.array([300.0, 300.0], np.float32), ctx)
+    )
+    with pytest.raises(ValueError, match=r"timesteps must be \(B,\).* with B = 1, got \(2,\)"):
+        apply(x[:1], np.array([300.0, 400.0], np.float32), ctx[:1])
+    with pytest.raises(ValueError, match=r"with B = 2, got \(3,\)"):
+        apply(x, np.array([1.0, 2.0, 3.0], np.float32), ctx)
+
+
 def test_scanned_params_are_stacked(converted):
     config, params = converted[True]
     assert "blocks" in params and "blocks_0" not in params

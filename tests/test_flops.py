@@ -11,11 +11,12 @@ import pytest
 from genmask_jax.flops import (
     count_flops,
     devices_per_chip,
+    dit_forward_flops,
     flops_by_source,
     peak_bf16_flops,
     train_step_model_flops,
 )
-from genmask_jax.models.dit import init_params
+from genmask_jax.models.dit import DiTConfig, WanDiT, init_params
 
 
 def test_flops_by_source_names_scopes_repeats_scans_and_takes_the_costlier_branch():
@@ -62,15 +63,18 @@ def test_gradient_flops_are_named_by_the_transposed_scope():
     ("NVIDIA GeForce RTX 4090", None),
     ("cpu", None),
     # libtpu's names (jax.experimental.topologies.get_topology_desc("v5p:2x2x1") and friends).
-    ("TPU v4", 275e12 / 2),  # one device per TensorCore, two per chip
+    ("TPU v4", 275e12),  # megacore, the default: one device per chip
     ("TPU v5 lite", 197e12),
     ("TPU v5", 459e12),  # v5p
     ("TPU v6 lite", 918e12),
     ("TPU v3", None),
 ])
 def test_peak_bf16_flops_by_device_kind(device_kind, peak):
-    per_chip = 2 if device_kind == "TPU v4" else 1
-    assert peak_bf16_flops(device_kind, devices_per_chip=per_chip) == peak
+    assert peak_bf16_flops(device_kind) == peak
+
+
+def test_a_chip_split_into_its_tensorcores_has_the_peak_per_core():
+    assert peak_bf16_flops("TPU v4", devices_per_chip=2) == 275e12 / 2  # v4's split (non-megacore) mode
 
 
 def test_tpu_device_kinds_are_the_ones_libtpu_reports():
@@ -79,10 +83,16 @@ def test_tpu_device_kinds_are_the_ones_libtpu_reports():
 
     if aot.libtpu_problem():
         pytest.skip(aot.libtpu_problem())
-    for name, kind in (("v5p:2x2x1", "TPU v5"), ("v5e:2x2", "TPU v5 lite"), ("v6e:2x2", "TPU v6 lite")):
+    kinds = {"v4:2x2x1": "TPU v4", "v5p:2x2x1": "TPU v5", "v5e:2x2": "TPU v5 lite", "v6e:2x2": "TPU v6 lite"}
+    for name, kind in kinds.items():
         devices = aot.topology_devices(name)
         assert devices[0].device_kind == kind and devices_per_chip(devices) == 1
         assert peak_bf16_flops(kind) is not None
+    # libtpu's own default for v4 is the split mode: a device per TensorCore, two per chip.
+    from jax.experimental import topologies
+
+    split = topologies.get_topology_desc(platform="tpu", topology_name="v4:2x2x1").devices
+    assert len(split) == 8 and devices_per_chip(split) == 2
 
 
 def test_train_step_model_flops_are_three_counted_forwards():
@@ -106,6 +116,17 @@ def test_train_step_model_flops_are_three_counted_forwards():
     forward = jax.make_jaxpr(lambda p: model.per_example_losses(p, None, batch, draws))(params)
     assert train_step_model_flops(model, batch) == 3 * count_flops(forward) > 0
     assert train_step_model_flops(model, {"gen": batch["gen"]}) < train_step_model_flops(model, batch)
+
+
+def test_dit_forward_flops_count_tokens_of_a_temporal_patch():
+    """A DiT that patches 2 frames at a time makes half the tokens of the frames; the hand count equals the
+    jaxpr's exactly (it used to count one token per frame)."""
+    cfg = DiTConfig.from_variant("tiny", patch_size=(2, 2, 2))
+    x = jax.ShapeDtypeStruct((1, 4, 4, 6, cfg.in_channels), jnp.float32)
+    t, ctx = jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1, 5, cfg.text_dim), jnp.float32)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), latent_shape=(1, 2, 4, 4)))
+    forward = jax.make_jaxpr(lambda p, *a: WanDiT(cfg).apply({"params": p}, *a))(params, x, t, ctx)
+    assert dit_forward_flops(cfg, 4, (4, 6), 5) == count_flops(forward)
 
 
 @pytest.mark.parametrize("mesh_shape", [None, pytest.param((2, 2), marks=pytest.mark.multidevice)])

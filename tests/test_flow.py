@@ -72,13 +72,15 @@ def _field(x, t, np_like):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("num_steps,shift", [(1, 1.0), (2, 3.0), (3, 1.0), (8, 3.0), (25, 5.0)])
+@pytest.mark.parametrize("num_steps,shift", [(1, 1.0), (2, 3.0), (3, 1.0), (8, 3.0), (25, 5.0), (50, 3.0)])
 def test_unipc_matches_diffusers_wan_scheduler(num_steps, shift):
     # diffusers' UniPCMultistepScheduler as WanPipeline builds it (its docs: "By default, Wan uses
     # UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)"),
-    # driven by its own loop with the integer timesteps it hands the model. Both sides are float32; our
-    # weights are float64 from the same float32 levels. Measured max |diff| 1.7e-6 on values up to 3.6
-    # after 25 steps (float32 rounding of the two orders of operations); 1e-5 leaves a 6x margin.
+    # driven by its own loop with the integer timesteps it hands the model, which ours gets exactly on the
+    # DiT's scale (50 steps at shift 3, WanPipeline's defaults, has 251 at step 45: float32 251 / 1000 * 1000
+    # is 250.99998). Both sides are float32; our weights are float64 from the same float32 levels. Measured
+    # max |diff| 1.7e-6 on values up to 3.6 after 25 steps (float32 rounding of the two orders of
+    # operations); 1e-5 leaves a 6x margin.
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.UniPCMultistepScheduler(
@@ -91,10 +93,17 @@ def test_unipc_matches_diffusers_wan_scheduler(num_steps, shift):
         v = _field(x, timestep.float().reshape(1) / 1000.0, torch)
         x = scheduler.step(v, timestep, x).prev_sample
 
-    sigmas, times = flow.unipc_schedule(num_steps, shift)
-    np.testing.assert_array_equal(times * 1000, scheduler.timesteps.numpy().astype(np.float32))
+    sigmas, timesteps = flow.unipc_schedule(num_steps, shift)
+    np.testing.assert_array_equal(timesteps, scheduler.timesteps.numpy().astype(np.float32))
     np.testing.assert_array_equal(sigmas, scheduler.sigmas.numpy())
-    ours = flow.unipc_sample(lambda x, t: _field(x, t, jnp), jnp.asarray(noise), num_steps, shift)
+    seen = []
+
+    def field(x, timestep):
+        jax.debug.callback(lambda t: seen.append(np.asarray(t)[0]), timestep, ordered=True)
+        return _field(x, timestep / 1000.0, jnp)
+
+    ours = flow.unipc_sample(field, jnp.asarray(noise), num_steps, shift, time_scale=flow.TIMESTEP_SCALE)
+    np.testing.assert_array_equal(np.array(seen), timesteps)
     np.testing.assert_allclose(ours, x.numpy(), atol=1e-5, rtol=1e-5)
 
 

@@ -100,6 +100,26 @@ def test_text_dropout_outside_0_1_is_refused(bad):
         build.build_model(config)
 
 
+def test_a_temporal_patch_is_refused_where_the_model_is_made():
+    """GenMask's image and mask frames must stay separate tokens; a temporal patch of 2 used to fail later,
+    in the 1-frame dummy of build.dit_initializer, with a message about the latent size."""
+    from configs.genmask import get_config
+    from genmask_jax.models.dit import WanDiT, init_params
+
+    dit = dataclasses.replace(tiny_model().dit, patch_size=(2, 2, 2))
+    with pytest.raises(ValueError, match=r"dit.patch_size \(2, 2, 2\) must patch 1 frame: GenMask's image"):
+        GenMask(dit, None)
+    config = get_config("variant=tiny")
+    config.model.dit.patch_size = (2, 2, 2)
+    with pytest.raises(ValueError, match="must patch 1 frame"):
+        build.build_model(config)
+    # The plain DiT keeps diffusers' general patch.
+    x = jnp.ones((1, 2, 4, 4, dit.in_channels))
+    params = init_params(dit, jax.random.key(0), latent_shape=(1, 2, 4, 4))
+    out = WanDiT(dit).apply({"params": params}, x, jnp.ones((1,)), jnp.ones((1, 8, dit.text_dim)))
+    assert out.shape == x.shape
+
+
 def test_drop_text_and_null_text():
     ctx, mask = jnp.ones((3, 4, 2)), jnp.ones((3, 4), bool)
     c, m = drop_text(ctx, mask, jnp.array([True, False, True]))
@@ -192,6 +212,31 @@ def test_generation_cfg_calls_conditional_and_null_context():
     assert seen == [(4, 8, 32)]
     noise = jax.random.normal(jax.random.key(0), latents.shape)
     np.testing.assert_allclose(latents, noise - 16.0, atol=1e-5)
+
+
+@pytest.mark.torch
+def test_unipc_generation_gives_the_dit_diffusers_integer_timesteps():
+    """50 steps at shift 3 (WanPipeline's and generate's defaults): diffusers hands the DiT 251 at step 45,
+    which the sampler used to pass as float32 0.251, so the DiT saw 1000 * 0.251 = 250.99998."""
+    diffusers = pytest.importorskip("diffusers")
+    seen = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Spy(GenMask):
+        def apply_dit(self, dit_params, x, t, context, context_mask):
+            jax.debug.callback(lambda t: seen.append(np.asarray(t)), t, ordered=True)
+            return jnp.zeros_like(x)
+
+    model = Spy(tiny_model().dit, None)
+    ctx, mask = jnp.ones((1, 8, 32)), jnp.ones((1, 8), bool)
+    model.generate_latents(None, ctx, mask, jax.random.key(0), (2, 2), sampler="unipc")
+    scheduler = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    scheduler.set_timesteps(50)
+    expected = scheduler.timesteps.numpy().astype(np.float32)
+    assert 251 in expected
+    np.testing.assert_array_equal(np.stack(seen), np.stack([expected, expected], 1))  # CFG: 2 rows a call
 
 
 @pytest.mark.parametrize("bad", [{"law": "nope"}])

@@ -4,7 +4,9 @@
 so `x0 = x_t - t v`. The DiT's timestep input is `TIMESTEP_SCALE * t`.
 
 Samplers (`SAMPLERS`): `euler` on the shifted schedule, and `unipc`, the second-order UniPC
-predictor-corrector that WAN 2.1 and diffusers' `WanPipeline` sample with.
+predictor-corrector that WAN 2.1 and diffusers' `WanPipeline` sample with. They hand the velocity
+function `time_scale * t`: t itself by default, the DiT's timestep with `time_scale=TIMESTEP_SCALE`, which
+keeps UniPC's integer timesteps exact (in float32, 1000 * (251 / 1000) is 250.99998).
 """
 
 from collections.abc import Callable
@@ -60,12 +62,15 @@ def classifier_free_guidance(v_cond: jax.Array, v_uncond: jax.Array, scale: floa
     return v_uncond + scale * (v_cond - v_uncond)
 
 
-def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, num_steps: int, shift: float = 1.0) -> jax.Array:
+def euler_sample(
+    velocity_fn: VelocityFn, noise: jax.Array, num_steps: int, shift: float = 1.0, time_scale: float = 1.0
+) -> jax.Array:
     """Integrates dx/dt = v from t = 1 (x = noise) to t = 0 with Euler steps.
 
     Args:
-      velocity_fn: `(x (B, ...), t (B,) in [0, 1]) -> v (B, ...)`; CFG goes inside it.
+      velocity_fn: `(x (B, ...), time_scale * t (B,)) -> v (B, ...)`, t in [0, 1]; CFG goes inside it.
       noise: `(B, ...)` the starting point at t = 1.
+      time_scale: 1, or `TIMESTEP_SCALE` for a velocity function that takes the DiT's timesteps.
     Returns:
       x0 estimate, the same shape as `noise`, float32.
     """
@@ -74,7 +79,7 @@ def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, num_steps: int, shif
 
     def body(x, i):
         t, t_next = times[i], times[i + 1]
-        v = velocity_fn(x, jnp.full((batch,), t))
+        v = velocity_fn(x, jnp.full((batch,), time_scale * t))
         return x + (t_next - t) * v.astype(jnp.float32), None
 
     x, _ = jax.lax.scan(body, noise.astype(jnp.float32), jnp.arange(num_steps))
@@ -88,16 +93,17 @@ def unipc_schedule(num_steps: int, shift: float = 1.0) -> tuple[np.ndarray, np.n
     The levels are `num_steps` points of `linspace(1, 1/1000, num_steps + 1)`, shifted, the first moved
     to `1 - 1e-6` (lambda = log((1 - s) / s) must stay finite), then 0; rounded to float32 as there,
     which makes the first level's `1 - s` 1.013e-6. The model is called at the integer timesteps
-    `trunc(1000 s)` (999 first), returned here over 1000.
+    `trunc(1000 s)` (999 first).
 
     Returns:
-      sigmas `(num_steps + 1,)` float32 from about 1 down to 0, and model times `(num_steps,)` in [0, 1).
+      sigmas `(num_steps + 1,)` float32 from about 1 down to 0, and the model's integer timesteps
+      `(num_steps,)` on the DiT's 0..1000 scale, float32 (exact).
     """
     sigmas = shift_timesteps(np.linspace(1.0, 1.0 / TIMESTEP_SCALE, num_steps + 1)[:-1], shift)  # float64
     if abs(sigmas[0] - 1.0) < 1e-6:
         sigmas[0] -= 1e-6
-    times = np.trunc(sigmas * TIMESTEP_SCALE) / TIMESTEP_SCALE
-    return np.append(sigmas, 0.0).astype(np.float32), times.astype(np.float32)
+    timesteps = np.trunc(sigmas * TIMESTEP_SCALE)
+    return np.append(sigmas, 0.0).astype(np.float32), timesteps.astype(np.float32)
 
 
 def _unipc_coefficients(sigmas: np.ndarray) -> np.ndarray:
@@ -152,19 +158,24 @@ def _unipc_coefficients(sigmas: np.ndarray) -> np.ndarray:
     return w.astype(np.float32)
 
 
-def unipc_sample(velocity_fn: VelocityFn, noise: jax.Array, num_steps: int, shift: float = 1.0) -> jax.Array:
+def unipc_sample(
+    velocity_fn: VelocityFn, noise: jax.Array, num_steps: int, shift: float = 1.0, time_scale: float = 1.0
+) -> jax.Array:
     """Integrates the flow from t = 1 (x = noise) to t = 0 with UniPC (`unipc_schedule`, its weights).
 
     One model call per step, as Euler, but second order: the sampler of WAN 2.1 and of diffusers'
     `WanPipeline` (shift 3 for the 1.3B at 480p), matched to diffusers in tests/test_flow.py.
 
     Args:
-      velocity_fn: `(x (B, ...), t (B,) in [0, 1]) -> v (B, ...)`; CFG goes inside it.
+      velocity_fn: `(x (B, ...), time_scale * t (B,)) -> v (B, ...)`, t in [0, 1); CFG goes inside it.
+        The model times t are diffusers' integer timesteps over 1000: with `time_scale=TIMESTEP_SCALE`
+        the function gets those integers exactly.
       noise: `(B, ...)` the starting point at t = 1.
     Returns:
       x0 estimate, the same shape as `noise`, float32.
     """
-    sigmas, times = unipc_schedule(num_steps, shift)
+    sigmas, timesteps = unipc_schedule(num_steps, shift)
+    times = (timesteps.astype(np.float64) * (time_scale / TIMESTEP_SCALE)).astype(np.float32)
     steps = (jnp.asarray(sigmas[:-1]), jnp.asarray(times), jnp.asarray(_unipc_coefficients(sigmas)))
     batch = noise.shape[0]
     x = noise.astype(jnp.float32)
@@ -184,7 +195,7 @@ def unipc_sample(velocity_fn: VelocityFn, noise: jax.Array, num_steps: int, shif
 SAMPLERS = {"euler": euler_sample, "unipc": unipc_sample}
 
 
-def sampler(name: str) -> Callable[[VelocityFn, jax.Array, int, float], jax.Array]:
+def sampler(name: str) -> Callable[..., jax.Array]:
     """The sampler called `name` (a key of `SAMPLERS`); a ValueError listing them otherwise."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")

@@ -384,9 +384,10 @@ class WanDiT(nn.Module):
 
         Args:
           x: latents `(B, F, H, W, C_in)`, channels last.
-          t: timesteps on the 0..1000 scale: `(B,)`, per token `(B, F/p_t * H/p_h * W/p_w)`, or per
-            latent frame `(B, F/p_t)` (the same as per token with each frame's value repeated over its
-            tokens, but the time embedding MLP and projection run once per frame, not per token).
+          t: timesteps on the 0..1000 scale: `(B,)` (or `(1,)`, one for the batch), per token
+            `(B, F/p_t * H/p_h * W/p_w)`, or per latent frame `(B, F/p_t)` (the same as per token with
+            each frame's value repeated over its tokens, but the time embedding MLP and projection run
+            once per frame, not per token).
           context: text states `(B, S, text_dim)`.
           context_mask: `(B, S)` bool, True = real token; used only when config.use_context_mask. With
             attention "cudnn" it must keep a prefix of the tokens (right padding, as genmask_jax.encoders
@@ -405,7 +406,7 @@ class WanDiT(nn.Module):
         length = math.prod(grid)
         t = jnp.asarray(t)
         per_frame = t.ndim == 2 and t.shape == (b, grid[0]) and grid[0] != length
-        if t.ndim == 1:
+        if t.ndim == 1 and t.shape[0] in (1, b):
             t = t[:, None]
         elif t.shape != (b, length) and not per_frame:
             raise ValueError(

@@ -60,6 +60,11 @@ class GenMask:
     def __post_init__(self):
         if not 0.0 <= self.text_dropout <= 1.0:  # NaN fails too
             raise ValueError(f"text_dropout is a probability in [0, 1], got {self.text_dropout!r}")
+        if self.dit.patch_size[0] != 1:
+            raise ValueError(
+                f"dit.patch_size {self.dit.patch_size} must patch 1 frame: GenMask's image and mask latents "
+                "are separate frames with their own timesteps, which a temporal patch would merge"
+            )
 
     @property
     def downsample(self) -> int:
@@ -72,7 +77,8 @@ class GenMask:
     def apply_dit(
         self, dit_params, x: jax.Array, t: jax.Array, context: jax.Array, context_mask: jax.Array
     ) -> jax.Array:
-        """`WanDiT.apply`; x `(B, F, h, w, C)`, t `(B,)` or `(B, tokens)` on 0..1000."""
+        """`WanDiT.apply`; x `(B, F, h, w, C)`, t `(B,)`, per frame `(B, F)` or per token `(B, tokens)`
+        on 0..1000."""
         return WanDiT(self.dit).apply({"params": dit_params}, x, t, context, context_mask)
 
     # Latents.
@@ -223,11 +229,12 @@ class GenMask:
         if noise is None:
             noise = jax.random.normal(rng, (context.shape[0], 1, *latent_hw, self.z_dim), jnp.float32)
         null_context, null_mask = null_text(context, context_mask)
-        model_fn = lambda x, t, c, m: self.apply_dit(dit_params, x, flow.TIMESTEP_SCALE * t, c, m)
+        model_fn = lambda x, timestep, c, m: self.apply_dit(dit_params, x, timestep, c, m)
         velocity = flow.cfg_velocity_fn(
             model_fn, context, context_mask, null_context, null_mask, guidance_scale
         )
-        return sample(velocity, noise, num_steps, shift)
+        # The sampler hands the DiT's timesteps: UniPC's integers exactly, as diffusers' WanPipeline does.
+        return sample(velocity, noise, num_steps, shift, time_scale=flow.TIMESTEP_SCALE)
 
     def generate(
         self,

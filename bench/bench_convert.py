@@ -96,7 +96,7 @@ def child_peaks(cmd: list[str]) -> dict[str, float]:
     if child.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err}")
     return {"seconds": seconds, "anon_gib": peak["RssAnon"] / 2**20, "file_gib": peak["RssFile"] / 2**20,
-            "hwm_gib": peak["VmHWM"] / 2**20, "said": (out.strip().splitlines() or [""])[-1][:160]}
+            "hwm_gib": peak["VmHWM"] / 2**20, "said": (out.strip().splitlines() or [""])[-1]}
 
 
 def convert_load_export(src: Path, dst: Path, num_heads: int, scan_layers: bool) -> dict[str, dict]:
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             for what, r in runs.items():
                 print(f"{variant} {what}: weights {size / GiB:.2f} GiB ({args.dtype}, {args.layout}), "
                       f"{r['seconds']:.1f} s; peak RssAnon {r['anon_gib']:.2f} GiB, RssFile "
-                      f"{r['file_gib']:.2f} GiB, VmHWM {r['hwm_gib']:.2f} GiB ({r['said'][:60]})", flush=True)
+                      f"{r['file_gib']:.2f} GiB, VmHWM {r['hwm_gib']:.2f} GiB ({r['said']})", flush=True)
             shutil.rmtree(root / f"{variant}-src")
             shutil.rmtree(root / f"{variant}-dst")
             shutil.rmtree(root / f"{variant}-dst-exported")

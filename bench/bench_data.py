@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -84,13 +85,33 @@ def time_cache_lookup(root: str, tokens: int = 300, dim: int = 3584, count: int 
     return {"lookup_ms": 1e3 * per, "record_mb": tokens * dim * 2 / 2**20}
 
 
-def main() -> None:
+def time_iterator(config, batch: int, examples: int) -> tuple[int, float]:
+    """(batches timed, seconds) of the training iterator after one warm-up batch. The iterator is closed
+    and its reading threads joined before returning: left running, they would read while the next
+    setting is timed, and after the data is deleted."""
+    before = set(threading.enumerate())
+    it = make_train_iterator(config, batch // 2, batch - batch // 2, seed=0, process_index=0, process_count=1)
+    try:
+        next(it)
+        steps = max(1, examples // batch)
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(it)
+        return steps, time.perf_counter() - start
+    finally:
+        it.close()  # cancels the queued reads; the threads finish the ones they are in
+        for thread in set(threading.enumerate()) - before:
+            if not thread.daemon:  # grain's daemon stats threads live as long as the process
+                thread.join()
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=256, help="examples timed per setting")
     parser.add_argument("--threads", default="1,2,4")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16, help="per-process batch, half seg half gen")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as root:
         seg_dir, gen_dir = make_folders(root, 64)
         print(f"one core, per example: {time_stages(seg_dir, args.resolution)}")
@@ -102,20 +123,7 @@ def main() -> None:
         config.encoder.context_length = 32
         for threads in [int(t) for t in args.threads.split(",")]:
             config.num_threads, config.prefetch_buffer_size = threads, max(2 * args.batch, 4 * threads)
-            it = make_train_iterator(
-                config,
-                args.batch // 2,
-                args.batch - args.batch // 2,
-                seed=0,
-                process_index=0,
-                process_count=1,
-            )
-            next(it)
-            steps = max(1, args.examples // args.batch)
-            start = time.perf_counter()
-            for _ in range(steps):
-                next(it)
-            elapsed = time.perf_counter() - start
+            steps, elapsed = time_iterator(config, args.batch, args.examples)
             print(
                 f"threads={threads}: {steps * args.batch / elapsed:.1f} examples/s "
                 f"({steps} batches of {args.batch}, {args.resolution}x{args.resolution}, seg:gen 1:1)"

@@ -84,8 +84,10 @@ trap finish EXIT
 
 if [[ $CREATE -eq 1 ]]; then
   if [[ $DRY -eq 1 ]] || ! "${GC[@]}" describe "$NAME" "${LOC[@]}" >/dev/null 2>&1; then
-    extra=(); [[ $SPOT -eq 1 ]] && extra+=(--spot)
-    run "${GC[@]}" create "$NAME" "${LOC[@]}" --accelerator-type "$ACCEL" --version "$VERSION" "${extra[@]}"
+    # One array, no optional empty one: "${empty[@]}" under set -u fails in bash < 4.4 (macOS's bash 3.2).
+    create=("${GC[@]}" create "$NAME" "${LOC[@]}" --accelerator-type "$ACCEL" --version "$VERSION")
+    [[ $SPOT -eq 1 ]] && create+=(--spot)
+    run "${create[@]}"
   else
     echo "[tpu.sh] reusing existing slice $NAME"
   fi

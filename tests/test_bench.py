@@ -1,8 +1,10 @@
 """The benchmark scripts, end to end on CPU at the tiny size (their figures are taken by hand)."""
 
 import json
+import logging
 import os
 import sys
+import threading
 
 import pytest
 
@@ -87,7 +89,7 @@ def test_profile_names_the_model_parts():
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
 @pytest.mark.parametrize("layout", ["original", "diffusers"])
-def test_bench_convert_measures_convert_load_and_export(tmp_path, layout):
+def test_bench_convert_measures_convert_load_and_export(tmp_path, layout, capsys):
     from bench import bench_convert
 
     out = tmp_path / "results.json"
@@ -96,7 +98,25 @@ def test_bench_convert_measures_convert_load_and_export(tmp_path, layout):
     runs = results["tiny"]
     assert set(runs) == {"weights_gib", "convert", "load", "load+export", "run export"}
     assert runs["convert"]["said"].startswith("wrote ") and runs["load"]["said"] == "ndarray"
+    assert json.loads(runs["convert"]["said"].split(", config ", 1)[1])["num_layers"] > 0  # the whole line
+    printed = capsys.readouterr().out
+    assert all(f"({run['said']})\n" in printed for run in runs.values() if isinstance(run, dict))
     assert runs["run export"]["said"].endswith("transformer")
     for step in ("convert", "load", "load+export", "run export"):
         assert runs[step]["anon_gib"] > 0 and runs[step]["seconds"] > 0, step
     assert json.loads(out.read_text())["results"]["tiny"]["weights_gib"] == runs["weights_gib"]
+
+
+def test_bench_data_stops_each_iterators_threads_before_the_next_setting_and_the_data_deletion(caplog):
+    """Left running, an iterator's prefetch threads read on while the next thread count is timed, and
+    then read files the benchmark has deleted (skip warnings '... is gone')."""
+    from bench import bench_data
+
+    before = set(threading.enumerate())
+    with caplog.at_level(logging.WARNING):
+        bench_data.main(["--examples", "8", "--threads", "1,2", "--resolution", "32", "--batch", "4"])
+        left = [thread for thread in set(threading.enumerate()) - before if not thread.daemon]
+        for thread in left:
+            thread.join(timeout=60)
+    assert not left
+    assert not [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]

@@ -5,6 +5,8 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,27 @@ def test_tpu_dry_run_prints_every_step():
     assert "--worker=all" in ssh and "GENMASK_DISTRIBUTED=1" in ssh and "jax\\[tpu\\]" in ssh
     assert "genmask_jax.train" in ssh
     assert lines[-1] == "+ gcloud compute tpus tpu-vm delete gm --zone us-west4-a --quiet"
+
+
+@pytest.mark.parametrize("spot", [[], ["--spot"]])
+def test_tpu_create_asks_for_a_spot_slice_only_when_told(spot):
+    out = _run(["launch/tpu.sh", "--dry-run", "--name", "gm", "--zone", "z", "--accelerator", "v4-8",
+                "--create", *spot])
+    assert out.returncode == 0, out.stderr
+    create = ("+ gcloud compute tpus tpu-vm create gm --zone z --accelerator-type v4-8 "
+              "--version tpu-ubuntu2204-base")
+    assert out.stdout.splitlines() == [create + " --spot" * bool(spot)]
+
+
+@pytest.mark.parametrize("script", ["launch/tpu.sh", "launch/gpu.sh"])
+def test_no_array_that_starts_empty_is_expanded_bare(script):
+    """Under `set -u`, bash < 4.4 (macOS's /bin/bash is 3.2) stops at "${a[@]}" of an empty array with
+    'a[@]: unbound variable'. No bash that old is here to run the scripts with, so this reads them: an
+    array assigned `()` is only expanded as ${a[@]+"${a[@]}"}."""
+    text = (ROOT / script).read_text()
+    starts_empty = set(re.findall(r"\b(\w+)=\(\)", text))
+    bare = set(re.findall(r'(?<!\+)"\$\{(\w+)\[@\]\}"', text))
+    assert not starts_empty & bare
 
 
 def test_tpu_requires_name_and_zone():
@@ -101,6 +124,32 @@ def test_libtpu_is_required_only_where_it_has_wheels():
     assert wanted("linux", "x86_64")
     assert not any(wanted(*where) for where in [("darwin", "arm64"), ("darwin", "x86_64"),
                                                 ("linux", "aarch64"), ("win32", "AMD64")])
+
+
+def test_a_wheel_holds_the_toy_vae_and_requires_the_runtime_stack(tmp_path):
+    """`pip install .` (not editable) installs a wheel: it carries the toy VAE that configs/demo.py loads
+    from the package, and pulls in requirements.txt."""
+    pytest.importorskip("setuptools", minversion="68")  # the build backend pyproject.toml names
+    from packaging.requirements import Requirement
+
+    src = tmp_path / "src"
+    for name in ("genmask_jax", "convert", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "requirements.txt"):
+        shutil.copy(ROOT / name, src / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          str(src), "-w", str(tmp_path / "dist")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        files = set(archive.namelist())
+        metadata = archive.read(next(f for f in files if f.endswith(".dist-info/METADATA"))).decode()
+    assets = {p.relative_to(ROOT).as_posix() for p in (ROOT / "genmask_jax/assets").rglob("*") if p.is_file()}
+    assert "genmask_jax/assets/toy_vae/config.json" in assets and assets <= files
+    required = {str(Requirement(line.split(":", 1)[1])) for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:")}
+    listed = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert required == {str(Requirement(line)) for line in listed if line}
 
 
 def test_gs_paths_get_the_gcsfs_backend_without_network():

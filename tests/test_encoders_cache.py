@@ -536,11 +536,13 @@ def test_a_qwen_cache_written_before_the_prompt_fields_is_refused_clearly(tmp_pa
     folder = str(tmp_path)
     with CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=QWEN_FINGERPRINT) as w:
         w.add("a", _states(1))
+    code = r"another version of this code wrote it \(its prompt_version\), and no config setting gives"
     with pytest.raises(
-        CacheMismatch, match=r"other encoder settings \(prompt_version: cache None, config 1\)"
-    ):
+        CacheMismatch, match=r"other encoder settings \(prompt_version: cache None, config 1\): " + code
+    ) as refused:
         EmbeddingCache(folder, fingerprint(c))
-    with pytest.raises(CacheMismatch, match=r"\(encoder.prompt_version: cache None, config 1\)"):
+    assert "set these fields" not in str(refused.value) and "--out=NEW_FOLDER" in str(refused.value)
+    with pytest.raises(CacheMismatch, match=r"\(encoder.prompt_version: cache None, config 1\): " + code):
         CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=fingerprint(c))
     toy = default_data_config().encoder
     assert fingerprint(toy) == {
@@ -549,6 +551,40 @@ def test_a_qwen_cache_written_before_the_prompt_fields_is_refused_clearly(tmp_pa
         "dim": toy.dim,
         "seed": 0,
     }
+
+
+def test_a_rewrite_cache_older_than_rewrite_decoding_is_refused_with_advice_one_can_follow(tmp_path):
+    """A cache of rewritten queries written before the rewrite decoding entered the fingerprint was told to
+    "set these fields as the cache has them", but no config field sets `rewrite_decoding`. Where the
+    rewrite fields differ because `rewrite_reasoning` does, setting that one is still the advice."""
+    c = default_data_config().encoder
+    c.name, c.model_path, c.context_length = "qwen2_5_vl", "/models/Qwen2.5-VL-7B-Instruct", 4
+    c.rewrite_reasoning = True
+    new = fingerprint(c)
+    old = {k: v for k, v in new.items() if k != "rewrite_decoding"}
+    folder = str(tmp_path / "old")
+    with CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=old) as w:
+        w.add("a", _states(1))
+    older = r"an older version of this code wrote it, whose rewrites followed the model folder's generation"
+    with pytest.raises(CacheMismatch, match=r"\(rewrite_decoding: cache None, config \{.*\}\): " + older):
+        EmbeddingCache(folder, new)
+    with pytest.raises(CacheMismatch, match=older + r".*no config setting gives its contexts: write a new"):
+        EmbeddingCache(folder, new)
+    with pytest.raises(CacheMismatch, match=r"\(encoder.rewrite_decoding: .*" + older + ".*another --out"):
+        CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=new)
+
+    c.rewrite_reasoning = False  # a config setting: the rewrite fields follow it
+    folder = str(tmp_path / "plain")
+    with CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=fingerprint(c)) as w:
+        w.add("a", _states(1))
+    setting = r"rewrite_reasoning: cache False, config True"
+    with pytest.raises(CacheMismatch, match=setting + r".*\): set these fields as the cache has them"):
+        EmbeddingCache(folder, new)
+    with pytest.raises(CacheMismatch, match=setting + r".*\): use another --out"):
+        CacheWriter(folder, dim=2, context_length=4, dtype="bfloat16", fingerprint=new)
+    toy = default_data_config().encoder  # another encoder: a config setting too
+    with pytest.raises(CacheMismatch, match=r"encoder: cache 'qwen2_5_vl', config 'toy'.*: set these fields"):
+        EmbeddingCache(folder, fingerprint(toy))
 
 
 def test_changed_data_is_caught_on_lookup(tmp_path):

@@ -21,6 +21,7 @@ import os
 import re
 import struct
 import threading
+import weakref
 
 import numpy as np
 
@@ -223,17 +224,20 @@ def check_model_folder(model_path: str) -> None:
         )
 
 
-# The last encoder `make_encoder` built, by its constructor's arguments, and the lock that builds one at
-# a time: the consumers of one process (a run's data pipelines, quick evaluation and sample prompts; the
-# splits of an evaluation) each call `make_encoder`, and each loaded its own copy of the 16.6 GB VLM.
-_BUILT: dict[tuple, InstructionEncoder] = {}
+# The encoders `make_encoder` built, by their constructors' arguments, while a consumer holds them (weak
+# references: dropping the last consumer, `del segmenter` in a notebook, frees the 16.6 GB VLM), and the
+# lock that builds one at a time: the consumers of one process (a run's data pipelines, quick evaluation
+# and sample prompts) each call `make_encoder`, and each loaded its own copy of the VLM.
+_BUILT: weakref.WeakValueDictionary[tuple, InstructionEncoder] = weakref.WeakValueDictionary()
 _BUILD_LOCK = threading.Lock()
 
 
 def make_encoder(config) -> InstructionEncoder:
-    """The encoder named by `config.name` from the `data.encoder` config, built once per process for the
-    same settings: a second call returns the first one's encoder (the Qwen encoder serializes its
-    `encode` calls, so threads may share it). Only the last settings' encoder is kept."""
+    """The encoder named by `config.name` from the `data.encoder` config, shared within a process for the
+    same settings: while a consumer holds the encoder of a first call, a second call returns it (the Qwen
+    encoder serializes its `encode` calls, so threads may share it). It lives as long as a consumer holds
+    it: a caller that builds consumers one after another (the splits of an evaluation) keeps one
+    reference meanwhile, or each loads the model again."""
     check_available(config)
     if config.name == "toy" and config.get("rewrite_reasoning", False):
         raise ValueError("data.encoder.rewrite_reasoning needs a VLM: the toy encoder cannot rewrite")
@@ -241,10 +245,10 @@ def make_encoder(config) -> InstructionEncoder:
         raise ValueError(f"unknown encoder {config.name!r}; expected one of {ENCODERS}")
     key = (config.name, *sorted(_encoder_arguments(config).items()))
     with _BUILD_LOCK:
-        if key not in _BUILT:
-            _BUILT.clear()  # the previous settings' encoder goes once its users drop it
-            _BUILT[key] = _build(config.name, _encoder_arguments(config))
-        return _BUILT[key]
+        encoder = _BUILT.get(key)
+        if encoder is None:
+            encoder = _BUILT[key] = _build(config.name, _encoder_arguments(config))
+        return encoder
 
 
 def _encoder_arguments(config) -> dict:

@@ -71,6 +71,10 @@ NEW_CACHE = (
 # the processor's pixel bounds on a host that only reads the cache): compared only where both sides have
 # them.
 _WHEN_KNOWN = ("model_digest", "prompt_files_digest", "min_pixels", "max_pixels")
+# Fingerprint fields that this code sets, not a config (`encoders.fingerprint`): no config gives the
+# contexts of a cache that differs in one of them. The rewrite's follow `rewrite_reasoning`, which a config
+# sets, where that differs as well.
+_CODE_FIELDS = ("prompt_version", "rewrite_prompt", "rewrite_decoding")
 
 
 class CacheMiss(ContextError, KeyError):
@@ -242,6 +246,29 @@ def differences(cached: dict, expected: dict, prefix: str = "") -> list[str]:
     ]
 
 
+def written_by_other_code(cached: dict, expected: dict) -> str:
+    """Why no config matches a cache's encoder fingerprint `cached` when `expected` (this code's) differs
+    from it in a field the code sets (`_CODE_FIELDS`); "" when no such field differs, or the encoders do."""
+    if cached.get("encoder") != expected.get("encoder"):
+        return ""
+    same_rewrite = cached.get("rewrite_reasoning") == expected.get("rewrite_reasoning")
+    changed = [
+        k
+        for k in _CODE_FIELDS
+        if cached.get(k) != expected.get(k) and (same_rewrite or not k.startswith("rewrite_"))
+    ]
+    if not changed:
+        return ""
+    if changed == ["rewrite_decoding"] and cached.get("rewrite_decoding") is None:
+        how = (
+            "an older version of this code wrote it, whose rewrites followed the model folder's "
+            "generation_config.json (e.g. its repetition_penalty)"
+        )
+    else:
+        how = f"another version of this code wrote it (its {', '.join(changed)})"
+    return f"{how}, and no config setting gives its contexts"
+
+
 def meta_differences(cached: dict, expected: dict) -> list[str]:
     """Differences of two meta.json dicts: the storage fields by name, the encoder fingerprint's as
     `encoder.<field>` (Qwen's fingerprint has a `dtype` of its own, the torch dtype; merged into one
@@ -311,11 +338,13 @@ class CacheWriter:
         }
         meta_path = os.path.join(self.folder, "meta.json")
         if os.path.exists(meta_path):
-            diff = meta_differences(read_meta(self.folder), meta)
+            cached = read_meta(self.folder)
+            diff = meta_differences(cached, meta)
             if diff:
+                why = written_by_other_code(cached.get("encoder", {}), fingerprint)
                 raise CacheMismatch(
                     f"cache {self.folder} was written with other settings ({'; '.join(diff)}): "
-                    "use another --out"
+                    f"{why + ': ' if why else ''}use another --out"
                 )
         else:
             _write_json_atomic(meta_path, meta)
@@ -581,10 +610,11 @@ class EmbeddingCache:
         if fingerprint is not None:
             diff = differences(self.meta["encoder"], fingerprint)
             if diff:
+                why = written_by_other_code(self.meta["encoder"], fingerprint)
+                advice = f"{why}: write" if why else "set these fields as the cache has them, or write"
                 raise CacheMismatch(
                     f"embedding cache {folder} was written with other encoder settings ({'; '.join(diff)}): "
-                    f"set these fields as the cache has them, or write a new cache with `{_PRECOMPUTE} "
-                    "--config=... --out=NEW_FOLDER`"
+                    f"{advice} a new cache with `{_PRECOMPUTE} --config=... --out=NEW_FOLDER`"
                 )
         if context_length is not None and context_length != self.context_length:
             raise CacheMismatch(

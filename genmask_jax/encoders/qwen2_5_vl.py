@@ -30,6 +30,7 @@ examples are rewritten is the data's rule (`genmask_jax.encoders.encoder_input`)
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -84,8 +85,9 @@ def jax_gpu_backend() -> str | None:
 def resolve_device(device: str = "auto") -> str:
     """The torch device of a `data.encoder.device`: "cpu", "cuda" and "cuda:N" as given (a CUDA one
     only where torch has that device); "auto" is CUDA where torch has it and JAX does not run on a GPU
-    in this process, else the CPU. Beside JAX the VLM does not fit: JAX reserves 75% of the GPU (92%
-    under launch/gpu.sh), and Qwen2.5-VL-7B's weights alone take 16.6 GB in bfloat16."""
+    in this process, else the CPU. Beside JAX the VLM may not fit: JAX reserves 75% of the GPU's memory
+    (92% under launch/gpu.sh), which leaves 20 GB (6.4 GB) of an 80 GB card, and Qwen2.5-VL-7B's weights
+    alone take 16.6 GB in bfloat16."""
     import torch
 
     check_device(device)
@@ -104,11 +106,13 @@ def resolve_device(device: str = "auto") -> str:
     if backend is None:
         return "cuda"
     log.warning(
-        "the Qwen encoder runs on the CPU (data.encoder.device=auto): JAX holds the %s in this process and "
-        "the VLM would not fit beside it; to run it there, --config.data.encoder.device=cuda with "
-        "XLA_PYTHON_CLIENT_MEM_FRACTION lowered to leave it room (Qwen2.5-VL-7B: 17 GB in bfloat16), or "
-        "read contexts from an embedding cache (data.encoder.cache_dir)",
+        "the Qwen encoder runs on the CPU (data.encoder.device=auto): JAX holds the %s in this process "
+        "(XLA_PYTHON_CLIENT_MEM_FRACTION=%s of its memory: 0.75 leaves 20 GB of an 80 GB card) and the VLM "
+        "may not fit beside it (Qwen2.5-VL-7B's weights: 16.6 GB in bfloat16, before activations); to run "
+        "it there, --config.data.encoder.device=cuda with XLA_PYTHON_CLIENT_MEM_FRACTION lowered if it "
+        "needs room, or read contexts from an embedding cache (data.encoder.cache_dir)",
         backend,
+        os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"),
     )
     return "cpu"
 
@@ -118,6 +122,9 @@ class Qwen25VLEncoder:
 
     `device`: a `data.encoder.device` (`resolve_device`; None: "auto"). `encode` runs one call at a time,
     so threads may share the encoder (`make_encoder` gives every consumer of a process the same one).
+    `last_rewrites` (the texts the last `encode` rewrote its flagged queries to, None for the others) is
+    not shared that way: its caller reads it after the lock is released, so it is meaningful only where no
+    other thread encodes meanwhile (the precompute, its one reader, encodes on one thread).
     """
 
     name = "qwen2_5_vl"

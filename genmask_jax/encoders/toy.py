@@ -36,6 +36,17 @@ def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
     return out
 
 
+# Not a method's cache: one keyed by the encoder would keep every encoder alive for the process's life.
+@functools.lru_cache(maxsize=65536)
+def word_vector(seed: int, dim: int, word: str) -> np.ndarray:
+    """`(dim,)` float32, read-only: the vector of `word` under `seed`."""
+    digest = hashlib.blake2b(f"{seed}:{word}".encode(), digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    vector = rng.standard_normal(dim).astype(np.float32)
+    vector.setflags(write=False)
+    return vector
+
+
 class ToyEncoder:
     """`encode(images, texts) -> (context (B, L, D) float32, mask (B, L) bool)`."""
 
@@ -47,13 +58,8 @@ class ToyEncoder:
         self._positions = sinusoidal_positions(context_length, dim) * position_scale
         self._warn = TruncationWarner(self.name)
 
-    @functools.lru_cache(maxsize=65536)  # noqa: B019  (the encoder lives as long as the process)
     def word_vector(self, word: str) -> np.ndarray:
-        digest = hashlib.blake2b(f"{self.seed}:{word}".encode(), digest_size=8).digest()
-        rng = np.random.default_rng(int.from_bytes(digest, "little"))
-        vector = rng.standard_normal(self.dim).astype(np.float32)
-        vector.setflags(write=False)
-        return vector
+        return word_vector(self.seed, self.dim, word)
 
     def encode_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         words = tokenize(text)

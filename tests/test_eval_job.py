@@ -214,22 +214,16 @@ def test_incomplete_split_is_an_error(tmp_path):
         run(tmp_path, Predict(), process_index=0, process_count=2)
 
 
-NOT_SHARED = "--out must be one folder that every process shares"
-
-
-def test_an_out_each_process_has_its_own_copy_of_is_named_not_rerun(tmp_path, monkeypatch):
-    """Each process writing into its own --out (a path on each host's own disk): process 0 said "rerun to
-    complete the missing ones", and every rerun said it again. Examples of process 1 lost to memory in a
-    shared --out still ask for a rerun."""
-    assert run(tmp_path / "host1", Predict(), process_index=1, process_count=2) is None
-    for _ in range(2):
-        with pytest.raises(job.EvaluationError, match=f"6 of 10 .*, none of another process's: {NOT_SHARED}"):
-            run(tmp_path / "host0", Predict(), process_index=0, process_count=2)
-    recover = failing_example(monkeypatch, 5, MemoryError("out of host memory"))  # process 1's batch 4..7
-    assert run(tmp_path / "shared", Predict(), process_index=1, process_count=2) is None
-    recover()
-    with pytest.raises(job.EvaluationError, match="9 of 10 examples .*; rerun to complete the missing ones$"):
-        run(tmp_path / "shared", Predict(), process_index=0, process_count=2)
+def test_examples_another_process_lost_ask_for_a_rerun(tmp_path, monkeypatch):
+    """Every example of process 1 (its one batch, 4..7) lost to memory in a shared --out: process 0 told the
+    user to move --out to a shared folder (it took the missing examples for a per-host --out, which
+    `check_shared_out` proves at the start of `run`); a rerun completes the split."""
+    for lost in range(4, 8):
+        failing_example(monkeypatch, lost, MemoryError("out of host memory"))
+    assert run(tmp_path, Predict(), process_index=1, process_count=2) is None
+    monkeypatch.undo()
+    with pytest.raises(job.EvaluationError, match="^synthetic:test: 6 of 10 examples .*; rerun to complete"):
+        run(tmp_path, Predict(), process_index=0, process_count=2)
 
 
 def test_temporary_files_are_unique_per_process(tmp_path):
@@ -382,33 +376,62 @@ def test_moving_the_weights_keeps_the_prediction_config_digest():
     assert digest("vae_from", "/ckpt/wan2.2_vae") != base  # another folder: other converted weights
 
 
-@pytest.fixture
-def fake_loaded(tmp_path, monkeypatch):
-    """`loaded(params_key, step, checkpoint, **data fields)`: what `job.run` reads of a loaded checkpoint,
-    with a Segmenter whose `predict` is `Predict` (no model)."""
+class FakeSegmenter:
+    """Stands in for `infer.segmenter.Segmenter` in `job.run`: its `predict` is `Predict` (no model)."""
+
+    batch_multiple = 1
+
+    def __init__(self, loaded, num_steps=1, seed=0):
+        self.predict = Predict()
+        self.loaded, self._encoder = loaded, None
+
+    @property
+    def encoder(self):  # as Segmenter's
+        from genmask_jax.encoders import make_encoder
+
+        if self._encoder is None:
+            self._encoder = make_encoder(self.loaded.config.data.encoder)
+        return self._encoder
+
+
+def fake_checkpoint(directory, params_key="ema_params", step=8, **data):
+    """What `job.run` reads of a loaded checkpoint (`infer.checkpoint.load`) in `directory`."""
     import types
 
     from configs.genmask import get_config
+
+    config = get_config()
+    config.data = data_config()
+    config.data.update(data)
+    return types.SimpleNamespace(
+        config=config, directory=directory, step=step, params_key=params_key, resolution=(32, 32)
+    )
+
+
+@pytest.fixture
+def fake_loaded(tmp_path, monkeypatch):
+    """`loaded(params_key, step, checkpoint, **data fields)`: `fake_checkpoint` under tmp_path, with
+    `FakeSegmenter` as the Segmenter."""
     from genmask_jax.infer import segmenter
-
-    class FakeSegmenter:
-        batch_multiple = 1
-
-        def __init__(self, loaded, num_steps=1, seed=0):
-            self.predict = Predict()
 
     monkeypatch.setattr(segmenter, "Segmenter", FakeSegmenter)
 
     def loaded(params_key="ema_params", step=8, checkpoint="ckpt", **data):
-        config = get_config()
-        config.data = data_config()
-        config.data.update(data)
-        directory = tmp_path / checkpoint
-        return types.SimpleNamespace(
-            config=config, directory=directory, step=step, params_key=params_key, resolution=(32, 32)
-        )
+        return fake_checkpoint(tmp_path / checkpoint, params_key, step, **data)
 
     return loaded
+
+
+def test_the_splits_of_a_run_share_one_encoder(tmp_path, fake_loaded, monkeypatch):
+    """Without a cache, each split's pipeline asked `make_encoder`, which keeps an encoder only while a
+    consumer holds it: every split loaded the VLM again."""
+    import genmask_jax.encoders as encoders
+
+    built, build = [], encoders._build
+    monkeypatch.setattr(encoders, "_build", lambda name, args: built.append(name) or build(name, args))
+    splits = [SPEC, job.SplitSpec("synthetic", "val")]
+    job.run(fake_loaded(), splits, tmp_path / "eval", batch_size=BATCH, progress=False)
+    assert built == ["toy"]
 
 
 def test_run_refuses_other_parameters_or_config(tmp_path, fake_loaded):
@@ -706,22 +729,39 @@ with open({out!r} + f"/result.{{jax.process_index()}}.json", "w") as f:
     json.dump({{"metrics": metrics, "rows": predict.rows}}, f)
 """
 
-_CHECK_SHARED = """
+# job.run over synthetic:test and synthetic:val (10 examples each) with FakeSegmenter; on process 1 example
+# `lost` (of both splits) fails with a MemoryError, on process 0 writing <out>/`broken` fails as a remote
+# store's write may.
+_RUN = """
 import sys
-sys.path[:0] = [{root!r}]
+sys.path[:0] = [{root!r}, {tests!r}]
 import jax
 jax.distributed.initialize({address!r}, num_processes=2, process_id={pid})
+import pytest
+import test_eval_job as t
 from genmask_jax.eval import job
+from genmask_jax.infer import segmenter
+segmenter.Segmenter = t.FakeSegmenter
+lost, broken, write = {lost}, {broken!r}, job._write_atomic
+if jax.process_index() == 1 and lost is not None:
+    t.failing_example(pytest.MonkeyPatch(), lost, MemoryError("out of host memory"))
+def flaky_write(path, text):
+    if jax.process_index() == 0 and broken and str(path) == {out!r} + "/" + broken:
+        raise OSError("503 Service Unavailable")
+    write(path, text)
+job._write_atomic = flaky_write
+splits = [t.SPEC, job.SplitSpec("synthetic", "val")]
+loaded = t.fake_checkpoint({out!r} + "-ckpt", shapes={{**t.data_config().shapes.to_dict(), "val_size": 10}})
 try:
-    job.check_shared_out({out!r})
-except job.EvaluationError as e:
+    print("results:", job.run(loaded, splits, {out!r}, batch_size=t.BATCH, progress=False))
+except (job.EvaluationError, OSError) as e:
     print("refused:", e)
 """
 
 
-def start_processes(script: str, tmp_path, outs) -> list:
+def start_processes(script: str, tmp_path, outs, lost=None, broken="") -> list:
     """Two `jax.distributed` processes on this machine running `script` (formatted with root, tests,
-    address, pid and out: `outs[pid]`)."""
+    address, pid, out: `outs[pid]`, lost and broken)."""
     import os
     import subprocess
     import sys
@@ -732,6 +772,7 @@ def start_processes(script: str, tmp_path, outs) -> list:
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     fields = {"root": root, "tests": os.path.join(root, "tests"), "address": address}
+    fields.update(lost=lost, broken=broken)
     return [
         subprocess.Popen(
             [sys.executable, "-c", script.format(**fields, pid=pid, out=str(out))],
@@ -761,12 +802,42 @@ def test_two_processes_share_a_split(tmp_path):
 
 @pytest.mark.multidevice
 def test_processes_that_do_not_share_out_all_stop_before_evaluating(tmp_path):
-    """Each process with its own --out (a path on each host's own disk): every process stops with one
-    line saying so (before, process 0 found the others' examples missing on every rerun)."""
+    """Each process with its own --out (a path on each host's own disk): `run` stops every process with one
+    line saying so (`check_shared_out`) for any caller, not only the command (before, process 0 found the
+    others' examples missing on every rerun)."""
     from train_helpers import wait_all
 
-    logs = wait_all(start_processes(_CHECK_SHARED, tmp_path, [tmp_path / "host0", tmp_path / "host1"]), 300)
+    outs = [tmp_path / "host0", tmp_path / "host1"]
+    logs = wait_all(start_processes(_RUN, tmp_path, outs), timeout=120)
     for pid, log in enumerate(logs):
         assert "refused: --out {} is not one folder".format(tmp_path / f"host{pid}") in log, log
         assert "process 1 cannot see what process 0 writes there): under a multi-process launch" in log, log
     assert not list((tmp_path / "host0").iterdir()) and not (tmp_path / "host1").exists()
+
+
+@pytest.mark.multidevice
+def test_a_split_process_0_cannot_merge_stops_every_process(tmp_path):
+    """Two splits, an example of process 1 lost to memory in the first: process 0 stopped at the merge
+    ("rerun to complete the missing ones") while process 1 went on to the second split, and both waited
+    for each other until killed. Every process now stops there with one line."""
+    from train_helpers import wait_all
+
+    logs = wait_all(start_processes(_RUN, tmp_path, [tmp_path, tmp_path], lost=5), timeout=120)
+    incomplete = f"refused: synthetic:test: 9 of 10 examples have predictions in {tmp_path / SPEC.dirname}"
+    assert incomplete + "/shards; rerun to complete the missing ones" in logs[0], logs[0]
+    assert "refused: process 0 could not merge synthetic:test (its error says why)" in logs[1], logs[1]
+    assert not (tmp_path / "synthetic-val").exists()
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("broken", ["synthetic-val/run.json", "metrics.json"])
+def test_a_file_process_0_cannot_write_stops_every_process(tmp_path, broken):
+    """Process 0 alone writes each split's run.json and the <out>/metrics.json summary: a write that failed
+    there (a remote store's passing error) stopped process 0 while process 1 went on (to wait at the
+    second split's barrier, or to report success). Every process stops."""
+    from train_helpers import wait_all
+
+    logs = wait_all(start_processes(_RUN, tmp_path, [tmp_path, tmp_path], broken=broken), timeout=120)
+    path = tmp_path / broken
+    assert "refused: 503 Service Unavailable" in logs[0], logs[0]
+    assert f"refused: process 0 could not write {path} (its error says why)" in logs[1], logs[1]

@@ -16,18 +16,19 @@ a shard (resumable, whatever the batch size or process count of the earlier run)
 in several shards counts once, from the newest. An example whose data
 cannot be read is recorded as "unreadable" (left out of the metrics, listed in `metrics.json`); one
 that failed for another reason (memory, a lost connection) gets no record, so a rerun retries it. When
-every process is done, process 0 merges the shards into `metrics.json` (and, for RLE,
-`predictions.json`), so the processes must share `<out>`: one folder, gs:// or a shared file system
-(`check_shared_out`). `run.json` in each split's folder says what produced its shards (checkpoint, step,
-EMA or raw parameters, sampler settings, a digest of the config fields that change predictions, the
-split's example count); a rerun with other settings is refused. Results are found by index, so a rerun
-also checks that every finished example is still the one at its index (the ids its shards recorded):
-when the data behind a split changed (an example added or dropped from a listing, another copy of a
-data set) it is refused, while the same data moved elsewhere keeps its results. `<out>/run.json` holds
-what every split of one `--out` shares (checkpoint, step, parameters, sampler settings, the digest of
-the config less the split sources' sections): an evaluation of another checkpoint into it is refused,
-so the `<out>/metrics.json` that gathers the splits' metrics describes one evaluation. An `--out`
-written before `<out>/run.json` existed gets one only once its split folders' run.json agree with it.
+every process is done, process 0 merges the shards into `metrics.json` (and, for RLE, `predictions.json`;
+a split it cannot merge stops every process), so the processes must share `<out>`: one folder, gs:// or a
+shared file system (`check_shared_out`). `run.json` in each split's folder says what produced its shards
+(checkpoint, step, EMA or raw parameters, sampler settings, a digest of the config fields that change
+predictions, the split's example count); a rerun with other settings is refused. Results are found by
+index, so a rerun also checks that every finished example is still the one at its index (the ids its
+shards recorded): when the data behind a split changed (an example added or dropped from a listing,
+another copy of a data set) it is refused, while the same data moved elsewhere keeps its results.
+`<out>/run.json` holds what every split of one `--out` shares (checkpoint, step, parameters, sampler
+settings, the digest of the config less the split sources' sections): an evaluation of another checkpoint
+into it is refused, so the `<out>/metrics.json` that gathers the splits' metrics describes one evaluation.
+An `--out` written before `<out>/run.json` existed gets one only once its split folders' run.json agree
+with it.
 """
 
 import contextlib
@@ -37,7 +38,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -58,6 +59,7 @@ from genmask_jax.data.splits import (  # noqa: F401  (re-exported: the split tab
     split_data_config,
 )
 from genmask_jax.eval.metrics import intersection_and_union, metrics_from_counts, per_sample_iou
+from genmask_jax.parallel.multihost import gather_ints
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,27 @@ def _write_atomic(path: epath.Path, text: str) -> None:
     tmp = _tmp_path(path)
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def on_process_0(what: str, fn: Callable[[], Any], is_process_0: bool | None = None) -> Any:
+    """`fn()` on process 0 (`is_process_0`, by default `jax.process_index() == 0`), None elsewhere. When
+    it raises there, every process raises: process 0 its error, the others EvaluationError "process 0 could
+    not <what> (its error says why)". Under a multi-process launch a collective that every process must
+    enter: one process leaving alone would leave the others waiting in the next collective."""
+    if is_process_0 is None:
+        is_process_0 = jax.process_index() == 0
+    result, error = None, None
+    if is_process_0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001  (re-raised below, once the others know)
+            error = e
+    failed = gather_ints(error is not None).any()
+    if error is not None:
+        raise error
+    if failed:
+        raise EvaluationError(f"process 0 could not {what} (its error says why)")
+    return result
 
 
 def shard_name(indices: Sequence[int], stamp_ns: int, process_index: int) -> str:
@@ -222,15 +245,21 @@ def _refuse(directory: epath.Path, changed: Sequence[str]) -> None:
 
 
 def check_settings(directory: epath.Path, settings: dict) -> None:
-    """Refuses to mix results of different runs (checkpoint, steps, seed, ...) in one output folder."""
+    """Refuses to mix results of different runs (checkpoint, steps, seed, ...) in one output folder;
+    process 0 records `settings` there if it has none (`on_process_0`: every process calls this)."""
     previous = recorded_settings(directory)
     if previous is not None:
         changed = differing_fields(previous, settings)
         if changed:
             _refuse(directory, changed)
-    elif jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / "run.json", json.dumps(settings, indent=1, sort_keys=True))
+
+    def record():
+        # Another process may find the run.json process 0 has just written: it compared the same settings.
+        if previous is None:
+            directory.mkdir(parents=True, exist_ok=True)
+            _write_atomic(directory / "run.json", json.dumps(settings, indent=1, sort_keys=True))
+
+    on_process_0(f"write {directory / 'run.json'}", record)
 
 
 def shared_settings(
@@ -354,8 +383,6 @@ def check_shared_out(out_dir: str | os.PathLike) -> None:
     if jax.process_count() == 1:
         return
     import secrets
-
-    from genmask_jax.parallel.multihost import gather_ints
 
     out, token, problem = epath.Path(out_dir), 0, None
     if jax.process_index() == 0:
@@ -512,35 +539,18 @@ def evaluate_split(
             *retried[0],
         )
     _barrier(f"evaluate {spec.name}")
-    if iterator.process_index != 0:
-        return None
-    own = None
-    if iterator.process_count > 1:
-        own = {i for s in range(len(iterator)) for i in _batch_indices(iterator, s)}
-    return finish_split(store, spec, iterator.num_examples, settings, own)
+    merge = partial(finish_split, store, spec, iterator.num_examples, settings)
+    return on_process_0(f"merge {spec.name}", merge, iterator.process_index == 0)
 
 
-def finish_split(
-    store: ShardStore,
-    spec: SplitSpec,
-    num_examples: int,
-    settings: dict | None = None,
-    own: Collection[int] | None = None,
-) -> dict:
-    """Merges the shards into `metrics.json` (+ `predictions.json` for RLE) and returns the metrics.
-
-    own: the indices this process (0) predicts when there are several; when examples are missing, none
-    of them its own and none of the other processes' in sight, `store` is not a folder they share."""
+def finish_split(store: ShardStore, spec: SplitSpec, num_examples: int, settings: dict | None = None) -> dict:
+    """Merges the shards into `metrics.json` (+ `predictions.json` for RLE) and returns the metrics."""
     records = store.records()
     if len(records) != num_examples:
-        where = f"{spec.name}: {len(records)} of {num_examples} examples have predictions in {store.shards}"
-        found = {int(r["index"]) for r in records}
-        if own is not None and not (set(range(num_examples)) - found) & set(own) and found <= set(own):
-            raise EvaluationError(
-                f"{where}, none of another process's: --out must be one folder that every process shares "
-                "(e.g. gs://... or a shared file system), not a path on each host's own disk"
-            )
-        raise EvaluationError(f"{where}; rerun to complete the missing ones")
+        raise EvaluationError(
+            f"{spec.name}: {len(records)} of {num_examples} examples have predictions in {store.shards}; "
+            "rerun to complete the missing ones"
+        )
     unreadable = [r for r in records if r.get("unreadable")]
     records = [r for r in records if not r.get("unreadable")]
     if not records:
@@ -646,12 +656,16 @@ def run(
     """Evaluates a loaded checkpoint (`infer.checkpoint.load`) on `splits`; returns {split: metrics}
     on process 0 and adds them to `out_dir/metrics.json`, each with the checkpoint, step and parameters
     beside its metrics. Refuses (EvaluationError) an `out_dir` whose run.json (or, without one, a split
-    folder's) names another checkpoint, parameters, sampler settings or shared config (`check_out`).
+    folder's) names another checkpoint, parameters, sampler settings or shared config (`check_out`), and
+    under a multi-process launch one that the processes do not share (`check_shared_out`). Every process
+    calls it; what process 0 does alone (merging a split, writing run.json or metrics.json) stops every
+    process when it fails (`on_process_0`).
 
     batch_size: per process (`process_batch_size`).
     """
     from genmask_jax.infer.segmenter import Segmenter
 
+    check_shared_out(out_dir)
     settings = shared_settings(
         loaded.directory, loaded.step, loaded.params_key, num_steps, seed, loaded.resolution
     )
@@ -659,6 +673,10 @@ def run(
     # differs in the config alone must not record itself in an --out written before <out>/run.json.
     check_out(out_dir, settings, loaded.config, record=False)
     segmenter = Segmenter(loaded, num_steps=num_steps, seed=seed)
+    if not loaded.config.data.encoder.cache_dir:
+        # Held over all splits: their pipelines share it (`encoders.make_encoder` keeps an encoder only
+        # while someone holds it), else each split would load the VLM again.
+        segmenter.encoder  # noqa: B018
     batch_size = process_batch_size(segmenter.batch_multiple, batch_size)
     results = {}
     for spec in splits:
@@ -669,11 +687,13 @@ def run(
         check_out(out_dir, settings, loaded.config)
         if metrics is not None:
             results[spec.name] = metrics
-    if jax.process_index() == 0:
-        out = epath.Path(out_dir)
-        path = out / "metrics.json"
+    path = epath.Path(out_dir) / "metrics.json"
+
+    def summarize():
         merged = json.loads(path.read_text()) if path.exists() else {}
         source = {k: settings[k] for k in ("checkpoint", "step", "params")}
         merged.update({name: {**source, **metrics} for name, metrics in results.items()})
         _write_atomic(path, json.dumps(merged, indent=1))
+
+    on_process_0(f"write {path}", summarize)
     return results

@@ -69,16 +69,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Each process's output (text, stderr merged); every one must exit 0. All are killed when one does
-    not finish within `timeout` seconds, so a hung collective fails the test instead of hanging it."""
+def wait_all(procs: list[subprocess.Popen], timeout: float, status: int = 0) -> list[str]:
+    """Each process's output (text, stderr merged); every one must exit with `status` (and, when that is
+    not 0, without a traceback). All are killed when one does not finish within `timeout` seconds, so a
+    hung collective fails the test instead of hanging it."""
     try:
         logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
     for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-3000:]
+        assert proc.returncode == status and (status == 0 or "Traceback" not in log), log[-3000:]
     return logs
 
 

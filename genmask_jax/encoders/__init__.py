@@ -243,11 +243,12 @@ def make_encoder(config) -> InstructionEncoder:
         raise ValueError("data.encoder.rewrite_reasoning needs a VLM: the toy encoder cannot rewrite")
     if config.name not in ENCODERS:
         raise ValueError(f"unknown encoder {config.name!r}; expected one of {ENCODERS}")
-    key = (config.name, *sorted(_encoder_arguments(config).items()))
+    arguments = _encoder_arguments(config)
+    key = (config.name, *sorted(arguments.items()))
     with _BUILD_LOCK:
         encoder = _BUILT.get(key)
         if encoder is None:
-            encoder = _BUILT[key] = _build(config.name, _encoder_arguments(config))
+            encoder = _BUILT[key] = _build(config.name, arguments)
         return encoder
 
 

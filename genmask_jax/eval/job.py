@@ -59,6 +59,7 @@ from genmask_jax.data.splits import (  # noqa: F401  (re-exported: the split tab
     split_data_config,
 )
 from genmask_jax.eval.metrics import intersection_and_union, metrics_from_counts, per_sample_iou
+from genmask_jax.parallel import multihost
 from genmask_jax.parallel.multihost import gather_ints
 
 log = logging.getLogger(__name__)
@@ -137,24 +138,10 @@ def _write_atomic(path: epath.Path, text: str) -> None:
 
 
 def on_process_0(what: str, fn: Callable[[], Any], is_process_0: bool | None = None) -> Any:
-    """`fn()` on process 0 (`is_process_0`, by default `jax.process_index() == 0`), None elsewhere. When
-    it raises there, every process raises: process 0 its error, the others EvaluationError "process 0 could
-    not <what> (its error says why)". Under a multi-process launch a collective that every process must
-    enter: one process leaving alone would leave the others waiting in the next collective."""
-    if is_process_0 is None:
-        is_process_0 = jax.process_index() == 0
-    result, error = None, None
-    if is_process_0:
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001  (re-raised below, once the others know)
-            error = e
-    failed = gather_ints(error is not None).any()
-    if error is not None:
-        raise error
-    if failed:
-        raise EvaluationError(f"process 0 could not {what} (its error says why)")
-    return result
+    """`multihost.on_process_0` for the evaluation: `fn()` on process 0 (`is_process_0`), and when it
+    raises there the others raise EvaluationError "process 0 could not <what> (its error says why)"."""
+    error = lambda: EvaluationError(f"process 0 could not {what} (its error says why)")  # noqa: E731
+    return multihost.on_process_0(fn, error, is_process_0)
 
 
 def shard_name(indices: Sequence[int], stamp_ns: int, process_index: int) -> str:

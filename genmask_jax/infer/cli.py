@@ -222,19 +222,8 @@ def check_on_writer(check: Callable[[str], None], paths: Sequence[str]) -> None:
     outputs, and stops every process when it fails there: other hosts may not see process 0's disks, and
     one process leaving alone would leave the others waiting in a collective. Call after
     `checkpoint_and_config`."""
-    import jax
-
-    problem = None
-    if jax.process_index() == 0:
-        try:
-            for path in paths:
-                check(path)
-        except InputError as e:
-            problem = str(e)
-    if multihost.gather_ints(problem is not None).any() and problem is None:
-        raise InputError("process 0 cannot write the outputs (its error says why)")
-    if problem is not None:
-        raise InputError(problem)
+    others = lambda: InputError("process 0 cannot write the outputs (its error says why)")  # noqa: E731
+    multihost.on_process_0(lambda: [check(path) for path in paths], others, catch=InputError)
 
 
 def check_image_size(config: ml_collections.ConfigDict, size: tuple[int, int] | None = None) -> None:

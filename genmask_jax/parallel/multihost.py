@@ -17,7 +17,8 @@ its GPUs. Left to detection (no address given), JAX's choices stand: one GPU per
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -44,6 +45,32 @@ def gather_ints(value: int) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.ravel(multihost_utils.process_allgather(np.int32(value)))
+
+
+def on_process_0(
+    fn: Callable[[], Any],
+    others_error: Callable[[], Exception],
+    is_process_0: bool | None = None,
+    catch: type[Exception] | tuple[type[Exception], ...] = Exception,
+) -> Any:
+    """`fn()` on process 0 (`is_process_0`, by default `jax.process_index() == 0`), None elsewhere. When
+    it raises `catch` there, every process raises: process 0 its error, the others `others_error()`. With
+    several processes a collective that every process must enter: one process leaving alone would leave
+    the others waiting in the next collective."""
+    if is_process_0 is None:
+        is_process_0 = jax.process_index() == 0
+    result, error = None, None
+    if is_process_0:
+        try:
+            result = fn()
+        except catch as e:  # re-raised below, once the others know
+            error = e
+    failed = gather_ints(error is not None).any()
+    if error is not None:
+        raise error
+    if failed:
+        raise others_error()
+    return result
 
 
 def distributed_args(config: Mapping | None, environ: Mapping[str, str] = os.environ) -> dict:

@@ -190,6 +190,64 @@ def test_bad_examples_are_logged_counted_and_replaced(monkeypatch, caplog):
     assert "end of seg epoch 0" in caplog.text
 
 
+class _BadLastSource:
+    """`n` examples of grey level `level + i`; the last one is unreadable."""
+
+    def __init__(self, level, n=3):
+        self.level, self.n = level, n
+
+    def __len__(self):
+        return self.n
+
+    def example_id(self, i):
+        return f"level{self.level}-{i}"
+
+    def __getitem__(self, i):
+        if i == self.n - 1:
+            raise OSError("cannot identify image file")
+        mask = np.zeros((8, 8), np.uint8)
+        mask[2:6, 2:6] = 1
+        image = np.full((8, 8, 3), self.level + i, np.uint8)
+        return {"id": self.example_id(i), "image": image, "mask": mask, "text": f"thing {i}"}
+
+
+def test_a_bad_example_is_replaced_within_its_own_source(monkeypatch):
+    """Sources a, then the RefCOCO-like union of b and c: the bad last example of a (of b) is replaced
+    by a's (b's) first, not by the next source's, which would change the sources' shares."""
+    from genmask_jax.data.sources import ConcatSource
+
+    a, b, c = _BadLastSource(0), _BadLastSource(100), _BadLastSource(200)
+    joined = ConcatSource([a, ConcatSource([b, c])])
+    monkeypatch.setattr(pipeline, "make_task_source", lambda *args: joined)
+    config = small_config()
+    config.shuffle = False
+    it = make_train_iterator(config, 9, 0, seed=0, process_index=0, process_count=1)
+    levels = next(it)["seg"]["image"][:, 0, 0, 0]
+    # pixels map [0, 255] to [-1, 1]: compare with the first examples' own
+    first = {name: levels[3 * k] for k, name in enumerate("abc")}
+    np.testing.assert_array_equal(levels[[2, 5, 8]], [first["a"], first["b"], first["c"]])
+    assert len(set(first.values())) == 3
+
+
+@pytest.mark.parametrize("max_skips", [0, -1])
+def test_max_consecutive_skips_below_one_is_refused(max_skips):
+    from genmask_jax.data.sources import DataConfigError
+
+    c = small_config()
+    c.max_consecutive_skips = max_skips
+    with pytest.raises(DataConfigError, match=r"data.max_consecutive_skips must be >= 1"):
+        make_train_iterator(c, 2, 0, seed=0, process_index=0, process_count=1)
+
+
+def test_max_consecutive_skips_of_one_stops_at_the_first_bad_example(monkeypatch):
+    monkeypatch.setattr(pipeline, "make_task_source", lambda *args: _BadLastSource(0))
+    c = small_config()
+    c.shuffle, c.max_consecutive_skips = False, 1
+    it = make_train_iterator(c, 3, 0, seed=0, process_index=0, process_count=1)
+    with pytest.raises(RuntimeError, match="1 consecutive unreadable examples from index 2"):
+        next(it)
+
+
 class _VanishingTargetSource:
     """480x640 images at 16x16; the target of example 0 is a band at the left edge, which a centre crop
     to a square cuts away, of example 1 a 4-pixel-wide pole (0.1 output pixels when padded: NEAREST

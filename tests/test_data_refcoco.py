@@ -2,6 +2,7 @@
 one record per sentence, masks equal to pycocotools' rasterisation, counts check, skips, and training on
 a union with the val/test images of every listed set left out (`exclude_eval_images`)."""
 
+import errno
 import io
 import json
 import logging
@@ -465,6 +466,27 @@ def test_rerun_reuses_the_preparation_and_reports_its_skips_and_overwrite_prepar
     assert json.loads(stored.read_text())["skip_counts"] == {"empty_mask": 1}
 
 
+def test_a_reused_preparation_keeps_its_image_index_unless_it_disagrees(refer, tmp_path, monkeypatch):
+    """Reusing a prepared config read every record (each holds its JPEG: about 75 GB for all four) to write
+    the index it already had."""
+    root, out = _refer_copy(refer, tmp_path), tmp_path / "tfds"
+    first = prepare.prepare_refcoco(str(root / "refer"), str(root / "train2014"), str(out), "refcoco_unc")
+    index = json.loads(open(first["index"]).read())
+    scan, scanned = refcoco.scan_image_ids, []
+
+    def counted_scan(records, key):
+        scanned.append(key)
+        return scan(records, key)
+
+    monkeypatch.setattr(refcoco, "scan_image_ids", counted_scan)
+    again = prepare.prepare_refcoco(str(root / "refer"), str(root / "train2014"), str(out), "refcoco_unc")
+    assert again["reused"] and again["index"] == first["index"] and not scanned
+    with open(first["index"], "w") as f:  # an index of another preparation is written again
+        json.dump({"splits": {"train": [4] * 6, "val": [7, 7]}}, f)
+    prepare.prepare_refcoco(str(root / "refer"), str(root / "train2014"), str(out), "refcoco_unc")
+    assert scanned and json.loads(open(first["index"]).read()) == index
+
+
 def test_prepare_refuses_an_out_without_room_for_the_prepared_sets(refer, tmp_path, monkeypatch, capsys):
     """Each expression's record holds its image's JPEG (all four configs: about 75 GB against 13 GB of
     train2014/): an --out without room filled up hours in. The estimate is checked before anything is
@@ -515,9 +537,63 @@ def test_truncated_or_resized_images_are_refused_at_preparation(refer, tmp_path)
     out = tmp_path / "tfds"
     result = prepare.prepare_refcoco(str(root / "refer"), str(root / "train2014"), str(out), "refcoco_unc")
     assert result["counts"] == {"train": 5, "val": 1}
-    assert "bad_image: 2" in result["skips"] and "size_mismatch: 1" in result["skips"]
+    assert "bad_image: 3" in result["skips"] and "size_mismatch: 1" in result["skips"]  # expressions
     source = refcoco.RefCocoSource("refcoco_unc", "val", data_dir=str(out))
     assert source[0]["image"].shape == (20, 20, 3)  # every prepared image reads back whole
+
+
+def _open_failing_once(monkeypatch, name, error):
+    """Makes the first `open` of COCO image `name` in refcoco raise `error`."""
+    failed = []
+
+    def flaky_open(path, *args, **kwargs):
+        if str(path).endswith(name) and not failed:
+            failed.append(path)
+            raise error
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(refcoco, "open", flaky_open, raising=False)
+    return failed
+
+
+def test_an_image_unreadable_on_its_first_ref_skips_every_ref_of_it_counted_in_expressions(
+    refer, tmp_path, monkeypatch
+):
+    """Image 1 shows refs 100 (2 sentences) and 101 (3): a permission error on its first read was one
+    skip, and ref 101's 3 records were written with an empty image. It is the image's error: all 5
+    expressions are skipped, and published - prepared = skipped."""
+    root, out = _refer_copy(refer, tmp_path), tmp_path / "tfds"
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    failed = _open_failing_once(monkeypatch, "000000000001.jpg", denied)
+    result = prepare.prepare_refcoco(str(root / "refer"), str(root / "train2014"), str(out), "refcoco_unc")
+    assert failed and result["counts"] == {"train": 1, "val": 2}
+    assert result["skips"] == (
+        "prepare/refcoco_unc: 7 expressions skipped (PermissionError: 5, empty_mask: 1, missing_image: 1)"
+    )
+    assert sum(result["counts"].values()) + 7 == sum(len(ref["sentences"]) for ref in REFS)
+    for split in ("train", "val"):
+        source = refcoco.RefCocoSource("refcoco_unc", split, data_dir=str(out))
+        assert all(record["image"] for record in source.records)  # no record without its image
+
+
+def test_a_transient_read_error_stops_the_preparation_instead_of_skipping(
+    refer, tmp_path, monkeypatch, capsys
+):
+    """An EIO (an NFS hiccup) would make a lasting hole in the prepared set: it stops the preparation,
+    in one line, and nothing is kept, so running it again prepares everything."""
+    root, out = _refer_copy(refer, tmp_path), tmp_path / "tfds"
+    eio = OSError(errno.EIO, "Input/output error")
+    _open_failing_once(monkeypatch, "000000000001.jpg", eio)
+    with pytest.raises(SystemExit) as exit_info:
+        _prepare_cli(root, out)
+    err = capsys.readouterr().err  # TFDS's progress bars, then the error
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("python -m genmask_jax.data.prepare: error: [Errno 5] Input/output error")
+    assert last.endswith("run the command again)")
+    assert not prepare._prepared_path(str(out), "refcoco_unc").exists()
+    again = prepare.prepare_refcoco(str(root / "refer"), str(root / "train2014"), str(out), "refcoco_unc")
+    assert not again["reused"] and again["counts"] == {"train": 6, "val": 2}
 
 
 def test_a_coco_train2017_folder_is_read_under_its_names(refer, tmp_path):
@@ -550,7 +626,8 @@ def test_a_coco_folder_without_the_referenced_images_or_a_split_left_empty_is_on
         _prepare_cli(root, tmp_path / "tfds2")
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after TFDS's progress bars: no traceback
     assert exit_info.value.code == 1 and err.startswith("python -m genmask_jax.data.prepare: error: ")
-    assert 'split "val": No examples were yielded' in err and "(missing_image: 3)" in err
+    assert 'split "val": No examples were yielded' in err
+    assert "4 expressions skipped (missing_image: 4)" in err  # refs 102 (2 sentences), 103 and 104
 
 
 def test_a_prepared_set_asked_for_a_split_it_lacks_names_its_splits(prepared):

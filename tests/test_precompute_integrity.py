@@ -449,6 +449,22 @@ def test_a_source_whose_reads_all_fail_stops_the_precompute(tmp_path, monkeypatc
     assert_complete(folder, c)
 
 
+def test_a_max_consecutive_skips_below_one_stops_at_the_first_failure(tmp_path, monkeypatch):
+    """`failed_in_a_row == 0` never held: a source failing throughout was skipped to its end."""
+    c = small_config()
+    c.max_consecutive_skips = 0
+    real = shapes.SyntheticShapes.__getitem__
+
+    def read(self, i):
+        if self.task == "seg" and i >= 4:
+            raise PERMANENT["permission denied"]
+        return real(self, i)
+
+    monkeypatch.setattr(shapes.SyntheticShapes, "__getitem__", read)
+    with pytest.raises(PrecomputeError, match="seg/train: 1 examples in a row did not read"):
+        precompute(c, str(tmp_path / "cache"), **RUN)
+
+
 def test_failures_apart_from_each_other_are_skips(tmp_path, monkeypatch):
     c = small_config()
     c.max_consecutive_skips = 2

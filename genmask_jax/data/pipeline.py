@@ -11,7 +11,7 @@ interleaved at fixed positions (`_StratifiedMix`): in every per-process batch th
 are segmentation and the next `Bg` generation, so every global batch holds exactly `process_count * Bs`
 and `process_count * Bg` of each, whatever the ratio (`Bg = 0` allowed). Elements are decoded by
 `data.num_threads` threads with a `data.prefetch_buffer_size` buffer, then batched into
-`{"seg": {...}, "gen": {...}}` (docs/interfaces: batches).
+`{"seg": {...}, "gen": {...}}` (keys and shapes: `_feature_shapes`).
 
 The returned object is a grain `DatasetIterator`: `get_state()` / `set_state(state)` give a small JSON-able
 dict, and grain's orbax handler saves it (`grain.checkpoint.CheckpointSave(iterator)` /
@@ -45,7 +45,7 @@ from ml_collections import ConfigDict
 
 from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
-from genmask_jax.data.sources import DataConfigError, make_task_source, parse_names
+from genmask_jax.data.sources import ConcatSource, DataConfigError, make_task_source, parse_names
 from genmask_jax.data.splits import precompute_selection
 from genmask_jax.encoders import DEFAULT_MAX_PIXELS
 from genmask_jax.encoders.base import ContextError
@@ -233,6 +233,13 @@ class _ContextProvider:
         )
 
 
+def _data_sets(source) -> list:
+    """The sources that `source` concatenates (nested ConcatSources flattened), or [source]."""
+    if not isinstance(source, ConcatSource):
+        return [source]
+    return [part for sub in source.sources for part in _data_sets(sub)]
+
+
 class _Loader:
     """Reads example `index` of a source and turns it into model inputs, skipping bad examples."""
 
@@ -251,6 +258,13 @@ class _Loader:
         self.resolution = tuple(data_config.resolution)
         self.fit = data_config.fit
         self.max_skips = data_config.max_consecutive_skips
+        if self.max_skips < 1:
+            raise DataConfigError(
+                f"data.max_consecutive_skips must be >= 1 (1: stop at the first bad example), "
+                f"got {self.max_skips!r}"
+            )
+        # Where each data set of a (nested) ConcatSource starts: a bad example is replaced within its own.
+        self._starts = np.cumsum([0, *map(len, _data_sets(source))])
         self.evaluation = evaluation
 
     def _example_id(self, index: int) -> str:
@@ -294,10 +308,11 @@ class _Loader:
         return out, meta
 
     def load(self, index: int) -> tuple[dict, dict]:
-        """Example `index`, or the next readable one (logged, counted) when it is bad."""
-        n = len(self.source)
+        """Example `index`, or the next readable one of the same source (logged, counted) when it is bad."""
+        part = int(np.searchsorted(self._starts, index, side="right")) - 1
+        start, n = int(self._starts[part]), int(self._starts[part + 1] - self._starts[part])
         for attempt in range(self.max_skips):
-            k = (index + attempt) % n
+            k = start + (index - start + attempt) % n
             try:
                 return self.convert(self.source[k])
             except ContextError:

@@ -7,7 +7,9 @@ writes `DATA_DIR/ref_coco_seg/<config>/1.0.0/*.array_record-*` (read with `tfds.
 `data.refcoco.{name,data_dir}`), the COCO image id of each record (`genmask_image_ids.json`, read by
 `data.refcoco.exclude_eval_images`) and the skip summary (`genmask_prepare.json`), checks each split's
 expression count against the published counts and exits with status 1 when one differs (unless
---no-count-check). Each expression's record holds its image's JPEG (all four configs: about 75 GB), so
+--no-count-check); skips are counted in expressions, so published - prepared = skipped. A read error that
+may pass (`skips.transient`: EIO, a stale NFS handle, ...) stops it, keeping nothing of that config: run it
+again. Each expression's record holds its image's JPEG (all four configs: about 75 GB), so
 the free space of DATA_DIR is checked first. COCO's train2017/ folder works too. A config already prepared
 in DATA_DIR is reused, with the skip summary of its preparation, unless --overwrite.
 
@@ -26,6 +28,8 @@ import shutil
 import sys
 
 from etils import epath
+
+from genmask_jax.data.skips import transient
 
 log = logging.getLogger("genmask_jax.data.prepare")
 
@@ -89,7 +93,7 @@ def prepare_refcoco(refer_dir: str, coco_images: str, out: str, config: str, ove
     else:
         summary = builder.skips.summary()
         report_path.write_text(json.dumps({"skips": summary, "skip_counts": dict(builder.skips.counts)}))
-    index = write_image_index(config, out)
+    index = write_image_index(config, out, keep_current=reused)  # a reused set's index: not read again
     counts = {name: split.num_examples for name, split in builder.info.splits.items()}
     report = check_published_counts(config, counts)
     log.info("%s", summary)
@@ -170,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except (FileNotFoundError, ValueError) as e:  # a missing or wrong input: one line, no traceback
         parser.exit(1, f"{parser.prog}: error: {' '.join(str(e).split())}\n")
+    except OSError as e:
+        if not transient(e):
+            raise
+        parser.exit(1, f"{parser.prog}: error: {e} (an I/O error that may pass: run the command again)\n")
 
 
 def _run(args) -> int:

@@ -46,7 +46,7 @@ from PIL import Image
 from tensorflow_datasets.proto import tf_example_pb2
 
 from genmask_jax.data import preprocess
-from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
+from genmask_jax.data.skips import BadExample, SkipLog, skip_reason, transient
 from genmask_jax.data.tfds_prepared import check_prepared
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,8 @@ class RefCocoSeg(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, refer_dir: str | None = None, coco_images: str | None = None, **kwargs):
         self.refer_dir, self.coco_images = refer_dir, coco_images
         super().__init__(**kwargs)
-        self.skips = SkipLog(f"prepare/{self.builder_config.name}")
+        # Counted in expressions (a skipped ref skips all its sentences), as the published counts are.
+        self.skips = SkipLog(f"prepare/{self.builder_config.name}", unit="expressions")
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -279,6 +280,10 @@ class RefCocoSeg(tfds.core.GeneratorBasedBuilder):
                         image_data = read_coco_image(self.coco_images, image_info)
                     except BadExample as e:
                         image_error = e
+                    except Exception as e:  # noqa: BLE001
+                        if transient(e):  # an NFS hiccup must not become a permanent hole: rerun prepare
+                            raise
+                        image_error = BadExample(type(e).__name__, str(e))  # every ref of the image
                 if image_error is not None:
                     raise BadExample(image_error.kind, str(image_error))
                 annotation = annotations[ref["ann_id"]]
@@ -287,8 +292,12 @@ class RefCocoSeg(tfds.core.GeneratorBasedBuilder):
                     raise BadExample("empty_mask", f"ann {ref['ann_id']} rasterises to nothing")
                 mask_png = encode_png(mask)
             except Exception as e:  # noqa: BLE001  (one bad ref is a logged skip, never a failed preparation)
-                self.skips.add(example_id, skip_reason(e))
+                if transient(e):
+                    raise
+                self.skips.add(example_id, skip_reason(e), count=len(ref.get("sentences") or ()))
                 continue
+            if not image_data:
+                raise RuntimeError(f"{example_id}: image {ref['image_id']} read as empty bytes")
             for sentence in ref["sentences"]:
                 yield (
                     int(sentence["sent_id"]),
@@ -409,18 +418,20 @@ def _indexed_splits(name: str, tfds_splits) -> list[str]:
     return sorted(s for s in tfds_splits if not is_big_vision(name) or s.endswith("_flat"))
 
 
-def write_image_index(name: str, data_dir: str | None) -> str:
+def write_image_index(name: str, data_dir: str | None, keep_current: bool = False) -> str:
     """Writes `IMAGE_INDEX_FILE` beside `name`'s prepared files (one pass over them); returns its path.
-    Any splits will do: a REFER subset may have no train refs."""
+    Any splits will do: a REFER subset may have no train refs. `keep_current`: an index that every split's
+    records agree with (`_indexed_image_ids`) is kept, nothing read but its spot checks."""
     tfds_name, _ = tfds_name_and_split(name, "train")
     records = open_records(tfds_name, None, data_dir, raw=True)
     if not records:
         raise FileNotFoundError(f"{tfds_name} in {data_dir!r} has no prepared split")
-    splits = {
-        str(split): scan_image_ids(records[split], image_id_key(name)).tolist()
-        for split in _indexed_splits(name, records)
-    }
     path = epath.Path(next(iter(records.values())).dataset_info.data_dir) / IMAGE_INDEX_FILE
+    key, indexed = image_id_key(name), _indexed_splits(name, records)
+    if keep_current and all(_indexed_image_ids(records[s], str(s), key) is not None for s in indexed):
+        log.info("%s: kept the image ids in %s", name, path)
+        return os.fspath(path)
+    splits = {str(split): scan_image_ids(records[split], key).tolist() for split in indexed}
     path.write_text(json.dumps({"splits": splits}))
     log.info("%s: wrote the image ids of %s to %s", name, {s: len(v) for s, v in splits.items()}, path)
     return os.fspath(path)

@@ -85,10 +85,10 @@ def is_data_error(reason: str | None) -> bool:
 
 class SkipLog:
     """Thread-safe record of skipped examples: each skip is logged with its example id and reason
-    (the first `log_first` at WARNING, the rest at INFO) and counted by reason."""
+    (the first `log_first` at WARNING, the rest at INFO) and counted by reason, in `unit`s."""
 
-    def __init__(self, name: str, log_first: int = 100):
-        self.name, self.log_first = name, log_first
+    def __init__(self, name: str, log_first: int = 100, unit: str = "examples"):
+        self.name, self.log_first, self.unit = name, log_first, unit
         self._lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter()
         self.examples: list[tuple[str, str]] = []
@@ -98,22 +98,24 @@ class SkipLog:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def add(self, example_id: str, reason: str) -> None:
+    def add(self, example_id: str, reason: str, count: int = 1) -> None:
+        """One skip of `count` units (a RefCOCO ref: its sentences)."""
         kind = reason.split(":", 1)[0]
         with self._lock:
-            self.counts[kind] += 1
+            self.counts[kind] += count
             n = self.total
             if len(self.examples) < 10_000:
                 self.examples.append((example_id, reason))
         level = logging.WARNING if n <= self.log_first else logging.INFO
-        log.log(level, "%s: skipped %s (%s) [%d skipped so far]", self.name, example_id, reason, n)
+        what = example_id if count == 1 else f"{example_id} ({count} {self.unit})"
+        log.log(level, "%s: skipped %s (%s) [%d skipped so far]", self.name, what, reason, n)
 
     def summary(self) -> str:
         with self._lock:
             if not self.counts:
-                return f"{self.name}: no examples skipped"
+                return f"{self.name}: no {self.unit} skipped"
             parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
-            return f"{self.name}: {self.total} examples skipped ({parts})"
+            return f"{self.name}: {self.total} {self.unit} skipped ({parts})"
 
     def log_epoch_summary(self, task: str, epoch: int) -> None:
         """Logs the summary once when the first element of `epoch` (> 0) of `task` is produced."""

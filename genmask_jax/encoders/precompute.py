@@ -321,7 +321,7 @@ def precompute(
                     else:  # a bad example, a corrupt image: it fails every time, no record needed
                         skips.add(example_id, skip_reason(e))
                     failed_in_a_row += 1
-                    if failed_in_a_row == max_failed:
+                    if failed_in_a_row >= max_failed:  # 0 or less: as 1, the first failure stops it
                         raise _failing_source_error(job, failed_in_a_row, skip_reason(e)) from e
                     continue
                 if len(batch) == batch_size:

@@ -5,17 +5,21 @@ memory-mapped safetensors file, so converting the DiT holds about one copy of th
 The VAE converter reads all its tensors before laying them out: two copies for a moment (about 1 GB
 for WAN 2.1's VAE).
 Our checkpoint is a folder: `params/` (orbax) + `config.json`, written to a temporary sibling and
-renamed into place, so a failed conversion leaves nothing behind; its folders and files get the
-permissions the umask gives new ones. One whose files were deleted or cut short since (a half-synced
+renamed into place, so a failed (or interrupted) conversion leaves nothing behind; its folders and files
+get the permissions the umask gives new ones. A process killed outright (SIGKILL, the OOM killer) leaves
+its hidden `.DST.tmp-HOST.PID-*` sibling, which the next write of DST on that host removes
+(`remove_stale_temporaries`). One whose files were deleted or cut short since (a half-synced
 copy) is named in one ConversionError line when it is read (`reporting_damage`).
 """
 
 import contextlib
+import glob
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -41,9 +45,9 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of a file path or a folder (sharded with an index, or plain).
 
     A folder holding more than one copy of the weights (diffusers' `*.fp16.*` variants beside the
-    weights; each index, and the files no index names, count as one) is read from the copy without a
-    variant in its file names, as diffusers' `from_pretrained` loads by default; with no such copy, or
-    several, it is refused.
+    weights; each index counts as one, and so do the files no index names that share a variant tag) is
+    read from the copy without a variant in its file names, as diffusers' `from_pretrained` loads by
+    default; with no such copy, or several, it is refused.
     """
     path = Path(path)
     if not path.exists():
@@ -60,10 +64,12 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
             raise ConversionError(f"{index}: not a safetensors index ({e!r})") from e
         copies[index.name] = (files, bool(_PLAIN_INDEX.fullmatch(index.name)))
         indexed.update(files)
-    unindexed = [f for f in sorted(path.glob("*.safetensors")) if f not in indexed]
-    if unindexed:
-        plain = all(_PLAIN_FILE.fullmatch(f.name) for f in unindexed)
-        copies[" and ".join(f.name for f in unindexed)] = (unindexed, plain)
+    by_variant: dict[str | None, list[Path]] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        if file not in indexed:
+            by_variant.setdefault(_FILE_NAME.fullmatch(file.name).group(2), []).append(file)
+    for variant, files in by_variant.items():
+        copies[" and ".join(f.name for f in files)] = (files, variant is None)
     if not copies:
         raise ConversionError(f"{path}: no .safetensors files (nor one {'/'.join(TORCH_SUFFIXES)} file)")
     chosen = next(iter(copies))
@@ -76,7 +82,7 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
         logger.info("%s: reading %s, not the variant(s) %s", path, chosen,
                     "; ".join(name for name in copies if name != chosen))
     files = copies[chosen][0]
-    if files is unindexed:
+    if not indexed.intersection(files):  # files no index names: each tensor must be in one of them
         _check_no_repeated_keys(files)
     missing = [str(f) for f in files if not f.exists()]
     if missing:
@@ -85,16 +91,17 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
 
 
 # Names without a variant: `diffusion_pytorch_model.safetensors(.index.json)`, shards
-# `diffusion_pytorch_model-00001-of-00002.safetensors`. Variants add a name such as fp16 after the stem,
-# or (diffusers' own index naming, current and legacy) before or after `index`.
+# `diffusion_pytorch_model-00001-of-00002.safetensors`. Variants add a name such as fp16 after the stem
+# (`diffusion_pytorch_model.fp16-00001-of-00002.safetensors`), or (diffusers' own index naming, current
+# and legacy) before or after `index`. _FILE_NAME's group 2 is a file's variant (None without one).
 _PLAIN_INDEX = re.compile(r"[^.]+\.safetensors\.index\.json")
-_PLAIN_FILE = re.compile(r"[^.]+\.safetensors")
+_FILE_NAME = re.compile(r"([^.]*)(?:\.(.+?))?(?:-\d{5}-of-\d{5})?\.safetensors")
 
 
 def _check_no_repeated_keys(files: list[Path]) -> None:
-    """Files of one folder without an index must hold disjoint tensors: two copies of the weights
-    (a diffusers folder with `*.fp16.safetensors` variants beside the fp32 files) would be read twice,
-    the last one silently winning."""
+    """Files of one copy without an index must hold disjoint tensors: two copies of the weights under
+    names without a variant (`weights.safetensors` beside `weights_copy.safetensors`) would be read
+    twice, the last one silently winning."""
     owner: dict[str, Path] = {}
     for file in files:
         for key in safetensors_shapes([file]):
@@ -496,7 +503,8 @@ def atomic_folder(dst: Path, config: Mapping[str, Any] | None, overwrite: bool,
     """
     check_destination(dst, overwrite, refusal)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    remove_stale_temporaries(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{_owner()}-", dir=dst.parent))
     try:
         give_default_mode(tmp)  # mkdtemp makes it 0o700: DST would be private to this user
         yield tmp
@@ -510,14 +518,57 @@ def atomic_folder(dst: Path, config: Mapping[str, Any] | None, overwrite: bool,
         raise
 
 
+def _host() -> str:
+    """This machine's name as temporary folders' names hold it."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+
+
+def _owner() -> str:
+    """HOST.PID: the process that made a temporary folder, in its name."""
+    return f"{_host()}.{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine (another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(dst: Path) -> None:
+    """Deletes the hidden siblings of `dst` that `atomic_folder` or `_replace_folder` made in a process on
+    this host that was killed outright: the name says so (`.DST.tmp-[old-]HOST.PID-xxxxxxxx`, mkdtemp's
+    8 characters last) and no process PID exists. An old DST that a kill between `_replace_folder`'s two
+    renames left aside (`tmp-old-`) is kept while DST is missing. Any other `.DST.tmp-*` sibling (another
+    host's, a running process's, an older naming) is left, with a warning naming it."""
+    ours = re.compile(rf"\.{re.escape(dst.name)}\.tmp-(old-)?{re.escape(_host())}\.(\d+)-[a-z0-9_]{{8}}")
+    for sibling in sorted(dst.parent.glob(f".{glob.escape(dst.name)}.tmp-*")):
+        match = ours.fullmatch(sibling.name)
+        killed = match is not None and not _alive(int(match.group(2)))
+        if killed and match.group(1) and not dst.exists():
+            logger.warning("%s holds the %s a killed --overwrite was replacing: rename it back, or delete it",
+                           sibling, dst.name)
+        elif killed and sibling.is_dir() and not sibling.is_symlink():
+            logger.info("removing %s, left by a killed write of %s", sibling, dst)
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            logger.warning("%s may be another write of %s (on another host, or running): delete it once none "
+                           "is", sibling, dst)
+
+
 def _replace_folder(new: Path, dst: Path) -> None:
     """Renames `new` to `dst`. An existing `dst` is renamed aside first and deleted once `new` is in its
     place: deleted first, an interruption (Ctrl-C during the deletion of a large checkpoint) lost it and
-    `new` too. A kill between the two renames leaves both, as hidden siblings of `dst`."""
+    `new` too. A kill between the two renames leaves both, as hidden siblings of `dst` (the next write keeps
+    the old one, `remove_stale_temporaries`)."""
     if not dst.exists():
         os.replace(new, dst)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-old-", dir=dst.parent))
+    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-old-{_owner()}-", dir=dst.parent))
     os.replace(dst, aside)  # onto the empty folder mkdtemp reserved
     try:
         os.replace(new, dst)

@@ -327,6 +327,8 @@ def convert_checkpoint(src: str | Path, layout: str = "auto", num_heads: int | N
                        text_dim: int | None = None, reinit_text_embedding: bool = False,
                        seed: int = 0, **config_overrides):
     """(DiTConfig, params) from a PyTorch-side checkpoint; raises ConversionError on bad input."""
+    if text_dim is not None and (not isinstance(text_dim, int) or text_dim <= 0):
+        raise ConversionError(f"--text-dim {text_dim}: must be a positive int")
     source = open_source(src, layout)
     config = infer_config(source, num_heads, scan_layers=scan_layers, param_dtype=param_dtype,
                           **config_overrides)
@@ -337,7 +339,7 @@ def convert_checkpoint(src: str | Path, layout: str = "auto", num_heads: int | N
     if reinit_text_embedding:
         skip = {p for p in expected_shapes(config) if p.startswith("condition_embedder/text_embedder/")}
         source_config = config
-        config = dataclasses.replace(config, text_dim=text_dim or config.text_dim)
+        config = dataclasses.replace(config, text_dim=text_dim if text_dim is not None else config.text_dim)
         params = convert(source, source_config, skip)
         return config, reinit_text_embedder(params, config, seed)
     return config, convert(source, config)
@@ -355,14 +357,53 @@ def load(path: str | Path, target: Any = None, **convert_kwargs):
     """(DiTConfig, params) from our converted checkpoint, or converted on the fly from PyTorch files.
 
     target: abstract params with shardings, to restore an orbax checkpoint directly sharded.
+    convert_kwargs: `convert_checkpoint`'s options. A converted checkpoint is laid out (`scan_layers`) and
+    cast (`param_dtype`) as they ask, if given, and its config says so; options that would change its
+    weights or architecture (another text_dim or num_heads, reinit_text_embedding, a layout other than
+    auto, config overrides it does not match) are refused in one ConversionError line: they apply when
+    PyTorch files are converted.
     """
     from genmask_jax.models.dit import DiTConfig
 
     path = Path(path)
     if io.is_flax_checkpoint(path):
         config_dict, params = io.load_flax_checkpoint(path, target)
-        return DiTConfig.from_dict(config_dict), params
+        return _as_asked(path, DiTConfig.from_dict(config_dict), params, **convert_kwargs)
     return convert_checkpoint(path, **convert_kwargs)
+
+
+_NO_FIELD = object()
+
+
+def _as_asked(path: Path, config, params: dict, scan_layers: bool | None = None,
+              param_dtype: str | None = None, layout: str = "auto", num_heads: int | None = None,
+              text_dim: int | None = None, reinit_text_embedding: bool = False, seed: int = 0,
+              **config_overrides) -> tuple[Any, dict]:
+    """A converted checkpoint's (config, params) in the layout and dtype asked for (`load`); the seed only
+    matters with reinit_text_embedding."""
+    import jax
+
+    refused = [f"layout={layout!r}"] if layout != "auto" else []
+    refused += [f"{name}={value!r}" for name, value in (("num_heads", num_heads), ("text_dim", text_dim))
+                if value is not None and value != getattr(config, name)]
+    refused += ["reinit_text_embedding=True"] if reinit_text_embedding else []
+    refused += [f"{name}={value!r}" for name, value in config_overrides.items()
+                if getattr(config, name, _NO_FIELD) != value]
+    if refused:
+        raise ConversionError(
+            f"{path} is a converted checkpoint (text_dim {config.text_dim}, {config.num_heads} heads): "
+            f"{', '.join(refused)} apply only when converting PyTorch files; convert those again")
+    asked = {k: v for k, v in (("scan_layers", scan_layers), ("param_dtype", param_dtype)) if v is not None}
+    try:
+        config = dataclasses.replace(config, **asked)
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f"{path}: {e}") from e
+    if scan_layers is not None:
+        params = with_scan_layers(params, scan_layers)
+    if param_dtype is not None:
+        dtype = np.dtype(config.param_dtype)
+        params = jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), params)
+    return config, params
 
 
 # diffusers' WanTransformer3DModel takes no RoPE theta: its WanRotaryPosEmbed keeps the default 10000.

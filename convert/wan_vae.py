@@ -126,26 +126,44 @@ def _locate(path: Path) -> Path:
     return path
 
 
+def _common_prefix(keys) -> str:
+    """The one of ORIGINAL_PREFIXES every key starts with, else ''."""
+    keys = list(keys)
+    for prefix in ORIGINAL_PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return prefix
+    return ""
+
+
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a .pth / safetensors file or folder, common original prefixes removed."""
     tensors = dict(io.iter_checkpoint(path))
     if not tensors:
         raise ConversionError(f"{path}: holds no tensors")
-    for prefix in ORIGINAL_PREFIXES:
-        if all(k.startswith(prefix) for k in tensors):
-            tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
-            break
-    return tensors
+    prefix = _common_prefix(tensors)
+    return {k.removeprefix(prefix): v for k, v in tensors.items()}
 
 
-def detect_layout(keys: set[str]) -> str:
+def detect_layout(keys: set[str], path: Path) -> str:
+    """'diffusers' or 'original' from the key names (prefixes removed); else a ConversionError naming
+    `path` and, for a DiT's weights, the VAE file beside them (the original Wan2.1 release folder)."""
     if "encoder.conv_in.weight" in keys or "post_quant_conv.weight" in keys:
         return "diffusers"
     if "encoder.conv1.weight" in keys or "encoder.downsamples.0.residual.0.gamma" in keys:
         return "original"
     sample = ", ".join(sorted(keys)[:5])
-    raise ConversionError(f"unknown checkpoint layout: neither diffusers AutoencoderKLWan nor original "
-                          f"Wan 2.1 VAE keys (found {len(keys)} keys, e.g. {sample})")
+    hint = _dit_hint(path) if any(k.endswith("patch_embedding.weight") for k in keys) else ""  # both layouts
+    raise ConversionError(f"{path}: unknown checkpoint layout: neither diffusers AutoencoderKLWan nor "
+                          f"original Wan 2.1 VAE keys (found {len(keys)} keys, e.g. {sample}){hint}")
+
+
+def _dit_hint(path: Path) -> str:
+    """What to do with a DiT's weights given as the VAE: convert.wan_dit, and the VAE file beside them."""
+    folder = path if path.is_dir() else path.parent
+    vaes = sorted(str(p) for p in folder.iterdir() if p.is_file() and "vae" in p.name.lower()
+                  and p.suffix in (*io.TORCH_SUFFIXES, ".safetensors"))
+    there = f"; the VAE is likely {' or '.join(vaes)}: point SRC at it" if vaes else ""
+    return f"; these are a WAN DiT's weights (convert.wan_dit converts them){there}"
 
 
 def config_from_diffusers(d: dict[str, Any], where: str = "config.json"):
@@ -233,16 +251,25 @@ def _json_config(path: Path) -> dict[str, Any] | None:
 
 
 def convert_checkpoint(src: str | Path, layout: str = "auto"):
-    """(VAEConfig, {"params": ...}) from a PyTorch-side checkpoint; ConversionError on bad input."""
+    """(VAEConfig, {"params": ...}) from a PyTorch-side checkpoint; ConversionError on bad input.
+
+    Keys of neither VAE layout (a DiT's folder, say) are refused before a tensor is read: safetensors
+    keys come from the headers, and a torch file's tensors are memory-mapped (unless in torch's legacy,
+    not zip, format)."""
     if layout not in ("auto", "diffusers", "original"):
         raise ConversionError(f"unknown --layout {layout!r}: use auto, diffusers or original")
     path = _locate(Path(src))
     if not path.exists():
         raise ConversionError(f"{path}: no such file or folder")
+    if io.torch_file(path) is None:  # safetensors: the keys from the headers, before a tensor is read
+        keys = io.tensor_entries(path)
+        prefix = _common_prefix(keys)
+        found = detect_layout({k.removeprefix(prefix) for k in keys}, path)
+        layout = found if layout == "auto" else layout
     tensors = _read_tensors(path)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     if layout == "auto":
-        layout = detect_layout(set(shapes))
+        layout = detect_layout(set(shapes), path)
     json_config = _json_config(path)
     if layout == "diffusers" and json_config is not None:
         config = config_from_diffusers(json_config, str(_config_path(path)))

@@ -1,7 +1,9 @@
 """convert.wan_dit: both PyTorch layouts, the exact export round trip, and every bad input."""
 
 import json
+import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -253,6 +255,47 @@ def test_reinit_text_embedding(diffusers_folder):
             np.testing.assert_array_equal(flat[key], new_flat[key])
 
 
+@pytest.mark.parametrize("text_dim", ["0", "-5"])
+@pytest.mark.parametrize("reinit", [[], ["--reinit-text-embedding"]], ids=["kept", "reinit"])
+def test_text_dim_must_be_positive(diffusers_folder, tmp_path, capsys, text_dim, reinit):
+    """0 kept the checkpoint's width silently (it is falsy); a negative one was a DiTConfig traceback."""
+    _, path = diffusers_folder
+    assert wan_dit.main([str(path), str(tmp_path / "dst"), "--text-dim", text_dim, *reinit]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: --text-dim {text_dim}: must be a positive int\n", err
+    assert listing(tmp_path) == set()
+
+
+def test_load_of_a_converted_checkpoint_takes_layout_and_dtype_refuses_the_rest(diffusers_folder, tmp_path):
+    """Every option was ignored for a converted checkpoint: a script asking for another text width got the
+    saved one, and unscanned float32 params whatever scan_layers and param_dtype said."""
+    _, path = diffusers_folder
+    ours = wan_dit.save(tmp_path / "ours", *wan_dit.load(path))
+    for scan, dtype in ((True, "bfloat16"), (False, "float32")):
+        config, params = wan_dit.load(ours, scan_layers=scan, param_dtype=dtype)
+        expected_config, expected = wan_dit.load(path, scan_layers=scan, param_dtype=dtype)  # converted
+        assert config == expected_config and config.scan_layers == scan and config.param_dtype == dtype
+        assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(dtype)}
+        jax.tree.map(np.testing.assert_array_equal, params, expected)
+        scanned = wan_dit.save(tmp_path / f"saved_{scan}", config, params)
+        back_config, back = wan_dit.load(scanned, scan_layers=False)  # and back, dtype as saved
+        assert not back_config.scan_layers and back_config.param_dtype == dtype
+        jax.tree.map(np.testing.assert_array_equal, back, wan_dit.load(path, param_dtype=dtype)[1])
+    saved_config, _ = wan_dit.load(ours, text_dim=TEXT, num_heads=2, seed=3, eps=1e-6)  # what it holds
+    assert saved_config == wan_dit.load(ours)[0]
+    for options, named in (({"text_dim": 48, "reinit_text_embedding": True},
+                            "text_dim=48, reinit_text_embedding=True"),
+                           ({"reinit_text_embedding": True}, "reinit_text_embedding=True"),
+                           ({"text_dim": 48}, "text_dim=48"), ({"num_heads": 4}, "num_heads=4"),
+                           ({"layout": "diffusers"}, "layout='diffusers'"), ({"eps": 1e-3}, "eps=0.001")):
+        with pytest.raises(ConversionError) as info:
+            wan_dit.load(ours, **options)
+        assert str(info.value) == (f"{ours} is a converted checkpoint (text_dim {TEXT}, 2 heads): {named} "
+                                   "apply only when converting PyTorch files; convert those again"), options
+    with pytest.raises(ConversionError, match="param_dtype must name a floating dtype"):
+        wan_dit.load(ours, param_dtype="int8")
+
+
 # ---------------------------------------------------------------------------------------------
 # Folders holding a variant (fp16) copy of the weights beside the weights.
 
@@ -275,13 +318,18 @@ STEM = "diffusion_pytorch_model"
 
 @pytest.mark.parametrize("variant_index", [f"{STEM}.fp16.safetensors.index.json",  # sorts first
                                            f"{STEM}.safetensors.index.fp16.json",  # diffusers' naming
-                                           f"{STEM}.safetensors.fp16.index.json"])  # diffusers' legacy one
+                                           f"{STEM}.safetensors.fp16.index.json",  # diffusers' legacy one
+                                           None])  # one file, no index: a model under the shard size
 @pytest.mark.parametrize("weights", ["sharded", "one_file"])
 def test_folder_with_a_variant_reads_the_weights_without_one(tmp_path, variant_index, weights):
     """As diffusers' from_pretrained does by default. The first index in sorted order, the fp16 variant's,
-    was read before."""
+    was read before; a one-file variant beside one-file weights was refused as a second copy."""
     state = original_state_dict()
-    write_sharded_copy(tmp_path, state, variant_index, f"{STEM}.fp16", np.float16)
+    if variant_index is None:
+        fp16 = {k: v.astype(np.float16) for k, v in state.items()}
+        save_safetensors(fp16, tmp_path / f"{STEM}.fp16.safetensors")
+    else:
+        write_sharded_copy(tmp_path, state, variant_index, f"{STEM}.fp16", np.float16)
     if weights == "sharded":
         expected = write_sharded_copy(tmp_path, state, f"{STEM}.safetensors.index.json", STEM)
     else:
@@ -292,6 +340,30 @@ def test_folder_with_a_variant_reads_the_weights_without_one(tmp_path, variant_i
     for key, value in state.items():
         assert read[key].dtype == np.float32
         np.testing.assert_array_equal(read[key], value, err_msg=key)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("max_shard_size", [None, "60KB"], ids=["one_file", "sharded"])
+def test_diffusers_fp16_variant_beside_the_weights_converts_the_weights(tmp_path, max_shard_size):
+    """What diffusers' save_pretrained(variant="fp16") writes beside the weights (one file each for a model
+    under its shard size, the 1.3B DiT's case): from_pretrained reads the weights without a variant, and
+    so do we."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    model, folder = tiny_diffusers_model(seed=1), tmp_path / "transformer"
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(tmp_path / "plain", **shards)
+    model.save_pretrained(folder, **shards)
+    model.to(torch.float16).save_pretrained(folder, variant="fp16", **shards)
+    assert {n for n in listing(folder) - listing(tmp_path / "plain") if ".fp16" not in n} == set()
+    weights = dict(io.iter_checkpoint(tmp_path / "plain"))
+    loaded = diffusers.WanTransformer3DModel.from_pretrained(folder).state_dict()
+    for key, value in weights.items():  # fp32, not the fp16 variant's rounding
+        np.testing.assert_array_equal(loaded[key].numpy(), value, err_msg=key)
+    expected_config, expected = wan_dit.load(tmp_path / "plain")
+    config, params = wan_dit.load(folder)
+    assert config == expected_config
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
 
 
 def test_folder_with_only_variants_is_refused(tmp_path):
@@ -576,6 +648,45 @@ def test_an_interrupted_overwrite_leaves_the_old_or_the_new_folder(tmp_path, mon
     assert interrupted and listing(tmp_path) == {"dst"}
     expected = 1.0 if moment == "renaming_the_new" else 2.0
     np.testing.assert_array_equal(_saved(writer, dst), np.full(3, expected, np.float32))
+
+
+_KILLED_WRITE = """
+import os, signal, sys
+import numpy as np
+from convert import checkpoint_io as io
+io._replace_folder = lambda new, dst: os.kill(os.getpid(), signal.SIGKILL)  # written, not yet in place
+io.save_flax_checkpoint(sys.argv[1], {"w": np.ones(3, np.float32)}, {"a": 1})
+"""
+
+
+def test_the_next_write_removes_what_a_killed_write_left(tmp_path, caplog):
+    """A write killed outright (SIGKILL: the OOM killer) leaves its hidden `.DST.tmp-*` sibling, as large as
+    the checkpoint; reruns never removed it. Only ours, on this host, of a process that is gone, go."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(tmp_path / "dst")], env=env,
+                            timeout=300)
+    assert killed.returncode == -9
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".dst.tmp-") and (left / "params").is_dir(), left.name
+    _write("orbax", tmp_path / "dst", WEIGHTS)
+    assert listing(tmp_path) == {"dst"}
+    named = re.fullmatch(rf"\.dst\.tmp-{re.escape(io._host())}\.(\d+)-[a-z0-9_]{{8}}", left.name)
+    assert named, left.name
+    pid = named.group(1)  # the killed process's
+    shutil.rmtree(tmp_path / "dst")
+    kept = {f".dst.tmp-{io._host()}.{os.getpid()}-abcdefgh": "may be another write",  # a running process's
+            f".dst.tmp-elsewhere.{pid}-abcdefgh": "may be another write",  # another host's
+            ".dst.tmp-w07cvg5f": "may be another write",  # no owner in the name
+            f".dst.tmp-old-{io._host()}.{pid}-abcdefgh": "a killed --overwrite was replacing"}  # the only DST
+    for name in kept:
+        (tmp_path / name).mkdir()
+    with caplog.at_level(logging.INFO, logger=io.__name__):
+        _write("orbax", tmp_path / "dst", WEIGHTS)
+    assert listing(tmp_path) == {"dst", *kept}
+    for name, phrase in kept.items():
+        assert any(name in r.getMessage() and phrase in r.getMessage() for r in caplog.records), name
+    _write("orbax", tmp_path / "dst", WEIGHTS, overwrite=True)  # DST is back: the old one set aside goes
+    assert listing(tmp_path) == {"dst", *kept} - {f".dst.tmp-old-{io._host()}.{pid}-abcdefgh"}
 
 
 def _random_dit_params(config: DiTConfig) -> dict:
@@ -975,14 +1086,13 @@ def _broken(tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
         return src, ["not fp8 with one scale per tensor", "(3)", "blocks.0.ffn.0.weight is int8",
                      f"blocks.1.ffn.2.weight_scale has shape ({DIM}, 1)",
                      "blocks.1.ffn.1.weight_scale scales no blocks.1.ffn.1.weight"]
-    if kind == "two_copies":  # a diffusers-style folder holding an fp16 variant beside the weights
+    if kind == "two_unmarked_copies":  # no index and no variant in the names says which to read
         folder = tmp_path / "transformer"
         folder.mkdir()
         save_safetensors(state, folder / "diffusion_pytorch_model.safetensors")
-        save_safetensors({k: v.astype(np.float16) for k, v in state.items()},
-                         folder / "diffusion_pytorch_model.fp16.safetensors")
-        return folder, ["diffusion_pytorch_model.fp16.safetensors and diffusion_pytorch_model.safetensors",
-                        "point SRC at one file"]
+        save_safetensors(state, folder / "wan_copy.safetensors")
+        return folder, ["diffusion_pytorch_model.safetensors and wan_copy.safetensors both hold",
+                        "two copies of the weights?", "point SRC at one file"]
     if kind == "two_pth_files":  # a folder without safetensors is read from its one PyTorch file
         folder = tmp_path / "weights"
         folder.mkdir()
@@ -994,7 +1104,7 @@ def _broken(tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
 
 BAD = ["missing_path", "unknown_layout", "truncated_safetensors", "truncated_pth",
        "missing_and_unexpected_keys", "shape_mismatch", "i2v", "unsupported_quantisation",
-       "two_copies", "two_pth_files"]
+       "two_unmarked_copies", "two_pth_files"]
 
 
 @pytest.mark.parametrize("kind", BAD)

@@ -267,6 +267,42 @@ def test_bad_inputs_raise_one_clear_error(reference, tmp_path):
         wan_vae.load(root, layout="comfy")
 
 
+def test_original_release_folder_is_refused_before_its_dit_is_read(reference, tmp_path, capsys, monkeypatch):
+    """The original Wan2.1 folder holds the DiT's safetensors and config.json beside Wan2.1_VAE.pth: given
+    it (or its DiT file), the converter read every DiT tensor, then failed without naming the path."""
+    from safetensors.numpy import save_file
+
+    root, state = reference
+    release = tmp_path / "Wan2.1-T2V-1.3B"
+    release.mkdir()
+    dit = {"patch_embedding.weight": np.zeros((8, 16, 1, 2, 2), np.float32),
+           "head.modulation": np.zeros((1, 2, 8), np.float32),
+           **{f"blocks.{i}.self_attn.q.weight": np.zeros((8, 8), np.float32) for i in range(2)}}
+    save_file(dit, str(release / "diffusion_pytorch_model.safetensors"))
+    (release / "config.json").write_text(json.dumps({"_class_name": "WanModel", "dim": 8}))
+    vae_file = release / "Wan2.1_VAE.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in _original_state(state).items()}, vae_file)
+    read = []
+    monkeypatch.setattr(io, "iter_safetensors", lambda *args, **kwargs: read.append(args) or iter(()))
+    for src in (release, release / "diffusion_pytorch_model.safetensors"):
+        for layout in ("auto", "original"):
+            with pytest.raises(ConversionError) as info:
+                wan_vae.load(src, layout=layout)
+            message = str(info.value)
+            assert message.startswith(f"{src}: unknown checkpoint layout"), message
+            assert "a WAN DiT's weights (convert.wan_dit" in message, message
+            assert f"{vae_file}: point SRC at it" in message, message
+    assert read == []
+    assert wan_vae.main([str(release), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(vae_file) in err, err
+    monkeypatch.undo()
+    config, params = wan_vae.load(vae_file)  # what the error points at converts
+    ref_config, ref_params = wan_vae.load(root)
+    assert config == ref_config
+    _assert_trees_equal(params, ref_params)
+
+
 @pytest.mark.parametrize("form", ["step_beside_weights", "ema_wrapper"])
 def test_training_checkpoint_pth_is_one_clear_error(reference, tmp_path, capsys, form):
     """A .pth with a non-tensor entry (a training checkpoint's step, or its weights under 'ema')."""

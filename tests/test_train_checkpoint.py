@@ -204,6 +204,56 @@ def test_data_state_resumes_by_step_when_the_data_loading_group_count_changes(
     ckpt.close()
 
 
+@pytest.mark.parametrize("recorded", ["layout", "config", "nothing"])
+def test_a_data_position_saved_with_another_batch_is_refused_in_one_line(tmp_path, recorded, caplog):
+    """The saved position counts both tasks' elements interleaved: resumed as 3+3 after 2 steps of 4+4
+    grain put a generation example in the segmentation batch (KeyError 'mask'), as 6+2 it silently skipped
+    and repeated examples. The counts are in the data layout; a checkpoint from before they were has them
+    in its config; one with neither is resumed as this run's counts, with a warning."""
+    import json
+
+    from genmask_jax.data.pipeline import make_train_iterator
+
+    data = _data_config()
+    trainable = {"step": np.asarray(2, np.int32), "params": {"w": np.ones(3, np.float32)}}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+    make = lambda seg, gen: make_train_iterator(data, seg, gen, seed=1, process_index=0, process_count=1)  # noqa: E731
+    saving = make(4, 4)
+    reference = [next(saving) for _ in range(3)]
+    saving = make(4, 4)
+    next(saving), next(saving)
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(2, trainable, data_iterator=saving, config={"batch": {"seg": 4, "gen": 4}})
+    ckpt.wait()
+    layout = tmp_path / "2" / checkpointing.DATA_LAYOUT / "metadata"
+    assert json.loads(layout.read_text()) == {"group_count": 1, "process_count": 1, "batch_seg": 4,
+                                              "batch_gen": 4}
+    if recorded != "layout":  # as saved before the counts were recorded
+        layout.write_text(json.dumps({"group_count": 1, "process_count": 1}))
+    if recorded == "nothing":
+        config = tmp_path / "2" / checkpointing.CONFIG
+        for f in config.iterdir():
+            f.unlink()
+        config.rmdir()
+        with caplog.at_level("WARNING", logger="genmask_jax.train.checkpointing"):
+            ckpt.restore(2, abstract, data_iterator=make(4, 4))
+        assert "does not record the batch its data position was saved with" in caplog.text
+    else:
+        for seg, gen in ((6, 2), (3, 3)):
+            with pytest.raises(CheckpointError) as error:
+                ckpt.restore(2, abstract, data_iterator=make(seg, gen))
+            message = str(error.value)
+            assert "\n" not in message
+            assert (f"/2: its data position was saved with config.batch seg=4 gen=4, this run has seg={seg} "
+                    f"gen={gen}: resume with the saved batch") in message
+    resumed = make(4, 4)
+    ckpt.restore(2, abstract, data_iterator=resumed)
+    batch = next(resumed)
+    for task in ("seg", "gen"):
+        np.testing.assert_array_equal(batch[task]["image"], reference[2][task]["image"])
+    ckpt.close()
+
+
 def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     trainable = {"step": np.asarray(1, np.int32), "params": {"w": np.arange(3, dtype=np.float32)}}

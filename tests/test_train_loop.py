@@ -186,6 +186,28 @@ def test_a_seed_jax_would_cut_to_32_bits_is_refused_before_anything_is_written(t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("optimizer.schedule", "cosin", "config.optimizer: unknown schedule 'cosin'; use 'constant' or 'cosine'"),
+    ("optimizer.name", "adam", "config.optimizer: unknown optimizer 'adam'; use 'adamw' or 'muon'"),
+    ("optimizer.warmup_steps", -1, "config.optimizer: warmup_steps must be >= 0, got -1"),
+    ("ema_decay", 1.0, r"config.ema_decay must be in [0, 1) (0: no EMA), got 1.0"),
+    ("ema_decay", 1.5, r"config.ema_decay must be in [0, 1) (0: no EMA), got 1.5"),
+    ("ema_decay", -0.5, r"config.ema_decay must be in [0, 1) (0: no EMA), got -0.5"),
+])
+def test_an_optimizer_or_ema_decay_the_loop_cannot_use_is_refused_before_anything_is_written(
+    tmp_path, field, value, message
+):
+    """An optimizer typo was a ValueError traceback after the workdir was made; an EMA decay of 1 kept the
+    initial weights for the run (quick eval, evaluate and export read them), > 1 diverged, < 0 was off."""
+    from genmask_jax.infer.cli import InputError
+
+    config = tiny_config(total_steps=1, eval_every=0, sample_every=0, **{field: value})
+    with pytest.raises(InputError) as error:
+        loop.train(config, tmp_path / "run", mesh=mesh_of((1, 1, 1)))
+    assert str(error.value) == message
+    assert not (tmp_path / "run").exists()
+
+
 def test_metrics_on_an_object_store_keep_every_line(tmp_path):
     """gs://: the lines of an earlier run and every logged step survive; local: appended as before."""
     earlier = '{"step": 1, "loss": 3.0}\n'
@@ -391,6 +413,68 @@ def test_quick_eval_runs_only_when_every_process_read_its_inputs(tmp_path, monke
     assert not hooks.after_step(1, None)
     assert hooks.calls == [("segmentation", 1), ("generation", 1)] and hooks.sent == [True, True]
     hooks.close()
+
+
+def test_samples_switched_off_on_every_process_say_so(tmp_path, monkeypatch, caplog):
+    """Too few captions on every process turned the generation samples off for the run without a word
+    (the warning named only the processes that lacked them when others had them)."""
+    hooks = recorded_hooks(tmp_path, monkeypatch, others_ok=False)
+    hooks.quick_eval._generation_examples = lambda *args: None
+    with caplog.at_level("WARNING", logger="genmask_jax.train.hooks"):
+        assert not hooks.after_step(1, None)
+        assert not hooks.after_step(2, None)
+    assert hooks.calls == []  # (the other process lacks its segmentation inputs too)
+    assert caplog.text.count("no generation samples in this run: data.gen_sources='shapes' has fewer than "
+                             "the quick evaluation's 4 usable captions in split 'val'") == 1
+    hooks.close()
+
+
+def quick_eval_of(tmp_path, mesh, num_examples):
+    from genmask_jax.parallel.sharding import rules_from_config
+    from genmask_jax.train.hooks import MetricsLogger, QuickEval
+
+    config = tiny_config()
+    rules = rules_from_config(config.sharding.logical_axis_rules)
+    logger = MetricsLogger(tmp_path, total_steps=1, examples_per_step=1, enabled=True)
+    return QuickEval(config, None, mesh, rules, tmp_path, logger, num_examples=num_examples)
+
+
+def test_quick_eval_panels_wrap_into_a_grid_of_at_most_eight_lines(tmp_path):
+    """Rounded up to a pod's 64 batch shards, the generation panel was one row of 64 images (32768 px wide
+    at 512^2) and the segmentation panel 64 rows: now at most 8 columns, and 8 rows of triplets."""
+    import jax.numpy as jnp
+    from PIL import Image
+
+    n, size, length, dim = 12, 4, 3, 2
+    rng = np.random.default_rng(0)
+    quick = quick_eval_of(tmp_path, mesh_of((1, 1, 1)), n)
+    quick._gen_inputs = ([f"caption {i}" for i in range(n)], np.zeros((n, length, dim), np.float32),
+                         np.ones((n, length), bool))
+    quick._generate = lambda params, vae, context, mask: jnp.zeros((n, size, size, 3))
+    quick._seg_batch = {"image": rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32),
+                        "context": np.zeros((n, length, dim), np.float32),
+                        "context_mask": np.ones((n, length), bool),
+                        "valid": np.ones(n, bool), "mask": np.ones((n, size, size), np.float32),
+                        "ignore": np.zeros((n, size, size), bool)}
+    quick._segment = lambda params, vae, image, context, mask, index: jnp.ones((n, size, size), bool)
+    state = SimpleNamespace(params={}, ema_params=None, frozen={})
+    quick.generation(3, state)
+    quick.segmentation(3, state)
+    quick.logger.close()
+    read = lambda name: np.asarray(Image.open(tmp_path / "samples" / f"step_0000003_{name}.png"))  # noqa: E731
+    gap = 2
+    assert read("generation").shape == (2 * size + gap, 8 * size + 7 * gap, 3)  # rows of 8 and 4
+    # 2 examples (image | prediction | truth) a row, 6 rows
+    assert read("segmentation").shape == (6 * size + 5 * gap, 6 * size + 5 * gap, 3)
+
+
+def test_quick_eval_logs_its_examples_rounded_up_to_the_batch_shards(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="genmask_jax.train.hooks"):
+        quick = quick_eval_of(tmp_path, mesh_of((1, 4, 1)), 3)
+    quick.logger.close()
+    assert quick.num_examples == 4
+    assert ("quick evaluation: 4 examples (quick_eval.num_examples 3 rounded up to a multiple of the mesh's "
+            "4 batch shards)") in caplog.text
 
 
 def test_a_stop_request_skips_the_due_evaluations(tmp_path, monkeypatch):

@@ -89,13 +89,14 @@ def test_two_processes_train_save_and_restore(tmp_path):
     assert {"config", "data", "data_layout", "state"} <= set(os.listdir(saved))
     # grain's handler writes one iterator state per process.
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(saved / "data"))
-    assert json.load(open(saved / "data_layout" / "metadata")) == {"group_count": 2, "process_count": 2}
+    recorded = {"group_count": 2, "process_count": 2, "batch_seg": 4, "batch_gen": 4}
+    assert json.load(open(saved / "data_layout" / "metadata")) == recorded
     # With the tensor axis across the processes both read the whole batch: one global computation still.
     assert len(results[0]["resumed_losses"]) == 1
     assert results[0]["resumed_losses"] == results[1]["resumed_losses"]
     assert all(r["batch_across"] and r["batch_aligned"] for r in results)
     layout = tmp_path / "work" / "checkpoints" / "3" / "data_layout" / "metadata"
-    assert json.load(open(layout)) == {"group_count": 1, "process_count": 2}
+    assert json.load(open(layout)) == {**recorded, "group_count": 1}
 
 
 def test_distributed_args_from_config_then_environment():

@@ -542,6 +542,9 @@ def make_train_iterator(
     iterator = iter(mix.to_iter_dataset(read).batch(batch_seg + batch_gen, batch_fn=batch_fn))
     iterator.skip_logs = skip_logs
     iterator.elements_per_step, iterator.process_count = batch_seg + batch_gen, process_count
+    # Its saved position counts both tasks' elements interleaved: it means nothing under other counts
+    # (checkpoints record them: train.checkpointing.data_layout).
+    iterator.batch_seg, iterator.batch_gen = batch_seg, batch_gen
     return iterator
 
 

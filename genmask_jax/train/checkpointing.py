@@ -3,7 +3,9 @@
 Layout: `<directory>/<step>/{state, data, data_layout, config}`; `state` holds step, params, opt_state and
 (if any) ema_params; `data` the grain iterator's state, one JSON per process; `data_layout` how many
 data-loading groups (`parallel.data_groups`) and processes read it (a run with another layout resumes the
-data by step; a checkpoint without it had one group per process); `config` the experiment config.
+data by step; a checkpoint without it had one group per process) and the global per-task batch counts (a
+run with others is refused: the saved position counts both tasks' elements interleaved); `config` the
+experiment config.
 Saves are asynchronous (the device->host copy happens in `save`, the writing in the background) with a
 keep-N policy. Restores take an abstract target carrying shardings, so a checkpoint written on one mesh
 restores onto any other.
@@ -33,6 +35,7 @@ from genmask_jax.train.state import initial_ema
 log = logging.getLogger(__name__)
 
 STATE, DATA, DATA_LAYOUT, CONFIG = "state", "data", "data_layout", "config"
+BATCH_COUNTS = ("batch_seg", "batch_gen")  # data_layout's global per-task counts of a step
 
 
 def _checkpointable(iterator) -> bool:
@@ -42,9 +45,40 @@ def _checkpointable(iterator) -> bool:
 
 def data_layout(iterator) -> dict[str, int]:
     """How a run reads its data: `group_count` distinct streams (the iterator's data shard count, see
-    `make_train_iterator`; an iterator without one has a stream per process) over `process_count`."""
+    `make_train_iterator`; an iterator without one has a stream per process) over `process_count`, and the
+    global per-task counts of a step (`BATCH_COUNTS`) where the iterator tells its share of them."""
     count = jax.process_count()
-    return {"group_count": int(getattr(iterator, "process_count", count)), "process_count": count}
+    groups = int(getattr(iterator, "process_count", count))
+    layout = {"group_count": groups, "process_count": count}
+    if all(hasattr(iterator, name) for name in BATCH_COUNTS):
+        layout.update({name: groups * int(getattr(iterator, name)) for name in BATCH_COUNTS})
+    return layout
+
+
+def _streams(layout: Mapping[str, int]) -> tuple[int, int]:
+    return layout["group_count"], layout["process_count"]
+
+
+def check_saved_batch(saved: Mapping[str, int], current: Mapping[str, int], where: str) -> None:
+    """Raises one CheckpointError line when the data position in `where` was saved under other global
+    per-task counts than this run's (`data_layout`s): it counts both tasks' elements interleaved, so read
+    under other counts it skips and repeats examples, or puts generation examples in the segmentation
+    batch. Counts that only this run knows (a checkpoint that records none) are trusted, with a warning."""
+    if not all(name in current for name in BATCH_COUNTS):
+        return
+    this = "seg={batch_seg} gen={batch_gen}".format(**current)
+    if not all(name in saved for name in BATCH_COUNTS):
+        log.warning("%s does not record the batch its data position was saved with: resuming it as "
+                    "this run's (%s)", where, this)
+        return
+    before = "seg={batch_seg} gen={batch_gen}".format(**saved)
+    if before != this:
+        raise CheckpointError(
+            f"{where}: its data position was saved with config.batch {before}, this run has {this}: resume "
+            "with the saved batch (config.microbatches splits it to fit memory); or carry its weights over "
+            "(the optimizer state and the data position start afresh): `python -m convert.export "
+            "CHECKPOINT DST`, then start a new run from DST/transformer with --config.init_from."
+        )
 
 
 def _drop_none(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,8 +175,9 @@ class Checkpointer:
         saved = set(self.item_names(step))
         data_dir, saved_layout = self.directory / str(step) / DATA, None
         if _checkpointable(data_iterator) and DATA in saved:
-            saved_layout = self._saved_data_layout(step, data_dir, DATA_LAYOUT in saved)
-            if saved_layout == data_layout(data_iterator):
+            saved_layout = self._saved_data_layout(step, data_dir, saved)
+            check_saved_batch(saved_layout, data_layout(data_iterator), where)
+            if _streams(saved_layout) == _streams(data_layout(data_iterator)):
                 items[DATA], saved_layout = grain.checkpoint.CheckpointRestore(data_iterator), None
         elif data_iterator is not None:
             log.warning(
@@ -169,14 +204,21 @@ class Checkpointer:
             state["ema_params"] = initial_ema(state["params"])
         return {k: state.get(k) for k in abstract_trainable}
 
-    def _saved_data_layout(self, step: int, data_dir: epath.Path, recorded: bool) -> dict[str, int]:
-        """The `data_layout` of the run that saved `step`; a checkpoint from before it was recorded had a
-        data stream per process."""
-        if not recorded:
+    def _saved_data_layout(self, step: int, data_dir: epath.Path, items: set[str]) -> dict[str, int]:
+        """The `data_layout` of the run that saved `step` (whose items are `items`); a checkpoint from
+        before it was recorded had a data stream per process, one from before the batch counts were has
+        them in its config (`config.batch`, what the loop's iterator reads)."""
+        if DATA_LAYOUT in items:
+            args = ocp.args.Composite(**{DATA_LAYOUT: ocp.args.JsonRestore()})
+            layout = {k: int(v) for k, v in self.manager.restore(step, args=args)[DATA_LAYOUT].items()}
+        else:
             count = _saved_process_count(data_dir)
-            return {"group_count": count, "process_count": count}
-        args = ocp.args.Composite(**{DATA_LAYOUT: ocp.args.JsonRestore()})
-        return {k: int(v) for k, v in self.manager.restore(step, args=args)[DATA_LAYOUT].items()}
+            layout = {"group_count": count, "process_count": count}
+        if not all(name in layout for name in BATCH_COUNTS) and CONFIG in items:
+            batch = self.restore_config(step).get("batch") or {}
+            if "seg" in batch and "gen" in batch:
+                layout.update(batch_seg=int(batch["seg"]), batch_gen=int(batch["gen"]))
+        return layout
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

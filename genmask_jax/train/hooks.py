@@ -46,6 +46,9 @@ from genmask_jax.parallel.sharding import batch_shard_count, batch_sharding
 log = logging.getLogger(__name__)
 
 TASK_BATCH_KEYS = ("seg", "gen")
+# A sample panel's rows (segmentation: image | prediction | truth side by side) or columns (generation) at
+# most: the quick evaluation's examples round up to the batch shards, 64 on a pod, a 32768 px wide row.
+PANEL_LINES = 8
 
 
 class MetricsLogger:
@@ -227,6 +230,11 @@ def _host(array: jax.Array) -> np.ndarray:
     return np.asarray(array.addressable_data(0))
 
 
+def wrap(items: list[list], per_row: int) -> list[list]:
+    """Panel rows of `per_row` items each (the last may hold fewer), an item being a list of tiles."""
+    return [sum(items[i : i + per_row], []) for i in range(0, len(items), per_row)]
+
+
 class QuickEval:
     """A fixed small segmentation batch and fixed generation prompts, evaluated on the live state.
 
@@ -254,6 +262,9 @@ class QuickEval:
         self.gen_steps, self.guidance_scale = gen_steps, guidance_scale
         self.sharding, multiple = batch_sharding(mesh, rules), batch_shard_count(mesh, rules)
         self.num_examples = -(-num_examples // multiple) * multiple
+        if self.num_examples != num_examples:
+            log.info("quick evaluation: %d examples (quick_eval.num_examples %d rounded up to a multiple of "
+                     "the mesh's %d batch shards)", self.num_examples, num_examples, multiple)
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self._seg_batch = self._gen_inputs = None
         self._segment = self._generate = None
@@ -309,11 +320,18 @@ class QuickEval:
             from genmask_jax.encoders.cache import EmbeddingCache
 
             cache = EmbeddingCache(data.encoder.cache_dir, fingerprint(data.encoder))
-        examples = self._generation_examples(self.split, cache)
+        examples, splits = self._generation_examples(self.split, cache), [self.split]
         if examples is None and cache is not None and data.train_split != self.split:
             # precompute caches the generation sources' training split only
             examples = self._generation_examples(data.train_split, cache)
+            splits.append(data.train_split)
         if examples is None:
+            cached = " with cached embeddings" if cache is not None else ""
+            log.warning(
+                "no generation samples in this run: data.gen_sources=%r has fewer than the quick "
+                "evaluation's %d usable captions%s in split %s (--config.sample_every=0 turns them off)",
+                data.gen_sources, self.num_examples, cached, " or ".join(map(repr, splits)),
+            )
             return None
         texts = [e["text"] for e, _ in examples]
         if cache is not None:
@@ -408,7 +426,8 @@ class QuickEval:
         self.logger(step, values, prefix="quick_eval")
         if self.logger.enabled:
             images = to_uint8(batch["image"])
-            grid = panel([[im, m, g] for im, m, g in zip(images[valid], masks[valid], gt[valid])])
+            triplets = [[im, m, g] for im, m, g in zip(images[valid], masks[valid], gt[valid])]
+            grid = panel(wrap(triplets, max(1, -(-len(triplets) // PANEL_LINES))))
             self.logger.image(step, "quick_eval/image_prediction_truth", grid)
             write_image(grid, self.samples / f"step_{step:07d}_segmentation.png")
         return values
@@ -427,7 +446,7 @@ class QuickEval:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             rgb = _host(self._generate_fn()(inference_params(state), state.frozen.get("vae"), *args))
         if self.logger.enabled:
-            grid = panel([list(to_uint8(rgb))])
+            grid = panel(wrap([[x] for x in to_uint8(rgb)], PANEL_LINES))
             self.logger.image(step, "samples/generation", grid)
             write_image(grid, self.samples / f"step_{step:07d}_generation.png")
             (self.samples / f"step_{step:07d}_generation.txt").write_text("\n".join(prompts) + "\n")

@@ -163,8 +163,8 @@ def check_init_from(config, fresh_cfg: DiTConfig) -> None:
 
 
 def check_loop_fields(config) -> None:
-    """Raises InputError (one line) for a seed, interval, batch or checkpoint count the loop cannot use,
-    before anything is built or written."""
+    """Raises InputError (one line) for a seed, interval, batch, checkpoint count, optimizer or EMA decay
+    the loop cannot use, before anything is built or written."""
     from genmask_jax.infer.cli import InputError
 
     if not 0 <= config.seed < 2**32:  # JAX keeps a seed's low 32 bits: 2**32 + 7 would train as seed 7
@@ -184,6 +184,12 @@ def check_loop_fields(config) -> None:
     keep = config.checkpoint.keep
     if keep is not None and keep < 1:  # orbax's max_to_keep=0 deletes every checkpoint as it is saved
         raise InputError(f"config.checkpoint.keep must be >= 1 (or None: keep all), got {keep}")
+    if not 0 <= config.ema_decay < 1:  # 1 keeps the initial weights, > 1 diverges, < 0 turned it off
+        raise InputError(f"config.ema_decay must be in [0, 1) (0: no EMA), got {config.ema_decay}")
+    try:
+        make_optimizer(optimizer_config(config))  # an unknown name or schedule, a negative warmup
+    except ValueError as e:
+        raise InputError(f"config.optimizer: {e}") from None
 
 
 def check_batch_split(config, mesh: jax.sharding.Mesh, rules) -> None:

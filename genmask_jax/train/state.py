@@ -48,6 +48,8 @@ def make_schedule(cfg: Mapping) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup_steps`, then constant or cosine down to
     `lr * end_lr_factor` at `total_steps`."""
     lr, warmup = float(cfg["lr"]), int(cfg.get("warmup_steps", 0))
+    if warmup < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup}")
     kind = cfg.get("schedule", "constant")
     if kind == "constant":
         after = optax.constant_schedule(lr)

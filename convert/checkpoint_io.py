@@ -67,7 +67,8 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     by_variant: dict[str | None, list[Path]] = {}
     for file in sorted(path.glob("*.safetensors")):
         if file not in indexed:
-            by_variant.setdefault(_FILE_NAME.fullmatch(file.name).group(2), []).append(file)
+            match = _FILE_NAME.fullmatch(file.name)  # None: an odd name (`a..safetensors`), its own copy
+            by_variant.setdefault(match.group(2) if match else file.name, []).append(file)
     for variant, files in by_variant.items():
         copies[" and ".join(f.name for f in files)] = (files, variant is None)
     if not copies:

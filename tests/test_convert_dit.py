@@ -380,6 +380,12 @@ def test_folder_with_only_variants_is_refused(tmp_path):
         f"{STEM}.fp16-0000{i}-of-00002.safetensors" for i in (1, 2)]
 
 
+def test_a_file_name_no_naming_scheme_explains_is_read_as_the_one_copy(tmp_path):
+    """`wan..safetensors` matched no variant pattern: an AttributeError traceback, not the weights."""
+    save_safetensors(original_state_dict(), tmp_path / "wan..safetensors")
+    assert [f.name for f in io.safetensors_files(tmp_path)] == ["wan..safetensors"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Export.
 

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import logging
+import os
 import pickle
 import shutil
 import sys
@@ -576,14 +577,30 @@ def test_an_image_unreadable_on_its_first_ref_skips_every_ref_of_it_counted_in_e
         assert all(record["image"] for record in source.records)  # no record without its image
 
 
+def _stat_failing_once(monkeypatch, name, error):
+    """Makes the first `os.stat` of COCO image `name` raise `error` (the lookup: a soft NFS mount's EIO)."""
+    failed, real = [], os.stat
+
+    def flaky_stat(path, *args, **kwargs):
+        if str(path).endswith(name) and not failed:
+            failed.append(path)
+            raise error
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", flaky_stat)
+    return failed
+
+
+@pytest.mark.parametrize("failing", ["open", "stat"])
 def test_a_transient_read_error_stops_the_preparation_instead_of_skipping(
-    refer, tmp_path, monkeypatch, capsys
+    refer, tmp_path, monkeypatch, capsys, failing
 ):
     """An EIO (an NFS hiccup) would make a lasting hole in the prepared set: it stops the preparation,
-    in one line, and nothing is kept, so running it again prepares everything."""
+    in one line, and nothing is kept, so running it again prepares everything. The lookup's EIO
+    (`os.path.isfile` said "no such file") too."""
     root, out = _refer_copy(refer, tmp_path), tmp_path / "tfds"
     eio = OSError(errno.EIO, "Input/output error")
-    _open_failing_once(monkeypatch, "000000000001.jpg", eio)
+    {"open": _open_failing_once, "stat": _stat_failing_once}[failing](monkeypatch, "000000000001.jpg", eio)
     with pytest.raises(SystemExit) as exit_info:
         _prepare_cli(root, out)
     err = capsys.readouterr().err  # TFDS's progress bars, then the error

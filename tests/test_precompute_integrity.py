@@ -449,20 +449,16 @@ def test_a_source_whose_reads_all_fail_stops_the_precompute(tmp_path, monkeypatc
     assert_complete(folder, c)
 
 
-def test_a_max_consecutive_skips_below_one_stops_at_the_first_failure(tmp_path, monkeypatch):
-    """`failed_in_a_row == 0` never held: a source failing throughout was skipped to its end."""
+def test_a_max_consecutive_skips_below_one_is_refused_as_training_refuses_it(tmp_path):
+    """`failed_in_a_row == 0` never held: a source failing throughout was skipped to its end, and the
+    training the cache was made for refuses the setting."""
+    from genmask_jax.data.sources import DataConfigError
+
     c = small_config()
     c.max_consecutive_skips = 0
-    real = shapes.SyntheticShapes.__getitem__
-
-    def read(self, i):
-        if self.task == "seg" and i >= 4:
-            raise PERMANENT["permission denied"]
-        return real(self, i)
-
-    monkeypatch.setattr(shapes.SyntheticShapes, "__getitem__", read)
-    with pytest.raises(PrecomputeError, match="seg/train: 1 examples in a row did not read"):
+    with pytest.raises(DataConfigError, match="data.max_consecutive_skips must be >= 1"):
         precompute(c, str(tmp_path / "cache"), **RUN)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_failures_apart_from_each_other_are_skips(tmp_path, monkeypatch):

@@ -45,7 +45,13 @@ from ml_collections import ConfigDict
 
 from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
-from genmask_jax.data.sources import ConcatSource, DataConfigError, make_task_source, parse_names
+from genmask_jax.data.sources import (
+    ConcatSource,
+    DataConfigError,
+    make_task_source,
+    max_consecutive_skips,
+    parse_names,
+)
 from genmask_jax.data.splits import precompute_selection
 from genmask_jax.encoders import DEFAULT_MAX_PIXELS
 from genmask_jax.encoders.base import ContextError
@@ -257,12 +263,7 @@ class _Loader:
         self.split = split
         self.resolution = tuple(data_config.resolution)
         self.fit = data_config.fit
-        self.max_skips = data_config.max_consecutive_skips
-        if self.max_skips < 1:
-            raise DataConfigError(
-                f"data.max_consecutive_skips must be >= 1 (1: stop at the first bad example), "
-                f"got {self.max_skips!r}"
-            )
+        self.max_skips = max_consecutive_skips(data_config)
         # Where each data set of a (nested) ConcatSource starts: a bad example is replaced within its own.
         self._starts = np.cumsum([0, *map(len, _data_sets(source))])
         self.evaluation = evaluation

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import pickle
+import stat
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -138,11 +139,15 @@ def load_refer(refer_dir: str, config: str) -> tuple[list[dict], dict[int, dict]
 
 def coco_image_path(coco_images: str, file_name: str) -> str | None:
     """The file of a COCO image named as in instances.json (train2014's `COCO_train2014_<id>.jpg`), else
-    under its train2017 name (`<id>.jpg`: the same pixels); None when neither exists."""
+    under its train2017 name (`<id>.jpg`: the same pixels); None when neither exists. Another error of the
+    lookup (EIO of a soft NFS mount) is raised, not taken for a missing file (`os.path.isfile` would)."""
     for name in (file_name, file_name.rsplit("_", 1)[-1]):
         path = os.path.join(coco_images, name)
-        if os.path.isfile(path):
-            return path
+        try:
+            if stat.S_ISREG(os.stat(path).st_mode):
+                return path
+        except (FileNotFoundError, NotADirectoryError):
+            pass
     return None
 
 

@@ -30,6 +30,16 @@ class DataConfigError(ValueError):
     """A data config the pipelines cannot read as given: a name that is no source, a malformed field."""
 
 
+def max_consecutive_skips(data_config) -> int:
+    """`data.max_consecutive_skips`, the reads in a row that may fail before a source is an error; one
+    `DataConfigError` line below 1 (no read could succeed)."""
+    value = data_config.max_consecutive_skips
+    if value < 1:
+        raise DataConfigError(f"data.max_consecutive_skips must be >= 1 (1: stop at the first bad example), "
+                              f"got {value!r}")
+    return value
+
+
 class ConcatSource:
     """Several sources read as one (indices run through them in order)."""
 

@@ -56,7 +56,7 @@ import numpy as np
 import tqdm
 
 from genmask_jax.data.skips import SkipLog, skip_reason, transient
-from genmask_jax.data.sources import make_task_source, parse_names
+from genmask_jax.data.sources import make_task_source, max_consecutive_skips, parse_names
 from genmask_jax.data.splits import DATASETS, SplitSpec, parse_splits, refcoco_config, split_data_config
 from genmask_jax.encoders import ContextError, PromptTooLong, encoder_input, fingerprint, make_encoder
 from genmask_jax.encoders.cache import CacheMismatch, CacheWriter, EmbeddingCache, SkippedExample
@@ -277,6 +277,7 @@ def precompute(
 
     `encoder`: an encoder built from `data_config.encoder` (tests pass one to reuse a loaded model).
     """
+    max_failed = max_consecutive_skips(data_config)  # as many as stop a pipeline reading the source
     jobs = plan_jobs(data_config, splits, evals)
     encoder = encoder or make_encoder(data_config.encoder)
     config = data_config.encoder
@@ -286,7 +287,6 @@ def precompute(
     # fails first and leaves nothing behind.
     sources = [make_task_source(job.names, job.split, job.data_config, job.task) for job in jobs]
     skips = SkipLog("precompute")
-    max_failed = data_config.max_consecutive_skips  # as many as stop a pipeline reading the source
     unread: list[tuple[str, str]] = []  # (example id, "kind: detail")
     written = already = 0
     with CacheWriter(
@@ -321,7 +321,7 @@ def precompute(
                     else:  # a bad example, a corrupt image: it fails every time, no record needed
                         skips.add(example_id, skip_reason(e))
                     failed_in_a_row += 1
-                    if failed_in_a_row >= max_failed:  # 0 or less: as 1, the first failure stops it
+                    if failed_in_a_row == max_failed:
                         raise _failing_source_error(job, failed_in_a_row, skip_reason(e)) from e
                     continue
                 if len(batch) == batch_size:

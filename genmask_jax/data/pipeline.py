@@ -46,8 +46,8 @@ from ml_collections import ConfigDict
 from genmask_jax.data import preprocess
 from genmask_jax.data.skips import BadExample, SkipLog, skip_reason
 from genmask_jax.data.sources import (
-    ConcatSource,
     DataConfigError,
+    data_set_span,
     make_task_source,
     max_consecutive_skips,
     parse_names,
@@ -239,13 +239,6 @@ class _ContextProvider:
         )
 
 
-def _data_sets(source) -> list:
-    """The sources that `source` concatenates (nested ConcatSources flattened), or [source]."""
-    if not isinstance(source, ConcatSource):
-        return [source]
-    return [part for sub in source.sources for part in _data_sets(sub)]
-
-
 class _Loader:
     """Reads example `index` of a source and turns it into model inputs, skipping bad examples."""
 
@@ -264,8 +257,6 @@ class _Loader:
         self.resolution = tuple(data_config.resolution)
         self.fit = data_config.fit
         self.max_skips = max_consecutive_skips(data_config)
-        # Where each data set of a (nested) ConcatSource starts: a bad example is replaced within its own.
-        self._starts = np.cumsum([0, *map(len, _data_sets(source))])
         self.evaluation = evaluation
 
     def _example_id(self, index: int) -> str:
@@ -310,8 +301,7 @@ class _Loader:
 
     def load(self, index: int) -> tuple[dict, dict]:
         """Example `index`, or the next readable one of the same source (logged, counted) when it is bad."""
-        part = int(np.searchsorted(self._starts, index, side="right")) - 1
-        start, n = int(self._starts[part]), int(self._starts[part + 1] - self._starts[part])
+        start, n = data_set_span(self.source, index)  # a bad example is replaced within its own data set
         for attempt in range(self.max_skips):
             k = start + (index - start + attempt) % n
             try:

@@ -69,6 +69,17 @@ class ConcatSource:
         return source[local]
 
 
+def data_set_span(source, index: int) -> tuple[int, int]:
+    """(start, length) of the data set that holds example `index` of `source`: the concatenated source it
+    is in (nested ConcatSources included), else the whole of `source`."""
+    if not isinstance(source, ConcatSource):
+        return 0, len(source)
+    part, local = source._locate(index)
+    offset = index - local
+    start, length = data_set_span(part, local)
+    return offset + start, length
+
+
 def parse_names(names: str | Sequence[str]) -> list[str]:
     if isinstance(names, str):
         names = names.split(",")

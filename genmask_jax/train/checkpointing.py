@@ -175,9 +175,9 @@ class Checkpointer:
         saved = set(self.item_names(step))
         data_dir, saved_layout = self.directory / str(step) / DATA, None
         if _checkpointable(data_iterator) and DATA in saved:
-            saved_layout = self._saved_data_layout(step, data_dir, saved)
-            check_saved_batch(saved_layout, data_layout(data_iterator), where)
-            if _streams(saved_layout) == _streams(data_layout(data_iterator)):
+            saved_layout, layout = self._saved_data_layout(step, data_dir, saved), data_layout(data_iterator)
+            check_saved_batch(saved_layout, layout, where)
+            if _streams(saved_layout) == _streams(layout):
                 items[DATA], saved_layout = grain.checkpoint.CheckpointRestore(data_iterator), None
         elif data_iterator is not None:
             log.warning(
@@ -191,7 +191,7 @@ class Checkpointer:
             )
             log.warning(
                 "checkpoint %s/%d read its data as %s, this run as %s: resuming the data by step",
-                self.directory, step, saved_layout, data_layout(data_iterator),
+                self.directory, step, saved_layout, layout,
             )
             data_iterator.set_state(
                 state_for_process_count(saved_state, saved_layout["group_count"], data_iterator)

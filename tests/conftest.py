@@ -1,11 +1,17 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported anywhere), fixed seeds."""
+"""Test setup: 8 simulated CPU devices and LLVM -O0 (set before jax is imported anywhere), fixed seeds."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM -O0 for the machine code XLA:CPU emits: the HLO passes (fusion, sharding, layouts) are the ones users
+# get; only LLVM's optimisation of the emitted code is skipped, which is most of compiling the tiny models
+# (tests/test_genmask.py: 72 -> 50 s). Programs that differ may round differently at -O0 than at -O3, as
+# at any level; tolerances say how much. Set XLA_FLAGS (with the device count) to test at another level.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # libtpu (installed for the AOT tests) guards itself with a lockfile; tests load it in several processes.

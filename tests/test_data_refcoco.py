@@ -232,7 +232,7 @@ def test_a_set_that_is_not_prepared_names_the_prepare_command(tmp_path):
     with pytest.raises(FileNotFoundError) as info:  # TFDS would list every data set it knows
         refcoco.RefCocoSource("ref_coco_bv/refcoco_unc", "val", data_dir=data_dir)
     assert str(info.value).startswith(f"no prepared ref_coco_bv/refcoco_unc in {data_dir}")
-    assert len(str(info.value)) < 500
+    assert len(str(info.value).replace(data_dir, "")) < 400  # the temporary path's length is pytest's
     version = tmp_path / "tfds" / "ref_coco_seg" / "refcoco_unc" / "1.0.0"
     version.mkdir(parents=True)  # prepared in TFDS's default format, which tfds.data_source cannot read
     (version / "dataset_info.json").write_text(json.dumps({"name": "ref_coco_seg", "version": "1.0.0"}))

@@ -21,13 +21,14 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two simulated devices: the batch is really sharded, and compiling stays cheap on a 2-core machine.
 ENV = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "XLA_FLAGS": xla_flags(2),
     "PYTHONPATH": REPO,
 }
 TINY = ["--config=configs/genmask.py"]
@@ -1147,7 +1148,7 @@ def test_evaluate_under_a_multi_process_launch(trained, tmp_path):
     for pid in range(2):
         env = {
             **ENV,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "XLA_FLAGS": xla_flags(1),
             "GENMASK_DISTRIBUTED": "1",
             "GENMASK_COORDINATOR_ADDRESS": address,
             "GENMASK_NUM_PROCESSES": "2",

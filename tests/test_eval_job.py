@@ -766,11 +766,11 @@ def start_processes(script: str, tmp_path, outs, lost=None, broken="") -> list:
     import subprocess
     import sys
 
-    from train_helpers import free_port
+    from train_helpers import free_port, xla_flags
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     fields = {"root": root, "tests": os.path.join(root, "tests"), "address": address}
     fields.update(lost=lost, broken=broken)
     return [

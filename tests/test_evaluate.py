@@ -61,11 +61,11 @@ def test_processes_with_their_own_out_stop_before_the_checkpoint_loads(saved_run
     """A multi-process launch whose --out is a path on each host's own disk (here one folder per process):
     every process stops with one line (before, process 0 found the others' examples missing after the
     whole evaluation, and again on every rerun)."""
-    from train_helpers import free_port
+    from train_helpers import free_port, xla_flags
 
     address = f"127.0.0.1:{free_port()}"
     launch = {
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": xla_flags(1),
         "GENMASK_DISTRIBUTED": "1",
         "GENMASK_COORDINATOR_ADDRESS": address,
         "GENMASK_NUM_PROCESSES": "2",

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
-from train_helpers import make_batch, mesh_of, tiny_config
+from train_helpers import make_batch, mesh_of, tiny_config, xla_flags
 
 from genmask_jax.train import checkpointing, loop
 
@@ -49,7 +49,7 @@ def test_resume_in_a_new_process_is_exact(tmp_path):
     split = tmp_path / "split"
     _, first = loop.train(resume_config(), split, stop_at_step=3, mesh=mesh_of(MESH))
     assert [h["step"] for h in first] == [1, 2, 3]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     script = _RESUME.format(root=ROOT, tests=os.path.join(ROOT, "tests"), workdir=str(split), mesh=MESH)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env, timeout=900)
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from train_helpers import free_port, wait_all
+from train_helpers import free_port, wait_all, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +71,7 @@ with open({out!r} + f".{{jax.process_index()}}", "w") as f:
 def test_two_processes_train_save_and_restore(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     out = str(tmp_path / "result")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu"}
     procs = []
     for pid in range(2):
         script = _WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), address=address, pid=pid,
@@ -172,7 +172,7 @@ def test_frozen_weights_go_to_the_devices_without_an_all_gather(tmp_path):
     the whole array: every frozen VAE leaf from every process at start-up (about 4 GB per host for the WAN
     VAE on 8 hosts). Each device now takes its own shards."""
     address, out = f"127.0.0.1:{free_port()}", str(tmp_path / "frozen")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2)}
     worker = lambda pid: _FROZEN_WORKER.format(root=ROOT, address=address, pid=pid, out=out)
     procs = [subprocess.Popen([sys.executable, "-c", worker(pid)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for pid in range(2)]

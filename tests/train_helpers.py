@@ -1,7 +1,9 @@
 """Shared builders for the GenMask model/training tests: a tiny config, a tiny model and batches in the
-interfaces.md format (random images, rectangle masks, random contexts); and for multi-process tests, a free
-coordinator port and the wait for the processes."""
+interfaces.md format (random images, rectangle masks, random contexts); and for the processes tests start,
+their XLA flags, a free coordinator port and the wait for the processes."""
 
+import os
+import re
 import socket
 import subprocess
 
@@ -61,6 +63,13 @@ def make_batch(seed: int, n_seg: int, n_gen: int, text_dim: int = 32, size: int 
         return out
 
     return {"seg": sub(n_seg, True), "gen": sub(n_gen, False)}
+
+
+def xla_flags(device_count: int) -> str:
+    """This session's XLA_FLAGS (conftest.py's, or the caller's own) with another number of simulated CPU
+    devices: for the processes a test starts, which then compile as the test process does."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    return " ".join([*flags.split(), f"--xla_force_host_platform_device_count={device_count}"])
 
 
 def free_port() -> int:

@@ -105,8 +105,9 @@ def test_a_tfds_set_that_is_not_prepared_says_so(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         TfdsCaptions("tiny_captions", data_dir=str(tmp_path))
     assert str(info.value).startswith(f"no prepared tiny_captions in {tmp_path}")
-    message = str(info.value).replace(str(tmp_path), "")  # the temporary path's length is pytest's
-    assert "file_format='array_record'" in message and len(message) < 400  # TFDS's lists every data set
+    # Short: TFDS's own message lists every data set it knows. The temporary path's length is pytest's.
+    message = str(info.value).replace(str(tmp_path), "")
+    assert "file_format='array_record'" in message and len(message) < 400
 
 
 def test_mixed_with_shapes(folder):

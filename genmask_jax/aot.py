@@ -67,7 +67,7 @@ from genmask_jax.parallel.data_groups import data_loading_groups  # noqa: E402
 from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
 from genmask_jax.parallel.sharding import logical_sharding, rules_from_config  # noqa: E402
 from genmask_jax.train import loop  # noqa: E402
-from genmask_jax.train.state import TrainState, initial_ema, make_optimizer, state_shardings  # noqa: E402
+from genmask_jax.train.state import TrainState, make_optimizer, train_state_shapes  # noqa: E402
 from genmask_jax.train.step import (  # noqa: E402
     batch_sharding,
     check_microbatch_split,
@@ -201,25 +201,12 @@ def _abstract(tree, shardings):
 
 
 def abstract_state(model: GenMask, tx, mesh, rules, use_ema: bool) -> tuple[TrainState, TrainState]:
-    """(TrainState of sharded ShapeDtypeStructs, TrainState of NamedShardings); nothing is allocated.
-
-    Mirrors `train.state.create_train_state` + `loop.host_frozen` (same shardings via `state_shardings`).
-    """
-    init, rng = loop.dit_initializer(model), jax.random.key(0)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed_params = jax.eval_shape(init, rng)
-    # Outside the TPU mesh: these run small concrete ops, which cannot execute on a topology's devices.
-    boxed_frozen = loop.abstract_frozen(model)
-    shardings = state_shardings(boxed_params, boxed_frozen, tx, mesh, rules, use_ema)
-    params = nn.meta.unbox(boxed_params)
-    state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32),
-        params=params,
-        opt_state=jax.eval_shape(tx.init, params),
-        ema_params=jax.eval_shape(initial_ema, params) if use_ema else None,  # float32, as training keeps it
-        frozen=nn.meta.unbox(boxed_frozen),
-    )
-    return _abstract(state, shardings), shardings
+    """(TrainState of sharded ShapeDtypeStructs, TrainState of NamedShardings); nothing is allocated: the
+    state training makes (`train.state.train_state_shapes`, the VAE as `loop.host_frozen` attaches it)."""
+    # Outside the TPU mesh: the frozen shapes run small concrete ops, which cannot execute on a topology's
+    # devices.
+    frozen = loop.abstract_frozen(model)
+    return train_state_shapes(loop.dit_initializer(model), tx, mesh, rules, use_ema, frozen)
 
 
 def abstract_train_batch(config, sharding) -> dict:

@@ -4,14 +4,22 @@ import jax
 import numpy as np
 import pytest
 from test_train_step import max_abs_diff, run, setup
-from train_helpers import make_batch, mesh_of, tiny_config, tiny_model
+from train_helpers import make_batch, mesh_of, random_vae, tiny_config, tiny_model
 
 from convert import wan_dit
 from genmask_jax.infer.checkpoint import CheckpointError
 from genmask_jax.models import build
 from genmask_jax.models.dit import init_params
+from genmask_jax.parallel.sharding import rules_from_config
 from genmask_jax.train import checkpointing, loop
-from genmask_jax.train.state import abstract_train_state
+from genmask_jax.train.state import (
+    abstract_train_state,
+    attach_frozen,
+    create_train_state,
+    make_optimizer,
+    train_state_shapes,
+)
+from genmask_jax.train.step import optimizer_config
 
 
 def leaves_equal(a, b) -> list[str]:
@@ -94,6 +102,59 @@ def test_resume_order_workdir_then_explicit_then_converted_then_scratch(tmp_path
     out, origin = loop.restore_or_init(config, state, shardings, workdir, None, model)
     assert origin == "workdir step 7" and int(out.step) == 7
     assert max_abs_diff(out.params, bump(state, 7).params) == 0
+    workdir.close()
+
+
+def shapes_and_made(config, mesh):
+    """(`train_state_shapes`, the state `create_train_state` + `attach_frozen` make, its shardings)."""
+    model, rules = build.build_model(config), rules_from_config(config.sharding.logical_axis_rules)
+    tx, init = make_optimizer(optimizer_config(config)), build.dit_initializer(model)
+    use_ema, frozen = config.ema_decay > 0, build.abstract_frozen(model)
+    shapes, shardings = train_state_shapes(init, tx, mesh, rules, use_ema, frozen)
+    made, _ = create_train_state(init, tx, jax.random.key(3), mesh, rules, use_ema, frozen)
+    return shapes, attach_frozen(made, shardings, {"vae": random_vae(model)}), shardings
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize(
+    "mesh_shape,overrides",
+    [((2, 2, 2), {"ema_decay": 0.999, "model.dit.param_dtype": "bfloat16"}),
+     ((1, 1, 1), {"optimizer.name": "muon"})],
+    ids=["adamw-ema-bfloat16-2x2x2", "muon"],
+)
+def test_state_shapes_are_those_of_the_made_state(mesh_shape, overrides):
+    """The restore target that training builds without allocating is the state it would make: every leaf's
+    shape, dtype (the EMA float32 beside bfloat16 params) and sharding."""
+    shapes, made, _ = shapes_and_made(tiny_config(**overrides), mesh_of(mesh_shape))
+    describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
+    assert describe(shapes) == describe(made)
+    dtypes = lambda tree: {x.dtype.name for x in jax.tree.leaves(tree)}
+    if "ema_decay" in overrides:
+        assert dtypes(shapes.params) == {"bfloat16"} and dtypes(shapes.ema_params) == {"float32"}
+    assert len(jax.tree.leaves(shapes)) == len(jax.tree.leaves(made)) > 100
+
+
+def test_a_restore_never_makes_the_initial_state(tmp_path):
+    """Given the state's shapes and a maker, restore_or_init makes the random initial state only when it
+    restores nothing: a resume neither compiles nor holds it beside the restored state."""
+    config = tiny_config()
+    shapes, made, shardings = shapes_and_made(config, mesh_of((1, 1, 1)))
+    model, calls = build.build_model(config), []
+    initialize = lambda: calls.append("made") or made.replace(frozen={})
+    workdir = checkpointing.Checkpointer(tmp_path / "work", async_save=False)
+    out, origin = loop.restore_or_init(config, shapes, shardings, workdir, None, model, initialize=initialize)
+    assert origin == "scratch" and calls == ["made"] and leaves_equal(out.params, made.params) == []
+
+    other = checkpointing.Checkpointer(tmp_path / "other" / "checkpoints", async_save=False)
+    other.save(5, bump(made, 5).trainable())
+    other.close()
+    config.resume = str(tmp_path / "other")
+    out, origin = loop.restore_or_init(config, shapes, shardings, workdir, None, model, initialize=initialize)
+    assert origin.startswith("checkpoint") and int(out.step) == 5 and calls == ["made"]
+    workdir.save(7, bump(made, 7).trainable())
+    out, origin = loop.restore_or_init(config, shapes, shardings, workdir, None, model, initialize=initialize)
+    assert origin == "workdir step 7" and calls == ["made"]
+    assert leaves_equal(out.trainable(), bump(made, 7).trainable()) == []
     workdir.close()
 
 

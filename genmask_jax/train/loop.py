@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import ml_collections
@@ -44,6 +44,7 @@ from genmask_jax.train.state import (
     create_train_state,
     initial_ema,
     make_optimizer,
+    train_state_shapes,
 )
 from genmask_jax.train.step import check_microbatch_split, make_configured_train_step, optimizer_config
 
@@ -319,10 +320,22 @@ def restore_latest(checkpointer: checkpointing.Checkpointer, abstract, data_iter
 
 
 def restore_or_init(
-    config, state: TrainState, shardings: TrainState, checkpointer, data_iterator, model: GenMask
+    config,
+    state: TrainState,
+    shardings: TrainState,
+    checkpointer,
+    data_iterator,
+    model: GenMask,
+    initialize: Callable[[], TrainState] | None = None,
 ) -> tuple[TrainState, str]:
-    """Applies the resume order; returns the state and a word saying where it came from."""
-    abstract = abstract_train_state(shardings, state).trainable()
+    """Applies the resume order; returns the state and a word saying where it came from.
+
+    `state` is the initial state, or with `initialize` its abstract form (`train_state_shapes`); then
+    `initialize()` makes the initial state only when no checkpoint is restored: a resume neither compiles
+    nor runs the random initialisation, nor holds its state beside the restored one (twice the state's
+    memory while restoring). The frozen parameters are the caller's to attach.
+    """
+    abstract = (state if initialize is not None else abstract_train_state(shardings, state)).trainable()
     if checkpointer.latest_step() is not None:
         restored = restore_latest(checkpointer, abstract, data_iterator)
         return state.replace(**restored), f"workdir step {int(restored['step'])}"
@@ -333,6 +346,8 @@ def restore_or_init(
             restored = explicit.restore(step, abstract, data_iterator)
         explicit.close()
         return state.replace(**restored), f"checkpoint {config.resume}"
+    if initialize is not None:
+        state = initialize()
     if config.get("init_from"):
         from convert import wan_dit
 
@@ -475,21 +490,19 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     tx = make_optimizer(optimizer_config(config))
     base_rng = jax.random.key(config.seed)
-    state, shardings = create_train_state(
-        dit_initializer(model),
-        tx,
-        jax.random.fold_in(base_rng, 0),
-        mesh,
-        rules,
-        use_ema=config.ema_decay > 0,
-        abstract_frozen=abstract_frozen(model),
-    )
-    if frozen is not None:
-        state = attach_frozen(state, shardings, frozen)
+    use_ema, boxed_frozen = config.ema_decay > 0, abstract_frozen(model)
+    abstract, shardings = train_state_shapes(dit_initializer(model), tx, mesh, rules, use_ema, boxed_frozen)
+    initialize = lambda: create_train_state(  # only when nothing is restored
+        dit_initializer(model), tx, jax.random.fold_in(base_rng, 0), mesh, rules, use_ema, boxed_frozen
+    )[0]
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
-    state, origin = restore_or_init(config, state, shardings, checkpointer, data_iterator, model)
+    state, origin = restore_or_init(
+        config, abstract, shardings, checkpointer, data_iterator, model, initialize=initialize
+    )
+    if frozen is not None:
+        state = attach_frozen(state, shardings, frozen)
     start = int(state.step)
     log.info("starting at step %d from %s", start, origin)
 

@@ -22,6 +22,7 @@ from genmask_jax.train import muon
 
 NO_DECAY_NAMES = ("bias", "scale", "scale_shift_table")
 EMA_DTYPE = jnp.float32
+STEP_DTYPE = jnp.int32
 # The DiT's nn.scan module (models/dit.py, scan_layers=True): its parameters carry a leading layer axis.
 LAYER_STACKS = ("blocks",)
 
@@ -202,6 +203,33 @@ def state_shardings(
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def train_state_shapes(
+    init_params: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rules: LogicalRules,
+    use_ema: bool = False,
+    abstract_frozen: Any = None,
+) -> tuple[TrainState, TrainState]:
+    """(TrainState of ShapeDtypeStructs carrying their shardings, TrainState of NamedShardings): the state
+    `create_train_state` + `attach_frozen` make, with nothing allocated. A restore target: resuming reads
+    the checkpoint into these without first making a random state beside it. Arguments as in
+    `create_train_state`."""
+    abstract_frozen = {} if abstract_frozen is None else abstract_frozen
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed_params = jax.eval_shape(lambda: init_params(jax.random.key(0)))  # no op runs on the mesh
+    shardings = state_shardings(boxed_params, abstract_frozen, tx, mesh, rules, use_ema)
+    params = nn.meta.unbox(boxed_params)
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), STEP_DTYPE),
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+        ema_params=jax.eval_shape(initial_ema, params) if use_ema else None,  # float32 (EMA_DTYPE)
+        frozen=nn.meta.unbox(abstract_frozen),
+    )
+    return abstract_train_state(shardings, state), shardings
+
+
 def create_train_state(
     init_params: Callable[[jax.Array], Any],
     tx: optax.GradientTransformation,
@@ -231,7 +259,7 @@ def create_train_state(
         def init(rng):
             params = nn.meta.unbox(init_params(rng))
             return TrainState(
-                step=jnp.zeros((), jnp.int32),
+                step=jnp.zeros((), STEP_DTYPE),
                 params=params,
                 opt_state=tx.init(params),
                 frozen={},

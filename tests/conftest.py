@@ -1,7 +1,6 @@
 """Test setup: 8 simulated CPU devices and LLVM -O0 (set before jax is imported anywhere), fixed seeds."""
 
 import atexit
-import collections
 import os
 import shutil
 import tempfile
@@ -31,15 +30,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-
-def pytest_collection_modifyitems(config, items):
-    """Modules with more slow tests first, in file order otherwise (a stable sort keeps each module's tests
-    together and in order). pytest-xdist hands modules to its workers in this order (pyproject.toml: no
-    reorder), so the run does not end on a long module (the two-process training test, ~100 s) while the
-    other worker has nothing left."""
-    slow = collections.Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.module.__name__])
 
 
 @pytest.fixture

@@ -77,7 +77,7 @@ def test_muon_resume_is_exact(tmp_path, monkeypatch):
     _, history = loop.train(config, tmp_path / "straight", mesh=mesh_of(MESH))
     loop.train(config, tmp_path / "split", stop_at_step=2, mesh=mesh_of(MESH))
     # The resume reads the checkpoint into the state's shapes: no random initial state is made.
-    monkeypatch.setattr(loop, "create_train_state", lambda *a, **k: pytest.fail("initial state made"))
+    monkeypatch.setattr(loop, "initial_state", lambda *a, **k: pytest.fail("initial state made"))
     _, resumed = loop.train(config, tmp_path / "split", mesh=mesh_of(MESH))
     assert [h["step"] for h in resumed] == [3, 4]
     # Same process, programs and data: measured identical; 1e-5 relative as in the test above.

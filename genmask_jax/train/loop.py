@@ -41,8 +41,8 @@ from genmask_jax.train.state import (
     TrainState,
     abstract_train_state,
     attach_frozen,
-    create_train_state,
     initial_ema,
+    initial_state,
     make_optimizer,
     train_state_shapes,
 )
@@ -492,9 +492,9 @@ def train(
     base_rng = jax.random.key(config.seed)
     use_ema, boxed_frozen = config.ema_decay > 0, abstract_frozen(model)
     abstract, shardings = train_state_shapes(dit_initializer(model), tx, mesh, rules, use_ema, boxed_frozen)
-    initialize = lambda: create_train_state(  # only when nothing is restored
-        dit_initializer(model), tx, jax.random.fold_in(base_rng, 0), mesh, rules, use_ema, boxed_frozen
-    )[0]
+    initialize = lambda: initial_state(  # only when nothing is restored
+        dit_initializer(model), tx, jax.random.fold_in(base_rng, 0), mesh, rules, shardings
+    )
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )

@@ -241,8 +241,9 @@ def create_train_state(
 ) -> tuple[TrainState, TrainState]:
     """Initialises a TrainState directly in its sharded layout.
 
-    The trees are first traced with `jax.eval_shape` (no memory) to read their logical axis names, then
-    built by a jitted init with `out_shardings`, so the full model never sits on one device.
+    The trees are first traced with `jax.eval_shape` (no memory) to read their logical axis names
+    (`train_state_shapes`), then built by a jitted init with `out_shardings` (`initial_state`), so the full
+    model never sits on one device.
 
     Args:
       init_params: rng -> boxed (nn.Partitioned) DiT params.
@@ -251,10 +252,21 @@ def create_train_state(
     Returns:
       (state with `frozen` = {}, shardings), `shardings` a TrainState of NamedShardings.
     """
-    abstract_frozen = {} if abstract_frozen is None else abstract_frozen
+    _, shardings = train_state_shapes(init_params, tx, mesh, rules, use_ema, abstract_frozen)
+    return initial_state(init_params, tx, rng, mesh, rules, shardings), shardings
+
+
+def initial_state(
+    init_params: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    mesh: jax.sharding.Mesh,
+    rules: LogicalRules,
+    shardings: TrainState,
+) -> TrainState:
+    """The random initial TrainState (`frozen` = {}) made in `shardings` (`train_state_shapes`'); an EMA
+    when the shardings have one."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed_params = jax.eval_shape(init_params, rng)
-        shardings = state_shardings(boxed_params, abstract_frozen, tx, mesh, rules, use_ema)
 
         def init(rng):
             params = nn.meta.unbox(init_params(rng))
@@ -268,7 +280,8 @@ def create_train_state(
         state = jax.jit(init, out_shardings=shardings.replace(frozen={}, ema_params=None))(rng)
     # Not in `init`: there XLA (xla_allow_excess_precision) would start a float32 EMA of bfloat16 params
     # from the initialiser's values before their rounding, not from the params.
-    return state.replace(ema_params=initial_ema(state.params) if use_ema else None), shardings
+    use_ema = shardings.ema_params is not None
+    return state.replace(ema_params=initial_ema(state.params) if use_ema else None)
 
 
 def attach_frozen(state: TrainState, shardings: TrainState, frozen: Any) -> TrainState:

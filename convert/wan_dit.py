@@ -16,6 +16,7 @@ the weights (--num-heads, if given, must agree with it); without one (original-l
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -244,11 +245,15 @@ def infer_config(source: Source, num_heads: int | None = None, **overrides):
 
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """Our unscanned parameter path -> shape, for `config` (nothing is allocated)."""
+    return dict(_expected_shapes(dataclasses.replace(config, scan_layers=False, remat_policy="none")))
+
+
+@functools.lru_cache(maxsize=16)  # tracing the init takes a while; conversion, export and restore ask again
+def _expected_shapes(unscanned) -> dict[str, tuple[int, ...]]:
     import jax
 
     from genmask_jax.models.dit import init_params
 
-    unscanned = dataclasses.replace(config, scan_layers=False, remat_policy="none")
     shapes = jax.eval_shape(lambda: init_params(unscanned, jax.random.key(0)))
     return {p: tuple(s.shape) for p, s in io.flatten(shapes).items()}
 

@@ -330,3 +330,40 @@ def test_frozen_vae_refuses_a_config_that_is_not_the_weights():
     rounded = [float(f"{x:.6g}") for x in load_config(TOY_VAE).latents_std]  # as written by hand
     config.model.vae = dataclasses.replace(load_config(TOY_VAE), latents_std=rounded).to_dict()
     build.frozen_vae(config, build.build_model(config))
+
+
+def test_abstract_shapes_are_traced_once_per_config_and_handed_out_as_copies(monkeypatch):
+    """The model inits traced for their shapes (about a second for the VAE) are traced once per config;
+    every caller gets its own tree, equal to a fresh trace, which it may edit without touching another's."""
+    from convert import wan_dit
+    from genmask_jax.models import vae
+
+    model = tiny_model()
+    fresh = {"dit": jax.eval_shape(build.dit_initializer(model), jax.random.key(0)),
+             "vae": jax.eval_shape(lambda r: vae.WanVAE(model.vae).init(r, jnp.zeros((1, 1, 8, 8, 3))),
+                                   jax.random.key(0))}
+    for cached in (build._abstract_dit, vae.abstract_params, wan_dit._expected_shapes):
+        cached.cache_clear()
+    traced = []
+    eval_shape = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: (traced.append(1), eval_shape(*a, **k))[1])
+
+    def described(tree):  # shapes, dtypes and logical axes, leaf by leaf
+        leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        return [(x.names, x.value.shape, x.value.dtype) for x in leaves]
+
+    for get, want in ((lambda: build.abstract_dit(model), fresh["dit"]),
+                      (lambda: build.abstract_frozen(model)["vae"], fresh["vae"]),
+                      (lambda: wan_dit.expected_shapes(model.dit), None)):
+        traced.clear()
+        first = get()
+        first.pop(next(iter(first)))  # a caller editing its copy
+        second = get()
+        assert len(traced) == 1  # the second call is served from the first trace
+        if want is not None:
+            assert described(second) == described(want) and described(second)
+        else:
+            assert len(second) == len(first) + 1
+    traced.clear()
+    build.abstract_dit(model, text_len=4)  # other arguments: traced again
+    assert len(traced) == 1

@@ -270,10 +270,10 @@ def check_saved_params(saved: Any, abstract: Any, where: str) -> None:
 def abstract_dit_params(model: GenMask, mesh: jax.sharding.Mesh | None, rules: LogicalRules | None) -> Any:
     """The DiT's parameters as ShapeDtypeStructs, sharded by their logical axes under `rules` on `mesh`
     (with `mesh=None`, without shardings)."""
+    boxed = build.abstract_dit(model)
     if mesh is None:
-        return nn.meta.unbox(jax.eval_shape(build.dit_initializer(model), jax.random.key(0)))
+        return nn.meta.unbox(boxed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(build.dit_initializer(model), jax.random.key(0))
         shardings = logical_sharding(boxed, mesh, rules)
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings

@@ -16,7 +16,9 @@ import numpy as np
 from genmask_jax.diffusion import timesteps as ts
 from genmask_jax.models.dit import DiTConfig, WanDiT
 from genmask_jax.models.genmask import GenMask
-from genmask_jax.models.vae import VAEConfig, WanVAE, config_differences
+from genmask_jax.models.layers import shapes_once
+from genmask_jax.models.vae import VAEConfig, config_differences
+from genmask_jax.models.vae import abstract_params as abstract_vae_params
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +38,28 @@ def dit_initializer(model: GenMask, text_len: int = 8):
     Initialised with XLA attention, whatever `model.dit.attention` says: the parameters do not depend on
     the kernel, and sharded splash cannot split the dummy batch of 1 over a mesh's batch axes.
     """
-    cfg = dataclasses.replace(model.dit, attention="xla")
+    return _dit_init(dataclasses.replace(model.dit, attention="xla"), text_len)
+
+
+def _dit_init(cfg: DiTConfig, text_len: int):
     x = jnp.zeros((1, 1, 2 * cfg.patch_size[1], 2 * cfg.patch_size[2], cfg.in_channels), jnp.float32)
     ctx = jnp.zeros((1, text_len, cfg.text_dim), jnp.float32)
     return lambda rng: WanDiT(cfg).init(rng, x, jnp.zeros((1,), jnp.float32), ctx)["params"]
 
 
+def abstract_dit(model: GenMask, text_len: int = 8) -> Any:
+    """`dit_initializer(model, text_len)`'s boxed params as ShapeDtypeStructs (nothing is computed)."""
+    return _abstract_dit(dataclasses.replace(model.dit, attention="xla"), text_len)
+
+
+@shapes_once
+def _abstract_dit(cfg: DiTConfig, text_len: int) -> Any:
+    return jax.eval_shape(_dit_init(cfg, text_len), jax.random.key(0))
+
+
 def abstract_frozen(model: GenMask) -> dict:
     """{"vae": abstract boxed VAE variables} (shapes and logical axes only), or {}."""
-    if model.vae is None:
-        return {}
-    factor = model.vae.spatial_factor
-    x = jax.ShapeDtypeStruct((1, 1, factor, factor, 3), jnp.float32)
-    return {"vae": jax.eval_shape(lambda r, x: WanVAE(model.vae).init(r, x), jax.random.key(0), x)}
+    return {} if model.vae is None else {"vae": abstract_vae_params(model.vae)}
 
 
 def cast_like(variables: Any, abstract: Any) -> Any:

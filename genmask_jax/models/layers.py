@@ -12,6 +12,21 @@ import numpy as np
 Axes = Sequence[str | None]
 
 
+def shapes_once(fn: Callable) -> Callable:
+    """`fn` (hashable arguments -> a tree of shapes: ShapeDtypeStructs, boxed or not) evaluated once per
+    arguments. Tracing a model's init for its shapes takes about a second for the VAE, and the training,
+    restore and conversion paths each ask for the same shapes; every call gets its own containers over
+    the shared leaves, so a caller that edits its tree cannot change another's."""
+    cached = functools.lru_cache(maxsize=32)(fn)
+
+    @functools.wraps(fn)
+    def once(*args):
+        return jax.tree.map(lambda x: x, cached(*args))
+
+    once.cache_clear = cached.cache_clear
+    return once
+
+
 def logical_param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: Axes, dtype) -> jax.Array:
     """`module.param(name, ...)` of `shape` and `dtype` whose axes carry the logical names `axes`."""
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, dtype)

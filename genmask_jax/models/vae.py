@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genmask_jax.models.layers import logical_param
+from genmask_jax.models.layers import logical_param, shapes_once
 
 Cache = Any  # a pytree of per-conv histories `(B, P, H, W, C)`, mirroring the module tree
 
@@ -545,6 +545,7 @@ def init_params(config: VAEConfig, rng: jax.Array) -> dict:
     return nn.unbox(jax.jit(WanVAE(config).init)(rng, x))
 
 
+@shapes_once
 def abstract_params(config: VAEConfig) -> dict:
     """Shapes and dtypes of `init_params` (nothing is computed); keeps the Partitioned boxes."""
     x = jax.ShapeDtypeStruct((1, 1, config.spatial_factor, config.spatial_factor, 3), jnp.float32)

@@ -203,10 +203,10 @@ def _abstract(tree, shardings):
 def abstract_state(model: GenMask, tx, mesh, rules, use_ema: bool) -> tuple[TrainState, TrainState]:
     """(TrainState of sharded ShapeDtypeStructs, TrainState of NamedShardings); nothing is allocated: the
     state training makes (`train.state.train_state_shapes`, the VAE as `loop.host_frozen` attaches it)."""
-    # Outside the TPU mesh: the frozen shapes run small concrete ops, which cannot execute on a topology's
-    # devices.
+    # Outside the TPU mesh: tracing the models' inits for their shapes runs small concrete ops (the dummy
+    # inputs), which cannot execute on a topology's devices.
     frozen = loop.abstract_frozen(model)
-    return train_state_shapes(loop.dit_initializer(model), tx, mesh, rules, use_ema, frozen)
+    return train_state_shapes(loop.abstract_dit(model), tx, mesh, rules, use_ema, frozen)
 
 
 def abstract_train_batch(config, sharding) -> dict:

@@ -110,7 +110,7 @@ def shapes_and_made(config, mesh):
     model, rules = build.build_model(config), rules_from_config(config.sharding.logical_axis_rules)
     tx, init = make_optimizer(optimizer_config(config)), build.dit_initializer(model)
     use_ema, frozen = config.ema_decay > 0, build.abstract_frozen(model)
-    shapes, shardings = train_state_shapes(init, tx, mesh, rules, use_ema, frozen)
+    shapes, shardings = train_state_shapes(build.abstract_dit(model), tx, mesh, rules, use_ema, frozen)
     made, _ = create_train_state(init, tx, jax.random.key(3), mesh, rules, use_ema, frozen)
     return shapes, attach_frozen(made, shardings, {"vae": random_vae(model)}), shardings
 

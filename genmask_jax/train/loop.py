@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from convert.checkpoint_io import reporting_damage
 from genmask_jax.infer.checkpoint import ANOTHER_STEP, CheckpointError
 from genmask_jax.infer.checkpoint import resolve as resolve_checkpoint
-from genmask_jax.models.build import abstract_frozen, build_model, dit_initializer, frozen_vae
+from genmask_jax.models.build import abstract_dit, abstract_frozen, build_model, dit_initializer, frozen_vae
 from genmask_jax.models.dit import DiTConfig
 from genmask_jax.models.genmask import TASKS, GenMask
 from genmask_jax.parallel import multihost
@@ -491,7 +491,7 @@ def train(
     tx = make_optimizer(optimizer_config(config))
     base_rng = jax.random.key(config.seed)
     use_ema, boxed_frozen = config.ema_decay > 0, abstract_frozen(model)
-    abstract, shardings = train_state_shapes(dit_initializer(model), tx, mesh, rules, use_ema, boxed_frozen)
+    abstract, shardings = train_state_shapes(abstract_dit(model), tx, mesh, rules, use_ema, boxed_frozen)
     initialize = lambda: initial_state(  # only when nothing is restored
         dit_initializer(model), tx, jax.random.fold_in(base_rng, 0), mesh, rules, shardings
     )

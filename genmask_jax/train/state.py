@@ -204,7 +204,7 @@ def state_shardings(
 
 
 def train_state_shapes(
-    init_params: Callable[[jax.Array], Any],
+    boxed_params: Any,
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     rules: LogicalRules,
@@ -213,11 +213,12 @@ def train_state_shapes(
 ) -> tuple[TrainState, TrainState]:
     """(TrainState of ShapeDtypeStructs carrying their shardings, TrainState of NamedShardings): the state
     `create_train_state` + `attach_frozen` make, with nothing allocated. A restore target: resuming reads
-    the checkpoint into these without first making a random state beside it. Arguments as in
-    `create_train_state`."""
+    the checkpoint into these without first making a random state beside it.
+
+    boxed_params: the boxed (nn.Partitioned) DiT params as ShapeDtypeStructs (`models.build.abstract_dit`,
+      or `jax.eval_shape` of an initializer); other arguments as in `create_train_state`.
+    """
     abstract_frozen = {} if abstract_frozen is None else abstract_frozen
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed_params = jax.eval_shape(lambda: init_params(jax.random.key(0)))  # no op runs on the mesh
     shardings = state_shardings(boxed_params, abstract_frozen, tx, mesh, rules, use_ema)
     params = nn.meta.unbox(boxed_params)
     state = TrainState(
@@ -252,7 +253,8 @@ def create_train_state(
     Returns:
       (state with `frozen` = {}, shardings), `shardings` a TrainState of NamedShardings.
     """
-    _, shardings = train_state_shapes(init_params, tx, mesh, rules, use_ema, abstract_frozen)
+    boxed_params = jax.eval_shape(init_params, jax.random.key(0))
+    _, shardings = train_state_shapes(boxed_params, tx, mesh, rules, use_ema, abstract_frozen)
     return initial_state(init_params, tx, rng, mesh, rules, shardings), shardings
 
 

@@ -147,11 +147,9 @@ def context_shape(data_config) -> tuple[int, int]:
     `text_dim` (toy: `encoder.dim`; cache: its meta.json; Qwen2.5-VL: the model config's hidden size)."""
     e = data_config.encoder
     if e.cache_dir:
-        import json
-        import os
+        from genmask_jax.encoders.cache import cache_meta
 
-        with open(os.path.join(e.cache_dir, "meta.json")) as f:
-            return e.context_length, int(json.load(f)["dim"])
+        return e.context_length, int(cache_meta(e.cache_dir)["dim"])
     if e.name == "toy":
         return e.context_length, e.dim
     from transformers import AutoConfig

@@ -9,12 +9,17 @@ Layout of a cache folder:
   writer.lock                       while a `CacheWriter` is open (one writer per folder): its host, pid,
                                     boot and pid namespace; a lock of this host, boot and namespace
                                     whose process is gone is taken over
+  part-00003-of-00008/              what part 3 of a precompute split into 8 wrote: a cache folder of its
+                                    own (the layout above); the parts' writers run at once, so a folder
+                                    of a whole run or of another split is refused while its writer is open
 
 A record is `uint32 header length | JSON header | contexts`: the header holds `id`, `length` (the
 number of valid tokens T), `text` (the example's text), `rewrite` (the VLM's two-stage description,
 or null) and, when the encoder read an image, `image` (`image_digest`: its shape, dtype and a hash of its
 pixels); the contexts are the `(T, dim)` valid token states in `dtype` (bfloat16 by default).
 `lookup(id, text, image)` pads them back to `(context_length, dim)` float32 with a prefix mask.
+The reader takes the records of the folder and of its part folders together (their meta.json files must
+agree, and an id may be cached once in all of them).
 An example the encoder failed on (an image the processor refuses) has a record with `skip` (the reason)
 in place of `length` and no contexts: `lookup` raises `SkippedExample`, a bad example that the
 pipelines skip as they skip it when they run the encoder themselves (a reader older than skip records
@@ -45,6 +50,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import threading
@@ -151,6 +157,48 @@ def published_shards(folder: str) -> list[tuple[str, str]]:
     ]
 
 
+def part_folder(folder: str, part: int, num_parts: int) -> str:
+    """The folder that part `part` (0-based) of a precompute split into `num_parts` writes in `folder`."""
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part {part} of {num_parts}: a part is 0 ... num_parts - 1")
+    return os.path.join(folder, f"part-{part:05d}-of-{num_parts:05d}")
+
+
+def _part_of(path: str) -> tuple[int, int] | None:
+    """(3, 8) for ".../part-00003-of-00008"; None for a folder that is not a part folder."""
+    match = re.fullmatch(r"part-(\d{5})-of-(\d{5})", os.path.basename(os.path.normpath(path)))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def cache_folders(folder: str) -> list[str]:
+    """The folders whose shards make up the cache at `folder`: `folder` itself when it has a meta.json,
+    then its part folders that have one (a part's writer writes it first), in name order."""
+    parts = [
+        p
+        for p in sorted(glob.glob(os.path.join(glob.escape(folder), "part-*-of-*")))
+        if _part_of(p) is not None and os.path.exists(os.path.join(p, "meta.json"))
+    ]
+    return ([folder] if os.path.exists(os.path.join(folder, "meta.json")) else []) + parts
+
+
+def cache_meta(folder: str) -> dict:
+    """The meta.json of the cache at `folder`, which all of its `cache_folders` must share; raises as
+    `read_meta` for a folder that is no cache, and CacheMismatch for parts written with other settings."""
+    folders = cache_folders(folder) or [folder]
+    meta = read_meta(folders[0])
+    label = lambda f: "the top folder" if f == folder else os.path.basename(f)  # noqa: E731
+    first = label(folders[0])
+    for other in folders[1:]:
+        name = label(other)
+        diff = meta_differences(meta, read_meta(other), names=(first, name))
+        if diff:
+            raise CacheMismatch(
+                f"embedding cache {folder}: {name} was written with other settings than {first} "
+                f"({'; '.join(diff)}): delete the one written with the wrong settings and precompute it again"
+            )
+    return meta
+
+
 def unreadable(path: str, error: BaseException) -> CacheUnreadable:
     """The error of a cache file that a system call failed on (`io_errno`, or any OSError)."""
     folder = os.path.dirname(path)
@@ -206,7 +254,7 @@ def damaged_shard(shard: str, reason: str, found_by_writer: bool = True) -> Cach
     itself (`shard_damage`); one inside a record it does not (it reads no records), so the message then
     says to delete the shard first."""
     folder = os.path.dirname(shard)
-    rerun = f"`{_PRECOMPUTE} --config=... --out={folder}` with the flags that wrote it"
+    rerun = f"`{_PRECOMPUTE} --config=... {_out_flags(folder)}` with the flags that wrote it"
     repair = (
         f"rerun the precompute ({rerun}): it encodes a damaged shard's examples again"
         if found_by_writer
@@ -216,6 +264,14 @@ def damaged_shard(shard: str, reason: str, found_by_writer: bool = True) -> Cach
     return CacheMismatch(
         f"embedding cache {folder}: {os.path.basename(shard)} is damaged ({reason}): {repair}"
     )
+
+
+def _out_flags(folder: str) -> str:
+    """The precompute flags that write `folder`: `--out=...`, with the part flags for a part folder."""
+    part = _part_of(folder)
+    if part is None:
+        return f"--out={folder}"
+    return f"--out={os.path.dirname(os.path.normpath(folder))} --part={part[0]} --num_parts={part[1]}"
 
 
 def completed_shards(folder: str) -> list[tuple[str, list[str]]]:
@@ -236,10 +292,12 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def differences(cached: dict, expected: dict, prefix: str = "") -> list[str]:
-    """`"<prefix>field: cache A, config B"` for every field where two fingerprints differ."""
+def differences(
+    cached: dict, expected: dict, prefix: str = "", names: tuple[str, str] = ("cache", "config")
+) -> list[str]:
+    """`"<prefix>field: cache A, config B"` (`names`) for every field where two fingerprints differ."""
     return [
-        f"{prefix}{k}: cache {cached.get(k)!r}, config {expected.get(k)!r}"
+        f"{prefix}{k}: {names[0]} {cached.get(k)!r}, {names[1]} {expected.get(k)!r}"
         for k in sorted(set(cached) | set(expected))
         if cached.get(k) != expected.get(k)
         and not (k in _WHEN_KNOWN and None in (cached.get(k), expected.get(k)))
@@ -269,13 +327,13 @@ def written_by_other_code(cached: dict, expected: dict) -> str:
     return f"{how}, and no config setting gives its contexts"
 
 
-def meta_differences(cached: dict, expected: dict) -> list[str]:
+def meta_differences(cached: dict, expected: dict, names: tuple[str, str] = ("cache", "config")) -> list[str]:
     """Differences of two meta.json dicts: the storage fields by name, the encoder fingerprint's as
     `encoder.<field>` (Qwen's fingerprint has a `dtype` of its own, the torch dtype; merged into one
     dict it hid the stored contexts' `dtype`)."""
     storage = lambda meta: {k: v for k, v in meta.items() if k != "encoder"}  # noqa: E731
-    return differences(storage(cached), storage(expected)) + differences(
-        cached.get("encoder", {}), expected.get("encoder", {}), prefix="encoder."
+    return differences(storage(cached), storage(expected), names=names) + differences(
+        cached.get("encoder", {}), expected.get("encoder", {}), prefix="encoder.", names=names
     )
 
 
@@ -305,6 +363,11 @@ class CacheWriter:
     Use it as a context manager, or call `close()`. A shard is published only when it holds exactly
     the ids it lists: one interrupted between a record's write and its id is discarded (resume redoes
     it) instead of leaving a cache that no reader accepts.
+
+    `part=(i, n)`: writes `part_folder(folder, i, n)` instead, beside the writers of the other parts of
+    the same `n`; a writer of the whole folder or of another `n` is refused while one is open (theirs
+    would encode the same examples twice). `done` then holds the ids of the whole cache, so that no part
+    encodes again what a part or a whole run published before.
     """
 
     def __init__(
@@ -315,14 +378,18 @@ class CacheWriter:
         dtype: str = "bfloat16",
         fingerprint: dict | None = None,
         shard_size: int = 1000,
+        part: tuple[int, int] | None = None,
     ):
         if dtype not in _DTYPES:
             raise ValueError(f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.top = folder
+        folder = folder if part is None else part_folder(folder, *part)
         os.makedirs(folder, exist_ok=True)
         self.folder, self.dim, self.dtype, self.shard_size = folder, dim, dtype, shard_size
         self._writer, self._ids = None, []
         self._lock = _acquire_lock(os.path.join(folder, "writer.lock"))
         try:
+            _check_other_writers(self.top, self.folder)
             self._open_folder(context_length, fingerprint or {})
         except BaseException:
             os.remove(self._lock)
@@ -337,19 +404,21 @@ class CacheWriter:
             "encoder": fingerprint,
         }
         meta_path = os.path.join(self.folder, "meta.json")
-        if os.path.exists(meta_path):
-            cached = read_meta(self.folder)
+        others = [f for f in cache_folders(self.top) if f != self.folder]
+        if os.path.exists(meta_path) or others:  # a part's settings are those of the cache it is part of
+            written = self.folder if os.path.exists(meta_path) else others[0]
+            cached = read_meta(written)
             diff = meta_differences(cached, meta)
             if diff:
                 why = written_by_other_code(cached.get("encoder", {}), fingerprint)
                 raise CacheMismatch(
-                    f"cache {self.folder} was written with other settings ({'; '.join(diff)}): "
+                    f"cache {written} was written with other settings ({'; '.join(diff)}): "
                     f"{why + ': ' if why else ''}use another --out"
                 )
-        else:
+        if not os.path.exists(meta_path):
             _write_json_atomic(meta_path, meta)
         shards = self._readable_shards()
-        self.done = {i for _, ids in shards for i in ids}
+        self.done = {i for _, ids in shards for i in ids} | _published_ids(others)
         # after the last one, not at their count: a shard deleted from the middle leaves a gap
         self.next_shard = 1 + max((_shard_number(s) for s, _ in shards), default=-1)
         for stale in glob.glob(os.path.join(self.folder, "shard-*.array_record")):
@@ -463,6 +532,41 @@ class CacheWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _published_ids(folders: list[str]) -> set[str]:
+    """The ids of the shards of `folders` (other writers' folders of the same cache) that are published
+    and not shown damaged; their damage is left to their own writers, which unpublish and redo it."""
+    done = set()
+    for folder in folders:
+        for shard, ids_path in published_shards(folder):
+            ids = read_ids(ids_path)
+            if shard_damage(shard, ids, count=False) is None:
+                done.update(ids)
+    return done
+
+
+def _check_other_writers(top: str, folder: str) -> None:
+    """Raises CacheLocked when a writer of the cache `top` other than the one of `folder` is open and its
+    examples may be `folder`'s too: the whole folder's writer, or one of a part of another split."""
+    mine = _part_of(folder) if folder != top else None
+    for lock in [os.path.join(top, "writer.lock")] + glob.glob(
+        os.path.join(glob.escape(top), "part-*-of-*", "writer.lock")
+    ):
+        other = os.path.dirname(lock)
+        theirs = _part_of(other) if other != top else None
+        if other == folder or (other != top and theirs is None):
+            continue
+        if mine is not None and theirs is not None and theirs[1] == mine[1]:
+            continue  # another part of the same split
+        holder = _read_lock(lock)
+        if os.path.exists(lock) and not _is_stale(holder):
+            split = "the whole cache" if theirs is None else f"part {os.path.basename(other)}"
+            raise CacheLocked(
+                f"{lock} exists: another precompute (host and pid: {holder}) is writing {split}, and would "
+                "encode examples of this one too; run every part with the same --num_parts, one after the "
+                "other otherwise (if it is no longer running, delete the lock file and rerun)"
+            )
 
 
 def _shard_number(path: str) -> int:
@@ -604,7 +708,7 @@ class EmbeddingCache:
         from array_record.python.array_record_data_source import ArrayRecordDataSource
 
         self.folder = folder
-        self.meta = read_meta(folder)
+        self.meta = cache_meta(folder)
         self.dim, self.dtype = self.meta["dim"], self.meta["dtype"]
         self.context_length = self.meta["context_length"]
         if fingerprint is not None:
@@ -621,7 +725,7 @@ class EmbeddingCache:
                 f"embedding cache {folder} has context_length {self.context_length}, the config asks for "
                 f"{context_length}"
             )
-        shards = completed_shards(folder)
+        shards = [shard for f in cache_folders(folder) for shard in completed_shards(f)]
         self.index: dict[str, int] = {}
         position = 0  # ArrayRecord numbers records across all shards
         for shard, ids in shards:

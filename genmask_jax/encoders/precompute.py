@@ -5,7 +5,7 @@ r"""Writes the instruction-encoder contexts of whole data sets into an embedding
       --config.data.refcoco.data_dir=/data/tfds --config.data.reasonseg.root=/data/ReasonSeg \
       --config.data.captions.path=/data/captions.jsonl --out=/data/qwen_cache \
       [--splits=all] [--eval=refcocog_umd:val,reasonseg:test] [--batch_size=8] [--shard_size=1000] \
-      [--dtype=bfloat16]
+      [--dtype=bfloat16] [--part=I --num_parts=N]
 
 `--config` is an experiment config (with a `data` field) or a data config
 (`genmask_jax.data.pipeline.default_data_config()` layout), with `--config.field=value` overrides; for a
@@ -38,8 +38,13 @@ and a shard damaged since it was written (cut short, deleted) is written again. 
 few cached examples of each set with the data (`RESUME_SPOT_CHECKS`) and stops when the data changed
 since (another text, an image of another shape): a resume would keep those records, so changed data
 needs a new --out. A cache written with other encoder settings is refused, and so is a second writer on
-the same folder (`writer.lock`): run it in one process on one host (a lock left by a killed run on this
-host is taken over); `--config.data.encoder.device=cuda:N` picks its GPU.
+the same folder (`writer.lock`; a lock left by a killed run on this host is taken over);
+`--config.data.encoder.device=cuda:N` picks its GPU.
+To use several GPUs or hosts, split the work: `--num_parts=N --part=I` (I = 0 ... N-1) encodes examples I,
+I + N, I + 2N, ... of each set into the part folder `OUT/part-0000I-of-0000N`, one process per part, all at
+once (a shared file system for several hosts); the cache `OUT` is read as one from them. A part resumes as
+above. A run that splits another way (or not at all) is refused while they run; after them it encodes only
+what they left (`CacheWriter`). Repeated ids are caught within a part; across parts the reader names them.
 Then train / evaluate with `--config.data.encoder.cache_dir=CACHE` and the same `data.encoder`
 settings. With `data.encoder.rewrite_reasoning`, ReasonSeg's long queries are first rewritten by the
 VLM (`genmask_jax.encoders.encoder_input`) and the description is stored beside the context.
@@ -236,12 +241,19 @@ def _failing_source_error(job: Job, count: int, reason: str) -> PrecomputeError:
 
 
 def _check_resumed(
-    cache: EmbeddingCache, job: Job, source, cached_ids: set, encoder_config, read_tries: int, retry_wait_s
+    cache: EmbeddingCache,
+    job: Job,
+    source,
+    indices: range,
+    cached_ids: set,
+    encoder_config,
+    read_tries: int,
+    retry_wait_s,
 ) -> None:
-    """Raises PrecomputeError when one of `RESUME_SPOT_CHECKS` examples of `source` whose ids are in
-    `cached_ids` (evenly spread over them) was encoded from another text or image shape than the data now
-    gives (`EmbeddingCache.lookup`'s checks): the resume would count the stale records as done."""
-    cached = [i for i in range(len(source)) if source.example_id(i) in cached_ids]
+    """Raises PrecomputeError when one of `RESUME_SPOT_CHECKS` examples at `indices` of `source` whose ids
+    are in `cached_ids` (evenly spread over them) was encoded from another text or image shape than the
+    data now gives (`EmbeddingCache.lookup`'s checks): the resume would count the stale records as done."""
+    cached = [i for i in indices if source.example_id(i) in cached_ids]
     picks = np.unique(np.linspace(0, len(cached) - 1, min(RESUME_SPOT_CHECKS, len(cached))).astype(int))
     for index in (cached[k] for k in picks):
         example_id = source.example_id(index)
@@ -268,6 +280,7 @@ def precompute(
     evals: str | Sequence[str] = (),
     read_tries: int = 3,
     retry_wait_s: float = 2.0,
+    part: tuple[int, int] | None = None,
 ) -> dict:
     """Fills the cache at `out` with the jobs of `plan_jobs(data_config, splits, evals)`; returns
     {"written": n, "already": n, "skips": summary}. Raises `UnreadExamples` after writing everything
@@ -276,6 +289,8 @@ def precompute(
     `PrecomputeError` at once when `data_config.max_consecutive_skips` reads of a job fail in a row.
 
     `encoder`: an encoder built from `data_config.encoder` (tests pass one to reuse a loaded model).
+    `part=(i, n)`: only the examples at indices i, i + n, i + 2n, ... of each job, written to the part
+    folder `cache.part_folder(out, i, n)` (`CacheWriter`); the n parts run at once, one per process.
     """
     max_failed = max_consecutive_skips(data_config)  # as many as stop a pipeline reading the source
     jobs = plan_jobs(data_config, splits, evals)
@@ -289,17 +304,21 @@ def precompute(
     skips = SkipLog("precompute")
     unread: list[tuple[str, str]] = []  # (example id, "kind: detail")
     written = already = 0
+    part = part if part is not None and part[1] > 1 else None
+    start, step = part or (0, 1)
+    indices = [range(start, len(source), step) for source in sources]
     with CacheWriter(
-        out, encoder.dim, encoder.context_length, dtype, fingerprint(data_config.encoder), shard_size
+        out, encoder.dim, encoder.context_length, dtype, fingerprint(data_config.encoder), shard_size, part
     ) as writer:
         if writer.done:  # a resume: what is cached must still be what the data gives
             cache = EmbeddingCache(out)
-            for job, source in zip(jobs, sources):
-                _check_resumed(cache, job, source, writer.done, config, read_tries, retry_wait_s)
+            for job, source, mine in zip(jobs, sources, indices):
+                _check_resumed(cache, job, source, mine, writer.done, config, read_tries, retry_wait_s)
             del cache
-        for job, source in zip(jobs, sources):
+        for job, source, mine in zip(jobs, sources, indices):
             batch, seen, failed_in_a_row = [], set(), 0
-            for index in tqdm.trange(len(source), desc=job.label, unit="ex"):
+            label = job.label if part is None else f"{job.label} (part {start} of {step})"
+            for index in tqdm.tqdm(mine, desc=label, unit="ex"):
                 example_id = source.example_id(index)
                 if example_id in seen:
                     raise PrecomputeError(
@@ -331,7 +350,7 @@ def precompute(
                 written += _encode_batch(encoder, batch, writer, job.task, data_config.encoder, skips)
             writer.flush()
     counts = f"{written} written, {already} already there, {len(unread)} unread"
-    log.info("cache %s: %s; %s", out, counts, skips.summary())
+    log.info("cache %s: %s; %s", writer.folder, counts, skips.summary())
     if unread:
         raise _unread_error(unread, read_tries)
     return {"written": written, "already": already, "skips": skips.summary()}
@@ -353,6 +372,16 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 8, "Examples per encoder call.")
     flags.DEFINE_integer("shard_size", 1000, "Records per array_record shard.")
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Stored context dtype.")
+    flags.DEFINE_integer(
+        "num_parts", 1, "Split the examples into this many parts, each precomputed by its own process.",
+        lower_bound=1,
+    )
+    flags.DEFINE_integer("part", 0, "The part (0 ... num_parts - 1) that this process precomputes.")
+    flags.register_multi_flags_validator(
+        ["part", "num_parts"],
+        lambda f: 0 <= f["part"] < f["num_parts"],
+        message="--part must be one of 0 ... --num_parts - 1",
+    )
     flags.mark_flags_as_required(["config", "out"])
     return config
 
@@ -366,15 +395,18 @@ def main(config) -> None:
     args = flags.FLAGS
     data_config = config.data if "data" in config else config
     splits = args.splits if args.splits is not None else ([] if args.eval else ["all"])
+    part = (args.part, args.num_parts) if args.num_parts > 1 else None
     try:
         jobs = plan_jobs(data_config, splits, args.eval)
-        print(f"encoding {', '.join(j.label for j in jobs)} into {args.out}", flush=True)
+        where = args.out if part is None else f"{args.out} (part {args.part} of {args.num_parts})"
+        print(f"encoding {', '.join(j.label for j in jobs)} into {where}", flush=True)
         encoder = make_encoder(data_config.encoder)
     except ValueError as e:  # an unknown split, an empty model path, settings that cannot fit
         raise cli.InputError(str(e)) from e
     try:
         result = precompute(
-            data_config, args.out, splits, args.batch_size, args.shard_size, args.dtype, encoder, args.eval
+            data_config, args.out, splits, args.batch_size, args.shard_size, args.dtype, encoder, args.eval,
+            part=part,
         )
     except (PrecomputeError, ContextError, CacheLocked) as e:
         raise cli.InputError(str(e)) from e

@@ -190,6 +190,35 @@ def test_bad_examples_are_logged_counted_and_replaced(monkeypatch, caplog):
     assert "end of seg epoch 0" in caplog.text
 
 
+class _FirstUnreadable(_FlakySource):
+    """Three examples, the first unreadable; records what is read."""
+
+    def __init__(self, task):
+        super().__init__(task)
+        self.reads = []
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        self.reads.append(i)
+        return super().__getitem__(1 if i == 0 else 3)  # 1: unreadable
+
+
+def test_eval_padding_reads_nothing(monkeypatch):
+    """Padding rows read example 0: each one counted (and logged) its failure again, and without a cache
+    ran the encoder on it again."""
+    source = _FirstUnreadable("seg")
+    monkeypatch.setattr(pipeline, "make_task_source", lambda names, split, cfg, task: source)
+    ev = make_eval_iterator(small_config(), "val", 8, process_index=0, process_count=1)
+    (batch, metas), = list(ev.iter_with_meta())
+    assert batch["valid"].tolist() == [False, True, True] + [False] * 5
+    assert batch["index"].tolist() == [0, 1, 2] + [-1] * 5
+    assert sorted(source.reads) == [0, 1, 2] and dict(ev.skips.counts) == {"OSError": 1}
+    assert list(ev.failures) == [0] and metas[3:] == [None] * 5
+    assert not batch["image"][3:].any() and batch["ignore"][3:].all()
+
+
 class _BadLastSource:
     """`n` examples of grey level `level + i`; the last one is unreadable."""
 

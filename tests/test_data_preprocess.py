@@ -56,6 +56,24 @@ def test_mask_nearest_keeps_binary_and_float_prediction_interpolates(np_rng):
     np.testing.assert_allclose(prob[5:-5, 5:-5], 0.75, atol=1e-6)  # bilinear of a constant is the constant
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.int64])
+def test_label_maps_keep_their_values(dtype, np_rng):
+    """Integer maps went through uint8: 300 came back as 44, -1 as 255."""
+    labels = np.array([-1, 7, 300]) if dtype != np.uint16 else np.array([3, 256, 65535])
+    codes = np_rng.integers(0, 3, (37, 53)).astype(np.uint8)
+    g = P.compute_geometry(codes.shape, (32, 32), "pad")
+    inside = ~P.padding_mask(g)
+    fitted = P.fit_mask(labels[codes].astype(dtype), g)
+    assert fitted.dtype == dtype
+    # the same pixels as the uint8 codes take, with the labels' values
+    np.testing.assert_array_equal(fitted[inside], labels[P.fit_mask(codes, g)][inside])
+    back = P.unfit_mask(fitted, g)
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back, labels[P.unfit_mask(P.fit_mask(codes, g), g)])
+    with pytest.raises(ValueError, match="cannot be resized exactly"):
+        P.fit_mask(np.full((4, 4), 2**25, np.int64), g)
+
+
 def test_fit_image_scales_exactly_as_x_over_127_5_minus_1():
     # The demo's latent pool was built from `x / 127.5 - 1`; the same bits keep old pools valid.
     image = np.arange(256 * 3, dtype=np.uint16).reshape(16, 16, 3).astype(np.uint8)

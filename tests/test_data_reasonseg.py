@@ -200,3 +200,10 @@ def test_the_configured_training_split_reads_every_text(reasonseg_root):
     texts = sorted(item[3] for item in make_source("reasonseg", "trainval", c, "seg").items)  # (.., text, ..)
     assert texts == ["a mug", "off the image", "the cup", "what holds coffee?"]
     assert len(make_source("reasonseg", "val", c, "seg")) == 1  # evaluation: text[0]
+
+
+def test_an_unset_root_is_named_not_looked_up_in_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "val").mkdir()
+    monkeypatch.chdir(tmp_path)  # a `val` folder here was read as the split (0 examples, no error)
+    with pytest.raises(ValueError, match="data.reasonseg.root is empty"):
+        ReasonSeg("", "val")

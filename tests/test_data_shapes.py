@@ -138,6 +138,22 @@ def test_expression_kinds_subset():
         S.SyntheticShapes("train", 16, expression_kinds="colourful")
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(min_shapes=1, max_shapes=1, expression_kinds="position"), "need two shapes or more"),
+        (dict(min_shapes=1, max_shapes=1, expression_kinds="relation,position"), "need two shapes or more"),
+        (dict(min_shapes=9, max_shapes=9), "no scene of 9 to 9 shapes"),
+    ],
+)
+def test_settings_that_give_no_scene_are_refused(settings, message):
+    """The scene loop had no end: a data loader with these settings hung at its first batch."""
+    with pytest.raises(ValueError, match=message):
+        S.SyntheticShapes("train", 16, **settings)
+    with pytest.raises(ValueError, match="in 1000 draws"):
+        S.sample_scene(np.random.default_rng(0), 1, 1, ("position",))
+
+
 def test_the_tiny_runs_context_holds_every_text_whole():
     """The toy encoder cuts a text longer than the context (with a warning per cut): the tiny config's
     context holds the longest caption (max_shapes shapes) and expression, so nothing is cut."""

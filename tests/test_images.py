@@ -41,6 +41,15 @@ def test_read_image_without_orientation_and_errors(tmp_path):
         images.read_image(tmp_path / "missing.jpg")
 
 
+def test_an_image_too_large_for_pil_is_an_input_error(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError (over 2 x MAX_IMAGE_PIXELS, 179 MP) is no OSError: it was a traceback."""
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(images.InputError, match=f"cannot read image {path}: Image size"):
+        images.read_image(path)
+
+
 @pytest.mark.parametrize(
     "path, i, n, expected",
     [

@@ -610,20 +610,24 @@ class EvalIterator:
     def _element(self, slot: int) -> tuple[dict, dict | None]:
         step, row = divmod(slot, self.batch_size)
         index = self.global_index(step, row)
-        valid = index < self.num_examples
+        if index >= self.num_examples:  # the last batches' padding: nothing is read (or encoded) for it
+            return self._empty(-1), None
         try:
-            out, meta = self.loader.load(index if valid else 0)
+            out, meta = self.loader.load(index)
         except ContextError:
             raise
         except Exception as e:  # noqa: BLE001  (already logged and counted by the loader)
-            if valid:
-                self.failures[index] = skip_reason(e)
-            out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.shapes.items()}
-            out["ignore"] = np.ones_like(out["ignore"])
-            out.update(valid=False, index=np.int64(index))
-            return out, None
-        out.update(valid=valid, index=np.int64(index if valid else -1))
-        return out, (meta if valid else None)
+            self.failures[index] = skip_reason(e)
+            return self._empty(index), None
+        out.update(valid=True, index=np.int64(index))
+        return out, meta
+
+    def _empty(self, index: int) -> dict:
+        """An invalid row: zeros, every pixel ignored."""
+        out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.shapes.items()}
+        out["ignore"] = np.ones_like(out["ignore"])
+        out.update(valid=False, index=np.int64(index))
+        return out
 
     def _batch(self, elements):
         batch = {k: np.stack([e[0][k] for e in elements]) for k in list(self.shapes) + ["valid", "index"]}

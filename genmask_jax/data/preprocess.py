@@ -148,13 +148,22 @@ def fit_image(
     return out, geometry
 
 
+def _labels(x: np.ndarray) -> np.ndarray:
+    """A bool or integer map in a dtype that PIL resizes without changing its values: uint8 when they fit,
+    else (one channel) float32, exact up to 2**24."""
+    if x.dtype in (np.bool_, np.uint8) or x.size == 0 or 0 <= x.min() <= x.max() <= 255:
+        return np.ascontiguousarray(x).astype(np.uint8)
+    if x.ndim != 2 or np.abs(x).max() > 2**24:
+        raise ValueError(f"a {x.dtype} map of shape {x.shape} with values {x.min()} ... {x.max()} cannot be "
+                         "resized exactly: give one channel of values within +-2**24")
+    return np.ascontiguousarray(x).astype(np.float32)
+
+
 def fit_mask(mask: np.ndarray, geometry: Geometry, fill: int | bool = 0) -> np.ndarray:
-    """`(H, W)` mask -> `(oh, ow)` with nearest interpolation, same dtype; padding gets `fill`."""
-    dtype = mask.dtype
-    resized = _resize(
-        np.ascontiguousarray(mask).astype(np.uint8), (geometry.resized_h, geometry.resized_w), Image.NEAREST
-    )
-    return _place(resized, geometry, int(fill)).astype(dtype)
+    """`(H, W)` bool or integer mask -> `(oh, ow)` with nearest interpolation, same dtype and values;
+    padding gets `fill`."""
+    resized = _resize(_labels(mask), (geometry.resized_h, geometry.resized_w), Image.NEAREST)
+    return _place(resized, geometry, int(fill)).astype(mask.dtype)
 
 
 def padding_mask(geometry: Geometry) -> np.ndarray:
@@ -179,7 +188,7 @@ def unfit_mask(
     is_float = np.issubdtype(prediction.dtype, np.floating)
     interpolation = interpolation or ("bilinear" if is_float else "nearest")
     resample = Image.BILINEAR if interpolation == "bilinear" else Image.NEAREST
-    work = prediction.astype(np.float32) if is_float else prediction.astype(np.uint8)
+    work = prediction.astype(np.float32) if is_float else _labels(prediction)
     canvas = np.zeros((g.resized_h, g.resized_w) + work.shape[2:], work.dtype)
     y0, x0, y1, x1 = g.content_box
     canvas[y0 - g.top : y1 - g.top, x0 - g.left : x1 - g.left] = work[y0:y1, x0:x1]

@@ -131,6 +131,10 @@ class ReasonSeg:
     """Random-access ReasonSeg source (`task` seg)."""
 
     def __init__(self, root: str, split: str, all_texts: bool = True, use_templates: bool = True):
+        if not root:  # the split folder would be looked up in the working directory
+            raise ValueError(
+                "data.reasonseg.root is empty: set it to the ReasonSeg folder (LISA's train/, val/, test/)"
+            )
         folder = os.path.join(root, split)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"ReasonSeg split folder {folder!r} not found (expected LISA's layout)")

@@ -225,6 +225,7 @@ def _sample_shapes(rng: np.random.Generator, num: int) -> tuple[Shape, ...] | No
 
 
 EXPRESSION_KINDS = ("attribute", "position", "relation")
+MAX_SCENE_DRAWS = 1000  # scene draws before the settings are called impossible (7 shapes fit 1 in 75)
 
 
 def sample_scene(
@@ -235,8 +236,9 @@ def sample_scene(
     extent: tuple[float, float] = (1.0, 1.0),
 ) -> Scene:
     """Draws shapes until one of them has an unambiguous referring expression of an allowed kind in a
-    picture of `extent` (`picture_extent` of the render's height and width)."""
-    while True:
+    picture of `extent` (`picture_extent` of the render's height and width). Raises ValueError after
+    `MAX_SCENE_DRAWS` draws without one: settings that (almost) never give a scene."""
+    for _ in range(MAX_SCENE_DRAWS):
         shapes = _sample_shapes(rng, int(rng.integers(min_shapes, max_shapes + 1)))
         if shapes is None:
             continue
@@ -254,6 +256,11 @@ def sample_scene(
         background = str(rng.choice(list(BACKGROUNDS)))
         gradient = (float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(5, 25)), float(rng.uniform(0, 6)))
         return Scene(shapes, background, gradient, target, expression, kind)
+    raise ValueError(
+        f"no scene of {min_shapes} to {max_shapes} shapes with an expression of kind "
+        f"{', '.join(expression_kinds)} in {MAX_SCENE_DRAWS} draws: data.shapes settings that (almost) never "
+        "give one (more than 6 shapes rarely fit a picture)"
+    )
 
 
 def render_scene(scene: Scene, height: int, width: int, noise_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -313,6 +320,11 @@ class SyntheticShapes:
                 f"expression_kinds must be a non-empty subset of {EXPRESSION_KINDS}, got {expression_kinds}"
             )
         self.expression_kinds = tuple(expression_kinds)
+        if max_shapes == 1 and "attribute" not in self.expression_kinds:
+            raise ValueError(
+                f"expression_kinds {','.join(self.expression_kinds)} need two shapes or more: max_shapes is 1"
+            )
+        self.scene(0)  # settings that give no scene fail here, not in a data loader thread
 
     def __len__(self) -> int:
         return self.num_examples

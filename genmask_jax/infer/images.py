@@ -21,7 +21,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with path.open("rb") as f, Image.open(f) as image:
             return pil_to_rgb(ImageOps.exif_transpose(image))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read image {path}: {e}") from e
 
 

@@ -18,6 +18,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from genmask_jax.data.sources import DataConfigError
 from genmask_jax.experiments import pipeline
 from genmask_jax.infer import cli
 from genmask_jax.parallel import mesh
@@ -45,6 +46,8 @@ def main(argv) -> None:
     except pipeline.WorkdirConfigMismatch as e:
         where = os.path.join(_WORKDIR.value, "train")
         cli.fail(f"{e}: pass another --workdir, or delete {where}", prog="genmask_jax.demo")
+    except DataConfigError as e:  # config fields the data cannot follow (a batch larger than the pool)
+        cli.fail(str(e), prog="genmask_jax.demo")
     seg, base = report["segmentation"], report["baselines"]
     print(
         f"held-out {report['eval_split']}: gIoU {seg['giou']:.4f} cIoU {seg['ciou']:.4f} (single step); "

@@ -192,6 +192,21 @@ def test_the_demo_refuses_to_train_in_several_processes(monkeypatch, tmp_path):
         pipeline.train_dit(demo_config.get_config("variant=smoke"), str(tmp_path), pool=None)
 
 
+def test_a_batch_larger_than_the_pool_is_refused_before_any_work(tmp_path):
+    """A batch draws distinct scenes: the run made the VAE and the pool, then failed in numpy's words."""
+    flags = ["--config=configs/demo.py:variant=smoke", "--config.demo.num_train_scenes=4", "--noprogress",
+             f"--workdir={tmp_path}"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "genmask_jax.demo", *flags], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "is larger than the latent pool's 4 scenes (config.demo.num_train_scenes)" in done.stderr
+    assert os.listdir(tmp_path) == []
+    pool = LatentPool(*[np.zeros((3, 1))] * 6)
+    with pytest.raises(ValueError, match=r"config.batch \(seg 4, gen 2\) is larger than the latent pool's 3"):
+        LatentBatches(pool, 4, 2)
+
+
 @pytest.mark.slow
 def test_in_process_evaluation_equals_the_batch_job_at_any_batch_size(tmp_path):
     """The demo's evaluator draws each example's noise from its index and thresholds after the

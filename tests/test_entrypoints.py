@@ -1033,6 +1033,39 @@ def test_metrics_logger_rates_mfu_and_tensorboard(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def _events(path):
+    """The Event protos of a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    data, i, events = path.read_bytes(), 0, []
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        events.append(event_pb2.Event.FromString(data[i + 12 : i + 12 + n]))
+        i += 12 + n + 4
+    return events
+
+
+def test_a_resumed_logger_purges_the_steps_it_runs_again(tmp_path):
+    """TensorBoard kept a killed run's steps after its checkpoint beside the restart's: two values per step.
+    A writer started with purge_step writes SessionLog.START at that step, from which TensorBoard drops the
+    older events."""
+    from tensorboardX.proto import event_pb2
+
+    from genmask_jax.train.hooks import MetricsLogger
+
+    for start, steps in [(0, range(1, 6)), (2, range(3, 6))]:
+        logger = MetricsLogger(tmp_path, total_steps=10, examples_per_step=1, start_step=start, enabled=True)
+        for step in steps:
+            logger(step, {"loss": float(start)})
+        logger.close()
+        time.sleep(1.1)  # the event file's name has seconds
+    first, second = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    starts = lambda f: [e.step for e in _events(f) if e.session_log.status == event_pb2.SessionLog.START]  # noqa: E731
+    assert starts(first) == [] and starts(second) == [3]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained for 3 steps through the CLI, the second one profiled."""

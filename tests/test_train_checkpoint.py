@@ -230,6 +230,23 @@ def test_data_state_saved_by_another_process_count_resumes_by_step(tmp_path, rec
     ckpt.close()
 
 
+def test_a_saved_data_position_that_the_iterator_cannot_take_is_not_called_missing(tmp_path, caplog):
+    from genmask_jax.data.pipeline import make_train_iterator
+
+    trainable = {"step": np.asarray(1, np.int32), "params": {"w": np.ones(3, np.float32)}}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+    ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, trainable, data_iterator=make_train_iterator(_data_config(), 2, 2, seed=1))
+    with caplog.at_level("WARNING", logger="genmask_jax.train.checkpointing"):
+        ckpt.restore(1, abstract, data_iterator=iter([]))
+        ckpt.save(2, trainable)
+        ckpt.restore(2, abstract, data_iterator=iter([]))
+    ckpt.close()
+    first, second = [r.getMessage() for r in caplog.records if "data restarts" in r.getMessage()]
+    assert "1 holds a data position, but this run's data iterator (list_iterator) cannot take one" in first
+    assert "2 has no data iterator state" in second
+
+
 def _image_digests(batches) -> dict[str, list[bytes]]:
     """Per task, the sorted images of one global batch given as its groups' batches."""
     return {task: sorted(x.tobytes() for b in batches for x in b[task]["image"]) for task in ("seg", "gen")}

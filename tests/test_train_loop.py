@@ -109,7 +109,8 @@ class ScriptedBatches:
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config(total_steps=6, log_every=100, **{"checkpoint.every_steps": 2})
-    message = "non-finite loss .* at step 4.*last good checkpoint is step 2"
+    # NaN from step 3; metrics are fetched at steps 1, 2 (a save) and 4 (a save)
+    message = "non-finite loss .* at step 4 .*in steps 3 to 4; stopping.*last good checkpoint is step 2"
     with pytest.raises(FloatingPointError, match=message):
         loop.train(config, tmp_path, data_iterator=ScriptedBatches(nan_from=3), mesh=mesh_of((1, 1, 1)))
     ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", read_only=True)
@@ -314,13 +315,23 @@ def test_a_restarted_metrics_writer_drops_the_lines_it_runs_again(tmp_path):
         writer.write(3, {"loss": 0.5})
     assert objects["gs://bucket/run/metrics.jsonl"] == "\n".join([*lines[:2], '{"step": 3, "loss": 0.5}\n'])
     assert (tmp_path / "metrics.jsonl").read_text() == objects["gs://bucket/run/metrics.jsonl"]
-    # The file as it was stays beside it (a fresh run in a reused workdir drops every line).
+    # The lines dropped stay beside it (a fresh run in a reused workdir drops every line).
+    dropped = "\n".join(lines[2:]) + '\n{"step": 5, "lo\n'
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "metrics.jsonl.prev"]
-    assert (tmp_path / "metrics.jsonl.prev").read_text() == text
-    assert objects["gs://bucket/run/metrics.jsonl.prev"] == text
+    assert (tmp_path / "metrics.jsonl.prev").read_text() == dropped
+    assert objects["gs://bucket/run/metrics.jsonl.prev"] == dropped
     loop.MetricsWriter(tmp_path, start_step=3)  # nothing after step 3: the file is left as it is
     assert [m["step"] for m in loop.read_metrics(tmp_path)] == [1, 2, 3]
-    assert (tmp_path / "metrics.jsonl.prev").read_text() == text
+    assert (tmp_path / "metrics.jsonl.prev").read_text() == dropped
+    # A fresh run (step 0) that restarts in turn: the older lines stay, the new ones come after them.
+    for workdir in (ObjectStorePath(objects, "gs://bucket/run"), tmp_path):
+        loop.MetricsWriter(workdir, start_step=0).write(1, {"loss": 9.0})
+        loop.MetricsWriter(workdir, start_step=0)
+    again = dropped + "".join(line + "\n" for line in [*lines[:2], '{"step": 3, "loss": 0.5}']) + (
+        '{"step": 1, "loss": 9.0}\n'
+    )
+    assert (tmp_path / "metrics.jsonl.prev").read_text() == again
+    assert objects["gs://bucket/run/metrics.jsonl.prev"] == again
 
 
 def recorded_hooks(tmp_path, monkeypatch, others_ok=True, fails=()):

@@ -132,7 +132,9 @@ class ReasonSeg:
 
     def __init__(self, root: str, split: str, all_texts: bool = True, use_templates: bool = True):
         if not root:  # the split folder would be looked up in the working directory
-            raise ValueError(
+            from genmask_jax.data.sources import DataConfigError
+
+            raise DataConfigError(
                 "data.reasonseg.root is empty: set it to the ReasonSeg folder (LISA's train/, val/, test/)"
             )
         folder = os.path.join(root, split)

@@ -96,16 +96,19 @@ def make_source(name: str, split: str, data_config, task: str):
 
         c = data_config.shapes
         sizes = {"train": c.train_size, "val": c.val_size, "validation": c.val_size, "test": c.test_size}
-        return SyntheticShapes(
-            split,
-            resolution=tuple(c.render_resolution or data_config.resolution),
-            seed=c.seed,
-            num_examples=sizes.get(split),
-            min_shapes=c.min_shapes,
-            max_shapes=c.max_shapes,
-            task=task,
-            expression_kinds=c.expression_kinds,
-        )
+        try:
+            return SyntheticShapes(
+                split,
+                resolution=tuple(c.render_resolution or data_config.resolution),
+                seed=c.seed,
+                num_examples=sizes.get(split),
+                min_shapes=c.min_shapes,
+                max_shapes=c.max_shapes,
+                task=task,
+                expression_kinds=c.expression_kinds,
+            )
+        except ValueError as e:  # settings that give no scene, an unknown expression kind
+            raise DataConfigError(f"data.shapes: {e}") from e
     if name == "reasonseg":
         from genmask_jax.data.reasonseg import ReasonSeg
 

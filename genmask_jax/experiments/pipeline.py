@@ -35,7 +35,13 @@ from genmask_jax.infer import checkpoint
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.models.vae import VAEConfig
 from genmask_jax.train import hooks, loop, vae_pretrain
-from genmask_jax.train.latent_data import LatentBatches, LatentPool, build_latent_pool, shapes_source
+from genmask_jax.train.latent_data import (
+    LatentBatches,
+    LatentPool,
+    build_latent_pool,
+    check_pool_size,
+    shapes_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +280,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
         return now
 
     tick = start
+    check_pool_size(int(config.demo.num_train_scenes), config.batch.seg, config.batch.gen)  # before the work
     vae_dir = toy_vae_dir(config, workdir, progress)
     train_dir = os.path.join(workdir, "train")
     resumed_from = check_resumable(training_config(config, vae_dir), train_dir)

@@ -179,6 +179,12 @@ class Checkpointer:
             check_saved_batch(saved_layout, layout, where)
             if _streams(saved_layout) == _streams(layout):
                 items[DATA], saved_layout = grain.checkpoint.CheckpointRestore(data_iterator), None
+        elif data_iterator is not None and DATA in saved:
+            log.warning(
+                "checkpoint %s/%d holds a data position, but this run's data iterator (%s) cannot take one "
+                "(no get_state/set_state); its data restarts",
+                self.directory, step, type(data_iterator).__name__,
+            )
         elif data_iterator is not None:
             log.warning(
                 "checkpoint %s/%d has no data iterator state; the data restarts", self.directory, step

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from genmask_jax.data import preprocess
 from genmask_jax.data.shapes import SyntheticShapes
+from genmask_jax.data.sources import DataConfigError
 from genmask_jax.encoders import encoder_input, make_encoder
 from genmask_jax.models import mask_codec
 from genmask_jax.models import vae as vae_lib
@@ -208,6 +209,15 @@ def build_latent_pool(
     return LatentPool(image_latent, mask_latent, seg_context, seg_mask, gen_context, gen_mask)
 
 
+def check_pool_size(num_scenes: int, batch_seg: int, batch_gen: int) -> None:
+    """DataConfigError when a task's batch is larger than the pool: a batch draws distinct scenes."""
+    if max(batch_seg, batch_gen) > num_scenes:
+        raise DataConfigError(
+            f"config.batch (seg {batch_seg}, gen {batch_gen}) is larger than the latent pool's {num_scenes} "
+            "scenes (config.demo.num_train_scenes): a batch draws distinct scenes"
+        )
+
+
 class LatentBatches:
     """Endless `{"seg": {...}, "gen": {...}}` batches drawn from a `LatentPool`.
 
@@ -226,6 +236,7 @@ class LatentBatches:
         on_batch=None,
         image_frame: bool = True,
     ):
+        check_pool_size(len(pool), batch_seg, batch_gen)
         self.pool, self.batch_seg, self.batch_gen, self.seed = pool, batch_seg, batch_gen, seed
         self.image_frame = image_frame
         self.step = 0

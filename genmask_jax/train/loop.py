@@ -385,8 +385,9 @@ class MetricsWriter:
     earlier runs included) and uploads all of it at every write.
 
     `start_step` (the step a run starts or resumes at) first drops the lines after it: a run killed
-    between checkpoints logged steps that it now runs again, and the file must read as one run. The file
-    as it was is kept as `metrics.jsonl.prev`.
+    between checkpoints logged steps that it now runs again, and the file must read as one run. The lines
+    dropped are appended to `metrics.jsonl.prev`, oldest first (a fresh run in a reused workdir drops
+    every line; when it restarts in turn, the older run's lines stay there).
     """
 
     def __init__(self, workdir: epath.Path, start_step: int | None = None):
@@ -403,9 +404,10 @@ class MetricsWriter:
         kept, dropped = lines_up_to(text, step)
         if not dropped:
             return
-        self.previous.write_text(text)  # a fresh run in a reused workdir drops every line: keep them
-        log.warning("%s: dropping %d line(s) after step %d, where this run starts (the file as it was: %s)",
-                    self.path, dropped, step, self.previous)
+        before = self.previous.read_text() if self.previous.exists() else ""
+        self.previous.write_text(before + dropped)  # an object store has no append: rewritten whole
+        log.warning("%s: dropping %d line(s) after step %d, where this run starts (kept in %s)",
+                    self.path, dropped.count("\n"), step, self.previous)
         if self._text is not None:
             self._text = kept
             self.path.write_text(kept)  # an object is replaced whole
@@ -426,10 +428,10 @@ class MetricsWriter:
             self.path.write_text(self._text)
 
 
-def lines_up_to(text: str, step: int) -> tuple[str, int]:
-    """metrics.jsonl `text` without the lines of steps after `step` or cut short (by a kill mid-write),
-    and how many lines went."""
-    kept, dropped = [], 0
+def lines_up_to(text: str, step: int) -> tuple[str, str]:
+    """(the lines of metrics.jsonl `text` up to `step`, the others: after it or cut short by a kill
+    mid-write), each line ending in a newline."""
+    kept, dropped = [], []
     for line in text.splitlines():
         try:
             if json.loads(line)["step"] <= step:
@@ -437,8 +439,8 @@ def lines_up_to(text: str, step: int) -> tuple[str, int]:
                 continue
         except (ValueError, KeyError, TypeError):
             pass
-        dropped += 1
-    return "".join(kept), dropped
+        dropped.append(line + "\n")
+    return "".join(kept), "".join(dropped)
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
@@ -510,7 +512,7 @@ def train(
     step_rng = jax.random.fold_in(base_rng, 1)
     writer = MetricsWriter(workdir, start_step=start)
     hooks = TrainHooks(config, model, workdir, mesh, rules, start_step=start)
-    history, last_saved = [], checkpointer.latest_step()
+    history, last_saved, checked = [], checkpointer.latest_step(), start
     end = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
     # On an exception too, the issued (async) save is finished: a crash must not lose the last
     # checkpoint. Nothing new is saved then: the state may be the bad one that raised.
@@ -523,7 +525,8 @@ def train(
             done = step + 1
             save = done % config.checkpoint.every_steps == 0 or done == end
             if save or done % config.log_every == 0 or done == start + 1:
-                values = finite_metrics(metrics, done, last_saved, checkpointer.directory)
+                values = finite_metrics(metrics, done, last_saved, checkpointer.directory, checked)
+                checked = done
                 # steps/s, examples/s and ETA over the steps since the previous log (none at the first).
                 values = hooks.log(done, values)
                 writer.write(done, values)
@@ -533,7 +536,7 @@ def train(
                 last_saved = done
             if hooks.after_step(done, state):  # True on SIGTERM; else quick eval / samples when due
                 if last_saved != done:
-                    finite_metrics(metrics, done, last_saved, checkpointer.directory)  # maybe not fetched
+                    finite_metrics(metrics, done, last_saved, checkpointer.directory, checked)  # not fetched
                     checkpointer.save(done, state.trainable(), data_iterator, config)
                 log.warning("stop requested (SIGTERM): saved step %d in %s", done, checkpointer.directory)
                 break
@@ -546,12 +549,15 @@ def train(
     return state, history
 
 
-def finite_metrics(metrics: Mapping[str, jax.Array], step: int, last_saved: int | None, directory) -> dict:
+def finite_metrics(
+    metrics: Mapping[str, jax.Array], step: int, last_saved: int | None, directory, checked: int | None = None
+) -> dict:
     """The step's scalar metrics as floats; FloatingPointError if any is not finite.
 
     Every metric counts, not the loss alone: the loss is computed before the update, so a finite loss can
     come with a non-finite gradient and non-finite new parameters (param_norm is of the new ones). Every
-    save is preceded by this check, so `last_saved` is a good checkpoint.
+    save is preceded by this check, so `last_saved` is a good checkpoint. `checked`: the last step whose
+    metrics were checked (or the start step): the error names the steps since, where it can have happened.
     """
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     bad = ", ".join(f"{k} {values[k]}" for k in sorted(values, key=lambda k: k != "loss")
@@ -559,7 +565,12 @@ def finite_metrics(metrics: Mapping[str, jax.Array], step: int, last_saved: int 
     if bad:
         good = (f"The last good checkpoint is step {last_saved} in {directory}." if last_saved is not None
                 else f"There is no checkpoint in {directory} yet.")
-        raise FloatingPointError(f"non-finite {bad} at step {step} (metrics {values}); stopping. {good}")
+        since = ("" if checked is None or checked >= step - 1 else
+                 f"; metrics are fetched only at logs and saves, so it became non-finite in steps "
+                 f"{checked + 1} to {step}")
+        raise FloatingPointError(
+            f"non-finite {bad} at step {step} (metrics {values}){since}; stopping. {good}"
+        )
     return values
 
 

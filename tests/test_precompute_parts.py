@@ -96,9 +96,9 @@ def test_writers_that_would_encode_the_same_examples_are_refused(tmp_path):
         # the refused writers left no lock behind
         assert not os.path.exists(os.path.join(folder, "writer.lock"))
         assert not os.path.exists(os.path.join(part_folder(folder, 0, 3), "writer.lock"))
-    with _writer(folder):  # one after the other is fine
+    with _writer(folder + "/"):  # one after the other is fine (the same folder, however written)
         with pytest.raises(CacheLocked, match="is writing the whole cache"):
-            _writer(folder, (1, 2))
+            _writer(folder + "/", (1, 2))
     with _writer(folder, (0, 3)):
         pass
 

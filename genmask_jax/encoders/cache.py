@@ -382,7 +382,7 @@ class CacheWriter:
     ):
         if dtype not in _DTYPES:
             raise ValueError(f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self.top = folder
+        self.top = folder = os.path.normpath(folder)  # "cache/" is "cache": the writers' folders compare
         folder = folder if part is None else part_folder(folder, *part)
         os.makedirs(folder, exist_ok=True)
         self.folder, self.dim, self.dtype, self.shard_size = folder, dim, dtype, shard_size

@@ -4,6 +4,7 @@ would encode the same examples twice (another split, or a whole run, at the same
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -139,12 +140,25 @@ def test_parts_written_with_other_settings_are_refused(tmp_path):
     assert "encoder.name: part-00000-of-00002 'toy', part-00001-of-00002 'other'" in message
 
 
-def test_an_id_in_two_parts_and_a_damaged_part_shard_are_named(tmp_path):
+def test_an_id_in_two_parts_is_read_from_the_first_and_damage_names_the_part(tmp_path):
+    """Sets that share an example (a training split that is also an evaluation split, concatenated with
+    another source) can put it in two parts that run at once: both encode it. The reader refused the
+    whole cache; it now reads the first part's record, as a whole run keeps the first one it wrote."""
     folder = str(tmp_path / "cache")
-    with _writer(folder, (0, 2)) as first, _writer(folder, (1, 2)) as second:  # sources that repeat an id
-        first.add("same", np.ones((3, 8), np.float32), text="same")
-        second.add("same", np.ones((3, 8), np.float32), text="same")
-    with pytest.raises(CacheMismatch, match="holds 'same' twice"):
+    with _writer(folder, (0, 2)) as first, _writer(folder, (1, 2)) as second:
+        first.add("same", np.full((3, 8), 1.0, np.float32), text="same")
+        second.add("same", np.full((3, 8), 2.0, np.float32), text="same")
+        second.add("b", np.full((2, 8), 3.0, np.float32), text="b")
+    cache = EmbeddingCache(folder)
+    assert sorted(cache.index) == ["b", "same"]
+    assert cache.lookup("same", "same")[0][:3].tolist() == [[1.0] * 8] * 3
+    assert cache.lookup("b", "b")[0][:2].tolist() == [[3.0] * 8] * 2
+
+    # One writer never writes an id twice: within a folder it is damage.
+    part = part_folder(folder, 1, 2)
+    for end in (".array_record", ".ids.json"):
+        shutil.copy(os.path.join(part, "shard-00000" + end), os.path.join(part, "shard-00001" + end))
+    with pytest.raises(CacheMismatch, match="holds 'b' twice"):
         EmbeddingCache(folder)
 
     folder = str(tmp_path / "damaged")
@@ -156,6 +170,35 @@ def test_an_id_in_two_parts_and_a_damaged_part_shard_are_named(tmp_path):
     with pytest.raises(CacheMismatch) as error:
         EmbeddingCache(folder)
     assert f"--out={folder} --part=1 --num_parts=2" in str(error.value)
+
+
+def test_a_part_resumes_beside_a_damaged_part_and_in_a_folder_named_with_brackets(tmp_path):
+    """A resume spot-checked the whole cache, so another part's damage stopped it; and `[1]` in a folder's
+    name was a glob pattern: the cache read as empty and a resume overwrote its first shard."""
+    c, folder = small_config(), str(tmp_path / "runs[1]" / "cache")
+    for i in range(2):
+        precompute(c, folder, **RUN, part=(i, 2))
+    shard = os.path.join(part_folder(folder, 1, 2), "shard-00000.array_record")
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    again = precompute(c, folder, **RUN, part=(0, 2))
+    assert (again["written"], again["already"]) == (0, 12)
+    repaired = precompute(c, folder, **RUN, part=(1, 2))
+    assert (repaired["written"], repaired["already"]) == (4, 8)  # the damaged shard's examples
+    assert_complete(folder, c)
+
+
+def test_every_part_is_compared_with_the_config(tmp_path):
+    """A field one side does not know is not compared (a digest a host could not compute): a part written
+    from other weights hid behind a first part without the digest."""
+    folder = str(tmp_path / "cache")
+    for part, digest in [((0, 2), None), ((1, 2), "A")]:
+        with CacheWriter(folder, 8, 12, "float32", {"name": "qwen", "model_digest": digest}, part=part):
+            pass
+    EmbeddingCache(folder, {"name": "qwen", "model_digest": "A"})
+    with pytest.raises(CacheMismatch, match="model_digest: cache 'A', config 'B'"):
+        EmbeddingCache(folder, {"name": "qwen", "model_digest": "B"})
+    with pytest.raises(CacheMismatch, match="model_digest: cache .*'A', config 'B'"):
+        CacheWriter(folder, 8, 12, "float32", {"name": "qwen", "model_digest": "B"}, part=(0, 3))
 
 
 _CLI = [sys.executable, "-m", "genmask_jax.encoders.precompute", "--config=configs/genmask.py",

@@ -19,7 +19,8 @@ or null) and, when the encoder read an image, `image` (`image_digest`: its shape
 pixels); the contexts are the `(T, dim)` valid token states in `dtype` (bfloat16 by default).
 `lookup(id, text, image)` pads them back to `(context_length, dim)` float32 with a prefix mask.
 The reader takes the records of the folder and of its part folders together (their meta.json files must
-agree, and an id may be cached once in all of them).
+agree). One writer writes an id once; two parts may both hold one (sets that share an example, such as a
+training split that is also an evaluation split): the first folder's record is read.
 An example the encoder failed on (an image the processor refuses) has a record with `skip` (the reason)
 in place of `length` and no contexts: `lookup` raises `SkippedExample`, a bad example that the
 pipelines skip as they skip it when they run the encoder themselves (a reader older than skip records
@@ -153,7 +154,7 @@ def published_shards(folder: str) -> list[tuple[str, str]]:
     """(shard path, ids.json path) of every published shard (one with an ids.json), in shard order."""
     return [
         (ids_path[: -len(".ids.json")] + ".array_record", ids_path)
-        for ids_path in sorted(glob.glob(os.path.join(folder, "shard-*.ids.json")))
+        for ids_path in sorted(glob.glob(os.path.join(glob.escape(folder), "shard-*.ids.json")))
     ]
 
 
@@ -181,22 +182,27 @@ def cache_folders(folder: str) -> list[str]:
     return ([folder] if os.path.exists(os.path.join(folder, "meta.json")) else []) + parts
 
 
-def cache_meta(folder: str) -> dict:
-    """The meta.json of the cache at `folder`, which all of its `cache_folders` must share; raises as
-    `read_meta` for a folder that is no cache, and CacheMismatch for parts written with other settings."""
-    folders = cache_folders(folder) or [folder]
-    meta = read_meta(folders[0])
+def cache_metas(folder: str, folders: list[str] | None = None) -> dict[str, dict]:
+    """{folder: its meta.json} of the cache at `folder` (its `cache_folders`, or `folders`), which must
+    agree; raises as `read_meta` for a folder that is no cache, and CacheMismatch for parts written with
+    other settings (every pair compared: a field one side does not know is not compared)."""
+    metas = {f: read_meta(f) for f in (folders if folders is not None else cache_folders(folder)) or [folder]}
     label = lambda f: "the top folder" if f == folder else os.path.basename(f)  # noqa: E731
-    first = label(folders[0])
-    for other in folders[1:]:
-        name = label(other)
-        diff = meta_differences(meta, read_meta(other), names=(first, name))
-        if diff:
-            raise CacheMismatch(
-                f"embedding cache {folder}: {name} was written with other settings than {first} "
-                f"({'; '.join(diff)}): delete the one written with the wrong settings and precompute it again"
-            )
-    return meta
+    for i, (one, meta) in enumerate(metas.items()):
+        for other in list(metas)[i + 1 :]:
+            diff = meta_differences(meta, metas[other], names=(label(one), label(other)))
+            if diff:
+                raise CacheMismatch(
+                    f"embedding cache {folder}: {label(other)} was written with other settings than "
+                    f"{label(one)} ({'; '.join(diff)}): delete the one written with the wrong settings and "
+                    "precompute it again"
+                )
+    return metas
+
+
+def cache_meta(folder: str) -> dict:
+    """The meta.json of the cache at `folder` (of its first folder; `cache_metas` checks they agree)."""
+    return next(iter(cache_metas(folder).values()))
 
 
 def unreadable(path: str, error: BaseException) -> CacheUnreadable:
@@ -271,7 +277,8 @@ def _out_flags(folder: str) -> str:
     part = _part_of(folder)
     if part is None:
         return f"--out={folder}"
-    return f"--out={os.path.dirname(os.path.normpath(folder))} --part={part[0]} --num_parts={part[1]}"
+    top = os.path.dirname(os.path.normpath(folder)) or "."
+    return f"--out={top} --part={part[0]} --num_parts={part[1]}"
 
 
 def completed_shards(folder: str) -> list[tuple[str, list[str]]]:
@@ -405,8 +412,8 @@ class CacheWriter:
         }
         meta_path = os.path.join(self.folder, "meta.json")
         others = [f for f in cache_folders(self.top) if f != self.folder]
-        if os.path.exists(meta_path) or others:  # a part's settings are those of the cache it is part of
-            written = self.folder if os.path.exists(meta_path) else others[0]
+        # a part's settings are those of the cache it is part of
+        for written in ([self.folder] if os.path.exists(meta_path) else []) + others:
             cached = read_meta(written)
             diff = meta_differences(cached, meta)
             if diff:
@@ -418,13 +425,14 @@ class CacheWriter:
         if not os.path.exists(meta_path):
             _write_json_atomic(meta_path, meta)
         shards = self._readable_shards()
-        self.done = {i for _, ids in shards for i in ids} | _published_ids(others)
+        self.own = {i for _, ids in shards for i in ids}  # published in this writer's folder
+        self.done = self.own | _published_ids(others)
         # after the last one, not at their count: a shard deleted from the middle leaves a gap
         self.next_shard = 1 + max((_shard_number(s) for s, _ in shards), default=-1)
-        for stale in glob.glob(os.path.join(self.folder, "shard-*.array_record")):
+        for stale in glob.glob(os.path.join(glob.escape(self.folder), "shard-*.array_record")):
             if stale not in {s for s, _ in shards}:
                 os.remove(stale)  # an interrupted shard of this folder's (single) writer
-        for tmp in glob.glob(os.path.join(self.folder, "*.tmp-*")):
+        for tmp in glob.glob(os.path.join(glob.escape(self.folder), "*.tmp-*")):
             os.remove(tmp)  # an interrupted `_write_json_atomic`
 
     def _readable_shards(self) -> list[tuple[str, list[str]]]:
@@ -494,6 +502,7 @@ class CacheWriter:
         self._writer.write(record)
         self._ids.append(example_id)
         self.done.add(example_id)
+        self.own.add(example_id)
         if len(self._ids) >= self.shard_size:
             self.flush()
 
@@ -514,6 +523,7 @@ class CacheWriter:
             )
             os.remove(path)
             self.done.difference_update(self._ids)
+            self.own.difference_update(self._ids)
         self._writer, self._ids = None, []
 
     def close(self) -> None:
@@ -704,17 +714,25 @@ class EmbeddingCache:
       context_length: checked against the cache's when given (implied by `fingerprint`).
     """
 
-    def __init__(self, folder: str, fingerprint: dict | None = None, context_length: int | None = None):
+    def __init__(
+        self,
+        folder: str,
+        fingerprint: dict | None = None,
+        context_length: int | None = None,
+        parts: bool = True,
+    ):
         from array_record.python.array_record_data_source import ArrayRecordDataSource
 
         self.folder = folder
-        self.meta = cache_meta(folder)
+        folders = cache_folders(folder) if parts else [folder]
+        metas = cache_metas(folder, folders)
+        self.meta = next(iter(metas.values()))
         self.dim, self.dtype = self.meta["dim"], self.meta["dtype"]
         self.context_length = self.meta["context_length"]
-        if fingerprint is not None:
-            diff = differences(self.meta["encoder"], fingerprint)
+        for meta in metas.values() if fingerprint is not None else []:
+            diff = differences(meta["encoder"], fingerprint)
             if diff:
-                why = written_by_other_code(self.meta["encoder"], fingerprint)
+                why = written_by_other_code(meta["encoder"], fingerprint)
                 advice = f"{why}: write" if why else "set these fields as the cache has them, or write"
                 raise CacheMismatch(
                     f"embedding cache {folder} was written with other encoder settings ({'; '.join(diff)}): "
@@ -725,15 +743,21 @@ class EmbeddingCache:
                 f"embedding cache {folder} has context_length {self.context_length}, the config asks for "
                 f"{context_length}"
             )
-        shards = [shard for f in cache_folders(folder) for shard in completed_shards(f)]
+        by_folder = [completed_shards(f) for f in metas]
+        shards = [shard for in_folder in by_folder for shard in in_folder]
         self.index: dict[str, int] = {}
         position = 0  # ArrayRecord numbers records across all shards
-        for shard, ids in shards:
-            for example_id in ids:
-                if example_id in self.index:
-                    raise CacheMismatch(f"embedding cache {folder} holds {example_id!r} twice ({shard})")
-                self.index[example_id] = position
-                position += 1
+        for in_folder in by_folder:
+            before = set(self.index)
+            for shard, ids in in_folder:
+                for example_id in ids:
+                    if example_id not in before:  # else an earlier folder's: parts whose sets share an id
+                        if example_id in self.index:  # one writer never writes an id twice
+                            raise CacheMismatch(
+                                f"embedding cache {folder} holds {example_id!r} twice ({shard})"
+                            )
+                        self.index[example_id] = position
+                    position += 1
         self._shards = [s for s, _ in shards]
         self.pixel_mismatches, self._first_pixel_mismatch = 0, None  # `_check_image`
         self._mismatch_lock = threading.Lock()

@@ -310,10 +310,10 @@ def precompute(
     with CacheWriter(
         out, encoder.dim, encoder.context_length, dtype, fingerprint(data_config.encoder), shard_size, part
     ) as writer:
-        if writer.done:  # a resume: what is cached must still be what the data gives
-            cache = EmbeddingCache(out)
+        if writer.own:  # a resume: what this writer cached must still be what the data gives
+            cache = EmbeddingCache(writer.folder, parts=False)  # the other parts' writers check theirs
             for job, source, mine in zip(jobs, sources, indices):
-                _check_resumed(cache, job, source, mine, writer.done, config, read_tries, retry_wait_s)
+                _check_resumed(cache, job, source, mine, writer.own, config, read_tries, retry_wait_s)
             del cache
         for job, source, mine in zip(jobs, sources, indices):
             batch, seen, failed_in_a_row = [], set(), 0

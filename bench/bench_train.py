@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from configs.genmask import get_config  # noqa: E402
 from genmask_jax.models import build, mask_codec  # noqa: E402
-from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
+from genmask_jax.parallel.mesh import config_mesh  # noqa: E402
 from genmask_jax.parallel.sharding import rules_from_config  # noqa: E402
 from genmask_jax.train import loop  # noqa: E402
 from genmask_jax.train.state import attach_frozen, create_train_state, make_optimizer, make_schedule  # noqa: E402
@@ -53,7 +53,7 @@ def main(argv=None):
     config = get_config(args.config)
     config.microbatches = args.microbatches
     model = build.build_model(config)
-    mesh = make_mesh(tuple(config.mesh.shape))
+    mesh = config_mesh(config)
     rules = rules_from_config(config.sharding.logical_axis_rules)
     opt_cfg = {**config.optimizer.to_dict(), "total_steps": config.total_steps}
     tx = make_optimizer(opt_cfg)

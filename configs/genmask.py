@@ -75,6 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices.
+    # TPU v4/v5p/v6e: an axis over part of a torus axis, for sizes that are no product of whole ones.
+    config.mesh.allow_split_physical_axes = False
     config.sharding = ml_collections.ConfigDict()
     config.sharding.logical_axis_rules = _rules_as_data(DEFAULT_RULES)
 

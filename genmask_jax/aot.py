@@ -64,7 +64,7 @@ from genmask_jax.infer.segmenter import Segmenter  # noqa: E402
 from genmask_jax.models import build  # noqa: E402
 from genmask_jax.models.genmask import GenMask  # noqa: E402
 from genmask_jax.parallel.data_groups import data_loading_groups  # noqa: E402
-from genmask_jax.parallel.mesh import make_mesh  # noqa: E402
+from genmask_jax.parallel.mesh import config_mesh  # noqa: E402
 from genmask_jax.parallel.sharding import logical_sharding, rules_from_config  # noqa: E402
 from genmask_jax.train import loop  # noqa: E402
 from genmask_jax.train.state import TrainState, make_optimizer, train_state_shapes  # noqa: E402
@@ -107,7 +107,8 @@ def topology_devices(topology: str) -> list:
         raise LibtpuMissing(problem)
     from jax.experimental import topologies
 
-    options = {"chips_per_host_bounds": [2, 4, 1]} if _one_host_of_eight(topology) else {}
+    bounds = _single_host_bounds(topology)
+    options = {"chips_per_host_bounds": bounds} if bounds else {}
     if _is_v4(topology):
         # libtpu describes v4 as one device per TensorCore unless asked for megacore, the mode a v4 slice
         # runs in (one device per chip), and jax.make_mesh refuses the per-core layout.
@@ -126,15 +127,18 @@ def _is_v4(topology: str) -> bool:
         return False
 
 
-def _one_host_of_eight(topology: str) -> bool:
-    """Whether `topology` is a v5e or v6e slice of 2x4 chips: one host (v5litepod-8, v6e-8), which
-    libtpu would describe as two hosts of 2x2 chips, its default for every slice of these chips."""
+def _single_host_bounds(topology: str) -> list[int] | None:
+    """The host bounds of a v5e or v6e slice of one host that libtpu's default bounds (2x2 chips a host,
+    for every slice of these chips) do not describe: 2x4 (v5litepod-8, v6e-8; else two hosts of 2x2) and
+    1x1 (v5litepod-1, v6e-1; else not divisible). None for any other topology."""
     try:
         chip = chip_of(topology)
     except ValueError:
-        return False
+        return None
     shape = re.split(r"[:=_]", topology, maxsplit=1)[-1]
-    return chip in (CHIPS["v5e"], CHIPS["v6e"]) and shape == "2x4"
+    if chip not in (CHIPS["v5e"], CHIPS["v6e"]):
+        return None
+    return {"2x4": [2, 4, 1], "1x1": [1, 1, 1]}.get(shape)
 
 
 class UnknownHost(ValueError):
@@ -334,7 +338,7 @@ def train_step_program(config, devices) -> Program:
     """
     loop.check_loop_fields(config)
     try:
-        mesh = make_mesh(tuple(config.mesh.shape), devices=devices)
+        mesh = config_mesh(config, devices)
     except ValueError as e:
         raise InputError(f"config.mesh.shape: {e}") from None
     rules = rules_from_config(config.sharding.logical_axis_rules)
@@ -491,7 +495,7 @@ def analyse(config, topology: str, with_eval: bool = True, eval_batch_size: int 
             )
     return Analysis(
         topology=topology,
-        mesh_shape=tuple(make_mesh(tuple(config.mesh.shape), devices=devices).devices.shape),
+        mesh_shape=tuple(config_mesh(config, devices).devices.shape),
         remat=config.model.dit.remat_policy,
         microbatches=int(config.microbatches),
         chip=chip_of(topology),
@@ -666,6 +670,13 @@ def main(argv) -> int:
     problem = libtpu_problem()
     if problem:
         print(problem)
+        return 2
+    if not f.sweep and (f.meshes or f["microbatches"].present):
+        print("error: --meshes and --microbatches are --sweep's; a single compile takes config.mesh.shape "
+              "and config.microbatches (--config.mesh.shape='(1,8,4)' --config.microbatches=2)")
+        return 2
+    if f.sweep and f.eval_batch_size:
+        print("error: --sweep compiles the train step only; --eval_batch_size is for a single compile")
         return 2
     try:
         if f.sweep:

@@ -100,6 +100,10 @@ def test_host_topology_is_one_host_of_the_chip_or_unknown():
         devices = aot.topology_devices(eight)
         assert len(devices) == 8 and {d.process_index for d in devices} == {0}
         assert aot.host_topology(eight, devices) == eight
+    # v5litepod-1 and v6e-1, which libtpu's default 2x2 host bounds do not divide.
+    for one in ("v5e:1x1", "v6e:1x1"):
+        devices = aot.topology_devices(one)
+        assert len(devices) == 1 and aot.host_topology(one, devices) == one
     # Process 0 holding chips over a third axis that a two-axis name cannot write: said, not guessed.
     fake = [
         types.SimpleNamespace(process_index=p, coords=(x, y, z))
@@ -220,6 +224,25 @@ def test_mesh_shape_the_torus_cannot_take_is_a_value_error():
         make_mesh((1, 8, 8), devices=aot.topology_devices("v5p:4x4x4"))
 
 
+def test_a_mesh_axis_over_part_of_a_torus_axis_is_opt_in():
+    """8 is no product of v6e:4x4's torus axes (4, 4): refused by default, laid out with the switch."""
+    from jax.sharding import AxisType
+
+    from genmask_jax.parallel.mesh import config_mesh, make_mesh
+
+    devices = aot.topology_devices("v6e:4x4")
+    with pytest.raises(ValueError, match="config.mesh.allow_split_physical_axes=True lays it out anyway"):
+        make_mesh((2, 8, 1), devices=devices)
+    config = tiny_config()
+    config.mesh.shape, config.mesh.allow_split_physical_axes = (2, 8, 1), True
+    mesh = config_mesh(config, devices)
+    assert mesh.devices.shape == (2, 8, 1) and mesh.axis_types == (AxisType.Auto,) * 3
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+    del config.mesh.allow_split_physical_axes  # a config saved before the switch existed: off
+    with pytest.raises(ValueError, match="does not map onto"):
+        config_mesh(config, devices)
+
+
 def test_splash_attention_for_a_topology_is_the_mosaic_kernel():
     """Traced on this CPU host under a TPU topology's mesh (as aot does), splash is the TPU kernel
     (a tpu_custom_call that the TPU compiler accepts), not Pallas interpret mode."""
@@ -281,3 +304,20 @@ def test_a_config_error_is_one_line_and_exit_status_2():
     assert result.returncode == 2, result.stdout + result.stderr[-2000:]
     assert result.stdout.splitlines()[-1].startswith("error: config.batch on mesh {'data': 4, 'fsdp': 1,")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--meshes=1x4x1"], "error: --meshes and --microbatches are --sweep's"),
+        (["--microbatches=2"], "error: --meshes and --microbatches are --sweep's"),
+        (["--sweep", "--eval_batch_size=8"], "error: --sweep compiles the train step only"),
+    ],
+)
+def test_flags_of_the_other_mode_are_refused_not_ignored(flags, message):
+    """A single compile ignored --meshes and --microbatches (reporting the config's mesh and 1 microbatch),
+    a sweep --eval_batch_size."""
+    command = [sys.executable, "-m", "genmask_jax.aot", "--config=configs/genmask.py:variant=tiny",
+               f"--topology={TOPOLOGY}", *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and result.stdout.splitlines()[-1].startswith(message)

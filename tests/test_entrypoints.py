@@ -1107,7 +1107,8 @@ def test_end_to_end(trained, files, tmp_path):
 
     result = cli("genmask_jax.evaluate", f"--checkpoint={trained}", "--split=synthetic:test,reasonseg:val")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1].startswith("genmask_jax.evaluate: error: ReasonSeg")
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("genmask_jax.evaluate: error: data.reasonseg.root is empty")
 
     rle = tmp_path / "rle"
     result = cli(  # README's shape: an override of the saved config, no --config

@@ -193,3 +193,15 @@ def test_outputs_are_checked_on_the_writing_process_and_a_failure_stops_all(monk
     with pytest.raises(images.InputError, match="no permission to write in /mnt"):
         cli.check_on_writer(check, ["/mnt/x.png"])
     assert checked
+    # Any error of process 0's, not only an InputError (a gs:// out whose credentials fail): the others
+    # must still hear of it, not wait for process 0 in the next collective.
+    sent = []
+    gather = lambda x: sent.append(int(x)) or np.array([1, 0])  # noqa: E731
+    monkeypatch.setattr(multihost_utils, "process_allgather", gather)
+
+    def refused(path):
+        raise PermissionError(403, "Forbidden", path)
+
+    with pytest.raises(PermissionError, match="Forbidden"):
+        cli.check_on_writer(refused, ["gs://bucket/x.png"])
+    assert sent == [1]

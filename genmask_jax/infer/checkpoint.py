@@ -33,7 +33,7 @@ from convert.checkpoint_io import ConversionError
 from genmask_jax.models import build
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.parallel import multihost
-from genmask_jax.parallel.mesh import make_mesh
+from genmask_jax.parallel.mesh import config_mesh, make_mesh
 from genmask_jax.parallel.sharding import LogicalRules, logical_sharding, rules_from_config
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def inference_mesh(config: ml_collections.ConfigDict, devices: Sequence | None =
     fits them, else all of them on the fsdp axis (each process runs inference on its own examples)."""
     devices = jax.local_devices() if devices is None else devices
     try:
-        return make_mesh(tuple(config.mesh.shape), devices=devices)
+        return config_mesh(config, devices)
     except ValueError:
         return make_mesh((1, -1, 1), devices=devices)
 

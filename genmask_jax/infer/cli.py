@@ -223,7 +223,7 @@ def check_on_writer(check: Callable[[str], None], paths: Sequence[str]) -> None:
     one process leaving alone would leave the others waiting in a collective. Call after
     `checkpoint_and_config`."""
     others = lambda: InputError("process 0 cannot write the outputs (its error says why)")  # noqa: E731
-    multihost.on_process_0(lambda: [check(path) for path in paths], others, catch=InputError)
+    multihost.on_process_0(lambda: [check(path) for path in paths], others)
 
 
 def check_image_size(config: ml_collections.ConfigDict, size: tuple[int, int] | None = None) -> None:

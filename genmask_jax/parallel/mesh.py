@@ -27,8 +27,12 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return tuple(shape)
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MESH_AXES,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+    shape: Sequence[int] = (-1, 1, 1),
+    axis_names: Sequence[str] = MESH_AXES,
+    devices: Sequence[jax.Device] | None = None,
+    allow_split_physical_axes: bool = False,
+) -> jax.sharding.Mesh:
     """A mesh with Auto axis types (Linen logical sharding needs Auto, not Explicit).
 
     The device order is `jax.make_mesh`'s for given devices too (on TPU: each axis laid along whole axes
@@ -38,14 +42,33 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
     Args:
       shape: size per axis; one -1 takes the remaining devices.
       devices: defaults to all devices of all processes (`jax.devices()`).
+      allow_split_physical_axes: lets a mesh axis take part of a torus axis where its size is no product
+        of whole ones (on v4, v5p and v6e; e.g. 8 on v6e:4x4), as MaxText's switch of that name does:
+        that axis's collectives then run over fewer links. Off: such a shape is a ValueError.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(shape, len(devices))
     axis_types = (AxisType.Auto,) * len(axis_names)
     try:
         return jax.make_mesh(shape, tuple(axis_names), axis_types=axis_types, devices=devices)
-    except NotImplementedError as e:  # v5p/v4: an axis size that is no product of physical axis sizes
-        raise ValueError(f"mesh shape {shape} does not map onto the devices' torus: {e}") from e
+    except NotImplementedError as e:  # an axis size that is no product of physical axis sizes
+        if not allow_split_physical_axes:
+            raise ValueError(
+                f"mesh shape {shape} does not map onto the devices' torus ({e}); "
+                "config.mesh.allow_split_physical_axes=True lays it out anyway, an axis over part of a torus "
+                "axis (less bandwidth for its collectives)"
+            ) from e
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, tuple(axis_names), axis_types=axis_types)
+
+
+def config_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The mesh of an experiment config's `mesh` section (`shape`, `allow_split_physical_axes`: absent
+    from configs saved before it existed, so off)."""
+    split = bool(config.mesh.get("allow_split_physical_axes", False))
+    return make_mesh(tuple(config.mesh.shape), devices=devices, allow_split_physical_axes=split)
 
 
 def cpu_device_flags(batch_seg: int, batch_gen: int, cores: int) -> str:

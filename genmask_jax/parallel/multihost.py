@@ -51,19 +51,18 @@ def on_process_0(
     fn: Callable[[], Any],
     others_error: Callable[[], Exception],
     is_process_0: bool | None = None,
-    catch: type[Exception] | tuple[type[Exception], ...] = Exception,
 ) -> Any:
     """`fn()` on process 0 (`is_process_0`, by default `jax.process_index() == 0`), None elsewhere. When
-    it raises `catch` there, every process raises: process 0 its error, the others `others_error()`. With
-    several processes a collective that every process must enter: one process leaving alone would leave
-    the others waiting in the next collective."""
+    it raises there (any Exception), every process raises: process 0 its error, the others
+    `others_error()`. With several processes a collective that every process must enter: one process
+    leaving alone would leave the others waiting in the next collective."""
     if is_process_0 is None:
         is_process_0 = jax.process_index() == 0
     result, error = None, None
     if is_process_0:
         try:
             result = fn()
-        except catch as e:  # re-raised below, once the others know
+        except Exception as e:  # noqa: BLE001  (re-raised below, once the others know)
             error = e
     failed = gather_ints(error is not None).any()
     if error is not None:

@@ -27,7 +27,7 @@ from genmask_jax.models.dit import DiTConfig
 from genmask_jax.models.genmask import TASKS, GenMask
 from genmask_jax.parallel import multihost
 from genmask_jax.parallel.data_groups import data_group
-from genmask_jax.parallel.mesh import make_mesh
+from genmask_jax.parallel.mesh import config_mesh
 from genmask_jax.parallel.sharding import (
     batch_shard_count,
     batch_sharding,
@@ -475,7 +475,7 @@ def train(
     """
     check_loop_fields(config)
     multihost.maybe_initialize(config.get("distributed"))
-    mesh = mesh or make_mesh(tuple(config.mesh.shape))
+    mesh = mesh or config_mesh(config)
     rules = rules_from_config(config.sharding.logical_axis_rules)
     group_index, group_count = data_group(mesh, rules)  # raises for a mesh that host data cannot feed
     check_batch_split(config, mesh, rules)

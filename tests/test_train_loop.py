@@ -290,18 +290,24 @@ def test_non_finite_parameters_are_never_saved(tmp_path, monkeypatch, way):
 
 
 @pytest.mark.slow
-def test_a_restart_after_a_kill_logs_each_step_once(tmp_path):
+def test_a_restart_after_a_kill_logs_each_step_once(tmp_path, monkeypatch):
     """A run that dies between checkpoints (at step 4, after the one of step 2) logged step 3, which the
-    restart runs again: metrics.jsonl keeps the restart's line only."""
-    config = tiny_config(total_steps=5, **{"checkpoint.every_steps": 2})
+    restart runs again: metrics.jsonl keeps the restart's line only. The quick evaluation's metrics (due
+    every 3 steps) have lines of their own."""
+    from genmask_jax.train.hooks import QuickEval
+
+    monkeypatch.setattr(QuickEval, "segmentation", lambda self, step, state: {"giou": step / 10, "ciou": 0.5})
+    config = tiny_config(total_steps=5, eval_every=3, sample_every=0, **{"checkpoint.every_steps": 2})
     with pytest.raises(RuntimeError, match="data source died"):
         loop.train(config, tmp_path, data_iterator=ScriptedBatches(fail_at=4), mesh=mesh_of((1, 1, 1)))
     died = loop.read_metrics(tmp_path)
-    assert [m["step"] for m in died] == [1, 2, 3]
+    assert [m["step"] for m in died] == [1, 2, 3, 3]
+    assert died[3] == {"step": 3, "quick_eval/giou": 0.3, "quick_eval/ciou": 0.5}
     _, history = loop.train(config, tmp_path, data_iterator=ScriptedBatches(), mesh=mesh_of((1, 1, 1)))
     metrics = loop.read_metrics(tmp_path)
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
-    assert metrics[:2] == died[:2] and metrics[2:] == history
+    assert [m["step"] for m in metrics] == [1, 2, 3, 3, 4, 5]
+    assert metrics[:2] == died[:2] and [m for m in metrics[2:] if "loss" in m] == history
+    assert metrics[3] == died[3]
 
 
 def test_a_restarted_metrics_writer_drops_the_lines_it_runs_again(tmp_path):

@@ -456,7 +456,8 @@ class QuickEval:
 
 
 class TrainHooks:
-    """Everything the loop calls: `log`, `after_step` (True = stop now), `close`.
+    """Everything the loop calls: `log`, `after_step` (True = stop now; `evaluated` then holds the quick
+    evaluation's metrics of that step, for metrics.jsonl), `close`.
 
     Config fields read (all optional): `log_every` (the loop's), `eval_every` and `sample_every`
     (0 = never), `quick_eval.{num_examples, split, gen_steps, guidance_scale}`,
@@ -477,6 +478,7 @@ class TrainHooks:
         if self.eval_every or self.sample_every:
             self.quick_eval = QuickEval(config, model, mesh, rules, workdir, self.logger, **quick)
         self.preemption = Preemption() if install_signals else None
+        self.evaluated: dict[str, float] = {}
         profile = config.get("profile", None) or {}
         self.profiler = StepProfiler(
             epath.Path(workdir) / "tensorboard",
@@ -507,6 +509,7 @@ class TrainHooks:
             # rates; only what follows is paused (it made steps/s and MFU up to 2x too high).
             jax.block_until_ready(state)
         start = time.perf_counter()
+        self.evaluated = {}
         self.profiler.after_step(step, state)
         if self.preemption is not None and self.preemption.should_stop(step):
             if due:
@@ -537,9 +540,11 @@ class TrainHooks:
             self.quick_eval.inputs_failed(name)
             return
         try:
-            getattr(self.quick_eval, name)(step, state)
+            values = getattr(self.quick_eval, name)(step, state)
         except Exception:  # noqa: BLE001
             log.exception("quick evaluation %s at step %d failed; training continues", name, step)
+            return
+        self.evaluated.update({f"quick_eval/{k}": v for k, v in (values or {}).items()})
 
     def close(self) -> None:
         self.profiler.stop()

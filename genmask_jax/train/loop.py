@@ -378,7 +378,8 @@ def host_frozen(config, model: GenMask) -> dict | None:
 
 
 class MetricsWriter:
-    """JSON lines on process 0: one {"step": s, name: value, ...} per logged step.
+    """JSON lines on process 0: one {"step": s, name: value, ...} per logged step, and one
+    {"step": s, "quick_eval/giou": ..., "quick_eval/ciou": ...} per quick evaluation.
 
     A local file is appended to. An object store (a `gs://` workdir) has no append: gcsfs opens "a" as
     "w", which would leave the last line alone; there the writer keeps the object's text (the lines of
@@ -540,6 +541,8 @@ def train(
                     checkpointer.save(done, state.trainable(), data_iterator, config)
                 log.warning("stop requested (SIGTERM): saved step %d in %s", done, checkpointer.directory)
                 break
+            if hooks.evaluated:  # the quick evaluation's gIoU / cIoU: a line of their own
+                writer.write(done, hooks.evaluated)
     except BaseException:
         _finish_quietly(checkpointer, hooks)  # the failure that stopped training is the one reported
         raise

@@ -17,6 +17,9 @@ The config is the one saved with the checkpoint; `--config.field=value` override
 a multi-process launch (launch/gpu.sh, launch/tpu.sh) every process computes the same masks and
 process 0 writes them.
 
+A model trained on ReasonSeg saw its queries in LISA's templates: `--template=short` (a phrase) or
+`--template=long` (a sentence) wraps each prompt as the evaluation does.
+
 Two-stage reasoning (`--rewrite`): the VLM first rewrites each prompt (a long reasoning query) into a
 short description of the object, which is then encoded; the default follows the config's
 `data.encoder.rewrite_reasoning`, `--norewrite` turns it off. It needs the Qwen2.5-VL encoder: with the
@@ -46,6 +49,14 @@ _BATCH_SIZE = flags.DEFINE_integer(
     "The masks do not depend on it: every image gets the same noise, drawn from --seed.",
 )
 _EMA = flags.DEFINE_bool("ema", True, "Use the EMA parameters when the checkpoint has them.")
+_TEMPLATE = flags.DEFINE_enum(
+    "template",
+    "none",
+    ["none", "short", "long"],
+    "Wrap each prompt as the ReasonSeg data does (LISA's templates): short 'What is {prompt} in this image? "
+    "Please output segmentation mask.', long '{prompt} Please output segmentation mask.' (a sentence "
+    "query); none: the prompt as given (the RefCOCO family's and the synthetic data's form).",
+)
 _REWRITE = flags.DEFINE_bool(
     "rewrite",
     None,
@@ -66,6 +77,15 @@ def pair_inputs(images: list, prompts: list) -> list[tuple]:
     raise cli.InputError(
         f"{len(images)} images and {len(prompts)} prompts: give as many of each, or one of either"
     )
+
+
+def templated(prompts: list[str], template: str) -> list[str]:
+    """`prompts` in the ReasonSeg form `template` names ("none" | "short" | "long")."""
+    from genmask_jax.data.reasonseg import query_text
+
+    if template == "none":
+        return list(prompts)
+    return [query_text(p, is_sentence=template == "long") for p in prompts]
 
 
 def main() -> None:
@@ -102,7 +122,7 @@ def main() -> None:
         rewrite=_REWRITE.value,
         batch_size=min(_BATCH_SIZE.value, len(pairs)),  # one call here: no padding to a size it never needs
     )
-    masks = segmenter([pixels[path] for path, _ in pairs], [p for _, p in pairs])
+    masks = segmenter([pixels[path] for path, _ in pairs], templated([p for _, p in pairs], _TEMPLATE.value))
     if jax.process_index() != 0:
         return
     for (path, prompt), mask, out, overlay in zip(pairs, masks, outs, overlays):

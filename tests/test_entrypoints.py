@@ -958,6 +958,17 @@ def test_segment_pairs_images_and_prompts():
         pair_inputs(["a", "b"], ["x", "y", "z"])
 
 
+def test_segment_wraps_prompts_as_the_reasonseg_data_does():
+    from genmask_jax.data.reasonseg import query_text
+    from genmask_jax.segment import templated
+
+    assert templated([" the dog "], "none") == [" the dog "]
+    short = "What is the dog in this image? Please output segmentation mask."
+    assert templated(["the dog"], "short") == [short]
+    assert templated(["Which one barks?"], "long") == ["Which one barks? Please output segmentation mask."]
+    assert templated(["x"], "long") == [query_text("x", is_sentence=True)]
+
+
 def test_numbered_outputs():
     from genmask_jax.infer.images import numbered
 
@@ -1133,6 +1144,7 @@ def test_end_to_end(trained, files, tmp_path):
         "--prompt=the small blue star",
         f"--out={mask_out}",
         f"--overlay={overlay_out}",
+        "--template=short",
     )
     assert_ok(result)
     for i in range(2):

@@ -116,6 +116,25 @@ def test_matches_diffusers(reference, converted, case, scan):
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("patch", [(2, 2, 2), (1, 4, 4)])
+def test_other_patch_sizes_convert_and_match_diffusers(tmp_path, patch):
+    """The converter traced the DiT's init on a fixed 1 x 4 x 4 latent: a checkpoint of another patch
+    size (inferred from its tensors) did not convert."""
+    import torch
+
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**{**TINY, "patch_size": patch}).eval()
+    model.save_pretrained(tmp_path / "transformer")
+    config, params = wan_dit.load(tmp_path / "transformer")
+    assert config.patch_size == patch
+    x, ctx = inputs(1, 2, 8, 8)
+    t = np.array([600.0], np.float32)
+    out = WanDiT(config).apply({"params": params}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx))
+    np.testing.assert_allclose(np.asarray(out), torch_forward(model, x, t, ctx), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
 def test_parameter_gradients_match_diffusers(reference, converted, scan):
     """The backward (XLA attention's hand-written vjp, the checkpointed norms and gelu, the CPU cotangent

@@ -308,6 +308,29 @@ def test_the_ema_of_bfloat16_params_moves():
     np.testing.assert_allclose(ema["w"], expected, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_the_optimizer_state_of_bfloat16_params_is_float32_and_follows_the_gradient(name):
+    """optax keeps its moments in the params' dtype: with bfloat16 params b2 = 0.999 rounded to 1.0 and
+    Adam's second moment stopped at 0.5 g^2, never following a gradient that fell 100-fold."""
+    params = {"bias": jnp.zeros((4,), jnp.bfloat16), "kernel": jnp.zeros((4, 4), jnp.bfloat16)}
+    cfg = dict(name=name, lr=1e-3, muon_lr=1e-3, warmup_steps=0, total_steps=10**4, weight_decay=0.0)
+    tx = make_optimizer(cfg)
+    state = tx.init(params)
+    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+    update = jax.jit(tx.update)
+    for g in [1.0] * 1000 + [0.01] * 2000:
+        grads = jax.tree.map(lambda p, g=g: jnp.full(p.shape, g, p.dtype), params)
+        updates, state = update(grads, state, params)
+    (nu,) = [x for path, x in jax.tree_util.tree_leaves_with_path(state)
+             if "nu" in jax.tree_util.keystr(path) and x.shape == (4,)]
+    expected = 1.0 * 0.999**2000 * (1 - 0.999**1000) + 1e-4 * (1 - 0.999**2000)  # 0.0865
+    np.testing.assert_allclose(nu, expected, rtol=1e-3)
+    assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
+    new = optax.apply_updates(params, updates)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(new))
+
+
 def test_ema_decay_warmup_schedule():
     warm = [float(ema_decay_at(t, 0.9999, warmup=True)) for t in (0, 8, 90, 10**6)]
     np.testing.assert_allclose(warm, [0.1, 0.5, 0.91, 0.9999], rtol=1e-6)

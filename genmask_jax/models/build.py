@@ -42,7 +42,8 @@ def dit_initializer(model: GenMask, text_len: int = 8):
 
 
 def _dit_init(cfg: DiTConfig, text_len: int):
-    x = jnp.zeros((1, 1, 2 * cfg.patch_size[1], 2 * cfg.patch_size[2], cfg.in_channels), jnp.float32)
+    pt, ph, pw = cfg.patch_size
+    x = jnp.zeros((1, pt, 2 * ph, 2 * pw, cfg.in_channels), jnp.float32)
     ctx = jnp.zeros((1, text_len, cfg.text_dim), jnp.float32)
     return lambda rng: WanDiT(cfg).init(rng, x, jnp.zeros((1,), jnp.float32), ctx)["params"]
 

@@ -456,12 +456,14 @@ def unpatchify(tokens: jax.Array, grid: tuple[int, int, int], patch: tuple[int, 
     return x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f * pt, h * ph, w * pw, -1)
 
 
-def init_params(config: DiTConfig, rng: jax.Array, latent_shape=(1, 1, 4, 4), text_len: int = 8):
+def init_params(config: DiTConfig, rng: jax.Array, latent_shape=None, text_len: int = 8):
     """Unboxed random parameters (the Partitioned metadata removed) for `config`.
 
-    latent_shape: (B, F, H, W) of the dummy input; parameter shapes do not depend on it.
+    latent_shape: (B, F, H, W) of the dummy input (default: one example of 1 x 2 x 2 patches); parameter
+    shapes do not depend on it.
     """
-    b, f, h, w = latent_shape
+    pt, ph, pw = config.patch_size
+    b, f, h, w = latent_shape or (1, pt, 2 * ph, 2 * pw)
     x = jnp.zeros((b, f, h, w, config.in_channels), jnp.float32)
     ctx = jnp.zeros((b, text_len, config.text_dim), jnp.float32)
     variables = WanDiT(config).init(rng, x, jnp.zeros((b,), jnp.float32), ctx)

@@ -118,7 +118,26 @@ def make_optimizer(cfg: Mapping) -> optax.GradientTransformation:
     else:
         raise ValueError(f"unknown optimizer {name!r}; use 'adamw' or 'muon'")
     clip = float(cfg.get("grad_clip", 0.0))
-    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+    return float32_state(optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx)
+
+
+def _float32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def float32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` with its state and updates in float32 whatever the parameters' dtype (a no-op for float32
+    ones). optax keeps moments in the parameters' dtype: with bfloat16 parameters b2 = 0.999 rounds to
+    1.0, so Adam's second moment stops following the gradient (and b1 = 0.9 becomes 0.898). The updates
+    are added to the parameters in float32 and rounded once (`optax.apply_updates`)."""
+
+    def init(params):
+        return tx.init(_float32(params))
+
+    def update(updates, state, params=None):
+        return tx.update(_float32(updates), state, None if params is None else _float32(params))
+
+    return optax.GradientTransformation(init, update)
 
 
 def ema_update(ema, params, decay):

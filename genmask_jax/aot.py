@@ -10,7 +10,7 @@ r"""Ahead-of-time compilation of the GenMask train and evaluation steps for a na
 libtpu (`requirements-tpu.txt`) compiles for `--topology` on any machine. Every input is abstract
 (`jax.ShapeDtypeStruct` with its sharding; the state comes from `jax.eval_shape`), so no weight or batch is
 ever allocated. The train step is the one `train` runs (`train.step.make_configured_train_step`: both task
-sub-batches, the frozen VAE encode, AdamW) on the whole slice. The evaluation step is the one
+sub-batches, the frozen VAE encode, the config's optimizer) on the whole slice. The evaluation step is the one
 `genmask_jax.evaluate` runs (`eval.job.run`): every process predicts its own examples on its own host's
 devices, so it is `Segmenter.predict`'s jitted `predict_scores` (VAE encode, one DiT call, VAE decode) on
 `infer.checkpoint.inference_mesh` over one host of the slice's chip, with the job's per-process batch

@@ -428,7 +428,7 @@ def test_cudnn_attention_needs_half_precision():
 def test_parameter_count_of_1_3b():
     shapes = jax.eval_shape(lambda: init_params(DiTConfig.from_variant("1.3b"), jax.random.key(0)))
     leaves = jax.tree.leaves(shapes)
-    # DESIGN.md 2: 1,418,996,800 parameters in 825 tensors (text_dim 4096).
+    # Wan2.1-T2V-1.3B: 1,418,996,800 parameters in 825 tensors (text_dim 4096).
     assert sum(np.prod(s.shape) for s in leaves) == 1_418_996_800
     assert len(leaves) == 825
 

@@ -140,7 +140,7 @@ def test_rle_predictions(tmp_path):
 
 @pytest.mark.parametrize("mode", ["pad", "crop"])
 def test_scores_are_resized_bilinearly_then_thresholded(mode, np_rng):
-    """LISA's protocol (DESIGN.md 7): the score, not a thresholded mask, goes to the original size
+    """LISA's protocol: the score, not a thresholded mask, goes to the original size
     (bilinearly, as LISA's F.interpolate(align_corners=False) upsamples its logits), then > 0."""
     import jax
 

@@ -49,7 +49,8 @@ def test_ks_statistic_rejects_the_wrong_law():
 
 def test_ninety_percent_above_085_for_a_005():
     t = np.asarray(ts.sample_heavy_tailed(jax.random.key(1), (N,), 0.05))
-    # Analytic 0.9 (DESIGN.md 1); binomial std at n = 1e5 is 0.001, so +-0.01 is 10 sigma.
+    # Analytic 0.9 (the paper's 90% of samples in t > 0.85); binomial std at n = 1e5 is 0.001, so +-0.01
+    # is 10 sigma.
     assert abs(np.mean(t > 0.85) - 0.90) <= 0.01
     assert ts.heavy_tailed_cdf(0.85, 0.05) == pytest.approx(0.10, abs=1e-12)
 

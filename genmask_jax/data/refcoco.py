@@ -64,7 +64,8 @@ MERGED_BV_CONFIGS = ("refcocox_combined",)
 # Beside a prepared set's dataset_info.json: {"splits": {tfds split: [COCO image id of each record]}}.
 IMAGE_INDEX_FILE = "genmask_image_ids.json"
 INDEX_SPOT_CHECKS = 8  # records compared with the index before trusting it (a re-prepared set reorders)
-# One example per sentence; DESIGN.md section 7. refcocog_google has no published count we rely on.
+# One example per sentence, as the published RefCOCO/+/g splits count them. refcocog_google has no
+# published count we rely on.
 PUBLISHED_COUNTS = {
     "refcoco_unc": {"train": 120_624, "val": 10_834, "testA": 5_657, "testB": 5_095},
     "refcocoplus_unc": {"train": 120_191, "val": 10_758, "testA": 5_726, "testB": 4_889},

@@ -1,4 +1,4 @@
-"""Rectified-flow conventions of WAN (DESIGN.md 3) and the samplers built on them.
+"""Rectified-flow conventions of WAN 2.1 (as diffusers' WanPipeline uses them) and the samplers built on them.
 
 `x_t = (1 - t) x0 + t eps`, t in [0, 1] with t = 1 pure noise; the model predicts `v = eps - x0`,
 so `x0 = x_t - t v`. The DiT's timestep input is `TIMESTEP_SCALE * t`.

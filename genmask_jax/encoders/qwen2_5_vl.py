@@ -19,7 +19,7 @@ the torchvision video processor: the PIL image processor (`Qwen2VLImageProcessor
 `pixel_values` and `image_grid_thw`, each image placeholder is expanded to
 `prod(grid_thw) / merge_size**2` tokens (what the processor does), and `mm_token_type_ids`
 (0 text, 1 image) is passed explicitly: without it transformers 5 silently falls back to 1D positions
-instead of M-RoPE (DESIGN.md 2).
+instead of M-RoPE.
 
 Two-stage reasoning (`encode(..., rewrite=flags)`): the VLM first answers the flagged queries with a
 short referring description (greedy, at most `rewrite_max_new_tokens` tokens) and that description is

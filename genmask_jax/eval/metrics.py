@@ -1,4 +1,4 @@
-"""Referring-segmentation metrics under LISA's protocol (DESIGN.md 7).
+"""Referring-segmentation metrics under LISA's protocol (its evaluation code, which GenMask's table follows).
 
 Per expression, intersection I and union U are counted over pixels not marked ignore, at the
 image's original size. Then

@@ -1,8 +1,8 @@
 """Referring segmentation with a trained GenMask: images + instructions -> masks at the original size.
 
-Single-step by default (DESIGN.md 1: start at t = 1 from noise, one DiT call, x0 = eps - v, VAE-decode);
-`num_steps > 1` integrates the same velocity field with Euler steps instead. The score of a pixel is
-the mean of the decoded RGB in [-1, 1]; as LISA upsamples its logits, the score is mapped back to the
+Single-step by default (the paper's inference: start at t = 1 from noise, one DiT call, x0 = eps - v,
+VAE-decode); `num_steps > 1` integrates the same velocity field with Euler steps instead. The score of a
+pixel is the mean of the decoded RGB in [-1, 1]; as LISA upsamples its logits, the score is mapped back to the
 image's original size bilinearly (the fit's padding or crop undone) and thresholded at 0 there
 (`original_size_mask`). Each example's noise is drawn from `fold_in(key(seed), index)`, so a prediction
 does not depend on the batch it was computed in, the batch size or the number of devices: the evaluation

@@ -1,4 +1,4 @@
-"""GenMask task assembly: one WAN DiT, two tasks, one flow-matching loss (DESIGN.md 1).
+"""GenMask task assembly: one WAN DiT, two tasks, one flow-matching loss (GenMask, arXiv 2603.23906).
 
 Segmentation example: the DiT sees two latent frames, `[image latent (t = 0), noisy mask latent (t)]`,
 with per-token timesteps (0 on the image-frame tokens, `1000 t` on the mask-frame tokens); the loss is

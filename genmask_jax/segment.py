@@ -18,7 +18,9 @@ a multi-process launch (launch/gpu.sh, launch/tpu.sh) every process computes the
 process 0 writes them.
 
 A model trained on ReasonSeg saw its queries in LISA's templates: `--template=short` (a phrase) or
-`--template=long` (a sentence) wraps each prompt as the evaluation does.
+`--template=long` (a sentence) wraps each prompt as the evaluation does. With two-stage rewriting the
+data gives a long query to the VLM as it is (so does `--template=long` then) and never rewrites a short
+one (`--template=short` is refused; pass --norewrite).
 
 Two-stage reasoning (`--rewrite`): the VLM first rewrites each prompt (a long reasoning query) into a
 short description of the object, which is then encoded; the default follows the config's
@@ -79,11 +81,18 @@ def pair_inputs(images: list, prompts: list) -> list[tuple]:
     )
 
 
-def templated(prompts: list[str], template: str) -> list[str]:
-    """`prompts` in the ReasonSeg form `template` names ("none" | "short" | "long")."""
+def templated(prompts: list[str], template: str, rewrite: bool = False) -> list[str]:
+    """`prompts` in the ReasonSeg form `template` names ("none" | "short" | "long"), as the data gives them
+    to the encoder: with two-stage rewriting (`rewrite`) a long query goes to the VLM as it is, and a short
+    one is never rewritten (InputError)."""
     from genmask_jax.data.reasonseg import query_text
 
-    if template == "none":
+    cli.require(
+        not (rewrite and template == "short"),
+        "--template=short with two-stage rewriting: the ReasonSeg data rewrites only long (sentence) "
+        "queries; pass --norewrite for short ones",
+    )
+    if template == "none" or rewrite:
         return list(prompts)
     return [query_text(p, is_sentence=template == "long") for p in prompts]
 
@@ -109,9 +118,10 @@ def main() -> None:
     directory, step, config = cli.checkpoint_and_config(_CHECKPOINT.value, _CONFIG.value)
     cli.check_on_writer(images.check_writable, [p for p in outs + overlays if p])
     try:  # before the checkpoint loads
-        rewrites_prompts(config.data.encoder, _REWRITE.value)
+        rewrite = rewrites_prompts(config.data.encoder, _REWRITE.value)
     except ValueError as e:
         raise cli.InputError(str(e)) from e
+    texts = templated([p for _, p in pairs], _TEMPLATE.value, rewrite)
     cli.check_image_size(config)
     check_available(config.data.encoder)
     loaded = checkpoint.load(directory / str(step), config, use_ema=_EMA.value)
@@ -122,7 +132,7 @@ def main() -> None:
         rewrite=_REWRITE.value,
         batch_size=min(_BATCH_SIZE.value, len(pairs)),  # one call here: no padding to a size it never needs
     )
-    masks = segmenter([pixels[path] for path, _ in pairs], templated([p for _, p in pairs], _TEMPLATE.value))
+    masks = segmenter([pixels[path] for path, _ in pairs], texts)
     if jax.process_index() != 0:
         return
     for (path, prompt), mask, out, overlay in zip(pairs, masks, outs, overlays):

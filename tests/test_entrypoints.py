@@ -960,6 +960,7 @@ def test_segment_pairs_images_and_prompts():
 
 def test_segment_wraps_prompts_as_the_reasonseg_data_does():
     from genmask_jax.data.reasonseg import query_text
+    from genmask_jax.infer import cli as cli_lib
     from genmask_jax.segment import templated
 
     assert templated([" the dog "], "none") == [" the dog "]
@@ -967,6 +968,10 @@ def test_segment_wraps_prompts_as_the_reasonseg_data_does():
     assert templated(["the dog"], "short") == [short]
     assert templated(["Which one barks?"], "long") == ["Which one barks? Please output segmentation mask."]
     assert templated(["x"], "long") == [query_text("x", is_sentence=True)]
+    # With two-stage rewriting the data hands a long query to the VLM as it is, never rewrites a short one.
+    assert templated(["Which one barks?"], "long", rewrite=True) == ["Which one barks?"]
+    with pytest.raises(cli_lib.InputError, match="--template=short with two-stage rewriting"):
+        templated(["the dog"], "short", rewrite=True)
 
 
 def test_numbered_outputs():
@@ -1066,15 +1071,15 @@ def test_a_resumed_logger_purges_the_steps_it_runs_again(tmp_path):
 
     from genmask_jax.train.hooks import MetricsLogger
 
-    for start, steps in [(0, range(1, 6)), (2, range(3, 6))]:
+    for start, steps in [(0, range(1, 6)), (0, range(1, 6)), (2, range(3, 6))]:  # killed twice
         logger = MetricsLogger(tmp_path, total_steps=10, examples_per_step=1, start_step=start, enabled=True)
         for step in steps:
             logger(step, {"loss": float(start)})
         logger.close()
         time.sleep(1.1)  # the event file's name has seconds
-    first, second = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     starts = lambda f: [e.step for e in _events(f) if e.session_log.status == event_pb2.SessionLog.START]  # noqa: E731
-    assert starts(first) == [] and starts(second) == [3]
+    assert [starts(f) for f in files] == [[1], [1], [3]]  # a run killed before its first checkpoint too
 
 
 @pytest.fixture(scope="module")

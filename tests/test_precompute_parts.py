@@ -21,7 +21,7 @@ from genmask_jax.encoders.cache import (
     EmbeddingCache,
     part_folder,
 )
-from genmask_jax.encoders.precompute import precompute
+from genmask_jax.encoders.precompute import PrecomputeError, precompute
 from tests.test_precompute_integrity import REPO, RUN, assert_complete, small_config
 
 
@@ -78,6 +78,22 @@ def test_a_whole_run_encodes_only_what_the_parts_left(tmp_path):
     # Nor does a split of another size encode again what is there.
     other = precompute(c, folder, **RUN, part=(0, 2))
     assert (other["written"], other["already"]) == (0, 12)
+
+
+def test_a_rerun_spot_checks_the_records_of_every_folder(tmp_path, monkeypatch):
+    """A resume compared only its own folder's records with the data: a whole run, or a split of another
+    size, over parts of data that changed since counted every record as done."""
+    from genmask_jax.data import shapes
+
+    c, folder = small_config(), str(tmp_path / "cache")
+    for i in range(2):
+        precompute(c, folder, **RUN, part=(i, 2))
+    real = shapes.SyntheticShapes.__getitem__
+    changed = lambda self, i: {**real(self, i), "text": "new"}  # noqa: E731
+    monkeypatch.setattr(shapes.SyntheticShapes, "__getitem__", changed)
+    for part in [None, (0, 3)]:
+        with pytest.raises(PrecomputeError, match="part-0000[01]-of-00002: .* the data now gives 'new'"):
+            precompute(c, folder, **RUN, part=part)
 
 
 def _writer(folder, part=None):

@@ -20,6 +20,7 @@ shape diagonal to the anchor fails even when it lies well on the named side.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -225,7 +226,9 @@ def _sample_shapes(rng: np.random.Generator, num: int) -> tuple[Shape, ...] | No
 
 
 EXPRESSION_KINDS = ("attribute", "position", "relation")
-MAX_SCENE_DRAWS = 1000  # scene draws before the settings are called impossible (7 shapes fit 1 in 75)
+# Draws of the first scene before a source calls its settings impossible (7 shapes fit 1 draw in 100, 8
+# shapes 1 in 2,500); the scenes themselves are drawn until they fit.
+MAX_SCENE_DRAWS = 10_000
 
 
 def sample_scene(
@@ -234,11 +237,12 @@ def sample_scene(
     max_shapes: int = 5,
     expression_kinds: tuple[str, ...] = EXPRESSION_KINDS,
     extent: tuple[float, float] = (1.0, 1.0),
+    max_draws: int | None = None,
 ) -> Scene:
     """Draws shapes until one of them has an unambiguous referring expression of an allowed kind in a
     picture of `extent` (`picture_extent` of the render's height and width). Raises ValueError after
-    `MAX_SCENE_DRAWS` draws without one: settings that (almost) never give a scene."""
-    for _ in range(MAX_SCENE_DRAWS):
+    `max_draws` draws without one (None: no limit)."""
+    for _ in itertools.count() if max_draws is None else range(max_draws):
         shapes = _sample_shapes(rng, int(rng.integers(min_shapes, max_shapes + 1)))
         if shapes is None:
             continue
@@ -258,8 +262,8 @@ def sample_scene(
         return Scene(shapes, background, gradient, target, expression, kind)
     raise ValueError(
         f"no scene of {min_shapes} to {max_shapes} shapes with an expression of kind "
-        f"{', '.join(expression_kinds)} in {MAX_SCENE_DRAWS} draws: data.shapes settings that (almost) never "
-        "give one (more than 6 shapes rarely fit a picture)"
+        f"{', '.join(expression_kinds)} in {max_draws} draws: data.shapes settings that (almost) never "
+        "give one (more than 7 shapes rarely fit a picture)"
     )
 
 
@@ -324,7 +328,7 @@ class SyntheticShapes:
             raise ValueError(
                 f"expression_kinds {','.join(self.expression_kinds)} need two shapes or more: max_shapes is 1"
             )
-        self.scene(0)  # settings that give no scene fail here, not in a data loader thread
+        self.scene(0, MAX_SCENE_DRAWS)  # settings that give no scene fail here, not hang a data loader
 
     def __len__(self) -> int:
         return self.num_examples
@@ -333,10 +337,10 @@ class SyntheticShapes:
         suffix = "" if self.task == "seg" else "-caption"
         return f"shapes-{self.seed}-{self.split}-{index}{suffix}"
 
-    def scene(self, index: int) -> Scene:
+    def scene(self, index: int, max_draws: int | None = None) -> Scene:
         rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], index])
         extent = picture_extent(*self.resolution)
-        return sample_scene(rng, self.min_shapes, self.max_shapes, self.expression_kinds, extent)
+        return sample_scene(rng, self.min_shapes, self.max_shapes, self.expression_kinds, extent, max_draws)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_examples:

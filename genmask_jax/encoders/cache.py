@@ -373,8 +373,9 @@ class CacheWriter:
 
     `part=(i, n)`: writes `part_folder(folder, i, n)` instead, beside the writers of the other parts of
     the same `n`; a writer of the whole folder or of another `n` is refused while one is open (theirs
-    would encode the same examples twice). `done` then holds the ids of the whole cache, so that no part
-    encodes again what a part or a whole run published before.
+    would encode the same examples twice). `done` holds the ids of the whole cache (`own`: of this
+    writer's folder, `elsewhere`: {folder: ids} of the others), so that no writer encodes again what a
+    part or a whole run published before.
     """
 
     def __init__(
@@ -426,7 +427,8 @@ class CacheWriter:
             _write_json_atomic(meta_path, meta)
         shards = self._readable_shards()
         self.own = {i for _, ids in shards for i in ids}  # published in this writer's folder
-        self.done = self.own | _published_ids(others)
+        self.elsewhere = {f: _published_ids(f) for f in others}  # by the cache's other writers
+        self.done = self.own.union(*self.elsewhere.values())
         # after the last one, not at their count: a shard deleted from the middle leaves a gap
         self.next_shard = 1 + max((_shard_number(s) for s, _ in shards), default=-1)
         for stale in glob.glob(os.path.join(glob.escape(self.folder), "shard-*.array_record")):
@@ -544,15 +546,14 @@ class CacheWriter:
         self.close()
 
 
-def _published_ids(folders: list[str]) -> set[str]:
-    """The ids of the shards of `folders` (other writers' folders of the same cache) that are published
-    and not shown damaged; their damage is left to their own writers, which unpublish and redo it."""
+def _published_ids(folder: str) -> set[str]:
+    """The ids of the shards of `folder` (another writer's folder of the same cache) that are published
+    and not shown damaged; their damage is left to their own writer, which unpublishes and redoes it."""
     done = set()
-    for folder in folders:
-        for shard, ids_path in published_shards(folder):
-            ids = read_ids(ids_path)
-            if shard_damage(shard, ids, count=False) is None:
-                done.update(ids)
+    for shard, ids_path in published_shards(folder):
+        ids = read_ids(ids_path)
+        if shard_damage(shard, ids, count=False) is None:
+            done.update(ids)
     return done
 
 

@@ -44,7 +44,8 @@ To use several GPUs or hosts, split the work: `--num_parts=N --part=I` (I = 0 ..
 I + N, I + 2N, ... of each set into the part folder `OUT/part-0000I-of-0000N`, one process per part, all at
 once (a shared file system for several hosts); the cache `OUT` is read as one from them. A part resumes as
 above. A run that splits another way (or not at all) is refused while they run; after them it encodes only
-what they left (`CacheWriter`). Repeated ids are caught within a part; across parts the reader names them.
+what they left (`CacheWriter`). A repeated id is refused within a part; in two parts (sets that share an
+example) both are encoded and readers take the first part's record.
 Then train / evaluate with `--config.data.encoder.cache_dir=CACHE` and the same `data.encoder`
 settings. With `data.encoder.rewrite_reasoning`, ReasonSeg's long queries are first rewritten by the
 VLM (`genmask_jax.encoders.encoder_input`) and the description is stored beside the context.
@@ -310,10 +311,20 @@ def precompute(
     with CacheWriter(
         out, encoder.dim, encoder.context_length, dtype, fingerprint(data_config.encoder), shard_size, part
     ) as writer:
-        if writer.own:  # a resume: what this writer cached must still be what the data gives
-            cache = EmbeddingCache(writer.folder, parts=False)  # the other parts' writers check theirs
+        # A resume: what is cached must still be what the data gives. Each folder is read on its own: a
+        # damaged shard of another writer's is left to that writer (it unpublishes and redoes it).
+        for folder, ids in [(writer.folder, writer.own), *writer.elsewhere.items()]:
+            if not ids:
+                continue
+            try:
+                cache = EmbeddingCache(folder, parts=False)
+            except CacheMismatch:
+                if folder == writer.folder:
+                    raise
+                log.warning("%s does not read as a cache now: its records are not spot-checked", folder)
+                continue
             for job, source, mine in zip(jobs, sources, indices):
-                _check_resumed(cache, job, source, mine, writer.own, config, read_tries, retry_wait_s)
+                _check_resumed(cache, job, source, mine, ids, config, read_tries, retry_wait_s)
             del cache
         for job, source, mine in zip(jobs, sources, indices):
             batch, seen, failed_in_a_row = [], set(), 0

@@ -74,10 +74,9 @@ class MetricsLogger:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            # A restart runs again the steps after its checkpoint: their old events go, or the curves
-            # hold two values for each and draw backwards.
-            purge = {"purge_step": start_step + 1} if start_step > 0 else {}
-            self.writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), **purge)
+            # A restart runs again the steps after its checkpoint (all of them from step 0): their old
+            # events go, or the curves hold two values for each and draw backwards.
+            self.writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), purge_step=start_step + 1)
         self._last = (start_step, None)
 
     def set_model_flops(self, flops_per_step: float, devices) -> None:

@@ -46,7 +46,7 @@ def main(argv) -> None:
     except pipeline.WorkdirConfigMismatch as e:
         where = os.path.join(_WORKDIR.value, "train")
         cli.fail(f"{e}: pass another --workdir, or delete {where}", prog="genmask_jax.demo")
-    except DataConfigError as e:  # config fields the data cannot follow (a batch larger than the pool)
+    except (DataConfigError, pipeline.TrainingStopped) as e:  # fields the data cannot follow; SIGTERM
         cli.fail(str(e), prog="genmask_jax.demo")
     seg, base = report["segmentation"], report["baselines"]
     print(

@@ -207,6 +207,31 @@ def test_a_batch_larger_than_the_pool_is_refused_before_any_work(tmp_path):
         LatentBatches(pool, 4, 2)
 
 
+def test_more_generated_images_than_captions_are_refused_before_any_work():
+    """The demo trained and evaluated, then failed with a bare IndexError, writing no report."""
+    config = demo_config.get_config("variant=smoke")
+    config.data.shapes.test_size, config.demo.eval_split = 2, "test"
+    config.demo.num_generated = 3
+    message = r"num_generated=3: the test split has 2 captions \(data.shapes.test_size\)"
+    with pytest.raises(ValueError, match=message):
+        pipeline.check_demo_sizes(config)
+    config.demo.num_generated = 2
+    pipeline.check_demo_sizes(config)
+
+
+def test_a_stopped_training_is_not_evaluated_as_a_finished_one(tmp_path, monkeypatch):
+    """On SIGTERM the loop saves and returns: the demo went on to evaluate the model of that step and
+    reported it as trained for total_steps; the ablation did so and trained its next variants."""
+    import types
+
+    config = demo_config.get_config("variant=smoke")
+    stopped = types.SimpleNamespace(step=np.int32(3))
+    monkeypatch.setattr(pipeline.loop, "train", lambda *args, **kwargs: (stopped, []))
+    pool = LatentPool(*[np.zeros((64, 1))] * 6)
+    with pytest.raises(pipeline.TrainingStopped, match=f"stopped at step 3 of {config.total_steps} .* rerun"):
+        pipeline.train_dit(config, str(tmp_path), pool, progress=False)
+
+
 @pytest.mark.slow
 def test_in_process_evaluation_equals_the_batch_job_at_any_batch_size(tmp_path):
     """The demo's evaluator draws each example's noise from its index and thresholds after the
@@ -388,6 +413,25 @@ def test_vae_pretrain_refuses_a_seed_jax_would_cut_to_32_bits(seed):
 
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32 - 1\)"):
         vae_pretrain.pretrain(vae_pretrain.PretrainConfig(seed=seed), progress=False)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--store_dtype=bf16"], "invalid choice: 'bf16'"),
+        (["--resolution=36"], "resolution must be a positive multiple of 8, got 36"),
+        (["--resolution=32", "--crop=40"], "crop must be a multiple of 8 from 8 to the resolution 32: 40"),
+        (["--crop=12"], "crop must be a multiple of 8"),
+    ],
+)
+def test_vae_pretrain_refuses_settings_that_fail_after_training(tmp_path, flags, message, capsys):
+    """They trained every step and then failed (saving nothing), or failed inside with numpy's words."""
+    from genmask_jax.train import vae_pretrain
+
+    with pytest.raises(SystemExit) as exit_info:
+        vae_pretrain.main([f"--out={tmp_path / 'vae'}", "--steps=1", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "vae").exists()
 
 
 def test_vae_pretrain_records_its_parent(tmp_path, monkeypatch):

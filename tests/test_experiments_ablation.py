@@ -130,10 +130,19 @@ def test_a_rerun_resumes_its_models_and_refuses_other_settings_before_training(t
     monkeypatch.setattr(pipeline, "latent_pool", not_before_the_check)
     other_lr = base.copy_and_resolve_references()
     other_lr.optimizer.lr = 1.0
+    # A VAE trained again (other latent statistics): the models trained on the old one's latents.
+    retrained = tmp_path / "retrained_vae"
+    shutil.copytree(base.vae_from, retrained)
+    vae_json = json.loads((retrained / "config.json").read_text())
+    vae_json["latents_mean"][0] += 1.0
+    (retrained / "config.json").write_text(json.dumps(vae_json))
+    other_vae = base.copy_and_resolve_references()
+    other_vae.vae_from = str(retrained)
     for steps, num_scenes, config, changed in [
         (1, 16, base, "total_steps: 2 saved, 1 now"),
         (2, 12, base, "demo.num_train_scenes: 16 saved, 12 now"),
         (2, 16, other_lr, "optimizer.lr: 0.005 saved, 1.0 now"),
+        (2, 16, other_vae, "model.vae.latents_mean"),
     ]:
         with pytest.raises(pipeline.WorkdirConfigMismatch, match=f"a=0.05-seed0 holds step 2 .*{changed}"):
             run(steps, num_scenes, config)

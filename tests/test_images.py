@@ -41,6 +41,23 @@ def test_read_image_without_orientation_and_errors(tmp_path):
         images.read_image(tmp_path / "missing.jpg")
 
 
+def test_an_output_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A rerun of the evaluation job rewrote a finished example's PNG in place: a kill mid-write left an
+    empty file behind a committed record."""
+    path = tmp_path / "masks" / "000000000.png"
+    images.write_mask(np.eye(4, dtype=bool), path)
+
+    def killed(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        images.write_mask(np.ones((4, 4), bool), path)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.asarray(Image.open(path)) > 0, np.eye(4, dtype=bool))
+
+
 def test_an_image_too_large_for_pil_is_an_input_error(tmp_path, monkeypatch):
     """PIL's DecompressionBombError (over 2 x MAX_IMAGE_PIXELS, 179 MP) is no OSError: it was a traceback."""
     path = tmp_path / "huge.png"

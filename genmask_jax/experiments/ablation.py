@@ -31,10 +31,13 @@ import jax
 import ml_collections
 
 from configs import demo as demo_config
+from genmask_jax.data.sources import DataConfigError
 from genmask_jax.eval.inprocess import evaluate_segmentation
 from genmask_jax.experiments import pipeline
 from genmask_jax.infer import checkpoint
 from genmask_jax.models.build import VAEConfigMismatch
+from genmask_jax.train import vae_pretrain
+from genmask_jax.train.latent_data import check_pool_size
 
 STUDIES = {
     "timestep_law": {
@@ -182,13 +185,17 @@ def run_studies(
         base = (base_config() if base is None else base).copy_and_resolve_references()
         base.data.shapes.test_size = test_size
         base.demo.num_train_scenes = num_scenes  # saved with each model: a rerun with another pool refuses
+        check_pool_size(num_scenes, base.batch.seg, base.batch.gen, "--num_train_scenes")  # before the pool
         runs = planned_runs(studies, base, steps, seeds, out)
+        # The VAE is recorded with each model (`training_config`): a rerun after it changed (a VAE trained
+        # again) would evaluate models that trained on other latents.
+        vae_dir = pipeline.toy_vae_dir(base, out)
         # Every folder before anything trains: one trained under other settings stops the rerun at once.
         resumed_from = {
-            key: pipeline.check_resumable(pipeline.training_config(config), workdir)
+            key: pipeline.check_resumable(pipeline.training_config(config, vae_dir), workdir)
             for key, (config, workdir, _) in runs.items()
         }
-        vae_config, vae_params = pipeline.load_toy_vae(base, out)
+        vae_config, vae_params = vae_pretrain.load(vae_dir)
         pool = pipeline.latent_pool(base, num_scenes, vae_config, vae_params)
     summaries = {}
     for study in studies:
@@ -199,7 +206,9 @@ def run_studies(
                 if key not in trained:
                     start = time.perf_counter()
                     config, workdir, image_frame = runs[key]
-                    params, _ = pipeline.train_dit(config, workdir, pool, image_frame=image_frame)
+                    params, _ = pipeline.train_dit(
+                        config, workdir, pool, image_frame=image_frame, vae_dir=vae_dir
+                    )
                     trained[key] = (config, params, time.perf_counter() - start)
                 config, params, train_s = trained[key]
                 start = time.perf_counter()
@@ -323,6 +332,8 @@ def main(argv=None) -> None:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     except pipeline.WorkdirConfigMismatch as e:
         parser.exit(1, f"{parser.prog}: error: {e}: pass another --out, or delete that folder\n")
+    except (DataConfigError, pipeline.TrainingStopped) as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     for study, summary in summaries.items():
         name = os.path.join(args.out, output_name(study, seeds))
         with open(f"{name}.json", "w") as f:

@@ -28,6 +28,7 @@ from etils import epath
 from flax import traverse_util
 from tqdm import tqdm
 
+from genmask_jax.data.sources import DataConfigError
 from genmask_jax.encoders import make_encoder
 from genmask_jax.eval import report as report_lib
 from genmask_jax.eval.inprocess import evaluate_segmentation
@@ -79,6 +80,11 @@ RERUN_MAY_CHANGE = (
 
 class WorkdirConfigMismatch(ValueError):
     """A training folder holds a checkpoint saved under another config (one line: the fields that differ)."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped before `total_steps` on a stop request (SIGTERM), its step saved: what follows
+    (evaluation, the report) would describe a model other than the one asked for."""
 
 
 def toy_vae_dir(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> str:
@@ -234,6 +240,12 @@ def train_dit(
         state, history = loop.train(train_config, workdir, data_iterator=batches)
     finally:
         bar.close()
+    step = int(jax.device_get(state.step))
+    if step < config.total_steps:
+        raise TrainingStopped(
+            f"training in {workdir} stopped at step {step} of {config.total_steps} (a stop request), that "
+            "step saved: rerun the same command to resume"
+        )
     return jax.device_get(hooks.inference_params(state)), history
 
 
@@ -263,6 +275,19 @@ def generate_images(
     return generated, np.stack([e["image"] for e in examples]), captions
 
 
+def check_demo_sizes(config: ml_collections.ConfigDict) -> None:
+    """DataConfigError when the batch is larger than the latent pool or more images are to be generated
+    than the evaluation split has captions."""
+    check_pool_size(int(config.demo.num_train_scenes), config.batch.seg, config.batch.gen)
+    split = config.demo.eval_split
+    available = len(shapes_source(config.data, split, task="gen"))
+    if int(config.demo.num_generated) > available:
+        raise DataConfigError(
+            f"config.demo.num_generated={config.demo.num_generated}: the {split} split has {available} "
+            f"captions (data.shapes.{'val' if split == 'val' else split}_size)"
+        )
+
+
 def run_demo(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
     """VAE -> latent pool -> DiT training -> held-out evaluation -> generation -> report; returns the
     report dict (also written to `<workdir>/metrics.json`).
@@ -280,7 +305,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
         return now
 
     tick = start
-    check_pool_size(int(config.demo.num_train_scenes), config.batch.seg, config.batch.gen)  # before the work
+    check_demo_sizes(config)  # before the work
     vae_dir = toy_vae_dir(config, workdir, progress)
     train_dir = os.path.join(workdir, "train")
     resumed_from = check_resumable(training_config(config, vae_dir), train_dir)

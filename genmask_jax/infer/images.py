@@ -68,11 +68,15 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 def _save(array: np.ndarray, path: str | os.PathLike, lossless: bool = False) -> None:
+    """Writes `path` whole or not at all: an earlier file there (a rerun's) stays until the new one is
+    complete, so a kill mid-write never leaves an empty or cut image behind."""
     image_format = output_format(path, lossless)
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with tmp.open("wb") as f:
         Image.fromarray(array).save(f, format=image_format)
+    tmp.replace(path)
 
 
 def write_mask(mask: np.ndarray, path: str | os.PathLike) -> None:

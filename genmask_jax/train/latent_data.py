@@ -209,12 +209,15 @@ def build_latent_pool(
     return LatentPool(image_latent, mask_latent, seg_context, seg_mask, gen_context, gen_mask)
 
 
-def check_pool_size(num_scenes: int, batch_seg: int, batch_gen: int) -> None:
-    """DataConfigError when a task's batch is larger than the pool: a batch draws distinct scenes."""
+def check_pool_size(
+    num_scenes: int, batch_seg: int, batch_gen: int, field: str = "config.demo.num_train_scenes"
+) -> None:
+    """DataConfigError when a task's batch is larger than the pool (`field` sets its size): a batch draws
+    distinct scenes."""
     if max(batch_seg, batch_gen) > num_scenes:
         raise DataConfigError(
             f"config.batch (seg {batch_seg}, gen {batch_gen}) is larger than the latent pool's {num_scenes} "
-            "scenes (config.demo.num_train_scenes): a batch draws distinct scenes"
+            f"scenes ({field}): a batch draws distinct scenes"
         )
 
 

@@ -221,10 +221,23 @@ def parent_record(path: str) -> dict | None:
         return json.load(f)
 
 
-def pretrain(cfg: PretrainConfig, progress: bool = True):
-    """Returns (VAEConfig with latent statistics, float32 params, history, held-out mask IoU)."""
+def check_config(cfg: PretrainConfig) -> None:
+    """ValueError for settings that would fail only after training (or deep inside it)."""
     if not 0 <= cfg.seed < 2**32 - 1:  # seed and seed + 1 as JAX keys, which keep a seed's low 32 bits
         raise ValueError(f"seed must be in [0, 2**32 - 1), got {cfg.seed}")
+    if cfg.resolution < 8 or cfg.resolution % 8:  # the latents' statistics are taken at it, / 8
+        raise ValueError(f"resolution must be a positive multiple of 8, got {cfg.resolution}")
+    if cfg.crop < 8 or cfg.crop % 8 or cfg.crop > cfg.resolution:
+        raise ValueError(
+            f"crop must be a multiple of 8 from 8 to the resolution {cfg.resolution}: {cfg.crop}"
+        )
+    if min(cfg.steps, cfg.pool_size, cfg.batch_size) < 1:
+        raise ValueError("steps, pool_size and batch_size must be >= 1")
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True):
+    """Returns (VAEConfig with latent statistics, float32 params, history, held-out mask IoU)."""
+    check_config(cfg)
     config = vae_config(cfg)
     if cfg.init_from:
         check_parent(cfg.init_from, config)
@@ -291,7 +304,10 @@ def main(argv=None) -> None:
         "any other existing path refused",
     )
     parser.add_argument(
-        "--store_dtype", default="bfloat16", help="dtype the parameters are stored in (loaded as float32)"
+        "--store_dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype the parameters are stored in (loaded as float32)",
     )
     for field in dataclasses.fields(PretrainConfig):
         kind, text = type(field.default), FLAG_HELP[field.name]
@@ -302,6 +318,10 @@ def main(argv=None) -> None:
             parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=text)
     args = parser.parse_args(argv)
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        parser.error(str(e))
     from convert import checkpoint_io
 
     try:

@@ -181,6 +181,8 @@ def test_a_rerun_compares_the_fields_both_configs_have():
     saved["optimizer"]["lr"] = 1.0
     saved["checkpoint"]["keep"] = 7  # may change
     saved["data"]["encoder"]["device"] = "cuda:1"  # may change
+    saved["data"]["shapes"]["train_size"] = 7  # may change: the pool has its own size
+    saved["demo"]["vae_pretrain_steps"] = 3  # may change: the VAE's own config is compared
     lr = f"optimizer.lr: 1.0 saved, {config.optimizer.lr!r} now"
     assert pipeline.config_differences(saved, config) == [lr]
 

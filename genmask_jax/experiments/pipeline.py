@@ -74,6 +74,8 @@ RERUN_MAY_CHANGE = (
     "demo.generation_shift",
     "data.shapes.val_size",
     "data.shapes.test_size",
+    "data.shapes.train_size",  # the pool takes demo.num_train_scenes scenes, whatever the split's size
+    "demo.vae_pretrain_steps",  # used only to make a missing VAE, whose config (model.vae) is compared
     "vae_from",
 )
 

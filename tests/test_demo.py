@@ -170,6 +170,17 @@ def test_a_demo_rerun_resumes_its_run_and_refuses_another_config_in_one_line(tmp
     assert (tmp_path / "train" / "metrics.jsonl").read_text() == metrics
 
 
+def test_a_workdir_vae_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """`vae_from` is saved with the model; relative to the run's working directory, `evaluate` or an
+    ablation `--trained_run` started elsewhere did not find it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo" / "toy_vae").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "toy_vae" / "config.json").write_text("{}")
+    config = demo_config.get_config("variant=smoke")
+    config.vae_from = ""
+    assert pipeline.toy_vae_dir(config, "runs/demo") == str(tmp_path / "runs" / "demo" / "toy_vae")
+
+
 def test_a_rerun_compares_the_fields_both_configs_have():
     """Refused every rerun of a workdir saved before a field was added (`'absent' saved`); the demo sets
     `ema_warmup` True where the default filled into old saves was False."""

@@ -95,7 +95,8 @@ def toy_vae_dir(config: ml_collections.ConfigDict, workdir: str, progress: bool 
     path = config.vae_from
     if path and os.path.isfile(os.path.join(path, "config.json")):
         return path
-    local = os.path.join(workdir, "toy_vae")
+    # absolute: the path is saved with the trained model (`vae_from`), which later commands load from
+    local = os.path.abspath(os.path.join(workdir, "toy_vae"))
     if not os.path.isfile(os.path.join(local, "config.json")):
         log.warning("no toy VAE at %r: pretraining one into %s", path, local)
         cfg = vae_pretrain.PretrainConfig(

@@ -642,6 +642,14 @@ def test_old_shard_names_are_read_and_the_newest_record_of_an_example_wins(tmp_p
     names = [p.name for p in store.shard_files()]
     assert names.index(job.shard_name([0], 3, 0)) < names.index(job.shard_name([0, 5], 1, 0))
     assert store.records()[0]["iou"] == 0.3 and store.records()[5]["iou"] == 0.1
+    # A read that failed since (a rerun's mixed batch, a mount gone for a moment) does not undo example 0's
+    # prediction; a later prediction still replaces the one before.
+    unreadable = {"index": 0, "id": "x0", "unreadable": True, "reason": "FileNotFoundError: gone"}
+    (store.shards / job.shard_name([0], 4, 0)).write_text(json.dumps([unreadable]))
+    assert store.records()[0]["iou"] == 0.3
+    (store.shards / job.shard_name([5], 5, 0)).write_text(json.dumps([{**unreadable, "index": 5}]))
+    (store.shards / job.shard_name([5], 6, 0)).write_text(json.dumps([record(5, 0.6)]))
+    assert store.records()[5]["iou"] == 0.6
     assert job.shard_name([7, 4, 5], 12, 1) == "shard-000000004-000000007-0000000000000000012-1.json"
 
 

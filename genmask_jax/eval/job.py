@@ -13,7 +13,8 @@ example, the global index, id, text, intersection and union at the original size
 JSON is written last and atomically, so a shard exists only when complete, and under a name no other
 write takes, so a rerun never replaces an earlier shard; a rerun skips batches whose examples all have
 a shard (resumable, whatever the batch size or process count of the earlier run), and an example found
-in several shards counts once, from the newest. An example whose data
+in several shards counts once, from the newest (a later failed read does not undo a prediction). An
+example whose data
 cannot be read is recorded as "unreadable" (left out of the metrics, listed in `metrics.json`); one
 that failed for another reason (memory, a lost connection) gets no record, so a rerun retries it. When
 every process is done, process 0 merges the shards into `metrics.json` (and, for RLE, `predictions.json`;
@@ -179,10 +180,15 @@ class ShardStore:
     def records(self) -> list[dict]:
         """Every finished example's record, one per global index, sorted by index. An example in several
         shards (a rerun's batch that mixed done and missing examples) takes its newest record: each write
-        rewrites the example's PNG, so that record is the one describing it."""
+        rewrites the example's PNG, so that record is the one describing it. Except an "unreadable" one
+        over a prediction: a read that failed since (a mount gone for a moment) writes no PNG and says
+        nothing of the prediction, which stands."""
         by_index = {}
         for path in sorted(self.shard_files(), key=write_order):
             for record in json.loads(path.read_text()):
+                earlier = by_index.get(int(record["index"]))
+                if record.get("unreadable") and earlier is not None and not earlier.get("unreadable"):
+                    continue
                 by_index[int(record["index"])] = record
         return [by_index[i] for i in sorted(by_index)]
 

@@ -287,7 +287,7 @@ def check_demo_sizes(config: ml_collections.ConfigDict) -> None:
     if int(config.demo.num_generated) > available:
         raise DataConfigError(
             f"config.demo.num_generated={config.demo.num_generated}: the {split} split has {available} "
-            f"captions (data.shapes.{'val' if split == 'val' else split}_size)"
+            f"captions (data.shapes.{split}_size)"
         )
 
 

@@ -10,11 +10,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from genmask_jax.diffusion import timesteps as ts
-from genmask_jax.models.dit import DiTConfig, WanDiT
+from genmask_jax.models.dit import DiTConfig, WanDiT, dummy_inputs
 from genmask_jax.models.genmask import GenMask
 from genmask_jax.models.layers import shapes_once
 from genmask_jax.models.vae import VAEConfig, config_differences
@@ -42,10 +41,8 @@ def dit_initializer(model: GenMask, text_len: int = 8):
 
 
 def _dit_init(cfg: DiTConfig, text_len: int):
-    pt, ph, pw = cfg.patch_size
-    x = jnp.zeros((1, pt, 2 * ph, 2 * pw, cfg.in_channels), jnp.float32)
-    ctx = jnp.zeros((1, text_len, cfg.text_dim), jnp.float32)
-    return lambda rng: WanDiT(cfg).init(rng, x, jnp.zeros((1,), jnp.float32), ctx)["params"]
+    inputs = dummy_inputs(cfg, text_len=text_len)
+    return lambda rng: WanDiT(cfg).init(rng, *inputs)["params"]
 
 
 def abstract_dit(model: GenMask, text_len: int = 8) -> Any:

@@ -456,15 +456,17 @@ def unpatchify(tokens: jax.Array, grid: tuple[int, int, int], patch: tuple[int, 
     return x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f * pt, h * ph, w * pw, -1)
 
 
-def init_params(config: DiTConfig, rng: jax.Array, latent_shape=None, text_len: int = 8):
-    """Unboxed random parameters (the Partitioned metadata removed) for `config`.
-
-    latent_shape: (B, F, H, W) of the dummy input (default: one example of 1 x 2 x 2 patches); parameter
-    shapes do not depend on it.
-    """
+def dummy_inputs(config: DiTConfig, latent_shape=None, text_len: int = 8):
+    """(x, t, context) zeros for tracing `WanDiT(config).init`: latents of `latent_shape` (B, F, H, W),
+    by default one example of 1 x 2 x 2 patches; parameter shapes do not depend on them."""
     pt, ph, pw = config.patch_size
     b, f, h, w = latent_shape or (1, pt, 2 * ph, 2 * pw)
     x = jnp.zeros((b, f, h, w, config.in_channels), jnp.float32)
-    ctx = jnp.zeros((b, text_len, config.text_dim), jnp.float32)
-    variables = WanDiT(config).init(rng, x, jnp.zeros((b,), jnp.float32), ctx)
+    return x, jnp.zeros((b,), jnp.float32), jnp.zeros((b, text_len, config.text_dim), jnp.float32)
+
+
+def init_params(config: DiTConfig, rng: jax.Array, latent_shape=None, text_len: int = 8):
+    """Unboxed random parameters (the Partitioned metadata removed) for `config`; `latent_shape` and
+    `text_len` as in `dummy_inputs`."""
+    variables = WanDiT(config).init(rng, *dummy_inputs(config, latent_shape, text_len))
     return nn.meta.unbox(variables["params"])
